@@ -1,0 +1,14 @@
+"""rlm: Recursive Language Models with a sandboxed REPL and truly async fan-out."""
+
+from rlm.errors import BatchError, ConfigError, LLMError, RLMError
+from rlm.llm import AsyncOpenAIClient, Usage
+
+__all__ = [
+    "AsyncOpenAIClient",
+    "BatchError",
+    "ConfigError",
+    "LLMError",
+    "RLMError",
+    "Usage",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,74 @@
+"""Typed errors for misuse of the library and for failed model calls.
+
+Faults inside executed REPL code never raise: they land in ``ExecResult.error``.
+Everything here is about the library itself or the remote model, and each message
+says what to do next.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RLMError(Exception):
+    """Base class of every error rlm raises on purpose."""
+
+
+class ConfigError(RLMError):
+    """Missing or invalid configuration: no API key, unknown option, bad value."""
+
+
+class LoopError(RLMError):
+    """A sync call was made where it would deadlock (on the engine loop's own thread)."""
+
+
+class EnvClosedError(RLMError):
+    """A REPLEnv (or client) was used after ``close()``."""
+
+
+class LLMError(RLMError):
+    """A model call failed after the retries it was allowed.
+
+    ``status`` is the HTTP status when there was one, ``attempts`` how many requests
+    were sent in all.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+        self.attempts = attempts
+
+
+class LLMTimeoutError(LLMError):
+    """The model did not answer within the client's timeout, on every attempt."""
+
+
+class RateLimitError(LLMError):
+    """The endpoint kept answering 429 until the retries ran out."""
+
+
+class ResponseError(LLMError):
+    """The endpoint answered with something that is not a valid chat completion."""
+
+
+class BatchError(RLMError):
+    """Some items of a batch failed; nothing is lost.
+
+    ``results`` holds every item in order (``None`` where it failed) and ``errors``
+    maps the index of each failed item to its exception.
+    """
+
+    def __init__(self, results: list[Any], errors: dict[int, BaseException]) -> None:
+        self.results = results
+        self.errors = errors
+        first = min(errors)
+        super().__init__(
+            f"{len(errors)} of {len(results)} batch items failed "
+            f"(first: item {first}: {errors[first]}); the successful results are in "
+            "`.results`, the failures in `.errors`; pass return_exceptions=True to get "
+            "them inline instead"
+        )
+
+
+class SandboxError(RLMError):
+    """The sandbox itself (not the user's code) could not run: a worker would not start."""

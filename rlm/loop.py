@@ -1,0 +1,136 @@
+"""The engine loop: one long-lived event loop that owns every HTTP connection pool.
+
+Async callers use their own running loop directly. Sync callers (a script, a notebook
+cell, a worker thread, a web handler running inside another loop) are served by one
+background loop thread, started on first use, reached with ``run_coroutine_threadsafe``.
+There is no ``asyncio.run`` per call (it would throw the pool away and fails inside
+Jupyter) and no nest_asyncio. A sync call made on the engine thread itself would wait
+for a loop that can never run it, so it is refused with ``LoopError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from rlm.errors import LoopError
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+_thread: threading.Thread | None = None
+_shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
+
+
+def _serve(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+    asyncio.set_event_loop(loop)
+    loop.call_soon(ready.set)
+    loop.run_forever()
+
+
+def engine_loop() -> asyncio.AbstractEventLoop:
+    """Return the background engine loop, starting its thread on first use."""
+    global _loop, _thread
+    loop = _loop
+    if loop is not None and not loop.is_closed():
+        return loop
+    with _lock:
+        if _loop is None or _loop.is_closed():
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+            thread = threading.Thread(
+                target=_serve, args=(loop, ready), name="rlm-engine-loop", daemon=True
+            )
+            thread.start()
+            ready.wait()
+            _loop, _thread = loop, thread
+        return _loop
+
+
+def in_engine_thread() -> bool:
+    """True when the caller is running on the engine loop's own thread."""
+    return _thread is not None and threading.current_thread() is _thread
+
+
+def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    """Run ``coro`` on the engine loop and block this thread until it finishes.
+
+    Works from any thread, including one whose own event loop is running (a Jupyter
+    cell). If the wait is interrupted (Ctrl-C) the coroutine is cancelled on the engine
+    loop, so nothing keeps running behind the caller's back.
+    """
+    if in_engine_thread():
+        coro.close()
+        raise LoopError(
+            "a sync rlm call was made on rlm's engine loop thread, where it would deadlock; "
+            "use the async form (await ...) from coroutines running on that loop"
+        )
+    future = asyncio.run_coroutine_threadsafe(coro, engine_loop())
+    try:
+        return future.result(timeout)
+    except BaseException:
+        # KeyboardInterrupt, timeout or the coroutine's own error: make sure it is not
+        # left running (cancel is a no-op once it is done).
+        future.cancel()
+        raise
+
+
+def submit(coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+    """Schedule ``coro`` on the engine loop without waiting; returns a thread-safe future."""
+    return asyncio.run_coroutine_threadsafe(coro, engine_loop())
+
+
+def on_shutdown(hook: Callable[[], Awaitable[None]]) -> None:
+    """Register an async cleanup (closing a connection pool) to run before the loop stops."""
+    _shutdown_hooks.append(hook)
+
+
+def remove_shutdown_hook(hook: Callable[[], Awaitable[None]]) -> None:
+    """Forget a hook registered with ``on_shutdown`` (its owner closed itself)."""
+    try:
+        _shutdown_hooks.remove(hook)
+    except ValueError:
+        pass
+
+
+async def _run_hooks() -> None:
+    hooks = list(_shutdown_hooks)
+    _shutdown_hooks.clear()
+    for hook in hooks:
+        try:
+            await hook()
+        except Exception:  # noqa: BLE001 - shutdown must go on whatever one hook does
+            pass
+    # Let transports finish closing their sockets before the loop goes away.
+    await asyncio.sleep(0)
+
+
+def shutdown(timeout: float = 5.0) -> None:
+    """Close registered pools and stop the engine loop. Called at interpreter exit."""
+    global _loop, _thread
+    with _lock:
+        loop, thread = _loop, _thread
+        _loop = _thread = None
+    if loop is None or loop.is_closed():
+        return
+    if thread is not None and thread.is_alive():
+        try:
+            asyncio.run_coroutine_threadsafe(_run_hooks(), loop).result(timeout)
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            asyncio.run_coroutine_threadsafe(loop.shutdown_asyncgens(), loop).result(timeout)
+        except Exception:  # noqa: BLE001
+            pass
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+    if not loop.is_running():
+        loop.close()
+
+
+atexit.register(shutdown)

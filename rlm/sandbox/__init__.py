@@ -1,0 +1,54 @@
+"""Sandboxes that run REPL cells: the shared policy and two executors.
+
+``policy`` compiles a cell under RestrictedPython plus our guards and builds the
+namespace it runs in. ``local`` runs cells in a worker thread of this process (fast,
+soft limits); ``process`` runs them in a worker process (hard limits from the OS).
+Both implement ``Executor`` below, so ``REPLEnv`` treats them alike and the same code
+behaves the same in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass
+class CellOutcome:
+    """What one executed cell produced, before REPLEnv wraps it into an ``ExecResult``.
+
+    ``final`` is the answer given to FINAL/FINAL_VAR in this cell (always a str) or None.
+    ``truncated`` is True when stdout or stderr was cut to the output cap.
+    """
+
+    stdout: str = ""
+    stderr: str = ""
+    error: str | None = None
+    final: str | None = None
+    truncated: bool = False
+
+
+class SubQueries(Protocol):
+    """Host-side service behind the llm_query family, shared by both executors.
+
+    Executors never touch the client: they hand prompts here. ``batch`` never raises for
+    a failed item; it puts ``"[llm_query error: ...]"`` in that slot and counts it.
+    """
+
+    async def query(self, prompt: str, params: dict[str, Any]) -> str: ...
+
+    async def batch(self, prompts: list[str], params: dict[str, Any]) -> list[str]: ...
+
+
+class Executor(Protocol):
+    """Runs cells for one REPLEnv. Created unstarted; ``start`` loads context and setup code."""
+
+    def start(self) -> None: ...
+
+    def execute(self, code: str, timeout: float) -> CellOutcome: ...
+
+    async def aexecute(self, code: str, timeout: float) -> CellOutcome: ...
+
+    def get(self, name: str) -> Any: ...
+
+    def close(self) -> None: ...
