@@ -152,8 +152,12 @@ class Usage:
         return asdict(self)
 
 
-class _UsageMeter:
-    """Thread-safe counters. Updates happen on the engine loop, reads from anywhere."""
+class UsageMeter:
+    """Thread-safe usage counters with a price table; ``snapshot()`` gives a ``Usage``.
+
+    Each client has one; a run passes its own to the internal call paths as well, so
+    many runs sharing one client still get exact per-run usage.
+    """
 
     def __init__(self, prices: Mapping[str, tuple[float, float]]) -> None:
         self._prices = dict(prices)
@@ -442,7 +446,7 @@ class AsyncOpenAIClient:
         self.max_concurrency = max_concurrency
         self.timeout = float(timeout)
         self.max_retries = max_retries
-        self._meter = _UsageMeter({**DEFAULT_PRICES, **(prices or {})})
+        self._meter = UsageMeter({**DEFAULT_PRICES, **(prices or {})})
         self._limiter = _AdaptiveLimiter(max_concurrency)
         self._oai: openai.AsyncOpenAI | None = None
         self._hot: _HotPath | None = None
@@ -680,12 +684,16 @@ class AsyncOpenAIClient:
         base = min(8.0, 0.5 * 2 ** (attempt - 1))
         return base * random.uniform(0.75, 1.25)
 
+    def _new_meter(self) -> UsageMeter:
+        """A fresh meter with this client's prices, for per-run accounting."""
+        return UsageMeter(self._meter._prices)  # noqa: SLF001
+
     def _hot_path(self) -> _HotPath:
         if self._hot is None:
             self._hot = _HotPath(self._sdk(), self.timeout)
         return self._hot
 
-    async def _complete(self, body: dict[str, Any]) -> str:
+    async def _complete(self, body: dict[str, Any], meter: UsageMeter | None = None) -> str:
         hot = self._hot or self._hot_path()
         limiter = self._limiter
         attempt = 0
@@ -703,17 +711,20 @@ class AsyncOpenAIClient:
                 delay = self._backoff(attempt, exc)
                 if delay is None:
                     self._meter.failed()
+                    if meter is not None:
+                        meter.failed()
                     raise self._final_error(exc, attempt) from exc
                 self._meter.retried()
                 await asyncio.sleep(delay)
                 continue
             limiter.release()
             limiter.on_success()
-            self._meter.record(
-                data.get("model") or body["model"],
-                int(usage.get("prompt_tokens") or 0),
-                int(usage.get("completion_tokens") or 0),
-            )
+            model = data.get("model") or body["model"]
+            prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            completion_tokens = int(usage.get("completion_tokens") or 0)
+            self._meter.record(model, prompt_tokens, completion_tokens)
+            if meter is not None:
+                meter.record(model, prompt_tokens, completion_tokens)
             return text
 
     async def _batch(
@@ -721,6 +732,7 @@ class AsyncOpenAIClient:
         bodies: list[dict[str, Any]],
         return_exceptions: bool,
         on_item_done: Callable[[int, int], None] | None,
+        meter: UsageMeter | None = None,
     ) -> list[Any]:
         self._sdk()  # a missing key is one ConfigError, not one per item
         total = len(bodies)
@@ -731,7 +743,7 @@ class AsyncOpenAIClient:
         async def one(i: int, body: dict[str, Any]) -> None:
             nonlocal done
             try:
-                results[i] = await self._complete(body)
+                results[i] = await self._complete(body, meter)
             except Exception as exc:  # noqa: BLE001 - kept per item, nothing is lost
                 errors[i] = exc
                 if return_exceptions:

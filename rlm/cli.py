@@ -1,0 +1,245 @@
+"""The ``rlm`` command: run, demo, view and repl.
+
+Exit codes: 0 when a run produced an answer, 1 when it failed, 2 for bad usage (a
+missing file, an undecodable file, a missing key, a bad option).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad input on the command line: printed, exit code 2."""
+
+
+def _read_context(source: str, fmt: str, encoding: str) -> Any:
+    if source == "-":
+        raw = sys.stdin.buffer.read()
+        name = "standard input"
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise UsageError(f"context file not found: {source}")
+        if path.is_dir():
+            raise UsageError(f"context must be a file, not a directory: {source}")
+        raw = path.read_bytes()
+        name = source
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{name} is not valid {encoding} text (byte 0x{raw[exc.start]:02x} at offset "
+            f"{exc.start}); convert it to text first or pass --encoding (e.g. latin-1)"
+        ) from exc
+    if fmt == "auto":
+        suffix = Path(source).suffix.lower() if source != "-" else ""
+        fmt = {".json": "json", ".jsonl": "jsonl"}.get(suffix, "text")
+    try:
+        if fmt == "json":
+            return json.loads(text)
+        if fmt == "jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{name} is not valid {fmt.upper()}: {exc}") from exc
+    return text
+
+
+def _require_key(api_key: str | None) -> str:
+    key = api_key or os.environ.get("OPENAI_API_KEY")
+    if not key:
+        raise UsageError(
+            "no API key: set OPENAI_API_KEY or pass --api-key (for a local server that needs "
+            "none, pass any value, e.g. --api-key local)"
+        )
+    return key
+
+
+def _print_result(result: Any, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    elif result.answer is not None:
+        print(result.answer)
+    if result.answer is None or result.error:
+        if not as_json:
+            print(f"rlm: run failed ({result.stopped_reason}): {result.error}", file=sys.stderr)
+        return EXIT_FAILED if result.answer is None else EXIT_OK
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rlm.core import RLM
+
+    context = _read_context(args.context, args.format, args.encoding)
+    key = _require_key(args.api_key)
+    rlm = RLM(
+        model=args.model,
+        recursive_model=args.recursive_model,
+        base_url=args.base_url,
+        api_key=key,
+        max_iterations=args.max_iterations,
+        max_depth=args.max_depth,
+        sandbox=args.sandbox,
+        log_dir=args.log_dir,
+        verbose=args.verbose,
+        max_cost_usd=args.max_cost_usd,
+        max_time_s=args.max_time_s,
+    )
+    try:
+        result = rlm.completion(context=context, query=args.query)
+    finally:
+        rlm.close()
+    return _print_result(result, args.json)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from rlm import demo
+    from rlm.core import RLM
+
+    console = Console(stderr=False)
+    console.print(f"[bold]rlm demo[/]: building a {args.lines:,}-line haystack with one hidden needle...")
+    haystack = demo.build_haystack(args.lines)
+    console.print(
+        f"context: {len(haystack.text):,} characters; the root model never sees it, only a "
+        "description; the REPL holds it as `context`."
+    )
+    server = None
+    if args.base_url:
+        key = _require_key(args.api_key)
+        model = args.model or os.environ.get("RLM_MODEL")
+        if not model:
+            raise UsageError("--model is needed with --base-url (or set RLM_MODEL)")
+        rlm = RLM(model=model, recursive_model=args.recursive_model, base_url=args.base_url,
+                  api_key=key, log_dir=args.log_dir, verbose=not args.quiet, sandbox=args.sandbox)
+        latency = 0.0
+    else:
+        server = demo.demo_server(latency=args.latency).start()
+        console.print(
+            f"offline: FakeLLMServer at {server.url} plays a scripted root model and a sub-model "
+            f"that reads each chunk ({args.latency:g} s simulated latency per call)."
+        )
+        rlm = RLM(model=demo.ROOT_MODEL, recursive_model=demo.SUB_MODEL, base_url=server.url,
+                  api_key="offline-demo", log_dir=args.log_dir, verbose=not args.quiet,
+                  max_concurrency=256, sandbox=args.sandbox)
+        latency = args.latency
+    try:
+        start = time.perf_counter()
+        result = rlm.completion(context=haystack.text, query=demo.QUERY)
+        wall = time.perf_counter() - start
+    finally:
+        rlm.close()
+        if server is not None:
+            server.stop()
+    outcome = demo.summarize(result, haystack, wall, latency)
+    verdict = "[green]correct[/]" if outcome.correct else f"[red]wrong[/] (expected {outcome.expected})"
+    console.print()
+    console.print(f"answer:       [bold]{outcome.answer}[/]  {verdict}")
+    console.print(f"needle:       line {haystack.needle_line:,} of {haystack.lines:,}")
+    console.print(f"iterations:   {outcome.iterations}")
+    console.print(f"sub-queries:  {outcome.sub_calls}")
+    console.print(f"wall time:    {outcome.wall_s:.2f} s")
+    if latency:
+        console.print(
+            f"sequential:   {outcome.sequential_s:.1f} s of sub-query latency if run one by one "
+            f"({outcome.sequential_s / max(outcome.wall_s, 1e-9):.0f}x longer)"
+        )
+    if result.log_path:
+        console.print(f"trajectory:   {result.log_path}  (view it with: rlm view {result.log_path})")
+    if result.error:
+        console.print(f"[red]error:[/] {result.error}")
+    return EXIT_OK if outcome.correct or (args.base_url and result.answer) else EXIT_FAILED
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from rlm.trajectory import read_log
+
+    path = Path(args.log)
+    if not path.exists():
+        raise UsageError(f"log file not found: {args.log}")
+    events = read_log(path)
+    if not events:
+        raise UsageError(f"{args.log} holds no trajectory events")
+    from rlm import display
+
+    if args.html:
+        Path(args.html).write_text(display.trajectory_html(events, title=path.name), encoding="utf-8")
+        print(f"wrote {args.html}")
+    else:
+        display.render_log(events)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlm",
+        description="Recursive Language Models: answer a query over a huge context through a sandboxed REPL.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="answer a query over a context file")
+    run.add_argument("--context", required=True, help="context file, or - for standard input")
+    run.add_argument("--query", required=True, help="the question to answer")
+    run.add_argument("--model", help="root model (default: RLM_MODEL or gpt-4o-mini)")
+    run.add_argument("--recursive-model", help="model for llm_query sub-calls (default: --model)")
+    run.add_argument("--base-url", help="OpenAI-compatible base URL (vLLM, Ollama, llama.cpp, OpenRouter)")
+    run.add_argument("--api-key", help="API key (default: OPENAI_API_KEY)")
+    run.add_argument("--max-iterations", type=int, default=20)
+    run.add_argument("--max-depth", type=int, default=1)
+    run.add_argument("--max-cost-usd", type=float, default=None)
+    run.add_argument("--max-time-s", type=float, default=None)
+    run.add_argument("--sandbox", choices=["local", "process"], default=None)
+    run.add_argument("--log-dir", default=None, help="write the trajectory as JSONL here")
+    run.add_argument("--format", choices=["auto", "text", "json", "jsonl"], default="auto",
+                     help="how to load the context (auto: by file extension)")
+    run.add_argument("--encoding", default="utf-8")
+    run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.add_argument("--verbose", "-v", action="store_true", help="show each iteration live")
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="offline demo: a needle in a 1,000,000-line haystack")
+    demo.add_argument("--base-url", help="run against a real OpenAI-compatible server instead")
+    demo.add_argument("--model", help="root model for --base-url")
+    demo.add_argument("--recursive-model", help="sub model for --base-url")
+    demo.add_argument("--api-key", help="API key for --base-url (default: OPENAI_API_KEY)")
+    demo.add_argument("--lines", type=int, default=1_000_000, help="haystack size in lines")
+    demo.add_argument("--latency", type=float, default=0.5, help="simulated latency per call (offline)")
+    demo.add_argument("--sandbox", choices=["local", "process"], default=None)
+    demo.add_argument("--log-dir", default="rlm_logs")
+    demo.add_argument("--quiet", "-q", action="store_true", help="no live trajectory")
+    demo.set_defaults(func=cmd_demo)
+
+    view = sub.add_parser("view", help="render a JSONL trajectory log")
+    view.add_argument("log", help="a .jsonl log written by a run with log_dir")
+    view.add_argument("--html", metavar="OUT", help="write one self-contained HTML page instead")
+    view.set_defaults(func=cmd_view)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``rlm`` console script."""
+    from rlm.errors import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (UsageError, ConfigError) as exc:
+        print(f"rlm: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("rlm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
