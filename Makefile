@@ -23,6 +23,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/fanout.py
+	$(BIN)/python benchmarks/repl.py
+	$(BIN)/python benchmarks/sandbox.py
+	$(BIN)/python benchmarks/e2e.py
+	$(BIN)/python benchmarks/vs_rlms.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check rlm tests benchmarks test_true_async.py
