@@ -77,14 +77,12 @@ _REASONS = {
 
 @dataclass(frozen=True)
 class Fault:
-    """A failure the server plays instead of a normal answer.
-
-    Return one from a responder or a script item, or queue one with
-    :meth:`FakeLLMServer.inject`. ``kind`` is ``"429"`` (with ``Retry-After`` in seconds
-    and/or ``retry-after-ms`` headers when given), ``"500"`` or ``"503"`` (an OpenAI-style
-    error body), ``"hang"`` (never answer; the connection stays open until the client
-    gives up or the server stops), ``"drop"`` (close the connection without a byte) or
-    ``"malformed"`` (status 200 whose body is not valid JSON).
+    """A failure the server plays instead of a normal answer: return one from a responder or a
+    script item, or queue one with :meth:`FakeLLMServer.inject`. ``kind`` is ``"429"`` (with
+    ``Retry-After`` in seconds and/or ``retry-after-ms`` headers when given), ``"500"`` or
+    ``"503"`` (an OpenAI-style error body), ``"hang"`` (never answer; the connection stays
+    open until the client gives up or the server stops), ``"drop"`` (close the connection
+    without a byte) or ``"malformed"`` (status 200 whose body is not valid JSON).
     """
 
     kind: str
@@ -124,12 +122,10 @@ def _text_of(content: Any) -> str:
 
 
 def echo_responder(messages: list[dict[str, Any]]) -> str:
-    """The default responder: answer from the last user message, deterministically.
-
-    A last user message that starts with ``"ECHO "`` is answered with the rest of it
-    (``"ECHO 1"`` gives ``"1"``), so tests can check that every answer reached the
-    prompt that asked for it; anything else gets ``"fake answer to: "`` followed by the
-    first 60 characters of the message.
+    """The default responder, deterministic: a last user message that starts with ``"ECHO "``
+    is answered with the rest of it (``"ECHO 1"`` gives ``"1"``), so tests can check that
+    every answer reached the prompt that asked for it; anything else gets
+    ``"fake answer to: "`` followed by the first 60 characters of the message.
     """
     text = ""
     for message in reversed(messages):
@@ -320,6 +316,7 @@ class _Connection(asyncio.Protocol):
         buffer = self._buffer
         pos = 0
         pieces: list[bytes] = []
+        total = 0
         while True:
             eol = buffer.find(b"\r\n", pos)
             if eol < 0:
@@ -345,37 +342,39 @@ class _Connection(asyncio.Protocol):
                 return None
             pieces.append(bytes(buffer[pos : pos + size]))
             pos += size + 2
-            if sum(map(len, pieces)) > _MAX_BODY:
+            total += size
+            if total > _MAX_BODY:
                 self._fail(413, "request body too large")
                 return None
 
     def send(self, payload: bytes, keep_alive: bool) -> None:
-        """Write a complete response, then close or go on with pipelined requests."""
+        """Write a complete response and close the connection unless it is kept alive."""
         if self._closing or self._transport is None:
             return
         self._transport.write(payload)
         if not keep_alive:
             self._close()
-        elif self._buffer:
-            self._process()
 
-    def defer(self, delay: float, action: _Action, payload: bytes, keep_alive: bool) -> None:
-        """Answer a chat request after ``delay`` seconds (or never, for a hang)."""
+    def answer(self, delay: float, action: _Action, payload: bytes, keep_alive: bool) -> None:
+        """Answer a chat request now, after ``delay`` seconds, or never (a hang)."""
         self._busy = True
         if action == "hang":
             return
-        self._timer = asyncio.get_running_loop().call_later(
-            delay, self._finish, action, payload, keep_alive
-        )
+        if delay > 0:
+            self._timer = asyncio.get_running_loop().call_later(
+                delay, self._answer_later, action, payload, keep_alive
+            )
+        else:
+            # Called from inside _process, whose loop goes on with pipelined requests.
+            self._complete(action, payload, keep_alive)
 
-    def finish_now(self, action: _Action, payload: bytes, keep_alive: bool) -> None:
-        self._busy = True
-        self._finish(action, payload, keep_alive)
-
-    def _finish(self, action: _Action, payload: bytes, keep_alive: bool) -> None:
+    def _answer_later(self, action: _Action, payload: bytes, keep_alive: bool) -> None:
         self._timer = None
-        if not self._busy:
-            return
+        self._complete(action, payload, keep_alive)
+        if self._buffer:
+            self._process()
+
+    def _complete(self, action: _Action, payload: bytes, keep_alive: bool) -> None:
         self._busy = False
         self._server._chat_finished()
         if action == "drop":
@@ -514,11 +513,9 @@ class FakeLLMServer:
 
     @property
     def requests_log(self) -> list[dict[str, Any]]:
-        """The last 1000 chat requests, oldest first, as a copy.
-
-        Each entry has ``model``, ``messages``, ``params`` (every other body field) and
-        ``has_authorization`` (whether an Authorization header was sent).
-        """
+        """The last 1000 chat requests, oldest first, as a copy: each entry has ``model``,
+        ``messages``, ``params`` (every other body field) and ``has_authorization``
+        (whether an Authorization header was sent)."""
         with self._lock:
             return list(self._log)
 
@@ -536,11 +533,9 @@ class FakeLLMServer:
             }
 
     def reset_counters(self) -> None:
-        """Zero the counters and clear ``requests_log``.
-
-        ``in_flight`` is a gauge of requests still open, so it is kept, and the peak
-        restarts from it; queued faults are not touched.
-        """
+        """Zero the counters and clear ``requests_log``; ``in_flight`` is a gauge of
+        requests still open, so it is kept and the peak restarts from it, and queued
+        faults are not touched."""
         with self._lock:
             self._requests = 0
             self._peak_in_flight = self._in_flight
@@ -557,11 +552,8 @@ class FakeLLMServer:
         retry_after: float | None = None,
         retry_after_ms: int | None = None,
     ) -> None:
-        """Queue a fault for the next ``count`` chat requests, before any responder runs.
-
-        Faults are played first in, first out; this is safe to call from any thread
-        while the server runs.
-        """
+        """Queue a fault for the next ``count`` chat requests, played before any responder
+        runs, first in first out; safe to call from any thread while the server runs."""
         if count < 0:
             raise ValueError("count must be >= 0")
         fault = Fault(kind, retry_after=retry_after, retry_after_ms=retry_after_ms)
@@ -637,6 +629,10 @@ class FakeLLMServer:
                     "this server was started with astart(); stop it with await astop()"
                 )
             return
+        if threading.current_thread() is thread:
+            raise RuntimeError(
+                "stop() called from the server's own thread (a responder) would deadlock"
+            )
         loop, event = self._loop, self._stop_event
         if loop is not None and event is not None:
             loop.call_soon_threadsafe(event.set)
@@ -672,6 +668,10 @@ class FakeLLMServer:
     # -- the request path (runs on the server's loop) -------------------------------
 
     def _connection_opened(self, conn: _Connection) -> None:
+        if self._server is None:
+            # Accepted just before astop() closed the listener: it would outlive stop().
+            conn.abort()
+            return
         with self._lock:
             self._open.add(conn)
             self._connections += 1
@@ -823,10 +823,7 @@ class FakeLLMServer:
     ) -> None:
         lo, hi = self._lat_lo, self._lat_hi
         delay = lo if lo == hi else random.uniform(lo, hi)
-        if action == "hang" or delay > 0:
-            conn.defer(delay, action, payload, keep_alive)
-        else:
-            conn.finish_now(action, payload, keep_alive)
+        conn.answer(delay, action, payload, keep_alive)
 
     def _answer(self, model: str, messages: list[dict[str, Any]]) -> Any:
         script = self._scripts.get(model)
@@ -914,39 +911,32 @@ class FakeLLMServer:
 
         options = request.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        # Every chunk shares its envelope, so it is encoded once and only the small
+        # deltas are encoded per chunk: this keeps a stream nearly as cheap as a reply.
+        envelope = json.dumps(
+            {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model},
+            separators=(",", ":"),
+        )[:-1]
+        tail = ',"usage":null}' if include_usage else "}"
         # A handful of pieces is enough to exercise a client's reassembly.
         size = max(1, -(-len(text) // 4))
-        deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
-        deltas += [{"content": text[i : i + size]} for i in range(0, len(text), size)]
-        events: list[str] = []
-        for index, delta in enumerate(deltas + [{}]):
-            chunk: dict[str, Any] = {
-                "id": ident,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "delta": delta,
-                        "logprobs": None,
-                        "finish_reason": "stop" if index == len(deltas) else None,
-                    }
-                ],
-            }
-            if include_usage:
-                chunk["usage"] = None
-            events.append(json.dumps(chunk, separators=(",", ":")))
+        deltas = ['{"role":"assistant","content":""}']
+        deltas += [
+            f'{{"content":{json.dumps(text[i : i + size])}}}' for i in range(0, len(text), size)
+        ]
+        events = [
+            f'{envelope},"choices":[{{"index":0,"delta":{delta},"logprobs":null,'
+            f'"finish_reason":null}}]{tail}'
+            for delta in deltas
+        ]
+        events.append(
+            f'{envelope},"choices":[{{"index":0,"delta":{{}},"logprobs":null,'
+            f'"finish_reason":"stop"}}]{tail}'
+        )
         if include_usage:
-            final = {
-                "id": ident,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [],
-                "usage": usage,
-            }
-            events.append(json.dumps(final, separators=(",", ":")))
+            events.append(
+                f'{envelope},"choices":[],"usage":{json.dumps(usage, separators=(",", ":"))}}}'
+            )
         events.append("[DONE]")
         # The whole stream is known at once, so it goes out with a Content-Length and
         # the connection stays reusable; clients still parse it event by event.
@@ -993,11 +983,10 @@ async def _serve_forever(server: FakeLLMServer) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Serve the echo responder until SIGTERM or SIGINT: ``python -m rlm.testing``.
-
-    Prints exactly one line, ``READY http://HOST:PORT/v1``, once listening (``--port 0``
-    picks a free port), so a parent process can wait for it. The open-file soft limit
-    is raised to the hard limit first, since 10,000 concurrent connections need it.
+    """Serve the echo responder until SIGTERM or SIGINT (``python -m rlm.testing``), printing
+    exactly one line, ``READY http://HOST:PORT/v1``, once listening (``--port 0`` picks a
+    free port), so a parent process can wait for it. The open-file soft limit is raised to
+    the hard limit first, since 10,000 concurrent connections need it.
     """
     parser = argparse.ArgumentParser(
         prog="python -m rlm.testing", description="Serve a fake OpenAI-compatible model."
@@ -1023,11 +1012,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def spawn_fake_server(
     latency: float | tuple[float, float] = 0.0, *, port: int = 0, startup_timeout: float = 30.0
 ) -> Iterator[str]:
-    """Run the echo server in its own process and yield its base URL.
-
-    Benchmarks use it so the server's CPU does not compete with the client's inside
-    one interpreter. The process is terminated (then killed if it lingers) on exit;
-    if it fails to start, the error carries its stderr.
+    """Run the echo server in its own process and yield its base URL; benchmarks use it so the
+    server's CPU does not compete with the client's inside one interpreter. The process is
+    terminated (then killed if it lingers) on exit; if it fails to start, the error carries
+    its stderr.
     """
     cmd = [sys.executable, "-m", "rlm.testing", "--port", str(port)]
     if isinstance(latency, tuple):
