@@ -1,0 +1,302 @@
+"""The RLM root loop, with scripted root and sub models on FakeLLMServer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rlm import RLM, AsyncOpenAIClient, RLMResult
+from rlm import demo as demo_task
+from rlm.errors import ConfigError
+from rlm.testing import FakeLLMServer, Fault
+from rlm.trajectory import read_log
+
+ROOT = "root-model"
+SUB = "sub-model"
+
+
+def repl(code: str, text: str = "Next step.") -> str:
+    return f"{text}\n```repl\n{code}\n```"
+
+
+def last_user(messages: list[dict[str, Any]]) -> str:
+    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
+
+
+def make_rlm(srv: FakeLLMServer, **kw: Any) -> RLM:
+    root = AsyncOpenAIClient(model=ROOT, api_key="k", base_url=srv.url, max_retries=kw.pop("max_retries", 0),
+                             prices=kw.pop("prices", None))
+    sub = AsyncOpenAIClient(model=SUB, api_key="k", base_url=srv.url, max_concurrency=kw.pop("max_concurrency", 64),
+                            max_retries=0)
+    kw.setdefault("sandbox", "local")
+    return RLM(model=ROOT, recursive_model=SUB, client=root, sub_client=sub, **kw)
+
+
+@pytest.fixture
+def closing() -> Iterator[list[RLM]]:
+    made: list[RLM] = []
+    yield made
+    for r in made:
+        r.client.close_sync()
+        r.sub_client.close_sync()
+
+
+def test_needle_in_a_million_lines_through_batched_sub_queries(closing: list[RLM]) -> None:
+    haystack = demo_task.build_haystack(1_000_000)
+    with demo_task.demo_server(latency=0.2) as srv:
+        rlm = RLM(model=demo_task.ROOT_MODEL, recursive_model=demo_task.SUB_MODEL, base_url=srv.url,
+                  api_key="k", max_concurrency=64, sandbox="local")
+        result = rlm.completion(context=haystack.text, query=demo_task.QUERY)
+        rlm.close()
+        peak = srv.peak_in_flight
+    assert result.answer == haystack.needle
+    assert result.stopped_reason == "final"
+    assert result.sub_calls == 100  # 1,000,000 lines in chunks of 10,000
+    assert peak == 64  # the chunk count, capped by the sub client's limit
+    assert result.usage["root"].calls == 3
+    assert result.usage["sub"].calls == 100
+
+
+def test_the_root_never_sees_the_context(closing: list[RLM]) -> None:
+    secret = "ZEBRA-" * 5
+    context = "filler line\n" * 5000 + secret
+    with FakeLLMServer(scripts={ROOT: [repl("FINAL(str(len(context)))")]}) as srv:
+        rlm = make_rlm(srv)
+        closing.append(rlm)
+        result = rlm.completion(context=context, query="how long?")
+        sent = json.dumps(srv.requests_log)
+    assert result.answer == str(len(context))
+    assert secret not in sent
+    assert "str" in sent and f"{len(context):,}" in sent  # the description: type and size
+
+
+def test_aggregation_over_10000_records_is_exact(closing: list[RLM]) -> None:
+    records = [{"id": i, "text": ("great product" if i % 3 == 0 else "bad service" if i % 3 == 1 else "okay")}
+               for i in range(10_000)]
+    expected = {"positive": 3334, "negative": 3333, "neutral": 3333}
+
+    def sub(messages: list[dict[str, Any]]) -> str:
+        labels = []
+        for text in re.findall(r"^\d+: (.*)$", last_user(messages), re.MULTILINE):
+            labels.append("positive" if "great" in text else "negative" if "bad" in text else "neutral")
+        return json.dumps(labels)
+
+    script = [
+        repl("print(len(context), context[0])"),
+        repl(
+            "import json\nfrom collections import Counter\n"
+            "chunks = [context[i:i + 100] for i in range(0, len(context), 100)]\n"
+            "prompts = ['Label each line positive/negative/neutral as a JSON list.\\n' + "
+            "'\\n'.join(f\"{r['id']}: {r['text']}\" for r in c) for c in chunks]\n"
+            "labels = llm_query_batch(prompts)\n"
+            "counts = Counter()\n"
+            "for reply in labels:\n    for label in json.loads(reply):\n        counts[label] += 1\n"
+            "print(dict(counts))"
+        ),
+        repl("FINAL(json.dumps(dict(sorted(counts.items()))))"),
+    ]
+    with FakeLLMServer(sub, scripts={ROOT: script}) as srv:
+        rlm = make_rlm(srv)
+        closing.append(rlm)
+        result = rlm.completion(context=records, query="How many records of each label?")
+    assert json.loads(result.answer or "{}") == expected
+    assert result.sub_calls == 100
+
+
+def test_an_error_in_a_cell_is_fed_back_and_fixed(closing: list[RLM]) -> None:
+    def second_turn(messages: list[dict[str, Any]]) -> str:
+        feedback = last_user(messages)
+        assert "NameError" in feedback and "undefined_name" in feedback
+        return repl("value = 41 + 1\nFINAL(str(value))", "Fixing the name error.")
+
+    script = [repl("print(undefined_name)"), second_turn]
+    with FakeLLMServer(scripts={ROOT: script}) as srv:
+        rlm = make_rlm(srv)
+        closing.append(rlm)
+        result = rlm.completion(context="x", query="q")
+    assert result.answer == "42"
+    assert result.iterations == 2
+    errors = [e for e in result.trajectory if e["type"] == "cell_result" and e["error"]]
+    assert len(errors) == 1 and "NameError" in errors[0]["error"]
+
+
+def test_final_var_of_a_missing_name_is_an_error_the_root_can_fix(closing: list[RLM]) -> None:
+    def second_turn(messages: list[dict[str, Any]]) -> str:
+        assert "nothing_here" in last_user(messages)
+        return repl("nothing_here = 'found it'\nFINAL_VAR('nothing_here')")
+
+    with FakeLLMServer(scripts={ROOT: [repl("FINAL_VAR('nothing_here')"), second_turn]}) as srv:
+        rlm = make_rlm(srv)
+        closing.append(rlm)
+        result = rlm.completion(context="x", query="q")
+    assert result.answer == "found it"
+    first_error = next(e for e in result.trajectory if e["type"] == "cell_result")["error"]
+    assert "nothing_here" in first_error
+
+
+def test_final_written_in_plain_text_is_accepted(closing: list[RLM]) -> None:
+    with FakeLLMServer(scripts={ROOT: ["I know this one.\nFINAL(plain answer)"]}) as srv:
+        rlm = make_rlm(srv)
+        closing.append(rlm)
+        result = rlm.completion(context="x", query="q")
+    assert result.answer == "plain answer"
+    assert result.stopped_reason == "final"
+
+
+def test_max_iterations_ends_with_a_final_answer_turn(closing: list[RLM]) -> None:
+    def root(messages: list[dict[str, Any]]) -> str:
+        if "used all your iterations" in last_user(messages):
+            return "FINAL(best guess)"
+        return repl("print('still looking')")
+
+    with FakeLLMServer(root) as srv:
+        rlm = make_rlm(srv, max_iterations=3)
+        closing.append(rlm)
+        result = rlm.completion(context="x", query="q")
+    assert result.answer == "best guess"
+    assert result.stopped_reason == "max_iterations"
+    assert result.iterations == 3
+    assert result.usage["root"].calls == 4
+
+
+@pytest.mark.parametrize(
+    ("budget", "reason"),
+    [
+        ({"max_cost_usd": 0.001, "prices": {ROOT: (1000.0, 1000.0)}}, "max_cost_usd"),
+        ({"max_tokens": 50}, "max_tokens"),
+        ({"max_time_s": 0.3}, "max_time_s"),
+    ],
+)
+def test_each_budget_stops_a_run(closing: list[RLM], budget: dict[str, Any], reason: str) -> None:
+    with FakeLLMServer(lambda m: repl("print('working')"), latency=0.2) as srv:
+        rlm = make_rlm(srv, max_iterations=50, **budget)
+        closing.append(rlm)
+        result = rlm.completion(context="some context " * 50, query="q")
+    assert result.stopped_reason == "budget"
+    assert result.answer is None
+    assert reason in (result.error or "")
+    assert result.iterations < 50
+
+
+def test_depth_two_runs_a_child_rlm_for_each_sub_query(closing: list[RLM]) -> None:
+    def root(messages: list[dict[str, Any]]) -> str:
+        if "Carry out the request" in messages[1]["content"]:
+            # a child run: its context is the parent's prompt
+            return repl("FINAL('child saw: ' + context[:12])")
+        if not any(m["role"] == "assistant" for m in messages):
+            return repl("r = llm_query_batch(['question one', 'question two'])\nprint(r)")
+        return repl("FINAL(' | '.join(r))")
+
+    with FakeLLMServer(scripts={ROOT: [root]}) as srv:
+        rlm = make_rlm(srv, max_depth=2)
+        closing.append(rlm)
+        result = rlm.completion(context="parent context", query="ask the children")
+        sub_requests = [r for r in srv.requests_log if r["model"] == SUB]
+    assert result.answer == "child saw: question one | child saw: question two"
+    assert sub_requests == []  # at depth 2 llm_query is a child RLM, not a plain call
+    children = {e["child_run"] for e in result.trajectory if "child_run" in e}
+    assert len(children) == 2
+    assert result.usage["sub"].calls == 2  # the children's root turns count as sub-work
+
+
+async def test_fifty_tasks_at_once_with_two_failing(closing: list[RLM]) -> None:
+    def root(messages: list[dict[str, Any]]) -> str | Fault:
+        query = messages[1]["content"]
+        if "task 7 " in query or "task 33 " in query:
+            return Fault("500")
+        n = re.search(r"task (\d+) ", query).group(1)  # type: ignore[union-attr]
+        return repl(f"FINAL(str({n} * 2) + ' ' + llm_query('ECHO ok'))")
+
+    # root requests start with the system prompt; llm_query('ECHO ok') is a bare user message
+    with FakeLLMServer(lambda m: root(m) if m[0]["role"] == "system" else "ok") as srv:
+        rlm = make_rlm(srv)
+        closing.append(rlm)
+        tasks = [(f"context {i}", f"task {i} please") for i in range(50)]
+        results = await rlm.acompletion_batch(tasks, max_concurrent=10, progress=False)
+    assert len(results) == 50
+    failed = [i for i, r in enumerate(results) if r.error]
+    assert failed == [7, 33]
+    assert all(isinstance(r, RLMResult) for r in results)
+    assert results[7].stopped_reason == "error" and "500" in (results[7].error or "")
+    assert [r.answer for i, r in enumerate(results) if i not in failed] == [
+        f"{i * 2} ok" for i in range(50) if i not in failed
+    ]
+
+
+def test_session_keeps_repl_state_across_asks(closing: list[RLM]) -> None:
+    def root(messages: list[dict[str, Any]]) -> str:
+        query = messages[1]["content"]
+        if "first question" in query:
+            return repl("total = len(context)\nFINAL(str(total))")
+        assert "Q: first question" in query  # the history is told
+        return repl("FINAL(str(total * 2))")
+
+    with FakeLLMServer(scripts={ROOT: [root]}) as srv:
+        rlm = make_rlm(srv)
+        closing.append(rlm)
+        with rlm.session("abcdef") as session:
+            first = session.ask("first question")
+            second = session.ask("second question")
+    assert (first.answer, second.answer) == ("6", "12")
+
+
+async def test_sync_completion_inside_a_running_loop(closing: list[RLM]) -> None:
+    assert asyncio.get_running_loop().is_running()
+    with FakeLLMServer(scripts={ROOT: [repl("FINAL(llm_query('ECHO inner'))")]}) as srv:
+        rlm = make_rlm(srv)
+        closing.append(rlm)
+        result = rlm.completion(context="x", query="q")  # sync, from inside a loop
+    assert result.answer == "inner"
+
+
+async def test_acompletion_from_the_callers_loop(closing: list[RLM]) -> None:
+    with FakeLLMServer(scripts={ROOT: [repl("x = await llm_query_batch_async(['ECHO a', 'ECHO b'])\nFINAL(''.join(x))")]}) as srv:
+        rlm = make_rlm(srv)
+        closing.append(rlm)
+        result = await rlm.acompletion(context="x", query="q")
+    assert result.answer == "ab"
+    assert result.sub_calls == 2
+
+
+def test_trajectory_log_is_written_as_it_happens(tmp_path: Path, closing: list[RLM]) -> None:
+    script = [repl("print('one')"), repl("FINAL('done')")]
+    with FakeLLMServer(scripts={ROOT: script}) as srv:
+        rlm = make_rlm(srv, log_dir=tmp_path)
+        closing.append(rlm)
+        result = rlm.completion(context="x", query="q")
+    assert result.log_path is not None
+    events = read_log(result.log_path)
+    types = [e["type"] for e in events]
+    assert types[0] == "run_start" and types[-1] == "run_end"
+    assert types.count("root_reply") == 2 and types.count("cell_result") == 2
+    assert events[-1]["answer"] == "done"
+    assert [e["type"] for e in result.trajectory] == types
+
+
+def test_bad_arguments_raise_config_errors() -> None:
+    with pytest.raises(ConfigError, match="max_iterations"):
+        RLM(api_key="k", max_iterations=0)
+    with pytest.raises(ConfigError, match="sandbox"):
+        RLM(api_key="k", sandbox="docker")
+    with pytest.raises(ConfigError, match="query"):
+        RLM(api_key="k").completion(context="x", query="")
+
+
+def test_a_missing_key_fails_the_run_with_a_clear_error() -> None:
+    result = RLM(model="m").completion(context="x", query="q")
+    assert result.stopped_reason == "error"
+    assert "OPENAI_API_KEY" in (result.error or "")
+
+
+def test_result_repr_shows_the_answer_and_key_numbers(closing: list[RLM]) -> None:
+    with FakeLLMServer(scripts={ROOT: [repl("FINAL('short answer')")]}) as srv:
+        rlm = make_rlm(srv)
+        closing.append(rlm)
+        text = repr(rlm.completion(context="x", query="q"))
+    assert "short answer" in text and "iterations=1" in text and "stopped_reason='final'" in text
