@@ -179,6 +179,21 @@ def cmd_view(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_repl(args: argparse.Namespace) -> int:
+    from rlm.ipython import start_repl
+    from rlm.llm import AsyncOpenAIClient
+
+    context = _read_context(args.context, args.format, args.encoding)
+    key = _require_key(args.api_key)
+    client = AsyncOpenAIClient(model=args.model, api_key=key, base_url=args.base_url,
+                               max_concurrency=args.max_concurrency)
+    try:
+        start_repl(context, client)
+    finally:
+        client.close_sync()
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlm",
@@ -222,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("log", help="a .jsonl log written by a run with log_dir")
     view.add_argument("--html", metavar="OUT", help="write one self-contained HTML page instead")
     view.set_defaults(func=cmd_view)
+    rp = sub.add_parser("repl", help="explore a context by hand in IPython with llm_query & co.")
+    rp.add_argument("--context", required=True, help="context file, or - for standard input")
+    rp.add_argument("--model", help="sub-model for llm_query (default: RLM_MODEL or gpt-4o-mini)")
+    rp.add_argument("--base-url", help="OpenAI-compatible base URL")
+    rp.add_argument("--api-key", help="API key (default: OPENAI_API_KEY)")
+    rp.add_argument("--max-concurrency", type=int, default=64)
+    rp.add_argument("--format", choices=["auto", "text", "json", "jsonl"], default="auto")
+    rp.add_argument("--encoding", default="utf-8")
+    rp.set_defaults(func=cmd_repl)
     return parser
 
 
