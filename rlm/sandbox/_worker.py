@@ -1,0 +1,696 @@
+"""Child side of the process sandbox: the zygote (template) process and the workers it forks.
+
+The host starts one zygote per host process with an empty environment. The zygote
+imports the sandbox policy and every module a cell may import, enters a private network
+namespace, then waits on its control socket; each ``spawn`` request forks a worker that
+confines itself (own session, working directory, filesystem jail, unprivileged uid,
+resource limits) before it reads a single byte of user code. Forking a warm template is
+what makes a worker start in milliseconds instead of the ~100 ms of a fresh interpreter.
+
+Everything that crosses a process boundary is JSON in length-prefixed frames (never
+pickle): a frame is ``!IQ`` (JSON length, raw payload length), the JSON object, then the
+raw payload, which only the host uses, to send a large context without JSON-escaping it.
+
+This module is imported by the host too, for the frame format; it must stay free of
+host-only state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import queue
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+HEADER = struct.Struct("!IQ")
+# Upper bounds on what either side accepts in one frame. A worker that announces more is
+# broken or hostile; the host drops it rather than allocate what it asks for.
+MAX_JSON = 256 * 1024 * 1024
+MAX_PAYLOAD = 1 << 40
+CONTROL_MAX = 1 << 20
+
+# Workers of a root host run as uid UID_BASE + their pid: unique among live processes,
+# so RLIMIT_NPROC counts exactly one worker's processes and no two workers can signal or
+# trace each other. The range sits far above any uid a distribution hands out.
+UID_BASE = 0x7F000000
+
+# Linux constants (not all exposed by the os module on 3.11).
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWUSER = 0x10000000
+_CLONE_NEWNET = 0x40000000
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NO_NEW_PRIVS = 38
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+# Modules a cell may reach only through the policy. They are imported here, before the
+# fork, so a worker never touches the filesystem to import (its root is its own empty
+# working directory) and every worker shares their pages with the zygote.
+PRELOAD = (
+    "asyncio",
+    "base64",
+    "bisect",
+    "collections",
+    "collections.abc",
+    "copy",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "enum",
+    "fractions",
+    "functools",
+    "hashlib",
+    "heapq",
+    "itertools",
+    "json",
+    "math",
+    "numbers",
+    "operator",
+    "random",
+    "re",
+    "statistics",
+    "string",
+    "textwrap",
+    "time",
+    "traceback",
+    "typing",
+    "unicodedata",
+    "_strptime",
+    "rlm.sandbox.policy",
+)
+
+
+# -- frames ---------------------------------------------------------------------------
+
+
+def pack(msg: dict[str, Any], payload_len: int = 0) -> bytes:
+    """Encode ``msg`` as one frame header plus its JSON; the raw payload follows separately."""
+    body = json.dumps(msg, ensure_ascii=False, separators=(",", ":")).encode(
+        "utf-8", "surrogatepass"
+    )
+    return HEADER.pack(len(body), payload_len) + body
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise EOFError
+        got += k
+    return buf
+
+
+def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], bytearray]:
+    """Read one frame from a blocking socket; raises EOFError when the peer is gone."""
+    json_len, payload_len = HEADER.unpack(_recv_exact(sock, HEADER.size))
+    if json_len > MAX_JSON or payload_len > MAX_PAYLOAD:
+        raise EOFError
+    msg = json.loads(_recv_exact(sock, json_len))
+    payload = _recv_exact(sock, payload_len) if payload_len else bytearray()
+    return msg, payload
+
+
+# -- OS helpers -----------------------------------------------------------------------
+
+
+def _libc() -> Any:
+    # ctypes is imported only here, by our own setup code; the policy makes it
+    # unimportable for cells, so user code never reaches these calls.
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _unshare(flags: int) -> None:
+    if hasattr(os, "unshare"):  # Python 3.12+
+        os.unshare(flags)
+        return
+    import ctypes
+
+    if _libc().unshare(flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _prctl(option: int, arg: int) -> bool:
+    try:
+        return _libc().prctl(option, arg, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _drop_capabilities() -> bool:
+    """Empty every capability set (for a worker still uid 0 inside its user namespace)."""
+    try:
+        import ctypes
+
+        class Header(ctypes.Structure):
+            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+        class Data(ctypes.Structure):
+            _fields_ = [
+                ("effective", ctypes.c_uint32),
+                ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32),
+            ]
+
+        header = Header(_LINUX_CAPABILITY_VERSION_3, 0)
+        data = (Data * 2)()
+        return _libc().capset(ctypes.byref(header), ctypes.byref(data)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _effective_capabilities() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return None
+
+
+def _write_file(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _enter_namespaces() -> dict[str, Any]:
+    """Put the zygote (and so every worker) in a network namespace with no interfaces up.
+
+    As root a plain network namespace is enough, and workers later drop to their own uid.
+    Otherwise an unprivileged user namespace (plus a mount namespace, so workers may
+    chroot) carries the network namespace; inside it the zygote is root with
+    capabilities that reach only its own namespaces, and workers shed them before user
+    code runs.
+    """
+    plan: dict[str, Any] = {"netns": False, "userns": False, "can_chroot": False, "note": ""}
+    if not sys.platform.startswith("linux"):
+        plan["note"] = f"no namespaces on {sys.platform}"
+        plan["can_chroot"] = os.geteuid() == 0
+        return plan
+    uid, gid = os.geteuid(), os.getegid()
+    if uid == 0:
+        try:
+            _unshare(_CLONE_NEWNET)
+            plan.update(netns=True, can_chroot=True)
+            return plan
+        except OSError as exc:
+            plan["note"] = f"network namespace as root failed ({exc.strerror}); "
+    try:
+        _unshare(_CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWNET)
+    except OSError as exc:
+        plan["note"] += f"user namespace unavailable ({exc.strerror})"
+        plan["can_chroot"] = uid == 0
+        return plan
+    with contextlib.suppress(OSError):
+        _write_file("/proc/self/setgroups", "deny")
+    try:
+        _write_file("/proc/self/uid_map", f"0 {uid} 1")
+        _write_file("/proc/self/gid_map", f"0 {gid} 1")
+    except OSError as exc:
+        plan["note"] += f"user namespace id map failed ({exc.strerror})"
+    plan.update(netns=True, userns=True, can_chroot=True)
+    return plan
+
+
+def _preload() -> None:
+    import importlib
+
+    for name in PRELOAD:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    # Codecs load lazily by name; inside the jail no module can be found later, so load
+    # them all now (a cell may call str.encode with any codec name).
+    import encodings
+    import pkgutil
+
+    for info in pkgutil.iter_modules(encodings.__path__):
+        with contextlib.suppress(Exception):
+            importlib.import_module(f"encodings.{info.name}")
+    # OpenSSL reads its configuration on first use; do it while files are reachable.
+    import hashlib
+
+    for algo in ("md5", "sha1", "sha256", "sha512"):
+        with contextlib.suppress(ValueError):
+            hashlib.new(algo, b"")
+    time.localtime()
+
+
+# -- zygote ---------------------------------------------------------------------------
+
+
+class _Zygote:
+    """The template process: serves spawn and reap requests from the host, one at a time."""
+
+    def __init__(self, control: socket.socket, plan: dict[str, Any]) -> None:
+        self.control = control
+        self.plan = plan
+        self.children: set[int] = set()
+        self.lingering: set[int] = set()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.control, CONTROL_MAX, 4)
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                self.shutdown()
+            self._reap_lingering()
+            try:
+                request = json.loads(data)
+                reply = self._handle(request, fds)
+            except Exception as exc:  # noqa: BLE001 - a bad request must not end the zygote
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            self.control.send(json.dumps(reply).encode())
+
+    def _handle(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "spawn":
+            if len(fds) != 1:
+                raise ValueError("spawn needs exactly one channel fd")
+            return {"ok": True, "pid": self._spawn(request["spec"], fds[0])}
+        if op == "reap":
+            return {"ok": True, "status": self._kill_and_reap(int(request["pid"]))}
+        raise ValueError(f"unknown op {op!r}")
+
+    def _spawn(self, spec: dict[str, Any], channel_fd: int) -> int:
+        zygote_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            status = 70
+            try:
+                self.control.close()
+                channel = socket.socket(fileno=channel_fd)
+                _Worker(channel, spec, self.plan, zygote_pid).run()
+                status = 0
+            except BaseException:  # noqa: BLE001 - a worker never returns into the zygote
+                pass
+            os._exit(status)
+        os.close(channel_fd)
+        self.children.add(pid)
+        return pid
+
+    def _kill_and_reap(self, pid: int, wait_s: float = 2.0) -> int | None:
+        if pid not in self.children:
+            raise ValueError(f"pid {pid} is not a worker of this zygote")
+        for kill in (os.killpg, os.kill):
+            with contextlib.suppress(OSError):
+                kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + wait_s
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                self.children.discard(pid)
+                return status
+            if time.monotonic() > deadline:
+                # Stuck in the kernel (uninterruptible sleep): reap it later rather than
+                # block every other env's spawn behind it.
+                self.lingering.add(pid)
+                return None
+            time.sleep(0.002)
+
+    def _reap_lingering(self) -> None:
+        for pid in list(self.lingering):
+            with contextlib.suppress(ChildProcessError):
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if not done:
+                    continue
+            self.lingering.discard(pid)
+            self.children.discard(pid)
+
+    def shutdown(self) -> None:
+        """The host is gone or closing: kill every worker, reap them, exit."""
+        for pid in self.children:
+            for kill in (os.killpg, os.kill):
+                with contextlib.suppress(OSError):
+                    kill(pid, signal.SIGKILL)
+        for pid in self.children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        os._exit(0)
+
+
+def zygote_main(control_fd: int) -> None:
+    """Entry point of the zygote process (started by the host with an empty environment)."""
+    # Python's locale coercion puts LC_CTYPE back into a blank environment; workers must
+    # see nothing at all.
+    os.environ.clear()
+    control = socket.socket(fileno=control_fd)
+    os.chdir("/")
+    _preload()
+    plan = _enter_namespaces()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)
+    # Everything imported so far is shared with every worker; freezing keeps the cyclic
+    # collector from touching (and so copying) those pages in each worker.
+    gc.collect()
+    gc.freeze()
+    control.send(json.dumps({"op": "ready", "plan": plan}).encode())
+    # From here on nothing the zygote or a worker prints can reach the host's terminal.
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    _Zygote(control, plan).serve()
+
+
+# -- worker ---------------------------------------------------------------------------
+
+
+class _OutputCapture:
+    """Per-stream capture with the local executor's cap: head and tail kept, middle cut."""
+
+    def __init__(self, limit: int, on_head: Callable[[str], None]) -> None:
+        self.limit = limit
+        self.head: list[str] = []
+        self.head_len = 0
+        self.tail: list[str] = []
+        self.tail_len = 0
+        self.total = 0
+        self.on_head = on_head
+
+    def write(self, text: str) -> None:
+        if not text:
+            return
+        self.total += len(text)
+        room = self.limit // 2 - self.head_len
+        if room > 0:
+            part = text[:room]
+            self.head.append(part)
+            self.head_len += len(part)
+            self.on_head(part)
+            text = text[room:]
+        if text:
+            self.tail.append(text)
+            self.tail_len += len(text)
+            keep = self.limit - self.limit // 2
+            if self.tail_len > 2 * keep:
+                joined = "".join(self.tail)[-keep:]
+                self.tail, self.tail_len = [joined], len(joined)
+
+    def value(self) -> tuple[str, bool]:
+        head = "".join(self.head)
+        keep = self.limit - self.limit // 2
+        tail = "".join(self.tail)[-keep:] if keep else ""
+        cut = self.total - len(head) - len(tail)
+        if cut <= 0:
+            return head + tail, False
+        return f"{head}\n... [{cut} characters truncated] ...\n{tail}", True
+
+
+class _Waiter:
+    """A reply slot for one request the worker sent to the host."""
+
+    __slots__ = ("event", "loop", "future", "reply")
+
+    def __init__(self, loop: Any = None, future: Any = None) -> None:
+        self.event = threading.Event() if loop is None else None
+        self.loop = loop
+        self.future = future
+        self.reply: dict[str, Any] | None = None
+
+
+class _Worker:
+    """One forked worker: confines itself, loads the context, then runs cells on request."""
+
+    def __init__(
+        self, channel: socket.socket, spec: dict[str, Any], plan: dict[str, Any], zygote: int
+    ) -> None:
+        self.channel = channel
+        self.spec = spec
+        self.plan = plan
+        self.zygote_pid = zygote
+        self.send_lock = threading.Lock()
+        self.commands: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self.waiters: dict[int, _Waiter] = {}
+        self.waiters_lock = threading.Lock()
+        self.next_id = 0
+        self.protections: dict[str, Any] = {}
+
+    # channel ------------------------------------------------------------------------
+
+    def send(self, msg: dict[str, Any]) -> None:
+        data = pack(msg)
+        with self.send_lock:
+            self.channel.sendall(data)
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                msg, _ = recv_frame(self.channel)
+                if msg.get("op") == "reply":
+                    self._resolve(msg)
+                else:
+                    self.commands.put(msg)
+        except BaseException:  # noqa: BLE001 - the host closed the channel or died
+            os._exit(0)
+
+    def _resolve(self, msg: dict[str, Any]) -> None:
+        with self.waiters_lock:
+            waiter = self.waiters.pop(msg.get("id", -1), None)
+        if waiter is None:
+            return
+        waiter.reply = msg
+        if waiter.event is not None:
+            waiter.event.set()
+        else:
+            waiter.loop.call_soon_threadsafe(_settle, waiter.future, msg)
+
+    def _register(self, waiter: _Waiter) -> int:
+        with self.waiters_lock:
+            self.next_id += 1
+            self.waiters[self.next_id] = waiter
+            return self.next_id
+
+    def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send a request to the host and block this thread until its reply arrives."""
+        waiter = _Waiter()
+        rid = self._register(waiter)
+        self.send({"op": op, "id": rid, **fields})
+        assert waiter.event is not None
+        waiter.event.wait()
+        assert waiter.reply is not None
+        return waiter.reply
+
+    async def arequest(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send a request and await its reply on the running loop; many may be in flight."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop, loop.create_future())
+        rid = self._register(waiter)
+        self.send({"op": op, "id": rid, **fields})
+        return await waiter.future
+
+    # confinement --------------------------------------------------------------------
+
+    def confine(self) -> None:
+        """Apply every OS protection this machine allows, before any user code exists."""
+        import resource
+
+        spec, plan, prot = self.spec, self.plan, self.protections
+        os.setsid()
+        if sys.platform.startswith("linux"):
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != self.zygote_pid:
+            os._exit(0)
+        # A file bigger than the limit is refused (EFBIG), not fatal.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+        cwd = spec["cwd"]
+        root_here = os.geteuid() == 0
+        uid: int | None = None
+        if root_here and not plan["userns"]:
+            uid = UID_BASE + os.getpid()
+            _chown_tree(cwd, uid)
+        os.chdir(cwd)
+        prot["private_cwd"] = True
+        prot["filesystem_jail"] = False
+        if plan["can_chroot"]:
+            try:
+                os.chroot(cwd)
+                os.chdir("/")
+                prot["filesystem_jail"] = True
+            except OSError:
+                pass
+
+        limits = {
+            "rlimit_as": (getattr(resource, "RLIMIT_AS", None), spec.get("as_bytes")),
+            "rlimit_fsize": (resource.RLIMIT_FSIZE, spec.get("fsize_bytes")),
+            "rlimit_nofile": (resource.RLIMIT_NOFILE, spec.get("nofile")),
+            "rlimit_nproc": (getattr(resource, "RLIMIT_NPROC", None), spec.get("nproc")),
+            "rlimit_core": (resource.RLIMIT_CORE, 0),
+        }
+        for key, (which, value) in limits.items():
+            prot[key] = False
+            if which is None or value is None:
+                continue
+            try:
+                resource.setrlimit(which, (value, value))
+                prot[key] = True
+            except (OSError, ValueError):
+                pass
+        cpu = spec.get("cpu_seconds")
+        prot["rlimit_cpu"] = False
+        if cpu is not None:
+            try:
+                resource.setrlimit(resource.RLIMIT_CPU, (cpu, resource.RLIM_INFINITY))
+                prot["rlimit_cpu"] = True
+            except (OSError, ValueError):
+                pass
+
+        prot["uid_drop"] = False
+        if uid is not None:
+            try:
+                os.setgroups([])
+                os.setresgid(uid, uid, uid)
+                os.setresuid(uid, uid, uid)
+                prot["uid_drop"] = True
+            except OSError:
+                pass
+        elif plan["userns"]:
+            _drop_capabilities()
+        if sys.platform.startswith("linux"):
+            _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+        caps = _effective_capabilities() if not prot["filesystem_jail"] else None
+        # Root ignores RLIMIT_NPROC; it bounds processes only for an unprivileged worker.
+        prot["rlimit_nproc"] = (
+            prot["rlimit_nproc"] and os.geteuid() != 0 or (prot["rlimit_nproc"] and plan["userns"])
+        )
+        prot["capabilities_dropped"] = os.geteuid() != 0 or (
+            caps == 0 if caps is not None else plan["userns"]
+        )
+        prot["network_namespace"] = plan["netns"]
+        prot["empty_environment"] = not os.environ
+        prot["uid"] = os.geteuid()
+
+    # main ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.confine()
+        init, payload = recv_frame(self.channel)
+        if init.get("op") != "init":
+            return
+        context = _decode_context(init.get("context_kind", "none"), payload)
+        del payload
+        reader = threading.Thread(target=self._read_loop, name="rlm-channel", daemon=True)
+        reader.start()
+        self.session = _Session(self, init, context)
+        del context
+        setup_error = self.session.setup()
+        self.send({"op": "ready", "protections": self.protections, "setup_error": setup_error})
+        while True:
+            msg = self.commands.get()
+            op = msg.get("op")
+            if op == "exec":
+                self.send(self.session.run_cell(msg["code"], msg.get("timeout")))
+            elif op == "get":
+                self.send(self.session.get(msg["name"]))
+            elif op == "raw" and init.get("allow_raw"):
+                self.send(_run_raw(msg["code"]))
+            elif op == "cpu":
+                _set_cpu_limit(msg.get("seconds"))
+
+
+def _settle(future: Any, msg: dict[str, Any]) -> None:
+    if not future.done():
+        future.set_result(msg)
+
+
+def _set_cpu_limit(seconds: float | None) -> None:
+    import resource
+
+    if seconds is None:
+        return
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    budget = int(used.ru_utime + used.ru_stime + seconds + 0.999)
+    with contextlib.suppress(OSError, ValueError):
+        resource.setrlimit(
+            resource.RLIMIT_CPU, (budget, resource.getrlimit(resource.RLIMIT_CPU)[1])
+        )
+
+
+def _chown_tree(path: str, uid: int) -> None:
+    # lchown and no symlink following: the tree may hold what an earlier worker of this
+    # env left behind, and it must not trick root into chowning anything outside.
+    os.lchown(path, uid, uid)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                os.lchown(os.path.join(root, name), uid, uid)
+
+
+def _decode_context(kind: str, payload: bytearray) -> Any:
+    if kind == "none":
+        return None
+    if kind == "str":
+        return payload.decode("utf-8", "surrogatepass")
+    if kind == "bytes":
+        return bytes(payload)
+    if kind == "json":
+        return json.loads(payload)
+    raise ValueError(f"unknown context kind {kind!r}")
+
+
+def _jsonable(value: Any) -> dict[str, Any]:
+    try:
+        return {"ok": True, "value": json.loads(json.dumps(value))}
+    except (TypeError, ValueError, RecursionError):
+        return {"ok": True, "value": None, "repr": repr(value)[:2000]}
+
+
+def _run_raw(code: str) -> dict[str, Any]:
+    """Test hook: run Python with no policy at all, to show the OS layer holds alone."""
+    ns: dict[str, Any] = {"__name__": "__raw__"}
+    try:
+        exec(compile(code, "<raw>", "exec"), ns)
+    except BaseException as exc:  # noqa: BLE001 - report, never die, like a cell
+        return {"op": "raw_result", "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {"op": "raw_result", **_jsonable(ns.get("result"))}
+
+
+class _Session:
+    """The cell-running half of a worker: namespace, policy, output and the llm_query stubs."""
+
+    def __init__(self, worker: _Worker, init: dict[str, Any], context: Any) -> None:
+        self.worker = worker
+        self.init = init
+        self.context = context
+        self.max_output = int(init.get("max_output_chars", 20_000))
+        self.ns: dict[str, Any] = {"context": context}
+
+    def setup(self) -> str | None:
+        return None
+
+    def run_cell(self, code: str, timeout: float | None) -> dict[str, Any]:
+        return {
+            "op": "result",
+            "stdout": "",
+            "stderr": "",
+            "error": "policy not wired yet",
+            "final": None,
+            "truncated": False,
+        }
+
+    def get(self, name: str) -> dict[str, Any]:
+        if name not in self.ns:
+            return {"op": "value", "ok": False, "error": f"name {name!r} is not defined"}
+        return {"op": "value", **_jsonable(self.ns[name])}

@@ -1,0 +1,870 @@
+"""The worker-process executor: the same policy as the in-process sandbox, behind OS limits.
+
+Each ``ProcessExecutor`` owns one worker process forked from a per-host template
+("zygote") process that already has the policy and every allowed module imported, so a
+worker starts in milliseconds. The worker runs cells under ``rlm.sandbox.policy`` exactly
+like the local executor; what the process adds is what no in-process policy can give:
+
+- a wall-clock limit enforced from outside: when a cell overruns, this process SIGKILLs
+  the worker's process group, which nothing running inside it can block or survive;
+- ``RLIMIT_AS`` (memory), ``RLIMIT_CPU`` (per cell), ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``,
+  ``RLIMIT_NPROC`` and no core dumps;
+- no network: the zygote lives in its own network namespace (only a downed loopback);
+- no secrets: the zygote starts with an empty environment, so the API key never exists
+  in any worker;
+- a private working directory, which is also the worker's filesystem root (chroot) when
+  the OS allows, and an unprivileged uid of its own when the host runs as root.
+
+``protections`` reports which of these this machine actually grants.
+
+Data only crosses the boundary as JSON frames (see ``_worker``); nothing the worker sends
+is unpickled or imported here. The context is sent once per worker start, as raw bytes
+for a str. ``llm_query`` and friends in the worker are stubs that send requests back
+here; this process runs them on the env's shared ``SubQueries`` on the engine loop (one
+client and one limiter for every env), many at once, and replies by request id.
+
+Tools cannot cross a process boundary: a callable tool runs here, in the host, and the
+worker gets a stub of the same name whose arguments and result must be JSON-like (so no
+host object ever reaches the worker); a non-callable tool is sent once as a JSON value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import functools
+import inspect
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlm import loop as engine
+from rlm.errors import ConfigError, EnvClosedError, SandboxError
+from rlm.sandbox import CellOutcome, SubQueries
+from rlm.sandbox._worker import HEADER, MAX_JSON, pack
+
+__all__ = ["ProcessExecutor", "process_sandbox_available"]
+
+# Seconds past a cell's own timeout before the worker is killed: the policy's in-worker
+# deadline normally stops a Python loop first (keeping the REPL's variables); the kill is
+# for what it cannot stop (one long C call, a wedged interpreter).
+KILL_GRACE_S = 0.5
+_ZYGOTE_START_TIMEOUT_S = 60.0
+_CONTROL_TIMEOUT_S = 30.0
+_CONTEXT_CHUNK = 8 * 1024 * 1024
+
+
+def process_sandbox_available() -> bool:
+    """True on platforms where worker processes can be forked (Linux, macOS)."""
+    return os.name == "posix" and hasattr(os, "fork") and hasattr(socket, "send_fds")
+
+
+# -- the zygote ------------------------------------------------------------------------
+
+_BOOT = (
+    "import sys, json\n"
+    "sys.path[:0] = json.loads(sys.argv[2])\n"
+    "from rlm.sandbox._worker import zygote_main\n"
+    "zygote_main(int(sys.argv[1]))\n"
+)
+
+
+class _Zygote:
+    """Host-side handle of the template process; thread-safe, blocking request/reply."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owner_pid = os.getpid()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        package_root = str(Path(__file__).resolve().parents[2])
+        # The host's own import path (minus its cwd), so the zygote loads the same rlm and
+        # RestrictedPython; -I keeps PYTHON* variables and the user site out.
+        path = [package_root] + [p for p in sys.path if p and os.path.isabs(p)]
+        with tempfile.TemporaryFile() as errors:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", _BOOT, str(child.fileno()), json.dumps(path)],
+                pass_fds=[child.fileno()],
+                env={},
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+            )
+            child.close()
+            self.sock = parent
+            try:
+                parent.settimeout(_ZYGOTE_START_TIMEOUT_S)
+                data = parent.recv(1 << 20)
+            except OSError:
+                data = b""
+            if not data:
+                self._stop()
+                errors.seek(0)
+                detail = errors.read().decode(errors="replace")[-3000:]
+                raise SandboxError(
+                    "the process sandbox's template process failed to start; use "
+                    f"sandbox='local' or fix the error below:\n{detail}"
+                )
+        parent.settimeout(_CONTROL_TIMEOUT_S)
+        self.plan: dict[str, Any] = json.loads(data)["plan"]
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None and self.sock.fileno() != -1
+
+    def _request(self, msg: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
+        with self.lock:
+            try:
+                data = json.dumps(msg).encode()
+                if fds:
+                    socket.send_fds(self.sock, [data], fds)
+                else:
+                    self.sock.send(data)
+                reply = self.sock.recv(1 << 20)
+            except OSError as exc:
+                raise SandboxError(f"the sandbox template process is gone ({exc})") from exc
+        if not reply:
+            raise SandboxError("the sandbox template process is gone")
+        answer: dict[str, Any] = json.loads(reply)
+        if not answer.get("ok"):
+            raise SandboxError(f"the sandbox template process refused: {answer.get('error')}")
+        return answer
+
+    def spawn(self, spec: dict[str, Any], channel: socket.socket) -> int:
+        """Fork a worker that confines itself per ``spec`` and serves ``channel``."""
+        return int(self._request({"op": "spawn", "spec": spec}, [channel.fileno()])["pid"])
+
+    def reap(self, pid: int) -> int | None:
+        """Kill (again) and reap worker ``pid``; its wait status, or None if unknown yet."""
+        try:
+            status = self._request({"op": "reap", "pid": pid})["status"]
+        except SandboxError:
+            return None
+        return None if status is None else int(status)
+
+    def _stop(self) -> None:
+        # Closing the control socket tells the zygote to kill every worker and exit.
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self) -> None:
+        with self.lock:
+            self._stop()
+
+
+_zygote_lock = threading.Lock()
+_zygote: _Zygote | None = None
+
+
+def _get_zygote() -> _Zygote:
+    """The zygote of this host process, started on first use (and again if it died)."""
+    global _zygote
+    with _zygote_lock:
+        z = _zygote
+        if z is None or z.owner_pid != os.getpid() or not z.alive:
+            if z is not None and z.owner_pid == os.getpid():
+                z.close()
+            z = _zygote = _Zygote()
+        return z
+
+
+def _shutdown_zygote() -> None:
+    global _zygote
+    with _zygote_lock:
+        z, _zygote = _zygote, None
+    if z is not None and z.owner_pid == os.getpid():
+        z.close()
+
+
+atexit.register(_shutdown_zygote)
+
+
+# -- one worker, host side --------------------------------------------------------------
+
+
+class _WorkerLost(Exception):
+    """The worker's channel closed (it died or was killed); ``status`` is its wait status."""
+
+    def __init__(self, status: int | None, reason: str = "") -> None:
+        super().__init__(reason or "worker lost")
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class _Resources:
+    """What must be released however the executor ends (close, GC or interpreter exit)."""
+
+    pid: int | None = None
+    zygote: _Zygote | None = None
+    transport: asyncio.BaseTransport | None = None
+    cwd: str | None = None
+
+    def kill(self) -> int | None:
+        """SIGKILL the worker's process group and the worker; reap it; return its status."""
+        pid, zygote, self.pid = self.pid, self.zygote, None
+        status = None
+        if pid is not None:
+            for kill in (os.killpg, os.kill):
+                with contextlib.suppress(OSError):
+                    kill(pid, signal.SIGKILL)
+            if zygote is not None:
+                status = zygote.reap(pid)
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            _close_transport(transport)
+        return status
+
+    def release(self) -> None:
+        self.kill()
+        cwd, self.cwd = self.cwd, None
+        if cwd is not None:
+            shutil.rmtree(cwd, ignore_errors=True)
+
+
+def _close_transport(transport: asyncio.BaseTransport) -> None:
+    loop = getattr(transport, "_loop", None)
+    if loop is None or loop.is_closed():
+        return
+    if engine.in_engine_thread() or not loop.is_running():
+        transport.close()
+        return
+    done = threading.Event()
+
+    def close() -> None:
+        transport.close()
+        done.set()
+
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(close)
+        done.wait(2.0)
+
+
+class _Link:
+    """The engine-loop side of one worker's channel: a reader task and request routing."""
+
+    def __init__(
+        self,
+        executor: ProcessExecutor,
+        pid: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.executor = executor
+        self.pid = pid
+        self.reader = reader
+        self.writer = writer
+        self.reply: asyncio.Future[dict[str, Any]] | None = None
+        self.partial: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self.partial_len = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.dead = False
+        self.lost: _WorkerLost | None = None
+        self.read_task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if not self.dead:
+            self.writer.write(pack(msg))
+
+    async def command(self, msg: dict[str, Any], limit: float | None) -> dict[str, Any]:
+        """Send one command and wait for its answer; raises _WorkerLost or TimeoutError."""
+        if self.dead:
+            raise self.lost or _WorkerLost(None)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.reply = fut
+        try:
+            self.send(msg)
+            return await asyncio.wait_for(fut, limit)
+        finally:
+            self.reply = None
+
+    async def _read_loop(self) -> None:
+        reason = ""
+        try:
+            while True:
+                head = await self.reader.readexactly(HEADER.size)
+                json_len, payload_len = HEADER.unpack(head)
+                if json_len > MAX_JSON or payload_len:
+                    reason = "it sent a message larger than the sandbox accepts"
+                    break
+                msg = json.loads(await self.reader.readexactly(json_len))
+                if not isinstance(msg, dict) or not self._dispatch(msg):
+                    reason = "it sent a malformed message"
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            pass
+        except asyncio.CancelledError:
+            reason = "closed"
+        self.dead = True
+        self.lost = _WorkerLost(None, reason)
+        for task in self.tasks:
+            task.cancel()
+        fut = self.reply
+        if fut is not None and not fut.done():
+            fut.set_exception(self.lost)
+
+    def _dispatch(self, msg: dict[str, Any]) -> bool:
+        op = msg.get("op")
+        if op in ("query", "batch", "tool"):
+            task = asyncio.get_running_loop().create_task(self.executor._serve(self, msg))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            return True
+        if op == "out":
+            text, stream = msg.get("text"), msg.get("stream")
+            if not isinstance(text, str) or stream not in self.partial:
+                return False
+            # Kept only for a cell that dies before it can report; bounded like output.
+            room = self.executor.max_output_chars - self.partial_len
+            if room > 0:
+                self.partial[stream].append(text[:room])
+                self.partial_len += min(len(text), room)
+            return True
+        if op in ("result", "value", "raw_result", "ready"):
+            fut = self.reply
+            if fut is None or fut.done():
+                return False
+            fut.set_result(msg)
+            return True
+        return False
+
+
+# -- the executor ----------------------------------------------------------------------
+
+
+@dataclass
+class RawResult:
+    """Outcome of the test-only raw hook: the JSON value of ``result``, or an error."""
+
+    value: Any = None
+    error: str | None = None
+    repr: str | None = None
+
+
+class ProcessExecutor:
+    """Runs one REPLEnv's cells in a confined worker process; see the module docstring.
+
+    ``memory_limit_mb`` caps the worker's address space (the context lives there too:
+    leave room for about twice its size), ``cpu_limit_s`` caps the CPU time of each cell
+    (None: only the wall timeout), ``file_limit_mb`` the size of any file it writes in
+    its working directory. A cell that kills its worker (timeout, a limit, a crash) gets
+    an error saying so; the next cell starts a fresh worker with the context, tools and
+    setup code loaded again.
+    """
+
+    def __init__(
+        self,
+        *,
+        context: Any = None,
+        sub_queries: SubQueries | None = None,
+        setup_code: str | None = None,
+        tools: Mapping[str, Any] | None = None,
+        max_output_chars: int = 20_000,
+        memory_limit_mb: int | None = 2048,
+        cpu_limit_s: float | None = None,
+        file_limit_mb: int = 64,
+        max_open_files: int = 64,
+        max_processes: int = 8,
+        start_timeout: float = 60.0,
+        _allow_raw: bool = False,
+    ) -> None:
+        if not process_sandbox_available():
+            raise ConfigError(
+                f"the process sandbox needs fork and Unix sockets, which {sys.platform} "
+                "lacks; use sandbox='local'"
+            )
+        if memory_limit_mb is not None and memory_limit_mb < 64:
+            raise ConfigError("memory_limit_mb must be at least 64 (the interpreter needs it)")
+        if cpu_limit_s is not None and cpu_limit_s <= 0:
+            raise ConfigError("cpu_limit_s must be a positive number of seconds, or None")
+        self._context = context
+        self._sub_queries = sub_queries
+        self._setup_code = setup_code
+        self._tools: dict[str, Callable[..., Any]] = {}
+        self._tool_values: dict[str, Any] = {}
+        for name, tool in (tools or {}).items():
+            if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+                raise ConfigError(f"tool name {name!r} must be a public Python identifier")
+            if callable(tool):
+                self._tools[name] = tool
+            else:
+                try:
+                    self._tool_values[name] = json.loads(json.dumps(tool))
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(
+                        f"tool {name!r} is neither callable nor JSON-like, so it cannot be "
+                        "sent to the process sandbox; pass a function or plain data"
+                    ) from exc
+        self.max_output_chars = max_output_chars
+        self.memory_limit_mb = memory_limit_mb
+        self.cpu_limit_s = cpu_limit_s
+        self._file_limit_mb = file_limit_mb
+        self._max_open_files = max_open_files
+        self._max_processes = max_processes
+        self._start_timeout = start_timeout
+        self._allow_raw = _allow_raw
+        self._res = _Resources()
+        self._finalizer = weakref.finalize(self, _Resources.release, self._res)
+        self._link: _Link | None = None
+        self._lock: asyncio.Lock | None = None
+        self._closed = False
+        self._protections: dict[str, bool | str] = {}
+        self._plan: dict[str, Any] = {}
+        self.setup_error: str | None = None
+        self.restarts = 0
+
+    # public API ----------------------------------------------------------------------
+
+    @property
+    def protections(self) -> dict[str, bool | str]:
+        """Which OS protections the worker actually runs under on this machine.
+
+        Starts the worker if it has not started yet. Keys: ``wall_timeout_kill``,
+        ``network_namespace``, ``filesystem_jail``, ``uid_drop``, ``capabilities_dropped``,
+        ``empty_environment``, ``private_cwd``, ``rlimit_as``, ``rlimit_cpu``,
+        ``rlimit_fsize``, ``rlimit_nofile``, ``rlimit_nproc``, ``rlimit_core``
+        (booleans) and ``notes`` (why something is missing).
+        """
+        if not self._protections:
+            self.start()
+        return dict(self._protections)
+
+    def start(self) -> None:
+        """Start the worker now (otherwise the first cell does): context and setup code load."""
+        self._check_open()
+        engine.run_sync(self._on_engine(self._start_locked()))
+
+    def execute(self, code: str, timeout: float) -> CellOutcome:
+        """Run one cell, blocking the calling thread; never raises for the cell's faults."""
+        self._check_open()
+        return engine.run_sync(self._on_engine(self._execute(code, timeout)))
+
+    async def aexecute(self, code: str, timeout: float) -> CellOutcome:
+        """Run one cell from any event loop; the channel I/O itself runs on the engine loop."""
+        self._check_open()
+        return await self._on_engine(self._execute(code, timeout))
+
+    def get(self, name: str) -> Any:
+        """Return a copy of variable ``name`` from the worker (it crosses as JSON).
+
+        Raises ``KeyError`` if the name is not defined and ``SandboxError`` if its value is
+        not JSON-like (convert it to a str or list inside a cell first).
+        """
+        self._check_open()
+        msg = engine.run_sync(self._on_engine(self._command({"op": "get", "name": name})))
+        if not msg.get("ok"):
+            raise KeyError(name)
+        if "repr" in msg:
+            raise SandboxError(
+                f"variable {name!r} holds a value that cannot leave the process sandbox "
+                f"(only JSON-like data can): {msg['repr'][:200]}"
+            )
+        return msg.get("value")
+
+    def close(self) -> None:
+        """Kill the worker and remove its working directory; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._link = None
+        self._finalizer()
+
+    def __enter__(self) -> ProcessExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # test hook -----------------------------------------------------------------------
+
+    def _run_raw(self, code: str, timeout: float = 10.0) -> RawResult:
+        """Run unrestricted Python in the worker (tests only: needs ``_allow_raw=True``).
+
+        It bypasses the policy to show that each OS protection holds on its own; the
+        value of the variable ``result`` comes back as JSON.
+        """
+        if not self._allow_raw:
+            raise ConfigError("the raw hook exists only for the sandbox's own tests")
+        self._check_open()
+        msg = engine.run_sync(
+            self._on_engine(self._command({"op": "raw", "code": code}, limit=timeout))
+        )
+        if msg.get("op") == "lost":
+            return RawResult(error=msg["error"])
+        if not msg.get("ok"):
+            return RawResult(error=msg.get("error"))
+        return RawResult(value=msg.get("value"), repr=msg.get("repr"))
+
+    # engine-loop internals -----------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EnvClosedError("this REPL environment is closed; create a new one")
+
+    @staticmethod
+    async def _on_engine(coro: Any) -> Any:
+        loop = engine.engine_loop()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            return await coro
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+
+    def _the_lock(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    async def _start_locked(self) -> None:
+        async with self._the_lock():
+            await self._ensure_worker()
+
+    async def _ensure_worker(self) -> _Link:
+        link = self._link
+        if link is not None and not link.dead:
+            return link
+        if link is not None:
+            await self._bury(link)
+        return await self._spawn()
+
+    async def _spawn(self) -> _Link:
+        if self._closed:
+            raise EnvClosedError("this REPL environment is closed; create a new one")
+        loop = asyncio.get_running_loop()
+        kind, total, chunks = _encode_context(self._context)
+        zygote = await loop.run_in_executor(None, _get_zygote)
+        self._plan = zygote.plan
+        if self._res.cwd is None:
+            self._res.cwd = tempfile.mkdtemp(prefix="rlm-sandbox-")
+        spec = {
+            "cwd": self._res.cwd,
+            "as_bytes": None if self.memory_limit_mb is None else self.memory_limit_mb << 20,
+            "fsize_bytes": self._file_limit_mb << 20,
+            "nofile": self._max_open_files,
+            "nproc": self._max_processes,
+        }
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            pid = await loop.run_in_executor(None, zygote.spawn, spec, theirs)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._res.pid, self._res.zygote = pid, zygote
+        reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
+        self._res.transport = writer.transport
+        link = self._link = _Link(self, pid, reader, writer)
+        init = {
+            "op": "init",
+            "context_kind": kind,
+            "setup_code": self._setup_code,
+            "tools": sorted(self._tools),
+            "values": self._tool_values,
+            "max_output_chars": self.max_output_chars,
+            "memory_limit_mb": self.memory_limit_mb,
+            "allow_raw": self._allow_raw,
+        }
+        try:
+            writer.write(pack(init, total))
+            for chunk in chunks:
+                writer.write(chunk)
+                await writer.drain()
+            ready = await self._await_ready(link)
+        except (TimeoutError, _WorkerLost, ConnectionError) as exc:
+            status = await self._bury(link)
+            raise SandboxError(
+                "the sandbox worker did not start"
+                + (f" ({_describe_status(status)})" if status is not None else "")
+                + (": its setup code took too long" if isinstance(exc, TimeoutError) else "")
+            ) from exc
+        self.setup_error = ready.get("setup_error")
+        self._protections = self._summarise(ready.get("protections") or {})
+        return link
+
+    async def _await_ready(self, link: _Link) -> dict[str, Any]:
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        link.reply = fut
+        if link.dead:
+            raise link.lost or _WorkerLost(None)
+        try:
+            return await asyncio.wait_for(fut, self._start_timeout)
+        finally:
+            link.reply = None
+
+    def _summarise(self, reported: dict[str, Any]) -> dict[str, bool | str]:
+        keys = (
+            "network_namespace",
+            "filesystem_jail",
+            "uid_drop",
+            "capabilities_dropped",
+            "empty_environment",
+            "private_cwd",
+            "rlimit_as",
+            "rlimit_fsize",
+            "rlimit_nofile",
+            "rlimit_nproc",
+            "rlimit_core",
+        )
+        prot: dict[str, bool | str] = {"wall_timeout_kill": True}
+        for key in keys:
+            prot[key] = bool(reported.get(key, False))
+        prot["rlimit_cpu"] = self.cpu_limit_s is not None and bool(reported.get("rlimit_as"))
+        notes = []
+        if self._plan.get("note"):
+            notes.append(str(self._plan["note"]))
+        if not prot["rlimit_nproc"]:
+            notes.append("RLIMIT_NPROC is not enforced for a worker running as root")
+        if self.cpu_limit_s is None:
+            notes.append("no CPU limit (cpu_limit_s=None): the wall timeout bounds each cell")
+        prot["notes"] = "; ".join(notes)
+        return prot
+
+    async def _bury(self, link: _Link) -> int | None:
+        """Make sure ``link``'s worker is dead and reaped; return its wait status."""
+        if self._link is link:
+            self._link = None
+        link.dead = True
+        for task in link.tasks:
+            task.cancel()
+        loop = asyncio.get_running_loop()
+        status = await loop.run_in_executor(None, self._res.kill)
+        link.read_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await link.read_task
+        return status
+
+    async def _command(self, msg: dict[str, Any], limit: float | None = 60.0) -> dict[str, Any]:
+        async with self._the_lock():
+            link = await self._ensure_worker()
+            try:
+                return await link.command(msg, limit)
+            except (TimeoutError, _WorkerLost) as exc:
+                status = await self._bury(link)
+                self.restarts += 1
+                what = (
+                    "it took too long"
+                    if isinstance(exc, TimeoutError)
+                    else (_describe_status(status))
+                )
+                return {"op": "lost", "ok": False, "error": f"the worker was lost: {what}"}
+            except asyncio.CancelledError:
+                await asyncio.shield(self._bury(link))
+                raise
+
+    async def _execute(self, code: str, timeout: float) -> CellOutcome:
+        async with self._the_lock():
+            try:
+                link = await self._ensure_worker()
+            except SandboxError as exc:
+                return CellOutcome(error=str(exc))
+            link.partial = {"stdout": [], "stderr": []}
+            link.partial_len = 0
+            msg = {"op": "exec", "code": code, "timeout": timeout, "cpu": self.cpu_limit_s}
+            try:
+                reply = await link.command(msg, timeout + KILL_GRACE_S)
+            except TimeoutError:
+                await self._bury(link)
+                self.restarts += 1
+                return self._died(
+                    link, f"the cell exceeded the {timeout:g} s time limit and was stopped"
+                )
+            except _WorkerLost as lost:
+                status = await self._bury(link)
+                self.restarts += 1
+                return self._died(link, self._death_words(status, lost.reason))
+            except asyncio.CancelledError:
+                await asyncio.shield(self._bury(link))
+                raise
+            return self._outcome(reply)
+
+    def _died(self, link: _Link, what: str) -> CellOutcome:
+        return CellOutcome(
+            stdout="".join(link.partial["stdout"]),
+            stderr="".join(link.partial["stderr"]),
+            error=(
+                f"{what}; the REPL was restarted: all variables from earlier cells are lost "
+                "(context, tools and setup code are loaded again)"
+            ),
+        )
+
+    def _death_words(self, status: int | None, reason: str) -> str:
+        if reason and reason != "closed":
+            return f"the cell's worker process was stopped because {reason}"
+        if status is None:
+            return "the cell's worker process died"
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            if sig == signal.SIGXCPU or (sig == signal.SIGKILL and self.cpu_limit_s is not None):
+                return f"the cell used more than its {self.cpu_limit_s:g} s CPU-time limit"
+            name = _signal_name(sig)
+            if sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGKILL):
+                return (
+                    f"the cell's worker process crashed ({name}), most likely by exceeding "
+                    f"the {self.memory_limit_mb} MB memory limit"
+                )
+            return f"the cell's worker process was killed by {name}"
+        if os.WIFEXITED(status):
+            return f"the cell's worker process exited (status {os.WEXITSTATUS(status)})"
+        return "the cell's worker process died"
+
+    def _outcome(self, reply: dict[str, Any]) -> CellOutcome:
+        # The worker already capped its output; capping again here means a broken worker
+        # cannot hand the host more than the limit either.
+        cap = self.max_output_chars + 200
+        stdout = _text(reply.get("stdout"))[:cap]
+        stderr = _text(reply.get("stderr"))[:cap]
+        error = reply.get("error")
+        final = reply.get("final")
+        return CellOutcome(
+            stdout=stdout,
+            stderr=stderr,
+            error=None if error is None else _text(error)[:cap],
+            final=None if final is None else _text(final),
+            truncated=bool(reply.get("truncated")),
+        )
+
+    async def _serve(self, link: _Link, msg: dict[str, Any]) -> None:
+        """Answer one request from the worker (a sub-query or a tool call)."""
+        rid = msg.get("id")
+        try:
+            result = await self._handle(msg)
+            reply = {"op": "reply", "id": rid, "ok": True, "result": result}
+            data = pack(reply)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the cell
+            data = pack(
+                {
+                    "op": "reply",
+                    "id": rid,
+                    "ok": False,
+                    "error": _describe(exc),
+                    "type": type(exc).__name__,
+                }
+            )
+        if not link.dead:
+            link.writer.write(data)
+
+    async def _handle(self, msg: dict[str, Any]) -> Any:
+        op = msg["op"]
+        params = msg.get("params") or {}
+        if not isinstance(params, dict):
+            raise TypeError("params must be keyword arguments")
+        if op == "tool":
+            return await self._call_tool(msg.get("name"), msg.get("args"), msg.get("kwargs"))
+        if self._sub_queries is None:
+            raise ConfigError("llm_query needs a client: create the REPLEnv with client=...")
+        if op == "query":
+            prompt = msg.get("prompt")
+            if not isinstance(prompt, str):
+                raise TypeError("llm_query takes a str prompt")
+            return await self._sub_queries.query(prompt, params)
+        prompts = msg.get("prompts")
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("llm_query_batch takes a list of str prompts")
+        return await self._sub_queries.batch(prompts, params)
+
+    async def _call_tool(self, name: Any, args: Any, kwargs: Any) -> Any:
+        tool = self._tools.get(name) if isinstance(name, str) else None
+        if tool is None or not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise TypeError(f"no tool named {name!r}")
+        if inspect.iscoroutinefunction(tool):
+            result = await tool(*args, **kwargs)
+        else:
+            loop = asyncio.get_running_loop()
+            # A sync tool may block; run it off the engine loop.
+            result = await loop.run_in_executor(None, functools.partial(tool, *args, **kwargs))
+            if inspect.isawaitable(result):
+                result = await result
+        try:
+            return json.loads(json.dumps(result))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"tool {name!r} returned a {type(result).__name__}, which cannot be sent to "
+                "the process sandbox (only JSON-like values can)"
+            ) from exc
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _encode_context(context: Any) -> tuple[str, int, Iterator[bytes | memoryview]]:
+    """How to send ``context``: its kind, its byte length, and chunks produced lazily."""
+    if context is None:
+        return "none", 0, iter(())
+    if isinstance(context, str):
+        if context.isascii():
+            # An ASCII str's length is its UTF-8 length: encode slice by slice, so the
+            # host never holds a second full copy.
+            n = len(context)
+            return (
+                "str",
+                n,
+                (
+                    context[i : i + _CONTEXT_CHUNK].encode("ascii")
+                    for i in range(0, n, _CONTEXT_CHUNK)
+                ),
+            )
+        return "str", *_chunks(context.encode("utf-8", "surrogatepass"))
+    if isinstance(context, (bytes, bytearray, memoryview)):
+        return "bytes", *_chunks(bytes(context) if isinstance(context, memoryview) else context)
+    try:
+        data = json.dumps(context, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"the process sandbox sends the context to its worker as JSON, and a "
+            f"{type(context).__name__} is not JSON-like ({exc}); pass a str, bytes, list "
+            "or dict, or use sandbox='local'"
+        ) from exc
+    return "json", *_chunks(data)
+
+
+def _chunks(data: bytes | bytearray) -> tuple[int, Iterator[memoryview]]:
+    view = memoryview(data)
+    return len(data), (view[i : i + _CONTEXT_CHUNK] for i in range(0, len(data), _CONTEXT_CHUNK))
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return text if text else type(exc).__name__
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def _describe_status(status: int | None) -> str:
+    if status is None:
+        return "no exit status"
+    if os.WIFSIGNALED(status):
+        return f"killed by {_signal_name(os.WTERMSIG(status))}"
+    if os.WIFEXITED(status):
+        return f"exit status {os.WEXITSTATUS(status)}"
+    return f"wait status {status}"
