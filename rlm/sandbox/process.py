@@ -73,9 +73,15 @@ def process_sandbox_available() -> bool:
 
 # -- the zygote ------------------------------------------------------------------------
 
+# The zygote registers a bare ``rlm`` package instead of running ``rlm/__init__.py``: that
+# would import the HTTP client stack (openai, ~1 s and tens of MB) into every worker,
+# which needs only ``rlm.sandbox``.
 _BOOT = (
-    "import sys, json\n"
+    "import sys, json, types\n"
     "sys.path[:0] = json.loads(sys.argv[2])\n"
+    "pkg = types.ModuleType('rlm')\n"
+    "pkg.__path__ = [sys.argv[3]]\n"
+    "sys.modules['rlm'] = pkg\n"
     "from rlm.sandbox._worker import zygote_main\n"
     "zygote_main(int(sys.argv[1]))\n"
 )
@@ -88,13 +94,22 @@ class _Zygote:
         self.lock = threading.Lock()
         self.owner_pid = os.getpid()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        package_root = str(Path(__file__).resolve().parents[2])
+        package_dir = Path(__file__).resolve().parents[1]
+        package_root = str(package_dir.parent)
         # The host's own import path (minus its cwd), so the zygote loads the same rlm and
         # RestrictedPython; -I keeps PYTHON* variables and the user site out.
         path = [package_root] + [p for p in sys.path if p and os.path.isabs(p)]
         with tempfile.TemporaryFile() as errors:
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", _BOOT, str(child.fileno()), json.dumps(path)],
+                [
+                    sys.executable,
+                    "-I",
+                    "-c",
+                    _BOOT,
+                    str(child.fileno()),
+                    json.dumps(path),
+                    str(package_dir),
+                ],
                 pass_fds=[child.fileno()],
                 env={},
                 cwd="/",
