@@ -173,17 +173,6 @@ def _drop_capabilities() -> bool:
         return False
 
 
-def _effective_capabilities() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return int(line.split()[1], 16)
-    except OSError:
-        pass
-    return None
-
-
 def _write_file(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -198,7 +187,13 @@ def _enter_namespaces() -> dict[str, Any]:
     capabilities that reach only its own namespaces, and workers shed them before user
     code runs.
     """
-    plan: dict[str, Any] = {"netns": False, "userns": False, "can_chroot": False, "note": ""}
+    plan: dict[str, Any] = {
+        "netns": False,
+        "userns": False,
+        "can_chroot": False,
+        "note": "",
+        "host_uid": os.geteuid(),
+    }
     if not sys.platform.startswith("linux"):
         plan["note"] = f"no namespaces on {sys.platform}"
         plan["can_chroot"] = os.geteuid() == 0
@@ -548,39 +543,32 @@ class _Worker:
                 prot[key] = True
             except (OSError, ValueError):
                 pass
-        cpu = spec.get("cpu_seconds")
-        prot["rlimit_cpu"] = False
-        if cpu is not None:
-            try:
-                resource.setrlimit(resource.RLIMIT_CPU, (cpu, resource.RLIM_INFINITY))
-                prot["rlimit_cpu"] = True
-            except (OSError, ValueError):
-                pass
-
         prot["uid_drop"] = False
+        dropped = False
         if uid is not None:
             try:
                 os.setgroups([])
                 os.setresgid(uid, uid, uid)
+                # Leaving uid 0 for good clears every capability.
                 os.setresuid(uid, uid, uid)
-                prot["uid_drop"] = True
+                prot["uid_drop"] = dropped = True
             except OSError:
                 pass
         elif plan["userns"]:
-            _drop_capabilities()
+            # Root inside our own user namespace: its capabilities reach only our
+            # namespaces, but chroot escapes need them, so shed them all.
+            dropped = _drop_capabilities()
+        elif os.geteuid() != 0:
+            dropped = True
         if sys.platform.startswith("linux"):
             _prctl(_PR_SET_NO_NEW_PRIVS, 1)
-        caps = _effective_capabilities() if not prot["filesystem_jail"] else None
-        # Root ignores RLIMIT_NPROC; it bounds processes only for an unprivileged worker.
-        prot["rlimit_nproc"] = (
-            prot["rlimit_nproc"] and os.geteuid() != 0 or (prot["rlimit_nproc"] and plan["userns"])
-        )
-        prot["capabilities_dropped"] = os.geteuid() != 0 or (
-            caps == 0 if caps is not None else plan["userns"]
-        )
+        prot["capabilities_dropped"] = dropped
+        # The kernel never applies RLIMIT_NPROC to the host's real root (kuid 0), whatever
+        # namespace it is in; it bounds a worker only under a non-root kernel uid.
+        kernel_root = os.geteuid() == 0 if not plan["userns"] else plan.get("host_uid") == 0
+        prot["rlimit_nproc"] = prot["rlimit_nproc"] and not kernel_root
         prot["network_namespace"] = plan["netns"]
         prot["empty_environment"] = not os.environ
-        prot["uid"] = os.geteuid()
 
     # main ---------------------------------------------------------------------------
 
@@ -601,13 +589,12 @@ class _Worker:
             msg = self.commands.get()
             op = msg.get("op")
             if op == "exec":
+                _set_cpu_limit(msg.get("cpu"))
                 self.send(self.session.run_cell(msg["code"], msg.get("timeout")))
             elif op == "get":
                 self.send(self.session.get(msg["name"]))
             elif op == "raw" and init.get("allow_raw"):
                 self.send(_run_raw(msg["code"]))
-            elif op == "cpu":
-                _set_cpu_limit(msg.get("seconds"))
 
 
 def _settle(future: Any, msg: dict[str, Any]) -> None:

@@ -223,35 +223,78 @@ class _WorkerLost(Exception):
         self.reason = reason
 
 
-@dataclass
 class _Resources:
-    """What must be released however the executor ends (close, GC or interpreter exit)."""
+    """What must be released however the executor ends (close, GC or interpreter exit).
 
-    pid: int | None = None
-    zygote: _Zygote | None = None
-    transport: asyncio.BaseTransport | None = None
-    cwd: str | None = None
+    Shared by the engine loop (which starts and buries workers) and whichever thread
+    closes the executor, so every change happens under one lock, and a worker started
+    after the executor closed is killed on arrival instead of leaking.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.closed = False
+        self.pid: int | None = None
+        self.zygote: _Zygote | None = None
+        self.transport: asyncio.BaseTransport | None = None
+        self.cwd: str | None = None
+
+    def working_dir(self) -> str:
+        with self.lock:
+            if self.closed:
+                raise EnvClosedError("this REPL environment is closed; create a new one")
+            if self.cwd is None:
+                self.cwd = tempfile.mkdtemp(prefix="rlm-sandbox-")
+            return self.cwd
+
+    def adopt(self, pid: int, zygote: _Zygote) -> None:
+        with self.lock:
+            if not self.closed:
+                self.pid, self.zygote = pid, zygote
+                return
+        _kill_group(pid)
+        zygote.reap(pid)
+        raise EnvClosedError("this REPL environment is closed; create a new one")
+
+    def attach(self, transport: asyncio.BaseTransport) -> None:
+        with self.lock:
+            if not self.closed:
+                self.transport = transport
+                return
+        transport.close()
+        raise EnvClosedError("this REPL environment is closed; create a new one")
 
     def kill(self) -> int | None:
         """SIGKILL the worker's process group and the worker; reap it; return its status."""
-        pid, zygote, self.pid = self.pid, self.zygote, None
+        with self.lock:
+            pid, zygote, transport = self.pid, self.zygote, self.transport
+            self.pid = self.transport = None
         status = None
         if pid is not None:
-            for kill in (os.killpg, os.kill):
-                with contextlib.suppress(OSError):
-                    kill(pid, signal.SIGKILL)
+            _kill_group(pid)
             if zygote is not None:
                 status = zygote.reap(pid)
-        transport, self.transport = self.transport, None
         if transport is not None:
             _close_transport(transport)
         return status
 
     def release(self) -> None:
+        with self.lock:
+            self.closed = True
         self.kill()
-        cwd, self.cwd = self.cwd, None
+        with self.lock:
+            cwd, self.cwd = self.cwd, None
         if cwd is not None:
             shutil.rmtree(cwd, ignore_errors=True)
+
+
+def _kill_group(pid: int) -> None:
+    # The worker leads its own session and process group, so this also takes any child
+    # it managed to fork. The zygote reaps only on our request, so the pid cannot have
+    # been reused by an unrelated process meanwhile.
+    for kill in (os.killpg, os.kill):
+        with contextlib.suppress(OSError):
+            kill(pid, signal.SIGKILL)
 
 
 def _close_transport(transport: asyncio.BaseTransport) -> None:
@@ -438,6 +481,7 @@ class ProcessExecutor:
         self._res = _Resources()
         self._finalizer = weakref.finalize(self, _Resources.release, self._res)
         self._link: _Link | None = None
+        self._restart: asyncio.Task[_Link] | None = None
         self._lock: asyncio.Lock | None = None
         self._closed = False
         self._protections: dict[str, bool | str] = {}
@@ -500,6 +544,10 @@ class ProcessExecutor:
         self._closed = True
         self._link = None
         self._finalizer()
+        restart, self._restart = self._restart, None
+        if restart is not None:
+            with contextlib.suppress(RuntimeError):
+                restart.get_loop().call_soon_threadsafe(restart.cancel)
 
     def __enter__(self) -> ProcessExecutor:
         return self
@@ -553,7 +601,21 @@ class ProcessExecutor:
         async with self._the_lock():
             await self._ensure_worker()
 
+    def _schedule_restart(self) -> None:
+        """Start the next worker now, in the background, so the next cell need not wait."""
+        self.restarts += 1
+        if self._closed:
+            return
+        task = asyncio.get_running_loop().create_task(self._spawn())
+        # A failed restart is retried, and reported, by the next cell.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._restart = task
+
     async def _ensure_worker(self) -> _Link:
+        restart, self._restart = self._restart, None
+        if restart is not None:
+            with contextlib.suppress(Exception):
+                await restart
         link = self._link
         if link is not None and not link.dead:
             return link
@@ -568,10 +630,8 @@ class ProcessExecutor:
         kind, total, chunks = _encode_context(self._context)
         zygote = await loop.run_in_executor(None, _get_zygote)
         self._plan = zygote.plan
-        if self._res.cwd is None:
-            self._res.cwd = tempfile.mkdtemp(prefix="rlm-sandbox-")
         spec = {
-            "cwd": self._res.cwd,
+            "cwd": self._res.working_dir(),
             "as_bytes": None if self.memory_limit_mb is None else self.memory_limit_mb << 20,
             "fsize_bytes": self._file_limit_mb << 20,
             "nofile": self._max_open_files,
@@ -585,9 +645,9 @@ class ProcessExecutor:
             raise
         finally:
             theirs.close()
-        self._res.pid, self._res.zygote = pid, zygote
+        self._res.adopt(pid, zygote)
         reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
-        self._res.transport = writer.transport
+        self._res.attach(writer.transport)
         link = self._link = _Link(self, pid, reader, writer)
         init = {
             "op": "init",
@@ -675,7 +735,7 @@ class ProcessExecutor:
                 return await link.command(msg, limit)
             except (TimeoutError, _WorkerLost) as exc:
                 status = await self._bury(link)
-                self.restarts += 1
+                self._schedule_restart()
                 what = (
                     "it took too long"
                     if isinstance(exc, TimeoutError)
@@ -699,13 +759,13 @@ class ProcessExecutor:
                 reply = await link.command(msg, timeout + KILL_GRACE_S)
             except TimeoutError:
                 await self._bury(link)
-                self.restarts += 1
+                self._schedule_restart()
                 return self._died(
                     link, f"the cell exceeded the {timeout:g} s time limit and was stopped"
                 )
             except _WorkerLost as lost:
                 status = await self._bury(link)
-                self.restarts += 1
+                self._schedule_restart()
                 return self._died(link, self._death_words(status, lost.reason))
             except asyncio.CancelledError:
                 await asyncio.shield(self._bury(link))
