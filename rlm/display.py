@@ -731,25 +731,30 @@ class _NotebookLine:
         if self._handle is not None and not force and now - self._last < self.interval_s:
             self._pending = bundle
             return
-        self._publish(bundle)
+        self._publish(bundle, force=force)
         self._last = now
 
     def flush(self) -> None:
         """Show the latest state if a throttled update is still waiting."""
         if self._pending is not None:
-            self._publish(self._pending)
+            self._publish(self._pending, force=True)
 
-    def _publish(self, bundle: dict[str, str]) -> None:
+    def _publish(self, bundle: dict[str, str], *, force: bool) -> None:
         self._pending = None
         if self._failed:
             return
-        try:
-            from IPython.display import display
-        except ImportError:  # pragma: no cover - IPython is a dependency
-            self._failed = True
+        from IPython.core.interactiveshell import InteractiveShell
+        from IPython.display import display
+
+        if not InteractiveShell.initialized():
+            # A console forced into Jupyter mode outside IPython: there is no output to
+            # update in place, so print a plain line only when it matters.
+            if force:
+                print(bundle["text/plain"])
             return
         if self._handle is None:
             self._handle = display(bundle, raw=True, display_id=True)
+            self._failed = self._handle is None
         else:
             self._handle.update(bundle, raw=True)
 
@@ -1083,6 +1088,9 @@ def _cell_html(cell: _Cell) -> str:
     parts = [f'<div style="{_S["cell_head"]}">{_esc(" · ".join(info))}</div>']
     if cell.code is not None:
         parts.append(_code_html(cell.code))
+    # Child runs happened while the cell ran, before its output was complete.
+    for child in cell.children:
+        parts.append(_run_html(child))
     if r is not None:
         outputs = []
         lines = 0
@@ -1099,8 +1107,6 @@ def _cell_html(cell: _Cell) -> str:
             parts.append(_details(_esc(summary), "".join(outputs), open_=bool(r.get("error"))))
         else:
             parts.append(f'<div style="{_S["cell_head"]}">(no output)</div>')
-    for child in cell.children:
-        parts.append(_run_html(child))
     return "".join(parts)
 
 
