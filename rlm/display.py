@@ -550,6 +550,11 @@ class LiveDisplay:
             # from events on different threads never interleave.
             self.console.print(body)
 
+    def close(self) -> None:
+        """Take down any progress line still showing (a run interrupted mid-batch)."""
+        with self._lock:
+            self._progress.finish()
+
     def _finish_batches(self, key: str) -> None:
         for batch in [k for k in self._progress._started if k.startswith(key + "\x00")]:
             self._progress.finish(batch)
@@ -724,20 +729,42 @@ class _NotebookLine:
         self._last = 0.0
         self._pending: dict[str, str] | None = None
         self._failed = False
+        self._timer: threading.Timer | None = None
+        # Its own lock: the catch-up timer publishes from its own thread.
+        self._lock = threading.Lock()
 
     def show(self, html_text: str, plain: str, *, force: bool = False) -> None:
         bundle = {"text/plain": plain, "text/html": html_text}
-        now = time.monotonic()
-        if self._handle is not None and not force and now - self._last < self.interval_s:
-            self._pending = bundle
-            return
-        self._publish(bundle, force=force)
-        self._last = now
+        with self._lock:
+            now = time.monotonic()
+            wait = self.interval_s - (now - self._last)
+            if self._handle is not None and not force and wait > 0:
+                self._pending = bundle
+                # Without a catch-up, a batch that goes quiet after a burst would show a
+                # stale count until its next update.
+                if self._timer is None:
+                    self._timer = threading.Timer(wait, self._catch_up)
+                    self._timer.daemon = True
+                    self._timer.start()
+                return
+            self._publish(bundle, force=force)
+            self._last = now
 
     def flush(self) -> None:
-        """Show the latest state if a throttled update is still waiting."""
-        if self._pending is not None:
-            self._publish(self._pending, force=True)
+        """Show the latest state if a throttled update is still waiting; stop the timer."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._pending is not None:
+                self._publish(self._pending, force=True)
+
+    def _catch_up(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._pending is not None:
+                self._publish(self._pending, force=False)
+                self._last = time.monotonic()
 
     def _publish(self, bundle: dict[str, str], *, force: bool) -> None:
         self._pending = None

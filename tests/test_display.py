@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import re
 import threading
+import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -209,6 +210,17 @@ def test_live_view_from_many_threads_keeps_each_event_whole(tmp_path: Path) -> N
             at = lines.index(f"  T{n}-E{i}-L0")
             # The five lines of one event follow each other, whole.
             assert lines[at:at + 5] == [f"  T{n}-E{i}-L{k}" for k in range(5)]
+
+
+def test_live_view_close_takes_down_an_unfinished_progress_bar(tmp_path: Path) -> None:
+    console = Console(file=io.StringIO(), width=100, force_terminal=True)
+    view = LiveDisplay(console)
+    tr = Trajectory(log_dir=tmp_path, sinks=[view])
+    tr.emit("subcalls", done=3, total=10)
+    # The bar is up while the batch runs: it hides the cursor until it is taken down.
+    assert "\x1b[?25l" in text_of(console) and "\x1b[?25h" not in text_of(console)
+    view.close()
+    assert text_of(console).rstrip().endswith("\x1b[?25h")
 
 
 def test_live_view_indents_child_runs_and_prefixes_their_depth(tmp_path: Path) -> None:
@@ -587,6 +599,23 @@ def test_batch_progress_in_a_notebook_is_one_output_updated_in_place(ipython_she
     assert len(outputs) < 100
     assert outputs[-1].data["text/plain"].startswith("tasks 1,000/1,000 · 10 failed")
     assert '<progress value="1000" max="1000"' in outputs[-1].data["text/html"]
+
+
+def test_batch_progress_in_a_notebook_catches_up_after_a_burst(ipython_shell: Any) -> None:
+    from IPython.utils.capture import capture_output
+
+    console = Console(file=io.StringIO(), force_jupyter=True)
+    with capture_output() as captured:
+        bar = BatchProgress("tasks", console, refresh_s=0.05)
+        bar.start(10)
+        for _ in range(3):
+            bar.advance(True)
+        # No more updates come; the throttled state must still reach the output.
+        deadline = time.monotonic() + 10
+        while not captured.outputs[-1].data["text/plain"].startswith("tasks 3/10"):
+            assert time.monotonic() < deadline, captured.outputs[-1].data["text/plain"]
+            time.sleep(0.01)
+        bar.stop()
 
 
 def test_live_view_in_a_notebook_keeps_a_batch_in_one_output(
