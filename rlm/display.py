@@ -119,6 +119,8 @@ def _fmt_time(value: Any) -> str:
     n = _num(value)
     if n is None:
         return "—"
+    if n < 0.1:
+        return f"{n * 1000:.0f} ms"  # fast cells would all read "0.00 s"
     if n < 60:
         return f"{n:.2f} s"
     minutes, seconds = divmod(int(round(n)), 60)
