@@ -98,7 +98,7 @@ def test_interpreter_exit_is_clean_without_close(server: FakeLLMServer) -> None:
         """
     )
     proc = subprocess.run(
-        [sys.executable, "-X", "dev", "-c", script], capture_output=True, text=True, timeout=60
+        [sys.executable, "-W", "always", "-c", script], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "['1', '2']"
