@@ -383,8 +383,13 @@ class RLM:
             parent_traj = parent.trajectory
 
             def forward(event: dict[str, Any]) -> None:
-                fields = {k: v for k, v in event.items() if k not in ("type", "t", "run_id")}
-                parent_traj.emit(event["type"], child_run=event["run_id"], **fields)
+                fields = {
+                    k: v for k, v in event.items() if k not in ("type", "t", "run_id", "child_run")
+                }
+                # A grandchild's event already names its run: keep the deepest one.
+                parent_traj.emit(
+                    event["type"], child_run=event.get("child_run") or event["run_id"], **fields
+                )
 
             trajectory.sinks = [forward]
         return trajectory
