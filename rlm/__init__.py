@@ -2,12 +2,15 @@
 
 from rlm.errors import BatchError, ConfigError, LLMError, RLMError
 from rlm.llm import AsyncOpenAIClient, Usage
+from rlm.repl import ExecResult, REPLEnv
 
 __all__ = [
     "AsyncOpenAIClient",
     "BatchError",
     "ConfigError",
+    "ExecResult",
     "LLMError",
+    "REPLEnv",
     "RLMError",
     "Usage",
 ]

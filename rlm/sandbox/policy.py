@@ -63,8 +63,12 @@ __all__ = [
     "LLMQueryError",
     "OutputBuffer",
     "PolicyError",
+    "SUBQUERY_PARAMS",
     "build_namespace",
+    "check_subquery_params",
+    "check_subquery_prompt",
     "compile_cell",
+    "count_failed_slots",
     "format_user_error",
     "guarded_getattr",
     "run_cell",
@@ -1751,6 +1755,65 @@ def stop_requested(ns: dict[str, Any]) -> bool:
     return bool(ns[_STOP])
 
 
+# --------------------------------------------------------------------------- sub-queries
+
+# Request parameters code may pass to llm_query & co. They go into the request body; the
+# list keeps out anything the client itself would interpret (callbacks, return_exceptions,
+# transport options), whatever a given SubQueries implementation does with them.
+SUBQUERY_PARAMS = frozenset(
+    {"model", "temperature", "max_tokens", "max_completion_tokens", "top_p", "stop", "seed",
+     "presence_penalty", "frequency_penalty", "response_format", "reasoning_effort",
+     "logit_bias", "n"}
+)  # fmt: skip
+
+FAILED_SLOT_PREFIX = "[llm_query error: "
+
+
+def _json_like(value: Any, depth: int = 0) -> bool:
+    if depth > 20:
+        return False
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return builtins.all(_json_like(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return builtins.all(
+            isinstance(k, str) and _json_like(v, depth + 1) for k, v in value.items()
+        )
+    return False
+
+
+def check_subquery_prompt(prompt: Any) -> None:
+    """Raise TypeError unless ``prompt`` is a str or a list of chat-message dicts."""
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, list) and prompt and builtins.all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and _json_like(m) for m in prompt
+    ):
+        return
+    raise TypeError(
+        "a prompt must be a str (or a list of {'role': ..., 'content': ...} messages), not "
+        f"{type(prompt).__name__}; convert it with str(...) first"
+    )
+
+
+def check_subquery_params(params: dict[str, Any]) -> None:
+    """Raise TypeError for a parameter outside SUBQUERY_PARAMS or a non-JSON value."""
+    for key, value in params.items():
+        if key not in SUBQUERY_PARAMS:
+            allowed = ", ".join(sorted(SUBQUERY_PARAMS))
+            raise TypeError(f"llm_query got an unsupported parameter {key!r}; allowed: {allowed}")
+        if not _json_like(value):
+            raise TypeError(f"llm_query parameter {key!r} must be plain data (str, number, list, dict)")
+
+
+def count_failed_slots(results: list[Any]) -> int:
+    """How many items of an llm_query_batch result are ``[llm_query error: ...]`` strings."""
+    return builtins.sum(
+        1 for r in results if isinstance(r, str) and r.startswith(FAILED_SLOT_PREFIX)
+    )
+
+
 # --------------------------------------------------------------------------- errors
 
 _HINTS: dict[type[BaseException], str] = {
@@ -1791,15 +1854,29 @@ def format_user_error(exc: BaseException, cell: CompiledCell, ns: dict[str, Any]
             "values; make the code faster or process the data in smaller parts"
         )
     out = ["Traceback (most recent call last):"]
-    for filename, lineno, name in frames:
+    # Like Python's own traceback: a run of identical frames (deep recursion) shows
+    # three times and then a count; very long stacks keep their two ends.
+    collapsed: list[tuple[str, int, str] | str] = []
+    run = 0
+    for i, item in enumerate(frames):
+        run = run + 1 if i and item == frames[i - 1] else 1
+        if run <= 3:
+            collapsed.append(item)
+        elif i + 1 == len(frames) or frames[i + 1] != item:
+            collapsed.append(f"  [Previous line repeated {run - 3} more times]")
+    if len(collapsed) > 24:
+        cut = len(collapsed) - 20
+        collapsed = [*collapsed[:10], f"  [... {cut} more frames ...]", *collapsed[-10:]]
+    for entry in collapsed:
+        if isinstance(entry, str):
+            out.append(entry)
+            continue
+        filename, lineno, name = entry
         out.append(f'  File "{filename}", line {lineno}, in {name}')
         lines = sources[filename]
         if 0 < lineno <= len(lines):
             out.append("    " + lines[lineno - 1].strip())
-    try:
-        last = "".join(traceback.format_exception_only(type(exc), exc)).rstrip()
-    except Exception:  # noqa: BLE001 - a user object whose str() fails
-        last = type(exc).__name__
+    last = _exception_line(exc)
     if len(last) > 4000:
         last = last[:2000] + f" ...[{len(last) - 4000:,} chars]... " + last[-2000:]
     out.append(last)
@@ -1809,3 +1886,17 @@ def format_user_error(exc: BaseException, cell: CompiledCell, ns: dict[str, Any]
             break
     return "\n".join(out)
 
+
+def _exception_line(exc: BaseException) -> str:
+    # Like traceback.format_exception_only, but without module prefixes: the model sees
+    # "LLMQueryError: ..." and "MyError: ...", not rlm.sandbox.policy / __rlm_cell__ paths.
+    name = type(exc).__qualname__
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001 - a user object whose str() fails
+        message = "<exception str() failed>"
+    line = f"{name}: {message}" if message else name
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list):
+        line += "".join(f"\n{note}" for note in notes if isinstance(note, str))
+    return line
