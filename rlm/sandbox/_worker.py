@@ -17,6 +17,7 @@ host-only state.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import gc
 import json
@@ -85,7 +86,9 @@ PRELOAD = (
     "typing",
     "unicodedata",
     "_strptime",
+    "concurrent.futures",
     "rlm.sandbox.policy",
+    "rlm.sandbox.local",
 )
 
 
@@ -244,6 +247,43 @@ def _preload() -> None:
         with contextlib.suppress(ValueError):
             hashlib.new(algo, b"")
     time.localtime()
+    _warm_policy()
+
+
+def _warm_policy() -> None:
+    """Run the policy once in the zygote: every allowed import, a top-level await, an error.
+
+    Module facades are built and cached here, and any module the policy or the stdlib
+    imports lazily on those paths is loaded, so a worker never needs the filesystem.
+    """
+    import asyncio
+
+    from rlm.sandbox import local, policy
+
+    allowed = [m for m in policy.ALLOWED_MODULES if m != "__future__"]
+    source = "".join(f"import {m}\n" for m in allowed) + (
+        "import datetime\n"
+        "datetime.datetime.strptime('2024-01-02', '%Y-%m-%d')\n"
+        "'é'.encode('latin-1')\n"
+        "async def warm():\n"
+        "    return 1\n"
+        "x = await warm()\n"
+        "undefined_name\n"
+    )
+    sink: list[str] = []
+    ns = policy.build_namespace(write_stdout=sink.append, write_stderr=sink.append, extra={})
+    loop = asyncio.new_event_loop()
+    try:
+        cell = policy.compile_cell(source, "<warm-up>")
+        try:
+            policy.run_cell(cell, ns, loop)
+        except BaseException as exc:  # noqa: BLE001 - the NameError is the point
+            policy.format_user_error(exc, cell, ns)
+        with contextlib.suppress(policy.PolicyError):
+            policy.compile_cell("def f(:\n", "<warm-up>")
+        local._timeout_reason(1.0)
+    finally:
+        loop.close()
 
 
 # -- zygote ---------------------------------------------------------------------------
@@ -411,18 +451,6 @@ class _OutputCapture:
         return f"{head}\n... [{cut} characters truncated] ...\n{tail}", True
 
 
-class _Waiter:
-    """A reply slot for one request the worker sent to the host."""
-
-    __slots__ = ("event", "loop", "future", "reply")
-
-    def __init__(self, loop: Any = None, future: Any = None) -> None:
-        self.event = threading.Event() if loop is None else None
-        self.loop = loop
-        self.future = future
-        self.reply: dict[str, Any] | None = None
-
-
 class _Worker:
     """One forked worker: confines itself, loads the context, then runs cells on request."""
 
@@ -435,7 +463,7 @@ class _Worker:
         self.zygote_pid = zygote
         self.send_lock = threading.Lock()
         self.commands: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-        self.waiters: dict[int, _Waiter] = {}
+        self.waiters: dict[int, tuple[str, concurrent.futures.Future[Any]]] = {}
         self.waiters_lock = threading.Lock()
         self.next_id = 0
         self.protections: dict[str, Any] = {}
@@ -460,40 +488,50 @@ class _Worker:
 
     def _resolve(self, msg: dict[str, Any]) -> None:
         with self.waiters_lock:
-            waiter = self.waiters.pop(msg.get("id", -1), None)
-        if waiter is None:
+            entry = self.waiters.pop(msg.get("id", -1), None)
+        if entry is None:
             return
-        waiter.reply = msg
-        if waiter.event is not None:
-            waiter.event.set()
-        else:
-            waiter.loop.call_soon_threadsafe(_settle, waiter.future, msg)
+        op, future = entry
+        try:
+            if msg.get("ok"):
+                future.set_result(msg.get("result"))
+            else:
+                future.set_exception(_remote_error(op, msg))
+        except concurrent.futures.InvalidStateError:
+            pass  # cancelled meanwhile (the cell was stopped)
 
-    def _register(self, waiter: _Waiter) -> int:
+    def submit(self, op: str, **fields: Any) -> concurrent.futures.Future[Any]:
+        """Send a request to the host; the future resolves when its reply arrives.
+
+        The sync stubs block on it with the policy's ``wait_for_future`` (so a stopped
+        cell stops waiting), the async ones await it; many can be in flight at once.
+        Cancelling the future (a stopped cell) tells the host to drop the request.
+        """
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self.waiters_lock:
             self.next_id += 1
-            self.waiters[self.next_id] = waiter
-            return self.next_id
+            rid = self.next_id
+            self.waiters[rid] = (op, future)
+        try:
+            data = pack({"op": op, "id": rid, **fields})
+        except (TypeError, ValueError) as exc:
+            with self.waiters_lock:
+                self.waiters.pop(rid, None)
+            what = f"tool {fields.get('name')!r}" if op == "tool" else "llm_query"
+            raise TypeError(
+                f"the arguments of {what} must be JSON-like data (str, int, float, bool, None, "
+                f"lists and dicts) to reach the host process: {exc}"
+            ) from None
+        future.add_done_callback(lambda f: f.cancelled() and self._cancel(rid))
+        with self.send_lock:
+            self.channel.sendall(data)
+        return future
 
-    def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        """Send a request to the host and block this thread until its reply arrives."""
-        waiter = _Waiter()
-        rid = self._register(waiter)
-        self.send({"op": op, "id": rid, **fields})
-        assert waiter.event is not None
-        waiter.event.wait()
-        assert waiter.reply is not None
-        return waiter.reply
-
-    async def arequest(self, op: str, **fields: Any) -> dict[str, Any]:
-        """Send a request and await its reply on the running loop; many may be in flight."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        waiter = _Waiter(loop, loop.create_future())
-        rid = self._register(waiter)
-        self.send({"op": op, "id": rid, **fields})
-        return await waiter.future
+    def _cancel(self, rid: int) -> None:
+        with self.waiters_lock:
+            self.waiters.pop(rid, None)
+        with contextlib.suppress(OSError):
+            self.send({"op": "cancel", "id": rid})
 
     # confinement --------------------------------------------------------------------
 
@@ -590,16 +628,29 @@ class _Worker:
             op = msg.get("op")
             if op == "exec":
                 _set_cpu_limit(msg.get("cpu"))
-                self.send(self.session.run_cell(msg["code"], msg.get("timeout")))
+                self.send(self.session.run_cell(msg["code"], msg.get("timeout"), msg["filename"]))
             elif op == "get":
                 self.send(self.session.get(msg["name"]))
             elif op == "raw" and init.get("allow_raw"):
                 self.send(_run_raw(msg["code"]))
 
 
-def _settle(future: Any, msg: dict[str, Any]) -> None:
-    if not future.done():
-        future.set_result(msg)
+def _remote_error(op: str, msg: dict[str, Any]) -> Exception:
+    """The exception a failed host request raises in the cell."""
+    text = str(msg.get("error") or "the host could not answer")
+    if op != "tool":
+        from rlm.sandbox.policy import LLMQueryError
+
+        return LLMQueryError(text)
+    # A tool's own exception type when it is a builtin one (ValueError, KeyError...), so
+    # cell code can catch it as it would in-process; anything else as a RuntimeError.
+    import builtins
+
+    kind = getattr(builtins, str(msg.get("type")), None)
+    if isinstance(kind, type) and issubclass(kind, Exception):
+        with contextlib.suppress(Exception):
+            return kind(text)
+    return RuntimeError(f"{msg.get('type')}: {text}")
 
 
 def _set_cpu_limit(seconds: float | None) -> None:
@@ -654,30 +705,261 @@ def _run_raw(code: str) -> dict[str, Any]:
     return {"op": "raw_result", **_jsonable(ns.get("result"))}
 
 
+class _Watchdog:
+    """Calls a running cell's CellStop at its deadline, like the local executor's waiter.
+
+    The policy's checks then end a Python-level loop with CellTimeout and the REPL keeps
+    its variables; a cell stuck in one C call cannot notice, and the host kills the
+    whole worker a moment later.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.stop: Callable[[str], None] | None = None
+        self.deadline = 0.0
+        self.reason = ""
+        self.thread: threading.Thread | None = None
+
+    def arm(self, stop: Callable[[str], None], timeout: float | None, reason: str) -> None:
+        if timeout is None:
+            return
+        with self.cond:
+            self.stop, self.deadline, self.reason = stop, time.monotonic() + timeout, reason
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._watch, name="rlm-watchdog", daemon=True)
+                self.thread.start()
+            self.cond.notify()
+
+    def disarm(self) -> None:
+        with self.cond:
+            self.stop = None
+
+    def _watch(self) -> None:
+        while True:
+            with self.cond:
+                while self.stop is None or time.monotonic() < self.deadline:
+                    if self.stop is None:
+                        self.cond.wait()
+                    else:
+                        self.cond.wait(max(self.deadline - time.monotonic(), 0.0))
+                stop, reason, self.stop = self.stop, self.reason, None
+            stop(reason)
+
+
 class _Session:
-    """The cell-running half of a worker: namespace, policy, output and the llm_query stubs."""
+    """The cell-running half of a worker: the policy's namespace, output and llm_query stubs.
+
+    It does what ``LocalExecutor`` does, with the same policy functions and messages;
+    only the llm_query family and tools differ, being stubs that ask the host.
+    """
 
     def __init__(self, worker: _Worker, init: dict[str, Any], context: Any) -> None:
+        import asyncio
+
+        from rlm.sandbox import policy
+
         self.worker = worker
-        self.init = init
-        self.context = context
-        self.max_output = int(init.get("max_output_chars", 20_000))
-        self.ns: dict[str, Any] = {"context": context}
+        self.policy = policy
+        self.setup_code: str | None = init.get("setup_code")
+        self.limit = int(init.get("max_output_chars", 20_000))
+        self.memory_limit_mb = init.get("memory_limit_mb")
+        self.out = policy.OutputBuffer(self.limit)
+        self.err = policy.OutputBuffer(self.limit)
+        # What a killed cell still shows: the head of its output, sent as it is written.
+        self.streamed = 0
+        self.last_flush = 0.0
+        self.loop = asyncio.new_event_loop()
+        self.watchdog = _Watchdog()
+        extra: dict[str, Any] = {"context": context}
+        extra.update(self._llm_functions())
+        extra.update(self._tool_stubs(init.get("tools") or []))
+        self.ns = policy.build_namespace(
+            write_stdout=lambda text: self._write("stdout", text),
+            write_stderr=lambda text: self._write("stderr", text),
+            extra=extra,
+        )
+
+    # output -------------------------------------------------------------------------
+
+    def _write(self, stream: str, text: str) -> None:
+        (self.out if stream == "stdout" else self.err).write(text)
+        room = self.limit - self.streamed
+        if room <= 0 or not text:
+            return
+        part = text[:room]
+        self.streamed += len(part)
+        now = time.monotonic()
+        # Throttled so a print loop does not become a message per line; the result
+        # carries the full (capped) output anyway, this is only for a cell that dies.
+        if now - self.last_flush >= 0.02 or self.streamed >= self.limit:
+            self.last_flush = now
+            with contextlib.suppress(OSError):
+                self.worker.send({"op": "out", "stream": stream, "text": part})
+
+    # cells --------------------------------------------------------------------------
 
     def setup(self) -> str | None:
-        return None
+        if not self.setup_code:
+            return None
+        return self._run(self.setup_code, None, "<setup>")["error"]
 
-    def run_cell(self, code: str, timeout: float | None) -> dict[str, Any]:
+    def run_cell(self, code: str, timeout: float | None, filename: str) -> dict[str, Any]:
+        return self._run(code, timeout, filename)
+
+    def _run(self, code: str, timeout: float | None, filename: str) -> dict[str, Any]:
+        from rlm.sandbox.local import _timeout_reason
+
+        policy = self.policy
+        self.out = policy.OutputBuffer(self.limit)
+        self.err = policy.OutputBuffer(self.limit)
+        self.streamed = 0
+        self.last_flush = 0.0
+        error: str | None = None
+        final: str | None = None
+        try:
+            try:
+                cell = policy.compile_cell(code, filename)
+            except policy.PolicyError as exc:
+                error = str(exc)
+            else:
+                reason = _timeout_reason(timeout)
+                try:
+                    policy.run_cell(
+                        cell,
+                        self.ns,
+                        self.loop,
+                        on_start=lambda stop: self.watchdog.arm(stop, timeout, reason),
+                    )
+                except BaseException as exc:  # noqa: BLE001 - every fault of user code is reported
+                    error = policy.format_user_error(exc, cell, self.ns)
+                    if isinstance(exc, MemoryError) and self.memory_limit_mb:
+                        error += (
+                            f"\nThe process sandbox limits the REPL to {self.memory_limit_mb} MB"
+                            " of memory (memory_limit_mb); the REPL keeps its variables."
+                        )
+                    del exc
+                finally:
+                    self.watchdog.disarm()
+                final = policy.take_final(self.ns)
+        except BaseException as exc:  # noqa: BLE001 - the worker must survive anything
+            error = error or f"{type(exc).__name__}: the REPL could not run the cell ({exc})"
         return {
             "op": "result",
-            "stdout": "",
-            "stderr": "",
-            "error": "policy not wired yet",
-            "final": None,
-            "truncated": False,
+            "stdout": self.out.getvalue(),
+            "stderr": self.err.getvalue(),
+            "error": error,
+            "final": final,
+            "truncated": self.out.truncated or self.err.truncated,
         }
 
     def get(self, name: str) -> dict[str, Any]:
-        if name not in self.ns:
-            return {"op": "value", "ok": False, "error": f"name {name!r} is not defined"}
-        return {"op": "value", **_jsonable(self.ns[name])}
+        ns = self.ns
+        if not isinstance(name, str) or name.startswith("_") or name not in ns:
+            return {"op": "value", "ok": False}
+        return {"op": "value", **_jsonable(ns[name])}
+
+    # the llm_query family and tools -------------------------------------------------
+
+    def _llm_functions(self) -> dict[str, Any]:
+        """Stubs with the local executor's checks, errors and notes; the work is the host's."""
+        import asyncio
+
+        from rlm.sandbox.local import _prompt_list, _short
+
+        policy = self.policy
+        worker = self.worker
+        LLMQueryError = policy.LLMQueryError  # noqa: N806 - the class, under its own name
+
+        def note_failures(results: list[str]) -> None:
+            failed = policy.count_failed_slots(results)
+            if failed:
+                self._write(
+                    "stderr",
+                    f"llm_query_batch: {failed} of {len(results)} sub-queries failed after "
+                    "retries; their slots hold '[llm_query error: ...]' strings\n",
+                )
+
+        def llm_query(prompt: Any, **params: Any) -> str:
+            """Ask a sub-model one prompt (a str or a list of chat messages); returns its reply."""
+            policy.check_subquery_prompt(prompt)
+            policy.check_subquery_params(params)
+            future = worker.submit("query", prompt=prompt, params=params)
+            try:
+                return policy.wait_for_future(self.ns, future)
+            except Exception as exc:
+                raise LLMQueryError(_short(exc)) from None
+
+        def llm_query_batch(prompts: Any, **params: Any) -> list[str]:
+            """Ask a sub-model many prompts concurrently; replies in order, failures as error strings."""
+            items = _prompt_list(prompts)
+            policy.check_subquery_params(params)
+            if not items:
+                return []
+            future = worker.submit("batch", prompts=items, params=params)
+            try:
+                results = policy.wait_for_future(self.ns, future)
+            except Exception as exc:
+                raise LLMQueryError(_short(exc)) from None
+            note_failures(results)
+            return results
+
+        async def llm_query_async(prompt: Any, **params: Any) -> str:
+            """Async form of llm_query: ``await llm_query_async(prompt)``."""
+            policy.check_subquery_prompt(prompt)
+            policy.check_subquery_params(params)
+            future = worker.submit("query", prompt=prompt, params=params)
+            try:
+                return await asyncio.wrap_future(future)
+            except Exception as exc:
+                raise LLMQueryError(_short(exc)) from None
+
+        async def llm_query_batch_async(prompts: Any, **params: Any) -> list[str]:
+            """Async form of llm_query_batch: ``await llm_query_batch_async(prompts)``."""
+            items = _prompt_list(prompts)
+            policy.check_subquery_params(params)
+            if not items:
+                return []
+            future = worker.submit("batch", prompts=items, params=params)
+            try:
+                results = await asyncio.wrap_future(future)
+            except Exception as exc:
+                raise LLMQueryError(_short(exc)) from None
+            note_failures(results)
+            return results
+
+        return {
+            "llm_query": llm_query,
+            "llm_query_batch": llm_query_batch,
+            "llm_query_async": llm_query_async,
+            "llm_query_batch_async": llm_query_batch_async,
+        }
+
+    def _tool_stubs(self, tools: list[dict[str, Any]]) -> dict[str, Any]:
+        """A function per host tool; calling it runs the tool in the host (JSON in, JSON out)."""
+        return {spec["name"]: self._tool_stub(spec) for spec in tools}
+
+    def _tool_stub(self, spec: dict[str, Any]) -> Callable[..., Any]:
+        import asyncio
+
+        name = str(spec["name"])
+        policy = self.policy
+        worker = self.worker
+        stub: Callable[..., Any]
+        if spec.get("async"):
+
+            async def async_tool(*args: Any, **kwargs: Any) -> Any:
+                return await asyncio.wrap_future(
+                    worker.submit("tool", name=name, args=args, kwargs=kwargs)
+                )
+
+            stub = async_tool
+        else:
+
+            def tool(*args: Any, **kwargs: Any) -> Any:
+                future = worker.submit("tool", name=name, args=args, kwargs=kwargs)
+                return policy.wait_for_future(self.ns, future)
+
+            stub = tool
+        stub.__name__ = stub.__qualname__ = name
+        stub.__doc__ = spec.get("doc")
+        return stub

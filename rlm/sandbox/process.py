@@ -54,6 +54,8 @@ from rlm import loop as engine
 from rlm.errors import ConfigError, EnvClosedError, SandboxError
 from rlm.sandbox import CellOutcome, SubQueries
 from rlm.sandbox._worker import HEADER, MAX_JSON, pack
+from rlm.sandbox.local import NO_CLIENT, _short, _wrap_tools
+from rlm.sandbox.policy import LLMQueryError, check_subquery_params, check_subquery_prompt
 
 __all__ = ["ProcessExecutor", "process_sandbox_available"]
 
@@ -332,7 +334,7 @@ class _Link:
         self.reply: asyncio.Future[dict[str, Any]] | None = None
         self.partial: dict[str, list[str]] = {"stdout": [], "stderr": []}
         self.partial_len = 0
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: dict[Any, asyncio.Task[None]] = {}
         self.dead = False
         self.lost: _WorkerLost | None = None
         self.read_task = asyncio.get_running_loop().create_task(self._read_loop())
@@ -372,7 +374,7 @@ class _Link:
             reason = "closed"
         self.dead = True
         self.lost = _WorkerLost(None, reason)
-        for task in self.tasks:
+        for task in self.tasks.values():
             task.cancel()
         fut = self.reply
         if fut is not None and not fut.done():
@@ -381,9 +383,18 @@ class _Link:
     def _dispatch(self, msg: dict[str, Any]) -> bool:
         op = msg.get("op")
         if op in ("query", "batch", "tool"):
+            rid = msg.get("id")
+            if not isinstance(rid, int) or rid in self.tasks:
+                return False
             task = asyncio.get_running_loop().create_task(self.executor._serve(self, msg))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self.tasks[rid] = task
+            task.add_done_callback(lambda _t: self.tasks.pop(rid, None))
+            return True
+        if op == "cancel":
+            # The cell stopped waiting (deadline, cancelled await): drop the request.
+            task = self.tasks.pop(msg.get("id"), None)
+            if task is not None:
+                task.cancel()
             return True
         if op == "out":
             text, stream = msg.get("text"), msg.get("stream")
@@ -455,21 +466,8 @@ class ProcessExecutor:
         self._context = context
         self._sub_queries = sub_queries
         self._setup_code = setup_code
-        self._tools: dict[str, Callable[..., Any]] = {}
-        self._tool_values: dict[str, Any] = {}
-        for name, tool in (tools or {}).items():
-            if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
-                raise ConfigError(f"tool name {name!r} must be a public Python identifier")
-            if callable(tool):
-                self._tools[name] = tool
-            else:
-                try:
-                    self._tool_values[name] = json.loads(json.dumps(tool))
-                except (TypeError, ValueError) as exc:
-                    raise ConfigError(
-                        f"tool {name!r} is neither callable nor JSON-like, so it cannot be "
-                        "sent to the process sandbox; pass a function or plain data"
-                    ) from exc
+        # Validated and wrapped exactly as the local executor does; they run here.
+        self._tools: dict[str, Callable[..., Any]] = _wrap_tools(tools)
         self.max_output_chars = max_output_chars
         self.memory_limit_mb = memory_limit_mb
         self.cpu_limit_s = cpu_limit_s
@@ -488,6 +486,7 @@ class ProcessExecutor:
         self._plan: dict[str, Any] = {}
         self.setup_error: str | None = None
         self.restarts = 0
+        self._cell_no = 0
 
     # public API ----------------------------------------------------------------------
 
@@ -510,13 +509,15 @@ class ProcessExecutor:
         self._check_open()
         engine.run_sync(self._on_engine(self._start_locked()))
 
-    def execute(self, code: str, timeout: float) -> CellOutcome:
+    def execute(self, code: str, timeout: float | None) -> CellOutcome:
         """Run one cell, blocking the calling thread; never raises for the cell's faults."""
+        _check_code(code)
         self._check_open()
         return engine.run_sync(self._on_engine(self._execute(code, timeout)))
 
-    async def aexecute(self, code: str, timeout: float) -> CellOutcome:
+    async def aexecute(self, code: str, timeout: float | None) -> CellOutcome:
         """Run one cell from any event loop; the channel I/O itself runs on the engine loop."""
+        _check_code(code)
         self._check_open()
         return await self._on_engine(self._execute(code, timeout))
 
@@ -653,8 +654,10 @@ class ProcessExecutor:
             "op": "init",
             "context_kind": kind,
             "setup_code": self._setup_code,
-            "tools": sorted(self._tools),
-            "values": self._tool_values,
+            "tools": [
+                {"name": name, "async": inspect.iscoroutinefunction(fn), "doc": fn.__doc__}
+                for name, fn in self._tools.items()
+            ],
             "max_output_chars": self.max_output_chars,
             "memory_limit_mb": self.memory_limit_mb,
             "allow_raw": self._allow_raw,
@@ -719,7 +722,7 @@ class ProcessExecutor:
         if self._link is link:
             self._link = None
         link.dead = True
-        for task in link.tasks:
+        for task in link.tasks.values():
             task.cancel()
         loop = asyncio.get_running_loop()
         status = await loop.run_in_executor(None, self._res.kill)
@@ -746,7 +749,7 @@ class ProcessExecutor:
                 await asyncio.shield(self._bury(link))
                 raise
 
-    async def _execute(self, code: str, timeout: float) -> CellOutcome:
+    async def _execute(self, code: str, timeout: float | None) -> CellOutcome:
         async with self._the_lock():
             try:
                 link = await self._ensure_worker()
@@ -754,14 +757,26 @@ class ProcessExecutor:
                 return CellOutcome(error=str(exc))
             link.partial = {"stdout": [], "stderr": []}
             link.partial_len = 0
-            msg = {"op": "exec", "code": code, "timeout": timeout, "cpu": self.cpu_limit_s}
+            # Numbered here, not in the worker, so tracebacks keep counting across restarts.
+            self._cell_no += 1
+            msg = {
+                "op": "exec",
+                "code": code,
+                "filename": f"<cell {self._cell_no}>",
+                "timeout": timeout,
+                "cpu": self.cpu_limit_s,
+            }
             try:
-                reply = await link.command(msg, timeout + KILL_GRACE_S)
+                reply = await link.command(msg, None if timeout is None else timeout + KILL_GRACE_S)
             except TimeoutError:
                 await self._bury(link)
                 self._schedule_restart()
                 return self._died(
-                    link, f"the cell exceeded the {timeout:g} s time limit and was stopped"
+                    link,
+                    f"TimeoutError: the cell ran past its {timeout:g} s time limit and did not "
+                    "stop (a single long C-level operation such as a huge power, a giant "
+                    "string or a catastrophic regular expression), so its worker process "
+                    "was killed",
                 )
             except _WorkerLost as lost:
                 status = await self._bury(link)
@@ -789,8 +804,9 @@ class ProcessExecutor:
             return "the cell's worker process died"
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
-            if sig == signal.SIGXCPU or (sig == signal.SIGKILL and self.cpu_limit_s is not None):
-                return f"the cell used more than its {self.cpu_limit_s:g} s CPU-time limit"
+            if sig == signal.SIGXCPU:
+                limit = f"{self.cpu_limit_s:g} s " if self.cpu_limit_s is not None else ""
+                return f"the cell used more than its {limit}CPU-time limit and was killed"
             name = _signal_name(sig)
             if sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGKILL):
                 return (
@@ -823,41 +839,42 @@ class ProcessExecutor:
         rid = msg.get("id")
         try:
             result = await self._handle(msg)
-            reply = {"op": "reply", "id": rid, "ok": True, "result": result}
-            data = pack(reply)
+            data = pack({"op": "reply", "id": rid, "ok": True, "result": result})
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure goes back to the cell
+            text = _short(exc) if msg["op"] != "tool" else _describe(exc)
             data = pack(
-                {
-                    "op": "reply",
-                    "id": rid,
-                    "ok": False,
-                    "error": _describe(exc),
-                    "type": type(exc).__name__,
-                }
+                {"op": "reply", "id": rid, "ok": False, "error": text, "type": type(exc).__name__}
             )
         if not link.dead:
             link.writer.write(data)
 
     async def _handle(self, msg: dict[str, Any]) -> Any:
+        # The worker is not trusted: everything it asks for is checked again here with the
+        # policy's own checks, so even a subverted worker can only make ordinary requests.
         op = msg["op"]
-        params = msg.get("params") or {}
-        if not isinstance(params, dict):
-            raise TypeError("params must be keyword arguments")
         if op == "tool":
             return await self._call_tool(msg.get("name"), msg.get("args"), msg.get("kwargs"))
-        if self._sub_queries is None:
-            raise ConfigError("llm_query needs a client: create the REPLEnv with client=...")
+        params = msg.get("params")
+        if not isinstance(params, dict):
+            raise TypeError("llm_query parameters must be keyword arguments")
+        check_subquery_params(params)
+        sub_queries = self._sub_queries
         if op == "query":
             prompt = msg.get("prompt")
-            if not isinstance(prompt, str):
-                raise TypeError("llm_query takes a str prompt")
-            return await self._sub_queries.query(prompt, params)
+            check_subquery_prompt(prompt)
+            if sub_queries is None:
+                raise LLMQueryError(NO_CLIENT)
+            return await sub_queries.query(prompt, params)  # type: ignore[arg-type]
         prompts = msg.get("prompts")
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("llm_query_batch takes a list of str prompts")
-        return await self._sub_queries.batch(prompts, params)
+        if not isinstance(prompts, list):
+            raise TypeError("llm_query_batch takes a list of prompts")
+        for prompt in prompts:
+            check_subquery_prompt(prompt)
+        if sub_queries is None:
+            raise LLMQueryError(NO_CLIENT)
+        return await sub_queries.batch(prompts, params)
 
     async def _call_tool(self, name: Any, args: Any, kwargs: Any) -> Any:
         tool = self._tools.get(name) if isinstance(name, str) else None
@@ -866,11 +883,9 @@ class ProcessExecutor:
         if inspect.iscoroutinefunction(tool):
             result = await tool(*args, **kwargs)
         else:
+            # A sync tool may block: run it off the engine loop.
             loop = asyncio.get_running_loop()
-            # A sync tool may block; run it off the engine loop.
             result = await loop.run_in_executor(None, functools.partial(tool, *args, **kwargs))
-            if inspect.isawaitable(result):
-                result = await result
         try:
             return json.loads(json.dumps(result))
         except (TypeError, ValueError) as exc:
@@ -917,6 +932,11 @@ def _encode_context(context: Any) -> tuple[str, int, Iterator[bytes | memoryview
 def _chunks(data: bytes | bytearray) -> tuple[int, Iterator[memoryview]]:
     view = memoryview(data)
     return len(data), (view[i : i + _CONTEXT_CHUNK] for i in range(0, len(data), _CONTEXT_CHUNK))
+
+
+def _check_code(code: Any) -> None:
+    if not isinstance(code, str):
+        raise TypeError(f"code must be a str, not {type(code).__name__}")
 
 
 def _text(value: Any) -> str:
