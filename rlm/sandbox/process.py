@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import functools
 import inspect
@@ -591,7 +592,23 @@ class ProcessExecutor:
             running = None
         if running is loop:
             return await coro
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+        finished: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        async def run() -> Any:
+            try:
+                return await coro
+            finally:
+                finished.set_result(None)
+
+        future = asyncio.run_coroutine_threadsafe(run(), loop)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # Cancelling only asks the engine side to stop; wait until it has (the worker
+            # killed), so a cancelled cell is really over when the caller moves on.
+            future.cancel()
+            await asyncio.wait([asyncio.wrap_future(finished)], timeout=10.0)
+            raise
 
     def _the_lock(self) -> asyncio.Lock:
         if self._lock is None:
