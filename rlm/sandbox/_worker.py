@@ -39,6 +39,10 @@ MAX_JSON = 256 * 1024 * 1024
 MAX_PAYLOAD = 1 << 40
 CONTROL_MAX = 1 << 20
 
+# Exit statuses a worker uses for its own failures (the host turns them into words).
+EXIT_BROKEN = 70
+EXIT_OUT_OF_MEMORY = 86
+
 # Workers of a root host run as uid UID_BASE + their pid: unique among live processes,
 # so RLIMIT_NPROC counts exactly one worker's processes and no two workers can signal or
 # trace each other. The range sits far above any uid a distribution hands out.
@@ -331,14 +335,18 @@ class _Zygote:
         zygote_pid = os.getpid()
         pid = os.fork()
         if pid == 0:
-            status = 70
+            status = EXIT_BROKEN
             try:
                 self.control.close()
                 channel = socket.socket(fileno=channel_fd)
                 _Worker(channel, spec, self.plan, zygote_pid).run()
                 status = 0
+            except EOFError:
+                status = 0
+            except MemoryError:
+                status = EXIT_OUT_OF_MEMORY
             except BaseException:  # noqa: BLE001 - a worker never returns into the zygote
-                pass
+                status = EXIT_BROKEN
             os._exit(status)
         os.close(channel_fd)
         self.children.add(pid)
@@ -410,47 +418,6 @@ def zygote_main(control_fd: int) -> None:
 # -- worker ---------------------------------------------------------------------------
 
 
-class _OutputCapture:
-    """Per-stream capture with the local executor's cap: head and tail kept, middle cut."""
-
-    def __init__(self, limit: int, on_head: Callable[[str], None]) -> None:
-        self.limit = limit
-        self.head: list[str] = []
-        self.head_len = 0
-        self.tail: list[str] = []
-        self.tail_len = 0
-        self.total = 0
-        self.on_head = on_head
-
-    def write(self, text: str) -> None:
-        if not text:
-            return
-        self.total += len(text)
-        room = self.limit // 2 - self.head_len
-        if room > 0:
-            part = text[:room]
-            self.head.append(part)
-            self.head_len += len(part)
-            self.on_head(part)
-            text = text[room:]
-        if text:
-            self.tail.append(text)
-            self.tail_len += len(text)
-            keep = self.limit - self.limit // 2
-            if self.tail_len > 2 * keep:
-                joined = "".join(self.tail)[-keep:]
-                self.tail, self.tail_len = [joined], len(joined)
-
-    def value(self) -> tuple[str, bool]:
-        head = "".join(self.head)
-        keep = self.limit - self.limit // 2
-        tail = "".join(self.tail)[-keep:] if keep else ""
-        cut = self.total - len(head) - len(tail)
-        if cut <= 0:
-            return head + tail, False
-        return f"{head}\n... [{cut} characters truncated] ...\n{tail}", True
-
-
 class _Worker:
     """One forked worker: confines itself, loads the context, then runs cells on request."""
 
@@ -483,8 +450,12 @@ class _Worker:
                     self._resolve(msg)
                 else:
                     self.commands.put(msg)
-        except BaseException:  # noqa: BLE001 - the host closed the channel or died
+        except EOFError:  # the host closed the channel (or died): nothing left to do
             os._exit(0)
+        except MemoryError:
+            os._exit(EXIT_OUT_OF_MEMORY)
+        except BaseException:  # noqa: BLE001 - a broken frame: the host reports the death
+            os._exit(EXIT_BROKEN)
 
     def _resolve(self, msg: dict[str, Any]) -> None:
         with self.waiters_lock:

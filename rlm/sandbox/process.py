@@ -54,7 +54,7 @@ from typing import Any
 from rlm import loop as engine
 from rlm.errors import ConfigError, EnvClosedError, SandboxError
 from rlm.sandbox import CellOutcome, SubQueries
-from rlm.sandbox._worker import HEADER, MAX_JSON, pack
+from rlm.sandbox._worker import EXIT_OUT_OF_MEMORY, HEADER, MAX_JSON, pack
 from rlm.sandbox.local import NO_CLIENT, _short, _wrap_tools
 from rlm.sandbox.policy import LLMQueryError, check_subquery_params, check_subquery_prompt
 
@@ -152,6 +152,9 @@ class _Zygote:
                     self.sock.send(data)
                 reply = self.sock.recv(1 << 20)
             except OSError as exc:
+                # A timed-out or broken exchange leaves the channel out of step: retire
+                # this zygote (it then kills its workers); the next request starts anew.
+                self.sock.close()
                 raise SandboxError(f"the sandbox template process is gone ({exc})") from exc
         if not reply:
             raise SandboxError("the sandbox template process is gone")
@@ -267,11 +270,17 @@ class _Resources:
         transport.close()
         raise EnvClosedError("this REPL environment is closed; create a new one")
 
-    def kill(self) -> int | None:
-        """SIGKILL the worker's process group and the worker; reap it; return its status."""
+    def kill(self, pid: int | None = None) -> int | None:
+        """SIGKILL worker ``pid`` (default: the current one) and its group; reap it.
+
+        Returns its wait status, or None if unknown (or already reaped before).
+        """
         with self.lock:
-            pid, zygote, transport = self.pid, self.zygote, self.transport
-            self.pid = self.transport = None
+            if pid is None or pid == self.pid:
+                pid, zygote, transport = self.pid, self.zygote, self.transport
+                self.pid = self.transport = None
+            else:
+                return None  # not the current worker: buried already
         status = None
         if pid is not None:
             _kill_group(pid)
@@ -328,7 +337,10 @@ class _Link:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
-        self.executor = executor
+        # Weak, so a running reader task does not keep an abandoned executor alive (its
+        # finalizer then kills the worker).
+        self.executor = weakref.ref(executor)
+        self.max_output_chars = executor.max_output_chars
         self.pid = pid
         self.reader = reader
         self.writer = writer
@@ -387,7 +399,10 @@ class _Link:
             rid = msg.get("id")
             if not isinstance(rid, int) or rid in self.tasks:
                 return False
-            task = asyncio.get_running_loop().create_task(self.executor._serve(self, msg))
+            executor = self.executor()
+            if executor is None:
+                return False
+            task = asyncio.get_running_loop().create_task(executor._serve(self, msg))
             self.tasks[rid] = task
             task.add_done_callback(lambda _t: self.tasks.pop(rid, None))
             return True
@@ -402,16 +417,16 @@ class _Link:
             if not isinstance(text, str) or stream not in self.partial:
                 return False
             # Kept only for a cell that dies before it can report; bounded like output.
-            room = self.executor.max_output_chars - self.partial_len
+            room = self.max_output_chars - self.partial_len
             if room > 0:
                 self.partial[stream].append(text[:room])
                 self.partial_len += min(len(text), room)
             return True
         if op in ("result", "value", "raw_result", "ready"):
             fut = self.reply
-            if fut is None or fut.done():
-                return False
-            fut.set_result(msg)
+            # A reply nobody waits for any more (its command was cancelled) is dropped.
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
             return True
         return False
 
@@ -420,7 +435,7 @@ class _Link:
 
 
 @dataclass
-class RawResult:
+class _RawResult:
     """Outcome of the test-only raw hook: the JSON value of ``result``, or an error."""
 
     value: Any = None
@@ -530,6 +545,8 @@ class ProcessExecutor:
         """
         self._check_open()
         msg = engine.run_sync(self._on_engine(self._command({"op": "get", "name": name})))
+        if msg.get("op") == "lost":
+            raise SandboxError(f"could not read {name!r}: {msg['error']}")
         if not msg.get("ok"):
             raise KeyError(name)
         if "repr" in msg:
@@ -559,7 +576,7 @@ class ProcessExecutor:
 
     # test hook -----------------------------------------------------------------------
 
-    def _run_raw(self, code: str, timeout: float = 10.0) -> RawResult:
+    def _run_raw(self, code: str, timeout: float = 10.0) -> _RawResult:
         """Run unrestricted Python in the worker (tests only: needs ``_allow_raw=True``).
 
         It bypasses the policy to show that each OS protection holds on its own; the
@@ -572,10 +589,10 @@ class ProcessExecutor:
             self._on_engine(self._command({"op": "raw", "code": code}, limit=timeout))
         )
         if msg.get("op") == "lost":
-            return RawResult(error=msg["error"])
+            return _RawResult(error=msg["error"])
         if not msg.get("ok"):
-            return RawResult(error=msg.get("error"))
-        return RawResult(value=msg.get("value"), repr=msg.get("repr"))
+            return _RawResult(error=msg.get("error"))
+        return _RawResult(value=msg.get("value"), repr=msg.get("repr"))
 
     # engine-loop internals -----------------------------------------------------------
 
@@ -742,7 +759,8 @@ class ProcessExecutor:
         for task in link.tasks.values():
             task.cancel()
         loop = asyncio.get_running_loop()
-        status = await loop.run_in_executor(None, self._res.kill)
+        status = await loop.run_in_executor(None, self._res.kill, link.pid)
+        link.writer.transport.close()
         link.read_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await link.read_task
@@ -832,7 +850,13 @@ class ProcessExecutor:
                 )
             return f"the cell's worker process was killed by {name}"
         if os.WIFEXITED(status):
-            return f"the cell's worker process exited (status {os.WEXITSTATUS(status)})"
+            code = os.WEXITSTATUS(status)
+            if code == EXIT_OUT_OF_MEMORY:
+                return (
+                    f"the cell's worker process ran out of memory (the {self.memory_limit_mb} MB "
+                    "limit, memory_limit_mb) outside the cell's own code"
+                )
+            return f"the cell's worker process exited (status {code})"
         return "the cell's worker process died"
 
     def _outcome(self, reply: dict[str, Any]) -> CellOutcome:
