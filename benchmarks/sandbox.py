@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = worker_start(5 if quick else 20)
     env = REPLEnv(sandbox="process")
-    protections = env.executor.protections  # type: ignore[attr-defined]
+    protections = env.protections
     env.close()
     overhead = {k: cell_overhead(k, 100 if quick else 500) for k in ("process", "local")}
     fan = fan_out(1 if quick else 3)

@@ -282,6 +282,17 @@ class REPLEnv:
         self._sub_queries.inner = sub_queries
 
     @property
+    def protections(self) -> dict[str, bool | str]:
+        """Which OS-level protections this env's cells run under on this machine.
+
+        For sandbox="process" see ``ProcessExecutor.protections`` (network namespace,
+        filesystem jail, uid drop, each rlimit...); for "local" every key is False.
+        """
+        from rlm.sandbox.process import describe_protections
+
+        return describe_protections(self._executor)
+
+    @property
     def executor(self) -> Executor:
         """The executor running this env's cells (LocalExecutor or ProcessExecutor)."""
         return self._executor

@@ -132,7 +132,7 @@ def test_sleep_past_the_deadline_is_stopped(env: REPLEnv) -> None:
 
 def test_cpu_limit_kills_a_cell_that_burns_cpu(make_env: MakeEnv) -> None:
     env = make_env("ctx", timeout=30.0, cpu_limit_s=1)
-    assert env.executor.protections["rlimit_cpu"] is True  # type: ignore[attr-defined]
+    assert env.protections["rlimit_cpu"] is True
     r = env.execute("10**10**9")
     assert r.error is not None and "CPU-time limit" in r.error and "restarted" in r.error
     _works(env)
@@ -254,7 +254,7 @@ def test_the_host_environment_and_api_key_are_invisible(
     assert all(CANARY_KEY not in text for text in outputs)
     pid = _worker_pid(env)
     assert Path(f"/proc/{pid}/environ").read_bytes() == b""
-    assert env.executor.protections["empty_environment"] is True  # type: ignore[attr-defined]
+    assert env.protections["empty_environment"] is True
     _works(env)
 
 
@@ -413,7 +413,7 @@ def test_a_closed_env_refuses_work_and_removes_its_directory(make_env: MakeEnv) 
 
 
 def test_protections_are_reported(env: REPLEnv) -> None:
-    prot = env.executor.protections  # type: ignore[attr-defined]
+    prot = env.protections
     assert prot["wall_timeout_kill"] is True
     assert prot["empty_environment"] is True
     assert prot["private_cwd"] is True
@@ -421,6 +421,13 @@ def test_protections_are_reported(env: REPLEnv) -> None:
         assert isinstance(prot[key], bool)
     if os.geteuid() == 0 and not prot["uid_drop"]:
         assert "RLIMIT_NPROC" in str(prot["notes"])
+
+
+def test_the_local_sandbox_reports_no_os_protections() -> None:
+    with REPLEnv("ctx") as env:
+        prot = env.protections
+    assert not any(v for k, v in prot.items() if k != "notes")
+    assert "sandbox='process'" in str(prot["notes"])
 
 
 def test_many_envs_run_at_once_without_sharing(make_env: MakeEnv) -> None:

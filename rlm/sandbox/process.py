@@ -58,7 +58,12 @@ from rlm.sandbox._worker import EXIT_OUT_OF_MEMORY, HEADER, MAX_JSON, pack
 from rlm.sandbox.local import NO_CLIENT, _short, _wrap_tools
 from rlm.sandbox.policy import LLMQueryError, check_subquery_params, check_subquery_prompt
 
-__all__ = ["ProcessExecutor", "process_sandbox_available"]
+__all__ = [
+    "PROTECTION_KEYS",
+    "ProcessExecutor",
+    "describe_protections",
+    "process_sandbox_available",
+]
 
 # Seconds past a cell's own timeout before the worker is killed: the policy's in-worker
 # deadline normally stops a Python loop first (keeping the REPL's variables); the kill is
@@ -67,6 +72,39 @@ KILL_GRACE_S = 0.5
 _ZYGOTE_START_TIMEOUT_S = 60.0
 _CONTROL_TIMEOUT_S = 30.0
 _CONTEXT_CHUNK = 8 * 1024 * 1024
+
+
+PROTECTION_KEYS = (
+    "wall_timeout_kill",
+    "network_namespace",
+    "filesystem_jail",
+    "uid_drop",
+    "capabilities_dropped",
+    "empty_environment",
+    "private_cwd",
+    "rlimit_as",
+    "rlimit_cpu",
+    "rlimit_fsize",
+    "rlimit_nofile",
+    "rlimit_nproc",
+    "rlimit_core",
+)
+
+
+def describe_protections(executor: object) -> dict[str, bool | str]:
+    """The protections report of any executor: a ProcessExecutor's own, otherwise all off.
+
+    The in-process executor has none of the OS protections (only the policy and its
+    soft time limit), so every key is False and ``notes`` says why.
+    """
+    if isinstance(executor, ProcessExecutor):
+        return executor.protections
+    report: dict[str, bool | str] = dict.fromkeys(PROTECTION_KEYS, False)
+    report["notes"] = (
+        "sandbox='local' runs cells in this process: only the policy and its soft time "
+        "limit apply; use sandbox='process' for OS-enforced limits"
+    )
+    return report
 
 
 def process_sandbox_available() -> bool:
@@ -724,22 +762,8 @@ class ProcessExecutor:
             link.reply = None
 
     def _summarise(self, reported: dict[str, Any]) -> dict[str, bool | str]:
-        keys = (
-            "network_namespace",
-            "filesystem_jail",
-            "uid_drop",
-            "capabilities_dropped",
-            "empty_environment",
-            "private_cwd",
-            "rlimit_as",
-            "rlimit_fsize",
-            "rlimit_nofile",
-            "rlimit_nproc",
-            "rlimit_core",
-        )
-        prot: dict[str, bool | str] = {"wall_timeout_kill": True}
-        for key in keys:
-            prot[key] = bool(reported.get(key, False))
+        prot: dict[str, bool | str] = {key: bool(reported.get(key)) for key in PROTECTION_KEYS}
+        prot["wall_timeout_kill"] = True
         prot["rlimit_cpu"] = self.cpu_limit_s is not None and bool(reported.get("rlimit_as"))
         notes = []
         if self._plan.get("note"):
