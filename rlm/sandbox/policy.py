@@ -179,8 +179,25 @@ _HINT_GENERIC = "rewrite this line with ordinary Python; the sandbox refuses thi
 _HINT_SYNTAX = "fix the syntax on that line and run the cell again"
 
 
-def _is_blocked_attr(name: str) -> bool:
-    return name.startswith("_") or name in BLOCKED_ATTRIBUTES or name.startswith("co_")
+# Dunder attributes that only ever hold a str (or None) and that code needs for
+# ``type(e).__name__``: readable, never writable.
+_READABLE_DUNDERS = frozenset({"__name__", "__qualname__", "__doc__"})
+# The public API of namedtuples, which happens to start with "_".
+_NAMEDTUPLE_API = frozenset({"_asdict", "_replace", "_fields", "_make", "_field_defaults"})
+
+
+def _is_blocked_attr(name: str, write: bool = False) -> bool:
+    """The name rules for attributes, before any look at the object.
+
+    ``__x`` names are refused (except the readable str dunders, for reading); ``_x``
+    names pass here and are then allowed only on objects defined in the REPL (and the
+    namedtuple API); interpreter internals are refused.
+    """
+    if name.startswith("_"):
+        if name.startswith("__"):
+            return write or name not in _READABLE_DUNDERS
+        return False
+    return name in BLOCKED_ATTRIBUTES or name.startswith("co_")
 
 
 class _CellTransformer(RestrictingNodeTransformer):
@@ -249,14 +266,33 @@ class _CellTransformer(RestrictingNodeTransformer):
         return self.node_contents_visit(node)
 
     def visit_Attribute(self, node: ast.Attribute) -> Any:
-        if not node.attr.startswith("_") and (
-            node.attr in BLOCKED_ATTRIBUTES or node.attr.startswith("co_")
-        ):
-            self.error(node, f'"{node.attr}" is an interpreter internal and not accessible.')
-        if isinstance(node.ctx, ast.Load) and node.attr in _HOT_METHODS:
-            # See _HOT_METHODS: native attribute access for the everyday methods.
+        attr = node.attr
+        load = isinstance(node.ctx, ast.Load)
+        if load and _is_super_init(node):
+            # ``super().__init__(...)`` binds to the class being defined and its own
+            # instance (zero-argument super checks that), so it reaches nothing else.
             return self.node_contents_visit(node)
-        return super().visit_Attribute(node)
+        if _is_blocked_attr(attr, write=not load):
+            if attr.startswith("__"):
+                self.error(node, f'"{attr}" is an invalid attribute name because it starts with "_".')
+            else:
+                self.error(node, f'"{attr}" is an interpreter internal and not accessible.')
+            return node
+        if load and attr in _HOT_METHODS:  # see _HOT_METHODS
+            return self.node_contents_visit(node)
+        node = self.node_contents_visit(node)
+        if load:
+            call = ast.Call(
+                func=ast.Name("_getattr_", ast.Load()),
+                args=[node.value, ast.Constant(attr)],
+                keywords=[],
+            )
+            ast.copy_location(call, node)
+            return ast.fix_missing_locations(call)
+        guarded = ast.Call(func=ast.Name("_write_", ast.Load()), args=[node.value], keywords=[])
+        ast.copy_location(guarded, node.value)
+        node.value = ast.fix_missing_locations(guarded)
+        return node
 
     def visit_AugAssign(self, node: ast.AugAssign) -> Any:
         target = node.target
@@ -270,7 +306,7 @@ class _CellTransformer(RestrictingNodeTransformer):
         if isinstance(target, ast.Attribute):
             # ``obj.attr += v`` reads and writes the attribute: both must be guarded,
             # so it becomes ``_rlm_augattr_(obj, "attr", "+=", v)``.
-            if _is_blocked_attr(target.attr):
+            if _is_blocked_attr(target.attr, write=True):
                 self.error(node, f'"{target.attr}" is not an accessible attribute name.')
                 return node
             call = ast.Call(
@@ -305,6 +341,18 @@ class _CellTransformer(RestrictingNodeTransformer):
         # ``print`` compiles to ``_print._call_print``; ``_print`` is one per-namespace
         # writer installed as a global, so no per-function collector is needed.
         return None
+
+
+def _is_super_init(node: ast.Attribute) -> bool:
+    value = node.value
+    return (
+        node.attr == "__init__"
+        and isinstance(value, ast.Call)
+        and isinstance(value.func, ast.Name)
+        and value.func.id == "super"
+        and not value.args
+        and not value.keywords
+    )
 
 
 class _DeadlineInjector(ast.NodeTransformer):
@@ -370,7 +418,7 @@ class _DeadlineInjector(ast.NodeTransformer):
 
 
 def _hint_for(message: str) -> str:
-    if "starts with \"_\"" in message or "starting with" in message:
+    if "starts with" in message or "starting with" in message:
         return _HINT_UNDERSCORE
     if "internal" in message or "restricted name" in message:
         return _HINT_INTERNALS
@@ -531,7 +579,37 @@ _DENY_TYPES = frozenset(
 )
 
 
+def _is_user_object(ob: Any) -> bool:
+    """True for classes and functions defined in a cell, and instances of such classes."""
+    cls = type(ob)
+    if cls.__module__ == CELL_MODULE:
+        return True
+    if isinstance(ob, type) or cls is types.FunctionType:
+        return ob.__module__ == CELL_MODULE
+    return False
+
+
+def _private_getattr(obj: Any, name: str) -> Any:
+    if name in _READABLE_DUNDERS:
+        value = getattr(obj, name)
+        if value is None or isinstance(value, str):
+            return value
+        raise _refuse_attr(name)
+    if name in _NAMEDTUPLE_API and (
+        isinstance(obj, tuple) or (isinstance(obj, type) and issubclass(obj, tuple))
+    ):
+        return getattr(obj, name)
+    if _is_user_object(obj):
+        return getattr(obj, name)
+    raise AttributeError(
+        f"attribute {name!r} is private: '_' attributes are accessible only on objects "
+        "defined in the REPL"
+    )
+
+
 def _special_getattr(obj: Any, name: str) -> Any:
+    if name[0] == "_":
+        return _private_getattr(obj, name)
     if isinstance(obj, str) or obj is str:
         if name == "format":
             return _bound_format(obj) if isinstance(obj, str) else _unbound_format
@@ -561,7 +639,7 @@ def _getattr_(obj: Any, name: str) -> Any:
     """Guard behind every compiled ``a.b`` (the name itself was checked at compile time)."""
     if type(obj) in _DENY_TYPES:
         raise AttributeError(f"{type(obj).__name__} objects are not accessible in the sandbox")
-    if name in _TYPE_SENSITIVE:
+    if name in _TYPE_SENSITIVE or name[0] == "_":
         return _special_getattr(obj, name)
     return getattr(obj, name)
 
@@ -625,7 +703,7 @@ def _write_(ob: Any) -> Any:
 
 
 def _setattr(ob: Any, name: str, value: Any) -> None:
-    if not isinstance(name, str) or _is_blocked_attr(name):
+    if not isinstance(name, str) or _is_blocked_attr(name, write=True):
         raise _refuse_attr(str(name))
     if not _attr_writable(ob):
         raise _refuse_write(ob)
@@ -633,7 +711,7 @@ def _setattr(ob: Any, name: str, value: Any) -> None:
 
 
 def _delattr(ob: Any, name: str) -> None:
-    if not isinstance(name, str) or _is_blocked_attr(name):
+    if not isinstance(name, str) or _is_blocked_attr(name, write=True):
         raise _refuse_attr(str(name))
     if not _attr_writable(ob):
         raise _refuse_write(ob)
@@ -1005,7 +1083,7 @@ class _ConsumingType:
         return (self._real,)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
+        if name.startswith("_") and name not in ("__name__", "__qualname__"):
             raise AttributeError(name)
         return getattr(self._real, name)
 
@@ -1069,7 +1147,7 @@ class _TypeView:
         return issubclass(cls, self._real)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
+        if name.startswith("_") and name not in ("__name__", "__qualname__"):
             raise AttributeError(name)
         return getattr(self._real, name)
 
@@ -1249,6 +1327,12 @@ class ModuleFacade:
     __slots__ = ("_facade_name", "_facade_attrs")
 
     def __init__(self, name: str, attrs: dict[str, Any]) -> None:
+        try:
+            object.__getattribute__(self, "_facade_attrs")
+        except AttributeError:
+            pass
+        else:  # facades are shared between envs: never re-initialised
+            raise AttributeError(f"module {name!r} is read-only in the sandbox")
         object.__setattr__(self, "_facade_name", name)
         object.__setattr__(self, "_facade_attrs", types.MappingProxyType(dict(attrs)))
 
@@ -1559,6 +1643,10 @@ def _env_facade(name: str, ns: dict[str, Any]) -> ModuleFacade:
 _PER_NAMESPACE = frozenset({"random", "time", "pprint", "itertools", "functools"})
 
 
+# Modules that C functions of allowed modules import lazily while a cell runs.
+_C_IMPORTS = frozenset({"_strptime"})
+
+
 def _import_refusal(name: str) -> ImportError:
     allowed = ", ".join(m for m in ALLOWED_MODULES if m != "__future__")
     return ImportError(
@@ -1581,6 +1669,11 @@ def _make_importer(ns: dict[str, Any]) -> Callable[..., Any]:
     def __import__(  # noqa: N807 - this is the import hook
         name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0
     ) -> ModuleFacade:
+        if type(fromlist) is list and name in _C_IMPORTS:
+            # C code of an allowed module importing its helper (datetime.strptime needs
+            # _strptime) through the current builtins. Import statements in cells pass a
+            # tuple or None, never a list, so only C callers get the real module.
+            return importlib.import_module(name)
         if level:
             raise ImportError("relative imports are not available in the sandbox")
         if not isinstance(name, str) or name not in ALLOWED_MODULES:

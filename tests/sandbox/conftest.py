@@ -15,8 +15,8 @@ from rlm import AsyncOpenAIClient, REPLEnv
 from rlm.loop import run_sync
 from rlm.testing import FakeLLMServer
 
-# The sandboxes both suites run against ("process" joins when its executor runs cells).
-SANDBOXES = ["local"]
+# The sandboxes both suites run against.
+SANDBOXES = ["local", "process"]
 
 SECRET = "sk-canary-7f3a9c1e5b2d4680-do-not-leak"
 
