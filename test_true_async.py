@@ -100,3 +100,58 @@ async def test_gathered_single_calls_also_overlap(client: AsyncOpenAIClient, slo
 
 
 # -- part 3: REPL integration ---------------------------------------------------------------
+
+REPL_CHUNKS = 100
+REPL_LATENCY = 0.3
+
+
+@pytest.fixture
+def repl_server() -> Iterator[FakeLLMServer]:
+    with FakeLLMServer(latency=REPL_LATENCY) as srv:
+        yield srv
+
+
+@pytest.fixture
+def repl_client(repl_server: FakeLLMServer) -> Iterator[AsyncOpenAIClient]:
+    c = AsyncOpenAIClient(
+        model="fake-model", api_key="k", base_url=repl_server.url, max_concurrency=REPL_CHUNKS
+    )
+    yield c
+    c.close_sync()
+
+
+_SPLIT = "chunks = [context[i:i + 1000] for i in range(0, len(context), 1000)]\n"
+
+
+def test_repl_cell_batch_has_every_chunk_in_flight(
+    repl_client: AsyncOpenAIClient, repl_server: FakeLLMServer
+) -> None:
+    from rlm import REPLEnv
+
+    with REPLEnv(context="x" * (REPL_CHUNKS * 1000), client=repl_client) as env:
+        r = env.execute(
+            _SPLIT
+            + "answers = llm_query_batch([f'ECHO {i}' for i, c in enumerate(chunks)])\n"
+            "print(len(chunks), answers[:3], answers[-1])"
+        )
+    assert r.error is None, r.error
+    assert r.stdout == f"{REPL_CHUNKS} ['0', '1', '2'] {REPL_CHUNKS - 1}\n"
+    assert r.sub_calls == REPL_CHUNKS
+    assert repl_server.peak_in_flight == REPL_CHUNKS
+
+
+async def test_repl_cell_async_batch_has_every_chunk_in_flight(
+    repl_client: AsyncOpenAIClient, repl_server: FakeLLMServer
+) -> None:
+    from rlm import REPLEnv
+
+    with REPLEnv(context="y" * (REPL_CHUNKS * 1000), client=repl_client) as env:
+        r = await env.aexecute(
+            _SPLIT
+            + "answers = await llm_query_batch_async([f'ECHO {i}' for i in range(len(chunks))])\n"
+            "print(len(answers), answers[-1])"
+        )
+    assert r.error is None, r.error
+    assert r.stdout == f"{REPL_CHUNKS} {REPL_CHUNKS - 1}\n"
+    assert r.sub_calls == REPL_CHUNKS
+    assert repl_server.peak_in_flight == REPL_CHUNKS
