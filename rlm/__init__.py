@@ -1,10 +1,14 @@
 """rlm: Recursive Language Models with a sandboxed REPL and truly async fan-out."""
 
+from typing import Any
+
+from rlm.core import RLM, RLMResult, RLMSession
 from rlm.errors import BatchError, ConfigError, LLMError, RLMError
 from rlm.llm import AsyncOpenAIClient, Usage
 from rlm.repl import ExecResult, REPLEnv
 
 __all__ = [
+    "RLM",
     "AsyncOpenAIClient",
     "BatchError",
     "ConfigError",
@@ -12,6 +16,16 @@ __all__ = [
     "LLMError",
     "REPLEnv",
     "RLMError",
+    "RLMResult",
+    "RLMSession",
     "Usage",
+    "load_ipython_extension",
 ]
 __version__ = "0.1.0"
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext rlm``: registers the ``%%rlm`` and ``%rlm_config`` magics."""
+    from rlm.ipython import load_ipython_extension as load
+
+    load(ipython)

@@ -232,9 +232,9 @@ async def test_fifty_tasks_at_once_with_two_failing(closing: list[RLM]) -> None:
 def test_session_keeps_repl_state_across_asks(closing: list[RLM]) -> None:
     def root(messages: list[dict[str, Any]]) -> str:
         query = messages[1]["content"]
-        if "first question" in query:
+        if "Query: first question" in query:
             return repl("total = len(context)\nFINAL(str(total))")
-        assert "Q: first question" in query  # the history is told
+        assert "Q: first question" in query and "A: 6" in query  # the history is told
         return repl("FINAL(str(total * 2))")
 
     with FakeLLMServer(scripts={ROOT: [root]}) as srv:
