@@ -598,7 +598,9 @@ def _private_getattr(obj: Any, name: str) -> Any:
     if name in _NAMEDTUPLE_API and (
         isinstance(obj, tuple) or (isinstance(obj, type) and issubclass(obj, tuple))
     ):
-        return getattr(obj, name)
+        value = getattr(obj, name)
+        # The class's own dict: a copy, so item writes cannot change a shared class.
+        return dict(value) if name == "_field_defaults" else value
     if _is_user_object(obj):
         return getattr(obj, name)
     raise AttributeError(
@@ -1402,6 +1404,39 @@ def _in_family(modname: Any, name: str) -> bool:
     return modname in _FAMILY_EXTRA.get(name, ())
 
 
+_MUTABLE = (dict, list, set, bytearray, collections.deque)
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, dict):
+        return types.MappingProxyType(dict(value))
+    if isinstance(value, (set, frozenset)):
+        return frozenset(value)
+    return tuple(value)
+
+
+def _without_shared_containers(cls: type) -> type | None:
+    """``cls``, or a subclass whose public mutable class attributes are read-only copies.
+
+    Item writes run natively (see _CellTransformer.visit_Subscript), so a dict held by
+    a shared class (``textwrap.TextWrapper.unicode_whitespace_trans``) would let one REPL
+    change it for the host and every other REPL. None if it cannot be subclassed.
+    """
+    mutable = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        for key, value in vars(klass).items():
+            if not key.startswith("_") and isinstance(value, _MUTABLE):
+                mutable[key] = _frozen(value)
+    if not mutable:
+        return cls
+    try:
+        frozen = _real_type(cls.__name__, (cls,), {**mutable, "__module__": cls.__module__})
+    except TypeError:
+        return None
+    frozen.__qualname__ = cls.__qualname__
+    return frozen
+
+
 def _exports(mod: types.ModuleType, name: str, deny: Iterable[str] = ()) -> dict[str, Any]:
     names = getattr(mod, "__all__", None) or [n for n in builtins.dir(mod) if not n.startswith("_")]
     denied = set(deny) | _DENY.get(name, set())
@@ -1417,7 +1452,12 @@ def _exports(mod: types.ModuleType, name: str, deny: Iterable[str] = ()) -> dict
             continue
         if _is_constant(value):
             out[attr] = value
-        elif isinstance(value, type) or callable(value):
+        elif isinstance(value, type):
+            if _in_family(value.__module__, name):
+                safe = _without_shared_containers(value)
+                if safe is not None:
+                    out[attr] = safe
+        elif callable(value):
             if _in_family(getattr(value, "__module__", None), name):
                 out[attr] = value
         elif _in_family(type(value).__module__, name) and not isinstance(
