@@ -300,3 +300,51 @@ def test_result_repr_shows_the_answer_and_key_numbers(closing: list[RLM]) -> Non
         closing.append(rlm)
         text = repr(rlm.completion(context="x", query="q"))
     assert "short answer" in text and "iterations=1" in text and "stopped_reason='final'" in text
+
+
+def test_a_run_killed_mid_way_leaves_a_complete_log(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # Turn 1 runs a cell; turn 2's root request never gets an answer; then the run is killed.
+    with FakeLLMServer(scripts={ROOT: [repl("print('first cell ran')"), Fault("hang")]}) as srv:
+        script = (
+            "from rlm import RLM\n"
+            f"RLM(model={ROOT!r}, base_url={srv.url!r}, api_key='k', sandbox='local', "
+            f"log_dir={str(tmp_path)!r}).completion(context='x', query='q')\n"
+        )
+        proc = subprocess.Popen([sys.executable, "-c", script])
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                logs = list(tmp_path.glob("rlm-*.jsonl"))
+                if logs and '"iteration": 2' in logs[0].read_text():
+                    break
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    lines = logs[0].read_text().splitlines()
+    events = [json.loads(line) for line in lines]  # every line is whole JSON
+    types = [e["type"] for e in events]
+    assert types == ["run_start", "root_request", "root_reply", "cell", "cell_result", "root_request"]
+    assert events[4]["stdout"] == "first cell ran\n"
+    assert read_log(logs[0]) == events
+
+
+def test_verbose_shows_each_iteration_live(capsys: pytest.CaptureFixture[str], closing: list[RLM]) -> None:
+    script = [repl("parts = llm_query_batch(['ECHO x', 'ECHO y'])\nprint('got', parts)"),
+              repl("FINAL('shown')")]
+    with FakeLLMServer(scripts={ROOT: script}) as srv:
+        rlm = make_rlm(srv, verbose=True)
+        closing.append(rlm)
+        rlm.completion(context="x", query="q")
+    out = capsys.readouterr().out
+    assert "iteration 1" in out and "iteration 2" in out
+    assert "llm_query_batch" in out  # the code
+    assert "got ['x', 'y']" in out  # the output
+    assert "sub-queries 2/2" in out  # batch progress
+    assert "shown" in out  # the final answer
