@@ -134,7 +134,10 @@ def test_variables_persist_across_cells(env: REPLEnv) -> None:
 def test_reserved_names_are_restored_after_the_cell(env: REPLEnv) -> None:
     r = env.execute("llm_query = None\nFINAL = 3\ncontext = 'replaced'\ndel FINAL_VAR")
     assert r.error is None
-    assert "reserved in this REPL and was restored" in r.stderr
+    assert r.stderr == (
+        "note: FINAL, FINAL_VAR, context, llm_query are reserved in this REPL and were "
+        "restored; use another variable name\n"
+    )
     after = env.execute("print(context)\nFINAL(llm_query('ECHO back'))")
     assert after.stdout == "hello world\n"
     assert after.final == "back"
@@ -488,6 +491,21 @@ async def test_closed_env_raises_in_aexecute(client: AsyncOpenAIClient) -> None:
     env.close()
     with pytest.raises(EnvClosedError):
         await env.aexecute("1")
+
+
+def test_close_stops_a_cell_running_in_another_thread() -> None:
+    running = threading.Event()
+    env = REPLEnv(timeout=None, tools={"signal_running": running.set})
+    results: list[ExecResult] = []
+    runner = threading.Thread(
+        target=lambda: results.append(env.execute("signal_running()\nwhile True:\n    pass"))
+    )
+    runner.start()
+    assert running.wait(10)
+    env.close()
+    runner.join(timeout=10)
+    assert not runner.is_alive()
+    assert results[0].error is not None and "the REPL environment was closed" in results[0].error
 
 
 def test_close_stops_the_worker_thread(client: AsyncOpenAIClient) -> None:

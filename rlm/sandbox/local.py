@@ -9,10 +9,14 @@ web handler) calling ``execute`` just blocks its own thread until the cell is do
 
 The deadline: the waiting caller is the watchdog. When a cell's time is up it calls the
 cell's ``CellStop``: the policy's loop and function checks then raise CellTimeout. If
-the thread is stuck in one long C-level operation it cannot notice; after a grace
-period the executor gives up on that thread (an asynchronous CellTimeout is queued for
-it, delivered when the C call returns), starts a fresh worker thread for the env and
-reports that in the cell's error. Only the worker-process executor can kill such a cell.
+the thread is stuck in one long call into C that releases the GIL (hashing or key
+derivation over huge inputs) it cannot notice; after a grace period the executor gives
+up on that thread (an asynchronous CellTimeout is queued for it, raised as soon as it
+runs Python again, which also stops a long loop inside a pure-Python stdlib function),
+starts a fresh worker thread for the env and reports that in the cell's error. A C call
+that holds the GIL (``10**10**8``, a catastrophic regular expression) freezes the whole
+process, the waiting caller included, until it returns: the cell then finishes late
+(or stops at its next check). Only the worker-process executor can kill such a cell.
 """
 
 from __future__ import annotations
@@ -156,6 +160,7 @@ class LocalExecutor:
         self._lock = threading.Lock()
         self._closed = False
         self._started = False
+        self._current_stop: CellStop | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -192,6 +197,9 @@ class LocalExecutor:
                 return
             self._closed = True
             worker, self._worker = self._worker, None
+        stop = self._current_stop
+        if stop is not None:  # a cell still running (from another thread) ends now
+            stop("the REPL environment was closed")
         if worker is not None:
             worker.jobs.put(None)
             worker.thread.join(timeout=self.grace_s)
@@ -241,8 +249,12 @@ class LocalExecutor:
             except PolicyError as exc:
                 error = str(exc)
             else:
+                def started(stop: CellStop) -> None:
+                    self._current_stop = stop
+                    _resolve(job.started, stop)
+
                 try:
-                    run_cell(cell, ns, loop, on_start=lambda stop: _resolve(job.started, stop))
+                    run_cell(cell, ns, loop, on_start=started)
                 except BaseException as exc:  # noqa: BLE001 - every fault of user code is reported
                     error = format_user_error(exc, cell, ns)
                     del exc
@@ -250,6 +262,7 @@ class LocalExecutor:
         except BaseException as exc:  # noqa: BLE001 - the worker thread must survive anything
             error = error or f"{type(exc).__name__}: the REPL could not run the cell ({exc})"
         finally:
+            self._current_stop = None
             _resolve(job.started, None)
             _resolve(
                 job.done,
@@ -336,13 +349,12 @@ class LocalExecutor:
             stderr=job.err.getvalue(),
             error=(
                 f"TimeoutError: the cell ran past its {limit} limit and did not stop within "
-                f"{self.grace_s:g} s more: it is stuck inside one long C-level operation (a "
-                "huge power or factorial, a catastrophic regular expression, a giant string "
-                "or container built in one call), which the in-process sandbox cannot "
-                "interrupt. The REPL continues on a fresh worker thread; variables are kept "
-                "but may be inconsistent, and the stuck operation may still finish in the "
-                "background. Break the work into smaller steps; sandbox='process' kills such "
-                "cells outright."
+                f"{self.grace_s:g} s more: it is stuck inside one long C-level operation "
+                "(one call that does a huge amount of work at once), which the in-process "
+                "sandbox cannot interrupt. The REPL continues on a fresh worker thread; "
+                "variables are kept but may be inconsistent, and the stuck operation may "
+                "still finish in the background. Break the work into smaller steps; "
+                "sandbox='process' kills such cells outright."
             ),
             truncated=job.out.truncated or job.err.truncated,
         )

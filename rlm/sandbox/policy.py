@@ -1859,9 +1859,10 @@ def run_cell(
         restored = _restore_reserved(ns)
         if restored:
             names = ", ".join(restored)
+            one = len(restored) == 1
             state.write_stderr(
-                f"note: {names} {'is' if len(restored) == 1 else 'are'} reserved in this REPL "
-                "and was restored; use another variable name\n"
+                f"note: {names} {'is' if one else 'are'} reserved in this REPL and "
+                f"{'was' if one else 'were'} restored; use another variable name\n"
             )
 
 
