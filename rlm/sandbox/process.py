@@ -68,7 +68,7 @@ __all__ = [
 # Seconds past a cell's own timeout before the worker is killed: the policy's in-worker
 # deadline normally stops a Python loop first (keeping the REPL's variables); the kill is
 # for what it cannot stop (one long C call, a wedged interpreter).
-KILL_GRACE_S = 0.5
+KILL_GRACE_S = 1.0
 _ZYGOTE_START_TIMEOUT_S = 60.0
 _CONTROL_TIMEOUT_S = 30.0
 _CONTEXT_CHUNK = 8 * 1024 * 1024
