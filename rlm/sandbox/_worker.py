@@ -129,6 +129,45 @@ def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], bytearray]:
     return msg, payload
 
 
+_CONTROL_HEADER = struct.Struct("!I")
+
+
+def control_send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+    """Send one control message: a length, the JSON, and any fds riding on its first bytes.
+
+    The control channel is a stream socket on every platform (macOS has no Unix
+    SOCK_SEQPACKET, and a datagram peer never sees the other end close).
+    """
+    body = json.dumps(msg).encode()
+    data = _CONTROL_HEADER.pack(len(body)) + body
+    sent = socket.send_fds(sock, [data], fds) if fds else sock.send(data)
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+def control_recv(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any] | None, list[int]]:
+    """Read one control message and the fds sent with it; (None, fds) at end of stream."""
+    fds: list[int] = []
+    head = b""
+    while len(head) < _CONTROL_HEADER.size:
+        if max_fds and not head:
+            chunk, got, _flags, _addr = socket.recv_fds(sock, _CONTROL_HEADER.size, max_fds)
+            fds.extend(got)
+        else:
+            chunk = sock.recv(_CONTROL_HEADER.size - len(head))
+        if not chunk:
+            return None, fds
+        head += chunk
+    (length,) = _CONTROL_HEADER.unpack(head)
+    if length > CONTROL_MAX:
+        raise ValueError("control message too large")
+    try:
+        body = _recv_exact(sock, length)
+    except EOFError:
+        return None, fds
+    return json.loads(body), fds
+
+
 # -- OS helpers -----------------------------------------------------------------------
 
 
@@ -305,21 +344,20 @@ class _Zygote:
     def serve(self) -> None:
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self.control, CONTROL_MAX, 4)
-            except OSError:
-                data, fds = b"", []
-            if not data:
+                request, fds = control_recv(self.control, 4)
+            except (OSError, ValueError):
+                request, fds = None, []
+            if request is None:
                 self.shutdown()
             self._reap_lingering()
             try:
-                request = json.loads(data)
                 reply = self._handle(request, fds)
             except Exception as exc:  # noqa: BLE001 - a bad request must not end the zygote
                 for fd in fds:
                     with contextlib.suppress(OSError):
                         os.close(fd)
                 reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-            self.control.send(json.dumps(reply).encode())
+            control_send(self.control, reply)
 
     def _handle(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         op = request.get("op")
@@ -408,7 +446,7 @@ def zygote_main(control_fd: int) -> None:
     # collector from touching (and so copying) those pages in each worker.
     gc.collect()
     gc.freeze()
-    control.send(json.dumps({"op": "ready", "plan": plan}).encode())
+    control_send(control, {"op": "ready", "plan": plan})
     # From here on nothing the zygote or a worker prints can reach the host's terminal.
     os.dup2(devnull, 2)
     os.close(devnull)
@@ -557,9 +595,14 @@ class _Worker:
         if uid is not None:
             try:
                 os.setgroups([])
-                os.setresgid(uid, uid, uid)
-                # Leaving uid 0 for good clears every capability.
-                os.setresuid(uid, uid, uid)
+                # Leaving uid 0 for good (real, effective and saved) clears every
+                # capability; as root, setuid sets all three where setresuid is missing.
+                if hasattr(os, "setresuid"):
+                    os.setresgid(uid, uid, uid)
+                    os.setresuid(uid, uid, uid)
+                else:
+                    os.setgid(uid)
+                    os.setuid(uid)
                 prot["uid_drop"] = dropped = True
             except OSError:
                 pass

@@ -54,7 +54,14 @@ from typing import Any
 from rlm import loop as engine
 from rlm.errors import ConfigError, EnvClosedError, SandboxError
 from rlm.sandbox import CellOutcome, SubQueries
-from rlm.sandbox._worker import EXIT_OUT_OF_MEMORY, HEADER, MAX_JSON, pack
+from rlm.sandbox._worker import (
+    EXIT_OUT_OF_MEMORY,
+    HEADER,
+    MAX_JSON,
+    control_recv,
+    control_send,
+    pack,
+)
 from rlm.sandbox.local import NO_CLIENT, _short, _wrap_tools
 from rlm.sandbox.policy import LLMQueryError, check_subquery_params, check_subquery_prompt
 
@@ -134,7 +141,7 @@ class _Zygote:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.owner_pid = os.getpid()
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         package_dir = Path(__file__).resolve().parents[1]
         package_root = str(package_dir.parent)
         # The host's own import path (minus its cwd), so the zygote loads the same rlm and
@@ -162,10 +169,10 @@ class _Zygote:
             self.sock = parent
             try:
                 parent.settimeout(_ZYGOTE_START_TIMEOUT_S)
-                data = parent.recv(1 << 20)
-            except OSError:
-                data = b""
-            if not data:
+                ready, _ = control_recv(parent)
+            except (OSError, ValueError):
+                ready = None
+            if ready is None:
                 self._stop()
                 errors.seek(0)
                 detail = errors.read().decode(errors="replace")[-3000:]
@@ -174,7 +181,7 @@ class _Zygote:
                     f"sandbox='local' or fix the error below:\n{detail}"
                 )
         parent.settimeout(_CONTROL_TIMEOUT_S)
-        self.plan: dict[str, Any] = json.loads(data)["plan"]
+        self.plan: dict[str, Any] = ready["plan"]
 
     @property
     def alive(self) -> bool:
@@ -183,20 +190,15 @@ class _Zygote:
     def _request(self, msg: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
         with self.lock:
             try:
-                data = json.dumps(msg).encode()
-                if fds:
-                    socket.send_fds(self.sock, [data], fds)
-                else:
-                    self.sock.send(data)
-                reply = self.sock.recv(1 << 20)
-            except OSError as exc:
+                control_send(self.sock, msg, fds)
+                answer, _ = control_recv(self.sock)
+            except (OSError, ValueError) as exc:
                 # A timed-out or broken exchange leaves the channel out of step: retire
                 # this zygote (it then kills its workers); the next request starts anew.
                 self.sock.close()
                 raise SandboxError(f"the sandbox template process is gone ({exc})") from exc
-        if not reply:
+        if answer is None:
             raise SandboxError("the sandbox template process is gone")
-        answer: dict[str, Any] = json.loads(reply)
         if not answer.get("ok"):
             raise SandboxError(f"the sandbox template process refused: {answer.get('error')}")
         return answer
