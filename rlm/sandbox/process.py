@@ -3,29 +3,56 @@
 Each ``ProcessExecutor`` owns one worker process forked from a per-host template
 ("zygote") process that already has the policy and every allowed module imported, so a
 worker starts in milliseconds. The worker runs cells under ``rlm.sandbox.policy`` exactly
-like the local executor; what the process adds is what no in-process policy can give:
+like the local executor (same compile step, namespace, deadline checks, output cap and
+messages); what the process adds is what no in-process policy can give:
 
-- a wall-clock limit enforced from outside: when a cell overruns, this process SIGKILLs
-  the worker's process group, which nothing running inside it can block or survive;
-- ``RLIMIT_AS`` (memory), ``RLIMIT_CPU`` (per cell), ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``,
+- a wall-clock limit enforced from outside: the policy's deadline stops a Python loop
+  first (the REPL keeps its variables); if the cell is still running ``KILL_GRACE_S``
+  later (one long C call), this process SIGKILLs the worker's process group, which
+  nothing inside it (threads, signal handlers, blocking calls) can resist;
+- ``RLIMIT_AS`` (``memory_limit_mb``: a MemoryError the cell can report, or death),
+  ``RLIMIT_CPU`` per cell (``cpu_limit_s``), ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``,
   ``RLIMIT_NPROC`` and no core dumps;
-- no network: the zygote lives in its own network namespace (only a downed loopback);
+- no network: the zygote lives in its own network namespace (a loopback left down);
 - no secrets: the zygote starts with an empty environment, so the API key never exists
   in any worker;
-- a private working directory, which is also the worker's filesystem root (chroot) when
-  the OS allows, and an unprivileged uid of its own when the host runs as root.
+- a private working directory, which is also the worker's filesystem root (chroot), so
+  it can read no host file and write nowhere else; it is removed on close.
 
-``protections`` reports which of these this machine actually grants.
+``protections`` (and ``REPLEnv.protections``) reports which of these this machine grants.
 
-Data only crosses the boundary as JSON frames (see ``_worker``); nothing the worker sends
-is unpickled or imported here. The context is sent once per worker start, as raw bytes
-for a str. ``llm_query`` and friends in the worker are stubs that send requests back
-here; this process runs them on the env's shared ``SubQueries`` on the engine loop (one
-client and one limiter for every env), many at once, and replies by request id.
+Decisions:
 
-Tools cannot cross a process boundary: a callable tool runs here, in the host, and the
-worker gets a stub of the same name whose arguments and result must be JSON-like (so no
-host object ever reaches the worker); a non-callable tool is sent once as a JSON value.
+- Identity. With a root host, each worker switches to its own uid (``UID_BASE`` + its
+  pid, unique among live processes): root-owned files are out of reach, no two workers
+  can signal each other, and ``RLIMIT_NPROC`` (which the kernel ignores for root) bounds
+  each worker's processes. A non-root host instead puts the zygote in an unprivileged
+  user namespace (plus mount and network namespaces): inside it a worker is uid 0 with
+  capabilities only over its own namespaces, chroots, then drops them all;
+  ``RLIMIT_NPROC`` then counts against the host user. Workers also set no_new_privs and
+  die with the zygote (which dies with the host).
+- Data only crosses the boundary as JSON frames (see ``_worker``); nothing the worker
+  sends is unpickled or imported here, and every request is checked again with the
+  policy's own checks. The context is sent once per worker start: a str as raw UTF-8
+  bytes (ASCII in slices, so the host never holds a second full copy), bytes as is,
+  anything else as JSON (tuples arrive as lists, dict keys as str).
+- Tools cannot cross a process boundary: a tool runs here, in the host, and the worker
+  gets a stub of the same name whose arguments and result must be JSON-like, so no host
+  object ever reaches the worker. ``get`` returns a JSON copy of a variable.
+- ``llm_query`` and friends in the worker are stubs that send requests back here; this
+  process runs them on the env's ``SubQueries`` on the engine loop (one client and one
+  limiter for every env), many at once, replying by request id; a cell stopped at its
+  deadline tells the host to drop its requests.
+- A dead worker (timeout kill, a limit, a crash) is reported in the cell's error in
+  words the model can act on, and a fresh worker with the context, tools and setup code
+  is started in the background for the next cell.
+
+Known gaps: no seccomp filter (the kernel's syscall surface stays reachable to code
+that escaped the policy; namespaces, uid, rlimits and the jail are the second layer);
+disk use is bounded per file, not in total; workers of one host share a network
+namespace (abstract Unix sockets could connect two escaped workers); in the jail the
+local time zone is UTC; macOS gets the rlimits it enforces and a jail only as root, no
+namespaces; Windows has no process sandbox (ConfigError: use sandbox="local").
 """
 
 from __future__ import annotations
