@@ -612,12 +612,19 @@ def _private_getattr(obj: Any, name: str) -> Any:
 def _special_getattr(obj: Any, name: str) -> Any:
     if name[0] == "_":
         return _private_getattr(obj, name)
-    if isinstance(obj, str) or obj is str:
-        if name == "format":
-            return _bound_format(obj) if isinstance(obj, str) else _unbound_format
-        if name == "format_map":
-            return _bound_format_map(obj) if isinstance(obj, str) else _unbound_format_map
-    elif name == "obj" and isinstance(obj, AttributeError):
+    if name == "format" or name == "format_map":
+        # Judge by what the lookup yields, not by the object: str subclasses, super()
+        # proxies and classes all lead to the same two built-in methods.
+        value = getattr(obj, name)
+        if value is _STR_FORMAT:
+            return _unbound_format
+        if value is _STR_FORMAT_MAP:
+            return _unbound_format_map
+        owner = getattr(value, "__self__", None)
+        if isinstance(owner, str) and type(value) is types.BuiltinMethodType:
+            return _bound_format(owner) if name == "format" else _bound_format_map(owner)
+        return value
+    if name == "obj" and isinstance(obj, AttributeError):
         # The object whose lookup failed: may be an internal object of host code.
         raise _refuse_attr(name)
     elif name in ("send", "throw", "asend", "athrow", "aclose") and isinstance(obj, _ASYNC_STEPPERS):
@@ -751,6 +758,8 @@ class SafeFormatter(string_module.Formatter):
 
 
 _FORMATTER = SafeFormatter()
+_STR_FORMAT = str.format
+_STR_FORMAT_MAP = str.format_map
 
 
 def _needs_guard(template: str) -> bool:
@@ -1548,6 +1557,8 @@ def _safe_wraps(wrapped: Any, *args: Any, **kwargs: Any) -> Callable[[Any], Any]
     return decorator
 
 
+# Not get_origin/get_args: ``get_origin(Type[int])`` is the real ``type``, whose
+# three-argument form makes classes with arbitrary dunder methods.
 _TYPING_NAMES = (
     "Any", "AnyStr", "Annotated", "AsyncGenerator", "AsyncIterable", "AsyncIterator",
     "Awaitable", "Callable", "ChainMap", "ClassVar", "Collection", "Container", "Coroutine",
@@ -1557,7 +1568,7 @@ _TYPING_NAMES = (
     "NoReturn", "Optional", "OrderedDict", "Pattern", "Protocol", "Reversible", "Sequence",
     "Set", "Sized", "SupportsAbs", "SupportsFloat", "SupportsIndex", "SupportsInt",
     "SupportsRound", "Text", "Tuple", "Type", "TypedDict", "TypeVar", "Union", "ValuesView",
-    "TYPE_CHECKING", "cast", "get_args", "get_origin", "Self", "Never", "LiteralString",
+    "TYPE_CHECKING", "cast", "Self", "Never", "LiteralString",
     "Required", "NotRequired", "TypeAlias", "ParamSpec", "Concatenate", "TypeGuard",
 )  # fmt: skip
 

@@ -141,6 +141,19 @@ ATTACKS: dict[str, Attack] = {
     "unbound-str-format": A("str.format('{0.__class__}', 1)", hint="not accessible"),
     "format-gi-frame": A("'{0.gi_frame}'.format(x for x in [1])", hint="not accessible"),
     "nested-format-spec": A("'{0:{1.__class__}}'.format(1, 2)", hint="not accessible"),
+    "str-subclass-format": A("class S(str):\n    pass\nS.format('{0.__class__}', 1)", hint="not accessible"),
+    "str-subclass-bound-format": A("class S(str):\n    pass\nS('{0.__class__}').format(1)", hint="not accessible"),
+    "super-format": A(
+        "class S(str):\n    def leak(self):\n        return super().format(1)\nS('{0.__class__}').leak()",
+        hint="not accessible",
+    ),
+    "methodcaller-format": A(
+        "import operator\noperator.methodcaller('format', 1)('{0.__class__}')", hint="not accessible"
+    ),
+    "typing-origin-type": A(
+        "import typing\ntyping.get_origin(typing.Type[int])('X', (), {})", hint="has no attribute"
+    ),
+    "typing-type-call": A("import typing\ntyping.Type('X', (), {})", hint="cannot be instantiated"),
     "string-formatter": A(
         "import string\nstring.Formatter().format('{0.__globals__}', llm_query)", hint="not accessible"
     ),

@@ -171,6 +171,10 @@ def _walk(obj: Any, path: str, depth: int, seen: set[int], found: list[str]) -> 
     if isinstance(obj, _INTERNAL) or any(obj is m or obj is vars(m) for m in _FORBIDDEN):
         found.append(f"{path}: {type(obj).__name__}")
         return
+    if isinstance(obj, type) and issubclass(obj, type):
+        # A metaclass (the real ``type`` included) would create classes with any dunders.
+        found.append(f"{path}: metaclass {obj.__name__}")
+        return
     if depth >= 3 or id(obj) in seen or isinstance(obj, (str, bytes, int, float, complex)):
         return
     seen.add(id(obj))
