@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from rlm import AsyncOpenAIClient
-from rlm.errors import ConfigError, EnvClosedError
+from rlm.errors import ConfigError, EnvClosedError, SandboxError
 from rlm.repl import REPLEnv
 from rlm.sandbox import process as process_mod
 from rlm.testing import FakeLLMServer
@@ -333,6 +333,11 @@ def test_contexts_of_every_kind_arrive_intact(make_env: MakeEnv) -> None:
         r = make_env(context).execute(code)
         assert r.error is None, r.error
         assert r.stdout.strip() == shown
+
+
+def test_a_context_too_big_for_the_memory_limit_says_what_to_change() -> None:
+    with pytest.raises(SandboxError, match="raise memory_limit_mb"):
+        REPLEnv("x" * (200 << 20), sandbox="process", memory_limit_mb=256)
 
 
 def test_a_context_that_is_not_json_like_is_refused(make_env: MakeEnv) -> None:

@@ -771,11 +771,19 @@ class ProcessExecutor:
             ready = await self._await_ready(link)
         except (TimeoutError, _WorkerLost, ConnectionError) as exc:
             status = await self._bury(link)
-            raise SandboxError(
-                "the sandbox worker did not start"
-                + (f" ({_describe_status(status)})" if status is not None else "")
-                + (": its setup code took too long" if isinstance(exc, TimeoutError) else "")
-            ) from exc
+            if isinstance(exc, TimeoutError):
+                why = f"its setup code ran longer than start_timeout={self._start_timeout:g} s"
+            elif status is not None and os.WIFEXITED(status) and (
+                os.WEXITSTATUS(status) == EXIT_OUT_OF_MEMORY
+            ):
+                why = (
+                    f"it ran out of memory loading the context and setup code; raise "
+                    f"memory_limit_mb (now {self.memory_limit_mb}) to well over twice the "
+                    "context's size"
+                )
+            else:
+                why = _describe_status(status)
+            raise SandboxError(f"the sandbox worker did not start: {why}") from exc
         self.setup_error = ready.get("setup_error")
         self._protections = self._summarise(ready.get("protections") or {})
         return link
