@@ -359,20 +359,20 @@ async def test_execute_works_inside_a_running_event_loop(env: REPLEnv) -> None:
     assert r.stdout == "sync in-loop\n"
 
 
-async def test_aexecute_does_not_block_the_loop(env: REPLEnv) -> None:
-    ticks = 0
+async def test_aexecute_does_not_block_the_loop() -> None:
+    # The cell waits for a task of the caller's loop: were the loop blocked, the task
+    # could never run and the wait would give up.
+    from_loop = threading.Event()
+    with REPLEnv(tools={"wait_for_the_loop": lambda: from_loop.wait(10)}) as env:
 
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0.01)
+        async def set_it() -> None:
+            await asyncio.sleep(0)
+            from_loop.set()
 
-    task = asyncio.create_task(ticker())
-    r = await env.aexecute("import time\ntime.sleep(0.3)\nprint('slept')")
-    task.cancel()
-    assert r.stdout == "slept\n"
-    assert ticks > 5
+        task = asyncio.create_task(set_it())
+        r = await env.aexecute("print(wait_for_the_loop())")
+        await task
+    assert r.stdout == "True\n"
 
 
 async def test_cancelling_aexecute_stops_the_cell(env: REPLEnv) -> None:
@@ -382,7 +382,7 @@ async def test_cancelling_aexecute_stops_the_cell(env: REPLEnv) -> None:
     assert r.stdout == "free again True\n"
 
 
-def test_cells_run_on_the_env_thread_not_the_callers(env: REPLEnv) -> None:
+def test_cells_run_on_the_env_thread_not_the_callers() -> None:
     # `threading` is not importable in a cell, so the env exposes its thread through a tool.
     names: list[str] = []
     with REPLEnv(tools={"where": lambda: names.append(threading.current_thread().name)}) as e:
