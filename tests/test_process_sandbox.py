@@ -10,7 +10,11 @@ processes; sub-queries go to a FakeLLMServer over loopback. The OS layer on its 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -561,3 +565,34 @@ def test_a_timed_out_cell_drops_its_sub_queries(
         assert env.execute("print(llm_query('ECHO fast'))").stdout.strip() == "fast"
     finally:
         client.close_sync()
+
+
+def test_interpreter_exit_leaves_no_processes_directories_or_warnings(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import json, sys
+        from rlm import REPLEnv
+        from rlm.sandbox import process
+        kept = [REPLEnv("ctx", sandbox="process", timeout=1) for _ in range(3)]
+        kept[0].execute("x = 1")
+        kept[1].execute("10**10**8")  # killed and restarted in the background
+        closed = REPLEnv("ctx", sandbox="process")
+        closed.close()
+        pids = [e.executor._res.pid for e in kept] + [process._get_zygote().proc.pid]
+        dirs = [e.executor._res.cwd for e in kept]
+        print(json.dumps({"pids": pids, "dirs": dirs}))
+        # exits without closing the three envs
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-X", "dev", "-W", "error", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(isinstance(pid, int) and _gone(pid) for pid in seen["pids"])
+    assert not any(Path(d).exists() for d in seen["dirs"])

@@ -281,7 +281,20 @@ def _shutdown_zygote() -> None:
         z.close()
 
 
-atexit.register(_shutdown_zygote)
+# Every executor not yet closed. At exit they are closed before the engine loop stops
+# (this hook is registered after rlm.loop's, so it runs first), whatever order the
+# REPLEnv finalizers would run in: their transports close on a live loop.
+_live: weakref.WeakSet[ProcessExecutor] = weakref.WeakSet()
+
+
+def _at_exit() -> None:
+    for executor in list(_live):
+        with contextlib.suppress(Exception):
+            executor.close()
+    _shutdown_zygote()
+
+
+atexit.register(_at_exit)
 
 
 # -- one worker, host side --------------------------------------------------------------
@@ -453,6 +466,8 @@ class _Link:
         except asyncio.CancelledError:
             reason = "closed"
         self.dead = True
+        # EOF leaves a stream transport half-open; close it now, whoever buries us later.
+        self.writer.close()
         self.lost = _WorkerLost(None, reason)
         for task in self.tasks.values():
             task.cancel()
@@ -561,6 +576,7 @@ class ProcessExecutor:
         self._allow_raw = _allow_raw
         self._res = _Resources()
         self._finalizer = weakref.finalize(self, _Resources.release, self._res)
+        _live.add(self)
         self._link: _Link | None = None
         self._restart: asyncio.Task[_Link] | None = None
         self._lock: asyncio.Lock | None = None
@@ -773,8 +789,10 @@ class ProcessExecutor:
             status = await self._bury(link)
             if isinstance(exc, TimeoutError):
                 why = f"its setup code ran longer than start_timeout={self._start_timeout:g} s"
-            elif status is not None and os.WIFEXITED(status) and (
-                os.WEXITSTATUS(status) == EXIT_OUT_OF_MEMORY
+            elif (
+                status is not None
+                and os.WIFEXITED(status)
+                and (os.WEXITSTATUS(status) == EXIT_OUT_OF_MEMORY)
             ):
                 why = (
                     f"it ran out of memory loading the context and setup code; raise "
