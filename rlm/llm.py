@@ -536,7 +536,8 @@ class AsyncOpenAIClient:
         future = asyncio.run_coroutine_threadsafe(pump(), loop)
         try:
             while True:
-                kind, value = await queue.get()
+                with engine.waking():
+                    kind, value = await queue.get()
                 if kind == "piece":
                     yield value
                 elif kind == "error":
@@ -599,7 +600,8 @@ class AsyncOpenAIClient:
         loop = engine.engine_loop()
         if asyncio.get_running_loop() is loop:
             return await coro
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+        with engine.waking():
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
 
     def _body(self, prompt: Prompt, params: Mapping[str, Any]) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "messages": _messages(prompt)}

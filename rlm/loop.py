@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from rlm.errors import LoopError
@@ -83,6 +85,50 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
 def submit(coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
     """Schedule ``coro`` on the engine loop without waiting; returns a thread-safe future."""
     return asyncio.run_coroutine_threadsafe(coro, engine_loop())
+
+
+# How often a caller's loop wakes up while it waits for rlm's threads (see ``waking``).
+WAKE_INTERVAL_S = 0.2
+# Per caller loop: how many waits are open, and whether its wake-up timer is armed.
+_waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@contextlib.contextmanager
+def waking() -> Iterator[None]:
+    """While the running loop awaits work done on another thread, wake it every 0.2 s.
+
+    An idle loop sleeps in ``select()`` until a socket or timer is ready, and a callback
+    queued with ``call_soon`` from a signal handler does not wake it. ipykernel cancels
+    an interrupted async cell exactly that way, so without a timer, interrupting
+    ``await rlm.acompletion(...)`` in Jupyter would take effect only when the current
+    request returns (a minute, for a slow model). A tick every 0.2 s bounds that delay
+    at no measurable cost; one timer per loop however many calls wait, none on the
+    engine loop (whose own work keeps it awake).
+    """
+    loop = asyncio.get_running_loop()
+    if loop is _loop:
+        yield
+        return
+    state = _waiters.get(loop)
+    if state is None:
+        state = _waiters[loop] = [0, False]
+    state[0] += 1
+    if not state[1]:
+        state[1] = True
+        loop.call_later(WAKE_INTERVAL_S, _tick, loop, state)
+    try:
+        yield
+    finally:
+        state[0] -= 1
+
+
+def _tick(loop: asyncio.AbstractEventLoop, state: list[Any]) -> None:
+    if state[0] > 0:
+        loop.call_later(WAKE_INTERVAL_S, _tick, loop, state)
+    else:
+        state[1] = False
 
 
 def on_shutdown(hook: Callable[[], Awaitable[None]]) -> None:

@@ -78,6 +78,16 @@ class ExecResult:
             bits.append("truncated")
         return f"ExecResult({', '.join(bits)})"
 
+    def _repr_html_(self) -> str:
+        from rlm.display import exec_result_html
+
+        return exec_result_html(self)
+
+    def __rich__(self) -> Any:
+        from rlm.display import exec_result_rich
+
+        return exec_result_rich(self)
+
 
 def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
@@ -252,7 +262,8 @@ class REPLEnv:
         try:
             before = self._sub_queries.calls
             started = time.perf_counter()
-            outcome = await self._executor.aexecute(code, self.timeout)
+            with engine.waking():
+                outcome = await self._executor.aexecute(code, self.timeout)
             return self._result(outcome, started, before)
         finally:
             self._busy.release()
