@@ -3,21 +3,35 @@
 ``%rlm_config`` sets model, base URL and key for the notebook; ``%%rlm`` runs an RLM
 with the cell body as the query. Sync calls work inside the kernel's running loop
 because all I/O happens on rlm's engine loop; nothing patches asyncio.
+
+``rlm repl`` is a terminal IPython shell with the root model's tools bound to one
+client. Ctrl-C there cancels the requests in flight (sync calls and top-level awaits
+alike) and waits for the cancellation to land, so the prompt comes back clean.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import shlex
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from rlm import loop as engine
 from rlm.errors import ConfigError
 from rlm.llm import AsyncOpenAIClient
+
+__all__ = ["NotebookConfig", "RLMMagics", "load_ipython_extension", "repl_namespace", "start_repl"]
+
+T = TypeVar("T")
+
+_SANDBOXES = ("local", "process")
 
 
 @dataclass
@@ -30,46 +44,74 @@ class NotebookConfig:
     api_key: str | None = None
     sandbox: str | None = None
 
+    def api_key_or_env(self) -> str | None:
+        """The key a run will use: the configured one, else OPENAI_API_KEY."""
+        return self.api_key or os.environ.get("OPENAI_API_KEY") or None
+
     def describe(self) -> str:
-        key = self.api_key or os.environ.get("OPENAI_API_KEY")
-        shown = f"{key[:3]}...{key[-4:]}" if key and len(key) > 10 else ("set" if key else "not set")
+        """One line for people; the key is masked so a saved notebook never leaks it."""
+        key = self.api_key_or_env()
         return (
             f"model={self.model or os.environ.get('RLM_MODEL') or '(default)'} "
             f"recursive_model={self.recursive_model or '(same as model)'} "
             f"base_url={self.base_url or os.environ.get('OPENAI_BASE_URL') or '(OpenAI)'} "
-            f"api_key={shown} sandbox={self.sandbox or '(default)'}"
+            f"api_key={_mask(key)} sandbox={self.sandbox or '(default)'}"
         )
 
 
-_CONFIG_KEYS = ("model", "recursive_model", "base_url", "api_key", "sandbox")
+def _mask(key: str | None) -> str:
+    if not key:
+        return "(not set)"
+    # Short keys (local servers take any value) would be given away by a head and tail.
+    return f"{key[:3]}...{key[-4:]}" if len(key) >= 12 else "***"
 
 
-def _parse_options(line: str, allowed: tuple[str, ...]) -> dict[str, Any]:
-    """``--name value`` / ``--flag`` / ``name=value`` options of a magic line."""
-    options: dict[str, Any] = {}
-    tokens = shlex.split(line)
+_CONFIG_OPTIONS = ("model", "recursive_model", "base_url", "api_key", "sandbox")
+_RLM_OPTIONS = ("context", "model", "recursive_model", "base_url", "out", "max_iterations", "sandbox")
+_RLM_FLAGS = ("verbose",)
+
+
+def _parse_options(
+    line: str, options: tuple[str, ...], flags: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``--name value``, ``--name=value``, ``name=value`` and ``--flag`` from a magic line.
+
+    Raises IPython's ``UsageError``, which a shell shows as one line without a traceback.
+    """
+    known = ", ".join(f"--{n.replace('_', '-')}" for n in (*options, *flags))
+    try:
+        tokens = shlex.split(line)
+    except ValueError as exc:
+        raise UsageError(f"rlm: cannot parse {line!r}: {exc}") from None
+    parsed: dict[str, Any] = {}
     i = 0
     while i < len(tokens):
         token = tokens[i]
-        if "=" in token and not token.startswith("--"):
-            name, value = token.split("=", 1)
-        elif token.startswith("--"):
-            name = token[2:]
-            if "=" in name:
-                name, value = name.split("=", 1)
-            elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
-                value = tokens[i + 1]
-                i += 1
-            else:
-                value = True
+        if token.startswith("--"):
+            name, eq, value = token[2:].partition("=")
+        elif "=" in token:
+            name, eq, value = token.partition("=")
         else:
-            raise ConfigError(f"unexpected argument {token!r}; options are: --" + ", --".join(allowed))
+            raise UsageError(f"rlm: unexpected argument {token!r}; options are {known}")
         name = name.replace("-", "_")
-        if name not in allowed:
-            raise ConfigError(f"unknown option --{name}; options are: --" + ", --".join(allowed))
-        options[name] = value
+        if name in flags:
+            if eq:
+                raise UsageError(f"rlm: --{name} is a flag and takes no value")
+            parsed[name] = True
+        elif name in options:
+            if not eq:
+                if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                    raise UsageError(f"rlm: --{name.replace('_', '-')} needs a value")
+                i += 1
+                value = tokens[i]
+            parsed[name] = value
+        else:
+            raise UsageError(f"rlm: unknown option --{name.replace('_', '-')}; options are {known}")
         i += 1
-    return options
+    sandbox = parsed.get("sandbox")
+    if sandbox is not None and sandbox not in _SANDBOXES:
+        raise UsageError(f"rlm: --sandbox must be one of {', '.join(_SANDBOXES)}, not {sandbox!r}")
+    return parsed
 
 
 @magics_class
@@ -82,79 +124,152 @@ class RLMMagics(Magics):
 
     @line_magic
     def rlm_config(self, line: str) -> None:
-        """Set model, recursive_model, base_url, api_key, sandbox; no arguments shows them."""
-        try:
-            options = _parse_options(line, _CONFIG_KEYS)
-        except ConfigError as exc:
-            print(f"rlm: {exc}")
-            return
-        for name, value in options.items():
+        """Set model, recursive_model, base_url, api_key, sandbox; no arguments shows them.
+
+        Values persist for the notebook's session and are used by every ``%%rlm`` cell;
+        unset ones fall back to RLM_MODEL, OPENAI_BASE_URL and OPENAI_API_KEY. The key
+        is shown masked.
+        """
+        for name, value in _parse_options(line, _CONFIG_OPTIONS).items():
             setattr(self.config_values, name, value)
         print("rlm config:", self.config_values.describe())
 
     @cell_magic
     def rlm(self, line: str, cell: str) -> Any:
-        """Run an RLM: the cell body is the query; ``--context VAR`` names the context.
+        """Run an RLM whose query is the cell body, over the notebook variable ``--context``.
 
-        Options: ``--context VAR`` (default ``context``), ``--model``, ``--base-url``,
-        ``--verbose``, ``--out NAME`` (default ``_rlm``). Returns the RLMResult, which
-        renders as HTML.
+        Options: ``--context VAR`` (default ``context``), ``--model``,
+        ``--recursive-model``, ``--base-url``, ``--sandbox``, ``--max-iterations``,
+        ``--verbose`` (show each iteration live) and ``--out NAME`` (the variable that
+        receives the RLMResult, ``_rlm`` by default). Unset options come from
+        ``%rlm_config``. The RLMResult is the cell's output and renders as HTML.
         """
         from rlm.core import RLM
 
-        try:
-            options = _parse_options(line, ("context", "model", "base_url", "verbose", "out",
-                                            "recursive_model", "max_iterations"))
-        except ConfigError as exc:
-            print(f"rlm: {exc}")
-            return None
+        options = _parse_options(line, _RLM_OPTIONS, _RLM_FLAGS)
         query = cell.strip()
         if not query:
-            print("rlm: the cell body is the query; it is empty")
-            return None
+            raise UsageError("rlm: the cell body is the query, and it is empty")
         name = options.get("context", "context")
         user_ns = self.shell.user_ns
         if name not in user_ns:
-            print(f"rlm: no variable named {name!r} in the notebook; pass --context VAR")
-            return None
+            raise UsageError(
+                f"rlm: no variable named {name!r} in this notebook; define it first or "
+                "pass --context VAR"
+            )
+        out = options.get("out", "_rlm")
+        if not out.isidentifier():
+            raise UsageError(f"rlm: --out needs a variable name, not {out!r}")
+        try:
+            max_iterations = int(options.get("max_iterations", 20))
+        except ValueError:
+            raise UsageError(
+                f"rlm: --max-iterations needs a whole number, not {options['max_iterations']!r}"
+            ) from None
         cfg = self.config_values
-        rlm = RLM(
-            model=options.get("model") or cfg.model,
-            recursive_model=options.get("recursive_model") or cfg.recursive_model,
-            base_url=options.get("base_url") or cfg.base_url,
-            api_key=cfg.api_key,
-            sandbox=cfg.sandbox,
-            verbose=bool(options.get("verbose")),
-            max_iterations=int(options.get("max_iterations", 20)),
-        )
+        # Checked here, before any work: a missing key would otherwise surface as a
+        # failed RLMResult after the env had been built.
+        if not cfg.api_key_or_env():
+            raise UsageError(
+                "rlm: no API key; run %rlm_config api_key=... or set OPENAI_API_KEY "
+                "(a local server that needs none takes any value, e.g. api_key=local)"
+            )
+        try:
+            rlm = RLM(
+                model=options.get("model") or cfg.model,
+                recursive_model=options.get("recursive_model") or cfg.recursive_model,
+                base_url=options.get("base_url") or cfg.base_url,
+                api_key=cfg.api_key,
+                sandbox=options.get("sandbox") or cfg.sandbox,
+                verbose=bool(options.get("verbose")),
+                max_iterations=max_iterations,
+            )
+        except ConfigError as exc:
+            raise UsageError(f"rlm: {exc}") from None
         try:
             result = rlm.completion(context=user_ns[name], query=query)
         finally:
             rlm.close()
-        user_ns[options.get("out", "_rlm")] = result
+        user_ns[out] = result
         return result
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """Called by ``%load_ext rlm``."""
+    """Called by ``%load_ext rlm``: registers ``%rlm_config`` and ``%%rlm``."""
     ipython.register_magics(RLMMagics)
+
+
+# -- rlm repl --------------------------------------------------------------------------
+
+# How long Ctrl-C waits for cancelled requests to wind down before giving the prompt
+# back; cancellation closes sockets, so this is milliseconds in practice.
+_CANCEL_WAIT_S = 5.0
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C during an rlm call whose requests were cancelled; shown as one line."""
+
+
+def _run_interruptibly(coro: Coroutine[Any, Any, T], what: str,
+                       progress: Callable[[], str] | None = None) -> T:
+    """Run ``coro`` on the engine loop; on Ctrl-C cancel it and wait until it has stopped.
+
+    ``rlm.loop.run_sync`` cancels too, but returns at once: here the prompt comes back
+    only once the requests are really gone, so what a person does next (or the server's
+    counters) never races a batch that is still winding down.
+    """
+    started, finished = threading.Event(), threading.Event()
+
+    async def tracked() -> T:
+        started.set()
+        try:
+            return await coro
+        finally:
+            finished.set()
+
+    future: concurrent.futures.Future[T] = engine.submit(tracked())
+    try:
+        return future.result()
+    except KeyboardInterrupt:
+        future.cancel()
+        # Not started yet means nothing was sent: the cancel stops it before it runs.
+        if started.is_set():
+            finished.wait(_CANCEL_WAIT_S)
+        detail = f" ({progress()})" if progress is not None else ""
+        raise _Interrupted(f"{what} cancelled{detail}; nothing is left running") from None
+
+
+def _as_text(result: Any) -> str:
+    return result if isinstance(result, str) else f"[llm_query error: {result}]"
 
 
 def repl_namespace(context: Any, client: AsyncOpenAIClient) -> dict[str, Any]:
     """The names a person gets in ``rlm repl``: the same tools the root model gets.
 
-    Here the person is trusted, so these are plain functions over one shared client;
-    Ctrl-C during a sync call cancels the in-flight requests on the engine loop.
+    ``context``, ``client``, ``llm_query(prompt)``, ``llm_query_batch(prompts)`` and the
+    awaitable ``llm_query_async`` / ``llm_query_batch_async``, all over ``client``. The
+    person is trusted, so these are plain functions rather than a sandbox; as in REPL
+    code, a failed batch item comes back as an ``"[llm_query error: ...]"`` string.
+    Ctrl-C during a sync call cancels its requests before the prompt returns.
     """
 
     def llm_query(prompt: str, **params: Any) -> str:
-        """Ask the sub-model one question."""
-        return engine.run_sync(client.completion(prompt, **params))
+        """Ask the sub-model one question and return its reply."""
+        return _run_interruptibly(client.completion(prompt, **params), "llm_query")
 
     def llm_query_batch(prompts: list[str], **params: Any) -> list[str]:
-        """Ask many questions at once; failed items come back as error strings."""
-        results = engine.run_sync(client.completion_batch(prompts, return_exceptions=True, **params))
-        return [r if isinstance(r, str) else f"[llm_query error: {r}]" for r in results]
+        """Ask many questions concurrently; replies in order, failures as error strings."""
+        done = [0]
+
+        def count(n: int, _total: int) -> None:
+            done[0] = n
+
+        results = _run_interruptibly(
+            client.completion_batch(prompts, return_exceptions=True, on_item_done=count, **params),
+            "llm_query_batch",
+            lambda: f"{done[0]} of {len(prompts)} answered",
+        )
+        return [_as_text(r) for r in results]
 
     async def llm_query_async(prompt: str, **params: Any) -> str:
         """Awaitable ``llm_query``."""
@@ -163,27 +278,96 @@ def repl_namespace(context: Any, client: AsyncOpenAIClient) -> dict[str, Any]:
     async def llm_query_batch_async(prompts: list[str], **params: Any) -> list[str]:
         """Awaitable ``llm_query_batch``."""
         results = await client.completion_batch(prompts, return_exceptions=True, **params)
-        return [r if isinstance(r, str) else f"[llm_query error: {r}]" for r in results]
+        return [_as_text(r) for r in results]
 
-    functions: dict[str, Callable[..., Any]] = {
+    return {
+        "context": context,
+        "client": client,
         "llm_query": llm_query,
         "llm_query_batch": llm_query_batch,
         "llm_query_async": llm_query_async,
         "llm_query_batch_async": llm_query_batch_async,
     }
-    return {"context": context, "client": client, **functions}
+
+
+class _CancellingRunner:
+    """Runs the shell's top-level-await cells on one private loop.
+
+    IPython's default runner lets Ctrl-C escape ``run_until_complete`` and leaves the
+    cell's task pending, to resume (and finish its requests) in some later cell. This
+    one cancels the task and runs the loop until the cancellation has gone through.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.interrupted = False
+
+    def __call__(self, coro: Coroutine[Any, Any, T]) -> T:
+        self.interrupted = False
+        task = self.loop.create_task(coro)
+        while True:
+            try:
+                return self.loop.run_until_complete(task)
+            except KeyboardInterrupt:
+                self.interrupted = True
+                task.cancel()
+
+    def close(self) -> None:
+        self.loop.close()
+
+
+def _short_interrupts(runner: _CancellingRunner) -> Callable[..., None]:
+    """A custom-exception handler: one line for a Ctrl-C that rlm cleaned up after."""
+
+    def handler(shell: Any, etype: type[BaseException], value: BaseException, tb: Any,
+                tb_offset: int | None = None) -> None:
+        # IPython ignores what a handler returns for exceptions raised by a cell, so
+        # it prints; a full traceback through the loop machinery would only confuse.
+        if isinstance(value, _Interrupted):
+            print(f"KeyboardInterrupt: {value}")
+        elif isinstance(value, asyncio.CancelledError) and runner.interrupted:
+            print("KeyboardInterrupt: the awaited call was cancelled; nothing is left running")
+        else:
+            # A CancelledError of the user's own keeps IPython's usual traceback.
+            shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+
+    return handler
 
 
 def start_repl(context: Any, client: AsyncOpenAIClient) -> None:
-    """Open an interactive IPython shell to explore ``context`` by hand."""
-    from IPython.terminal.embed import InteractiveShellEmbed
+    """Open an interactive IPython shell to explore ``context`` by hand (``rlm repl``).
 
+    The namespace is ``repl_namespace(context, client)``; top-level ``await`` works;
+    Ctrl-C cancels a running call and keeps the shell; Ctrl-D leaves. It starts its
+    own terminal shell, so inside IPython or Jupyter push ``repl_namespace(...)`` into
+    the running shell instead.
+    """
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.terminal.interactiveshell import TerminalInteractiveShell
+
+    if InteractiveShell.initialized():
+        raise ConfigError(
+            "start_repl opens its own IPython shell and one is already running here; use "
+            "get_ipython().push(repl_namespace(context, client)) instead"
+        )
     size = f"{len(context):,}" if hasattr(context, "__len__") else "?"
+    where = client.base_url or "https://api.openai.com/v1"
     banner = (
         f"rlm repl: `context` is a {type(context).__name__} of length {size}.\n"
         "llm_query(prompt), llm_query_batch(prompts), await llm_query_async(prompt), "
         "await llm_query_batch_async(prompts)\n"
-        f"model {client.model}; Ctrl-C cancels a running batch; Ctrl-D exits.\n"
+        f"model {client.model} at {where}; Ctrl-C cancels a running call; Ctrl-D exits.\n"
     )
-    shell = InteractiveShellEmbed(banner1=banner, exit_msg="bye", user_ns=repl_namespace(context, client))
-    shell()
+    runner = _CancellingRunner()
+    shell = TerminalInteractiveShell.instance(
+        user_ns=repl_namespace(context, client), banner1=banner, banner2="", confirm_exit=False
+    )
+    shell.loop_runner = runner
+    shell.autoawait = True
+    shell.set_custom_exc((_Interrupted, asyncio.CancelledError), _short_interrupts(runner))
+    try:
+        shell.show_banner()
+        shell.mainloop()
+    finally:
+        runner.close()
+        TerminalInteractiveShell.clear_instance()
