@@ -337,6 +337,45 @@ class _CellTransformer(RestrictingNodeTransformer):
             self.check_name(node, name)
         return node
 
+    # -- match statements: allowed; every name they bind and every attribute a class
+    # pattern reads by keyword is checked like any other (positional class patterns
+    # read the attributes a class lists in __match_args__, which cell code cannot set).
+    def visit_Match(self, node: ast.Match) -> Any:
+        return self.node_contents_visit(node)
+
+    def visit_match_case(self, node: ast.match_case) -> Any:
+        return self.node_contents_visit(node)
+
+    def visit_MatchValue(self, node: ast.MatchValue) -> Any:
+        return self.node_contents_visit(node)
+
+    def visit_MatchSingleton(self, node: ast.MatchSingleton) -> Any:
+        return self.node_contents_visit(node)
+
+    def visit_MatchSequence(self, node: ast.MatchSequence) -> Any:
+        return self.node_contents_visit(node)
+
+    def visit_MatchOr(self, node: ast.MatchOr) -> Any:
+        return self.node_contents_visit(node)
+
+    def visit_MatchStar(self, node: ast.MatchStar) -> Any:
+        self.check_name(node, node.name)
+        return self.node_contents_visit(node)
+
+    def visit_MatchAs(self, node: ast.MatchAs) -> Any:
+        self.check_name(node, node.name)
+        return self.node_contents_visit(node)
+
+    def visit_MatchMapping(self, node: ast.MatchMapping) -> Any:
+        self.check_name(node, node.rest)
+        return self.node_contents_visit(node)
+
+    def visit_MatchClass(self, node: ast.MatchClass) -> Any:
+        for attr in node.kwd_attrs:
+            if attr.startswith("_") or _is_blocked_attr(attr):
+                self.error(node, f'"{attr}" cannot be matched as an attribute in the sandbox.')
+        return self.node_contents_visit(node)
+
     def inject_print_collector(self, node: Any, position: int = 0) -> None:
         # ``print`` compiles to ``_print._call_print``; ``_print`` is one per-namespace
         # writer installed as a global, so no per-function collector is needed.
@@ -426,8 +465,8 @@ def _hint_for(message: str) -> str:
         return _HINT_EXEC
     if "TryStar" in message:
         return "except* is not supported in the sandbox; catch the ExceptionGroup with a plain except"
-    if "Match" in message:
-        return "match statements are not supported in the sandbox; use if/elif"
+    if "matched as an attribute" in message:
+        return "match on public attributes only, or use if/elif with isinstance"
     if "metaclass" in message:
         return "metaclasses are not available; define an ordinary class"
     if "import" in message:

@@ -190,6 +190,11 @@ ATTACKS: dict[str, Attack] = {
     "attribute-error-obj": A(
         "try:\n    llm_query.nope\nexcept AttributeError as e:\n    e.obj", hint="not accessible"
     ),
+    "match-frame-attr": A(
+        "g = (x for x in [1])\nmatch g:\n    case object(gi_frame=f):\n        print(f)", hint="gi_frame"
+    ),
+    "match-dunder-attr": A("match 1:\n    case object(__class__=c):\n        print(c)", hint="__class__"),
+    "match-bind-guard-name": A("match 1:\n    case _getattr_:\n        pass", hint="_"),
     # -- exec, eval, compile and their Unicode-normalised spellings
     "exec": A("exec('import os')", hint="exec"),
     "eval": A("eval('1+1')", hint="eval"),

@@ -782,6 +782,38 @@ except ValueError as e:
         "[2, 4, 2, 2] 2 2 Cache\nValueError: boom\n",
         None,
     ),
+    "match-statement": (
+        [
+            """from dataclasses import dataclass
+
+@dataclass
+class Point:
+    x: int
+    y: int
+
+def describe(item):
+    match item:
+        case {"type": "point", "x": x, **rest}:
+            return f"point dict x={x} rest={rest}"
+        case Point(x=0, y=y):
+            return f"on the y axis at {y}"
+        case Point(x, y) if x == y:
+            return f"diagonal {x}"
+        case [first, *others]:
+            return f"list starting {first} with {len(others)} more"
+        case str() | bytes() as text:
+            return f"text {text!r}"
+        case None:
+            return "nothing"
+        case _:
+            return "something else"
+
+for item in [{"type": "point", "x": 1, "z": 2}, Point(0, 5), Point(3, 3), [1, 2, 3], "hi", None, 4.5]:
+    print(describe(item))""",
+        ],
+        "point dict x=1 rest={'z': 2}\non the y axis at 5\ndiagonal 3\nlist starting 1 with 2 more\ntext 'hi'\nnothing\nsomething else\n",
+        None,
+    ),
 }
 
 
