@@ -54,6 +54,9 @@ from rlm.sandbox.policy import (
 # given up on (the flag is checked every loop iteration, so real code needs far less).
 GRACE_S = 2.0
 
+# Limit for setup_code, which runs before any cell (a library user's code, not a model's).
+SETUP_TIMEOUT_S = 60.0
+
 NO_CLIENT = (
     "no model client is configured for this REPL, so llm_query cannot run: create it "
     "with REPLEnv(context, client=AsyncOpenAIClient(...))"
@@ -186,9 +189,9 @@ class LocalExecutor:
 
     def _run_setup(self, code: str) -> CellOutcome:
         # The setup code runs under its own file name, so its frames show as such.
-        job = _Job(code, None, self.max_output_chars, filename="<setup>")
+        job = _Job(code, SETUP_TIMEOUT_S, self.max_output_chars, filename="<setup>")
         self._submit(job)
-        return job.done.result()
+        return self._wait(job, SETUP_TIMEOUT_S)
 
     def close(self) -> None:
         """Stop the worker thread and drop the namespace; safe to call twice."""
@@ -281,6 +284,9 @@ class LocalExecutor:
             raise TypeError(f"code must be a str, not {type(code).__name__}")
         job = _Job(code, timeout, self.max_output_chars)
         self._submit(job)
+        return self._wait(job, timeout)
+
+    def _wait(self, job: _Job, timeout: float | None) -> CellOutcome:
         stop: CellStop | None = None
         try:
             stop = job.started.result()
