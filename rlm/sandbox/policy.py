@@ -9,6 +9,26 @@ writes, a curated set of builtins (those that consume iterators in C are wrapped
 a deadline stops them), an import allowlist that hands out read-only module facades,
 and per-namespace output capture.
 
+Choices worth knowing:
+
+- Deadline: every loop body, comprehension and function entry starts with
+  ``if _rlm_stop_: _rlm_timeout_()`` (a global truth test, no call). Builtins that
+  drain iterators in C (sum, min, max, sorted, list, tuple, set, frozenset, dict, any,
+  all, iter(f, sentinel), functools.reduce) take their input in chunks with a check in
+  between, and itertools.count/cycle/repeat are checked generators, so
+  ``sum(itertools.count())`` stops too. Not wrapped: ``str.join``, collections.deque
+  and Counter constructors, math.fsum/prod, statistics and similar C or stdlib loops
+  over a huge *finite* C iterator (``deque(range(10**15), maxlen=0)``).
+- Recursion: bounded by the interpreter's own per-thread depth check (the process-wide
+  recursion limit, left unchanged) rather than a per-env counter: each env runs on its
+  own thread, RecursionError is an ordinary error in the cell, and a counter would
+  need try/finally at every function entry (slower calls, awkward for generators).
+- Output: ``print`` writes to the namespace's stdout writer; ``print(..., file=f)``
+  calls ``f.write`` through the attribute guard, so it only reaches file-like objects
+  the code made itself (nothing of the host's, such as sys.stderr, is reachable).
+- Items are read and written natively; attribute reads go through ``_getattr_`` except
+  for a few everyday methods; attribute writes only reach objects defined in a cell.
+
 What it does not do: it is not a security boundary on its own. A single long C-level
 operation (``10**10**8``, a catastrophic regular expression, ``"x" * 10**10``) or a
 memory bomb cannot be interrupted in-process, and code shares the host's memory.
