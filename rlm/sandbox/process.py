@@ -824,7 +824,10 @@ class ProcessExecutor:
         if self._plan.get("note"):
             notes.append(str(self._plan["note"]))
         if not prot["rlimit_nproc"]:
-            notes.append("RLIMIT_NPROC is not enforced for a worker running as root")
+            notes.append(
+                "RLIMIT_NPROC is not in force: the worker could not leave the kernel's root "
+                "uid, for which the limit is ignored"
+            )
         if self.cpu_limit_s is None:
             notes.append("no CPU limit (cpu_limit_s=None): the wall timeout bounds each cell")
         prot["notes"] = "; ".join(notes)
