@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import subprocess
 import sys
 import textwrap
@@ -154,12 +155,18 @@ def test_a_huge_string_is_a_memory_limit_error(env: REPLEnv) -> None:
     _works(env)
 
 
+def _host_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def test_a_memory_bomb_hits_the_limit_not_the_host(make_env: MakeEnv) -> None:
     env = make_env("ctx", memory_limit_mb=256, timeout=20.0)
+    peak = _host_peak_mb()
     r = env.execute(
         "def grow():\n    data = []\n    while True:\n        data.append(' ' * 10**7)\ngrow()\n"
     )
     assert r.error is not None and "MemoryError" in r.error and "256 MB" in r.error
+    assert _host_peak_mb() - peak < 64  # the worker's memory, not the host's
     _works(env)
 
 
@@ -291,7 +298,9 @@ def test_an_output_flood_is_capped(make_env: MakeEnv) -> None:
 
 def test_one_giant_print_is_capped(make_env: MakeEnv) -> None:
     env = make_env("ctx", max_output_chars=1000)
+    peak = _host_peak_mb()
     r = env.execute("print('y' * 10**8)")
+    assert _host_peak_mb() - peak < 64  # 100 MB printed in the worker, 1000 chars here
     assert r.error is None
     assert r.truncated is True and len(r.stdout) < 1200
     _works(env)
