@@ -204,7 +204,8 @@ def _short_error(exc: BaseException) -> str:
 
 
 def _default_sandbox() -> str:
-    return "local"
+    # The worker-process sandbox needs fork and OS limits: Linux and macOS.
+    return "process" if sys.platform.startswith(("linux", "darwin")) else "local"
 
 
 class RLM:
@@ -630,7 +631,3 @@ def _check_query(query: Any) -> None:
     if not isinstance(query, str) or not query.strip():
         raise ConfigError("query must be a non-empty str")
 
-
-if sys.platform == "win32":  # pragma: no cover - the worker-process sandbox needs fork
-    def _default_sandbox() -> str:  # noqa: F811
-        return "local"

@@ -47,11 +47,12 @@ def closing() -> Iterator[list[RLM]]:
         r.sub_client.close_sync()
 
 
-def test_needle_in_a_million_lines_through_batched_sub_queries(closing: list[RLM]) -> None:
+@pytest.mark.parametrize("sandbox", ["local", "process"])
+def test_needle_in_a_million_lines_through_batched_sub_queries(sandbox: str) -> None:
     haystack = demo_task.build_haystack(1_000_000)
     with demo_task.demo_server(latency=0.2) as srv:
         rlm = RLM(model=demo_task.ROOT_MODEL, recursive_model=demo_task.SUB_MODEL, base_url=srv.url,
-                  api_key="k", max_concurrency=64, sandbox="local")
+                  api_key="k", max_concurrency=64, sandbox=sandbox)
         result = rlm.completion(context=haystack.text, query=demo_task.QUERY)
         rlm.close()
         peak = srv.peak_in_flight
@@ -76,7 +77,8 @@ def test_the_root_never_sees_the_context(closing: list[RLM]) -> None:
     assert "str" in sent and f"{len(context):,}" in sent  # the description: type and size
 
 
-def test_aggregation_over_10000_records_is_exact(closing: list[RLM]) -> None:
+@pytest.mark.parametrize("sandbox", ["local", "process"])
+def test_aggregation_over_10000_records_is_exact(closing: list[RLM], sandbox: str) -> None:
     records = [{"id": i, "text": ("great product" if i % 3 == 0 else "bad service" if i % 3 == 1 else "okay")}
                for i in range(10_000)]
     expected = {"positive": 3334, "negative": 3333, "neutral": 3333}
@@ -102,7 +104,7 @@ def test_aggregation_over_10000_records_is_exact(closing: list[RLM]) -> None:
         repl("FINAL(json.dumps(dict(sorted(counts.items()))))"),
     ]
     with FakeLLMServer(sub, scripts={ROOT: script}) as srv:
-        rlm = make_rlm(srv)
+        rlm = make_rlm(srv, sandbox=sandbox)
         closing.append(rlm)
         result = rlm.completion(context=records, query="How many records of each label?")
     assert json.loads(result.answer or "{}") == expected
@@ -277,6 +279,10 @@ def test_trajectory_log_is_written_as_it_happens(tmp_path: Path, closing: list[R
     assert types.count("root_reply") == 2 and types.count("cell_result") == 2
     assert events[-1]["answer"] == "done"
     assert [e["type"] for e in result.trajectory] == types
+
+
+def test_the_default_sandbox_is_the_worker_process_on_linux() -> None:
+    assert RLM(api_key="k").sandbox == "process"
 
 
 def test_bad_arguments_raise_config_errors() -> None:
