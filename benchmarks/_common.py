@@ -7,6 +7,7 @@ client's imports, threads and garbage never show up in another's CPU time.
 from __future__ import annotations
 
 import datetime
+import http.client
 import json
 import os
 import platform
@@ -14,6 +15,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,32 @@ def run_worker(
             return result
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
     return {"failed": f"worker exited {proc.returncode}: " + " | ".join(tail)}
+
+
+def _stats_call(base_url: str, method: str, path: str) -> dict[str, int]:
+    parts = urllib.parse.urlsplit(base_url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=30)
+    try:
+        conn.request(method, path)
+        body = conn.getresponse().read()
+        result: dict[str, int] = json.loads(body)
+        return result
+    finally:
+        conn.close()
+
+
+def server_stats(base_url: str) -> dict[str, int]:
+    """The fake server's counters (GET /stats), stdlib only.
+
+    Same endpoint as ``rlm.testing.fetch_stats``, but usable from a venv where ``rlm``
+    is another package (the official ``rlms`` installs a top-level ``rlm`` too).
+    """
+    return _stats_call(base_url, "GET", "/stats")
+
+
+def reset_server_stats(base_url: str) -> None:
+    """Zero the fake server's counters (POST /stats/reset), stdlib only."""
+    _stats_call(base_url, "POST", "/stats/reset")
 
 
 def fmt_s(value: float | None, digits: int = 2) -> str:
