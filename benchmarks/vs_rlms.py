@@ -212,11 +212,21 @@ def ensure_rlms_venv(requirement: str) -> tuple[Path | None, str]:
     """The rlms venv's python (created and installed on first use), or None and why not."""
     python = RLMS_VENV / "bin" / "python"
     # -I: neither the current directory (this repo's own `rlm`) nor PYTHONPATH.
-    check = [str(python), "-I", "-c", "import rlm.core.lm_handler, rlm.environments.local_repl"]
-    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
-        return python, "already installed"
+    check = [str(python), "-I", "-c", "import importlib.metadata as m, rlm.core.lm_handler, "
+             "rlm.environments.local_repl; print(m.version('rlms'))"]
+
+    def installed() -> str | None:
+        if not python.exists():
+            return None
+        proc = subprocess.run(check, capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    version = installed()
+    pinned = requirement.partition("==")[2]
+    if version and (not pinned or version == pinned):
+        return python, f"rlms {version} already installed"
     base = shutil.which("python3") or sys.executable
-    print(f"creating {RLMS_VENV.relative_to(ROOT)} and installing {requirement} ...",
+    print(f"creating {os.path.relpath(RLMS_VENV, ROOT)} and installing {requirement} ...",
           file=sys.stderr, flush=True)
     try:
         subprocess.run([base, "-m", "venv", str(RLMS_VENV)], check=True, capture_output=True,
@@ -228,9 +238,10 @@ def ensure_rlms_venv(requirement: str) -> tuple[Path | None, str]:
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", None) or str(exc)
         return None, " ".join(str(detail).split())[-300:]
-    if subprocess.run(check, capture_output=True).returncode != 0:
+    version = installed()
+    if version is None:
         return None, "installed, but rlm.core.lm_handler does not import"
-    return python, "installed now"
+    return python, f"rlms {version} installed now"
 
 
 def _spawn(python: Path, mode: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -308,7 +319,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                    "fake_server": "rlm.testing.spawn_fake_server (own process)"},
     }
     python, how = ensure_rlms_venv(args.rlms)
-    data["rlms_venv"] = {"path": str(RLMS_VENV.relative_to(ROOT)), "status": how}
+    data["rlms_venv"] = {"path": str(os.path.relpath(RLMS_VENV, ROOT)), "status": how}
     if python is None:
         data["skipped"] = f"could not install rlms: {how}"
         return data
