@@ -326,7 +326,7 @@ def _short_interrupts(runner: _CancellingRunner) -> Callable[..., None]:
         if isinstance(value, _Interrupted):
             print(f"KeyboardInterrupt: {value}")
         elif isinstance(value, asyncio.CancelledError) and runner.interrupted:
-            print("KeyboardInterrupt: the awaited call was cancelled; nothing is left running")
+            print("KeyboardInterrupt: cancelled the awaited call and its requests")
         else:
             # A CancelledError of the user's own keeps IPython's usual traceback.
             shell.showtraceback((etype, value, tb), tb_offset=tb_offset)

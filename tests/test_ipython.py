@@ -260,3 +260,17 @@ def test_a_failed_item_in_a_repl_batch_is_an_error_string(server: FakeLLMServer)
         client.close_sync()
     assert replies[0].startswith("[llm_query error: ")
 
+
+
+def test_start_repl_inside_a_running_shell_says_what_to_do_instead(
+    ip: InteractiveShell, server: FakeLLMServer
+) -> None:
+    from rlm.errors import ConfigError
+    from rlm.ipython import start_repl
+
+    client = AsyncOpenAIClient(model="m", base_url=server.url, api_key="k")
+    try:
+        with pytest.raises(ConfigError, match=r"get_ipython\(\)\.push\(repl_namespace\(context, client\)\)"):
+            start_repl("ctx", client)
+    finally:
+        client.close_sync()
