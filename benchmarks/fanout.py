@@ -310,7 +310,12 @@ def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _grid(quick: bool) -> list[tuple[float, list[int]]]:
+def _grid(quick: bool, ns: list[int] | None, latencies: list[float] | None
+          ) -> list[tuple[float, list[int]]]:
+    if ns or latencies:
+        full = dict(_grid(quick, None, None))
+        return [(lat, ns or full.get(lat, [4, 100, 1000, 10000]))
+                for lat in (latencies or list(full))]
     if quick:
         return [(0.5, [4, 100, 1000]), (1.0, [10000])]
     return [(0.5, [4, 100, 1000, 10000]), (1.0, [4, 100, 1000, 10000])]
@@ -345,25 +350,32 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             "sequential_max_n": 4 if args.quick else SEQUENTIAL_MAX_N,
             "fake_server": "rlm.testing.spawn_fake_server (own process)",
             "nofile_limit": list(fd),
+            "grid": _grid(args.quick, args.ns, args.latencies),
+            "kinds": list(args.kinds or KINDS),
             "model": MODEL,
         },
         "reference": [],
         "cells": [],
     }
 
-    ref_n, ref_l = REFERENCE["n"], REFERENCE["latency"]
-    with spawn_fake_server(ref_l) as url:
-        _progress(f"reference experiment: N={ref_n} L={ref_l:g}s")
-        cells = [measure_sync(k, ref_n, ref_l, url, runs, pool) for k in ("sequential", "executor")]
-        cells += measure_async(["ours"], ref_n, ref_l, url, runs, pool)
+    if not args.no_reference:
+        ref_n, ref_l = REFERENCE["n"], REFERENCE["latency"]
+        with spawn_fake_server(ref_l) as url:
+            _progress(f"reference experiment: N={ref_n} L={ref_l:g}s")
+            cells = [measure_sync(k, ref_n, ref_l, url, runs, pool)
+                     for k in ("sequential", "executor")]
+            cells += measure_async(["ours"], ref_n, ref_l, url, runs, pool)
         for cell in cells:
             cell["reference_s"] = REFERENCE[cell["kind"]]
         data["reference"] = cells
 
-    for latency, ns in _grid(args.quick):
+    kinds = set(args.kinds or KINDS)
+    for latency, ns in _grid(args.quick, args.ns, args.latencies):
         with spawn_fake_server(latency) as url:
             for n in ns:
                 for entry in _kinds_for(n, args.quick):
+                    if (entry[0] if isinstance(entry, tuple) else entry) not in kinds:
+                        continue
                     if isinstance(entry, tuple):
                         kind, reason = entry
                         cell = {"kind": kind, "n": n, "latency_s": latency, "skipped": reason}
@@ -375,7 +387,9 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                     if entry in ("sequential", "executor"):
                         _progress(f"  {entry} N={n} L={latency:g}s")
                         data["cells"].append(measure_sync(entry, n, latency, url, runs, pool))
-                data["cells"] += measure_async(["ours", "bare"], n, latency, url, runs, pool)
+                async_kinds = [k for k in ("ours", "bare") if k in kinds]
+                if async_kinds:
+                    data["cells"] += measure_async(async_kinds, n, latency, url, runs, pool)
     _add_ratios(data["cells"])
     data["targets"] = _targets(data["cells"], args.quick)
     return data
@@ -510,7 +524,8 @@ def print_report(data: dict[str, Any]) -> None:
             continue
         ref.add_row(label, fmt_s(c["wall_s"]), fmt_s(c["reference_s"], 1),
                     f"{c['cpu_ms_per_query']:.2f}", str(c["peak_in_flight"]), str(c["errors"]))
-    console.print(ref)
+    if data["reference"]:
+        console.print(ref)
 
     main = Table(
         title="Fan-out: N sub-queries at latency L (wall = median of warm runs; "
@@ -585,6 +600,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--out", help="file under benchmarks/results/ (fanout.json; fanout-quick.json with --quick)"
     )
+    parser.add_argument("--ns", type=int, nargs="+", help="only these N (e.g. --ns 10000)")
+    parser.add_argument("--latencies", type=float, nargs="+", help="only these latencies (s)")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, help="only these client kinds")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the 4-query reference table")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -592,7 +612,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     data = run_all(args)
     print_report(data)
-    path = write_json(args.out or ("fanout-quick.json" if args.quick else "fanout.json"), data)
+    default = "fanout-quick.json" if args.quick else "fanout.json"
+    if args.ns or args.latencies or args.kinds or args.no_reference:
+        default = "fanout-partial.json"  # never overwrite a full run with a partial one
+    path = write_json(args.out or default, data)
     print(f"wrote {path}")
     return 0
 
