@@ -266,3 +266,24 @@ def test_many_sync_batches_in_a_row_reuse_the_pool() -> None:
         assert srv.requests == 50
         assert srv.connections <= 10
         client.close_sync()
+
+
+def test_a_large_batch_raises_gc_thresholds_only_while_it_runs() -> None:
+    import gc
+
+    seen: set[int] = set()
+
+    def responder(messages: list[dict]) -> str:
+        seen.add(gc.get_threshold()[0])  # the server thread shares this process's collector
+        return "ok"
+
+    before = gc.get_threshold()
+    with FakeLLMServer(responder) as srv:
+        client = make_client(srv, max_concurrency=200)
+        run_sync(client.completion_batch(["x"] * 1000))
+        assert gc.get_threshold() == before
+        assert seen == {max(before[0], 50_000)}
+        seen.clear()
+        run_sync(client.completion_batch(["x"] * 10))  # small batches leave the collector alone
+        assert seen == {before[0]}
+        client.close_sync()
