@@ -259,8 +259,18 @@ class Kernel:
         return content
 
     def value(self, expression: str) -> str:
-        content = self.reply(self.kc.execute("", user_expressions={"v": expression}))
-        return content["user_expressions"]["v"]["data"]["text/plain"]
+        """Evaluate ``expression`` in the kernel and return its repr."""
+        for _ in range(50):
+            content = self.reply(self.kc.execute("", user_expressions={"v": expression}))
+            # Right after a cell fails, the kernel aborts requests that reach it before
+            # it has finished with the failure, as a front end's queued cells would be.
+            if content["status"] != "aborted":
+                break
+            time.sleep(0.1)
+        assert content["status"] == "ok", content
+        result = content["user_expressions"]["v"]
+        assert result["status"] == "ok", result
+        return result["data"]["text/plain"]
 
 
 @pytest.fixture
