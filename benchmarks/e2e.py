@@ -23,7 +23,7 @@ from rich.table import Table
 from rlm import demo
 from rlm.core import RLM
 
-RESULTS = Path(__file__).parent / "results" / "e2e.json"
+RESULTS_DIR = Path(__file__).parent / "results"
 
 
 def one_run(haystack: demo.Haystack, latency: float, sandbox: str | None) -> dict[str, float]:
@@ -73,8 +73,9 @@ def main() -> int:
     Console().print(table)
     target = wall < 10.0
     print(f"target: demo under 10 s -> {'met' if target else 'MISSED'} ({wall:.2f} s)")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    results = RESULTS_DIR / f"e2e-{first['sandbox']}.json"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "date": time.strftime("%Y-%m-%d")},
         "lines": args.lines, "latency_s": args.latency, "runs": rows, "median_wall_s": wall,
