@@ -428,7 +428,7 @@ class RLM:
             )
             if env is None:
                 # Starting (and closing) an env may block on a worker; keep the loop free.
-                env = await asyncio.to_thread(self._new_env, context, run)
+                env = await asyncio.to_thread(self._new_env, context, _SubQueryService(run))
             else:
                 env._set_sub_queries(_SubQueryService(run))  # noqa: SLF001
             answer, stopped, iterations = await self._loop(run, env, description, query, history)
@@ -466,14 +466,14 @@ class RLM:
         trajectory.close()
         return result
 
-    def _new_env(self, context: Any, run: _Run) -> REPLEnv:
+    def _new_env(self, context: Any, sub_queries: _SubQueryService | None = None) -> REPLEnv:
         return REPLEnv(
             context=context,
             sandbox=self.sandbox,
             timeout=self.cell_timeout,
             max_output_chars=self.max_output_chars,
             tools=self.tools or None,
-            sub_queries=_SubQueryService(run),
+            sub_queries=sub_queries,
         )
 
     async def _root_turn(self, run: _Run, messages: list[dict[str, Any]], iteration: int,
@@ -594,13 +594,8 @@ class RLMSession:
         self.rlm = rlm
         self.context = context
         self.history: list[tuple[str, str]] = []
-        self.env = REPLEnv(
-            context=context,
-            sandbox=rlm.sandbox,
-            timeout=rlm.cell_timeout,
-            max_output_chars=rlm.max_output_chars,
-            tools=rlm.tools or None,
-        )
+        # Each ask gives the env that run's sub-query service.
+        self.env = rlm._new_env(context)  # noqa: SLF001
 
     def ask(self, query: str) -> RLMResult:
         """Ask the next question (sync; works inside a running loop too)."""
