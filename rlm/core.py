@@ -23,7 +23,7 @@ from rlm import prompts
 from rlm.errors import ConfigError, LLMError, RLMError
 from rlm.llm import AsyncOpenAIClient, Usage
 from rlm.parsing import find_code_blocks, find_final_in_text
-from rlm.repl import REPLEnv, describe_context
+from rlm.repl import REPLEnv, describe_context, failed_slot
 from rlm.trajectory import Trajectory
 
 STOP_REASONS = ("final", "max_iterations", "budget", "error")
@@ -184,9 +184,7 @@ class _SubQueryService:
             results = await client._on_engine(  # noqa: SLF001
                 client._batch(bodies, True, progress, run.sub_meter)  # noqa: SLF001
             )
-        return [
-            r if isinstance(r, str) else f"[llm_query error: {_short_error(r)}]" for r in results
-        ]
+        return [failed_slot(r) for r in results]
 
     async def _child(self, prompt: str) -> str:
         run = self._run

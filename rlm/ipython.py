@@ -26,6 +26,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from rlm import loop as engine
 from rlm.errors import ConfigError
 from rlm.llm import AsyncOpenAIClient
+from rlm.repl import failed_slot
 
 __all__ = ["NotebookConfig", "RLMMagics", "load_ipython_extension", "repl_namespace", "start_repl"]
 
@@ -239,10 +240,6 @@ def _run_interruptibly(coro: Coroutine[Any, Any, T], what: str,
         raise _Interrupted(f"{what} cancelled{detail}; nothing is left running") from None
 
 
-def _as_text(result: Any) -> str:
-    return result if isinstance(result, str) else f"[llm_query error: {result}]"
-
-
 def repl_namespace(context: Any, client: AsyncOpenAIClient) -> dict[str, Any]:
     """The names a person gets in ``rlm repl``: the same tools the root model gets.
 
@@ -269,7 +266,7 @@ def repl_namespace(context: Any, client: AsyncOpenAIClient) -> dict[str, Any]:
             "llm_query_batch",
             lambda: f"{done[0]} of {len(prompts)} answered",
         )
-        return [_as_text(r) for r in results]
+        return [failed_slot(r) for r in results]
 
     async def llm_query_async(prompt: str, **params: Any) -> str:
         """Awaitable ``llm_query``."""
@@ -278,7 +275,7 @@ def repl_namespace(context: Any, client: AsyncOpenAIClient) -> dict[str, Any]:
     async def llm_query_batch_async(prompts: list[str], **params: Any) -> list[str]:
         """Awaitable ``llm_query_batch``."""
         results = await client.completion_batch(prompts, return_exceptions=True, **params)
-        return [_as_text(r) for r in results]
+        return [failed_slot(r) for r in results]
 
     return {
         "context": context,

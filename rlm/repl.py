@@ -111,7 +111,7 @@ class ClientSubQueries:
     async def batch(self, prompts: list[str], params: dict[str, Any]) -> list[str]:
         """Many completions, concurrently through the client's limiter, in order."""
         results = await self._client.completion_batch(prompts, return_exceptions=True, **params)
-        return [r if isinstance(r, str) else f"{FAILED_SLOT_PREFIX}{_short_error(r)}]" for r in results]
+        return [failed_slot(r) for r in results]
 
 
 def _short_error(exc: BaseException) -> str:
@@ -120,6 +120,18 @@ def _short_error(exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {text}"
     text = " ".join(text.split())
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def failed_slot(result: Any) -> str:
+    """A batch item as REPL code sees it: the reply, or ``[llm_query error: ...]``.
+
+    One spelling for every place that turns a failed sub-query into its slot's text
+    (the REPL's service, the RLM's service, ``rlm repl``), so code and prompts can rely
+    on the prefix.
+    """
+    if isinstance(result, str):
+        return result
+    return f"{FAILED_SLOT_PREFIX}{_short_error(result)}]"
 
 
 class _CountingSubQueries:

@@ -354,3 +354,18 @@ def test_verbose_shows_each_iteration_live(capsys: pytest.CaptureFixture[str], c
     assert "got ['x', 'y']" in out  # the output
     assert "sub-queries 2/2" in out  # batch progress
     assert "shown" in out  # the final answer
+
+
+def test_a_failed_sub_query_is_an_error_string_in_its_slot(closing: list[RLM]) -> None:
+    def responder(messages: list[dict[str, Any]]) -> str | Fault:
+        return Fault("500") if last_user(messages) == "ECHO bad" else last_user(messages)[5:]
+
+    script = [repl("r = llm_query_batch(['ECHO ok', 'ECHO bad'])\nprint(r)"), repl("FINAL(r[1][:17])")]
+    with FakeLLMServer(responder, scripts={ROOT: script}) as srv:
+        rlm = make_rlm(srv)
+        closing.append(rlm)
+        result = rlm.completion(context="x", query="q")
+    cell = next(e for e in result.trajectory if e["type"] == "cell_result")
+    assert "'ok', '[llm_query error: server error 500" in cell["stdout"]
+    assert "1 of 2" in cell["stderr"]
+    assert result.answer == "[llm_query error:"
