@@ -68,10 +68,11 @@ def _print_result(result: Any, as_json: bool) -> int:
         print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
     elif result.answer is not None:
         print(result.answer)
-    if result.answer is None or result.error:
+    # A run sets `error` only when it ends without an answer (see RLM._run).
+    if result.answer is None:
         if not as_json:
             print(f"rlm: run failed ({result.stopped_reason}): {result.error}", file=sys.stderr)
-        return EXIT_FAILED if result.answer is None else EXIT_OK
+        return EXIT_FAILED
     return EXIT_OK
 
 

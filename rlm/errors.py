@@ -26,6 +26,10 @@ class EnvClosedError(RLMError):
     """A REPLEnv (or client) was used after ``close()``."""
 
 
+class ClientClosedError(RLMError):
+    """An AsyncOpenAIClient was used after ``close()``."""
+
+
 class LLMError(RLMError):
     """A model call failed after the retries it was allowed.
 

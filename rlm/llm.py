@@ -35,6 +35,7 @@ from pydantic import BaseModel
 from rlm import loop as engine
 from rlm.errors import (
     BatchError,
+    ClientClosedError,
     ConfigError,
     LLMError,
     LLMTimeoutError,
@@ -68,10 +69,6 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
     "o3-mini": (1.10, 4.40),
     "o4-mini": (1.10, 4.40),
 }
-
-
-class ClientClosedError(RLMError):
-    """The client was used after ``close()``."""
 
 
 @dataclass(frozen=True)

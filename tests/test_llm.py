@@ -10,13 +10,13 @@ from pydantic import BaseModel
 from rlm import AsyncOpenAIClient
 from rlm.errors import (
     BatchError,
+    ClientClosedError,
     ConfigError,
     LLMError,
     LLMTimeoutError,
     RateLimitError,
     ResponseError,
 )
-from rlm.llm import ClientClosedError
 from rlm.loop import run_sync
 from rlm.testing import FakeLLMServer, Fault
 
