@@ -26,8 +26,6 @@ from rlm.parsing import find_code_blocks, find_final_in_text
 from rlm.repl import REPLEnv, describe_context, failed_slot
 from rlm.trajectory import Trajectory
 
-STOP_REASONS = ("final", "max_iterations", "budget", "error")
-
 
 @dataclass
 class RLMResult:
