@@ -253,6 +253,8 @@ class Schema:
             errors = sorted(self._validator.iter_errors(value), key=lambda e: list(map(str, e.absolute_path)))
         except RecursionError:
             return Validation(False, issues=(SchemaIssue("$", self.name, "a value nested too deeply"),))
+        except Exception as exc:  # noqa: BLE001 - e.g. an unresolvable $ref: the value cannot pass
+            return Validation(False, issues=(SchemaIssue("$", f"a value the schema can check ({exc})"[:200], _received(value)),))
         if not errors:
             return Validation(True, value)
         return Validation(False, issues=tuple(_json_schema_issue(e) for e in errors))
