@@ -59,11 +59,12 @@ def check_subquery_schema(schema: Any) -> Schema:
     of JSON, an invalid JSON Schema, the ``pattern``/``patternProperties`` keywords
     (their regular expressions would run in the host) and ``$ref`` outside the schema.
     """
-    if not isinstance(schema, dict):
+    if not issubclass(type(schema), dict):
         raise TypeError(
             f"llm_query's schema must be a JSON Schema dict such as "
             f"{{'type': 'array', 'items': {{'type': 'string'}}}}, not {type(schema).__name__}"
         )
+    schema = _plain(schema)
     try:
         text = json.dumps(schema)
     except (TypeError, ValueError, RecursionError) as exc:
@@ -81,6 +82,36 @@ def check_subquery_schema(schema: Any) -> Schema:
         return Schema.of(schema)
     except ConfigError as exc:
         raise TypeError(f"llm_query's schema: {exc}") from None
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """A copy of JSON-like data made of exact builtin types, read without calling any
+    method a subclass could override (from the in-process sandbox, a dict subclass's
+    ``items`` would be cell code running on the host's engine loop)."""
+    if depth > 64:
+        raise TypeError("llm_query's schema is nested deeper than 64 levels")
+    # type(), not isinstance(): isinstance consults a __class__ the object may fake.
+    kind = type(value)
+    if value is None or kind is bool:
+        return value
+    if issubclass(kind, str):
+        return str.__str__(value)
+    if issubclass(kind, int):
+        return int.__index__(value)
+    if issubclass(kind, float):
+        return float.__float__(value)
+    if issubclass(kind, dict):
+        out = {}
+        for key, item in dict.items(value):
+            if not issubclass(type(key), str):
+                raise TypeError("llm_query's schema must have str keys")
+            out[str.__str__(key)] = _plain(item, depth + 1)
+        return out
+    if issubclass(kind, list):
+        return [_plain(item, depth + 1) for item in list.__iter__(value)]
+    if issubclass(kind, tuple):
+        return [_plain(item, depth + 1) for item in tuple.__iter__(value)]
+    raise TypeError(f"llm_query's schema must be plain JSON data, not {type(value).__name__}")
 
 
 def _refused_keyword(node: Any, depth: int = 0) -> str | None:
