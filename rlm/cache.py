@@ -79,6 +79,20 @@ class CacheInfo:
     ttl_s: float | None = None
     file_bytes: int = 0
 
+    def summary(self) -> str:
+        """Readable lines for ``rlm cache info``."""
+        lines = [
+            f"cache:    {self.path}",
+            f"entries:  {self.entries:,}",
+            f"size:     {_human_bytes(self.bytes)} of replies, {_human_bytes(self.file_bytes)} on disk",
+            f"hits:     {self.hits:,}",
+        ]
+        if self.max_bytes is not None:
+            lines.append(f"limit:    {_human_bytes(self.max_bytes)} (least recently used go first)")
+        if self.ttl_s is not None:
+            lines.append(f"ttl:      {self.ttl_s:g} s")
+        return "\n".join(lines)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
         return {
@@ -86,6 +100,15 @@ class CacheInfo:
             "hits": self.hits, "max_bytes": self.max_bytes, "ttl_s": self.ttl_s,
             "file_bytes": self.file_bytes,
         }  # fmt: skip
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
 
 
 def request_key(base_url: str | None, body: Mapping[str, Any]) -> str | None:
