@@ -1,4 +1,4 @@
-"""The ``rlm`` command: run, demo, view, repl and serve.
+"""The ``rlm`` command: run, demo, view, repl, cache and serve.
 
 Exit codes: 0 when a run produced an answer, 1 when it failed, 2 for bad usage (a
 missing file, an undecodable file, a missing key, a bad option).
@@ -268,6 +268,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from rlm.cache import cache_info, clear_cache
+
+    if args.action == "info":
+        info = cache_info(args.dir)
+        print(json.dumps(info.to_dict(), indent=2) if args.json else info.summary())
+    else:
+        removed = clear_cache(args.dir)
+        print(f"cleared {removed.path}: {removed.entries:,} entries removed")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlm",
@@ -323,6 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--format", choices=["auto", "text", "json", "jsonl"], default="auto")
     rp.add_argument("--encoding", default="utf-8")
     rp.set_defaults(func=cmd_repl)
+
+    cache = sub.add_parser("cache", help="inspect or empty the sub-query cache")
+    cache.add_argument("action", choices=["info", "clear"],
+                       help="info: entries, size and hits; clear: remove every entry")
+    cache.add_argument("dir", nargs="?", default=None,
+                       help="cache directory (default: RLM_CACHE_DIR or the per-user cache dir)")
+    cache.add_argument("--json", action="store_true", help="info as JSON")
+    cache.set_defaults(func=cmd_cache)
     return parser
 
 
