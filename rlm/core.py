@@ -290,7 +290,10 @@ class RLM:
     (falling back to OPENAI_BASE_URL/OPENAI_API_KEY), the sub client with
     ``max_concurrency`` in flight. Budgets (``max_cost_usd``, ``max_tokens``,
     ``max_time_s``) stop a run with ``stopped_reason="budget"``. ``log_dir`` keeps a
-    JSONL trajectory per run; ``verbose`` shows each iteration live.
+    JSONL trajectory per run; ``verbose`` shows each iteration live. ``on_event`` is
+    called with every trajectory event of every run (children's too, and the transient
+    ``subcalls`` progress events), from whichever thread emits it, so it must be quick
+    and thread-safe: servers use it to stream progress.
     """
 
     def __init__(
@@ -309,6 +312,7 @@ class RLM:
         max_time_s: float | None = None,
         log_dir: str | Path | None = None,
         verbose: bool = False,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
         system_prompt: str | None = None,
         tools: Mapping[str, Callable[..., Any]] | None = None,
         tool_descriptions: Mapping[str, str] | None = None,
@@ -359,6 +363,7 @@ class RLM:
         self.max_time_s = max_time_s
         self.log_dir = log_dir
         self.verbose = verbose
+        self.on_event = on_event
         self.tools = dict(tools or {})
         unknown = sorted(set(tool_descriptions or {}) - set(self.tools))
         if unknown:
@@ -474,6 +479,8 @@ class RLM:
             from rlm.display import LiveDisplay
 
             sinks.append(LiveDisplay())
+        if parent is None and self.on_event is not None:
+            sinks.append(self.on_event)
         log_dir = self.log_dir if depth == 0 else None
         trajectory = Trajectory(log_dir=log_dir, depth=depth, sinks=sinks)
         if parent is not None:
