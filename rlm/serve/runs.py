@@ -68,6 +68,11 @@ class QueryRunner:
         )
 
     @property
+    def sandbox(self) -> str:
+        """The sandbox runs use (the RLM default when the settings name none)."""
+        return self.new_rlm().sandbox
+
+    @property
     def root_model(self) -> str:
         """The default root model (what model id ``rlm`` means)."""
         return self.client.model
