@@ -24,6 +24,7 @@ from rlm.errors import ConfigError, LLMError, RLMError
 from rlm.llm import AsyncOpenAIClient, Usage
 from rlm.parsing import find_code_blocks, find_final_in_text
 from rlm.repl import REPLEnv, describe_context, failed_slot
+from rlm.sandbox.modules import importable_modules
 from rlm.trajectory import Trajectory
 
 # Current frontier models take 128k tokens or more; compact well before that so the
@@ -376,6 +377,7 @@ class RLM:
             sub_window_chars=sub_window_chars,
             sub_model=self.recursive_model,
             tools=prompts.describe_tools(self.tools, self.tool_descriptions),
+            modules=prompts.describe_imports(importable_modules()),
         )
         self.cell_timeout = cell_timeout
 

@@ -122,6 +122,19 @@ every variable they made):
 """
 
 
+def describe_imports(modules: list[str], *, files: bool = False) -> str:
+    """The system prompt's sentence on what the sandbox can import (and open)."""
+    text = (
+        f"Only these modules can be imported: {', '.join(modules)}. `io` holds StringIO and "
+        "BytesIO; `sys` holds maxsize, version_info and getsizeof; `asyncio` holds gather, "
+        "sleep, wait_for, as_completed, create_task, run, Semaphore, Lock, Event and Queue "
+        "(tasks do not outlive the block that started them)."
+    )
+    if files:
+        return text + " `open()` works for scratch files in the current directory; there is no network."
+    return text + " There is no file, network or OS access."
+
+
 def build_system_prompt(
     *,
     sub_window_chars: int,
