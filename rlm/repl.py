@@ -32,8 +32,8 @@ __all__ = ["ClientSubQueries", "ExecResult", "REPLEnv", "describe_context"]
 _SANDBOXES = ("local", "process")
 _LOCAL_OPTIONS = frozenset({"grace_s"})
 _PROCESS_OPTIONS = frozenset(
-    {"memory_limit_mb", "cpu_limit_s", "file_limit_mb", "max_open_files", "max_processes",
-     "start_timeout"}
+    {"memory_limit_mb", "cpu_limit_s", "file_limit_mb", "disk_limit_mb", "max_open_files",
+     "max_processes", "start_timeout"}
 )  # fmt: skip
 
 
