@@ -295,6 +295,8 @@ def build_namespace(
     write_stdout: Callable[[str], Any],
     write_stderr: Callable[[str], Any],
     extra: dict[str, Any] | None = None,
+    file_access: bool = False,
+    data_modules: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Build a fresh sandbox namespace whose output goes to the given writers.
 
@@ -304,7 +306,8 @@ def build_namespace(
     family, tools): with FINAL and FINAL_VAR they are reserved, so if a cell rebinds
     or deletes one it is restored when the cell ends. Builtins, guards and the import
     hook are installed here; the namespace is inert (its functions refuse to run)
-    until ``run_cell`` runs a cell in it.
+    until ``run_cell`` runs a cell in it. ``file_access`` (the real ``open``) and
+    ``data_modules`` (real numpy/pandas/yaml) are for a confined worker process only.
     """
     ns: dict[str, Any] = {}
     state = _CellState(write_stdout, write_stderr)
@@ -324,8 +327,9 @@ def build_namespace(
         write_stdout=lambda text: state.write_stdout(text),
         tasks=state.tasks,
         cell_loop=lambda: state.loop,
+        data_modules=data_modules,
     )
-    ns["__builtins__"] = make_builtins(ns, importer)
+    ns["__builtins__"] = make_builtins(ns, importer, file_access=file_access)
     ns["__name__"] = CELL_MODULE
     ns["__metaclass__"] = type
     ns[GETATTR_HOOK] = getattr_guard

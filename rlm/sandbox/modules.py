@@ -453,13 +453,27 @@ _PER_NAMESPACE = frozenset({"random", "time", "pprint", "itertools", "functools"
 _C_IMPORTS = frozenset({"_strptime"})
 
 
-def importable_modules() -> list[str]:
+# Data libraries that cannot be made into facades (numpy reaches ctypes, pandas reads
+# pickles and files). A cell gets the real modules only in a worker process whose OS
+# layer (filesystem jail, no network, unprivileged uid) is what holds, and only when
+# they are installed (the [data] extra).
+DATA_MODULES = ("numpy", "pandas", "yaml")
+
+
+def importable_modules(data_modules: Iterable[str] = ()) -> list[str]:
     """The module names a cell may import (what the root's system prompt lists)."""
-    return [m for m in ALLOWED_MODULES if m != "__future__"]
+    return [m for m in ALLOWED_MODULES if m != "__future__"] + list(data_modules)
 
 
 def _import_refusal(name: str) -> ImportError:
     allowed = ", ".join(m for m in ALLOWED_MODULES if m != "__future__")
+    if name.split(".")[0] in DATA_MODULES:
+        return ImportError(
+            f"import of {name!r} is not available here: {', '.join(DATA_MODULES)} are given only "
+            "in sandbox='process' with its filesystem jail and network isolation active, and "
+            "only when installed (pip install 'rlm[data]'). Use csv, json, statistics and "
+            f"collections instead. Allowed modules: {allowed}"
+        )
     return ImportError(
         f"import of {name!r} is not allowed in the sandbox. Allowed modules: {allowed}. "
         "Files, the network, processes and the interpreter are out of reach by design; "
@@ -474,6 +488,7 @@ def make_importer(
     write_stdout: Callable[[str], Any],
     tasks: CellTasks | None = None,
     cell_loop: Callable[[], asyncio.AbstractEventLoop | None] = lambda: None,
+    data_modules: Iterable[str] = (),
 ) -> Callable[..., Any]:
     """The ``__import__`` of one namespace: allowed modules as facades, the rest refused.
 
@@ -482,6 +497,7 @@ def make_importer(
     (cancelled when a cell ends) and ``cell_loop`` (the loop cells run on) are asyncio's.
     """
     cell_tasks = tasks if tasks is not None else CellTasks()
+    real_modules = frozenset(data_modules) & frozenset(DATA_MODULES)
     cache: dict[str, ModuleFacade] = {}
 
     def facade(name: str) -> ModuleFacade:
@@ -504,6 +520,9 @@ def make_importer(
             return importlib.import_module(name)
         if level:
             raise ImportError("relative imports are not available in the sandbox")
+        if type(name) is str and name.split(".")[0] in real_modules:
+            module = importlib.import_module(name)
+            return module if fromlist else importlib.import_module(name.split(".")[0])
         if not isinstance(name, str) or name not in ALLOWED_MODULES:
             raise _import_refusal(str(name))
         if fromlist or "." not in name:
