@@ -12,7 +12,7 @@ from typing import Any
 
 from rlm.testing import Fault
 
-ROOT, HANG_ROOT, SUB = "root", "root-hang", "sub"
+ROOT, HANG_ROOT, TYPED_ROOT, SUB = "root", "root-hang", "root-typed", "sub"
 NEEDLE = "TANGO-4242-LIMA"
 QUERY = "What is the secret passphrase?"
 
@@ -30,7 +30,20 @@ print(len(chunks), "chunks;", hits)
 FINAL(hits[0])
 ```""",
 ]
+# The same search, answering with an object for runs that ask for a schema.
+TYPED_SCRIPT = [NEEDLE_SCRIPT[0], 'Found it.\n```repl\nFINAL({"passphrase": hits[0], "chunks": len(chunks)})\n```']
+FOUND_SCHEMA = {
+    "type": "object",
+    "properties": {"passphrase": {"type": "string"}, "chunks": {"type": "integer"}},
+    "required": ["passphrase", "chunks"],
+    "additionalProperties": False,
+}
 HANG_SCRIPT = ["Waiting.\n```repl\nr = llm_query_batch(['HANG 1', 'HANG 2', 'HANG 3'])\n```"]
+
+
+def scripts() -> dict[str, list[str]]:
+    """The upstream's root-model scripts, by model name."""
+    return {ROOT: NEEDLE_SCRIPT, HANG_ROOT: HANG_SCRIPT, TYPED_ROOT: TYPED_SCRIPT}
 
 
 def haystack(lines: int = 3000) -> str:

@@ -8,6 +8,7 @@ root script whose sub-queries never come back, to prove that a cancelled call ca
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,15 +20,16 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from serve_support import (
+    FOUND_SCHEMA,
     HANG_ROOT,
-    HANG_SCRIPT,
     NEEDLE,
-    NEEDLE_SCRIPT,
     QUERY,
     ROOT,
     SUB,
+    TYPED_ROOT,
     RlmProcess,
     haystack,
+    scripts,
     sub_model,
     wait_until,
 )
@@ -39,7 +41,7 @@ KEY = "test-mcp-key"
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[FakeLLMServer]:
-    with FakeLLMServer(sub_model, scripts={ROOT: NEEDLE_SCRIPT, HANG_ROOT: HANG_SCRIPT}) as srv:
+    with FakeLLMServer(sub_model, scripts=scripts()) as srv:
         yield srv
 
 
@@ -97,6 +99,17 @@ async def test_rlm_query_answers_with_structured_content_and_progress(upstream: 
     assert "sub-queries 6/6" in messages
     assert any(m and m.startswith("iteration 2") for m in messages)
     assert [v for v, _ in progress] == sorted(v for v, _ in progress)  # progress only grows
+
+
+async def test_rlm_query_with_a_schema_returns_the_validated_output(upstream: FakeLLMServer,
+                                                                     allowed: Path) -> None:
+    async with stdio(upstream, allowed, model=TYPED_ROOT) as client:
+        result = await client.call_tool("rlm_query", {"query": QUERY, "context_path": "log.txt",
+                                                      "schema": FOUND_SCHEMA})
+        broken = await client.call_tool("rlm_query", {"query": QUERY, "context": "x", "schema": {"type": 12}})
+    assert result.structured_content["output"] == {"passphrase": NEEDLE, "chunks": 6}
+    assert json.loads(text_of(result)) == {"passphrase": NEEDLE, "chunks": 6}
+    assert broken.is_error and "not a valid JSON Schema" in text_of(broken)
 
 
 async def test_repl_session_fans_out_through_llm_query_batch(upstream: FakeLLMServer, allowed: Path) -> None:

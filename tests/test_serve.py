@@ -21,16 +21,18 @@ from typing import Any
 
 import openai
 import pytest
+from pydantic import BaseModel
 from serve_support import (
+    FOUND_SCHEMA,
     HANG_ROOT,
-    HANG_SCRIPT,
     NEEDLE,
-    NEEDLE_SCRIPT,
     QUERY,
     ROOT,
     SUB,
+    TYPED_ROOT,
     RlmProcess,
     haystack,
+    scripts,
     sub_model,
     wait_until,
 )
@@ -42,7 +44,7 @@ KEY = "test-serve-key"
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[FakeLLMServer]:
-    with FakeLLMServer(sub_model, scripts={ROOT: NEEDLE_SCRIPT, HANG_ROOT: HANG_SCRIPT}) as srv:
+    with FakeLLMServer(sub_model, scripts=scripts()) as srv:
         yield srv
 
 
@@ -125,6 +127,28 @@ def test_progress_can_ride_in_the_content_for_chat_front_ends(client: openai.Ope
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "> sub-queries 6/6" in content
     assert content.endswith("\n" + NEEDLE)
+
+
+class Found(BaseModel):
+    passphrase: str
+    chunks: int
+
+
+def test_response_format_gets_a_validated_typed_answer(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.parse(model=f"rlm:{TYPED_ROOT}", messages=needle_messages(),
+                                          response_format=Found)
+    assert reply.choices[0].message.parsed == Found(passphrase=NEEDLE, chunks=6)
+    assert reply.model_extra["rlm"]["output"] == {"passphrase": NEEDLE, "chunks": 6}
+
+
+def test_a_schema_in_extra_body_works_and_a_broken_one_is_400(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model=f"rlm:{TYPED_ROOT}", messages=needle_messages(),
+                                           extra_body={"rlm": {"schema": FOUND_SCHEMA}})
+    assert json.loads(reply.choices[0].message.content or "") == {"passphrase": NEEDLE, "chunks": 6}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="rlm", messages=needle_messages(),
+                                       extra_body={"rlm": {"schema": {"type": 12}}})
+    assert "not a valid JSON Schema" in info.value.message
 
 
 def test_models_lists_rlm_and_the_root_model(client: openai.OpenAI) -> None:

@@ -65,14 +65,18 @@ class McpOptions:
 class QueryOutput(BaseModel):
     """Structured content of ``rlm_query``."""
 
-    answer: str | None = Field(description="the answer, or null when the run ended without one")
-    stopped_reason: str = Field(description="final | max_iterations | budget | error")
+    answer: str | None = Field(description="the answer (JSON text with a schema), or null when the run ended without one")
+    output: Any = Field(default=None, description="with a schema: the validated answer as JSON data")
+    stopped_reason: str = Field(description="final | max_iterations | budget | invalid_answer | error")
     error: str | None = None
     iterations: int
     sub_calls: int
     elapsed_s: float
     usage: dict[str, Any] = Field(description="root, sub and total: calls, tokens, cost_usd")
     log_path: str | None = Field(default=None, description="the run's JSONL trajectory, with --log-dir")
+    raw_output: Any = Field(default=None, description="after invalid_answer: the last value given to FINAL")
+    validation_errors: list[dict[str, str]] | None = Field(
+        default=None, description="after invalid_answer: what did not match the schema")
 
 
 class OpenOutput(BaseModel):
@@ -187,7 +191,8 @@ def build_server(runner: QueryRunner, sessions: SessionManager, options: McpOpti
 
         Pass the context inline (text, or JSON such as a list of documents) or as
         `context_path`, a file under one of the server's --allow-dir directories.
-        `max_cost_usd` lowers the server's cost budget for this run. Progress arrives as
+        `schema` (a JSON Schema) asks for a typed answer: it is validated, and returned
+        as `output` in the structured content. `max_cost_usd` lowers the server's cost budget for this run. Progress arrives as
         progress notifications; cancelling the call cancels the run.
         """
         if not query.strip():
