@@ -24,8 +24,19 @@ from rlm.errors import ConfigError, LLMError, RLMError
 from rlm.llm import AsyncOpenAIClient
 from rlm.parsing import find_code_blocks, find_final_in_text
 from rlm.repl import REPLEnv, describe_context, failed_slot
+from rlm.sandbox.modules import importable_modules
 from rlm.trajectory import Trajectory
 from rlm.usage import PRICE_HELP, Usage, check_prices
+
+# Current frontier models take 128k tokens or more; compact well before that so the
+# reply and the next cell output still fit.
+DEFAULT_ROOT_WINDOW_TOKENS = 100_000
+# What a sub-model reads at once, in characters: about 125k tokens, the window of
+# gpt-4o-mini and most current models. Longer sub-prompts are refused before sending.
+DEFAULT_SUB_WINDOW_CHARS = 500_000
+# Compaction keeps the system prompt, the first user message and this many latest
+# messages (the last reply and the output it produced) verbatim.
+_KEEP_RECENT = 2
 
 
 @dataclass
@@ -161,15 +172,46 @@ class _SubQueryService:
     async def query(self, prompt: str, params: dict[str, Any]) -> str:
         run = self._run
         run.sub_calls += 1
+        oversized = self._oversized(prompt)
+        if oversized is not None:
+            raise oversized
         if run.depth + 1 < run.rlm.max_depth:
             return await self._child(prompt)
         client = run.rlm.sub_client
         request = client.request(prompt, **{"model": run.rlm.recursive_model, **params})
-        return await client.send(request, meter=run.sub_meter)
+        try:
+            return await client.send(request, meter=run.sub_meter)
+        except LLMError as exc:
+            raise self._window_error(prompt, exc) from exc
+
+    def _oversized(self, prompt: Any) -> LLMError | None:
+        """The error for a prompt larger than the sub-model's window (never sent)."""
+        window = self._run.rlm.sub_window_chars
+        chars = _prompt_chars(prompt)
+        if chars <= window:
+            return None
+        return LLMError(prompts.sub_window_error(chars, window))
+
+    def _window_error(self, prompt: Any, exc: LLMError) -> LLMError:
+        """A server's context-length refusal, said the way the prompt promises."""
+        if not _is_context_length_error(exc):
+            return exc
+        return LLMError(prompts.sub_window_error(_prompt_chars(prompt), self._run.rlm.sub_window_chars),
+                        status=exc.status, attempts=exc.attempts)
 
     async def batch(self, prompts: list[str], params: dict[str, Any]) -> list[str]:
         run = self._run
         run.sub_calls += len(prompts)
+        # Oversized prompts are answered here and never sent; the rest go out as one batch.
+        refused = {i: err for i, p in enumerate(prompts) if (err := self._oversized(p)) is not None}
+        if refused:
+            sendable = [p for i, p in enumerate(prompts) if i not in refused]
+            sent = iter(await self._send_batch(sendable, params) if sendable else [])
+            return [failed_slot(refused[i]) if i in refused else next(sent) for i in range(len(prompts))]
+        return await self._send_batch(prompts, params)
+
+    async def _send_batch(self, prompts: list[str], params: dict[str, Any]) -> list[str]:
+        run = self._run
         total = len(prompts)
         if run.depth + 1 < run.rlm.max_depth:
             results = await asyncio.gather(
@@ -189,7 +231,10 @@ class _SubQueryService:
             results = await client.send_many(
                 requests, meter=run.sub_meter, on_item_done=progress
             )
-        return [failed_slot(r) for r in results]
+        return [
+            failed_slot(self._window_error(p, r) if isinstance(r, LLMError) else r)
+            for p, r in zip(prompts, results, strict=True)
+        ]
 
     async def _child(self, prompt: str) -> str:
         run = self._run
@@ -199,6 +244,38 @@ class _SubQueryService:
         if child.answer is None:
             raise LLMError(f"the child RLM found no answer ({child.error or child.stopped_reason})")
         return child.answer
+
+
+def _prompt_chars(prompt: Any) -> int:
+    if isinstance(prompt, str):
+        return len(prompt)
+    total = 0
+    for message in prompt if isinstance(prompt, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(str(part.get("text", ""))) for part in content if isinstance(part, dict))
+    return total
+
+
+def _is_context_length_error(exc: BaseException) -> bool:
+    # Servers word it differently: OpenAI "context_length_exceeded" / "maximum context
+    # length", vLLM "longer than the maximum model length", llama.cpp "exceeds the
+    # available context size".
+    if not isinstance(exc, LLMError) or exc.status not in (400, 413, 422):
+        return False
+    text = str(exc).lower()
+    return any(
+        marker in text
+        for marker in ("context length", "context_length", "context window", "maximum model length",
+                       "context size", "too many tokens", "prompt is too long")
+    )
+
+
+def _estimate_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+    # About 4 characters a token for English text and code; a few tokens per message.
+    return sum(len(str(m.get("content") or "")) for m in messages) // 4 + 4 * len(messages)
 
 
 def _short_error(exc: BaseException) -> str:
@@ -220,7 +297,10 @@ class RLM:
     (falling back to OPENAI_BASE_URL/OPENAI_API_KEY), the sub client with
     ``max_concurrency`` in flight. Budgets (``max_cost_usd``, ``max_tokens``,
     ``max_time_s``) stop a run with ``stopped_reason="budget"``. ``log_dir`` keeps a
-    JSONL trajectory per run; ``verbose`` shows each iteration live.
+    JSONL trajectory per run; ``verbose`` shows each iteration live. ``on_event`` is
+    called with every trajectory event of every run (children's too, and the transient
+    ``subcalls`` progress events), from whichever thread emits it, so it must be quick
+    and thread-safe: servers use it to stream progress.
     """
 
     def __init__(
@@ -239,19 +319,31 @@ class RLM:
         max_time_s: float | None = None,
         log_dir: str | Path | None = None,
         verbose: bool = False,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
         system_prompt: str | None = None,
         tools: Mapping[str, Callable[..., Any]] | None = None,
+        tool_descriptions: Mapping[str, str] | None = None,
+        root_window_tokens: int | None = DEFAULT_ROOT_WINDOW_TOKENS,
         client: AsyncOpenAIClient | None = None,
         sub_client: AsyncOpenAIClient | None = None,
         max_concurrency: int = 64,
         cell_timeout: float = 60.0,
-        sub_window_chars: int = 100_000,
+        sub_window_chars: int = DEFAULT_SUB_WINDOW_CHARS,
         prices: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
         if not isinstance(max_iterations, int) or max_iterations < 1:
             raise ConfigError(f"max_iterations must be an int >= 1, got {max_iterations!r}")
         if not isinstance(max_depth, int) or max_depth < 1:
             raise ConfigError(f"max_depth must be an int >= 1, got {max_depth!r}")
+        if root_window_tokens is not None and (
+            not isinstance(root_window_tokens, int) or root_window_tokens < 1000
+        ):
+            raise ConfigError(
+                f"root_window_tokens must be an int >= 1000 or None (no compaction), "
+                f"got {root_window_tokens!r}"
+            )
+        if not isinstance(sub_window_chars, int) or sub_window_chars < 100:
+            raise ConfigError(f"sub_window_chars must be an int >= 100, got {sub_window_chars!r}")
         if sandbox is not None and sandbox not in ("local", "process"):
             raise ConfigError(f"sandbox must be 'local' or 'process', got {sandbox!r}")
         if prices is not None:
@@ -286,8 +378,22 @@ class RLM:
             self._check_priced()
         self.log_dir = log_dir
         self.verbose = verbose
-        self.system_prompt = system_prompt or prompts.SYSTEM_PROMPT.format(sub_window=f"{sub_window_chars:,}")
+        self.on_event = on_event
         self.tools = dict(tools or {})
+        unknown = sorted(set(tool_descriptions or {}) - set(self.tools))
+        if unknown:
+            raise ConfigError(
+                f"tool_descriptions names tools that were not passed in tools=: {', '.join(unknown)}"
+            )
+        self.tool_descriptions = dict(tool_descriptions or {})
+        self.sub_window_chars = sub_window_chars
+        self.root_window_tokens = root_window_tokens
+        self.system_prompt = system_prompt or prompts.build_system_prompt(
+            sub_window_chars=sub_window_chars,
+            sub_model=self.recursive_model,
+            tools=prompts.describe_tools(self.tools, self.tool_descriptions),
+            modules=prompts.describe_imports(importable_modules()),
+        )
         self.cell_timeout = cell_timeout
 
     def _check_priced(self) -> None:
@@ -399,6 +505,8 @@ class RLM:
             from rlm.display import LiveDisplay
 
             sinks.append(LiveDisplay())
+        if parent is None and self.on_event is not None:
+            sinks.append(self.on_event)
         log_dir = self.log_dir if depth == 0 else None
         trajectory = Trajectory(log_dir=log_dir, depth=depth, sinks=sinks)
         if parent is not None:
@@ -447,6 +555,7 @@ class RLM:
                 sandbox=self.sandbox,
                 max_iterations=self.max_iterations,
                 max_depth=self.max_depth,
+                tools=sorted(self.tools),
             )
             if env is None:
                 # Starting (and closing) an env may block on a worker; keep the loop free.
@@ -539,6 +648,7 @@ class RLM:
         for iteration in range(1, self.max_iterations + 1):
             run.iterations = iteration
             run.check_budget()
+            messages = await self._maybe_compact(run, messages, iteration)
             reply = await self._root_turn(run, messages, iteration, new)
             messages.append({"role": "assistant", "content": reply})
             run.check_budget()
@@ -589,6 +699,49 @@ class RLM:
             final = reply.strip()
             run.trajectory.emit("final", answer=final, source="last_turn")
         return final, "max_iterations", self.max_iterations
+
+    async def _maybe_compact(
+        self, run: _Run, messages: list[dict[str, Any]], iteration: int
+    ) -> list[dict[str, Any]]:
+        """Replace older turns by a root-written summary once the conversation is too long.
+
+        The system prompt, the first user message (description and query) and the last
+        reply with its output stay verbatim; the summary joins the first user message so
+        roles still alternate. The REPL is untouched, so variables named in the summary
+        still hold their values.
+        """
+        limit = self.root_window_tokens
+        if limit is None or len(messages) <= 2 + _KEEP_RECENT:
+            return messages
+        before = _estimate_tokens(messages)
+        if before <= limit:
+            return messages
+        head, recent = messages[:2], messages[-_KEEP_RECENT:]
+        request = [*messages[:-_KEEP_RECENT], {"role": "user", "content": prompts.COMPACTION_PROMPT}]
+        usage_before = run.root_meter.snapshot()
+        client = self.client
+        summary = await client.send(client.request(request, model=self.model), meter=run.root_meter)
+        spent = run.root_meter.snapshot() - usage_before
+        first = dict(head[1])
+        first["content"] = (
+            f"{head[1]['content']}\n\n{prompts.COMPACTED_TEMPLATE.format(summary=summary.strip())}"
+        )
+        compacted = [head[0], first, *recent]
+        run.trajectory.emit(
+            "compaction",
+            iteration=iteration,
+            messages_before=len(messages),
+            messages_after=len(compacted),
+            tokens_before=before,
+            tokens_after=_estimate_tokens(compacted),
+            summary=summary,
+            usage={
+                "prompt_tokens": spent.prompt_tokens,
+                "completion_tokens": spent.completion_tokens,
+                "cost_usd": spent.cost_usd,
+            },
+        )
+        return compacted
 
     async def _final_from_text(self, run: _Run, env: REPLEnv, reply: str) -> str | None:
         found = find_final_in_text(reply)

@@ -85,3 +85,7 @@ class BatchError(RLMError):
 
 class SandboxError(RLMError):
     """The sandbox itself (not the user's code) could not run: a worker would not start."""
+
+
+class AccessDeniedError(RLMError):
+    """A server was asked to read a path outside the directories it was allowed to read."""

@@ -3,7 +3,7 @@
 A root model works here: ``context`` is a variable (the caller's object itself, never
 copied), sub-queries go through ``llm_query``/``llm_query_batch`` and their async forms,
 and the answer comes back through ``FINAL``/``FINAL_VAR``. Cells run under the policy of
-``rlm.sandbox.policy`` in an executor: ``"local"`` (a worker thread of this process,
+the sandbox policy (``rlm.sandbox.cells``) in an executor: ``"local"`` (a worker thread of this process,
 soft limits, fastest) or ``"process"`` (a worker process with OS limits).
 
 A list or dict context is shared, not copied: code in the env can change it in place
@@ -25,7 +25,7 @@ from typing import Any
 from rlm import loop as engine
 from rlm.errors import ConfigError, EnvClosedError, LLMError, LoopError
 from rlm.sandbox import CellOutcome, Executor, SubQueries
-from rlm.sandbox.policy import FAILED_SLOT_PREFIX, LLMQueryError
+from rlm.sandbox.subqueries import FAILED_SLOT_PREFIX, LLMQueryError
 
 __all__ = ["ClientSubQueries", "ExecResult", "REPLEnv", "describe_context"]
 

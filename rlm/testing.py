@@ -54,7 +54,7 @@ __all__ = [
     "spawn_fake_server",
 ]
 
-FAULT_KINDS = frozenset({"429", "500", "503", "hang", "drop", "malformed"})
+FAULT_KINDS = frozenset({"429", "500", "503", "hang", "drop", "malformed", "context_length"})
 
 # Limits that keep a misbehaving client from making the server buffer without bound.
 _MAX_HEAD = 64 * 1024
@@ -83,7 +83,9 @@ class Fault:
     ``Retry-After`` in seconds and/or ``retry-after-ms`` headers when given), ``"500"`` or
     ``"503"`` (an OpenAI-style error body), ``"hang"`` (never answer; the connection stays
     open until the client gives up or the server stops), ``"drop"`` (close the connection
-    without a byte) or ``"malformed"`` (status 200 whose body is not valid JSON).
+    without a byte), ``"malformed"`` (status 200 whose body is not valid JSON) or
+    ``"context_length"`` (400 ``context_length_exceeded``, as a model refuses a prompt
+    longer than its window).
     """
 
     kind: str
@@ -860,6 +862,14 @@ class FakeLLMServer:
                 "rate_limit_exceeded",
             )
             return "send", _response(429, body, extra=extra, close=close)
+        if kind == "context_length":
+            body = _error_body(
+                "This model's maximum context length is 8192 tokens; your messages resulted "
+                "in more tokens (simulated). Please reduce the length of the messages.",
+                "invalid_request_error",
+                "context_length_exceeded",
+            )
+            return "send", _response(400, body, close=close)
         if kind == "500":
             body = _error_body(
                 "The server had an error while processing your request (simulated).",

@@ -110,10 +110,12 @@ def test_a_thread_cannot_be_started_to_outlive_the_cell(env: REPLEnv) -> None:
         "import threading",
         "import _thread",
         "import concurrent.futures",
-        "import asyncio",
     ):
         r = env.execute(code)
         assert r.error is not None and ("not allowed" in r.error or "off limits" in r.error), code
+    for code in ("import asyncio\nasyncio.to_thread", "import asyncio\nasyncio.get_running_loop"):
+        r = env.execute(code)
+        assert r.error is not None and "has no attribute" in r.error, code
     _works(env)
 
 
@@ -215,7 +217,8 @@ def test_writing_a_file_is_impossible(env: REPLEnv, tmp_path: Path) -> None:
     canary = tmp_path / "canary.txt"
     attempts = [
         f"open({str(canary)!r}, 'w').write('x')",
-        "import io",
+        "import io\nio.open",
+        "import io\nio.FileIO",
         "import pathlib",
         "import shutil",
         "import tempfile",

@@ -91,7 +91,12 @@ PRELOAD = (
     "unicodedata",
     "_strptime",
     "concurrent.futures",
-    "rlm.sandbox.policy",
+    "rlm.sandbox.compiler",
+    "rlm.sandbox.guards",
+    "rlm.sandbox.safe_builtins",
+    "rlm.sandbox.modules",
+    "rlm.sandbox.subqueries",
+    "rlm.sandbox.cells",
     "rlm.sandbox.local",
 )
 
@@ -301,9 +306,9 @@ def _warm_policy() -> None:
     """
     import asyncio
 
-    from rlm.sandbox import local, policy
+    from rlm.sandbox import cells, compiler, local, modules
 
-    allowed = [m for m in policy.ALLOWED_MODULES if m != "__future__"]
+    allowed = [m for m in modules.ALLOWED_MODULES if m != "__future__"]
     source = "".join(f"import {m}\n" for m in allowed) + (
         "import datetime\n"
         "datetime.datetime.strptime('2024-01-02', '%Y-%m-%d')\n"
@@ -314,16 +319,16 @@ def _warm_policy() -> None:
         "undefined_name\n"
     )
     sink: list[str] = []
-    ns = policy.build_namespace(write_stdout=sink.append, write_stderr=sink.append, extra={})
+    ns = cells.build_namespace(write_stdout=sink.append, write_stderr=sink.append, extra={})
     loop = asyncio.new_event_loop()
     try:
-        cell = policy.compile_cell(source, "<warm-up>")
+        cell = compiler.compile_cell(source, "<warm-up>")
         try:
-            policy.run_cell(cell, ns, loop)
+            cells.run_cell(cell, ns, loop)
         except BaseException as exc:  # noqa: BLE001 - the NameError is the point
-            policy.format_user_error(exc, cell, ns)
-        with contextlib.suppress(policy.PolicyError):
-            policy.compile_cell("def f(:\n", "<warm-up>")
+            cells.format_user_error(exc, cell, ns)
+        with contextlib.suppress(compiler.PolicyError):
+            compiler.compile_cell("def f(:\n", "<warm-up>")
         local._timeout_reason(1.0)
     finally:
         loop.close()
@@ -653,7 +658,7 @@ def _remote_error(op: str, msg: dict[str, Any]) -> Exception:
     """The exception a failed host request raises in the cell."""
     text = str(msg.get("error") or "the host could not answer")
     if op != "tool":
-        from rlm.sandbox.policy import LLMQueryError
+        from rlm.sandbox.subqueries import LLMQueryError
 
         return LLMQueryError(text)
     # A tool's own exception type when it is a builtin one (ValueError, KeyError...), so
@@ -770,15 +775,14 @@ class _Session:
     def __init__(self, worker: _Worker, init: dict[str, Any], context: Any) -> None:
         import asyncio
 
-        from rlm.sandbox import policy
+        from rlm.sandbox import cells
 
         self.worker = worker
-        self.policy = policy
         self.setup_code: str | None = init.get("setup_code")
         self.limit = int(init.get("max_output_chars", 20_000))
         self.memory_limit_mb = init.get("memory_limit_mb")
-        self.out = policy.OutputBuffer(self.limit)
-        self.err = policy.OutputBuffer(self.limit)
+        self.out = cells.OutputBuffer(self.limit)
+        self.err = cells.OutputBuffer(self.limit)
         # What a killed cell still shows: the head of its output, sent as it is written.
         self.streamed = 0
         self.last_flush = 0.0
@@ -787,7 +791,7 @@ class _Session:
         extra: dict[str, Any] = {"context": context}
         extra.update(self._llm_functions())
         extra.update(self._tool_stubs(init.get("tools") or []))
-        self.ns = policy.build_namespace(
+        self.ns = cells.build_namespace(
             write_stdout=lambda text: self._write("stdout", text),
             write_stderr=lambda text: self._write("stderr", text),
             extra=extra,
@@ -821,31 +825,31 @@ class _Session:
         return self._run(code, timeout, filename)
 
     def _run(self, code: str, timeout: float | None, filename: str) -> dict[str, Any]:
+        from rlm.sandbox import cells, compiler
         from rlm.sandbox.local import _timeout_reason
 
-        policy = self.policy
-        self.out = policy.OutputBuffer(self.limit)
-        self.err = policy.OutputBuffer(self.limit)
+        self.out = cells.OutputBuffer(self.limit)
+        self.err = cells.OutputBuffer(self.limit)
         self.streamed = 0
         self.last_flush = 0.0
         error: str | None = None
         final: str | None = None
         try:
             try:
-                cell = policy.compile_cell(code, filename)
-            except policy.PolicyError as exc:
+                cell = compiler.compile_cell(code, filename)
+            except compiler.PolicyError as exc:
                 error = str(exc)
             else:
                 reason = _timeout_reason(timeout)
                 try:
-                    policy.run_cell(
+                    cells.run_cell(
                         cell,
                         self.ns,
                         self.loop,
                         on_start=lambda stop: self.watchdog.arm(stop, timeout, reason),
                     )
                 except BaseException as exc:  # noqa: BLE001 - every fault of user code is reported
-                    error = policy.format_user_error(exc, cell, self.ns)
+                    error = cells.format_user_error(exc, cell, self.ns)
                     if isinstance(exc, MemoryError) and self.memory_limit_mb:
                         error += (
                             f"\nThe process sandbox limits the REPL to {self.memory_limit_mb} MB"
@@ -854,7 +858,7 @@ class _Session:
                     del exc
                 finally:
                     self.watchdog.disarm()
-                final = policy.take_final(self.ns)
+                final = cells.take_final(self.ns)
         except BaseException as exc:  # noqa: BLE001 - the worker must survive anything
             error = error or f"{type(exc).__name__}: the REPL could not run the cell ({exc})"
         return {
@@ -878,14 +882,14 @@ class _Session:
         """Stubs with the local executor's checks, errors and notes; the work is the host's."""
         import asyncio
 
+        from rlm.sandbox import cells, subqueries
         from rlm.sandbox.local import _prompt_list, _short
 
-        policy = self.policy
         worker = self.worker
-        LLMQueryError = policy.LLMQueryError  # noqa: N806 - the class, under its own name
+        LLMQueryError = subqueries.LLMQueryError  # noqa: N806 - the class, under its own name
 
         def note_failures(results: list[str]) -> None:
-            failed = policy.count_failed_slots(results)
+            failed = subqueries.count_failed_slots(results)
             if failed:
                 self._write(
                     "stderr",
@@ -895,23 +899,23 @@ class _Session:
 
         def llm_query(prompt: Any, **params: Any) -> str:
             """Ask a sub-model one prompt (a str or a list of chat messages); returns its reply."""
-            policy.check_subquery_prompt(prompt)
-            policy.check_subquery_params(params)
+            subqueries.check_subquery_prompt(prompt)
+            subqueries.check_subquery_params(params)
             future = worker.submit("query", prompt=prompt, params=params)
             try:
-                return policy.wait_for_future(self.ns, future)
+                return cells.wait_for_future(self.ns, future)
             except Exception as exc:
                 raise LLMQueryError(_short(exc)) from None
 
         def llm_query_batch(prompts: Any, **params: Any) -> list[str]:
             """Ask a sub-model many prompts concurrently; replies in order, failures as error strings."""
             items = _prompt_list(prompts)
-            policy.check_subquery_params(params)
+            subqueries.check_subquery_params(params)
             if not items:
                 return []
             future = worker.submit("batch", prompts=items, params=params)
             try:
-                results = policy.wait_for_future(self.ns, future)
+                results = cells.wait_for_future(self.ns, future)
             except Exception as exc:
                 raise LLMQueryError(_short(exc)) from None
             note_failures(results)
@@ -919,8 +923,8 @@ class _Session:
 
         async def llm_query_async(prompt: Any, **params: Any) -> str:
             """Async form of llm_query: ``await llm_query_async(prompt)``."""
-            policy.check_subquery_prompt(prompt)
-            policy.check_subquery_params(params)
+            subqueries.check_subquery_prompt(prompt)
+            subqueries.check_subquery_params(params)
             future = worker.submit("query", prompt=prompt, params=params)
             try:
                 return await asyncio.wrap_future(future)
@@ -930,7 +934,7 @@ class _Session:
         async def llm_query_batch_async(prompts: Any, **params: Any) -> list[str]:
             """Async form of llm_query_batch: ``await llm_query_batch_async(prompts)``."""
             items = _prompt_list(prompts)
-            policy.check_subquery_params(params)
+            subqueries.check_subquery_params(params)
             if not items:
                 return []
             future = worker.submit("batch", prompts=items, params=params)
@@ -956,7 +960,8 @@ class _Session:
         import asyncio
 
         name = str(spec["name"])
-        policy = self.policy
+        from rlm.sandbox import cells
+
         worker = self.worker
         stub: Callable[..., Any]
         if spec.get("async"):
@@ -971,7 +976,7 @@ class _Session:
 
             def tool(*args: Any, **kwargs: Any) -> Any:
                 future = worker.submit("tool", name=name, args=args, kwargs=kwargs)
-                return policy.wait_for_future(self.ns, future)
+                return cells.wait_for_future(self.ns, future)
 
             stub = tool
         stub.__name__ = stub.__qualname__ = name

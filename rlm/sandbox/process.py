@@ -2,8 +2,8 @@
 
 Each ``ProcessExecutor`` owns one worker process forked from a per-host template
 ("zygote") process that already has the policy and every allowed module imported, so a
-worker starts in milliseconds. The worker runs cells under ``rlm.sandbox.policy`` exactly
-like the local executor (same compile step, namespace, deadline checks, output cap and
+worker starts in milliseconds. The worker runs cells under the sandbox policy
+(``rlm.sandbox.cells``) exactly like the local executor (same compile step, namespace, deadline checks, output cap and
 messages); what the process adds is what no in-process policy can give:
 
 - a wall-clock limit enforced from outside: the policy's deadline stops a Python loop
@@ -90,7 +90,7 @@ from rlm.sandbox._worker import (
     pack,
 )
 from rlm.sandbox.local import NO_CLIENT, _short, _wrap_tools
-from rlm.sandbox.policy import LLMQueryError, check_subquery_params, check_subquery_prompt
+from rlm.sandbox.subqueries import LLMQueryError, check_subquery_params, check_subquery_prompt
 
 __all__ = [
     "PROTECTION_KEYS",
