@@ -25,6 +25,8 @@ from rlm.llm import AsyncOpenAIClient
 from rlm.parsing import find_code_blocks, find_final_in_text
 from rlm.repl import REPLEnv, describe_context, failed_slot
 from rlm.sandbox.modules import importable_modules
+from rlm.schema import Schema, SchemaIssue, format_issues
+from rlm.structured import check_subquery_schema, structured_batch, structured_query
 from rlm.trajectory import Trajectory
 from rlm.usage import PRICE_HELP, Usage, check_prices
 
@@ -45,8 +47,15 @@ class RLMResult:
 
     ``stopped_reason`` is "final" (the code called FINAL/FINAL_VAR, or the root wrote
     one), "max_iterations" (the last-turn answer), "budget" (a cost, token or time
-    budget ran out: ``error`` says which) or "error" (``error`` says what failed).
-    ``usage`` has "root" and "sub" ``Usage`` snapshots of this run alone.
+    budget ran out: ``error`` says which), "invalid_answer" (a run with ``schema=``
+    whose answer still did not match after ``max_answer_retries``) or "error"
+    (``error`` says what failed). ``usage`` has "root" and "sub" ``Usage`` snapshots of
+    this run alone.
+
+    With ``schema=``, ``output`` is the validated object (a model instance, list, dict,
+    number...) and ``answer`` its JSON text (a str output is the answer as is). After
+    "invalid_answer", ``raw_output`` keeps the last value given to FINAL and
+    ``validation_errors`` what was wrong with it (dicts of path, expected, received).
     """
 
     answer: str | None
@@ -58,6 +67,9 @@ class RLMResult:
     error: str | None = None
     trajectory: list[dict[str, Any]] = field(default_factory=list)
     log_path: str | None = None
+    output: Any = None
+    raw_output: Any = None
+    validation_errors: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -81,9 +93,16 @@ class RLMResult:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (the trajectory is left out; it is in ``log_path``)."""
-        return {
+        """JSON-ready dict (the trajectory is left out; it is in ``log_path``).
+
+        ``output`` is the validated output as JSON data (null without a schema);
+        ``raw_output`` and ``validation_errors`` appear after an invalid answer.
+        """
+        from pydantic_core import to_jsonable_python
+
+        data: dict[str, Any] = {
             "answer": self.answer,
+            "output": to_jsonable_python(self.output),
             "stopped_reason": self.stopped_reason,
             "error": self.error,
             "iterations": self.iterations,
@@ -92,6 +111,10 @@ class RLMResult:
             "usage": {k: v.to_dict() for k, v in self.usage.items()},
             "log_path": self.log_path,
         }
+        if self.stopped_reason == "invalid_answer":
+            data["raw_output"] = to_jsonable_python(self.raw_output, fallback=repr)
+            data["validation_errors"] = self.validation_errors
+        return data
 
     def _repr_html_(self) -> str:
         from rlm.display import result_html
@@ -169,14 +192,22 @@ class _SubQueryService:
     def __init__(self, run: _Run) -> None:
         self._run = run
 
-    async def query(self, prompt: str, params: dict[str, Any]) -> str:
+    async def query(self, prompt: str, params: dict[str, Any]) -> Any:
         run = self._run
         run.sub_calls += 1
+        params = dict(params)
+        schema = check_subquery_schema(params.pop("schema")) if "schema" in params else None
         oversized = self._oversized(prompt)
         if oversized is not None:
             raise oversized
         if run.depth + 1 < run.rlm.max_depth:
-            return await self._child(prompt)
+            return await self._child(prompt, schema)
+        if schema is not None:
+            return await structured_query(self._send, prompt, schema, params, run.rlm.sub_client)
+        return await self._send(prompt, params)
+
+    async def _send(self, prompt: Any, params: dict[str, Any]) -> str:
+        run = self._run
         client = run.rlm.sub_client
         request = client.request(prompt, **{"model": run.rlm.recursive_model, **params})
         try:
@@ -199,7 +230,7 @@ class _SubQueryService:
         return LLMError(prompts.sub_window_error(_prompt_chars(prompt), self._run.rlm.sub_window_chars),
                         status=exc.status, attempts=exc.attempts)
 
-    async def batch(self, prompts: list[str], params: dict[str, Any]) -> list[str]:
+    async def batch(self, prompts: list[str], params: dict[str, Any]) -> list[Any]:
         run = self._run
         run.sub_calls += len(prompts)
         # Oversized prompts are answered here and never sent; the rest go out as one batch.
@@ -213,37 +244,47 @@ class _SubQueryService:
     async def _send_batch(self, prompts: list[str], params: dict[str, Any]) -> list[str]:
         run = self._run
         total = len(prompts)
+        params = dict(params)
+        schema = check_subquery_schema(params.pop("schema")) if "schema" in params else None
         if run.depth + 1 < run.rlm.max_depth:
             results = await asyncio.gather(
-                *(self._child(p) for p in prompts), return_exceptions=True
+                *(self._child(p, schema) for p in prompts), return_exceptions=True
+            )
+        elif schema is not None:
+            results = await structured_batch(
+                self._send, prompts, schema, params, run.rlm.sub_client, self._progress(total)
             )
         else:
             client = run.rlm.sub_client
             params = {"model": run.rlm.recursive_model, **params}
             requests = [client.request(p, **params) for p in prompts]
-            step = max(1, total // 50)
-            emit = run.trajectory.emit
-
-            def progress(done: int, total_: int) -> None:
-                if done == total_ or done % step == 0:
-                    emit("subcalls", done=done, total=total_)
-
             results = await client.send_many(
-                requests, meter=run.sub_meter, on_item_done=progress
+                requests, meter=run.sub_meter, on_item_done=self._progress(total)
             )
         return [
             failed_slot(self._window_error(p, r) if isinstance(r, LLMError) else r)
             for p, r in zip(prompts, results, strict=True)
         ]
 
-    async def _child(self, prompt: str) -> str:
+    def _progress(self, total: int) -> Callable[[int, int], None]:
+        step = max(1, total // 50)
+        emit = self._run.trajectory.emit
+
+        def progress(done: int, total_: int) -> None:
+            if done == total_ or done % step == 0:
+                emit("subcalls", done=done, total=total_)
+
+        return progress
+
+    async def _child(self, prompt: str, schema: Schema | None = None) -> Any:
         run = self._run
         child = await run.run_child(
-            context=prompt, query=prompts.CHILD_QUERY, depth=run.depth + 1, parent=run
+            context=prompt, query=prompts.CHILD_QUERY, depth=run.depth + 1, parent=run,
+            schema=schema,
         )
         if child.answer is None:
             raise LLMError(f"the child RLM found no answer ({child.error or child.stopped_reason})")
-        return child.answer
+        return child.answer if schema is None else schema.to_json(child.output)
 
 
 def _prompt_chars(prompt: Any) -> int:
@@ -300,7 +341,8 @@ class RLM:
     JSONL trajectory per run; ``verbose`` shows each iteration live. ``on_event`` is
     called with every trajectory event of every run (children's too, and the transient
     ``subcalls`` progress events), from whichever thread emits it, so it must be quick
-    and thread-safe: servers use it to stream progress.
+    and thread-safe: servers use it to stream progress. A run with ``schema=`` gives the
+    root ``max_answer_retries`` more tries after an answer that does not match.
     """
 
     def __init__(
@@ -312,6 +354,7 @@ class RLM:
         *,
         max_iterations: int = 20,
         max_depth: int = 1,
+        max_answer_retries: int = 2,
         sandbox: str | None = None,
         max_output_chars: int = 20_000,
         max_cost_usd: float | None = None,
@@ -335,6 +378,8 @@ class RLM:
             raise ConfigError(f"max_iterations must be an int >= 1, got {max_iterations!r}")
         if not isinstance(max_depth, int) or max_depth < 1:
             raise ConfigError(f"max_depth must be an int >= 1, got {max_depth!r}")
+        if not isinstance(max_answer_retries, int) or max_answer_retries < 0:
+            raise ConfigError(f"max_answer_retries must be an int >= 0, got {max_answer_retries!r}")
         if root_window_tokens is not None and (
             not isinstance(root_window_tokens, int) or root_window_tokens < 1000
         ):
@@ -368,6 +413,7 @@ class RLM:
         self.sub_client = sub_client
         self.max_iterations = max_iterations
         self.max_depth = max_depth
+        self.max_answer_retries = max_answer_retries
         self.sandbox = sandbox or _default_sandbox()
         self.max_output_chars = max_output_chars
         self.max_cost_usd = max_cost_usd
@@ -415,35 +461,50 @@ class RLM:
 
     # -- public API -------------------------------------------------------------------
 
-    def completion(self, context: Any, query: str) -> RLMResult:
-        """Answer ``query`` over ``context`` (sync; works inside a running loop too)."""
-        return engine.run_sync(self.acompletion(context, query))
+    def completion(self, context: Any, query: str, schema: Any = None) -> RLMResult:
+        """Answer ``query`` over ``context`` (sync; works inside a running loop too).
 
-    async def acompletion(self, context: Any, query: str) -> RLMResult:
-        """Answer ``query`` over ``context``; never raises for a failed run (see ``error``)."""
+        ``schema`` asks for a typed answer (see ``acompletion``).
+        """
+        return engine.run_sync(self.acompletion(context, query, schema=schema))
+
+    async def acompletion(self, context: Any, query: str, schema: Any = None) -> RLMResult:
+        """Answer ``query`` over ``context``; never raises for a failed run (see ``error``).
+
+        ``schema`` (a pydantic model class, a type such as ``list[str]``, or a JSON
+        Schema dict) asks for a typed answer: the root is shown the JSON Schema, its
+        FINAL value is validated here, a mismatch is sent back for a fix, and
+        ``result.output`` holds the validated object. A schema that is not one raises
+        ConfigError at once.
+        """
         _check_query(query)
-        return await self._run(context=context, query=query, depth=0)
+        typed = Schema.of(schema) if schema is not None else None
+        return await self._run(context=context, query=query, depth=0, schema=typed)
 
     async def acompletion_batch(
         self,
         tasks: Iterable[tuple[Any, str] | Mapping[str, Any]],
         max_concurrent: int = 8,
         progress: bool = True,
+        schema: Any = None,
     ) -> list[RLMResult]:
         """Run many (context, query) tasks at once, each in its own REPLEnv, in order.
 
         All tasks share this RLM's clients and limiter. A failed task is an RLMResult
         with ``error`` set and ``stopped_reason="error"``; it never stops the others.
-        ``progress`` shows a bar with done, failed and ETA.
+        ``progress`` shows a bar with done, failed and ETA. ``schema`` applies to every
+        task; a task given as a mapping may carry its own ``"schema"`` instead.
         """
-        items: list[tuple[Any, str]] = []
+        default = Schema.of(schema) if schema is not None else None
+        items: list[tuple[Any, str, Schema | None]] = []
         for task in tasks:
             if isinstance(task, Mapping):
-                items.append((task.get("context"), task["query"]))
+                own = task.get("schema")
+                items.append((task.get("context"), task["query"], Schema.of(own) if own is not None else default))
             else:
                 context, query = task
-                items.append((context, query))
-        for _, query in items:
+                items.append((context, query, default))
+        for _, query, _ in items:
             _check_query(query)
         bar = None
         if progress and items:
@@ -453,10 +514,10 @@ class RLM:
             bar.start(len(items))
         gate = asyncio.Semaphore(max(1, max_concurrent))
 
-        async def one(context: Any, query: str) -> RLMResult:
+        async def one(context: Any, query: str, typed: Schema | None) -> RLMResult:
             async with gate:
                 try:
-                    result = await self._run(context=context, query=query, depth=0)
+                    result = await self._run(context=context, query=query, depth=0, schema=typed)
                 except Exception as exc:  # noqa: BLE001 - one task's failure is its own
                     result = RLMResult(answer=None, stopped_reason="error", error=_short_error(exc))
             if bar is not None:
@@ -464,7 +525,7 @@ class RLM:
             return result
 
         try:
-            return list(await asyncio.gather(*(one(c, q) for c, q in items)))
+            return list(await asyncio.gather(*(one(c, q, t) for c, q, t in items)))
         finally:
             if bar is not None:
                 bar.stop()
@@ -534,6 +595,7 @@ class RLM:
         parent: _Run | None = None,
         env: REPLEnv | None = None,
         history: Sequence[tuple[str, str]] = (),
+        schema: Schema | None = None,
     ) -> RLMResult:
         trajectory = self._trajectory(depth, parent)
         run = _Run(self, depth, trajectory, self._run)
@@ -544,6 +606,7 @@ class RLM:
         stopped = "error"
         error: str | None = None
         iterations = 0
+        typed = _TypedAnswer(schema, self.max_answer_retries) if schema is not None else None
         try:
             description = describe_context(context)
             trajectory.emit(
@@ -555,6 +618,7 @@ class RLM:
                 sandbox=self.sandbox,
                 max_iterations=self.max_iterations,
                 max_depth=self.max_depth,
+                schema=schema.json_schema if schema is not None else None,
                 tools=sorted(self.tools),
             )
             if env is None:
@@ -562,7 +626,9 @@ class RLM:
                 env = await asyncio.to_thread(self._new_env, context, _SubQueryService(run))
             else:
                 env.set_sub_queries(_SubQueryService(run))
-            answer, stopped, iterations = await self._loop(run, env, description, query, history)
+            answer, stopped, iterations = await self._loop(run, env, description, query, history, typed)
+            if stopped == "invalid_answer" and typed is not None:
+                error = typed.error_text()
         except _BudgetExceeded as exc:
             stopped, error = "budget", str(exc)
             trajectory.emit("budget", reason=error)
@@ -584,6 +650,11 @@ class RLM:
             trajectory=trajectory.events,
             log_path=str(trajectory.log_path) if trajectory.log_path else None,
         )
+        if typed is not None:
+            result.output = typed.output if answer is not None else None
+            if stopped == "invalid_answer":
+                result.raw_output = typed.raw
+                result.validation_errors = [i.to_dict() for i in typed.issues]
         trajectory.emit(
             "run_end",
             answer=answer,
@@ -635,13 +706,17 @@ class RLM:
         description: str,
         query: str,
         history: Sequence[tuple[str, str]],
+        typed: _TypedAnswer | None = None,
     ) -> tuple[str | None, str, int]:
         first = prompts.FIRST_USER_TEMPLATE.format(description=description, query=query)
         if history:
             lines = "\n".join(f"- Q: {q}\n  A: {a}" for q, a in history)
             first = prompts.HISTORY_TEMPLATE.format(history=lines) + "\n" + first
+        system = self.system_prompt
+        if typed is not None:
+            system += prompts.SCHEMA_SECTION.format(schema=typed.schema.prompt_text())
         messages: list[dict[str, Any]] = [
-            {"role": "system", "content": self.system_prompt},
+            {"role": "system", "content": system},
             {"role": "user", "content": first},
         ]
         new = messages[:]
@@ -656,7 +731,14 @@ class RLM:
             if not blocks:
                 final = await self._final_from_text(run, env, reply)
                 if final is not None:
-                    return final, "final", iteration
+                    verdict, feedback = self._judge(run, typed, final)
+                    if verdict == "answer":
+                        return final if typed is None else typed.answer, "final", iteration
+                    if verdict == "invalid":
+                        return None, "invalid_answer", iteration
+                    new = [{"role": "user", "content": feedback}]
+                    messages.extend(new)
+                    continue
                 new = [{"role": "user", "content": prompts.NO_CODE_TEMPLATE}]
                 messages.extend(new)
                 continue
@@ -676,15 +758,24 @@ class RLM:
                     sub_calls=result.sub_calls,
                     truncated=result.truncated,
                 )
+                feedback = ""
                 if result.final is not None:
                     run.trajectory.emit("final", answer=result.final, source="code")
-                    return result.final, "final", iteration
+                    verdict, feedback = self._judge(run, typed, result.final)
+                    if verdict == "answer":
+                        return result.final if typed is None else typed.answer, "final", iteration
+                    if verdict == "invalid":
+                        return None, "invalid_answer", iteration
                 outputs.append(
                     prompts.format_cell_output(
                         index, result.stdout, result.stderr, result.error, self.max_output_chars
                     )
                 )
                 run.check_budget()
+                if feedback:
+                    # The rest of this reply was written for an answer that was refused.
+                    outputs.append(feedback)
+                    break
             new = [
                 {"role": "user", "content": prompts.NEXT_USER_TEMPLATE.format(outputs="\n\n".join(outputs))}
             ]
@@ -698,7 +789,32 @@ class RLM:
         if final is None:
             final = reply.strip()
             run.trajectory.emit("final", answer=final, source="last_turn")
+        if typed is not None:
+            # No turn is left to fix a mismatch: it ends the run.
+            if self._judge(run, typed, final, last=True)[0] != "answer":
+                return None, "invalid_answer", self.max_iterations
+            return typed.answer, "max_iterations", self.max_iterations
         return final, "max_iterations", self.max_iterations
+
+    def _judge(
+        self, run: _Run, typed: _TypedAnswer | None, value: Any, last: bool = False
+    ) -> tuple[str, str]:
+        """What a FINAL value means for the run: ("answer", ""), ("retry", the feedback
+        for the root) or ("invalid", "") when no retry is left."""
+        if typed is None or typed.accept(value):
+            return "answer", ""
+        left = 0 if last else typed.retries_left()
+        run.trajectory.emit(
+            "answer_invalid",
+            attempt=typed.failures,
+            retries_left=left,
+            errors=[i.to_dict() for i in typed.issues],
+        )
+        if left <= 0:
+            return "invalid", ""
+        return "retry", prompts.INVALID_ANSWER_TEMPLATE.format(
+            issues=format_issues(typed.issues), left=left, plural="s" if left != 1 else ""
+        )
 
     async def _maybe_compact(
         self, run: _Run, messages: list[dict[str, Any]], iteration: int
@@ -757,6 +873,43 @@ class RLM:
         return None
 
 
+class _TypedAnswer:
+    """One run's typed answer: the schema, the attempts so far and the last verdict."""
+
+    def __init__(self, schema: Schema, max_retries: int) -> None:
+        self.schema = schema
+        self.max_retries = max_retries
+        self.failures = 0
+        self.raw: Any = None
+        self.output: Any = None
+        self.answer: str | None = None
+        self.issues: tuple[SchemaIssue, ...] = ()
+
+    def accept(self, value: Any) -> bool:
+        """Validate a FINAL value; on success keep the output and its answer text."""
+        self.raw = value
+        verdict = self.schema.validate_answer(value)
+        if verdict.ok:
+            self.output = verdict.output
+            self.answer = verdict.output if isinstance(verdict.output, str) else self.schema.dumps(verdict.output)
+            self.issues = ()
+            return True
+        self.failures += 1
+        self.issues = verdict.issues
+        return False
+
+    def retries_left(self) -> int:
+        return self.max_retries - self.failures + 1
+
+    def error_text(self) -> str:
+        first = str(self.issues[0]) if self.issues else "no value"
+        tries = self.failures
+        return (
+            f"the answer did not match the schema after {tries} attempt{'s' if tries != 1 else ''} "
+            f"({first}); the last value is in raw_output, the issues in validation_errors"
+        )
+
+
 class RLMSession:
     """Multi-turn work over one context: one REPLEnv kept across ``ask`` calls.
 
@@ -771,15 +924,18 @@ class RLMSession:
         # Each ask gives the env that run's sub-query service.
         self.env = rlm._new_env(context)  # noqa: SLF001
 
-    def ask(self, query: str) -> RLMResult:
-        """Ask the next question (sync; works inside a running loop too)."""
-        return engine.run_sync(self.aask(query))
+    def ask(self, query: str, schema: Any = None) -> RLMResult:
+        """Ask the next question (sync; works inside a running loop too); ``schema`` as
+        for ``RLM.completion``."""
+        return engine.run_sync(self.aask(query, schema=schema))
 
-    async def aask(self, query: str) -> RLMResult:
-        """Ask the next question."""
+    async def aask(self, query: str, schema: Any = None) -> RLMResult:
+        """Ask the next question; ``schema`` asks for a typed answer."""
         _check_query(query)
+        typed = Schema.of(schema) if schema is not None else None
         result = await self.rlm._run(  # noqa: SLF001
-            context=self.context, query=query, depth=0, env=self.env, history=self.history
+            context=self.context, query=query, depth=0, env=self.env, history=self.history,
+            schema=typed,
         )
         if result.answer is not None:
             self.history.append((query, result.answer))

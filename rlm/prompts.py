@@ -28,6 +28,12 @@ awaitable.
 - Every llm_query form takes request options as keywords: `model="..."` asks another \
 model for that call (default: {sub_model}), and `temperature=`, `max_tokens=` and the \
 like pass through.
+- Structured sub-queries: pass `schema=` a JSON Schema dict to any of them, e.g. \
+`llm_query_batch(prompts, schema={{"type": "object", "properties": {{"count": {{"type": \
+"integer"}}}}, "required": ["count"]}})`; each result is then the parsed value (a dict, \
+list, number...) checked against the schema, so you can aggregate it exactly. An item \
+whose reply never matched is a string starting with "[llm_query error:" (check with \
+isinstance(r, str)); a single llm_query raises instead.
 - `FINAL(answer)`: call it with your final answer (a string) to finish.
 - `FINAL_VAR(name)`: finish with the value of the REPL variable `name` (pass its name as \
 a string).
@@ -76,6 +82,38 @@ work on the context, or finish with FINAL(answer).\
 LAST_TURN_PROMPT = """\
 You have used all your iterations. Reply now with your best final answer to the query, \
 as FINAL(your answer) on its own line. No more code will run.\
+"""
+
+SCHEMA_SECTION = """\
+
+
+This query needs a typed answer. Call FINAL with a Python value (a dict, list, number, \
+str or bool, nested as needed) that matches this JSON Schema, not with its text:
+{schema}
+The value is checked when you call FINAL; if it does not match, you are told what is \
+wrong (path, expected type, received value) and the run goes on so you can fix it.\
+"""
+
+INVALID_ANSWER_TEMPLATE = """\
+Your FINAL value does not match the required JSON Schema, so the run is not finished:
+{issues}
+Fix the value and call FINAL again with a Python value that matches the schema \
+({left} more attempt{plural} allowed).\
+"""
+
+# Structured sub-queries (rlm/structured.py). A sub-query with schema= returns the parsed
+# value; one that still does not match after a re-ask fails like any other sub-query:
+# llm_query raises LLMQueryError and llm_query_batch puts "[llm_query error: the reply
+# does not match the schema: ...]" in its slot (see SYSTEM_PROMPT).
+STRUCTURED_INSTRUCTIONS = """\
+Reply with only a JSON value that matches this JSON Schema: no prose, no code fence.
+{schema}\
+"""
+
+STRUCTURED_RETRY = """\
+That reply does not match the JSON Schema:
+{issues}
+Reply again with only the corrected JSON value.\
 """
 
 CHILD_QUERY = """\
