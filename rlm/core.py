@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,13 +21,14 @@ from typing import Any
 from rlm import loop as engine
 from rlm import prompts
 from rlm.errors import ConfigError, LLMError, RLMError
-from rlm.llm import AsyncOpenAIClient, Usage
+from rlm.llm import AsyncOpenAIClient
 from rlm.parsing import find_code_blocks, find_final_in_text
 from rlm.repl import REPLEnv, describe_context, failed_slot
 from rlm.sandbox.modules import importable_modules
 from rlm.schema import Schema, SchemaIssue, format_issues
 from rlm.structured import check_subquery_schema, structured_batch, structured_query
 from rlm.trajectory import Trajectory
+from rlm.usage import PRICE_HELP, Usage, check_prices
 
 # Current frontier models take 128k tokens or more; compact well before that so the
 # reply and the next cell output still fit.
@@ -133,12 +134,20 @@ class _BudgetExceeded(RLMError):
 class _Run:
     """State of one root-loop run: its meters, counters, trajectory and budgets."""
 
-    def __init__(self, rlm: RLM, depth: int, trajectory: Trajectory) -> None:
+    def __init__(
+        self,
+        rlm: RLM,
+        depth: int,
+        trajectory: Trajectory,
+        run_child: Callable[..., Coroutine[Any, Any, RLMResult]],
+    ) -> None:
         self.rlm = rlm
         self.depth = depth
+        # Starts a child run (RLM._run) for recursive sub-queries.
+        self.run_child = run_child
         self.trajectory = trajectory
-        self.root_meter = rlm.client._new_meter()  # noqa: SLF001
-        self.sub_meter = rlm.sub_client._new_meter()  # noqa: SLF001
+        self.root_meter = rlm.client.new_meter()
+        self.sub_meter = rlm.sub_client.new_meter()
         self.sub_calls = 0
         self.iterations = 0
         self.started = time.monotonic()
@@ -200,9 +209,9 @@ class _SubQueryService:
     async def _send(self, prompt: Any, params: dict[str, Any]) -> str:
         run = self._run
         client = run.rlm.sub_client
-        body = client._body(prompt, {"model": run.rlm.recursive_model, **params})  # noqa: SLF001
+        request = client.request(prompt, **{"model": run.rlm.recursive_model, **params})
         try:
-            return await client._on_engine(client._complete(body, run.sub_meter))  # noqa: SLF001
+            return await client.send(request, meter=run.sub_meter)
         except LLMError as exc:
             raise self._window_error(prompt, exc) from exc
 
@@ -247,12 +256,10 @@ class _SubQueryService:
             )
         else:
             client = run.rlm.sub_client
-            bodies = [
-                client._body(p, {"model": run.rlm.recursive_model, **params})  # noqa: SLF001
-                for p in prompts
-            ]
-            results = await client._on_engine(  # noqa: SLF001
-                client._batch(bodies, True, self._progress(total), run.sub_meter)  # noqa: SLF001
+            params = {"model": run.rlm.recursive_model, **params}
+            requests = [client.request(p, **params) for p in prompts]
+            results = await client.send_many(
+                requests, meter=run.sub_meter, on_item_done=self._progress(total)
             )
         return [
             failed_slot(self._window_error(p, r) if isinstance(r, LLMError) else r)
@@ -271,7 +278,7 @@ class _SubQueryService:
 
     async def _child(self, prompt: str, schema: Schema | None = None) -> Any:
         run = self._run
-        child = await run.rlm._run(  # noqa: SLF001
+        child = await run.run_child(
             context=prompt, query=prompts.CHILD_QUERY, depth=run.depth + 1, parent=run,
             schema=schema,
         )
@@ -365,6 +372,7 @@ class RLM:
         max_concurrency: int = 64,
         cell_timeout: float = 60.0,
         sub_window_chars: int = DEFAULT_SUB_WINDOW_CHARS,
+        prices: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
         if not isinstance(max_iterations, int) or max_iterations < 1:
             raise ConfigError(f"max_iterations must be an int >= 1, got {max_iterations!r}")
@@ -383,9 +391,12 @@ class RLM:
             raise ConfigError(f"sub_window_chars must be an int >= 100, got {sub_window_chars!r}")
         if sandbox is not None and sandbox not in ("local", "process"):
             raise ConfigError(f"sandbox must be 'local' or 'process', got {sandbox!r}")
+        if prices is not None:
+            prices = check_prices(prices)
         self._owned: list[AsyncOpenAIClient] = []
         if client is None:
-            client = AsyncOpenAIClient(model=model, api_key=api_key, base_url=base_url)
+            client = AsyncOpenAIClient(model=model, api_key=api_key, base_url=base_url,
+                                       prices=prices)
             self._owned.append(client)
         self.client = client
         self.model = model or client.model
@@ -396,6 +407,7 @@ class RLM:
                 api_key=api_key,
                 base_url=base_url or client.base_url,
                 max_concurrency=max_concurrency,
+                prices=prices,
             )
             self._owned.append(sub_client)
         self.sub_client = sub_client
@@ -407,6 +419,9 @@ class RLM:
         self.max_cost_usd = max_cost_usd
         self.max_tokens = max_tokens
         self.max_time_s = max_time_s
+        self.prices = dict(prices or {})
+        if max_cost_usd is not None:
+            self._check_priced()
         self.log_dir = log_dir
         self.verbose = verbose
         self.on_event = on_event
@@ -426,6 +441,17 @@ class RLM:
             modules=prompts.describe_imports(importable_modules()),
         )
         self.cell_timeout = cell_timeout
+
+    def _check_priced(self) -> None:
+        """A cost budget over a model without a price would be a silent $0: refuse it."""
+        for client, model, role in ((self.client, self.model, "root"),
+                                    (self.sub_client, self.recursive_model, "sub")):
+            price = self.prices.get(model) or client.price(model)
+            if price is None:
+                raise ConfigError(
+                    f"max_cost_usd is set but the {role} model {model!r} has no price, so its "
+                    f"cost would count as $0; {PRICE_HELP.format(model=model)}"
+                )
 
     def __repr__(self) -> str:
         return (
@@ -572,7 +598,7 @@ class RLM:
         schema: Schema | None = None,
     ) -> RLMResult:
         trajectory = self._trajectory(depth, parent)
-        run = _Run(self, depth, trajectory)
+        run = _Run(self, depth, trajectory, self._run)
         if parent is not None:
             parent.children.append(run)
         own_env = env is None
@@ -599,7 +625,7 @@ class RLM:
                 # Starting (and closing) an env may block on a worker; keep the loop free.
                 env = await asyncio.to_thread(self._new_env, context, _SubQueryService(run))
             else:
-                env._set_sub_queries(_SubQueryService(run))  # noqa: SLF001
+                env.set_sub_queries(_SubQueryService(run))
             answer, stopped, iterations = await self._loop(run, env, description, query, history, typed)
             if stopped == "invalid_answer" and typed is not None:
                 error = typed.error_text()
@@ -658,8 +684,7 @@ class RLM:
         before = run.root_meter.snapshot()
         started = time.monotonic()
         client = self.client
-        body = client._body(messages, {"model": self.model})  # noqa: SLF001
-        reply = await client._on_engine(client._complete(body, run.root_meter))  # noqa: SLF001
+        reply = await client.send(client.request(messages, model=self.model), meter=run.root_meter)
         turn = run.root_meter.snapshot() - before
         run.trajectory.emit(
             "root_reply",
@@ -811,8 +836,7 @@ class RLM:
         request = [*messages[:-_KEEP_RECENT], {"role": "user", "content": prompts.COMPACTION_PROMPT}]
         usage_before = run.root_meter.snapshot()
         client = self.client
-        body = client._body(request, {"model": self.model})  # noqa: SLF001
-        summary = await client._on_engine(client._complete(body, run.root_meter))  # noqa: SLF001
+        summary = await client.send(client.request(request, model=self.model), meter=run.root_meter)
         spent = run.root_meter.snapshot() - usage_before
         first = dict(head[1])
         first["content"] = (

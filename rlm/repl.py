@@ -33,8 +33,8 @@ __all__ = ["ClientSubQueries", "ExecResult", "REPLEnv", "describe_context"]
 _SANDBOXES = ("local", "process")
 _LOCAL_OPTIONS = frozenset({"grace_s"})
 _PROCESS_OPTIONS = frozenset(
-    {"memory_limit_mb", "cpu_limit_s", "file_limit_mb", "max_open_files", "max_processes",
-     "start_timeout"}
+    {"memory_limit_mb", "cpu_limit_s", "file_limit_mb", "disk_limit_mb", "max_open_files",
+     "max_processes", "start_timeout"}
 )  # fmt: skip
 
 
@@ -314,8 +314,12 @@ class REPLEnv:
         self._check_open()
         return self._executor.get(name)
 
-    def _set_sub_queries(self, sub_queries: SubQueries | None) -> None:
-        # Used by RLM sessions that reuse one env across runs with a fresh service.
+    def set_sub_queries(self, sub_queries: SubQueries | None) -> None:
+        """Serve this env's llm_query family with ``sub_queries`` from the next call on.
+
+        RLM sessions reuse one env across runs, each run with its own service (its own
+        meters and budget).
+        """
         self._sub_queries.inner = sub_queries
 
     @property
