@@ -76,3 +76,11 @@ class BatchError(RLMError):
 
 class SandboxError(RLMError):
     """The sandbox itself (not the user's code) could not run: a worker would not start."""
+
+
+class TaskInputError(ConfigError):
+    """A job's task input is unusable: a missing file, a malformed line, a duplicate id."""
+
+
+class OutputFileError(ConfigError):
+    """A job's output file cannot be resumed: a line other than the last is not JSON."""
