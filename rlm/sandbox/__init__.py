@@ -1,7 +1,11 @@
 """Sandboxes that run REPL cells: the shared policy and two executors.
 
-``policy`` compiles a cell under RestrictedPython plus our guards and builds the
-namespace it runs in. ``local`` runs cells in a worker thread of this process (fast,
+The policy, one module per concept: ``compiler`` checks and rewrites a cell under
+RestrictedPython plus our rules; ``guards`` are the run-time attribute guards;
+``safe_builtins`` and ``modules`` (the import allowlist and read-only module facades)
+make up what a namespace can reach; ``cells`` builds the namespace, runs a cell with
+its deadline and output capture and writes the error text; ``subqueries`` checks what
+cell code hands to llm_query. ``local`` runs cells in a worker thread of this process (fast,
 soft limits); ``process`` runs them in a worker process (hard limits from the OS).
 Both implement ``Executor`` below, so ``REPLEnv`` treats them alike and the same code
 behaves the same in both.

@@ -33,21 +33,22 @@ from typing import Any
 from rlm import loop as engine
 from rlm.errors import ConfigError, EnvClosedError, LLMError
 from rlm.sandbox import CellOutcome, SubQueries
-from rlm.sandbox.policy import (
+from rlm.sandbox.cells import (
     CellStop,
     CellTimeout,
-    LLMQueryError,
     OutputBuffer,
-    PolicyError,
     build_namespace,
-    check_subquery_params,
-    check_subquery_prompt,
-    compile_cell,
-    count_failed_slots,
     format_user_error,
     run_cell,
     take_final,
     wait_for_future,
+)
+from rlm.sandbox.compiler import PolicyError, compile_cell
+from rlm.sandbox.subqueries import (
+    LLMQueryError,
+    check_subquery_params,
+    check_subquery_prompt,
+    count_failed_slots,
 )
 
 # Seconds a cell gets after its deadline to notice the stop flag before its thread is

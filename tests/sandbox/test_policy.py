@@ -18,19 +18,17 @@ from typing import Any
 
 import pytest
 
-from rlm.sandbox.policy import (
-    ALLOWED_MODULES,
+from rlm.sandbox.cells import (
     CellTimeout,
-    ModuleFacade,
     OutputBuffer,
-    PolicyError,
     build_namespace,
-    compile_cell,
     format_user_error,
-    guarded_getattr,
     run_cell,
     take_final,
 )
+from rlm.sandbox.compiler import PolicyError, compile_cell
+from rlm.sandbox.guards import guarded_getattr
+from rlm.sandbox.modules import ALLOWED_MODULES, ModuleFacade
 
 
 @pytest.fixture
