@@ -244,6 +244,19 @@ async def test_a_client_disconnect_cancels_the_run_and_its_requests(serve_url: s
         assert c.chat.completions.create(model="rlm", messages=needle_messages()).choices[0].message.content == NEEDLE
 
 
+def test_closing_a_stream_mid_run_cancels_it(client: openai.OpenAI, upstream: FakeLLMServer) -> None:
+    stream = client.chat.completions.create(model=f"rlm:{HANG_ROOT}", stream=True,
+                                            messages=[{"role": "user", "content": "hold"}])
+    events = []
+    for chunk in stream:
+        events.append((chunk.model_extra or {}).get("rlm", {}).get("event"))
+        if "cell" in events:
+            break
+    assert wait_until(lambda: upstream.in_flight == 3)
+    stream.close()
+    assert wait_until(lambda: upstream.in_flight == 0)
+
+
 def test_binding_beyond_loopback_without_a_key_is_refused(upstream: FakeLLMServer) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "rlm.cli", "serve", "--host", "0.0.0.0", "--port", "0", "--base-url", upstream.url,
