@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import socket
 import sys
@@ -360,4 +361,9 @@ def run_mcp(settings: UpstreamSettings, options: McpOptions) -> None:
             raise ConfigError(f"{name} must be >= 1")
     if options.max_output_chars < 100:
         raise ConfigError("--max-output-chars must be at least 100")
+    # The SDKs leave hundreds of thousands of long-lived objects; frozen, they are skipped
+    # by every collection, including the one at exit that took seconds on a busy machine
+    # (longer than MCP clients wait before killing a server after closing its stdin).
+    gc.collect()
+    gc.freeze()
     asyncio.run(_main(settings, options))
