@@ -774,7 +774,7 @@ class RLM:
             if not blocks:
                 final = await self._final_from_text(run, env, reply)
                 if final is not None:
-                    verdict, feedback = self._judge(run, typed, final)
+                    verdict, feedback = self._judge(run, typed, final, iteration)
                     if verdict == "answer":
                         return final if typed is None else typed.answer, "final", iteration
                     if verdict == "invalid":
@@ -804,7 +804,7 @@ class RLM:
                 feedback = ""
                 if result.final is not None:
                     run.trajectory.emit("final", answer=result.final, source="code")
-                    verdict, feedback = self._judge(run, typed, result.final)
+                    verdict, feedback = self._judge(run, typed, result.final, iteration)
                     if verdict == "answer":
                         return result.final if typed is None else typed.answer, "final", iteration
                     if verdict == "invalid":
@@ -834,13 +834,13 @@ class RLM:
             run.trajectory.emit("final", answer=final, source="last_turn")
         if typed is not None:
             # No turn is left to fix a mismatch: it ends the run.
-            if self._judge(run, typed, final, last=True)[0] != "answer":
+            if self._judge(run, typed, final, self.max_iterations + 1, last=True)[0] != "answer":
                 return None, "invalid_answer", self.max_iterations
             return typed.answer, "max_iterations", self.max_iterations
         return final, "max_iterations", self.max_iterations
 
     def _judge(
-        self, run: _Run, typed: _TypedAnswer | None, value: Any, last: bool = False
+        self, run: _Run, typed: _TypedAnswer | None, value: Any, iteration: int, last: bool = False
     ) -> tuple[str, str]:
         """What a FINAL value means for the run: ("answer", ""), ("retry", the feedback
         for the root) or ("invalid", "") when no retry is left."""
@@ -849,6 +849,7 @@ class RLM:
         left = 0 if last else typed.retries_left()
         run.trajectory.emit(
             "answer_invalid",
+            iteration=iteration,
             attempt=typed.failures,
             retries_left=left,
             errors=[i.to_dict() for i in typed.issues],

@@ -150,3 +150,23 @@ def test_something_that_is_not_a_schema_is_refused_before_any_request(rlms: list
         with pytest.raises(ConfigError, match="schema must be"):
             rlm.completion("x", "q", schema="list of str")
         assert srv.requests == 0
+
+
+def test_a_refused_answer_shows_in_the_live_view_and_the_html_page(rlms: list[RLM]) -> None:
+    import io
+
+    from rich.console import Console
+
+    from rlm.display import LiveDisplay, trajectory_html
+
+    script = [repl('FINAL({"count": "many", "ids": []})'), repl('FINAL({"count": 0, "ids": []})')]
+    with FakeLLMServer(scripts={ROOT: script}) as srv:
+        result = make_rlm(srv, rlms).completion("x", "How many?", schema=Counted)
+    console = Console(file=io.StringIO(), width=200, force_terminal=False)
+    live = LiveDisplay(console=console)
+    for event in result.trajectory:
+        live(event)
+    shown = console.file.getvalue()
+    refused = "answer refused by the schema: $.count: expected a valid integer"
+    assert refused in shown
+    assert refused in trajectory_html(result.trajectory)

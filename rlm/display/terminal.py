@@ -30,6 +30,7 @@ from rlm.display.formatting import (
     preview,
     prose_of,
     run_key,
+    schema_issues_text,
 )
 from rlm.display.metrics import Metrics, metrics_from_events
 from rlm.display.progress import SubqueryProgress
@@ -257,6 +258,10 @@ class LiveDisplay:
         source = as_text(event.get("source"))
         return [Text.assemble((f"{self._tag(event)}✓ final answer", "bold green"),
                               (f" ({source})" if source else "", "dim"))]
+
+    def _render_answer_invalid(self, event: Event) -> list[RenderableType]:
+        return [Text.assemble((f"{self._tag(event)}✗ answer refused by the schema: ", "bold yellow"),
+                              schema_issues_text(event))]
 
     def _render_budget(self, event: Event) -> list[RenderableType]:
         return [Text.assemble((f"{self._tag(event)}⚠ budget: ", "bold yellow"), as_text(event.get("reason")))]
