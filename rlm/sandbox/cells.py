@@ -46,10 +46,12 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from rlm.sandbox.boundary import guard_host_function
 from rlm.sandbox.compiler import (
     AUGATTR_HOOK,
     ECHO_SLOT,
     GETATTR_HOOK,
+    MATCH_CLASS_HOOK,
     PRINT_HOOK,
     STOP_FLAG,
     TIMEOUT_HOOK,
@@ -61,12 +63,15 @@ from rlm.sandbox.guards import (
     CELL_MODULE,
     MISSING,
     augattr_guard,
+    build_class,
     getattr_guard,
     guarded_getattr,
+    make_match_class_guard,
     write_guard,
 )
 from rlm.sandbox.modules import make_importer
-from rlm.sandbox.safe_builtins import make_builtins
+from rlm.sandbox.plaindata import exact_str
+from rlm.sandbox.safe_builtins import builtin_standins, make_builtins
 
 __all__ = [
     "CellStop",
@@ -110,8 +115,9 @@ class OutputBuffer:
 
     def write(self, text: str) -> int:
         """Append ``text`` (a str); beyond the cap only the most recent tail is kept."""
-        if not isinstance(text, str):
-            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if type(text) is not str:
+            # The buffer's text reaches the host: keep no object of the cell's in it.
+            text = exact_str(text, "write() argument")
         n = len(text)
         if not n:
             return 0
@@ -170,6 +176,9 @@ class _Printer:
             end = "\n"
         if not isinstance(sep, str) or not isinstance(end, str):
             raise TypeError("sep and end must be None or a string")
+        if type(sep) is not str or type(end) is not str:
+            # A str subclass's own join/__add__ would hand back whatever it likes.
+            sep, end = exact_str(sep), exact_str(end)
         text = sep.join([str(a) for a in args]) + end
         if file is None:
             self._write(text)
@@ -317,39 +326,57 @@ def build_namespace(
             _make_timeout(ns)()
 
     importer = make_importer(ns, sleep=sleep, write_stdout=lambda text: state.write_stdout(text))
-    ns["__builtins__"] = make_builtins(ns, importer)
+    builtins_dict = make_builtins(ns, importer)
+    ns["__builtins__"] = builtins_dict
+    standins = builtin_standins(builtins_dict)
     ns["__name__"] = CELL_MODULE
-    ns["__metaclass__"] = type
+    ns["__metaclass__"] = build_class
+    ns[MATCH_CLASS_HOOK] = make_match_class_guard(standins)
     ns[GETATTR_HOOK] = getattr_guard
     ns[WRITE_HOOK] = write_guard
     ns[AUGATTR_HOOK] = augattr_guard
     ns[PRINT_HOOK] = _Printer(lambda text: state.write_stdout(text))
 
     def FINAL(answer: Any) -> None:  # noqa: N802 - the name the prompts use
-        state.final = answer if isinstance(answer, str) else str(answer)
+        state.final = final_text(answer)
         state.has_final = True
 
     def FINAL_VAR(name: Any) -> None:  # noqa: N802
-        if not isinstance(name, str):
+        if not issubclass(type(name), str):
             raise TypeError("FINAL_VAR takes the variable's name as a string, e.g. FINAL_VAR('answer')")
-        key = name.strip().strip("'\"").strip()
+        given = exact_str(name)
+        key = given.strip().strip("'\"").strip()
         if not key.isidentifier() or key.startswith("_") or key not in ns:
             raise NameError(
-                f"FINAL_VAR({name!r}): there is no variable named {key!r} in the REPL; "
+                f"FINAL_VAR({given!r}): there is no variable named {key!r} in the REPL; "
                 "assign it first, or call FINAL(value) directly"
             )
-        value = ns[key]
-        state.final = value if isinstance(value, str) else str(value)
+        state.final = final_text(ns[key])
         state.has_final = True
+
+    def drain(iterable: Any) -> list[Any]:
+        return builtins_dict["list"](iterable)
 
     reserved: dict[str, Any] = {"FINAL": FINAL, "FINAL_VAR": FINAL_VAR}
     for key, value in (extra or {}).items():
         if not isinstance(key, str) or not key.isidentifier() or key.startswith("_"):
             raise ValueError(f"namespace name {key!r} must be an identifier not starting with '_'")
-        reserved[key] = value
+        reserved[key] = value if key == "context" else guard_host_function(key, value, drain)
     ns.update(reserved)
     state.reserved = reserved
     return ns
+
+
+def final_text(answer: Any) -> str:
+    """What FINAL stores: an exact ``str`` (the host calls str methods on the answer).
+
+    A str subclass is copied without running its methods; anything else goes through
+    ``str()`` while the cell runs, and its result is copied the same way. Kept apart
+    so the answer can widen to other plain data (``plaindata.to_plain_data``).
+    """
+    if issubclass(type(answer), str):
+        return exact_str(answer)
+    return exact_str(str(answer))
 
 
 def _restore_reserved(ns: dict[str, Any]) -> list[str]:

@@ -35,6 +35,7 @@ from rlm.sandbox.guards import (
     is_blocked_attr,
     refuse_attr,
 )
+from rlm.sandbox.plaindata import exact_str
 from rlm.sandbox.safe_builtins import checked_iter, chunks
 
 __all__ = ["ALLOWED_MODULES", "ModuleFacade", "make_importer"]
@@ -190,9 +191,9 @@ def _exports(mod: types.ModuleType, name: str, deny: Iterable[str] = ()) -> dict
 
 
 def _safe_attrgetter(*attrs: str) -> Callable[[Any], Any]:
+    # Exact strs, judged once here and used as judged (a str subclass's split could lie).
+    attrs = tuple(exact_str(a, "attribute name") for a in attrs)
     for a in attrs:
-        if not isinstance(a, str):
-            raise TypeError("attribute name must be a string")
         for part in a.split("."):
             if is_blocked_attr(part):
                 raise refuse_attr(part)
@@ -211,8 +212,9 @@ def _safe_attrgetter(*attrs: str) -> Callable[[Any], Any]:
 
 
 def _safe_methodcaller(name: str, /, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
-    if not isinstance(name, str) or is_blocked_attr(name):
-        raise refuse_attr(str(name))
+    name = exact_str(name, "method name")
+    if is_blocked_attr(name):
+        raise refuse_attr(name)
 
     def methodcaller(obj: Any) -> Any:
         return guarded_getattr(obj, name)(*args, **kwargs)
@@ -447,8 +449,11 @@ def make_importer(
             return importlib.import_module(name)
         if level:
             raise ImportError("relative imports are not available in the sandbox")
-        if not isinstance(name, str) or name not in ALLOWED_MODULES:
-            raise _import_refusal(str(name))
+        if not issubclass(type(name), str):
+            raise _import_refusal(repr(name))
+        name = exact_str(name)  # judged (and imported) by its real characters
+        if name not in ALLOWED_MODULES:
+            raise _import_refusal(name)
         if fromlist or "." not in name:
             return facade(name)
         return facade(name.split(".")[0])
