@@ -4,8 +4,9 @@ from typing import Any
 
 from rlm.core import RLM, RLMResult, RLMSession
 from rlm.errors import BatchError, ConfigError, LLMError, RLMError
-from rlm.llm import AsyncOpenAIClient, Usage
+from rlm.llm import AsyncOpenAIClient
 from rlm.repl import ExecResult, REPLEnv
+from rlm.usage import Usage
 
 __all__ = [
     "RLM",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,24 @@ from typing import Any
 from rlm import loop as engine
 from rlm import prompts
 from rlm.errors import ConfigError, LLMError, RLMError
-from rlm.llm import AsyncOpenAIClient, Usage
+from rlm.llm import AsyncOpenAIClient
 from rlm.parsing import find_code_blocks, find_final_in_text
 from rlm.repl import REPLEnv, describe_context, failed_slot
+from rlm.sandbox.modules import importable_modules
+from rlm.schema import Schema, SchemaIssue, format_issues
+from rlm.structured import check_subquery_schema, structured_batch, structured_query
 from rlm.trajectory import Trajectory
+from rlm.usage import PRICE_HELP, Usage, check_prices
+
+# Current frontier models take 128k tokens or more; compact well before that so the
+# reply and the next cell output still fit.
+DEFAULT_ROOT_WINDOW_TOKENS = 100_000
+# What a sub-model reads at once, in characters: about 125k tokens, the window of
+# gpt-4o-mini and most current models. Longer sub-prompts are refused before sending.
+DEFAULT_SUB_WINDOW_CHARS = 500_000
+# Compaction keeps the system prompt, the first user message and this many latest
+# messages (the last reply and the output it produced) verbatim.
+_KEEP_RECENT = 2
 
 
 @dataclass
@@ -33,8 +47,15 @@ class RLMResult:
 
     ``stopped_reason`` is "final" (the code called FINAL/FINAL_VAR, or the root wrote
     one), "max_iterations" (the last-turn answer), "budget" (a cost, token or time
-    budget ran out: ``error`` says which) or "error" (``error`` says what failed).
-    ``usage`` has "root" and "sub" ``Usage`` snapshots of this run alone.
+    budget ran out: ``error`` says which), "invalid_answer" (a run with ``schema=``
+    whose answer still did not match after ``max_answer_retries``) or "error"
+    (``error`` says what failed). ``usage`` has "root" and "sub" ``Usage`` snapshots of
+    this run alone.
+
+    With ``schema=``, ``output`` is the validated object (a model instance, list, dict,
+    number...) and ``answer`` its JSON text (a str output is the answer as is). After
+    "invalid_answer", ``raw_output`` keeps the last value given to FINAL and
+    ``validation_errors`` what was wrong with it (dicts of path, expected, received).
     """
 
     answer: str | None
@@ -46,6 +67,9 @@ class RLMResult:
     error: str | None = None
     trajectory: list[dict[str, Any]] = field(default_factory=list)
     log_path: str | None = None
+    output: Any = None
+    raw_output: Any = None
+    validation_errors: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -69,9 +93,16 @@ class RLMResult:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (the trajectory is left out; it is in ``log_path``)."""
-        return {
+        """JSON-ready dict (the trajectory is left out; it is in ``log_path``).
+
+        ``output`` is the validated output as JSON data (null without a schema);
+        ``raw_output`` and ``validation_errors`` appear after an invalid answer.
+        """
+        from pydantic_core import to_jsonable_python
+
+        data: dict[str, Any] = {
             "answer": self.answer,
+            "output": to_jsonable_python(self.output),
             "stopped_reason": self.stopped_reason,
             "error": self.error,
             "iterations": self.iterations,
@@ -80,6 +111,10 @@ class RLMResult:
             "usage": {k: v.to_dict() for k, v in self.usage.items()},
             "log_path": self.log_path,
         }
+        if self.stopped_reason == "invalid_answer":
+            data["raw_output"] = to_jsonable_python(self.raw_output, fallback=repr)
+            data["validation_errors"] = self.validation_errors
+        return data
 
     def _repr_html_(self) -> str:
         from rlm.display import result_html
@@ -99,12 +134,20 @@ class _BudgetExceeded(RLMError):
 class _Run:
     """State of one root-loop run: its meters, counters, trajectory and budgets."""
 
-    def __init__(self, rlm: RLM, depth: int, trajectory: Trajectory) -> None:
+    def __init__(
+        self,
+        rlm: RLM,
+        depth: int,
+        trajectory: Trajectory,
+        run_child: Callable[..., Coroutine[Any, Any, RLMResult]],
+    ) -> None:
         self.rlm = rlm
         self.depth = depth
+        # Starts a child run (RLM._run) for recursive sub-queries.
+        self.run_child = run_child
         self.trajectory = trajectory
-        self.root_meter = rlm.client._new_meter()  # noqa: SLF001
-        self.sub_meter = rlm.sub_client._new_meter()  # noqa: SLF001
+        self.root_meter = rlm.client.new_meter()
+        self.sub_meter = rlm.sub_client.new_meter()
         self.sub_calls = 0
         self.iterations = 0
         self.started = time.monotonic()
@@ -149,49 +192,131 @@ class _SubQueryService:
     def __init__(self, run: _Run) -> None:
         self._run = run
 
-    async def query(self, prompt: str, params: dict[str, Any]) -> str:
+    async def query(self, prompt: str, params: dict[str, Any]) -> Any:
         run = self._run
         run.sub_calls += 1
+        params = dict(params)
+        schema = check_subquery_schema(params.pop("schema")) if "schema" in params else None
+        oversized = self._oversized(prompt)
+        if oversized is not None:
+            raise oversized
         if run.depth + 1 < run.rlm.max_depth:
-            return await self._child(prompt)
-        client = run.rlm.sub_client
-        body = client._body(prompt, {"model": run.rlm.recursive_model, **params})  # noqa: SLF001
-        return await client._on_engine(client._complete(body, run.sub_meter))  # noqa: SLF001
+            return await self._child(prompt, schema)
+        if schema is not None:
+            return await structured_query(self._send, prompt, schema, params, run.rlm.sub_client)
+        return await self._send(prompt, params)
 
-    async def batch(self, prompts: list[str], params: dict[str, Any]) -> list[str]:
+    async def _send(self, prompt: Any, params: dict[str, Any]) -> str:
+        run = self._run
+        client = run.rlm.sub_client
+        request = client.request(prompt, **{"model": run.rlm.recursive_model, **params})
+        try:
+            return await client.send(request, meter=run.sub_meter)
+        except LLMError as exc:
+            raise self._window_error(prompt, exc) from exc
+
+    def _oversized(self, prompt: Any) -> LLMError | None:
+        """The error for a prompt larger than the sub-model's window (never sent)."""
+        window = self._run.rlm.sub_window_chars
+        chars = _prompt_chars(prompt)
+        if chars <= window:
+            return None
+        return LLMError(prompts.sub_window_error(chars, window))
+
+    def _window_error(self, prompt: Any, exc: LLMError) -> LLMError:
+        """A server's context-length refusal, said the way the prompt promises."""
+        if not _is_context_length_error(exc):
+            return exc
+        return LLMError(prompts.sub_window_error(_prompt_chars(prompt), self._run.rlm.sub_window_chars),
+                        status=exc.status, attempts=exc.attempts)
+
+    async def batch(self, prompts: list[str], params: dict[str, Any]) -> list[Any]:
         run = self._run
         run.sub_calls += len(prompts)
+        # Oversized prompts are answered here and never sent; the rest go out as one batch.
+        refused = {i: err for i, p in enumerate(prompts) if (err := self._oversized(p)) is not None}
+        if refused:
+            sendable = [p for i, p in enumerate(prompts) if i not in refused]
+            sent = iter(await self._send_batch(sendable, params) if sendable else [])
+            return [failed_slot(refused[i]) if i in refused else next(sent) for i in range(len(prompts))]
+        return await self._send_batch(prompts, params)
+
+    async def _send_batch(self, prompts: list[str], params: dict[str, Any]) -> list[str]:
+        run = self._run
         total = len(prompts)
+        params = dict(params)
+        schema = check_subquery_schema(params.pop("schema")) if "schema" in params else None
         if run.depth + 1 < run.rlm.max_depth:
             results = await asyncio.gather(
-                *(self._child(p) for p in prompts), return_exceptions=True
+                *(self._child(p, schema) for p in prompts), return_exceptions=True
+            )
+        elif schema is not None:
+            results = await structured_batch(
+                self._send, prompts, schema, params, run.rlm.sub_client, self._progress(total)
             )
         else:
             client = run.rlm.sub_client
-            bodies = [
-                client._body(p, {"model": run.rlm.recursive_model, **params})  # noqa: SLF001
-                for p in prompts
-            ]
-            step = max(1, total // 50)
-            emit = run.trajectory.emit
-
-            def progress(done: int, total_: int) -> None:
-                if done == total_ or done % step == 0:
-                    emit("subcalls", done=done, total=total_)
-
-            results = await client._on_engine(  # noqa: SLF001
-                client._batch(bodies, True, progress, run.sub_meter)  # noqa: SLF001
+            params = {"model": run.rlm.recursive_model, **params}
+            requests = [client.request(p, **params) for p in prompts]
+            results = await client.send_many(
+                requests, meter=run.sub_meter, on_item_done=self._progress(total)
             )
-        return [failed_slot(r) for r in results]
+        return [
+            failed_slot(self._window_error(p, r) if isinstance(r, LLMError) else r)
+            for p, r in zip(prompts, results, strict=True)
+        ]
 
-    async def _child(self, prompt: str) -> str:
+    def _progress(self, total: int) -> Callable[[int, int], None]:
+        step = max(1, total // 50)
+        emit = self._run.trajectory.emit
+
+        def progress(done: int, total_: int) -> None:
+            if done == total_ or done % step == 0:
+                emit("subcalls", done=done, total=total_)
+
+        return progress
+
+    async def _child(self, prompt: str, schema: Schema | None = None) -> Any:
         run = self._run
-        child = await run.rlm._run(  # noqa: SLF001
-            context=prompt, query=prompts.CHILD_QUERY, depth=run.depth + 1, parent=run
+        child = await run.run_child(
+            context=prompt, query=prompts.CHILD_QUERY, depth=run.depth + 1, parent=run,
+            schema=schema,
         )
         if child.answer is None:
             raise LLMError(f"the child RLM found no answer ({child.error or child.stopped_reason})")
-        return child.answer
+        return child.answer if schema is None else schema.to_json(child.output)
+
+
+def _prompt_chars(prompt: Any) -> int:
+    if isinstance(prompt, str):
+        return len(prompt)
+    total = 0
+    for message in prompt if isinstance(prompt, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(str(part.get("text", ""))) for part in content if isinstance(part, dict))
+    return total
+
+
+def _is_context_length_error(exc: BaseException) -> bool:
+    # Servers word it differently: OpenAI "context_length_exceeded" / "maximum context
+    # length", vLLM "longer than the maximum model length", llama.cpp "exceeds the
+    # available context size".
+    if not isinstance(exc, LLMError) or exc.status not in (400, 413, 422):
+        return False
+    text = str(exc).lower()
+    return any(
+        marker in text
+        for marker in ("context length", "context_length", "context window", "maximum model length",
+                       "context size", "too many tokens", "prompt is too long")
+    )
+
+
+def _estimate_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+    # About 4 characters a token for English text and code; a few tokens per message.
+    return sum(len(str(m.get("content") or "")) for m in messages) // 4 + 4 * len(messages)
 
 
 def _short_error(exc: BaseException) -> str:
@@ -213,7 +338,11 @@ class RLM:
     (falling back to OPENAI_BASE_URL/OPENAI_API_KEY), the sub client with
     ``max_concurrency`` in flight. Budgets (``max_cost_usd``, ``max_tokens``,
     ``max_time_s``) stop a run with ``stopped_reason="budget"``. ``log_dir`` keeps a
-    JSONL trajectory per run; ``verbose`` shows each iteration live.
+    JSONL trajectory per run; ``verbose`` shows each iteration live. ``on_event`` is
+    called with every trajectory event of every run (children's too, and the transient
+    ``subcalls`` progress events), from whichever thread emits it, so it must be quick
+    and thread-safe: servers use it to stream progress. A run with ``schema=`` gives the
+    root ``max_answer_retries`` more tries after an answer that does not match.
     """
 
     def __init__(
@@ -225,6 +354,7 @@ class RLM:
         *,
         max_iterations: int = 20,
         max_depth: int = 1,
+        max_answer_retries: int = 2,
         sandbox: str | None = None,
         max_output_chars: int = 20_000,
         max_cost_usd: float | None = None,
@@ -232,23 +362,41 @@ class RLM:
         max_time_s: float | None = None,
         log_dir: str | Path | None = None,
         verbose: bool = False,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
         system_prompt: str | None = None,
         tools: Mapping[str, Callable[..., Any]] | None = None,
+        tool_descriptions: Mapping[str, str] | None = None,
+        root_window_tokens: int | None = DEFAULT_ROOT_WINDOW_TOKENS,
         client: AsyncOpenAIClient | None = None,
         sub_client: AsyncOpenAIClient | None = None,
         max_concurrency: int = 64,
         cell_timeout: float = 60.0,
-        sub_window_chars: int = 100_000,
+        sub_window_chars: int = DEFAULT_SUB_WINDOW_CHARS,
+        prices: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
         if not isinstance(max_iterations, int) or max_iterations < 1:
             raise ConfigError(f"max_iterations must be an int >= 1, got {max_iterations!r}")
         if not isinstance(max_depth, int) or max_depth < 1:
             raise ConfigError(f"max_depth must be an int >= 1, got {max_depth!r}")
+        if not isinstance(max_answer_retries, int) or max_answer_retries < 0:
+            raise ConfigError(f"max_answer_retries must be an int >= 0, got {max_answer_retries!r}")
+        if root_window_tokens is not None and (
+            not isinstance(root_window_tokens, int) or root_window_tokens < 1000
+        ):
+            raise ConfigError(
+                f"root_window_tokens must be an int >= 1000 or None (no compaction), "
+                f"got {root_window_tokens!r}"
+            )
+        if not isinstance(sub_window_chars, int) or sub_window_chars < 100:
+            raise ConfigError(f"sub_window_chars must be an int >= 100, got {sub_window_chars!r}")
         if sandbox is not None and sandbox not in ("local", "process"):
             raise ConfigError(f"sandbox must be 'local' or 'process', got {sandbox!r}")
+        if prices is not None:
+            prices = check_prices(prices)
         self._owned: list[AsyncOpenAIClient] = []
         if client is None:
-            client = AsyncOpenAIClient(model=model, api_key=api_key, base_url=base_url)
+            client = AsyncOpenAIClient(model=model, api_key=api_key, base_url=base_url,
+                                       prices=prices)
             self._owned.append(client)
         self.client = client
         self.model = model or client.model
@@ -259,21 +407,69 @@ class RLM:
                 api_key=api_key,
                 base_url=base_url or client.base_url,
                 max_concurrency=max_concurrency,
+                prices=prices,
             )
             self._owned.append(sub_client)
         self.sub_client = sub_client
         self.max_iterations = max_iterations
         self.max_depth = max_depth
+        self.max_answer_retries = max_answer_retries
         self.sandbox = sandbox or _default_sandbox()
         self.max_output_chars = max_output_chars
         self.max_cost_usd = max_cost_usd
         self.max_tokens = max_tokens
         self.max_time_s = max_time_s
+        self.prices = dict(prices or {})
+        if max_cost_usd is not None:
+            self._check_priced()
         self.log_dir = log_dir
         self.verbose = verbose
-        self.system_prompt = system_prompt or prompts.SYSTEM_PROMPT.format(sub_window=f"{sub_window_chars:,}")
+        self.on_event = on_event
         self.tools = dict(tools or {})
+        unknown = sorted(set(tool_descriptions or {}) - set(self.tools))
+        if unknown:
+            raise ConfigError(
+                f"tool_descriptions names tools that were not passed in tools=: {', '.join(unknown)}"
+            )
+        self.tool_descriptions = dict(tool_descriptions or {})
+        self.sub_window_chars = sub_window_chars
+        self.root_window_tokens = root_window_tokens
+        self._custom_system_prompt = system_prompt is not None
+        self.system_prompt = system_prompt or self._default_system_prompt({})
         self.cell_timeout = cell_timeout
+
+    def _default_system_prompt(self, protections: Mapping[str, Any]) -> str:
+        """The built-in system prompt for an env with these protections: a confined worker
+        also offers open() and the data libraries, and the prompt says so."""
+        data = str(protections.get("data_modules") or "")
+        return prompts.build_system_prompt(
+            sub_window_chars=self.sub_window_chars,
+            sub_model=self.recursive_model,
+            tools=prompts.describe_tools(self.tools, self.tool_descriptions),
+            modules=prompts.describe_imports(
+                importable_modules([m.strip() for m in data.split(",") if m.strip()]),
+                files=bool(protections.get("file_access")),
+            ),
+        )
+
+    def _system_prompt_for(self, env: REPLEnv) -> str:
+        if self._custom_system_prompt:
+            return self.system_prompt
+        protections = env.protections
+        if not protections.get("file_access") and not protections.get("data_modules"):
+            return self.system_prompt
+        return self._default_system_prompt(protections)
+
+    def _check_priced(self) -> None:
+        """A cost budget over a model without a price would be a silent $0: refuse it."""
+        for client, model, role in ((self.client, self.model, "root"),
+                                    (self.sub_client, self.recursive_model, "sub")):
+            price = self.prices.get(model) or client.price(model)
+            if price is None:
+                raise ConfigError(
+                    f"max_cost_usd is set but the {role} model {model!r} has no price, so its "
+                    f"cost would count as $0; {PRICE_HELP.format(model=model)}"
+                )
 
     def __repr__(self) -> str:
         return (
@@ -283,35 +479,50 @@ class RLM:
 
     # -- public API -------------------------------------------------------------------
 
-    def completion(self, context: Any, query: str) -> RLMResult:
-        """Answer ``query`` over ``context`` (sync; works inside a running loop too)."""
-        return engine.run_sync(self.acompletion(context, query))
+    def completion(self, context: Any, query: str, schema: Any = None) -> RLMResult:
+        """Answer ``query`` over ``context`` (sync; works inside a running loop too).
 
-    async def acompletion(self, context: Any, query: str) -> RLMResult:
-        """Answer ``query`` over ``context``; never raises for a failed run (see ``error``)."""
+        ``schema`` asks for a typed answer (see ``acompletion``).
+        """
+        return engine.run_sync(self.acompletion(context, query, schema=schema))
+
+    async def acompletion(self, context: Any, query: str, schema: Any = None) -> RLMResult:
+        """Answer ``query`` over ``context``; never raises for a failed run (see ``error``).
+
+        ``schema`` (a pydantic model class, a type such as ``list[str]``, or a JSON
+        Schema dict) asks for a typed answer: the root is shown the JSON Schema, its
+        FINAL value is validated here, a mismatch is sent back for a fix, and
+        ``result.output`` holds the validated object. A schema that is not one raises
+        ConfigError at once.
+        """
         _check_query(query)
-        return await self._run(context=context, query=query, depth=0)
+        typed = Schema.of(schema) if schema is not None else None
+        return await self._run(context=context, query=query, depth=0, schema=typed)
 
     async def acompletion_batch(
         self,
         tasks: Iterable[tuple[Any, str] | Mapping[str, Any]],
         max_concurrent: int = 8,
         progress: bool = True,
+        schema: Any = None,
     ) -> list[RLMResult]:
         """Run many (context, query) tasks at once, each in its own REPLEnv, in order.
 
         All tasks share this RLM's clients and limiter. A failed task is an RLMResult
         with ``error`` set and ``stopped_reason="error"``; it never stops the others.
-        ``progress`` shows a bar with done, failed and ETA.
+        ``progress`` shows a bar with done, failed and ETA. ``schema`` applies to every
+        task; a task given as a mapping may carry its own ``"schema"`` instead.
         """
-        items: list[tuple[Any, str]] = []
+        default = Schema.of(schema) if schema is not None else None
+        items: list[tuple[Any, str, Schema | None]] = []
         for task in tasks:
             if isinstance(task, Mapping):
-                items.append((task.get("context"), task["query"]))
+                own = task.get("schema")
+                items.append((task.get("context"), task["query"], Schema.of(own) if own is not None else default))
             else:
                 context, query = task
-                items.append((context, query))
-        for _, query in items:
+                items.append((context, query, default))
+        for _, query, _ in items:
             _check_query(query)
         bar = None
         if progress and items:
@@ -321,10 +532,10 @@ class RLM:
             bar.start(len(items))
         gate = asyncio.Semaphore(max(1, max_concurrent))
 
-        async def one(context: Any, query: str) -> RLMResult:
+        async def one(context: Any, query: str, typed: Schema | None) -> RLMResult:
             async with gate:
                 try:
-                    result = await self._run(context=context, query=query, depth=0)
+                    result = await self._run(context=context, query=query, depth=0, schema=typed)
                 except Exception as exc:  # noqa: BLE001 - one task's failure is its own
                     result = RLMResult(answer=None, stopped_reason="error", error=_short_error(exc))
             if bar is not None:
@@ -332,7 +543,7 @@ class RLM:
             return result
 
         try:
-            return list(await asyncio.gather(*(one(c, q) for c, q in items)))
+            return list(await asyncio.gather(*(one(c, q, t) for c, q, t in items)))
         finally:
             if bar is not None:
                 bar.stop()
@@ -373,6 +584,8 @@ class RLM:
             from rlm.display import LiveDisplay
 
             sinks.append(LiveDisplay())
+        if parent is None and self.on_event is not None:
+            sinks.append(self.on_event)
         log_dir = self.log_dir if depth == 0 else None
         trajectory = Trajectory(log_dir=log_dir, depth=depth, sinks=sinks)
         if parent is not None:
@@ -400,9 +613,10 @@ class RLM:
         parent: _Run | None = None,
         env: REPLEnv | None = None,
         history: Sequence[tuple[str, str]] = (),
+        schema: Schema | None = None,
     ) -> RLMResult:
         trajectory = self._trajectory(depth, parent)
-        run = _Run(self, depth, trajectory)
+        run = _Run(self, depth, trajectory, self._run)
         if parent is not None:
             parent.children.append(run)
         own_env = env is None
@@ -410,6 +624,7 @@ class RLM:
         stopped = "error"
         error: str | None = None
         iterations = 0
+        typed = _TypedAnswer(schema, self.max_answer_retries) if schema is not None else None
         try:
             description = describe_context(context)
             trajectory.emit(
@@ -421,13 +636,17 @@ class RLM:
                 sandbox=self.sandbox,
                 max_iterations=self.max_iterations,
                 max_depth=self.max_depth,
+                schema=schema.json_schema if schema is not None else None,
+                tools=sorted(self.tools),
             )
             if env is None:
                 # Starting (and closing) an env may block on a worker; keep the loop free.
                 env = await asyncio.to_thread(self._new_env, context, _SubQueryService(run))
             else:
-                env._set_sub_queries(_SubQueryService(run))  # noqa: SLF001
-            answer, stopped, iterations = await self._loop(run, env, description, query, history)
+                env.set_sub_queries(_SubQueryService(run))
+            answer, stopped, iterations = await self._loop(run, env, description, query, history, typed)
+            if stopped == "invalid_answer" and typed is not None:
+                error = typed.error_text()
         except _BudgetExceeded as exc:
             stopped, error = "budget", str(exc)
             trajectory.emit("budget", reason=error)
@@ -449,6 +668,11 @@ class RLM:
             trajectory=trajectory.events,
             log_path=str(trajectory.log_path) if trajectory.log_path else None,
         )
+        if typed is not None:
+            result.output = typed.output if answer is not None else None
+            if stopped == "invalid_answer":
+                result.raw_output = typed.raw
+                result.validation_errors = [i.to_dict() for i in typed.issues]
         trajectory.emit(
             "run_end",
             answer=answer,
@@ -478,8 +702,7 @@ class RLM:
         before = run.root_meter.snapshot()
         started = time.monotonic()
         client = self.client
-        body = client._body(messages, {"model": self.model})  # noqa: SLF001
-        reply = await client._on_engine(client._complete(body, run.root_meter))  # noqa: SLF001
+        reply = await client.send(client.request(messages, model=self.model), meter=run.root_meter)
         turn = run.root_meter.snapshot() - before
         run.trajectory.emit(
             "root_reply",
@@ -501,19 +724,24 @@ class RLM:
         description: str,
         query: str,
         history: Sequence[tuple[str, str]],
+        typed: _TypedAnswer | None = None,
     ) -> tuple[str | None, str, int]:
         first = prompts.FIRST_USER_TEMPLATE.format(description=description, query=query)
         if history:
             lines = "\n".join(f"- Q: {q}\n  A: {a}" for q, a in history)
             first = prompts.HISTORY_TEMPLATE.format(history=lines) + "\n" + first
+        system = self._system_prompt_for(env)
+        if typed is not None:
+            system += prompts.SCHEMA_SECTION.format(schema=typed.schema.prompt_text())
         messages: list[dict[str, Any]] = [
-            {"role": "system", "content": self.system_prompt},
+            {"role": "system", "content": system},
             {"role": "user", "content": first},
         ]
         new = messages[:]
         for iteration in range(1, self.max_iterations + 1):
             run.iterations = iteration
             run.check_budget()
+            messages = await self._maybe_compact(run, messages, iteration)
             reply = await self._root_turn(run, messages, iteration, new)
             messages.append({"role": "assistant", "content": reply})
             run.check_budget()
@@ -521,7 +749,14 @@ class RLM:
             if not blocks:
                 final = await self._final_from_text(run, env, reply)
                 if final is not None:
-                    return final, "final", iteration
+                    verdict, feedback = self._judge(run, typed, final)
+                    if verdict == "answer":
+                        return final if typed is None else typed.answer, "final", iteration
+                    if verdict == "invalid":
+                        return None, "invalid_answer", iteration
+                    new = [{"role": "user", "content": feedback}]
+                    messages.extend(new)
+                    continue
                 new = [{"role": "user", "content": prompts.NO_CODE_TEMPLATE}]
                 messages.extend(new)
                 continue
@@ -541,15 +776,24 @@ class RLM:
                     sub_calls=result.sub_calls,
                     truncated=result.truncated,
                 )
+                feedback = ""
                 if result.final is not None:
                     run.trajectory.emit("final", answer=result.final, source="code")
-                    return result.final, "final", iteration
+                    verdict, feedback = self._judge(run, typed, result.final)
+                    if verdict == "answer":
+                        return result.final if typed is None else typed.answer, "final", iteration
+                    if verdict == "invalid":
+                        return None, "invalid_answer", iteration
                 outputs.append(
                     prompts.format_cell_output(
                         index, result.stdout, result.stderr, result.error, self.max_output_chars
                     )
                 )
                 run.check_budget()
+                if feedback:
+                    # The rest of this reply was written for an answer that was refused.
+                    outputs.append(feedback)
+                    break
             new = [
                 {"role": "user", "content": prompts.NEXT_USER_TEMPLATE.format(outputs="\n\n".join(outputs))}
             ]
@@ -563,7 +807,75 @@ class RLM:
         if final is None:
             final = reply.strip()
             run.trajectory.emit("final", answer=final, source="last_turn")
+        if typed is not None:
+            # No turn is left to fix a mismatch: it ends the run.
+            if self._judge(run, typed, final, last=True)[0] != "answer":
+                return None, "invalid_answer", self.max_iterations
+            return typed.answer, "max_iterations", self.max_iterations
         return final, "max_iterations", self.max_iterations
+
+    def _judge(
+        self, run: _Run, typed: _TypedAnswer | None, value: Any, last: bool = False
+    ) -> tuple[str, str]:
+        """What a FINAL value means for the run: ("answer", ""), ("retry", the feedback
+        for the root) or ("invalid", "") when no retry is left."""
+        if typed is None or typed.accept(value):
+            return "answer", ""
+        left = 0 if last else typed.retries_left()
+        run.trajectory.emit(
+            "answer_invalid",
+            attempt=typed.failures,
+            retries_left=left,
+            errors=[i.to_dict() for i in typed.issues],
+        )
+        if left <= 0:
+            return "invalid", ""
+        return "retry", prompts.INVALID_ANSWER_TEMPLATE.format(
+            issues=format_issues(typed.issues), left=left, plural="s" if left != 1 else ""
+        )
+
+    async def _maybe_compact(
+        self, run: _Run, messages: list[dict[str, Any]], iteration: int
+    ) -> list[dict[str, Any]]:
+        """Replace older turns by a root-written summary once the conversation is too long.
+
+        The system prompt, the first user message (description and query) and the last
+        reply with its output stay verbatim; the summary joins the first user message so
+        roles still alternate. The REPL is untouched, so variables named in the summary
+        still hold their values.
+        """
+        limit = self.root_window_tokens
+        if limit is None or len(messages) <= 2 + _KEEP_RECENT:
+            return messages
+        before = _estimate_tokens(messages)
+        if before <= limit:
+            return messages
+        head, recent = messages[:2], messages[-_KEEP_RECENT:]
+        request = [*messages[:-_KEEP_RECENT], {"role": "user", "content": prompts.COMPACTION_PROMPT}]
+        usage_before = run.root_meter.snapshot()
+        client = self.client
+        summary = await client.send(client.request(request, model=self.model), meter=run.root_meter)
+        spent = run.root_meter.snapshot() - usage_before
+        first = dict(head[1])
+        first["content"] = (
+            f"{head[1]['content']}\n\n{prompts.COMPACTED_TEMPLATE.format(summary=summary.strip())}"
+        )
+        compacted = [head[0], first, *recent]
+        run.trajectory.emit(
+            "compaction",
+            iteration=iteration,
+            messages_before=len(messages),
+            messages_after=len(compacted),
+            tokens_before=before,
+            tokens_after=_estimate_tokens(compacted),
+            summary=summary,
+            usage={
+                "prompt_tokens": spent.prompt_tokens,
+                "completion_tokens": spent.completion_tokens,
+                "cost_usd": spent.cost_usd,
+            },
+        )
+        return compacted
 
     async def _final_from_text(self, run: _Run, env: REPLEnv, reply: str) -> str | None:
         found = find_final_in_text(reply)
@@ -577,6 +889,43 @@ class RLM:
             run.trajectory.emit("final", answer=result.final, source="text FINAL_VAR")
             return result.final
         return None
+
+
+class _TypedAnswer:
+    """One run's typed answer: the schema, the attempts so far and the last verdict."""
+
+    def __init__(self, schema: Schema, max_retries: int) -> None:
+        self.schema = schema
+        self.max_retries = max_retries
+        self.failures = 0
+        self.raw: Any = None
+        self.output: Any = None
+        self.answer: str | None = None
+        self.issues: tuple[SchemaIssue, ...] = ()
+
+    def accept(self, value: Any) -> bool:
+        """Validate a FINAL value; on success keep the output and its answer text."""
+        self.raw = value
+        verdict = self.schema.validate_answer(value)
+        if verdict.ok:
+            self.output = verdict.output
+            self.answer = verdict.output if isinstance(verdict.output, str) else self.schema.dumps(verdict.output)
+            self.issues = ()
+            return True
+        self.failures += 1
+        self.issues = verdict.issues
+        return False
+
+    def retries_left(self) -> int:
+        return self.max_retries - self.failures + 1
+
+    def error_text(self) -> str:
+        first = str(self.issues[0]) if self.issues else "no value"
+        tries = self.failures
+        return (
+            f"the answer did not match the schema after {tries} attempt{'s' if tries != 1 else ''} "
+            f"({first}); the last value is in raw_output, the issues in validation_errors"
+        )
 
 
 class RLMSession:
@@ -593,15 +942,18 @@ class RLMSession:
         # Each ask gives the env that run's sub-query service.
         self.env = rlm._new_env(context)  # noqa: SLF001
 
-    def ask(self, query: str) -> RLMResult:
-        """Ask the next question (sync; works inside a running loop too)."""
-        return engine.run_sync(self.aask(query))
+    def ask(self, query: str, schema: Any = None) -> RLMResult:
+        """Ask the next question (sync; works inside a running loop too); ``schema`` as
+        for ``RLM.completion``."""
+        return engine.run_sync(self.aask(query, schema=schema))
 
-    async def aask(self, query: str) -> RLMResult:
-        """Ask the next question."""
+    async def aask(self, query: str, schema: Any = None) -> RLMResult:
+        """Ask the next question; ``schema`` asks for a typed answer."""
         _check_query(query)
+        typed = Schema.of(schema) if schema is not None else None
         result = await self.rlm._run(  # noqa: SLF001
-            context=self.context, query=query, depth=0, env=self.env, history=self.history
+            context=self.context, query=query, depth=0, env=self.env, history=self.history,
+            schema=typed,
         )
         if result.answer is not None:
             self.history.append((query, result.answer))

@@ -51,7 +51,7 @@ class SandboxCoroutine:
 
 
 def guard_host_function(
-    name: str, fn: Callable[..., Any], drain: Callable[[Iterable[Any]], list[Any]]
+    name: str, fn: Callable[..., Any], drain: Callable[[Iterable[Any]], list[Any]] = list
 ) -> Callable[..., Any]:
     """``fn`` as cell code may call it under ``name``; other values are returned unchanged.
 

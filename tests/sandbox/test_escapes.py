@@ -94,7 +94,7 @@ NAME_TRICKS = {
 def test_attribute_names_are_judged_as_exact_strings(
     name: str, make_env: Callable[..., REPLEnv]
 ) -> None:
-    env = make_env()
+    env = make_env(timeout=10.0)
     r = env.execute(NAME_TRICKS[name])
     if r.error is None:  # the getattr-default and hasattr forms answer instead of raising
         assert r.stdout in ("got refused\n", "has False\n"), r.stdout
@@ -105,7 +105,7 @@ def test_attribute_names_are_judged_as_exact_strings(
 
 
 def test_final_var_judges_the_name_as_an_exact_string(make_env: Callable[..., REPLEnv]) -> None:
-    env = make_env()
+    env = make_env(timeout=10.0)
     # S('secret_name').strip() lies ('answer'); the real characters name the variable.
     r = env.execute(LIAR + "answer = 'wrong'\nreal = 'right'\nFINAL_VAR(S('real'))")
     assert r.error is None, r.error
@@ -144,7 +144,7 @@ TYPE_ROUTES = {
 
 @pytest.mark.parametrize("name", list(TYPE_ROUTES))
 def test_type_and_metaclasses_stay_out_of_reach(name: str, make_env: Callable[..., REPLEnv]) -> None:
-    env = make_env()
+    env = make_env(timeout=10.0)
     r = env.execute(TYPE_ROUTES[name])
     assert r.error is not None, f"payload ran: {r!r}"
     assert "read" not in r.stdout
@@ -153,7 +153,7 @@ def test_type_and_metaclasses_stay_out_of_reach(name: str, make_env: Callable[..
 
 
 def test_a_class_with_a_type_base_gives_no_class_factory(make_env: Callable[..., REPLEnv]) -> None:
-    env = make_env()
+    env = make_env(timeout=10.0)
     r = env.execute(
         "import typing\ntry:\n    class M(typing.Type[int]):\n        pass\n"
         "except TypeError as e:\n    print('refused:', e)\nprint('M' in dir())"
@@ -186,7 +186,7 @@ FRAME_ROUTES = {
 
 @pytest.mark.parametrize("name", list(FRAME_ROUTES))
 def test_host_frames_are_unreachable(name: str, make_env: Callable[..., REPLEnv]) -> None:
-    env = make_env()
+    env = make_env(timeout=10.0)
     r = env.execute(FRAME_ROUTES[name])
     assert r.error is not None, f"payload ran: {r!r}"
     assert "frame object" not in r.stdout
@@ -195,7 +195,7 @@ def test_host_frames_are_unreachable(name: str, make_env: Callable[..., REPLEnv]
 
 
 def test_objects_wrapping_host_code_have_nothing_public(make_env: Callable[..., REPLEnv]) -> None:
-    env = make_env()
+    env = make_env(timeout=10.0)
     r = env.execute(
         "import itertools\nasync def ag():\n    yield 1\n"
         "c = llm_query_async('ECHO 1')\n"
@@ -249,14 +249,14 @@ class T(str):
     ],
 )
 def test_cell_objects_never_reach_the_host(call: str, make_env: Callable[..., REPLEnv]) -> None:
-    env = make_env()
+    env = make_env(timeout=10.0)
     r = env.execute(RECORDER + f"reply = {call}\nprint(reply, ran)")
     assert r.error is None, r.error
     assert r.stdout == "hi []\n"
 
 
 def test_parameter_names_are_judged_as_exact_strings(make_env: Callable[..., REPLEnv]) -> None:
-    env = make_env()
+    env = make_env(timeout=10.0)
     for name in ("base_url", "api_key"):
         r = env.execute(LIAR + f"llm_query('ECHO 1', **{{S('{name}'): 'http://127.0.0.1:9'}})")
         assert r.error is not None and "unsupported parameter" in r.error, r.error
@@ -264,7 +264,7 @@ def test_parameter_names_are_judged_as_exact_strings(make_env: Callable[..., REP
 
 
 def test_a_too_deep_prompt_is_refused_in_the_cell(make_env: Callable[..., REPLEnv]) -> None:
-    env = make_env()
+    env = make_env(timeout=10.0)
     r = env.execute(
         "m = 'x'\nfor i in range(100):\n    m = [m]\nllm_query([{'role': 'user', 'content': m}])"
     )
@@ -323,8 +323,8 @@ SHARED_STATE = {
 
 @pytest.mark.parametrize("name", list(SHARED_STATE))
 def test_shared_host_state_stays_unchanged(name: str, make_env: Callable[..., REPLEnv]) -> None:
-    env = make_env()
-    other = make_env()
+    env = make_env(timeout=10.0)
+    other = make_env(timeout=10.0)
     wrap = "print(repr(textwrap.TextWrapper(width=5).fill('a\\tb c')))"
     before = other.execute("import textwrap\n" + wrap).stdout
     assert before == "'a\\nb c'\n"
@@ -357,7 +357,7 @@ def test_shared_host_state_stays_unchanged(name: str, make_env: Callable[..., RE
     ],
 )
 def test_final_hands_the_host_an_exact_str(code: str, make_env: Callable[..., REPLEnv]) -> None:
-    env = make_env()
+    env = make_env(timeout=10.0)
     r = env.execute(LIAR + "class S(str):\n    def strip(self, *a):\n        while True:\n            pass\n" + code)
     assert r.error is None, r.error
     assert type(r.final) is str

@@ -1,0 +1,147 @@
+"""Tolerant readers of events and results, and the number and text formats every face shares.
+
+Logs may be old, cut short or hand-edited, so every reader here accepts missing or
+mistyped fields and falls back to a default instead of raising."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+Event = Mapping[str, Any]
+
+
+def field_of(obj: Any, name: str, default: Any = None) -> Any:
+    """A field of a dict or an attribute of an object, whichever ``obj`` is."""
+    if obj is None:
+        return default
+    if isinstance(obj, Mapping):
+        value = obj.get(name, default)
+    else:
+        value = getattr(obj, name, default)
+    return default if value is None else value
+
+
+def as_num(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def as_int(value: Any) -> int | None:
+    n = as_num(value)
+    return None if n is None else int(n)
+
+
+def as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else str(value)
+
+
+def fmt_int(value: Any) -> str:
+    n = as_int(value)
+    return "—" if n is None else f"{n:,}"
+
+
+def fmt_cost(value: Any) -> str:
+    n = as_num(value)
+    if n is None:
+        return "—"
+    # Sub-cent costs are the common case for cheap sub-models; two decimals would read $0.00.
+    return f"${n:,.2f}" if n >= 1 else f"${n:.4f}"
+
+
+def fmt_time(value: Any) -> str:
+    n = as_num(value)
+    if n is None:
+        return "—"
+    if n < 0.1:
+        return f"{n * 1000:.0f} ms"  # fast cells would all read "0.00 s"
+    if n < 60:
+        return f"{n:.2f} s"
+    minutes, seconds = divmod(int(round(n)), 60)
+    return f"{minutes} m {seconds:02d} s"
+
+
+def preview(value: Any, limit: int = 120) -> str:
+    text = " ".join(as_text(value).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def head_tail(text: str, max_lines: int, max_chars: int) -> tuple[str, str | None, str]:
+    """Split a long text into (head, what was omitted, tail); short text is all head."""
+    lines = text.splitlines(keepends=True)
+    if len(lines) > max_lines:
+        keep_head = max(1, max_lines * 2 // 3)
+        keep_tail = max(1, max_lines - keep_head)
+        head, tail = "".join(lines[:keep_head]), "".join(lines[-keep_tail:])
+        omitted = f"… {len(lines) - keep_head - keep_tail:,} lines omitted …\n"
+        if len(head) + len(tail) <= max_chars:
+            return head, omitted, tail
+    if len(text) > max_chars:
+        keep_head = max_chars * 2 // 3
+        keep_tail = max_chars - keep_head
+        omitted = f"\n… {len(text) - max_chars:,} characters omitted …\n"
+        return text[:keep_head], omitted, text[-keep_tail:]
+    return text, None, ""
+
+
+# Root replies carry their code in fences; the cells show that code highlighted right
+# after, so the reply's prose keeps only a marker instead of the code twice.
+_CODE_FENCE = re.compile(
+    r"^[ \t]*```[ \t]*(?:repl|python|py|python3)?[ \t]*\n.*?^[ \t]*```[ \t]*$",
+    re.DOTALL | re.MULTILINE,
+)
+
+
+def prose_of(content: str, markdown: bool = True) -> str:
+    """The root's text with its code fences replaced by markers; empty when the text was
+    nothing but code."""
+    if not _CODE_FENCE.search(content):
+        return content.strip()
+    count = 0
+
+    def marker(_: re.Match[str]) -> str:
+        nonlocal count
+        count += 1
+        # Its own paragraph, so Markdown does not run it into the sentence before.
+        return f"\n\n*(code → cell {count})*\n\n" if markdown else f"\n\n(code → cell {count})\n\n"
+
+    if not _CODE_FENCE.sub("", content).strip():
+        return ""
+    return re.sub(r"\n{3,}", "\n\n", _CODE_FENCE.sub(marker, content)).strip()
+
+
+def run_key(event: Event) -> str:
+    # A child run's events are forwarded into the parent's trajectory with the parent's
+    # run_id and the child's own id in ``child_run``.
+    return as_text(event.get("child_run") or event.get("run_id"))
+
+
+def depth_of(event: Event) -> int:
+    return max(0, as_int(event.get("depth")) or 0)
+
+
+def cell_number(event: Event) -> int:
+    # The engine numbers cells from 0; people count from 1.
+    index = as_int(event.get("index"))
+    return 1 if index is None else index + 1
+
+
+def usage_total_tokens(usage: Any) -> int | None:
+    total = as_int(field_of(usage, "total_tokens"))
+    if total:
+        return total
+    prompt, completion = as_int(field_of(usage, "prompt_tokens")), as_int(field_of(usage, "completion_tokens"))
+    if prompt is None and completion is None:
+        return total
+    return (prompt or 0) + (completion or 0)
+
+

@@ -1,0 +1,197 @@
+"""A trajectory as HTML: one self-contained page (rlm view --html) or a fragment for a
+notebook. Every piece of model or code output is escaped."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from rlm.display.formatting import (
+    Event,
+    as_int,
+    as_text,
+    field_of,
+    fmt_cost,
+    fmt_int,
+    fmt_time,
+    preview,
+    prose_of,
+)
+from rlm.display.markup import STYLE, code_html, details_html, esc, pre_html, table_html
+from rlm.display.metrics import Metrics, metrics_from_events
+from rlm.display.tree import Cell, Iteration, Run, build_runs
+
+
+def _note_html(e: Event) -> str:
+    kind = e.get("type")
+    if kind == "final":
+        source = as_text(e.get("source"))
+        return (f'<div style="color:#116329;margin:4px 0">✓ final answer'
+                f'{" (" + esc(source) + ")" if source else ""}</div>')
+    if kind == "budget":
+        return f'<div style="{STYLE["note_warn"]}">⚠ budget: {esc(e.get("reason"))}</div>'
+    if kind == "error":
+        return f'<div style="{STYLE["note_err"]}">✗ error: {esc(e.get("message"))}</div>'
+    return ""
+
+
+def _cell_html(cell: Cell) -> str:
+    r = cell.result
+    info = [f"cell {cell.number}"]
+    if r is not None:
+        info.append(fmt_time(r.get("duration_s")))
+        if as_int(r.get("sub_calls")):
+            info.append(f"{as_int(r.get('sub_calls')):,} sub-calls")
+        if r.get("truncated"):
+            info.append("output truncated")
+        if r.get("error"):
+            info.append("error")
+    else:
+        info.append("no result (the run stopped here)")
+    parts = [f'<div style="{STYLE["cell_head"]}">{esc(" · ".join(info))}</div>']
+    if cell.code is not None:
+        parts.append(code_html(cell.code))
+    # Child runs happened while the cell ran, before its output was complete.
+    for child in cell.children:
+        parts.append(_run_html(child))
+    if r is not None:
+        outputs = []
+        lines = 0
+        for name, style in (("stdout", "pre"), ("stderr", "stderr"), ("error", "error")):
+            value = as_text(r.get(name))
+            if value.strip():
+                lines += value.count("\n") + 1
+                outputs.append(pre_html(value.rstrip("\n"), style))
+        if r.get("final") is not None:
+            outputs.append(pre_html("FINAL → " + as_text(r.get("final")), "final"))
+        if outputs:
+            summary = f"output ({lines:,} line{'s' if lines != 1 else ''})" if lines else "output"
+            # Errors open by default: they are why the next iteration looks the way it does.
+            parts.append(details_html(esc(summary), "".join(outputs), open_=bool(r.get("error"))))
+        else:
+            parts.append(f'<div style="{STYLE["cell_head"]}">(no output)</div>')
+    return "".join(parts)
+
+
+def _iteration_html(it: Iteration) -> str:
+    usage = it.reply.get("usage") if it.reply is not None else None
+    bits = [f"Iteration {it.number}", f"{len(it.cells)} cell{'s' if len(it.cells) != 1 else ''}"]
+    if usage is not None:
+        tokens = (as_int(field_of(usage, "prompt_tokens")) or 0) + (as_int(field_of(usage, "completion_tokens")) or 0)
+        bits.append(f"{tokens:,} root tokens")
+        bits.append(fmt_cost(field_of(usage, "cost_usd")))
+    if it.start_t is not None and it.end_t is not None:
+        bits.append(fmt_time(it.end_t - it.start_t))
+    elif it.reply is not None and it.reply.get("elapsed_s") is not None:
+        bits.append(fmt_time(it.reply.get("elapsed_s")))
+    subs = sum(as_int(c.result.get("sub_calls")) or 0 for c in it.cells if c.result is not None)
+    if subs:
+        bits.append(f"{subs:,} sub-calls")
+    if any(c.result is not None and c.result.get("error") for c in it.cells):
+        bits.append("error")
+    parts = []
+    if it.messages:
+        shown = []
+        for msg in it.messages:
+            role = as_text(field_of(msg, "role", "?"))
+            shown.append(f'<div style="{STYLE["cell_head"]}">{esc(role)}</div>'
+                         + pre_html(as_text(field_of(msg, "content", msg if isinstance(msg, str) else "")), "pre"))
+        n = len(it.messages)
+        parts.append(details_html(esc(f"prompt sent ({n} new message{'s' if n != 1 else ''})"), "".join(shown)))
+    if it.reply is not None:
+        prose = prose_of(as_text(it.reply.get("content")), markdown=False)
+        if prose:
+            parts.append(f'<div style="{STYLE["label"]}">root</div><div style="{STYLE["prose"]}">{esc(prose)}</div>')
+        elapsed = it.reply.get("elapsed_s")
+        if usage is not None or elapsed is not None:
+            parts.append(
+                f'<div style="{STYLE["cell_head"]}">root turn: {esc(fmt_int(field_of(usage, "prompt_tokens")))} prompt'
+                f' + {esc(fmt_int(field_of(usage, "completion_tokens")))} completion tokens'
+                f' · {esc(fmt_cost(field_of(usage, "cost_usd")))} · {esc(fmt_time(elapsed))}</div>'
+            )
+    parts.extend(_cell_html(c) for c in it.cells)
+    parts.extend(_note_html(n) for n in it.notes)
+    return details_html(esc(" · ".join(bits)), "".join(parts), style="iteration", summary_style="summary")
+
+
+def _answer_html(m: Metrics) -> str:
+    if m.answer is None:
+        body = esc(f"No answer ({m.stopped_reason or 'unknown'})")
+        if m.error:
+            body += pre_html(m.error, "error")
+        return f'<div style="{STYLE["noanswer"]}"><div style="{STYLE["label"]}">Answer</div>{body}</div>'
+    return (f'<div style="{STYLE["answer"]}"><div style="{STYLE["label"]}">Answer</div>'
+            f'<pre style="{STYLE["answer_pre"]}">{esc(m.answer)}</pre></div>')
+
+
+def _run_html(run: Run, metrics: Metrics | None = None, title: str | None = None) -> str:
+    m = metrics if metrics is not None else metrics_from_events(run.events, run.key)
+    start = run.start or {}
+    if run.depth:
+        head = f"sub-RLM (depth {run.depth}) · {preview(m.query or '', 100)}"
+        tail = "no answer" if m.answer is None else preview(m.answer, 100)
+        body = (_answer_html(m) + table_html(m.rows())
+                + "".join(_iteration_html(it) for it in run.iterations)
+                + "".join(_note_html(n) for n in run.notes))
+        return details_html(esc(f"{head} → {tail}"), body, style="child", summary_style="subsummary")
+    parts = []
+    if title:
+        parts.append(f'<div style="{STYLE["title"]}">{esc(title)}</div>')
+    if m.query:
+        parts.append(f'<div style="{STYLE["query"]}"><span style="{STYLE["label"]}">Query</span> {esc(m.query)}</div>')
+    parts.append(_answer_html(m))
+    parts.append(table_html(m.rows()))
+    context = start.get("context")
+    if context:
+        parts.append(details_html("context", pre_html(as_text(context), "pre")))
+    parts.extend(_iteration_html(it) for it in run.iterations)
+    parts.extend(_note_html(n) for n in run.notes)
+    return f'<div style="{STYLE["root"]}">{"".join(parts)}</div>'
+
+
+def fragment_html(events: list[Event], metrics: Metrics | None = None, title: str | None = None) -> str:
+    runs = build_runs(events)
+    if not runs:
+        m = metrics if metrics is not None else Metrics()
+        body = (f'<div style="{STYLE["title"]}">{esc(title)}</div>' if title else "")
+        return f'<div style="{STYLE["root"]}">{body}{_answer_html(m)}{table_html(m.rows())}</div>'
+    # The given metrics (a result's own numbers) describe the first top-level run.
+    return "".join(
+        _run_html(run, metrics if i == 0 else None, title if i == 0 else None) for i, run in enumerate(runs)
+    )
+
+
+def trajectory_fragment_html(events: Iterable[Event]) -> str:
+    """A trajectory as an HTML fragment (no ``<html>``/``<head>``) for a notebook.
+
+    The answer comes first, then a metrics table, then each iteration collapsed in a
+    ``<details>`` with the root's text, the code highlighted by pygments with inline
+    styles and the outputs collapsed. Every piece of model or code output is escaped,
+    styles are inline and nothing is loaded from elsewhere, so it renders the same in
+    Jupyter and in a notebook viewer that strips scripts and style sheets.
+    """
+    return fragment_html([e for e in events if isinstance(e, Mapping)])
+
+
+def trajectory_html(events: Iterable[Event], title: str | None = None) -> str:
+    """A trajectory as one self-contained HTML page (``rlm view LOG --html OUT``).
+
+    The page is the fragment of ``trajectory_fragment_html`` in a minimal document with
+    a title: no scripts, no external assets, collapsible parts through ``<details>``.
+    """
+    events = [e for e in events if isinstance(e, Mapping)]
+    if title is None:
+        m = metrics_from_events(events) if events else Metrics()
+        page_title = f"RLM trajectory · {preview(m.query, 80)}" if m.query else "RLM trajectory"
+        title = "RLM trajectory"
+    else:
+        page_title = title
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{esc(page_title)}</title>\n</head>\n"
+        '<body style="margin:0;padding:16px;background:#f6f8fa">\n'
+        f"{fragment_html(events, title=title)}\n</body>\n</html>\n"
+    )
+
+
+

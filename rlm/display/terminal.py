@@ -1,0 +1,302 @@
+"""The terminal faces of a run: the live view (LiveDisplay, RLM(verbose=True)) and a whole
+log rendered after the fact (render_log, rlm view)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.markdown import Markdown
+from rich.padding import Padding
+from rich.panel import Panel
+from rich.rule import Rule
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.text import Text
+
+from rlm.display.formatting import (
+    Event,
+    as_int,
+    as_text,
+    cell_number,
+    depth_of,
+    field_of,
+    fmt_cost,
+    fmt_int,
+    fmt_time,
+    head_tail,
+    preview,
+    prose_of,
+    run_key,
+)
+from rlm.display.metrics import Metrics, metrics_from_events
+from rlm.display.progress import SubqueryProgress
+
+# Terminal outputs are cut to a head and a tail: a 20,000-character cell output would
+# push everything else off the screen, and its end (the totals, the error) matters most
+# after its beginning.
+TERM_MAX_LINES = 24
+TERM_MAX_CHARS = 3_000
+
+
+
+def output_text(text: str, style: str, max_lines: int, max_chars: int, indent: str = "") -> Text:
+    head, omitted, tail = head_tail(text.rstrip("\n"), max_lines, max_chars)
+    out = Text()
+    # Indent by prefixing lines rather than with Padding: Padding pads every line with
+    # trailing spaces up to the widest one, which litters logs and copied text.
+    for piece, piece_style in ((head, style), (omitted, "dim italic"), (tail, style)):
+        if not piece:
+            continue
+        if out and not out.plain.endswith("\n"):
+            out.append("\n")
+        for line in piece.rstrip("\n").split("\n"):
+            out.append(indent)
+            out.append(line + "\n", style=piece_style)
+    out.rstrip()
+    return out
+
+
+def metrics_table(m: Metrics, title: str = "Metrics") -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAVY, show_header=False, title_justify="left")
+    table.add_column("metric", style="bold")
+    table.add_column("value", overflow="fold")
+    for label, value in m.rows():
+        table.add_row(label, value)
+    return table
+
+
+def answer_panel(m: Metrics) -> Panel:
+    failed = m.answer is None
+    if failed:
+        body = Text(f"no answer ({m.stopped_reason or 'unknown'})", style="bold red")
+        if m.error:
+            body.append("\n" + m.error, style="red")
+    else:
+        body = Text(m.answer or "")
+    return Panel(
+        body,
+        title="[bold]Answer[/]",
+        subtitle=Text(m.summary(), style="dim"),
+        border_style="red" if failed else "green",
+        padding=(0, 1),
+    )
+
+
+class LiveDisplay:
+    """A trajectory sink that shows a run live in the terminal (``RLM(verbose=True)``).
+
+    Call it with each event: it prints every iteration as it happens (the root's text,
+    each cell's code highlighted, its output with errors in red, the root turn's tokens,
+    cost and time), shows a progress line while a batch of sub-queries runs, and ends
+    with the answer in a panel with the run's key numbers. Child runs are indented by
+    their depth. It is thread-safe (events come from the engine loop and cell threads),
+    ignores unknown event types, tolerates missing fields, and in a notebook keeps each
+    batch's progress in one updating output.
+    """
+
+    def __init__(
+        self,
+        console: Console | None = None,
+        *,
+        max_output_lines: int = TERM_MAX_LINES,
+        max_output_chars: int = TERM_MAX_CHARS,
+    ) -> None:
+        self.console = console if console is not None else Console()
+        self.max_output_lines = max_output_lines
+        self.max_output_chars = max_output_chars
+        self._lock = threading.RLock()
+        self._progress = SubqueryProgress(self.console)
+        self._iteration_shown: dict[str, int] = {}
+        self._events: dict[str, list[Event]] = {}
+
+    def __call__(self, event: Event) -> None:
+        """Show one event."""
+        if not isinstance(event, Mapping):
+            return
+        with self._lock:
+            kind = event.get("type")
+            if kind == "subcalls":
+                self._subcalls(event)
+                return
+            key = run_key(event)
+            self._events.setdefault(key, []).append(event)
+            if kind in ("cell_result", "run_end", "error", "budget"):
+                # A batch that ended early (an error in the cell) never reports total/total.
+                self._finish_batches(key)
+            parts = self._render(event)
+            if kind == "run_end":
+                self._events.pop(key, None)
+                self._iteration_shown.pop(key, None)
+            if not parts:
+                return
+            depth = depth_of(event)
+            body: RenderableType = parts[0] if len(parts) == 1 else Group(*parts)
+            if depth:
+                body = Padding(body, (0, 0, 0, 4 * depth), expand=False)
+            # One print per event: rich renders it whole under its own lock, so lines
+            # from events on different threads never interleave.
+            self.console.print(body)
+
+    def close(self) -> None:
+        """Take down any progress line still showing (a run interrupted mid-batch)."""
+        with self._lock:
+            self._progress.finish()
+
+    def _finish_batches(self, key: str) -> None:
+        self._progress.finish_prefix(key + "\x00")
+
+    def _subcalls(self, event: Event) -> None:
+        done, total = as_int(event.get("done")) or 0, as_int(event.get("total")) or 0
+        depth = depth_of(event)
+        label = "sub-queries" if not depth else f"{'  ' * depth}[d{depth}] sub-queries"
+        # One line per run; a batch id, when the engine sends one, separates concurrent batches.
+        key = run_key(event) + "\x00" + as_text(event.get("batch"))
+        self._progress.update(key, label, done, total)
+
+    # One method per event type keeps the look of each in one place.
+    def _render(self, event: Event) -> list[RenderableType]:
+        kind = as_text(event.get("type"))
+        method = getattr(self, f"_render_{kind}", None)
+        if method is None:
+            return []
+        parts: list[RenderableType] = []
+        iteration = as_int(event.get("iteration"))
+        key = run_key(event)
+        if iteration is not None and self._iteration_shown.get(key) != iteration:
+            self._iteration_shown[key] = iteration
+            parts.append(self._iteration_rule(event, iteration))
+        parts.extend(method(event))
+        return parts
+
+    @staticmethod
+    def _tag(event: Event) -> str:
+        depth = depth_of(event)
+        return f"[d{depth}] " if depth else ""
+
+    def _iteration_rule(self, event: Event, iteration: int) -> RenderableType:
+        label = f"{self._tag(event)}iteration {iteration}"
+        return Rule(Text(label, style="bold"), align="left", style="blue" if not depth_of(event) else "dim blue")
+
+    def _render_run_start(self, event: Event) -> list[RenderableType]:
+        query = as_text(event.get("query"))
+        if depth_of(event):
+            return [Text.assemble((f"{self._tag(event)}↳ sub-RLM: ", "bold magenta"), preview(query, 200))]
+        model = as_text(event.get("model")) or "?"
+        sub = as_text(event.get("recursive_model"))
+        title = f"RLM · {model}" + (f" (sub: {sub})" if sub and sub != model else "")
+        parts: list[RenderableType] = [Rule(Text(title, style="bold"), style="magenta")]
+        parts.append(Text.assemble(("Query: ", "bold"), query))
+        context = event.get("context")
+        if context:
+            head, omitted, _ = head_tail(as_text(context), 8, 800)
+            parts.append(Text.assemble(("Context: ", "bold"), (head.rstrip() + (" …" if omitted else ""), "dim")))
+        return parts
+
+    def _render_root_request(self, event: Event) -> list[RenderableType]:
+        return []  # The iteration rule printed for it says the turn has started.
+
+    def _render_root_reply(self, event: Event) -> list[RenderableType]:
+        prose = prose_of(as_text(event.get("content")))
+        usage = event.get("usage")
+        prompt, completion = as_int(field_of(usage, "prompt_tokens")), as_int(field_of(usage, "completion_tokens"))
+        stats = (
+            f"root: {fmt_int(prompt)} → {fmt_int(completion)} tokens"
+            f" · {fmt_cost(field_of(usage, 'cost_usd'))} · {fmt_time(event.get('elapsed_s'))}"
+        )
+        if not prose:
+            return [Text(stats, style="dim")]
+        return [
+            Panel(
+                Markdown(prose),
+                title=Text(f"{self._tag(event)}root", style="bold blue"),
+                title_align="left",
+                subtitle=Text(stats, style="dim"),
+                subtitle_align="right",
+                border_style="dim blue",
+                padding=(0, 1),
+            )
+        ]
+
+    def _render_cell(self, event: Event) -> list[RenderableType]:
+        code = as_text(event.get("code")).rstrip("\n")
+        return [
+            Panel(
+                Syntax(code, "python", theme="ansi_dark", word_wrap=True, background_color="default"),
+                title=Text(f"{self._tag(event)}cell {cell_number(event)}", style="bold cyan"),
+                title_align="left",
+                border_style="cyan",
+                padding=(0, 1),
+            )
+        ]
+
+    def _render_cell_result(self, event: Event) -> list[RenderableType]:
+        parts: list[RenderableType] = []
+        for name, style in (("stdout", ""), ("stderr", "yellow"), ("error", "bold red")):
+            value = as_text(event.get(name))
+            if value.strip():
+                parts.append(output_text(value, style, self.max_output_lines,
+                                          self.max_output_chars, indent="  "))
+        final = event.get("final")
+        if final is not None:
+            parts.append(Text.assemble(("  FINAL → ", "bold green"), preview(final, 300)))
+        info = [f"cell {cell_number(event)}", fmt_time(event.get("duration_s"))]
+        sub_calls = as_int(event.get("sub_calls"))
+        if sub_calls:
+            info.append(f"{sub_calls:,} sub-calls")
+        if event.get("truncated"):
+            info.append("output truncated")
+        if event.get("error"):
+            info.append("error")
+        parts.append(Text("  ⎿ " + " · ".join(info), style="dim"))
+        return parts
+
+    def _render_final(self, event: Event) -> list[RenderableType]:
+        source = as_text(event.get("source"))
+        return [Text.assemble((f"{self._tag(event)}✓ final answer", "bold green"),
+                              (f" ({source})" if source else "", "dim"))]
+
+    def _render_budget(self, event: Event) -> list[RenderableType]:
+        return [Text.assemble((f"{self._tag(event)}⚠ budget: ", "bold yellow"), as_text(event.get("reason")))]
+
+    def _render_error(self, event: Event) -> list[RenderableType]:
+        return [Text.assemble((f"{self._tag(event)}✗ error: ", "bold red"), as_text(event.get("message")))]
+
+    def _render_run_end(self, event: Event) -> list[RenderableType]:
+        m = metrics_from_events(self._events.get(run_key(event), [event]), run_key(event))
+        if depth_of(event):
+            answer = "no answer" if m.answer is None else preview(m.answer, 200)
+            return [Text.assemble((f"{self._tag(event)}↳ sub-RLM answer: ", "bold magenta"), answer,
+                                  (f"  ({m.summary()})", "dim"))]
+        return [answer_panel(m)]
+
+
+def render_log(events: Iterable[Event], console: Console | None = None) -> None:
+    """Render a whole trajectory (e.g. from ``read_log``) to the terminal.
+
+    It looks like the live view of the same run (each iteration with the root's text,
+    highlighted code and outputs, then the answer), followed by a metrics table per
+    top-level run: iterations, root calls, tokens and cost, sub-calls, tokens and cost,
+    wall time and why the run stopped. A log cut short by a killed run renders up to
+    where it ends, and its table says it is incomplete.
+    """
+    console = console if console is not None else Console()
+    events = [e for e in events if isinstance(e, Mapping)]
+    view = LiveDisplay(console)
+    for event in events:
+        view(event)
+    for key in _top_level_keys(events):
+        console.print(metrics_table(metrics_from_events(events, key)))
+
+
+def _top_level_keys(events: list[Event]) -> list[str]:
+    keys: list[str] = []
+    for e in events:
+        key = run_key(e)
+        if depth_of(e) == 0 and key not in keys:
+            keys.append(key)
+    return keys
+
+
