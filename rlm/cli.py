@@ -1,7 +1,8 @@
-"""The ``rlm`` command: run, demo, view, repl, cache, serve and mcp.
+"""The ``rlm`` command: run, batch, demo, view, repl, cache, serve and mcp.
 
-Exit codes: 0 when a run produced an answer, 1 when it failed, 2 for bad usage (a
-missing file, an undecodable file, a missing key, a bad option).
+Exit codes: 0 when a run produced an answer (for batch: every task did), 1 when it
+failed (some task failed), 2 for bad usage (a missing file, an undecodable file, a
+missing key, a bad option, a duplicate task id), 130/143 when interrupted.
 """
 
 from __future__ import annotations
@@ -63,9 +64,33 @@ def _require_key(api_key: str | None) -> str:
     return key
 
 
-def _print_result(result: Any, as_json: bool) -> int:
+def _read_schema(source: str) -> dict[str, Any]:
+    """A JSON Schema file for ``rlm run --schema``, checked before any request."""
+    from rlm.errors import ConfigError
+    from rlm.schema import Schema
+
+    path = Path(source)
+    if not path.is_file():
+        raise UsageError(f"schema file not found: {source}")
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{source} is not valid JSON: {exc}") from exc
+    if not isinstance(schema, dict):
+        raise UsageError(f"{source} must hold a JSON Schema object, not a JSON {type(schema).__name__}")
+    try:
+        Schema.of(schema)
+    except ConfigError as exc:
+        raise UsageError(f"{source}: {exc}") from exc
+    return schema
+
+
+def _print_result(result: Any, as_json: bool, typed: bool = False) -> int:
     if as_json:
         print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    elif typed and result.answer is not None:
+        # The validated output as JSON (a str output too, quoted), so it pipes into jq.
+        print(json.dumps(result.to_dict()["output"], indent=2, ensure_ascii=False))
     elif result.answer is not None:
         print(result.answer)
     # A run sets `error` only when it ends without an answer (see RLM._run).
@@ -76,29 +101,83 @@ def _print_result(result: Any, as_json: bool) -> int:
     return EXIT_OK
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from rlm.core import RLM
-
-    context = _read_context(args.context, args.format, args.encoding)
-    key = _require_key(args.api_key)
-    rlm = RLM(
+def _build_rlm(args: argparse.Namespace, rlm_class: Any, *, budget_prefix: str, verbose: bool,
+               **extra: Any) -> Any:
+    # One place turns the shared model/endpoint/budget flags into an RLM (run and batch).
+    budgets = {
+        name: getattr(args, budget_prefix + name, None)
+        for name in ("max_cost_usd", "max_tokens", "max_time_s")
+    }
+    return rlm_class(
         model=args.model,
         recursive_model=args.recursive_model,
         base_url=args.base_url,
-        api_key=key,
+        api_key=_require_key(args.api_key),
         max_iterations=args.max_iterations,
         max_depth=args.max_depth,
         sandbox=args.sandbox,
         log_dir=args.log_dir,
-        verbose=args.verbose,
-        max_cost_usd=args.max_cost_usd,
-        max_time_s=args.max_time_s,
+        verbose=verbose,
+        **budgets,
+        **extra,
     )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rlm.core import RLM
+
+    context = _read_context(args.context, args.format, args.encoding)
+    schema = _read_schema(args.schema) if args.schema else None
+    rlm = _build_rlm(args, RLM, budget_prefix="", verbose=args.verbose)
     try:
-        result = rlm.completion(context=context, query=args.query)
+        result = rlm.completion(context=context, query=args.query, schema=schema)
     finally:
         rlm.close()
-    return _print_result(result, args.json)
+    return _print_result(result, args.json, typed=schema is not None)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, turned into an exception so the job stops the way Ctrl-C stops it."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    import signal
+
+    from rlm.core import RLM
+    from rlm.jobs import load_tasks
+
+    if (args.tasks is None) == (args.dir is None):
+        raise UsageError("give a tasks file (JSONL or CSV) or --dir DOCS/, not both or neither")
+    if args.dir is not None and not args.query:
+        raise UsageError("--dir needs --query (the question to ask of every document)")
+    tasks = load_tasks(args.dir or args.tasks, query=args.query, fmt=args.format,
+                       encoding=args.encoding)
+    rlm = _build_rlm(args, RLM, budget_prefix="task_", verbose=False,
+                     max_concurrency=max(64, args.concurrency * 4))
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        summary = rlm.run_job(
+            tasks, args.out, concurrency=args.concurrency, max_cost_usd=args.max_cost_usd,
+            max_tokens=args.max_tokens, max_time_s=args.max_time_s,
+            retry_failed=args.retry_failed, sort_output=args.sorted, progress=not args.quiet,
+            backend=args.backend, ray_address=args.ray_address,
+        )
+    except KeyboardInterrupt:
+        print(f"rlm: interrupted; {args.out} holds every task that finished (re-run to resume)",
+              file=sys.stderr)
+        return 130
+    except _Terminated:
+        print(f"rlm: terminated; {args.out} holds every task that finished (re-run to resume)",
+              file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        rlm.close()
+    return summary.exit_code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -195,17 +274,38 @@ def cmd_repl(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    # Shared by `run` and `batch`, so both take the same model and endpoint options.
+    parser.add_argument("--model", help="root model (default: RLM_MODEL or gpt-4o-mini)")
+    parser.add_argument("--recursive-model", help="model for llm_query sub-calls (default: --model)")
+    parser.add_argument("--base-url", help="OpenAI-compatible base URL (vLLM, Ollama, llama.cpp, OpenRouter)")
+    parser.add_argument("--api-key", help="API key (default: OPENAI_API_KEY)")
+    parser.add_argument("--max-iterations", type=int, default=20)
+    parser.add_argument("--max-depth", type=int, default=1)
+    parser.add_argument("--sandbox", choices=["local", "process"], default=None)
+
+
+def _add_budget_flags(parser: argparse.ArgumentParser, prefix: str, scope: str, *,
+                      tokens: bool = True) -> None:
+    parser.add_argument(f"--{prefix}max-cost-usd", type=float, default=None,
+                        help=f"stop {scope} after spending this many USD")
+    if tokens:
+        parser.add_argument(f"--{prefix}max-tokens", type=int, default=None,
+                            help=f"stop {scope} after this many tokens")
+    parser.add_argument(f"--{prefix}max-time-s", type=float, default=None,
+                        help=f"stop {scope} after this many seconds")
+
+
+def _add_format_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=["auto", "text", "json", "jsonl"], default="auto",
+                        help="how to load a context file (auto: by file extension)")
+    parser.add_argument("--encoding", default="utf-8")
+
+
 def _add_upstream_args(p: argparse.ArgumentParser) -> None:
     """The upstream model, endpoint and budget flags shared by run, serve and mcp."""
-    p.add_argument("--model", help="root model (default: RLM_MODEL or gpt-4o-mini)")
-    p.add_argument("--recursive-model", help="model for llm_query sub-calls (default: --model)")
-    p.add_argument("--base-url", help="OpenAI-compatible base URL (vLLM, Ollama, llama.cpp, OpenRouter)")
-    p.add_argument("--api-key", help="API key (default: OPENAI_API_KEY)")
-    p.add_argument("--max-iterations", type=int, default=20)
-    p.add_argument("--max-depth", type=int, default=1)
-    p.add_argument("--max-cost-usd", type=float, default=None)
-    p.add_argument("--max-time-s", type=float, default=None)
-    p.add_argument("--sandbox", choices=["local", "process"], default=None)
+    _add_model_flags(p)
+    _add_budget_flags(p, "", "the run", tokens=False)
     p.add_argument("--log-dir", default=None, help="write the trajectory as JSONL here")
 
 
@@ -320,12 +420,39 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--context", required=True, help="context file, or - for standard input")
     run.add_argument("--query", required=True, help="the question to answer")
     _add_upstream_args(run)
-    run.add_argument("--format", choices=["auto", "text", "json", "jsonl"], default="auto",
-                     help="how to load the context (auto: by file extension)")
-    run.add_argument("--encoding", default="utf-8")
+    _add_format_flags(run)
     run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.add_argument("--schema", metavar="FILE.json",
+                     help="a JSON Schema the answer must match; prints the validated JSON")
     run.add_argument("--verbose", "-v", action="store_true", help="show each iteration live")
     run.set_defaults(func=cmd_run)
+
+    batch = sub.add_parser(
+        "batch",
+        help="run one query (or one per task) over many documents; resumable",
+        description="Run many tasks and append one JSON line per finished task to --out. "
+        "Re-running the same command skips ids already in --out. Exit codes: 0 all "
+        "succeeded, 1 some failed or were not run, 2 usage error, 130/143 interrupted "
+        "(the output stays valid).",
+    )
+    batch.add_argument("tasks", nargs="?", help='JSONL ({"id", "query", "context" | '
+                       '"context_path"} per line) or CSV with those columns')
+    batch.add_argument("--dir", help="one task per file under this directory (id: relative path)")
+    batch.add_argument("--query", help="the query for every task (required with --dir)")
+    batch.add_argument("--out", required=True, help="results JSONL (appended; resumed)")
+    _add_model_flags(batch)
+    _add_budget_flags(batch, "", "the whole job")
+    _add_budget_flags(batch, "task-", "each task")
+    batch.add_argument("--concurrency", type=int, default=8, help="tasks run at once (default 8)")
+    batch.add_argument("--retry-failed", action="store_true", help="re-run tasks whose line has an error")
+    batch.add_argument("--sorted", action="store_true", help="rewrite --out in input order at the end")
+    batch.add_argument("--log-dir", default=None, help="write each task's trajectory as JSONL here")
+    _add_format_flags(batch)
+    batch.add_argument("--backend", choices=["local", "ray"], default="local")
+    batch.add_argument("--ray-address", default=None,
+                       help="Ray cluster to join ('auto': the running one; default: start a local one)")
+    batch.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    batch.set_defaults(func=cmd_batch)
 
     demo = sub.add_parser("demo", help="offline demo: a needle in a 1,000,000-line haystack")
     demo.add_argument("--base-url", help="run against a real OpenAI-compatible server instead")

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlm import loop as engine
 from rlm import prompts
@@ -39,6 +39,9 @@ DEFAULT_SUB_WINDOW_CHARS = 500_000
 # Compaction keeps the system prompt, the first user message and this many latest
 # messages (the last reply and the output it produced) verbatim.
 _KEEP_RECENT = 2
+
+if TYPE_CHECKING:
+    from rlm.jobs.runner import JobSummary
 
 
 @dataclass
@@ -547,6 +550,28 @@ class RLM:
         finally:
             if bar is not None:
                 bar.stop()
+
+    def run_job(self, tasks: Any, out: str | Path, **options: Any) -> JobSummary:
+        """Run a many-document job: every task not yet in ``out`` is run and appended to it.
+
+        ``tasks`` is a JSONL or CSV file, a directory of documents (with ``query=``), or
+        an iterable of ``rlm.jobs.Task`` or mappings ``{"id", "query", "context" |
+        "context_path"}``. Each finished task is one fsynced line of ``out``; running
+        the same job again skips ids already there (``retry_failed=True`` re-runs those
+        that ended in error). Options: ``query``, ``fmt``, ``encoding``,
+        ``concurrency`` (8), job caps ``max_cost_usd``/``max_tokens``/``max_time_s``,
+        ``sort_output``, ``progress``, ``backend`` ("local" or "ray") and
+        ``ray_address``. Returns a ``JobSummary``; see the README's "Jobs" section.
+        """
+        from rlm.jobs.runner import run_job
+
+        return run_job(self, tasks, out, **options)
+
+    async def arun_job(self, tasks: Any, out: str | Path, **options: Any) -> JobSummary:
+        """``run_job`` for async code: the job's tasks run on the caller's event loop."""
+        from rlm.jobs.runner import arun_job
+
+        return await arun_job(self, tasks, out, **options)
 
     def session(self, context: Any) -> RLMSession:
         """A multi-turn session over ``context``: the REPL keeps its state across asks."""

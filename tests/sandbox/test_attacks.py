@@ -321,9 +321,7 @@ def test_attack_suite_is_large_enough() -> None:
 
 
 def test_output_flood_is_capped_with_head_and_tail(make_env: Callable[..., REPLEnv]) -> None:
-    # A generous limit: this is about the cap, and 100,000 prints can take over a
-    # second on a loaded machine.
-    env = make_env(max_output_chars=1_000, timeout=30.0)
+    env = make_env(max_output_chars=1_000, timeout=30.0)  # a loaded machine is slow, not wrong
     r = env.execute("for i in range(100_000):\n    print(i)")
     assert r.error is None
     assert r.truncated
