@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 import math
 import secrets
 import signal
@@ -469,7 +470,8 @@ async def serve(runner: QueryRunner, options: ServeOptions, on_ready: Callable[[
     # collection while serving, nor by the one at exit.
     gc.collect()
     gc.freeze()
-    app_runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    app_runner = web.AppRunner(app, handler_cancellation=True, access_log=_access_log(),
+                               access_log_format='%a "%r" %s %b %Tfs')
     await app_runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -492,6 +494,18 @@ async def serve(runner: QueryRunner, options: ServeOptions, on_ready: Callable[[
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
+
+
+def _access_log() -> logging.Logger:
+    # One line per request on stderr: client, request line, status, bytes, seconds.
+    logger = logging.getLogger("rlm.serve.access")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("rlm serve: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
 
 
 def print_ready(url: str, runner: QueryRunner) -> None:
