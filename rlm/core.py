@@ -11,6 +11,7 @@ and one limiter.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
@@ -776,7 +777,7 @@ class RLM:
                 if final is not None:
                     verdict, feedback = self._judge(run, typed, final, iteration)
                     if verdict == "answer":
-                        return final if typed is None else typed.answer, "final", iteration
+                        return _answer_text(final, typed), "final", iteration
                     if verdict == "invalid":
                         return None, "invalid_answer", iteration
                     new = [{"role": "user", "content": feedback}]
@@ -806,7 +807,7 @@ class RLM:
                     run.trajectory.emit("final", answer=result.final, source="code")
                     verdict, feedback = self._judge(run, typed, result.final, iteration)
                     if verdict == "answer":
-                        return result.final if typed is None else typed.answer, "final", iteration
+                        return _answer_text(result.final, typed), "final", iteration
                     if verdict == "invalid":
                         return None, "invalid_answer", iteration
                 outputs.append(
@@ -837,7 +838,7 @@ class RLM:
             if self._judge(run, typed, final, self.max_iterations + 1, last=True)[0] != "answer":
                 return None, "invalid_answer", self.max_iterations
             return typed.answer, "max_iterations", self.max_iterations
-        return final, "max_iterations", self.max_iterations
+        return _answer_text(final, None), "max_iterations", self.max_iterations
 
     def _judge(
         self, run: _Run, typed: _TypedAnswer | None, value: Any, iteration: int, last: bool = False
@@ -903,7 +904,7 @@ class RLM:
         )
         return compacted
 
-    async def _final_from_text(self, run: _Run, env: REPLEnv, reply: str) -> str | None:
+    async def _final_from_text(self, run: _Run, env: REPLEnv, reply: str) -> Any:
         found = find_final_in_text(reply)
         if found is None:
             return None
@@ -994,6 +995,17 @@ class RLMSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _answer_text(value: Any, typed: _TypedAnswer | None) -> str:
+    """RLMResult.answer for a FINAL value: the validated output's text with a schema;
+    without one, a str as is and other plain data as JSON."""
+    if typed is not None:
+        assert typed.answer is not None
+        return typed.answer
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _check_query(query: Any) -> None:
