@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rlm.core import RLM, RLMResult, RLMSession
     from rlm.errors import BatchError, ConfigError, LLMError, RLMError
-    from rlm.llm import AsyncOpenAIClient, Usage
+    from rlm.llm import AsyncOpenAIClient
     from rlm.repl import ExecResult, REPLEnv
+    from rlm.usage import Usage
 
 __all__ = [
     "RLM",
@@ -43,7 +44,7 @@ _LAZY = {
     "LLMError": "rlm.errors",
     "RLMError": "rlm.errors",
     "AsyncOpenAIClient": "rlm.llm",
-    "Usage": "rlm.llm",
+    "Usage": "rlm.usage",
     "ExecResult": "rlm.repl",
     "REPLEnv": "rlm.repl",
 }

@@ -1,4 +1,4 @@
-"""The ``rlm`` command: run, demo, view and repl.
+"""The ``rlm`` command: run, demo, view, repl, cache, serve and mcp.
 
 Exit codes:
 
@@ -410,6 +410,129 @@ def _add_context_args(p: argparse.ArgumentParser) -> None:
                    help="run even when the context file is empty (refused by default)")
 
 
+def _add_upstream_args(p: argparse.ArgumentParser) -> None:
+    """The upstream model, endpoint and budget flags shared by run, serve and mcp."""
+    p.add_argument("--model", help="root model (default: $RLM_MODEL, else gpt-4o-mini)")
+    p.add_argument("--recursive-model", help="model for llm_query sub-calls (default: --model)")
+    p.add_argument("--base-url", type=_base_url,
+                   help="OpenAI-compatible base URL: vLLM, Ollama, llama.cpp, OpenRouter "
+                        "(default: $OPENAI_BASE_URL, else OpenAI)")
+    p.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY)")
+    p.add_argument("--max-iterations", type=_positive_int, default=20,
+                   help="root turns before a run must answer; for rlm run hitting it exits 3 "
+                        "(default: 20)")
+    p.add_argument("--max-depth", type=_positive_int, default=1,
+                   help="1: llm_query calls a model; 2: it runs a child RLM with its own REPL "
+                        "(default: 1)")
+    p.add_argument("--max-cost-usd", type=_positive_float, default=None,
+                   help="stop a run when it has spent this many US dollars (default: no limit)")
+    p.add_argument("--max-time-s", type=_positive_float, default=None,
+                   help="stop a run after this many seconds of wall time (default: no limit)")
+    p.add_argument("--sandbox", choices=["local", "process"], default=None, help=_SANDBOX_HELP)
+    p.add_argument("--log-dir", default=None,
+                   help="write each trajectory as JSONL here, for rlm view (default: no log)")
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    """Flags both servers take beyond the upstream ones."""
+    p.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
+                   help="clients may read context files under DIR, repeatable (default: none)")
+    p.add_argument("--max-context-mb", type=_positive_float, default=256.0,
+                   help="largest context file a client may read, in MB (default: 256)")
+    p.add_argument("--max-concurrency", type=_positive_int, default=64,
+                   help="sub-queries in flight at once, across all requests (default: 64)")
+
+
+def _upstream_settings(args: argparse.Namespace) -> Any:
+    from rlm.serve.runs import UpstreamSettings
+
+    return UpstreamSettings(
+        model=args.model,
+        recursive_model=args.recursive_model,
+        base_url=args.base_url,
+        api_key=_require_key(args.api_key),
+        max_iterations=args.max_iterations,
+        max_depth=args.max_depth,
+        max_cost_usd=args.max_cost_usd,
+        max_time_s=args.max_time_s,
+        sandbox=args.sandbox,
+        log_dir=args.log_dir,
+        max_concurrency=args.max_concurrency,
+    )
+
+
+def _allowed_dirs(args: argparse.Namespace) -> Any:
+    from rlm.serve.paths import AllowedDirs
+
+    return AllowedDirs(args.allow_dir, max_bytes=int(args.max_context_mb * 1024 * 1024))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from rlm.serve.auth import auth_key_from, check_bind
+    from rlm.serve.openai_server import ServeOptions, print_ready, serve
+    from rlm.serve.runs import QueryRunner
+
+    auth_key = auth_key_from(args.auth_key)
+    check_bind(args.host, auth_key)
+    if args.max_running < 1 or args.max_queue < 0:
+        raise UsageError("--max-running must be >= 1 and --max-queue >= 0")
+    options = ServeOptions(
+        host=args.host,
+        port=args.port,
+        auth_key=auth_key,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        max_running=args.max_running,
+        max_queue=args.max_queue,
+        allow_dirs=_allowed_dirs(args),
+    )
+    runner = QueryRunner(_upstream_settings(args))
+    asyncio.run(serve(runner, options, on_ready=lambda url: print_ready(url, runner)))
+    return EXIT_OK
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    from rlm.serve.auth import auth_key_from
+
+    try:
+        from rlm.serve.mcp_server import McpOptions, run_mcp
+    except ImportError as exc:
+        raise UsageError(
+            f"rlm mcp needs the MCP SDK ({exc}): pip install 'rlm-sandbox[mcp]'"
+        ) from None
+    host, port = None, None
+    if args.http:
+        host, _, port_text = args.http.rpartition(":")
+        if not host or not port_text.isdigit():
+            raise UsageError(f"--http wants HOST:PORT (e.g. 127.0.0.1:8765), got {args.http!r}")
+        host, port = host.strip("[]"), int(port_text)
+    options = McpOptions(
+        http_host=host,
+        http_port=port,
+        auth_key=auth_key_from(args.auth_key) if args.http else None,
+        allow_dirs=_allowed_dirs(args),
+        max_sessions=args.max_sessions,
+        session_idle_s=args.session_idle_s,
+        max_output_chars=args.max_output_chars,
+        cell_timeout_s=args.cell_timeout_s,
+    )
+    run_mcp(_upstream_settings(args), options)
+    return EXIT_OK
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from rlm.cache import cache_info, clear_cache
+
+    if args.action == "info":
+        info = cache_info(args.dir)
+        print(json.dumps(info.to_dict(), indent=2) if args.json else info.summary())
+    else:
+        removed = clear_cache(args.dir)
+        print(f"cleared {removed.path}: {removed.entries:,} entries removed")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``rlm`` argument parser (one sub-parser per command)."""
     parser = _Parser(
@@ -430,29 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_context_args(run)
     run.add_argument("--query", required=True, help="the question to answer")
-    run.add_argument("--model", help="root model (default: $RLM_MODEL, else gpt-4o-mini)")
-    run.add_argument("--recursive-model", help="model for llm_query sub-calls (default: --model)")
-    run.add_argument("--base-url", type=_base_url,
-                     help="OpenAI-compatible base URL: vLLM, Ollama, llama.cpp, OpenRouter "
-                          "(default: $OPENAI_BASE_URL, else OpenAI)")
-    run.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY)")
-    run.add_argument("--max-iterations", type=_positive_int, default=20,
-                     help="root turns before the run must answer; hitting it exits 3 (default: 20)")
-    run.add_argument("--max-depth", type=_positive_int, default=1,
-                     help="1: llm_query calls a model; 2: it runs a child RLM with its own REPL "
-                          "(default: 1)")
-    run.add_argument("--max-cost-usd", type=_positive_float, default=None,
-                     help="stop when the run has spent this many US dollars (default: no limit)")
+    _add_upstream_args(run)
     run.add_argument("--max-tokens", type=_positive_int, default=None,
                      help="stop when root and sub-calls together used this many tokens "
                           "(default: no limit)")
-    run.add_argument("--max-time-s", type=_positive_float, default=None,
-                     help="stop after this many seconds of wall time (default: no limit)")
     run.add_argument("--max-concurrency", type=_positive_int, default=64,
                      help="sub-queries in flight at once (default: 64)")
-    run.add_argument("--sandbox", choices=["local", "process"], default=None, help=_SANDBOX_HELP)
-    run.add_argument("--log-dir", default=None,
-                     help="write the trajectory as JSONL here, for rlm view (default: no log)")
     run.add_argument("--json", action="store_true",
                      help="print the result (answer, stop reason, usage) as JSON on stdout")
     run.add_argument("--verbose", "-v", action="store_true", help="show each iteration live on stderr")
@@ -473,6 +579,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", "-q", action="store_true", help="no live trajectory")
     demo.set_defaults(func=cmd_demo)
 
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server whose model is an RLM")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on; beyond loopback needs --auth-key (default: 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on, 0 for any free port (default: 8000)")
+    srv.add_argument("--auth-key", default=None,
+                     help="bearer key clients must send (default: RLM_SERVE_AUTH_KEY; none on loopback)")
+    srv.add_argument("--max-body-mb", type=_positive_float, default=64.0, help="largest request body, in MB; 413 beyond (default: 64)")
+    srv.add_argument("--max-running", type=_positive_int, default=8, help="RLM runs at once (default: 8)")
+    srv.add_argument("--max-queue", type=int, default=32, help="requests waiting for a run slot; 429 beyond (default: 32)")
+    _add_upstream_args(srv)
+    _add_server_args(srv)
+    srv.set_defaults(func=cmd_serve)
+
+    mcp = sub.add_parser("mcp", help="an MCP server: rlm_query and a sandboxed REPL for agents")
+    mcp.add_argument("--http", metavar="HOST:PORT", default=None,
+                     help="serve streamable HTTP at http://HOST:PORT/mcp (default: stdio)")
+    mcp.add_argument("--auth-key", default=None,
+                     help="with --http: bearer key clients must send (default: RLM_SERVE_AUTH_KEY)")
+    mcp.add_argument("--max-sessions", type=_positive_int, default=8, help="REPL sessions open at once (default: 8)")
+    mcp.add_argument("--session-idle-s", type=_positive_float, default=900.0,
+                     help="close a REPL session idle this many seconds (default: 900)")
+    mcp.add_argument("--max-output-chars", type=_positive_int, default=20_000,
+                     help="cut what one repl_exec returns to this many characters (default: 20000)")
+    mcp.add_argument("--cell-timeout-s", type=_positive_float, default=120.0, help="wall-clock limit of one repl_exec, in seconds (default: 120)")
+    _add_upstream_args(mcp)
+    _add_server_args(mcp)
+    mcp.set_defaults(func=cmd_mcp)
+
     view = sub.add_parser("view", help="render a JSONL trajectory log")
     view.add_argument("log", help="a .jsonl log written by a run with --log-dir")
     view.add_argument("--html", metavar="OUT", help="write one self-contained HTML page there instead (default: render in the "
@@ -487,18 +620,26 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--max-concurrency", type=_positive_int, default=64,
                     help="sub-queries in flight at once (default: 64)")
     rp.set_defaults(func=cmd_repl)
+
+    cache = sub.add_parser("cache", help="inspect or empty the sub-query cache")
+    cache.add_argument("action", choices=["info", "clear"],
+                       help="info: entries, size and hits; clear: remove every entry")
+    cache.add_argument("dir", nargs="?", default=None,
+                       help="cache directory (default: RLM_CACHE_DIR or the per-user cache dir)")
+    cache.add_argument("--json", action="store_true", help="info as JSON")
+    cache.set_defaults(func=cmd_cache)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rlm`` console script."""
-    from rlm.errors import ConfigError
+    from rlm.errors import AccessDeniedError, ConfigError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (UsageError, ConfigError) as exc:
+    except (UsageError, ConfigError, AccessDeniedError) as exc:
         print(f"rlm: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -11,9 +11,10 @@ and one limiter.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,14 @@ from typing import Any
 from rlm import loop as engine
 from rlm import prompts
 from rlm.errors import ConfigError, LLMError, RLMError
-from rlm.llm import AsyncOpenAIClient, Usage
+from rlm.llm import AsyncOpenAIClient
 from rlm.parsing import find_code_blocks, find_final_in_text
 from rlm.repl import REPLEnv, describe_context, failed_slot
+from rlm.sandbox.modules import importable_modules
+from rlm.schema import Schema, SchemaIssue, format_issues
+from rlm.structured import check_subquery_schema, structured_batch, structured_query
 from rlm.trajectory import Trajectory, cap_text, prompt_text
+from rlm.usage import PRICE_HELP, Usage, check_prices
 
 # Current frontier models take 128k tokens or more; compact well before that so the
 # reply and the next cell output still fit.
@@ -46,8 +51,15 @@ class RLMResult:
 
     ``stopped_reason`` is "final" (the code called FINAL/FINAL_VAR, or the root wrote
     one), "max_iterations" (the last-turn answer), "budget" (a cost, token or time
-    budget ran out: ``error`` says which) or "error" (``error`` says what failed).
-    ``usage`` has "root" and "sub" ``Usage`` snapshots of this run alone.
+    budget ran out: ``error`` says which), "invalid_answer" (a run with ``schema=``
+    whose answer still did not match after ``max_answer_retries``) or "error"
+    (``error`` says what failed). ``usage`` has "root" and "sub" ``Usage`` snapshots of
+    this run alone.
+
+    With ``schema=``, ``output`` is the validated object (a model instance, list, dict,
+    number...) and ``answer`` its JSON text (a str output is the answer as is). After
+    "invalid_answer", ``raw_output`` keeps the last value given to FINAL and
+    ``validation_errors`` what was wrong with it (dicts of path, expected, received).
     """
 
     answer: str | None
@@ -59,6 +71,9 @@ class RLMResult:
     error: str | None = None
     trajectory: list[dict[str, Any]] = field(default_factory=list)
     log_path: str | None = None
+    output: Any = None
+    raw_output: Any = None
+    validation_errors: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -82,9 +97,16 @@ class RLMResult:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (the trajectory is left out; it is in ``log_path``)."""
-        return {
+        """JSON-ready dict (the trajectory is left out; it is in ``log_path``).
+
+        ``output`` is the validated output as JSON data (null without a schema);
+        ``raw_output`` and ``validation_errors`` appear after an invalid answer.
+        """
+        from pydantic_core import to_jsonable_python
+
+        data: dict[str, Any] = {
             "answer": self.answer,
+            "output": to_jsonable_python(self.output),
             "stopped_reason": self.stopped_reason,
             "error": self.error,
             "iterations": self.iterations,
@@ -93,6 +115,10 @@ class RLMResult:
             "usage": {k: v.to_dict() for k, v in self.usage.items()},
             "log_path": self.log_path,
         }
+        if self.stopped_reason == "invalid_answer":
+            data["raw_output"] = to_jsonable_python(self.raw_output, fallback=repr)
+            data["validation_errors"] = self.validation_errors
+        return data
 
     def _repr_html_(self) -> str:
         from rlm.display import result_html
@@ -112,12 +138,20 @@ class _BudgetExceeded(RLMError):
 class _Run:
     """State of one root-loop run: its meters, counters, trajectory and budgets."""
 
-    def __init__(self, rlm: RLM, depth: int, trajectory: Trajectory) -> None:
+    def __init__(
+        self,
+        rlm: RLM,
+        depth: int,
+        trajectory: Trajectory,
+        run_child: Callable[..., Coroutine[Any, Any, RLMResult]],
+    ) -> None:
         self.rlm = rlm
         self.depth = depth
+        # Starts a child run (RLM._run) for recursive sub-queries.
+        self.run_child = run_child
         self.trajectory = trajectory
-        self.root_meter = rlm.client._new_meter()  # noqa: SLF001
-        self.sub_meter = rlm.sub_client._new_meter()  # noqa: SLF001
+        self.root_meter = rlm.client.new_meter()
+        self.sub_meter = rlm.sub_client.new_meter()
         self.sub_calls = 0
         self.iterations = 0
         self.started = time.monotonic()
@@ -162,7 +196,7 @@ class _SubQueryService:
     def __init__(self, run: _Run) -> None:
         self._run = run
 
-    def _record(self, prompts_: Sequence[Any], replies: Sequence[str]) -> None:
+    def _record(self, prompts_: Sequence[Any], replies: Sequence[Any]) -> None:
         """Put the sub-queries' prompts and replies in the trajectory (one event per
         call of llm_query or llm_query_batch, so a 10,000-item batch is one line)."""
         mode = self._run.rlm.record_subcalls
@@ -173,11 +207,11 @@ class _SubQueryService:
         def keep(text: str) -> str:
             return text if limit is None else cap_text(text, limit)
 
-        calls = [{"prompt": keep(prompt_text(p)), "reply": keep(r)}
+        calls = [{"prompt": keep(prompt_text(p)), "reply": keep(_reply_text(r))}
                  for p, r in zip(prompts_, replies, strict=True)]
         self._run.trajectory.emit("sub_queries", iteration=self._run.iterations, calls=calls)
 
-    async def query(self, prompt: str, params: dict[str, Any]) -> str:
+    async def query(self, prompt: str, params: dict[str, Any]) -> Any:
         try:
             reply = await self._query(prompt, params)
         except LLMError as exc:
@@ -186,18 +220,26 @@ class _SubQueryService:
         self._record([prompt], [reply])
         return reply
 
-    async def _query(self, prompt: str, params: dict[str, Any]) -> str:
+    async def _query(self, prompt: str, params: dict[str, Any]) -> Any:
         run = self._run
         run.sub_calls += 1
+        params = dict(params)
+        schema = check_subquery_schema(params.pop("schema")) if "schema" in params else None
         oversized = self._oversized(prompt)
         if oversized is not None:
             raise oversized
         if run.depth + 1 < run.rlm.max_depth:
-            return await self._child(prompt)
+            return await self._child(prompt, schema)
+        if schema is not None:
+            return await structured_query(self._send, prompt, schema, params, run.rlm.sub_client)
+        return await self._send(prompt, params)
+
+    async def _send(self, prompt: Any, params: dict[str, Any]) -> str:
+        run = self._run
         client = run.rlm.sub_client
-        body = client._body(prompt, {"model": run.rlm.recursive_model, **params})  # noqa: SLF001
+        request = client.request(prompt, **{"model": run.rlm.recursive_model, **params})
         try:
-            return await client._on_engine(client._complete(body, run.sub_meter))  # noqa: SLF001
+            return await client.send(request, meter=run.sub_meter)
         except LLMError as exc:
             raise self._window_error(prompt, exc) from exc
 
@@ -216,12 +258,12 @@ class _SubQueryService:
         return LLMError(prompts.sub_window_error(_prompt_chars(prompt), self._run.rlm.sub_window_chars),
                         status=exc.status, attempts=exc.attempts)
 
-    async def batch(self, prompts: list[str], params: dict[str, Any]) -> list[str]:
+    async def batch(self, prompts: list[str], params: dict[str, Any]) -> list[Any]:
         replies = await self._batch(prompts, params)
         self._record(prompts, replies)
         return replies
 
-    async def _batch(self, prompts: list[str], params: dict[str, Any]) -> list[str]:
+    async def _batch(self, prompts: list[str], params: dict[str, Any]) -> list[Any]:
         run = self._run
         run.sub_calls += len(prompts)
         # Oversized prompts are answered here and never sent; the rest go out as one batch.
@@ -235,39 +277,47 @@ class _SubQueryService:
     async def _send_batch(self, prompts: list[str], params: dict[str, Any]) -> list[str]:
         run = self._run
         total = len(prompts)
+        params = dict(params)
+        schema = check_subquery_schema(params.pop("schema")) if "schema" in params else None
         if run.depth + 1 < run.rlm.max_depth:
             results = await asyncio.gather(
-                *(self._child(p) for p in prompts), return_exceptions=True
+                *(self._child(p, schema) for p in prompts), return_exceptions=True
+            )
+        elif schema is not None:
+            results = await structured_batch(
+                self._send, prompts, schema, params, run.rlm.sub_client, self._progress(total)
             )
         else:
             client = run.rlm.sub_client
-            bodies = [
-                client._body(p, {"model": run.rlm.recursive_model, **params})  # noqa: SLF001
-                for p in prompts
-            ]
-            step = max(1, total // 50)
-            emit = run.trajectory.emit
-
-            def progress(done: int, total_: int) -> None:
-                if done == total_ or done % step == 0:
-                    emit("subcalls", done=done, total=total_)
-
-            results = await client._on_engine(  # noqa: SLF001
-                client._batch(bodies, True, progress, run.sub_meter)  # noqa: SLF001
+            params = {"model": run.rlm.recursive_model, **params}
+            requests = [client.request(p, **params) for p in prompts]
+            results = await client.send_many(
+                requests, meter=run.sub_meter, on_item_done=self._progress(total)
             )
         return [
             failed_slot(self._window_error(p, r) if isinstance(r, LLMError) else r)
             for p, r in zip(prompts, results, strict=True)
         ]
 
-    async def _child(self, prompt: str) -> str:
+    def _progress(self, total: int) -> Callable[[int, int], None]:
+        step = max(1, total // 50)
+        emit = self._run.trajectory.emit
+
+        def progress(done: int, total_: int) -> None:
+            if done == total_ or done % step == 0:
+                emit("subcalls", done=done, total=total_)
+
+        return progress
+
+    async def _child(self, prompt: str, schema: Schema | None = None) -> Any:
         run = self._run
-        child = await run.rlm._run(  # noqa: SLF001
-            context=prompt, query=prompts.CHILD_QUERY, depth=run.depth + 1, parent=run
+        child = await run.run_child(
+            context=prompt, query=prompts.CHILD_QUERY, depth=run.depth + 1, parent=run,
+            schema=schema,
         )
         if child.answer is None:
             raise LLMError(f"the child RLM found no answer ({child.error or child.stopped_reason})")
-        return child.answer
+        return child.answer if schema is None else schema.to_json(child.output)
 
 
 def _prompt_chars(prompt: Any) -> int:
@@ -365,6 +415,12 @@ class RLM:
     - ``verbose``: show each iteration live in the terminal or notebook (default False).
     - ``on_event``: a callable given every trajectory event as it happens (a custom
       live view, a progress line); it runs on the engine's threads and must be quick.
+    - ``on_event`` is called with every trajectory event of every run (children's too,
+      and the transient ``subcalls`` progress events), from whichever thread emits it,
+      so it must be quick and thread-safe: a live view, a progress line, servers
+      streaming progress.
+    - A run with ``schema=`` gives the root ``max_answer_retries`` more tries after an
+      answer that does not match (see ``completion``).
     """
 
     def __init__(
@@ -376,6 +432,7 @@ class RLM:
         *,
         max_iterations: int = 20,
         max_depth: int = 1,
+        max_answer_retries: int = 2,
         sandbox: str | None = None,
         max_output_chars: int = 20_000,
         max_cost_usd: float | None = None,
@@ -394,11 +451,14 @@ class RLM:
         max_concurrency: int = 64,
         cell_timeout: float = 60.0,
         sub_window_chars: int = DEFAULT_SUB_WINDOW_CHARS,
+        prices: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
         if not isinstance(max_iterations, int) or max_iterations < 1:
             raise ConfigError(f"max_iterations must be an int >= 1, got {max_iterations!r}")
         if not isinstance(max_depth, int) or max_depth < 1:
             raise ConfigError(f"max_depth must be an int >= 1, got {max_depth!r}")
+        if not isinstance(max_answer_retries, int) or max_answer_retries < 0:
+            raise ConfigError(f"max_answer_retries must be an int >= 0, got {max_answer_retries!r}")
         if root_window_tokens is not None and (
             not isinstance(root_window_tokens, int) or root_window_tokens < 1000
         ):
@@ -421,9 +481,12 @@ class RLM:
                 raise ConfigError(f"{name} must be a number > 0 or None (no limit), got {value!r}")
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             raise ConfigError(f"max_tokens must be an int >= 1 or None (no limit), got {max_tokens!r}")
+        if prices is not None:
+            prices = check_prices(prices)
         self._owned: list[AsyncOpenAIClient] = []
         if client is None:
-            client = AsyncOpenAIClient(model=model, api_key=api_key, base_url=base_url)
+            client = AsyncOpenAIClient(model=model, api_key=api_key, base_url=base_url,
+                                       prices=prices)
             self._owned.append(client)
         # A missing key fails here, once, not as N failed results after N sandboxes started.
         client.check_key()
@@ -436,17 +499,22 @@ class RLM:
                 api_key=api_key,
                 base_url=base_url or client.base_url,
                 max_concurrency=max_concurrency,
+                prices=prices,
             )
             self._owned.append(sub_client)
         sub_client.check_key()
         self.sub_client = sub_client
         self.max_iterations = max_iterations
         self.max_depth = max_depth
+        self.max_answer_retries = max_answer_retries
         self.sandbox = sandbox or _default_sandbox()
         self.max_output_chars = max_output_chars
         self.max_cost_usd = max_cost_usd
         self.max_tokens = max_tokens
         self.max_time_s = max_time_s
+        self.prices = dict(prices or {})
+        if max_cost_usd is not None:
+            self._check_priced()
         self.log_dir = log_dir
         self.verbose = verbose
         self.on_event = on_event
@@ -464,8 +532,20 @@ class RLM:
             sub_window_chars=sub_window_chars,
             sub_model=self.recursive_model,
             tools=prompts.describe_tools(self.tools, self.tool_descriptions),
+            modules=prompts.describe_imports(importable_modules()),
         )
         self.cell_timeout = cell_timeout
+
+    def _check_priced(self) -> None:
+        """A cost budget over a model without a price would be a silent $0: refuse it."""
+        for client, model, role in ((self.client, self.model, "root"),
+                                    (self.sub_client, self.recursive_model, "sub")):
+            price = self.prices.get(model) or client.price(model)
+            if price is None:
+                raise ConfigError(
+                    f"max_cost_usd is set but the {role} model {model!r} has no price, so its "
+                    f"cost would count as $0; {PRICE_HELP.format(model=model)}"
+                )
 
     def __repr__(self) -> str:
         return (
@@ -475,14 +555,25 @@ class RLM:
 
     # -- public API -------------------------------------------------------------------
 
-    def completion(self, context: Any, query: str) -> RLMResult:
-        """Answer ``query`` over ``context`` (sync; works inside a running loop too)."""
-        return engine.run_sync(self.acompletion(context, query))
+    def completion(self, context: Any, query: str, schema: Any = None) -> RLMResult:
+        """Answer ``query`` over ``context`` (sync; works inside a running loop too).
 
-    async def acompletion(self, context: Any, query: str) -> RLMResult:
-        """Answer ``query`` over ``context``; never raises for a failed run (see ``error``)."""
+        ``schema`` asks for a typed answer (see ``acompletion``).
+        """
+        return engine.run_sync(self.acompletion(context, query, schema=schema))
+
+    async def acompletion(self, context: Any, query: str, schema: Any = None) -> RLMResult:
+        """Answer ``query`` over ``context``; never raises for a failed run (see ``error``).
+
+        ``schema`` (a pydantic model class, a type such as ``list[str]``, or a JSON
+        Schema dict) asks for a typed answer: the root is shown the JSON Schema, its
+        FINAL value is validated here, a mismatch is sent back for a fix, and
+        ``result.output`` holds the validated object. A schema that is not one raises
+        ConfigError at once.
+        """
         _check_query(query)
-        return await self._run(context=context, query=query, depth=0)
+        typed = Schema.of(schema) if schema is not None else None
+        return await self._run(context=context, query=query, depth=0, schema=typed)
 
     async def acompletion_batch(
         self,
@@ -491,6 +582,7 @@ class RLM:
         progress: bool = True,
         *,
         max_concurrent: int | None = None,
+        schema: Any = None,
     ) -> list[RLMResult]:
         """Run many (context, query) tasks at once, each in its own REPLEnv, in order.
 
@@ -500,7 +592,9 @@ class RLM:
         a malformed one included (an empty query, a dict without "query"), is an
         RLMResult with ``error`` set and ``stopped_reason="error"``; it never stops the
         others. ``progress`` shows a bar with done, failed and ETA (default True).
-        ``max_concurrent`` is the old name of ``max_concurrency`` (deprecated).
+        ``schema`` applies to every task; a task given as a mapping may carry its own
+        ``"schema"`` instead. ``max_concurrent`` is the old name of ``max_concurrency``
+        (deprecated).
         """
         if max_concurrent is not None:
             import warnings
@@ -510,7 +604,12 @@ class RLM:
             max_concurrency = max_concurrent
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ConfigError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
-        items = [_task_fields(task) for task in tasks]
+        default = Schema.of(schema) if schema is not None else None
+        items: list[tuple[Any, Any, Any]] = []
+        for task in tasks:
+            context, query = _task_fields(task)
+            own = task.get("schema") if isinstance(task, Mapping) else None
+            items.append((context, query, own if own is not None else default))
         bar = None
         if progress and items:
             from rlm.display import BatchProgress
@@ -519,11 +618,13 @@ class RLM:
             bar.start(len(items))
         gate = asyncio.Semaphore(max_concurrency)
 
-        async def one(context: Any, query: Any) -> RLMResult:
+        async def one(context: Any, query: Any, typed: Any) -> RLMResult:
             async with gate:
                 try:
                     _check_query(query)
-                    result = await self._run(context=context, query=query, depth=0)
+                    if typed is not None and not isinstance(typed, Schema):
+                        typed = Schema.of(typed)  # a bad per-task schema fails that task only
+                    result = await self._run(context=context, query=query, depth=0, schema=typed)
                 except Exception as exc:  # noqa: BLE001 - one task's failure is its own
                     result = RLMResult(answer=None, stopped_reason="error", error=_short_error(exc))
             if bar is not None:
@@ -531,7 +632,7 @@ class RLM:
             return result
 
         try:
-            return list(await asyncio.gather(*(one(c, q) for c, q in items)))
+            return list(await asyncio.gather(*(one(c, q, t) for c, q, t in items)))
         finally:
             if bar is not None:
                 bar.stop()
@@ -602,9 +703,10 @@ class RLM:
         parent: _Run | None = None,
         env: REPLEnv | None = None,
         history: Sequence[tuple[str, str]] = (),
+        schema: Schema | None = None,
     ) -> RLMResult:
         trajectory = self._trajectory(depth, parent)
-        run = _Run(self, depth, trajectory)
+        run = _Run(self, depth, trajectory, self._run)
         if parent is not None:
             parent.children.append(run)
         own_env = env is None
@@ -612,6 +714,7 @@ class RLM:
         stopped = "error"
         error: str | None = None
         iterations = 0
+        typed = _TypedAnswer(schema, self.max_answer_retries) if schema is not None else None
         try:
             description = describe_context(context)
             trajectory.emit(
@@ -627,14 +730,17 @@ class RLM:
                    if depth and self.record_subcalls != "none" else {}),
                 max_iterations=self.max_iterations,
                 max_depth=self.max_depth,
+                schema=schema.json_schema if schema is not None else None,
                 tools=sorted(self.tools),
             )
             if env is None:
                 # Starting (and closing) an env may block on a worker; keep the loop free.
                 env = await asyncio.to_thread(self._new_env, context, _SubQueryService(run))
             else:
-                env._set_sub_queries(_SubQueryService(run))  # noqa: SLF001
-            answer, stopped, iterations = await self._loop(run, env, description, query, history)
+                env.set_sub_queries(_SubQueryService(run))
+            answer, stopped, iterations = await self._loop(run, env, description, query, history, typed)
+            if stopped == "invalid_answer" and typed is not None:
+                error = typed.error_text()
         except _BudgetExceeded as exc:
             stopped, error = "budget", str(exc)
             trajectory.emit("budget", reason=error)
@@ -656,6 +762,11 @@ class RLM:
             trajectory=trajectory.events,
             log_path=str(trajectory.log_path) if trajectory.log_path else None,
         )
+        if typed is not None:
+            result.output = typed.output if answer is not None else None
+            if stopped == "invalid_answer":
+                result.raw_output = typed.raw
+                result.validation_errors = [i.to_dict() for i in typed.issues]
         trajectory.emit(
             "run_end",
             answer=answer,
@@ -688,8 +799,7 @@ class RLM:
         before = run.root_meter.snapshot()
         started = time.monotonic()
         client = self.client
-        body = client._body(messages, {"model": self.model})  # noqa: SLF001
-        reply = await client._on_engine(client._complete(body, run.root_meter))  # noqa: SLF001
+        reply = await client.send(client.request(messages, model=self.model), meter=run.root_meter)
         turn = run.root_meter.snapshot() - before
         run.trajectory.emit(
             "root_reply",
@@ -711,13 +821,17 @@ class RLM:
         description: str,
         query: str,
         history: Sequence[tuple[str, str]],
+        typed: _TypedAnswer | None = None,
     ) -> tuple[str | None, str, int]:
         first = prompts.FIRST_USER_TEMPLATE.format(description=description, query=query)
         if history:
             lines = "\n".join(f"- Q: {q}\n  A: {a}" for q, a in history)
             first = prompts.HISTORY_TEMPLATE.format(history=lines) + "\n" + first
+        system = self.system_prompt
+        if typed is not None:
+            system += prompts.SCHEMA_SECTION.format(schema=typed.schema.prompt_text())
         messages: list[dict[str, Any]] = [
-            {"role": "system", "content": self.system_prompt},
+            {"role": "system", "content": system},
             {"role": "user", "content": first},
         ]
         new = messages[:]
@@ -732,7 +846,14 @@ class RLM:
             if not blocks:
                 final = await self._final_from_text(run, env, reply)
                 if final is not None:
-                    return final, "final", iteration
+                    verdict, feedback = self._judge(run, typed, final)
+                    if verdict == "answer":
+                        return final if typed is None else typed.answer, "final", iteration
+                    if verdict == "invalid":
+                        return None, "invalid_answer", iteration
+                    new = [{"role": "user", "content": feedback}]
+                    messages.extend(new)
+                    continue
                 new = [{"role": "user", "content": prompts.NO_CODE_TEMPLATE}]
                 messages.extend(new)
                 continue
@@ -752,15 +873,24 @@ class RLM:
                     sub_calls=result.sub_calls,
                     truncated=result.truncated,
                 )
+                feedback = ""
                 if result.final is not None:
                     run.trajectory.emit("final", answer=result.final, source="code")
-                    return result.final, "final", iteration
+                    verdict, feedback = self._judge(run, typed, result.final)
+                    if verdict == "answer":
+                        return result.final if typed is None else typed.answer, "final", iteration
+                    if verdict == "invalid":
+                        return None, "invalid_answer", iteration
                 outputs.append(
                     prompts.format_cell_output(
                         index, result.stdout, result.stderr, result.error, self.max_output_chars
                     )
                 )
                 run.check_budget()
+                if feedback:
+                    # The rest of this reply was written for an answer that was refused.
+                    outputs.append(feedback)
+                    break
             new = [
                 {"role": "user", "content": prompts.NEXT_USER_TEMPLATE.format(outputs="\n\n".join(outputs))}
             ]
@@ -774,7 +904,32 @@ class RLM:
         if final is None:
             final = reply.strip()
             run.trajectory.emit("final", answer=final, source="last_turn")
+        if typed is not None:
+            # No turn is left to fix a mismatch: it ends the run.
+            if self._judge(run, typed, final, last=True)[0] != "answer":
+                return None, "invalid_answer", self.max_iterations
+            return typed.answer, "max_iterations", self.max_iterations
         return final, "max_iterations", self.max_iterations
+
+    def _judge(
+        self, run: _Run, typed: _TypedAnswer | None, value: Any, last: bool = False
+    ) -> tuple[str, str]:
+        """What a FINAL value means for the run: ("answer", ""), ("retry", the feedback
+        for the root) or ("invalid", "") when no retry is left."""
+        if typed is None or typed.accept(value):
+            return "answer", ""
+        left = 0 if last else typed.retries_left()
+        run.trajectory.emit(
+            "answer_invalid",
+            attempt=typed.failures,
+            retries_left=left,
+            errors=[i.to_dict() for i in typed.issues],
+        )
+        if left <= 0:
+            return "invalid", ""
+        return "retry", prompts.INVALID_ANSWER_TEMPLATE.format(
+            issues=format_issues(typed.issues), left=left, plural="s" if left != 1 else ""
+        )
 
     async def _maybe_compact(
         self, run: _Run, messages: list[dict[str, Any]], iteration: int
@@ -796,8 +951,7 @@ class RLM:
         request = [*messages[:-_KEEP_RECENT], {"role": "user", "content": prompts.COMPACTION_PROMPT}]
         usage_before = run.root_meter.snapshot()
         client = self.client
-        body = client._body(request, {"model": self.model})  # noqa: SLF001
-        summary = await client._on_engine(client._complete(body, run.root_meter))  # noqa: SLF001
+        summary = await client.send(client.request(request, model=self.model), meter=run.root_meter)
         spent = run.root_meter.snapshot() - usage_before
         first = dict(head[1])
         first["content"] = (
@@ -834,6 +988,43 @@ class RLM:
         return None
 
 
+class _TypedAnswer:
+    """One run's typed answer: the schema, the attempts so far and the last verdict."""
+
+    def __init__(self, schema: Schema, max_retries: int) -> None:
+        self.schema = schema
+        self.max_retries = max_retries
+        self.failures = 0
+        self.raw: Any = None
+        self.output: Any = None
+        self.answer: str | None = None
+        self.issues: tuple[SchemaIssue, ...] = ()
+
+    def accept(self, value: Any) -> bool:
+        """Validate a FINAL value; on success keep the output and its answer text."""
+        self.raw = value
+        verdict = self.schema.validate_answer(value)
+        if verdict.ok:
+            self.output = verdict.output
+            self.answer = verdict.output if isinstance(verdict.output, str) else self.schema.dumps(verdict.output)
+            self.issues = ()
+            return True
+        self.failures += 1
+        self.issues = verdict.issues
+        return False
+
+    def retries_left(self) -> int:
+        return self.max_retries - self.failures + 1
+
+    def error_text(self) -> str:
+        first = str(self.issues[0]) if self.issues else "no value"
+        tries = self.failures
+        return (
+            f"the answer did not match the schema after {tries} attempt{'s' if tries != 1 else ''} "
+            f"({first}); the last value is in raw_output, the issues in validation_errors"
+        )
+
+
 class RLMSession:
     """Multi-turn work over one context: one REPLEnv kept across ``ask`` calls.
 
@@ -848,15 +1039,18 @@ class RLMSession:
         # Each ask gives the env that run's sub-query service.
         self.env = rlm._new_env(context)  # noqa: SLF001
 
-    def ask(self, query: str) -> RLMResult:
-        """Ask the next question (sync; works inside a running loop too)."""
-        return engine.run_sync(self.aask(query))
+    def ask(self, query: str, schema: Any = None) -> RLMResult:
+        """Ask the next question (sync; works inside a running loop too); ``schema`` as
+        for ``RLM.completion``."""
+        return engine.run_sync(self.aask(query, schema=schema))
 
-    async def aask(self, query: str) -> RLMResult:
-        """Ask the next question."""
+    async def aask(self, query: str, schema: Any = None) -> RLMResult:
+        """Ask the next question; ``schema`` asks for a typed answer."""
         _check_query(query)
+        typed = Schema.of(schema) if schema is not None else None
         result = await self.rlm._run(  # noqa: SLF001
-            context=self.context, query=query, depth=0, env=self.env, history=self.history
+            context=self.context, query=query, depth=0, env=self.env, history=self.history,
+            schema=typed,
         )
         if result.answer is not None:
             self.history.append((query, result.answer))
@@ -871,6 +1065,16 @@ class RLMSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _reply_text(reply: Any) -> str:
+    # A typed sub-query's reply is the parsed value; the log keeps it as JSON text.
+    if isinstance(reply, str):
+        return reply
+    try:
+        return json.dumps(reply, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return repr(reply)
 
 
 def _task_fields(task: Any) -> tuple[Any, Any]:

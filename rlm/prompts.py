@@ -28,6 +28,12 @@ awaitable.
 - Every llm_query form takes request options as keywords: `model="..."` asks another \
 model for that call (default: {sub_model}), and `temperature=`, `max_tokens=` and the \
 like pass through.
+- Structured sub-queries: pass `schema=` a JSON Schema dict to any of them, e.g. \
+`llm_query_batch(prompts, schema={{"type": "object", "properties": {{"count": {{"type": \
+"integer"}}}}, "required": ["count"]}})`; each result is then the parsed value (a dict, \
+list, number...) checked against the schema, so you can aggregate it exactly. An item \
+whose reply never matched is a string starting with "[llm_query error:" (check with \
+isinstance(r, str)); a single llm_query raises instead.
 - `FINAL(answer)`: call it with your final answer (a string) to finish.
 - `FINAL_VAR(name)`: finish with the value of the REPL variable `name` (pass its name as \
 a string).
@@ -78,6 +84,38 @@ You have used all your iterations. Reply now with your best final answer to the 
 as FINAL(your answer) on its own line. No more code will run.\
 """
 
+SCHEMA_SECTION = """\
+
+
+This query needs a typed answer. Call FINAL with a Python value (a dict, list, number, \
+str or bool, nested as needed) that matches this JSON Schema, not with its text:
+{schema}
+The value is checked when you call FINAL; if it does not match, you are told what is \
+wrong (path, expected type, received value) and the run goes on so you can fix it.\
+"""
+
+INVALID_ANSWER_TEMPLATE = """\
+Your FINAL value does not match the required JSON Schema, so the run is not finished:
+{issues}
+Fix the value and call FINAL again with a Python value that matches the schema \
+({left} more attempt{plural} allowed).\
+"""
+
+# Structured sub-queries (rlm/structured.py). A sub-query with schema= returns the parsed
+# value; one that still does not match after a re-ask fails like any other sub-query:
+# llm_query raises LLMQueryError and llm_query_batch puts "[llm_query error: the reply
+# does not match the schema: ...]" in its slot (see SYSTEM_PROMPT).
+STRUCTURED_INSTRUCTIONS = """\
+Reply with only a JSON value that matches this JSON Schema: no prose, no code fence.
+{schema}\
+"""
+
+STRUCTURED_RETRY = """\
+That reply does not match the JSON Schema:
+{issues}
+Reply again with only the corrected JSON value.\
+"""
+
 CHILD_QUERY = """\
 The context is a request from a parent model, with any data it needs. Carry out the \
 request and give its answer with FINAL.\
@@ -120,6 +158,19 @@ Earlier turns of this conversation were replaced by this summary (the REPL still
 every variable they made):
 {summary}\
 """
+
+
+def describe_imports(modules: list[str], *, files: bool = False) -> str:
+    """The system prompt's sentence on what the sandbox can import (and open)."""
+    text = (
+        f"Only these modules can be imported: {', '.join(modules)}. `io` holds StringIO and "
+        "BytesIO; `sys` holds maxsize, version_info and getsizeof; `asyncio` holds gather, "
+        "sleep, wait_for, as_completed, create_task, run, Semaphore, Lock, Event and Queue "
+        "(tasks do not outlive the block that started them)."
+    )
+    if files:
+        return text + " `open()` works for scratch files in the current directory; there is no network."
+    return text + " There is no file, network or OS access."
 
 
 def build_system_prompt(

@@ -26,14 +26,15 @@ from rlm import loop as engine
 from rlm.errors import ConfigError, EnvClosedError, LLMError, LoopError
 from rlm.sandbox import CellOutcome, Executor, SubQueries
 from rlm.sandbox.subqueries import FAILED_SLOT_PREFIX, LLMQueryError
+from rlm.structured import check_subquery_schema, structured_batch, structured_query
 
 __all__ = ["ClientSubQueries", "ExecResult", "REPLEnv", "describe_context"]
 
 _SANDBOXES = ("local", "process")
 _LOCAL_OPTIONS = frozenset({"grace_s"})
 _PROCESS_OPTIONS = frozenset(
-    {"memory_limit_mb", "cpu_limit_s", "file_limit_mb", "max_open_files", "max_processes",
-     "start_timeout"}
+    {"memory_limit_mb", "cpu_limit_s", "file_limit_mb", "disk_limit_mb", "max_open_files",
+     "max_processes", "start_timeout"}
 )  # fmt: skip
 
 
@@ -98,20 +99,33 @@ class ClientSubQueries:
 
     ``query`` returns the reply or raises the client's ``LLMError``; ``batch`` never
     raises for an item: a sub-query still failing after the client's retries becomes
-    ``"[llm_query error: <short message>]"`` in its slot.
+    ``"[llm_query error: <short message>]"`` in its slot. With a ``schema`` parameter
+    (a JSON Schema dict) replies are parsed and validated (``rlm.structured``).
     """
 
     def __init__(self, client: Any) -> None:
         self._client = client
 
-    async def query(self, prompt: str, params: dict[str, Any]) -> str:
+    async def query(self, prompt: str, params: dict[str, Any]) -> Any:
         """One completion through the client."""
+        if "schema" in params:
+            params = dict(params)
+            schema = check_subquery_schema(params.pop("schema"))
+            return await structured_query(self._send, prompt, schema, params, self._client)
         return await self._client.completion(prompt, **params)
 
-    async def batch(self, prompts: list[str], params: dict[str, Any]) -> list[str]:
+    async def batch(self, prompts: list[str], params: dict[str, Any]) -> list[Any]:
         """Many completions, concurrently through the client's limiter, in order."""
-        results = await self._client.completion_batch(prompts, return_exceptions=True, **params)
+        if "schema" in params:
+            params = dict(params)
+            schema = check_subquery_schema(params.pop("schema"))
+            results = await structured_batch(self._send, prompts, schema, params, self._client)
+        else:
+            results = await self._client.completion_batch(prompts, return_exceptions=True, **params)
         return [failed_slot(r) for r in results]
+
+    async def _send(self, messages: Any, params: dict[str, Any]) -> str:
+        return await self._client.completion(messages, **params)
 
 
 def _short_error(exc: BaseException) -> str:
@@ -122,14 +136,14 @@ def _short_error(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def failed_slot(result: Any) -> str:
+def failed_slot(result: Any) -> Any:
     """A batch item as REPL code sees it: the reply, or ``[llm_query error: ...]``.
 
     One spelling for every place that turns a failed sub-query into its slot's text
     (the REPL's service, the RLM's service, ``rlm repl``), so code and prompts can rely
-    on the prefix.
+    on the prefix. A structured sub-query's value (a dict, list...) passes unchanged.
     """
-    if isinstance(result, str):
+    if not isinstance(result, BaseException):
         return result
     return f"{FAILED_SLOT_PREFIX}{_short_error(result)}]"
 
@@ -300,8 +314,12 @@ class REPLEnv:
         self._check_open()
         return self._executor.get(name)
 
-    def _set_sub_queries(self, sub_queries: SubQueries | None) -> None:
-        # Used by RLM sessions that reuse one env across runs with a fresh service.
+    def set_sub_queries(self, sub_queries: SubQueries | None) -> None:
+        """Serve this env's llm_query family with ``sub_queries`` from the next call on.
+
+        RLM sessions reuse one env across runs, each run with its own service (its own
+        meters and budget).
+        """
         self._sub_queries.inner = sub_queries
 
     @property

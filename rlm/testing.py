@@ -4,7 +4,9 @@ It is the only stand-in in the project: everything talks to it over real sockets
 way it would talk to a remote model. It answers ``POST /v1/chat/completions`` (JSON, or
 SSE when ``"stream": true``) and ``GET /v1/models``, simulates latency, injects faults
 (429, 500, 503, a hang, a dropped connection, malformed JSON) and counts requests,
-in-flight requests and their peak so tests and benchmarks can prove concurrency.
+in-flight requests and their peak so tests and benchmarks can prove concurrency. It
+also answers structured requests (``response_format``) through a ``json_responder``,
+or refuses them with a 400 like a server without JSON-schema support.
 
 It is a plain ``asyncio.Protocol`` HTTP/1.1 server rather than a web framework because
 benchmarks drive it with 10,000 concurrent connections from a 2-core machine: the
@@ -45,6 +47,7 @@ __all__ = [
     "FAULT_KINDS",
     "FakeLLMServer",
     "Fault",
+    "JSONResponder",
     "Reply",
     "Responder",
     "echo_responder",
@@ -108,6 +111,9 @@ class Fault:
 
 Reply: TypeAlias = "str | Fault"
 Responder: TypeAlias = "Callable[[list[dict[str, Any]]], str | Fault]"
+# Sees the messages and the request's ``response_format``; returns a JSON value (sent as
+# JSON text), a str (sent as is) or a Fault.
+JSONResponder: TypeAlias = "Callable[[list[dict[str, Any]], dict[str, Any]], Any]"
 ScriptItem: TypeAlias = "str | Fault | Callable[[list[dict[str, Any]]], str | Fault]"
 
 
@@ -394,7 +400,12 @@ class FakeLLMServer:
     by how many assistant messages the request already carries (past the end: the last
     item), so scripted conversations are stateless and many can share one script;
     every other request goes to ``responder`` (default :func:`echo_responder`). Items
-    and responders give a string or a :class:`Fault`. ``latency`` is fixed seconds or a
+    and responders give a string or a :class:`Fault`; a dict, list or number is sent as
+    its JSON text. A request with a ``response_format`` goes to
+    ``json_responder(messages, response_format)`` when one is given (the JSON Schema is
+    ``response_format["json_schema"]["schema"]``); with ``response_format=False`` the
+    server refuses such requests with a 400 naming ``response_format``, as servers
+    without structured output do. ``latency`` is fixed seconds or a
     ``(lo, hi)`` range drawn uniformly per request, waited with a timer so N
     concurrent requests take about one latency in all. ``start()``/``with`` serve on a
     background thread (responders then run on that thread); ``astart()``/``async with``
@@ -410,8 +421,12 @@ class FakeLLMServer:
         host: str = "127.0.0.1",
         port: int = 0,
         model: str = "fake-model",
+        json_responder: JSONResponder | None = None,
+        response_format: bool = True,
     ) -> None:
         self.responder: Responder = responder if responder is not None else echo_responder
+        self.json_responder = json_responder
+        self.response_format = response_format
         self._scripts: dict[str, tuple[ScriptItem, ...]] = {}
         for name, items in (scripts or {}).items():
             if isinstance(items, str) or not items:
@@ -799,12 +814,27 @@ class FakeLLMServer:
             fault = self._faults.popleft() if self._faults else None
 
         reply: object = fault
+        response_format = request.get("response_format")
+        if reply is None and response_format is not None and not self.response_format:
+            kind = response_format.get("type") if isinstance(response_format, dict) else None
+            message = (
+                f"Invalid parameter: 'response_format' of type {kind!r} is not supported "
+                "with this model (simulated by FakeLLMServer)."
+            )
+            error = json.dumps(
+                {"error": {"message": message, "type": "invalid_request_error",
+                           "param": "response_format", "code": None}}
+            ).encode()
+            self._schedule(conn, "send", _response(400, error, close=close), keep_alive)
+            return
         if reply is None:
             try:
-                reply = self._answer(model, messages)
+                reply = self._answer(model, messages, response_format)
             except Exception as exc:
                 # A broken responder is a bug in the test: make the client see it.
                 reply = exc
+            if isinstance(reply, (dict, list, int, float)):
+                reply = json.dumps(reply, ensure_ascii=False)
         action: _Action = "send"
         if isinstance(reply, Fault):
             with self._lock:
@@ -816,7 +846,10 @@ class FakeLLMServer:
             if isinstance(reply, Exception):
                 message = f"responder raised {type(reply).__name__}: {reply}"
             else:
-                message = f"responder returned {type(reply).__name__}; it must return str or Fault"
+                message = (
+                    f"responder returned {type(reply).__name__}; it must return str, Fault or "
+                    "a JSON value"
+                )
             payload = _response(
                 500, _error_body(message, "server_error", "responder_error"), close=close
             )
@@ -829,9 +862,11 @@ class FakeLLMServer:
         delay = lo if lo == hi else random.uniform(lo, hi)
         conn.answer(delay, action, payload, keep_alive)
 
-    def _answer(self, model: str, messages: list[dict[str, Any]]) -> Any:
+    def _answer(self, model: str, messages: list[dict[str, Any]], response_format: Any) -> Any:
         script = self._scripts.get(model)
         if script is None:
+            if isinstance(response_format, dict) and self.json_responder is not None:
+                return self.json_responder(messages, response_format)
             return self.responder(messages)
         turn = sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant")
         item = script[min(turn, len(script) - 1)]

@@ -30,10 +30,11 @@ def last_user(messages: list[dict[str, Any]]) -> str:
 
 
 def make_rlm(srv: FakeLLMServer, **kw: Any) -> RLM:
+    prices = kw.pop("prices", None)
     root = AsyncOpenAIClient(model=ROOT, api_key="k", base_url=srv.url, max_retries=kw.pop("max_retries", 0),
-                             prices=kw.pop("prices", None))
+                             prices=prices)
     sub = AsyncOpenAIClient(model=SUB, api_key="k", base_url=srv.url, max_concurrency=kw.pop("max_concurrency", 64),
-                            max_retries=0)
+                            max_retries=kw.pop("sub_max_retries", 0), prices=prices)
     kw.setdefault("sandbox", "local")
     return RLM(model=ROOT, recursive_model=SUB, client=root, sub_client=sub, **kw)
 
@@ -170,7 +171,7 @@ def test_max_iterations_ends_with_a_final_answer_turn(closing: list[RLM]) -> Non
 @pytest.mark.parametrize(
     ("budget", "reason"),
     [
-        ({"max_cost_usd": 0.001, "prices": {ROOT: (1000.0, 1000.0)}}, "max_cost_usd"),
+        ({"max_cost_usd": 0.001, "prices": {ROOT: (1000.0, 1000.0), SUB: (1.0, 1.0)}}, "max_cost_usd"),
         ({"max_tokens": 50}, "max_tokens"),
         ({"max_time_s": 0.3}, "max_time_s"),
     ],

@@ -31,8 +31,8 @@ from rlm.display import (
     trajectory_fragment_html,
     trajectory_html,
 )
-from rlm.llm import Usage
 from rlm.trajectory import Trajectory, read_log
+from rlm.usage import Usage
 
 SCRIPT = "<script>alert('pwned')</script>"
 ROOT_USAGE = {"calls": 2, "prompt_tokens": 3234, "completion_tokens": 76, "total_tokens": 3310,

@@ -581,3 +581,35 @@ def test_subprocess_mode_serves_chat_and_reports_stats_over_http() -> None:
         assert stats["peak_in_flight"] == 10
         reset_stats(url)
         assert fetch_stats(url)["requests"] == 0
+
+
+async def test_a_json_responder_sees_the_response_format_and_its_value_is_sent_as_json() -> None:
+    seen: list[dict[str, Any]] = []
+
+    def answer(messages: list[dict[str, Any]], response_format: dict[str, Any]) -> Any:
+        seen.append(response_format)
+        return {"count": len(messages[-1]["content"])}
+
+    schema = {"type": "object", "properties": {"count": {"type": "integer"}}}
+    response_format = {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}
+    async with FakeLLMServer(json_responder=answer) as srv, aiohttp.ClientSession() as session:
+        status, _, raw = await post_chat(
+            session, srv, {"model": "m", "messages": user("four"), "response_format": response_format}
+        )
+        plain_status, _, plain = await post_chat(session, srv, {"model": "m", "messages": user("ECHO x")})
+    assert status == 200
+    assert json.loads(json.loads(raw)["choices"][0]["message"]["content"]) == {"count": 4}
+    assert seen == [response_format]
+    # A request without response_format still goes to the plain responder.
+    assert (plain_status, json.loads(plain)["choices"][0]["message"]["content"]) == (200, "x")
+
+
+async def test_a_server_without_structured_output_refuses_response_format_with_a_400() -> None:
+    body = {"model": "m", "messages": user("hi"), "response_format": {"type": "json_schema"}}
+    async with FakeLLMServer(response_format=False) as srv, aiohttp.ClientSession() as session:
+        status, _, raw = await post_chat(session, srv, body)
+        assert srv.in_flight == 0
+    error = json.loads(raw)["error"]
+    assert status == 400
+    assert error["param"] == "response_format"
+    assert "response_format" in error["message"]

@@ -219,3 +219,52 @@ def test_compaction_is_off_with_none(closing: list[RLM]) -> None:
 def test_root_window_tokens_is_checked() -> None:
     with pytest.raises(ConfigError, match="root_window_tokens"):
         RLM(model="m", api_key="k", root_window_tokens=10)
+
+
+def test_system_prompt_lists_what_the_sandbox_can_import(closing: list[RLM]) -> None:
+    with FakeLLMServer(scripts={ROOT: [repl("FINAL('ok')")]}) as srv:
+        rlm = make_rlm(srv)
+        closing.append(rlm)
+        rlm.completion(context="x", query="q")
+        system = srv.requests_log[0]["messages"][0]["content"]
+    line = next(s for s in system.split(". ") if "Only these modules can be imported" in s)
+    for module in ("asyncio", "csv", "io", "json", "re", "sys"):
+        assert f" {module}," in line or line.endswith(f" {module}")
+    assert "StringIO" in system
+
+
+@pytest.mark.parametrize("sandbox", ["local", "process"])
+def test_replay_of_a_real_model_style_trajectory_reaches_the_right_answer(
+    closing: list[RLM], sandbox: str
+) -> None:
+    """The idioms real roots write, in order: csv over io.StringIO, asyncio.gather over
+    llm_query_async, and FINAL_VAR given the value rather than its name."""
+    rows = ["region,amount"] + [f"{r},{a}" for r, a in
+                                [("north", 10), ("south", 5), ("north", 7), ("east", 1), ("south", 2)]]
+    blocks = [
+        repl("print(type(context), len(context))\nprint(context[:40])", "Let me look at the data."),
+        repl(
+            "import csv, io, sys\ncsv.field_size_limit(sys.maxsize)\n"
+            "rows = list(csv.DictReader(io.StringIO(context)))\n"
+            "by_region = {}\nfor r in rows:\n"
+            "    by_region.setdefault(r['region'], []).append(int(r['amount']))\n"
+            "print(len(rows), sorted(by_region))",
+            "Parse the CSV.",
+        ),
+        repl(
+            "import asyncio\nregions = sorted(by_region)\n"
+            "replies = await asyncio.gather(*[llm_query_async(f'ECHO {sum(by_region[k])}') for k in regions])\n"
+            "totals = dict(zip(regions, map(int, replies)))\nprint(totals)",
+            "Ask a sub-model per region, concurrently.",
+        ),
+        repl("answer_value = max(totals, key=totals.get)\nFINAL_VAR(answer_value)", "Done."),
+    ]
+    with FakeLLMServer(scripts={ROOT: blocks}) as srv:
+        rlm = make_rlm(srv, sandbox=sandbox)
+        closing.append(rlm)
+        result = rlm.completion(context="\n".join(rows) + "\n", query="Which region has the largest total?")
+    assert result.answer == "north"
+    assert result.stopped_reason == "final"
+    assert result.iterations == 4
+    assert result.sub_calls == 3
+    assert all(e.get("error") is None for e in result.trajectory if e["type"] == "cell_result")

@@ -119,7 +119,7 @@ def test_policy_error_names_the_line_and_hints(env: REPLEnv) -> None:
 def test_refused_import_lists_allowed_modules(env: REPLEnv) -> None:
     r = env.execute("import os")
     assert r.error is not None
-    assert "Allowed modules: base64, bisect, collections" in r.error
+    assert "Allowed modules: asyncio, base64, bisect, collections" in r.error
 
 
 # -- persistence, reserved names, FINAL ----------------------------------------------------

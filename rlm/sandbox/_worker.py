@@ -23,14 +23,20 @@ import gc
 import json
 import os
 import queue
+import select
+import shutil
 import signal
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+from rlm.sandbox import _isolation as isolation
 
 HEADER = struct.Struct("!IQ")
 # Upper bounds on what either side accepts in one frame. A worker that announces more is
@@ -43,18 +49,6 @@ CONTROL_MAX = 1 << 20
 EXIT_BROKEN = 70
 EXIT_OUT_OF_MEMORY = 86
 
-# Workers of a root host run as uid UID_BASE + their pid: unique among live processes,
-# so RLIMIT_NPROC counts exactly one worker's processes and no two workers can signal or
-# trace each other. The range sits far above any uid a distribution hands out.
-UID_BASE = 0x7F000000
-
-# Linux constants (not all exposed by the os module on 3.11).
-_CLONE_NEWNS = 0x00020000
-_CLONE_NEWUSER = 0x10000000
-_CLONE_NEWNET = 0x40000000
-_PR_SET_PDEATHSIG = 1
-_PR_SET_NO_NEW_PRIVS = 38
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 # Modules a cell may reach only through the policy. They are imported here, before the
 # fork, so a worker never touches the filesystem to import (its root is its own empty
@@ -90,6 +84,7 @@ PRELOAD = (
     "typing",
     "unicodedata",
     "_strptime",
+    "resource",
     "concurrent.futures",
     "rlm.sandbox.compiler",
     "rlm.sandbox.guards",
@@ -176,54 +171,6 @@ def control_recv(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any] 
 # -- OS helpers -----------------------------------------------------------------------
 
 
-def _libc() -> Any:
-    # ctypes is imported only here, by our own setup code; the policy makes it
-    # unimportable for cells, so user code never reaches these calls.
-    import ctypes
-
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _unshare(flags: int) -> None:
-    if hasattr(os, "unshare"):  # Python 3.12+
-        os.unshare(flags)
-        return
-    import ctypes
-
-    if _libc().unshare(flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def _prctl(option: int, arg: int) -> bool:
-    try:
-        return _libc().prctl(option, arg, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def _drop_capabilities() -> bool:
-    """Empty every capability set (for a worker still uid 0 inside its user namespace)."""
-    try:
-        import ctypes
-
-        class Header(ctypes.Structure):
-            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-        class Data(ctypes.Structure):
-            _fields_ = [
-                ("effective", ctypes.c_uint32),
-                ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32),
-            ]
-
-        header = Header(_LINUX_CAPABILITY_VERSION_3, 0)
-        data = (Data * 2)()
-        return _libc().capset(ctypes.byref(header), ctypes.byref(data)) == 0
-    except (OSError, AttributeError):
-        return False
-
-
 def _write_file(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -252,13 +199,15 @@ def _enter_namespaces() -> dict[str, Any]:
     uid, gid = os.geteuid(), os.getegid()
     if uid == 0:
         try:
-            _unshare(_CLONE_NEWNET)
+            isolation.unshare(isolation.CLONE_NEWNET)
             plan.update(netns=True, can_chroot=True)
             return plan
         except OSError as exc:
             plan["note"] = f"network namespace as root failed ({exc.strerror}); "
     try:
-        _unshare(_CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWNET)
+        isolation.unshare(
+            isolation.CLONE_NEWUSER | isolation.CLONE_NEWNS | isolation.CLONE_NEWNET
+        )
     except OSError as exc:
         plan["note"] += f"user namespace unavailable ({exc.strerror})"
         plan["can_chroot"] = uid == 0
@@ -272,6 +221,27 @@ def _enter_namespaces() -> dict[str, Any]:
         plan["note"] += f"user namespace id map failed ({exc.strerror})"
     plan.update(netns=True, userns=True, can_chroot=True)
     return plan
+
+
+def _plan_isolation(plan: dict[str, Any]) -> None:
+    """Find out which per-worker isolation this machine grants, once, in the zygote.
+
+    ``pidns``: each worker in its own PID namespace. ``tmpfs``: each worker's root a
+    private size-limited tmpfs mounted on ``mountpoint`` (an empty directory that only
+    the zygote made) in its own mount namespace. ``drop_uid``: workers take leased uids
+    (a root host outside a user namespace).
+    """
+    plan["drop_uid"] = os.geteuid() == 0 and not plan["userns"]
+    plan["pidns"] = isolation.probe_pid_namespace()
+    plan["tmpfs"] = False
+    plan["mountpoint"] = None
+    if plan["can_chroot"] and sys.platform.startswith("linux"):
+        mountpoint = tempfile.mkdtemp(prefix="rlm-jail-")
+        if isolation.probe_private_tmpfs(mountpoint):
+            plan["tmpfs"] = True
+            plan["mountpoint"] = mountpoint
+        else:
+            os.rmdir(mountpoint)
 
 
 def _preload() -> None:
@@ -337,14 +307,32 @@ def _warm_policy() -> None:
 # -- zygote ---------------------------------------------------------------------------
 
 
+@dataclass
+class _Child:
+    """What the zygote keeps per worker: its init's status pipe, uid lease and directory."""
+
+    status_fd: int
+    uid: int | None
+    directory: str | None
+
+
 class _Zygote:
-    """The template process: serves spawn and reap requests from the host, one at a time."""
+    """The template process: serves spawn and reap requests from the host, one at a time.
+
+    Each spawn forks an *init* (in its own PID namespace when the kernel allows) that
+    builds the worker's private root, forks the worker itself and then only waits,
+    relaying the worker's wait status through a pipe. The host addresses a worker by
+    its init's pid: killing the init ends the PID namespace, so every process the
+    worker made dies with it.
+    """
 
     def __init__(self, control: socket.socket, plan: dict[str, Any]) -> None:
         self.control = control
         self.plan = plan
-        self.children: set[int] = set()
+        self.children: dict[int, _Child] = {}
         self.lingering: set[int] = set()
+        self.uids = isolation.UidPool(check_processes=not plan["pidns"]) if plan["drop_uid"] else None
+        self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY) if plan["pidns"] else -1
 
     def serve(self) -> None:
         while True:
@@ -369,35 +357,58 @@ class _Zygote:
         if op == "spawn":
             if len(fds) != 1:
                 raise ValueError("spawn needs exactly one channel fd")
-            return {"ok": True, "pid": self._spawn(request["spec"], fds[0])}
+            return {"ok": True, **self._spawn(request["spec"], fds[0])}
         if op == "reap":
-            return {"ok": True, "status": self._kill_and_reap(int(request["pid"]))}
+            grace = min(float(request.get("grace") or 0.0), 1.0)
+            return {"ok": True, "status": self._kill_and_reap(int(request["pid"]), grace)}
         raise ValueError(f"unknown op {op!r}")
 
-    def _spawn(self, spec: dict[str, Any], channel_fd: int) -> int:
-        zygote_pid = os.getpid()
-        pid = os.fork()
+    def _spawn(self, spec: dict[str, Any], channel_fd: int) -> dict[str, Any]:
+        plan = self.plan
+        uid = self.uids.acquire() if self.uids is not None else None
+        directory = None
+        if not plan["tmpfs"]:
+            # A directory no worker has ever seen; removed (without following links)
+            # once every process that could write to it is gone.
+            directory = tempfile.mkdtemp(prefix="rlm-sandbox-")
+        status_r, status_w = os.pipe()
+        pid = -1
+        if plan["pidns"]:
+            isolation.unshare(isolation.CLONE_NEWPID)
+        try:
+            pid = os.fork()
+        except BaseException:
+            os.close(status_r)
+            os.close(status_w)
+            if uid is not None and self.uids is not None:
+                self.uids.release(uid)
+            raise
+        finally:
+            if plan["pidns"] and pid != 0:
+                # Children forked later must not land in this worker's namespace.
+                isolation.setns(self.own_pidns, isolation.CLONE_NEWPID)
         if pid == 0:
             status = EXIT_BROKEN
             try:
+                os.close(status_r)
                 self.control.close()
-                channel = socket.socket(fileno=channel_fd)
-                _Worker(channel, spec, self.plan, zygote_pid).run()
-                status = 0
-            except EOFError:
-                status = 0
-            except MemoryError:
-                status = EXIT_OUT_OF_MEMORY
-            except BaseException:  # noqa: BLE001 - a worker never returns into the zygote
+                _Init(spec, plan, uid, directory, channel_fd, status_w).run()
+            except BaseException:  # noqa: BLE001 - an init never returns into the zygote
                 status = EXIT_BROKEN
             os._exit(status)
         os.close(channel_fd)
-        self.children.add(pid)
-        return pid
+        os.close(status_w)
+        self.children[pid] = _Child(status_r, uid, directory)
+        return {"pid": pid, "uid": uid}
 
-    def _kill_and_reap(self, pid: int, wait_s: float = 2.0) -> int | None:
-        if pid not in self.children:
+    def _kill_and_reap(self, pid: int, grace: float = 0.0, wait_s: float = 2.0) -> int | None:
+        child = self.children.get(pid)
+        if child is None:
             raise ValueError(f"pid {pid} is not a worker of this zygote")
+        if grace > 0:
+            # A worker that died on its own: give its init a moment to relay the status.
+            with contextlib.suppress(OSError, ValueError):
+                select.select([child.status_fd], [], [], grace)
         for kill in (os.killpg, os.kill):
             with contextlib.suppress(OSError):
                 kill(pid, signal.SIGKILL)
@@ -405,14 +416,43 @@ class _Zygote:
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
-                self.children.discard(pid)
-                return status
+                break
             if time.monotonic() > deadline:
                 # Stuck in the kernel (uninterruptible sleep): reap it later rather than
                 # block every other env's spawn behind it.
                 self.lingering.add(pid)
                 return None
             time.sleep(0.002)
+        relayed = self._relayed_status(child)
+        self._bury(pid)
+        return relayed if relayed is not None else status
+
+    @staticmethod
+    def _relayed_status(child: _Child) -> int | None:
+        try:
+            data = os.read(child.status_fd, 4)
+        except OSError:
+            return None
+        return struct.unpack("!i", data)[0] if len(data) == 4 else None
+
+    def _bury(self, pid: int) -> None:
+        """The init is reaped: release what the worker held, once nothing can use it."""
+        child = self.children.get(pid)
+        if child is None:
+            return
+        if child.uid is not None and not self.plan["pidns"]:
+            # Without a PID namespace, processes that left the worker's group may live
+            # on: sweep the uid; keep its lease (and the directory) while any survive.
+            if not isolation.kill_uid(child.uid):
+                self.lingering.add(pid)
+                return
+        del self.children[pid]
+        with contextlib.suppress(OSError):
+            os.close(child.status_fd)
+        if child.uid is not None and self.uids is not None:
+            self.uids.release(child.uid)
+        if child.directory is not None:
+            shutil.rmtree(child.directory, ignore_errors=True)
 
     def _reap_lingering(self) -> None:
         for pid in list(self.lingering):
@@ -421,7 +461,7 @@ class _Zygote:
                 if not done:
                     continue
             self.lingering.discard(pid)
-            self.children.discard(pid)
+            self._bury(pid)
 
     def shutdown(self) -> None:
         """The host is gone or closing: kill every worker, reap them, exit."""
@@ -429,10 +469,88 @@ class _Zygote:
             for kill in (os.killpg, os.kill):
                 with contextlib.suppress(OSError):
                     kill(pid, signal.SIGKILL)
-        for pid in self.children:
+        for pid in list(self.children):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+            self._bury(pid)
+        if self.plan.get("mountpoint"):
+            with contextlib.suppress(OSError):
+                os.rmdir(self.plan["mountpoint"])
         os._exit(0)
+
+
+class _Init:
+    """First process of a worker (pid 1 of its PID namespace where available), as root.
+
+    It gives the worker its private root (a fresh tmpfs in a new mount namespace, or a
+    fresh directory), chroots, forks the worker, closes everything else and waits. When
+    the worker dies it writes the worker's wait status to the zygote and exits, which
+    (in a PID namespace) makes the kernel kill whatever the worker left behind.
+    """
+
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        plan: dict[str, Any],
+        uid: int | None,
+        directory: str | None,
+        channel_fd: int,
+        status_w: int,
+    ) -> None:
+        self.spec, self.plan, self.uid = spec, plan, uid
+        self.directory, self.channel_fd, self.status_w = directory, channel_fd, status_w
+
+    def run(self) -> None:
+        spec, plan = self.spec, self.plan
+        os.setsid()
+        if sys.platform.startswith("linux"):
+            isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
+        jail = {"private_cwd": False, "filesystem_jail": False, "disk_limit": False}
+        if plan["tmpfs"]:
+            isolation.mount_private_tmpfs(plan["mountpoint"], spec["disk_bytes"], self.uid)
+            os.chdir(plan["mountpoint"])
+            jail["disk_limit"] = True
+        else:
+            assert self.directory is not None
+            isolation.enter_fresh_directory(self.directory, self.uid)
+        jail["private_cwd"] = True
+        if plan["can_chroot"]:
+            try:
+                os.chroot(".")
+                os.chdir("/")
+                jail["filesystem_jail"] = True
+            except OSError:
+                pass
+        init_pid = os.getpid()
+        worker = os.fork()
+        if worker == 0:
+            status = EXIT_BROKEN
+            try:
+                os.close(self.status_w)
+                channel = socket.socket(fileno=self.channel_fd)
+                _Worker(channel, spec, plan, init_pid, self.uid, jail).run()
+                status = 0
+            except EOFError:
+                status = 0
+            except MemoryError:
+                status = EXIT_OUT_OF_MEMORY
+            except BaseException:  # noqa: BLE001 - a worker never returns into its init
+                status = EXIT_BROKEN
+            os._exit(status)
+        # Keep nothing a worker could use: only the status pipe and stdio stay open.
+        os.closerange(3, self.status_w)
+        os.closerange(self.status_w + 1, 1 << 16)
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                os._exit(EXIT_BROKEN)
+            except InterruptedError:
+                continue
+            if pid == worker:
+                with contextlib.suppress(OSError):
+                    os.write(self.status_w, struct.pack("!i", status))
+                os._exit(0)
 
 
 def zygote_main(control_fd: int) -> None:
@@ -444,6 +562,7 @@ def zygote_main(control_fd: int) -> None:
     os.chdir("/")
     _preload()
     plan = _enter_namespaces()
+    _plan_isolation(plan)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1):
         os.dup2(devnull, fd)
@@ -465,12 +584,20 @@ class _Worker:
     """One forked worker: confines itself, loads the context, then runs cells on request."""
 
     def __init__(
-        self, channel: socket.socket, spec: dict[str, Any], plan: dict[str, Any], zygote: int
+        self,
+        channel: socket.socket,
+        spec: dict[str, Any],
+        plan: dict[str, Any],
+        init_pid: int,
+        uid: int | None,
+        jail: dict[str, bool],
     ) -> None:
         self.channel = channel
         self.spec = spec
         self.plan = plan
-        self.zygote_pid = zygote
+        self.init_pid = init_pid
+        self.uid = uid
+        self.jail = jail
         self.send_lock = threading.Lock()
         self.commands: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self.waiters: dict[int, tuple[str, concurrent.futures.Future[Any]]] = {}
@@ -550,34 +677,27 @@ class _Worker:
     # confinement --------------------------------------------------------------------
 
     def confine(self) -> None:
-        """Apply every OS protection this machine allows, before any user code exists."""
+        """Apply every OS protection this machine allows, before any user code exists.
+
+        The init already made the private root and chrooted into it; here the worker
+        drops every descriptor but its channel, sets its limits and leaves root.
+        """
         import resource
 
         spec, plan, prot = self.spec, self.plan, self.protections
+        ch = self.channel.fileno()
+        os.closerange(3, ch)
+        os.closerange(ch + 1, 1 << 16)
         os.setsid()
         if sys.platform.startswith("linux"):
-            _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != self.zygote_pid:
+            isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != self.init_pid:
             os._exit(0)
         # A file bigger than the limit is refused (EFBIG), not fatal.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-
-        cwd = spec["cwd"]
-        root_here = os.geteuid() == 0
-        uid: int | None = None
-        if root_here and not plan["userns"]:
-            uid = UID_BASE + os.getpid()
-            _chown_tree(cwd, uid)
-        os.chdir(cwd)
-        prot["private_cwd"] = True
-        prot["filesystem_jail"] = False
-        if plan["can_chroot"]:
-            try:
-                os.chroot(cwd)
-                os.chdir("/")
-                prot["filesystem_jail"] = True
-            except OSError:
-                pass
+        prot.update(self.jail)
+        prot["pid_namespace"] = bool(plan["pidns"])
+        uid = self.uid
 
         limits = {
             "rlimit_as": (getattr(resource, "RLIMIT_AS", None), spec.get("as_bytes")),
@@ -614,11 +734,11 @@ class _Worker:
         elif plan["userns"]:
             # Root inside our own user namespace: its capabilities reach only our
             # namespaces, but chroot escapes need them, so shed them all.
-            dropped = _drop_capabilities()
+            dropped = isolation.drop_capabilities()
         elif os.geteuid() != 0:
             dropped = True
         if sys.platform.startswith("linux"):
-            _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+            isolation.prctl(isolation.PR_SET_NO_NEW_PRIVS, 1)
         prot["capabilities_dropped"] = dropped
         # The kernel never applies RLIMIT_NPROC to the host's real root (kuid 0), whatever
         # namespace it is in; it bounds a worker only under a non-root kernel uid.
@@ -683,16 +803,6 @@ def _set_cpu_limit(seconds: float | None) -> None:
         resource.setrlimit(
             resource.RLIMIT_CPU, (budget, resource.getrlimit(resource.RLIMIT_CPU)[1])
         )
-
-
-def _chown_tree(path: str, uid: int) -> None:
-    # lchown and no symlink following: the tree may hold what an earlier worker of this
-    # env left behind, and it must not trick root into chowning anything outside.
-    os.lchown(path, uid, uid)
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            with contextlib.suppress(OSError):
-                os.lchown(os.path.join(root, name), uid, uid)
 
 
 def _decode_context(kind: str, payload: bytearray) -> Any:

@@ -46,6 +46,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from rlm.sandbox.asyncio_facade import CellTasks
 from rlm.sandbox.compiler import (
     AUGATTR_HOOK,
     ECHO_SLOT,
@@ -191,7 +192,7 @@ class _CellState:
 
     __slots__ = (
         "gen", "running", "stop_reason", "stop_event", "task", "loop", "final", "has_final",
-        "reserved", "sources", "waiters", "write_stdout", "write_stderr", "lock",
+        "reserved", "sources", "waiters", "write_stdout", "write_stderr", "lock", "tasks",
     )  # fmt: skip
 
     def __init__(self, write_stdout: Callable[[str], Any], write_stderr: Callable[[str], Any]) -> None:
@@ -209,6 +210,7 @@ class _CellState:
         self.write_stdout = write_stdout
         self.write_stderr = write_stderr
         self.lock = threading.Lock()
+        self.tasks = CellTasks()  # asyncio.create_task's, cancelled when their cell ends
 
 
 class CellStop:
@@ -293,6 +295,8 @@ def build_namespace(
     write_stdout: Callable[[str], Any],
     write_stderr: Callable[[str], Any],
     extra: dict[str, Any] | None = None,
+    file_access: bool = False,
+    data_modules: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Build a fresh sandbox namespace whose output goes to the given writers.
 
@@ -302,7 +306,8 @@ def build_namespace(
     family, tools): with FINAL and FINAL_VAR they are reserved, so if a cell rebinds
     or deletes one it is restored when the cell ends. Builtins, guards and the import
     hook are installed here; the namespace is inert (its functions refuse to run)
-    until ``run_cell`` runs a cell in it.
+    until ``run_cell`` runs a cell in it. ``file_access`` (the real ``open``) and
+    ``data_modules`` (real numpy/pandas/yaml) are for a confined worker process only.
     """
     ns: dict[str, Any] = {}
     state = _CellState(write_stdout, write_stderr)
@@ -316,8 +321,15 @@ def build_namespace(
         if state.stop_event.wait(seconds) or ns[STOP_FLAG]:
             _make_timeout(ns)()
 
-    importer = make_importer(ns, sleep=sleep, write_stdout=lambda text: state.write_stdout(text))
-    ns["__builtins__"] = make_builtins(ns, importer)
+    importer = make_importer(
+        ns,
+        sleep=sleep,
+        write_stdout=lambda text: state.write_stdout(text),
+        tasks=state.tasks,
+        cell_loop=lambda: state.loop,
+        data_modules=data_modules,
+    )
+    ns["__builtins__"] = make_builtins(ns, importer, file_access=file_access)
     ns["__name__"] = CELL_MODULE
     ns["__metaclass__"] = type
     ns[GETATTR_HOOK] = getattr_guard
@@ -330,17 +342,27 @@ def build_namespace(
         state.has_final = True
 
     def FINAL_VAR(name: Any) -> None:  # noqa: N802
-        if not isinstance(name, str):
-            raise TypeError("FINAL_VAR takes the variable's name as a string, e.g. FINAL_VAR('answer')")
-        key = name.strip().strip("'\"").strip()
-        if not key.isidentifier() or key.startswith("_") or key not in ns:
+        key = name.strip().strip("'\"").strip() if type(name) is str else None
+        # Models often pass the value itself (FINAL_VAR(answer)), which is what they mean:
+        # anything but a str, a str that cannot be a name, or the very object a variable
+        # holds (`is`, so a misspelt name literal is still reported as unknown).
+        passed_value = (
+            key is None
+            or not key.isidentifier()
+            or (key not in ns and any(v is name for k, v in ns.items() if not k.startswith("_")))
+        )
+        if passed_value:
+            state.write_stderr(
+                "note: FINAL_VAR got a value, not a variable name; it was taken as FINAL(value)\n"
+            )
+            FINAL(name)
+            return
+        if key.startswith("_") or key not in ns:
             raise NameError(
                 f"FINAL_VAR({name!r}): there is no variable named {key!r} in the REPL; "
-                "assign it first, or call FINAL(value) directly"
+                f"assign it first, or if {name!r} is the answer itself, call FINAL({name!r})"
             )
-        value = ns[key]
-        state.final = value if isinstance(value, str) else str(value)
-        state.has_final = True
+        FINAL(ns[key])
 
     reserved: dict[str, Any] = {"FINAL": FINAL, "FINAL_VAR": FINAL_VAR}
     for key, value in (extra or {}).items():
@@ -419,6 +441,7 @@ def run_cell(
             state.write_stdout(_echo_text(value) + "\n")
         return value
     finally:
+        state.tasks.cancel_all(loop)
         with state.lock:
             if state.gen == gen:
                 ns[STOP_FLAG] = True

@@ -77,7 +77,12 @@ _TYPE_SENSITIVE = frozenset(
 
 # Dunder attributes that only ever hold a str (or None) and that code needs for
 # ``type(e).__name__``: readable, never writable.
-READABLE_DUNDERS = frozenset({"__name__", "__qualname__", "__doc__"})
+# Dunders code may read: the str ones, and the protocol methods real models probe with
+# hasattr(context, "__len__") (the bound method only: its __self__/__func__ stay blocked).
+_STR_DUNDERS = frozenset({"__name__", "__qualname__", "__doc__"})
+_PROTOCOL_DUNDERS = frozenset({"__len__", "__iter__", "__contains__", "__getitem__"})
+READABLE_DUNDERS = _STR_DUNDERS | _PROTOCOL_DUNDERS
+_BOUND_METHODS = (types.MethodWrapperType, types.BuiltinMethodType, types.MethodType)
 # The public API of namedtuples, which happens to start with "_".
 _NAMEDTUPLE_API = frozenset({"_asdict", "_replace", "_fields", "_make", "_field_defaults"})
 
@@ -159,7 +164,9 @@ def _is_user_object(ob: Any) -> bool:
 def _private_getattr(obj: Any, name: str) -> Any:
     if name in READABLE_DUNDERS:
         value = getattr(obj, name)
-        if value is None or isinstance(value, str):
+        if name in _STR_DUNDERS and (value is None or type(value) is str):
+            return value
+        if name in _PROTOCOL_DUNDERS and type(value) in _BOUND_METHODS:
             return value
         raise refuse_attr(name)
     if name in _NAMEDTUPLE_API and (

@@ -1,32 +1,39 @@
 """What ``import`` gives a cell: an allowlist of modules, each a read-only facade.
 
 A facade holds a module's public functions, classes and constants, never a module,
-nothing leading to sys, os, builtins, importlib or inspect, and no shared mutable
+nothing leading to the real sys, os, builtins, importlib or inspect (the ``sys`` facade
+holds three harmless values; ``io`` only the in-memory files; ``asyncio`` is
+``asyncio_facade``), and no shared mutable
 container (classes holding one are replaced by subclasses with read-only copies).
 A few functions are replaced by guarded versions (operator.attrgetter/methodcaller,
-dataclasses.dataclass, functools.wraps). random, time, pprint, itertools and
-functools get one facade per namespace, because their functions need its RNG,
-deadline or output; the others are built once per process and shared.
+dataclasses.dataclass, functools.wraps). random, time, pprint, itertools, functools,
+csv and asyncio get one facade per namespace, because their functions need its RNG,
+deadline, output, CSV field limit or loop; the others are built once per process and shared.
 """
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import collections
+import csv
 import dataclasses
 import functools
 import importlib
+import io
 import itertools
 import operator
 import pprint as pprint_module
 import random as random_module
 import string as string_module
+import sys
 import time as time_module
 import types
 import typing
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from rlm.sandbox.asyncio_facade import CellTasks, asyncio_exports
 from rlm.sandbox.guards import (
     MISSING,
     SafeFormatter,
@@ -37,7 +44,7 @@ from rlm.sandbox.guards import (
 )
 from rlm.sandbox.safe_builtins import checked_iter, chunks
 
-__all__ = ["ALLOWED_MODULES", "ModuleFacade", "make_importer"]
+__all__ = ["ALLOWED_MODULES", "ModuleFacade", "importable_modules", "make_importer"]
 
 
 class ModuleFacade:
@@ -82,10 +89,10 @@ class ModuleFacade:
 
 
 ALLOWED_MODULES = (
-    "base64", "bisect", "collections", "collections.abc", "copy", "csv", "dataclasses",
-    "datetime", "decimal", "difflib", "fractions", "functools", "hashlib", "heapq", "html",
-    "itertools", "json", "math", "operator", "pprint", "random", "re", "statistics",
-    "string", "textwrap", "time", "typing", "unicodedata", "__future__",
+    "asyncio", "base64", "bisect", "collections", "collections.abc", "copy", "csv",
+    "dataclasses", "datetime", "decimal", "difflib", "fractions", "functools", "hashlib",
+    "heapq", "html", "io", "itertools", "json", "math", "operator", "pprint", "random", "re",
+    "statistics", "string", "sys", "textwrap", "time", "typing", "unicodedata", "__future__",
 )  # fmt: skip
 
 # Extra module names a module's own objects may carry as ``__module__``.
@@ -98,7 +105,7 @@ _DENY = {
     # shared, mutable templates for every thread's decimal context in the host
     "decimal": {"DefaultContext", "BasicContext", "ExtendedContext"},
     # process-wide registries and limits
-    "csv": {"register_dialect", "unregister_dialect", "field_size_limit"},
+    "csv": {"register_dialect", "unregister_dialect", "field_size_limit"},  # per-REPL version
     "hashlib": {"file_digest"},
     "datetime": {"datetime_CAPI"},
     "__future__": {"all_feature_names"},
@@ -313,6 +320,12 @@ def _static_facade(name: str) -> ModuleFacade:
     elif name == "dataclasses":
         attrs = _exports(dataclasses, name, deny={"make_dataclass"})
         attrs["dataclass"] = _safe_dataclass
+    elif name == "io":
+        # In-memory files only (csv.reader(io.StringIO(text)) is a daily idiom); no open().
+        attrs = {"StringIO": io.StringIO, "BytesIO": io.BytesIO}
+    elif name == "sys":
+        # What scripts read from sys, and nothing that leads to the interpreter.
+        attrs = {"maxsize": sys.maxsize, "version_info": sys.version_info, "getsizeof": sys.getsizeof}
     elif name == "string":
         attrs = _exports(string_module, name, deny={"Formatter"})
         attrs["Formatter"] = SafeFormatter
@@ -326,6 +339,8 @@ def _env_facade(
     ns: dict[str, Any],
     sleep: Callable[[float], None],
     write_stdout: Callable[[str], Any],
+    tasks: CellTasks,
+    cell_loop: Callable[[], asyncio.AbstractEventLoop | None],
 ) -> ModuleFacade:
     """Facades whose functions need this namespace: its deadline, RNG or output."""
     if name == "random":
@@ -398,18 +413,67 @@ def _env_facade(
             update_wrapper=_safe_update_wrapper, wraps=_safe_wraps,
         )
         return ModuleFacade(name, attrs)
+    if name == "csv":
+        attrs = _exports(csv, name)
+        limit = [_CSV_DEFAULT_FIELD_LIMIT]
+
+        def field_size_limit(*new_limit: int) -> int:
+            """This REPL's CSV field size limit: returns the old one, sets a new one if given."""
+            old = limit[0]
+            if new_limit:
+                (value,) = new_limit
+                if type(value) is not int or value < 0:
+                    raise TypeError("field_size_limit takes one int >= 0")
+                limit[0] = value
+                # The C reader's limit is one per process: it only ever rises, so one REPL
+                # asking for long fields never makes another REPL's (or the host's) reads fail.
+                if value > _csv_process_limit():
+                    csv.field_size_limit(value)
+            return old
+
+        attrs["field_size_limit"] = field_size_limit
+        return ModuleFacade(name, attrs)
+    if name == "asyncio":
+        return ModuleFacade(name, asyncio_exports(tasks, cell_loop))
     raise KeyError(name)
 
 
-_PER_NAMESPACE = frozenset({"random", "time", "pprint", "itertools", "functools"})
+# CPython's default, what each REPL starts with whatever other REPLs asked for.
+_CSV_DEFAULT_FIELD_LIMIT = 128 * 1024
+
+
+def _csv_process_limit() -> int:
+    return csv.field_size_limit()  # no argument: reads the limit, changes nothing
+
+
+_PER_NAMESPACE = frozenset({"random", "time", "pprint", "itertools", "functools", "csv", "asyncio"})
 
 
 # Modules that C functions of allowed modules import lazily while a cell runs.
 _C_IMPORTS = frozenset({"_strptime"})
 
 
+# Data libraries that cannot be made into facades (numpy reaches ctypes, pandas reads
+# pickles and files). A cell gets the real modules only in a worker process whose OS
+# layer (filesystem jail, no network, unprivileged uid) is what holds, and only when
+# they are installed (the [data] extra).
+DATA_MODULES = ("numpy", "pandas", "yaml")
+
+
+def importable_modules(data_modules: Iterable[str] = ()) -> list[str]:
+    """The module names a cell may import (what the root's system prompt lists)."""
+    return [m for m in ALLOWED_MODULES if m != "__future__"] + list(data_modules)
+
+
 def _import_refusal(name: str) -> ImportError:
     allowed = ", ".join(m for m in ALLOWED_MODULES if m != "__future__")
+    if name.split(".")[0] in DATA_MODULES:
+        return ImportError(
+            f"import of {name!r} is not available here: {', '.join(DATA_MODULES)} are given only "
+            "in sandbox='process' with its filesystem jail and network isolation active, and "
+            "only when installed (pip install 'rlm[data]'). Use csv, json, statistics and "
+            f"collections instead. Allowed modules: {allowed}"
+        )
     return ImportError(
         f"import of {name!r} is not allowed in the sandbox. Allowed modules: {allowed}. "
         "Files, the network, processes and the interpreter are out of reach by design; "
@@ -422,18 +486,27 @@ def make_importer(
     *,
     sleep: Callable[[float], None],
     write_stdout: Callable[[str], Any],
+    tasks: CellTasks | None = None,
+    cell_loop: Callable[[], asyncio.AbstractEventLoop | None] = lambda: None,
+    data_modules: Iterable[str] = (),
 ) -> Callable[..., Any]:
     """The ``__import__`` of one namespace: allowed modules as facades, the rest refused.
 
     ``sleep`` (a deadline-aware wait) and ``write_stdout`` (the namespace's output) are
-    what the per-namespace facades of time and pprint need from the namespace.
+    what the per-namespace facades of time and pprint need from the namespace; ``tasks``
+    (cancelled when a cell ends) and ``cell_loop`` (the loop cells run on) are asyncio's.
     """
+    cell_tasks = tasks if tasks is not None else CellTasks()
+    real_modules = frozenset(data_modules) & frozenset(DATA_MODULES)
     cache: dict[str, ModuleFacade] = {}
 
     def facade(name: str) -> ModuleFacade:
         got = cache.get(name)
         if got is None:
-            got = _env_facade(name, ns, sleep, write_stdout) if name in _PER_NAMESPACE else _static_facade(name)
+            if name in _PER_NAMESPACE:
+                got = _env_facade(name, ns, sleep, write_stdout, cell_tasks, cell_loop)
+            else:
+                got = _static_facade(name)
             cache[name] = got
         return got
 
@@ -447,6 +520,9 @@ def make_importer(
             return importlib.import_module(name)
         if level:
             raise ImportError("relative imports are not available in the sandbox")
+        if type(name) is str and name.split(".")[0] in real_modules:
+            module = importlib.import_module(name)
+            return module if fromlist else importlib.import_module(name.split(".")[0])
         if not isinstance(name, str) or name not in ALLOWED_MODULES:
             raise _import_refusal(str(name))
         if fromlist or "." not in name:

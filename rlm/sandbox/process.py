@@ -8,27 +8,33 @@ messages); what the process adds is what no in-process policy can give:
 
 - a wall-clock limit enforced from outside: the policy's deadline stops a Python loop
   first (the REPL keeps its variables); if the cell is still running ``KILL_GRACE_S``
-  later (one long C call), this process SIGKILLs the worker's process group, which
-  nothing inside it (threads, signal handlers, blocking calls) can resist;
+  later (one long C call), this process SIGKILLs the worker's init, which nothing
+  inside (threads, signal handlers, blocking calls, double forks) can resist;
+- its own PID namespace where the kernel allows it: the worker runs under a tiny init
+  whose death makes the kernel kill every process in the namespace, so nothing the
+  worker starts outlives it (else every process of the worker's own uid is swept);
 - ``RLIMIT_AS`` (``memory_limit_mb``: a MemoryError the cell can report, or death),
   ``RLIMIT_CPU`` per cell (``cpu_limit_s``), ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``,
   ``RLIMIT_NPROC`` and no core dumps;
 - no network: the zygote lives in its own network namespace (a loopback left down);
 - no secrets: the zygote starts with an empty environment, so the API key never exists
   in any worker;
-- a private working directory, which is also the worker's filesystem root (chroot), so
-  it can read no host file and write nowhere else; it is removed on close.
+- a private root: a fresh tmpfs of ``disk_limit_mb`` (all files together) in the
+  worker's own mount namespace, which is also its filesystem root (chroot), so it can
+  read no host file and write nowhere else; it vanishes with the worker. Without mount
+  namespaces it is a fresh directory per worker start instead, chowned by descriptor.
 
 ``protections`` (and ``REPLEnv.protections``) reports which of these this machine grants.
 
 Decisions:
 
-- Identity. With a root host, each worker switches to its own uid (``UID_BASE`` + its
-  pid, unique among live processes): root-owned files are out of reach, no two workers
-  can signal each other, and ``RLIMIT_NPROC`` (which the kernel ignores for root) bounds
-  each worker's processes. A non-root host instead puts the zygote in an unprivileged
-  user namespace (plus mount and network namespaces): inside it a worker is uid 0 with
-  capabilities only over its own namespaces, chroots, then drops them all;
+- Identity. With a root host, each worker switches to its own uid, leased from a
+  machine-wide pool (``_isolation.UidPool``) and never reused while a process may still
+  hold it: root-owned files are out of reach, no two workers can signal each other, and
+  ``RLIMIT_NPROC`` (which the kernel ignores for root) bounds each worker's processes.
+  A non-root host instead puts the zygote in an unprivileged user namespace (plus mount
+  and network namespaces): inside it a worker is uid 0 with capabilities only over its
+  own namespaces, chroots, then drops them all;
   ``RLIMIT_NPROC`` then counts against the host user. Workers also set no_new_privs and
   die with the zygote (which dies with the host).
 - Data only crosses the boundary as JSON frames (see ``_worker``); nothing the worker
@@ -43,15 +49,17 @@ Decisions:
   process runs them on the env's ``SubQueries`` on the engine loop (one client and one
   limiter for every env), many at once, replying by request id; a cell stopped at its
   deadline tells the host to drop its requests.
-- A dead worker (timeout kill, a limit, a crash) is reported in the cell's error in
-  words the model can act on, and a fresh worker with the context, tools and setup code
-  is started in the background for the next cell.
+- A dead worker (timeout kill, a limit, a crash, a malformed message) is reported in
+  the cell's error in words the model can act on, and a fresh worker (fresh root, fresh
+  uid) with the context, tools and setup code is started in the background for the
+  next cell. Files written by cells do not survive a restart.
 
 Known gaps: no seccomp filter (the kernel's syscall surface stays reachable to code
 that escaped the policy; namespaces, uid, rlimits and the jail are the second layer);
-disk use is bounded per file, not in total; workers of one host share a network
-namespace (abstract Unix sockets could connect two escaped workers); in the jail the
-local time zone is UTC; macOS gets the rlimits it enforces and a jail only as root, no
+workers of one host share a network namespace (abstract Unix sockets could connect two
+escaped workers); a non-root host gets no per-worker PID namespace (the kernel refuses
+to switch back to the host's one) and so no uid of its own; in the jail the local time
+zone is UTC; macOS gets the rlimits it enforces and a jail only as root, no
 namespaces; Windows has no process sandbox (ConfigError: use sandbox="local").
 """
 
@@ -65,7 +73,6 @@ import functools
 import inspect
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -106,6 +113,7 @@ KILL_GRACE_S = 1.0
 _ZYGOTE_START_TIMEOUT_S = 60.0
 _CONTROL_TIMEOUT_S = 30.0
 _CONTEXT_CHUNK = 8 * 1024 * 1024
+_DEATH_STATUS_WAIT_S = 0.2
 
 
 PROTECTION_KEYS = (
@@ -113,6 +121,8 @@ PROTECTION_KEYS = (
     "network_namespace",
     "filesystem_jail",
     "uid_drop",
+    "pid_namespace",
+    "disk_limit",
     "capabilities_dropped",
     "empty_environment",
     "private_cwd",
@@ -134,6 +144,7 @@ def describe_protections(executor: object) -> dict[str, bool | str]:
     if isinstance(executor, ProcessExecutor):
         return executor.protections
     report: dict[str, bool | str] = dict.fromkeys(PROTECTION_KEYS, False)
+    report["kill_scope"] = "none"
     report["notes"] = (
         "sandbox='local' runs cells in this process: only the policy and its soft time "
         "limit apply; use sandbox='process' for OS-enforced limits"
@@ -230,14 +241,19 @@ class _Zygote:
             raise SandboxError(f"the sandbox template process refused: {answer.get('error')}")
         return answer
 
-    def spawn(self, spec: dict[str, Any], channel: socket.socket) -> int:
-        """Fork a worker that confines itself per ``spec`` and serves ``channel``."""
-        return int(self._request({"op": "spawn", "spec": spec}, [channel.fileno()])["pid"])
+    def spawn(self, spec: dict[str, Any], channel: socket.socket) -> tuple[int, int | None]:
+        """Fork a worker that confines itself per ``spec`` and serves ``channel``.
 
-    def reap(self, pid: int) -> int | None:
+        Returns the pid of the worker's init (what the host kills) and its leased uid.
+        """
+        answer = self._request({"op": "spawn", "spec": spec}, [channel.fileno()])
+        uid = answer.get("uid")
+        return int(answer["pid"]), None if uid is None else int(uid)
+
+    def reap(self, pid: int, grace: float = 0.0) -> int | None:
         """Kill (again) and reap worker ``pid``; its wait status, or None if unknown yet."""
         try:
-            status = self._request({"op": "reap", "pid": pid})["status"]
+            status = self._request({"op": "reap", "pid": pid, "grace": grace})["status"]
         except SandboxError:
             return None
         return None if status is None else int(status)
@@ -255,6 +271,11 @@ class _Zygote:
     def close(self) -> None:
         with self.lock:
             self._stop()
+        # The zygote removes its mount point on a clean exit; not if it was killed.
+        mountpoint = self.plan.get("mountpoint") if hasattr(self, "plan") else None
+        if mountpoint:
+            with contextlib.suppress(OSError):
+                os.rmdir(mountpoint)
 
 
 _zygote_lock = threading.Lock()
@@ -321,22 +342,19 @@ class _Resources:
         self.lock = threading.Lock()
         self.closed = False
         self.pid: int | None = None
+        self.uid: int | None = None
         self.zygote: _Zygote | None = None
         self.transport: asyncio.BaseTransport | None = None
-        self.cwd: str | None = None
 
-    def working_dir(self) -> str:
+    def check_open(self) -> None:
         with self.lock:
             if self.closed:
                 raise EnvClosedError("this REPL environment is closed; create a new one")
-            if self.cwd is None:
-                self.cwd = tempfile.mkdtemp(prefix="rlm-sandbox-")
-            return self.cwd
 
-    def adopt(self, pid: int, zygote: _Zygote) -> None:
+    def adopt(self, pid: int, uid: int | None, zygote: _Zygote) -> None:
         with self.lock:
             if not self.closed:
-                self.pid, self.zygote = pid, zygote
+                self.pid, self.uid, self.zygote = pid, uid, zygote
                 return
         _kill_group(pid)
         zygote.reap(pid)
@@ -350,10 +368,12 @@ class _Resources:
         transport.close()
         raise EnvClosedError("this REPL environment is closed; create a new one")
 
-    def kill(self, pid: int | None = None) -> int | None:
-        """SIGKILL worker ``pid`` (default: the current one) and its group; reap it.
+    def kill(self, pid: int | None = None, grace: float = 0.0) -> int | None:
+        """SIGKILL worker ``pid`` (default: the current one) and everything it made; reap it.
 
-        Returns its wait status, or None if unknown (or already reaped before).
+        ``grace`` > 0 is for a worker that died on its own: its wait status (the reason
+        the cell reports) is given that long to arrive before the kill. Returns the wait
+        status, or None if unknown (or already reaped before).
         """
         with self.lock:
             if pid is None or pid == self.pid:
@@ -363,9 +383,10 @@ class _Resources:
                 return None  # not the current worker: buried already
         status = None
         if pid is not None:
-            _kill_group(pid)
+            if grace <= 0:
+                _kill_group(pid)
             if zygote is not None:
-                status = zygote.reap(pid)
+                status = zygote.reap(pid, grace)
         if transport is not None:
             _close_transport(transport)
         return status
@@ -374,16 +395,12 @@ class _Resources:
         with self.lock:
             self.closed = True
         self.kill()
-        with self.lock:
-            cwd, self.cwd = self.cwd, None
-        if cwd is not None:
-            shutil.rmtree(cwd, ignore_errors=True)
 
 
 def _kill_group(pid: int) -> None:
-    # The worker leads its own session and process group, so this also takes any child
-    # it managed to fork. The zygote reaps only on our request, so the pid cannot have
-    # been reused by an unrelated process meanwhile.
+    # ``pid`` is the worker's init: with a PID namespace its death takes every process
+    # in it; without, the zygote sweeps the worker's uid after reaping. The zygote reaps
+    # only on our request, so the pid cannot have been reused meanwhile.
     for kill in (os.killpg, os.kill):
         with contextlib.suppress(OSError):
             kill(pid, signal.SIGKILL)
@@ -457,14 +474,22 @@ class _Link:
                 if json_len > MAX_JSON or payload_len:
                     reason = "it sent a message larger than the sandbox accepts"
                     break
-                msg = json.loads(await self.reader.readexactly(json_len))
-                if not isinstance(msg, dict) or not self._dispatch(msg):
+                body = await self.reader.readexactly(json_len)
+                try:
+                    msg = json.loads(body)
+                    del body
+                    ok = isinstance(msg, dict) and self._dispatch(msg)
+                except Exception:  # noqa: BLE001 - deep nesting, bad UTF-8, odd types...
+                    ok = False
+                if not ok:
                     reason = "it sent a malformed message"
                     break
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+        except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except asyncio.CancelledError:
             reason = "closed"
+        except Exception:  # noqa: BLE001 - whatever breaks the reader, the worker goes
+            reason = "its channel broke"
         self.dead = True
         # EOF leaves a stream transport half-open; close it now, whoever buries us later.
         self.writer.close()
@@ -531,7 +556,7 @@ class ProcessExecutor:
     ``memory_limit_mb`` caps the worker's address space (the context lives there too:
     leave room for about twice its size), ``cpu_limit_s`` caps the CPU time of each cell
     (None: only the wall timeout), ``file_limit_mb`` the size of any file it writes in
-    its working directory. A cell that kills its worker (timeout, a limit, a crash) gets
+    its working directory, ``disk_limit_mb`` all its files together. A cell that kills its worker (timeout, a limit, a crash) gets
     an error saying so; the next cell starts a fresh worker with the context, tools and
     setup code loaded again.
     """
@@ -547,6 +572,7 @@ class ProcessExecutor:
         memory_limit_mb: int | None = 2048,
         cpu_limit_s: float | None = None,
         file_limit_mb: int = 64,
+        disk_limit_mb: int = 256,
         max_open_files: int = 64,
         max_processes: int = 8,
         start_timeout: float = 60.0,
@@ -569,7 +595,10 @@ class ProcessExecutor:
         self.max_output_chars = max_output_chars
         self.memory_limit_mb = memory_limit_mb
         self.cpu_limit_s = cpu_limit_s
+        if not isinstance(disk_limit_mb, int) or disk_limit_mb < 1:
+            raise ConfigError("disk_limit_mb must be a positive int (MB for all files together)")
         self._file_limit_mb = file_limit_mb
+        self._disk_limit_mb = disk_limit_mb
         self._max_open_files = max_open_files
         self._max_processes = max_processes
         self._start_timeout = start_timeout
@@ -594,10 +623,13 @@ class ProcessExecutor:
         """Which OS protections the worker actually runs under on this machine.
 
         Starts the worker if it has not started yet. Keys: ``wall_timeout_kill``,
-        ``network_namespace``, ``filesystem_jail``, ``uid_drop``, ``capabilities_dropped``,
-        ``empty_environment``, ``private_cwd``, ``rlimit_as``, ``rlimit_cpu``,
-        ``rlimit_fsize``, ``rlimit_nofile``, ``rlimit_nproc``, ``rlimit_core``
-        (booleans) and ``notes`` (why something is missing).
+        ``network_namespace``, ``filesystem_jail``, ``uid_drop`` (a leased uid of its
+        own), ``pid_namespace``, ``disk_limit`` (a private tmpfs of ``disk_limit_mb``),
+        ``capabilities_dropped``, ``empty_environment``, ``private_cwd``, ``rlimit_as``,
+        ``rlimit_cpu``, ``rlimit_fsize``, ``rlimit_nofile``, ``rlimit_nproc``,
+        ``rlimit_core`` (booleans), ``kill_scope`` (what a kill reaches:
+        ``"pid_namespace"``, ``"uid"`` or ``"process_group"``) and ``notes`` (why
+        something is missing).
         """
         if not self._protections:
             self.start()
@@ -748,8 +780,9 @@ class ProcessExecutor:
         kind, total, chunks = _encode_context(self._context)
         zygote = await loop.run_in_executor(None, _get_zygote)
         self._plan = zygote.plan
+        self._res.check_open()
         spec = {
-            "cwd": self._res.working_dir(),
+            "disk_bytes": self._disk_limit_mb << 20,
             "as_bytes": None if self.memory_limit_mb is None else self.memory_limit_mb << 20,
             "fsize_bytes": self._file_limit_mb << 20,
             "nofile": self._max_open_files,
@@ -757,13 +790,13 @@ class ProcessExecutor:
         }
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            pid = await loop.run_in_executor(None, zygote.spawn, spec, theirs)
+            pid, uid = await loop.run_in_executor(None, zygote.spawn, spec, theirs)
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
-        self._res.adopt(pid, zygote)
+        self._res.adopt(pid, uid, zygote)
         reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
         self._res.attach(writer.transport)
         link = self._link = _Link(self, pid, reader, writer)
@@ -820,9 +853,29 @@ class ProcessExecutor:
         prot: dict[str, bool | str] = {key: bool(reported.get(key)) for key in PROTECTION_KEYS}
         prot["wall_timeout_kill"] = True
         prot["rlimit_cpu"] = self.cpu_limit_s is not None and bool(reported.get("rlimit_as"))
+        if prot["pid_namespace"]:
+            scope = "pid_namespace"
+        elif prot["uid_drop"]:
+            scope = "uid"
+        else:
+            scope = "process_group"
+        prot["kill_scope"] = scope
         notes = []
         if self._plan.get("note"):
             notes.append(str(self._plan["note"]))
+        if scope == "uid":
+            notes.append(
+                "no PID namespace: on close every process of the worker's own uid is killed"
+            )
+        elif scope == "process_group":
+            notes.append(
+                "no PID namespace and no own uid: a process that leaves the worker's group "
+                "(double fork plus setsid) can outlive close()"
+            )
+        if not prot["disk_limit"]:
+            notes.append(
+                "no private tmpfs: disk use is bounded per file (file_limit_mb), not in total"
+            )
         if not prot["rlimit_nproc"]:
             notes.append(
                 "RLIMIT_NPROC is not in force: the worker could not leave the kernel's root "
@@ -837,11 +890,16 @@ class ProcessExecutor:
         """Make sure ``link``'s worker is dead and reaped; return its wait status."""
         if self._link is link:
             self._link = None
+        # A channel that simply closed means the worker died on its own: wait a moment
+        # for its real wait status (the words the cell gets) before killing the rest.
+        died = link.lost is not None and not link.lost.reason
         link.dead = True
         for task in link.tasks.values():
             task.cancel()
         loop = asyncio.get_running_loop()
-        status = await loop.run_in_executor(None, self._res.kill, link.pid)
+        status = await loop.run_in_executor(
+            None, self._res.kill, link.pid, _DEATH_STATUS_WAIT_S if died else 0.0
+        )
         link.writer.transport.close()
         link.read_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -215,7 +215,11 @@ def _unavailable(name: str, why: str) -> Callable[..., Any]:
 
 
 _ABSENT = {
-    "open": "there is no file access; the data is in `context`",
+    "open": (
+        "there is no file access here (only sandbox='process' with its filesystem jail "
+        "active gives open() a private scratch directory); the data is in `context`, and "
+        "io.StringIO makes an in-memory file"
+    ),
     "exec": "write the code directly in the cell",
     "eval": "write the expression directly in the cell",
     "compile": "write the code directly in the cell",
@@ -251,7 +255,12 @@ _PLAIN_BUILTINS = [
 ]  # fmt: skip
 
 
-def make_builtins(ns: dict[str, Any], importer: Callable[..., Any]) -> dict[str, Any]:
+def make_builtins(
+    ns: dict[str, Any], importer: Callable[..., Any], *, file_access: bool = False
+) -> dict[str, Any]:
+    """The builtins of one namespace. ``file_access`` gives cells the real ``open``: only
+    for a worker process confined to a private directory (its jail, not the policy, is
+    what bounds the files it can reach)."""
     b: dict[str, Any] = {name: getattr(builtins, name) for name in _PLAIN_BUILTINS}
     b.update({name: getattr(builtins, name) for name in _EXCEPTIONS if hasattr(builtins, name)})
     b["LLMQueryError"] = LLMQueryError
@@ -259,6 +268,8 @@ def make_builtins(ns: dict[str, Any], importer: Callable[..., Any]) -> dict[str,
     b["__import__"] = importer
     for name, why in _ABSENT.items():
         b[name] = _unavailable(name, why)
+    if file_access:
+        b["open"] = builtins.open
 
     views: dict[type, Any] = {}
     for real in (list, tuple, set, frozenset, dict):

@@ -28,10 +28,12 @@ class LLMQueryError(Exception):
 # Request parameters code may pass to llm_query & co. They go into the request body; the
 # list keeps out anything the client itself would interpret (callbacks, return_exceptions,
 # transport options), whatever a given SubQueries implementation does with them.
+# ``schema`` (a JSON Schema dict) is taken out by the host's service, which asks for and
+# validates a structured reply (rlm/structured.py); it never reaches the request as is.
 SUBQUERY_PARAMS = frozenset(
     {"model", "temperature", "max_tokens", "max_completion_tokens", "top_p", "stop", "seed",
      "presence_penalty", "frequency_penalty", "response_format", "reasoning_effort",
-     "logit_bias", "n"}
+     "logit_bias", "n", "schema"}
 )  # fmt: skip
 
 FAILED_SLOT_PREFIX = "[llm_query error: "

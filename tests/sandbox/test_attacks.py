@@ -69,8 +69,18 @@ ATTACKS: dict[str, Attack] = {
     **{
         f"import-{mod}": A(f"import {mod}", hint="Allowed modules")
         for mod in (
-            "os", "sys", "subprocess", "ctypes", "pickle", "marshal", "gc", "threading",
-            "signal", "socket", "asyncio", "importlib", "inspect", "io", "pathlib",
+            "os", "subprocess", "ctypes", "pickle", "marshal", "gc", "threading",
+            "signal", "socket", "importlib", "inspect", "pathlib",
+        )
+    },  # fmt: skip
+    # sys, io and asyncio are facades holding a few harmless names
+    **{
+        f"facade-{mod}-{attr}": A(f"import {mod}\n{mod}.{attr}", hint="has no attribute")
+        for mod, attr in (
+            ("sys", "modules"), ("sys", "path"), ("sys", "exit"), ("sys", "settrace"),
+            ("io", "open"), ("io", "FileIO"), ("asyncio", "get_event_loop"),
+            ("asyncio", "events"), ("asyncio", "create_subprocess_exec"),
+            ("asyncio", "open_connection"), ("asyncio", "Task"), ("asyncio", "Future"),
         )
     },  # fmt: skip
     "import-builtins": A("import builtins", hint="reserved"),
@@ -114,7 +124,10 @@ ATTACKS: dict[str, Attack] = {
     "methodcaller-dunder": A("import operator\noperator.methodcaller('__reduce_ex__', 2)(llm_query)", hint="not accessible"),
     "pretty-printer-host-stdout": A("import pprint\npprint.PrettyPrinter().pprint(1)", hint="has no attribute"),
     "time-tzset": A("import time\ntime.tzset()", hint="has no attribute"),
-    "csv-global-limit": A("import csv\ncsv.field_size_limit(1)", hint="has no attribute"),
+    "csv-global-limit": A(  # per-REPL: the process-wide limit never goes down
+        "import csv\ncsv.field_size_limit(1)\nprint('limit', csv.field_size_limit())",
+        outcome="neutral", hint="limit 1",
+    ),
     "decimal-default-context": A("import decimal\ndecimal.DefaultContext.prec = 1", hint="has no attribute"),
     "monkeypatch-stdlib-class": A(
         "from collections import Counter\nCounter.most_common = None", hint="cannot set"
@@ -242,7 +255,7 @@ ATTACKS: dict[str, Attack] = {
     "quit-call": A("quit()", hint="FINAL"),
     "generator-exit": A("raise GeneratorExit", hint="GeneratorExit"),
     "custom-base-exception": A("class Boom(BaseException):\n    pass\nraise Boom('x')", hint="Boom"),
-    "sys-exit": A("import sys\nsys.exit(1)", hint="Allowed modules"),
+    "sys-exit": A("import sys\nsys.exit(1)", hint="has no attribute"),
     # -- infinite loops and recursion
     "while-true": A("while True:\n    pass", outcome="timeout"),
     "huge-range": A("for i in range(10**12):\n    pass", outcome="timeout"),

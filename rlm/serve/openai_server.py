@@ -1,0 +1,498 @@
+"""``rlm serve``: an OpenAI-compatible HTTP server whose one model is an RLM.
+
+``POST /v1/chat/completions`` runs one RLM per request: the last user message is the
+query, the text of every earlier message is the context, and ``"rlm": {...}`` in the
+body (``extra_body`` in the OpenAI SDK) may override the context, read it from a file
+under ``--allow-dir``, lower the cost budget or ask for a schema (as does a standard
+``response_format`` of type ``json_schema``: the answer is then the validated JSON). ``GET /v1/models``
+lists ``rlm`` and ``rlm:<root-model>``.
+
+Streaming (``"stream": true``) sends progress as it happens in chunks whose choice has
+an empty delta and whose extra ``rlm`` field carries the event (strict clients such as
+the openai SDK read them as empty chunks; ``"rlm": {"progress": "content"}`` puts the
+progress lines into the content instead, for chat front-ends that only show content),
+then the answer, a finish chunk with the run's ``rlm`` metadata, a usage chunk with no
+choices, and ``[DONE]``.
+
+The HTTP stack is aiohttp: it is already installed (the client's transport), it runs on
+our own event loop, it cancels a handler when its client disconnects (which cancels the
+run and its in-flight model requests) and it bounds request bodies itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from rlm.core import RLMResult
+from rlm.errors import AccessDeniedError, ConfigError
+from rlm.schema import Schema
+from rlm.serve.auth import bearer_matches, check_bind
+from rlm.serve.paths import AllowedDirs
+from rlm.serve.runs import QueryRunner, RunProgress, progress_message, result_metadata
+
+__all__ = ["ServeOptions", "build_app", "serve"]
+
+MODEL_ID = "rlm"
+_RLM_OPTIONS = frozenset({"context", "context_path", "max_cost_usd", "schema", "progress"})
+_HEARTBEAT_S = 15.0
+
+
+@dataclass
+class ServeOptions:
+    """How ``rlm serve`` listens and what it admits.
+
+    ``max_running`` runs execute at once and up to ``max_queue`` more wait; beyond that
+    a request gets 429 with Retry-After. ``max_body_bytes`` bounds a request body (413).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    auth_key: str | None = None
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_running: int = 8
+    max_queue: int = 32
+    allow_dirs: AllowedDirs = field(default_factory=lambda: AllowedDirs(()))
+
+
+class _RequestError(Exception):
+    """A request the server refuses, rendered in the OpenAI error format."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code},
+            **self.extra,
+        }
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body(), status=self.status, headers=self.headers)
+
+
+class _Admission:
+    """At most ``running`` runs at once and ``queue`` waiting; the rest are turned away."""
+
+    def __init__(self, running: int, queue: int) -> None:
+        self._slots = asyncio.Semaphore(running)
+        self._limit = running + queue
+        self._admitted = 0
+        self._mean_run_s = 1.0
+
+    def enter(self) -> None:
+        if self._admitted >= self._limit:
+            raise _RequestError(
+                429,
+                f"rlm serve is busy: {self._limit} requests are running or queued; retry later",
+                type_="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(self.retry_after())},
+            )
+        self._admitted += 1
+
+    def leave(self) -> None:
+        self._admitted -= 1
+
+    def retry_after(self) -> int:
+        # A slot frees roughly every mean run time; never advise less than a second.
+        return max(1, math.ceil(self._mean_run_s))
+
+    def record(self, seconds: float) -> None:
+        self._mean_run_s = 0.8 * self._mean_run_s + 0.2 * seconds
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> Any:
+        self.enter()
+        try:
+            async with self._slots:
+                started = time.monotonic()
+                try:
+                    yield
+                finally:
+                    self.record(time.monotonic() - started)
+        finally:
+            self.leave()
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part.get("text", "") for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+@dataclass
+class _ChatRequest:
+    model: str
+    root_model: str | None
+    query: str
+    context: Any
+    stream: bool
+    max_cost_usd: float | None
+    schema: Any
+    progress_in_content: bool
+
+
+def _parse_request(body: Any, runner: QueryRunner, allow_dirs: AllowedDirs) -> _ChatRequest:
+    if not isinstance(body, dict):
+        raise _RequestError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise _RequestError(400, "'model' is required: use 'rlm' or 'rlm:<root-model>'", param="model")
+    if model == MODEL_ID:
+        root_model = None
+    elif model.startswith(MODEL_ID + ":") and len(model) > len(MODEL_ID) + 1:
+        root_model = model[len(MODEL_ID) + 1 :]
+    else:
+        raise _RequestError(
+            404,
+            f"the model {model!r} does not exist on this server: use 'rlm' or 'rlm:<root-model>' "
+            f"(e.g. 'rlm:{runner.root_model}')",
+            code="model_not_found",
+            param="model",
+        )
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise _RequestError(400, "'messages' must be a list of message objects", param="messages")
+    last_user = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "user"), None)
+    if last_user is None:
+        raise _RequestError(400, "the messages hold no user message to answer", param="messages")
+    query = _text_of(messages[last_user].get("content"))
+    if not query.strip():
+        raise _RequestError(400, "the last user message is empty", param="messages")
+    earlier = [m for m in messages[:last_user] if _text_of(m.get("content"))]
+    context: Any
+    if len(earlier) == 1:
+        context = _text_of(earlier[0].get("content"))
+    else:
+        context = "\n\n".join(f"{m.get('role', 'user')}: {_text_of(m.get('content'))}" for m in earlier)
+    options = body.get("rlm") or {}
+    if not isinstance(options, dict):
+        raise _RequestError(400, "'rlm' must be an object", param="rlm")
+    unknown = sorted(set(options) - _RLM_OPTIONS)
+    if unknown:
+        raise _RequestError(
+            400,
+            f"unknown 'rlm' option(s) {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(_RLM_OPTIONS))}",
+            param="rlm",
+        )
+    if options.get("context") is not None and options.get("context_path") is not None:
+        raise _RequestError(400, "give 'rlm.context' or 'rlm.context_path', not both", param="rlm")
+    if options.get("context") is not None:
+        context = options["context"]
+    elif options.get("context_path") is not None:
+        try:
+            context = allow_dirs.read_text(options["context_path"])
+        except AccessDeniedError as exc:
+            raise _RequestError(403, str(exc), type_="permission_error", param="rlm.context_path") from None
+    schema = options.get("schema")
+    response_format = body.get("response_format")
+    if schema is None and isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        # The standard way to ask for structured output (the SDK's .parse() sends it).
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise _RequestError(400, "response_format.json_schema.schema must be a JSON Schema object",
+                                param="response_format")
+    if schema is not None:
+        if not isinstance(schema, dict):
+            raise _RequestError(400, "'rlm.schema' must be a JSON Schema object", param="rlm.schema")
+        try:
+            Schema.of(schema)  # refuse a broken schema before the request queues
+        except ConfigError as exc:
+            raise _RequestError(400, str(exc), param="rlm.schema") from None
+    progress = options.get("progress", "field")
+    if progress not in ("field", "content"):
+        raise _RequestError(400, "'rlm.progress' must be 'field' or 'content'", param="rlm.progress")
+    try:
+        max_cost = runner.budget(options.get("max_cost_usd"))
+    except ConfigError as exc:
+        raise _RequestError(400, str(exc), param="rlm.max_cost_usd") from None
+    return _ChatRequest(
+        model=model,
+        root_model=root_model,
+        query=query,
+        context=context,
+        stream=bool(body.get("stream")),
+        max_cost_usd=max_cost,
+        schema=schema,
+        progress_in_content=progress == "content",
+    )
+
+
+def _usage(result: RLMResult) -> dict[str, int]:
+    total = result.total_usage
+    return {
+        "prompt_tokens": total.prompt_tokens,
+        "completion_tokens": total.completion_tokens,
+        "total_tokens": total.total_tokens,
+    }
+
+
+_FAILURES = {
+    # No answer: 402 when a budget ran out and 422 when the answer never matched the
+    # schema (retrying the same request would not help; neither is retried by SDKs),
+    # 502 otherwise (the upstream model or the run failed; a retry may succeed).
+    "budget": (402, "rlm_budget_exceeded"),
+    "invalid_answer": (422, "rlm_invalid_answer"),
+}
+
+
+def _failure(result: RLMResult) -> _RequestError:
+    status, type_ = _FAILURES.get(result.stopped_reason, (502, "rlm_run_failed"))
+    return _RequestError(
+        status,
+        f"the RLM run ended without an answer ({result.stopped_reason}): {result.error}",
+        type_=type_,
+        code=result.stopped_reason,
+        extra={"rlm": result_metadata(result)},
+    )
+
+
+def _finish_reason(result: RLMResult) -> str:
+    return "stop" if result.stopped_reason == "final" else "length"
+
+
+class _ChatServer:
+    def __init__(self, runner: QueryRunner, options: ServeOptions) -> None:
+        self.runner = runner
+        self.options = options
+        self.admission = _Admission(options.max_running, options.max_queue)
+
+    @web.middleware
+    async def errors_and_auth(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+        try:
+            if not bearer_matches(request.headers.get("Authorization"), self.options.auth_key):
+                raise _RequestError(
+                    401,
+                    "missing or wrong API key: send 'Authorization: Bearer <key>' with the key this "
+                    "server was started with (--auth-key or RLM_SERVE_AUTH_KEY)",
+                    code="invalid_api_key",
+                )
+            response: web.StreamResponse = await handler(request)
+            return response
+        except _RequestError as exc:
+            return exc.response()
+        except web.HTTPRequestEntityTooLarge:
+            return _RequestError(
+                413,
+                f"the request body is larger than this server's limit of {self.options.max_body_bytes:,} "
+                "bytes (--max-body-mb); send a large context with rlm.context_path instead",
+                code="request_too_large",
+            ).response()
+        except web.HTTPException as exc:
+            return _RequestError(exc.status, exc.reason).response()
+
+    async def models(self, request: web.Request) -> web.Response:
+        created = int(time.time())
+        ids = [MODEL_ID, f"{MODEL_ID}:{self.runner.root_model}"]
+        return web.json_response(
+            {"object": "list", "data": [{"id": i, "object": "model", "created": created, "owned_by": "rlm"} for i in ids]}
+        )
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        length = request.content_length
+        if length is not None and length > self.options.max_body_bytes:
+            raise web.HTTPRequestEntityTooLarge(self.options.max_body_bytes, length)
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise _RequestError(400, f"the request body is not valid JSON: {exc}") from None
+        chat = _parse_request(body, self.runner, self.options.allow_dirs)
+        async with self.admission.slot():
+            if chat.stream:
+                return await self._stream(request, chat)
+            result = await self._run(chat, None)
+        if result.answer is None:
+            raise _failure(result)
+        return web.json_response(
+            {
+                "id": _completion_id(),
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": chat.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": result.answer},
+                        "finish_reason": _finish_reason(result),
+                    }
+                ],
+                "usage": _usage(result),
+                "rlm": result_metadata(result),
+            }
+        )
+
+    async def _run(self, chat: _ChatRequest, progress: RunProgress | None) -> RLMResult:
+        try:
+            return await self.runner.run(
+                context=chat.context,
+                query=chat.query,
+                model=chat.root_model,
+                max_cost_usd=chat.max_cost_usd,
+                schema=chat.schema,
+                on_event=progress.sink if progress is not None else None,
+            )
+        except ConfigError as exc:
+            raise _RequestError(400, str(exc)) from None
+
+    async def _stream(self, request: web.Request, chat: _ChatRequest) -> web.StreamResponse:
+        progress = RunProgress()
+        run = asyncio.ensure_future(self._run(chat, progress))
+        run.add_done_callback(lambda _: progress.finish())
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        cid, created = _completion_id(), int(time.time())
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+            return {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": chat.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                **extra,
+            }
+
+        async def send(data: dict[str, Any] | str) -> None:
+            text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+            await response.write(f"data: {text}\n\n".encode())
+
+        try:
+            await response.prepare(request)
+            await send(chunk({"role": "assistant", "content": ""}))
+            while True:
+                try:
+                    event = await asyncio.wait_for(progress.next(), _HEARTBEAT_S)
+                except TimeoutError:
+                    # An SSE comment keeps proxies from closing a quiet stream; clients skip it.
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                if event is None:
+                    break
+                message = progress_message(event)
+                if message is None:
+                    continue
+                info = {"event": event.get("type"), "message": message}
+                for key in ("iteration", "done", "total", "sub_calls"):
+                    if key in event:
+                        info[key] = event[key]
+                if chat.progress_in_content:
+                    await send(chunk({"content": f"> {message}\n"}))
+                else:
+                    await send(chunk({}, rlm=info))
+            try:
+                result = run.result()
+            except _RequestError as exc:
+                await send(exc.body())
+                await send("[DONE]")
+                return response
+            except Exception as exc:  # noqa: BLE001 - the client must hear why the stream ends
+                await send(_RequestError(500, f"the run failed: {exc}", type_="server_error").body())
+                await send("[DONE]")
+                return response
+            if result.answer is None:
+                await send(_failure(result).body())
+            else:
+                lead = "\n" if chat.progress_in_content else ""
+                await send(chunk({"content": lead + result.answer}))
+                await send(chunk({}, _finish_reason(result), rlm=result_metadata(result)))
+                await send({**chunk({}), "choices": [], "usage": _usage(result)})
+            await send("[DONE]")
+            await response.write_eof()
+            return response
+        finally:
+            # A disconnect (the handler is cancelled, or a write fails) ends the run too.
+            if not run.done():
+                run.cancel()
+                with contextlib.suppress(BaseException):
+                    await run
+
+
+def _completion_id() -> str:
+    return "chatcmpl-rlm-" + secrets.token_hex(12)
+
+
+def build_app(runner: QueryRunner, options: ServeOptions) -> web.Application:
+    """The aiohttp application of ``rlm serve`` (routes, auth, limits) over ``runner``."""
+    server = _ChatServer(runner, options)
+    # aiohttp enforces client_max_size while reading; the handler checks Content-Length first.
+    app = web.Application(middlewares=[server.errors_and_auth], client_max_size=options.max_body_bytes)
+    app.router.add_get("/v1/models", server.models)
+    app.router.add_post("/v1/chat/completions", server.chat)
+    return app
+
+
+async def serve(runner: QueryRunner, options: ServeOptions, on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve until SIGINT or SIGTERM, then stop runs, close the clients and return.
+
+    ``on_ready`` gets the base URL (``http://host:port/v1``) once the socket listens.
+    """
+    check_bind(options.host, options.auth_key)
+    app = build_app(runner, options)
+    app_runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await app_runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        site = web.TCPSite(app_runner, options.host, options.port)
+        await site.start()
+        sockets = app_runner.addresses
+        port = sockets[0][1] if sockets else options.port
+        host = f"[{options.host}]" if ":" in options.host else options.host
+        url = f"http://{host}:{port}/v1"
+        if on_ready is not None:
+            on_ready(url)
+        await stop.wait()
+    finally:
+        await app_runner.cleanup()
+        await runner.aclose()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+
+def print_ready(url: str, runner: QueryRunner) -> None:
+    """The line ``rlm serve`` prints once listening (tests wait for it)."""
+    print(
+        f"rlm serve: listening on {url} (models: {MODEL_ID}, {MODEL_ID}:{runner.root_model})",
+        file=sys.stderr,
+        flush=True,
+    )

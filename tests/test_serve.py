@@ -1,0 +1,266 @@
+"""``rlm serve`` as a real subprocess, driven by the openai SDK over real HTTP.
+
+FakeLLMServer plays the upstream: a scripted root model that chunks the context and
+fans out with ``llm_query_batch``, and a sub-model that reads each chunk. A second
+root script (``rlm:root-hang``) asks sub-queries the upstream never answers, to hold a
+run in flight for the queue, disconnect and cancellation tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import subprocess
+import sys
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from pydantic import BaseModel
+from serve_support import (
+    FOUND_SCHEMA,
+    HANG_ROOT,
+    NEEDLE,
+    QUERY,
+    ROOT,
+    SUB,
+    TYPED_ROOT,
+    RlmProcess,
+    haystack,
+    scripts,
+    sub_model,
+    wait_until,
+)
+
+from rlm.testing import FakeLLMServer
+
+KEY = "test-serve-key"
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeLLMServer]:
+    with FakeLLMServer(sub_model, scripts=scripts()) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def allowed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("allowed")
+    (root / "log.txt").write_text(haystack(), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="module")
+def serve_url(upstream: FakeLLMServer, allowed: Path, logs: Path) -> Iterator[str]:
+    server = RlmProcess(
+        ["serve", "--port", "0", "--auth-key", KEY, "--base-url", upstream.url, "--api-key", "upstream-key",
+         "--model", ROOT, "--recursive-model", SUB, "--log-dir", str(logs), "--allow-dir", str(allowed),
+         "--max-body-mb", "0.5", "--max-running", "1", "--max-queue", "0"],
+        ready=r"listening on (http://\S+/v1)",
+    )
+    try:
+        assert server.match is not None
+        yield server.match.group(1)
+    finally:
+        assert server.stop() == 0, "".join(server.lines)
+
+
+@pytest.fixture
+def client(serve_url: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=serve_url, api_key=KEY, max_retries=0, timeout=60) as c:
+        yield c
+
+
+def needle_messages() -> list[Any]:
+    return [{"role": "system", "content": haystack()}, {"role": "user", "content": QUERY}]
+
+
+def test_needle_answered_through_the_openai_sdk(client: openai.OpenAI, upstream: FakeLLMServer,
+                                                logs: Path) -> None:
+    upstream.reset_counters()
+    reply = client.chat.completions.create(model="rlm", messages=needle_messages())
+    assert reply.choices[0].message.content == NEEDLE
+    assert reply.choices[0].finish_reason == "stop"
+    meta = reply.model_extra["rlm"]
+    assert meta["stopped_reason"] == "final"
+    assert meta["iterations"] == 2
+    assert meta["sub_calls"] == 6  # 3,000 lines in chunks of 500
+    assert reply.usage is not None
+    root, sub = meta["usage"]["root"], meta["usage"]["sub"]
+    assert reply.usage.total_tokens == root["total_tokens"] + sub["total_tokens"] > 0
+    assert Path(meta["log_path"]).parent == logs
+    assert Path(meta["log_path"]).read_text(encoding="utf-8").count('"type": "cell"') == 2
+    # The root model never saw the context, only its description (type, size, head).
+    root_prompts = json.dumps([r["messages"] for r in upstream.requests_log if r["model"] == ROOT])
+    assert "nothing to see on line 2999" not in root_prompts and "3,000 lines" in root_prompts
+
+
+def test_needle_streamed_with_progress_then_answer_then_usage(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model="rlm", messages=needle_messages(), stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == NEEDLE
+    progress = [c.model_extra["rlm"] for c in chunks[:-2] if c.model_extra.get("rlm")]
+    kinds = [p["event"] for p in progress]
+    assert "root_reply" in kinds and "cell_result" in kinds
+    assert any(p["event"] == "subcalls" and p["done"] == p["total"] == 6 for p in progress)
+    answer_at = next(i for i, c in enumerate(chunks) if c.choices and c.choices[0].delta.content == NEEDLE)
+    assert all(c.model_extra.get("rlm", {}).get("event") is None for c in chunks[answer_at:])
+    finish, usage = chunks[-2], chunks[-1]
+    assert finish.choices[0].finish_reason == "stop"
+    assert finish.model_extra["rlm"]["sub_calls"] == 6
+    assert usage.choices == [] and usage.usage is not None and usage.usage.total_tokens > 0
+
+
+def test_progress_can_ride_in_the_content_for_chat_front_ends(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(
+        model="rlm", messages=needle_messages(), stream=True, extra_body={"rlm": {"progress": "content"}}))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "> sub-queries 6/6" in content
+    assert content.endswith("\n" + NEEDLE)
+
+
+class Found(BaseModel):
+    passphrase: str
+    chunks: int
+
+
+def test_response_format_gets_a_validated_typed_answer(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.parse(model=f"rlm:{TYPED_ROOT}", messages=needle_messages(),
+                                          response_format=Found)
+    assert reply.choices[0].message.parsed == Found(passphrase=NEEDLE, chunks=6)
+    assert reply.model_extra["rlm"]["output"] == {"passphrase": NEEDLE, "chunks": 6}
+
+
+def test_a_schema_in_extra_body_works_and_a_broken_one_is_400(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model=f"rlm:{TYPED_ROOT}", messages=needle_messages(),
+                                           extra_body={"rlm": {"schema": FOUND_SCHEMA}})
+    assert json.loads(reply.choices[0].message.content or "") == {"passphrase": NEEDLE, "chunks": 6}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="rlm", messages=needle_messages(),
+                                       extra_body={"rlm": {"schema": {"type": 12}}})
+    assert "not a valid JSON Schema" in info.value.message
+
+
+def test_models_lists_rlm_and_the_root_model(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == ["rlm", f"rlm:{ROOT}"]
+
+
+def test_context_path_under_allow_dir_overrides_the_messages(client: openai.OpenAI, allowed: Path) -> None:
+    reply = client.chat.completions.create(
+        model=f"rlm:{ROOT}", messages=[{"role": "user", "content": QUERY}],
+        extra_body={"rlm": {"context_path": str(allowed / "log.txt")}})
+    assert reply.choices[0].message.content == NEEDLE
+
+
+def test_context_path_outside_allow_dir_is_refused(client: openai.OpenAI, allowed: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "secret.txt"
+    outside.write_text("top secret", encoding="utf-8")
+    (allowed / "link.txt").symlink_to(outside)
+    try:
+        for path in (str(outside), str(allowed / ".." / outside.name), str(allowed / "link.txt")):
+            with pytest.raises(openai.PermissionDeniedError) as info:
+                client.chat.completions.create(model="rlm", messages=[{"role": "user", "content": "q"}],
+                                               extra_body={"rlm": {"context_path": path}})
+            assert "outside the allowed directories" in info.value.message
+    finally:
+        (allowed / "link.txt").unlink()
+
+
+def test_a_missing_or_wrong_key_gets_401_in_the_openai_format(serve_url: str) -> None:
+    with openai.OpenAI(base_url=serve_url, api_key="wrong", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError) as info:
+            bad.chat.completions.create(model="rlm", messages=[{"role": "user", "content": "q"}])
+    assert info.value.status_code == 401
+    assert info.value.code == "invalid_api_key"
+    parts = urllib.parse.urlsplit(serve_url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
+    try:
+        conn.request("GET", "/v1/models")
+        bare = conn.getresponse()
+        assert bare.status == 401
+        assert json.loads(bare.read())["error"]["type"] == "invalid_request_error"
+    finally:
+        conn.close()
+
+
+def test_an_oversized_body_gets_413(client: openai.OpenAI) -> None:
+    big = "x" * (600 * 1024)
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="rlm", messages=[{"role": "system", "content": big},
+                                                              {"role": "user", "content": "q"}])
+    assert info.value.status_code == 413
+    assert "context_path" in info.value.message
+
+
+def test_an_unknown_model_gets_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "q"}])
+    assert info.value.code == "model_not_found"
+
+
+async def _hold_a_run(serve_url: str, upstream: FakeLLMServer) -> tuple[asyncio.Task[Any], openai.AsyncOpenAI]:
+    aclient = openai.AsyncOpenAI(base_url=serve_url, api_key=KEY, max_retries=0, timeout=120)
+    held = asyncio.create_task(aclient.chat.completions.create(
+        model=f"rlm:{HANG_ROOT}", messages=[{"role": "user", "content": "hold"}]))
+    # The run is mid-batch once its three sub-queries hang upstream.
+    assert await asyncio.to_thread(wait_until, lambda: upstream.in_flight == 3)
+    return held, aclient
+
+
+async def test_a_full_queue_gets_429_with_retry_after(serve_url: str, upstream: FakeLLMServer) -> None:
+    held, aclient = await _hold_a_run(serve_url, upstream)
+    try:
+        with pytest.raises(openai.RateLimitError) as info:
+            await aclient.chat.completions.create(model="rlm", messages=[{"role": "user", "content": "q"}])
+        assert int(info.value.response.headers["Retry-After"]) >= 1
+        assert info.value.code == "rate_limit_exceeded"
+    finally:
+        held.cancel()
+        await asyncio.gather(held, return_exceptions=True)
+        await aclient.close()
+    assert await asyncio.to_thread(wait_until, lambda: upstream.in_flight == 0)
+
+
+async def test_a_client_disconnect_cancels_the_run_and_its_requests(serve_url: str, upstream: FakeLLMServer,
+                                                                    logs: Path) -> None:
+    held, aclient = await _hold_a_run(serve_url, upstream)
+    held.cancel()  # closes the HTTP connection mid-request
+    await asyncio.gather(held, return_exceptions=True)
+    await aclient.close()
+    # Only the server cancelling the run can end these: the upstream never answers them.
+    assert await asyncio.to_thread(wait_until, lambda: upstream.in_flight == 0)
+    # And the slot is free again for the next request.
+    with openai.OpenAI(base_url=serve_url, api_key=KEY, max_retries=0) as c:
+        assert c.chat.completions.create(model="rlm", messages=needle_messages()).choices[0].message.content == NEEDLE
+
+
+def test_closing_a_stream_mid_run_cancels_it(client: openai.OpenAI, upstream: FakeLLMServer) -> None:
+    stream = client.chat.completions.create(model=f"rlm:{HANG_ROOT}", stream=True,
+                                            messages=[{"role": "user", "content": "hold"}])
+    events = []
+    for chunk in stream:
+        events.append((chunk.model_extra or {}).get("rlm", {}).get("event"))
+        if "cell" in events:
+            break
+    assert wait_until(lambda: upstream.in_flight == 3)
+    stream.close()
+    assert wait_until(lambda: upstream.in_flight == 0)
+
+
+def test_binding_beyond_loopback_without_a_key_is_refused(upstream: FakeLLMServer) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "rlm.cli", "serve", "--host", "0.0.0.0", "--port", "0", "--base-url", upstream.url,
+         "--api-key", "k"], capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "RLM_SERVE_AUTH_KEY"})
+    assert done.returncode == 2
+    assert "--auth-key" in done.stderr

@@ -1,0 +1,152 @@
+"""Typed answers: RLM runs with schema=, validated in the host, fed back and retried."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+from typing_extensions import TypedDict  # pydantic needs this form of TypedDict before 3.12
+
+from rlm import RLM, AsyncOpenAIClient
+from rlm.errors import ConfigError
+from rlm.testing import FakeLLMServer
+
+ROOT = "root-model"
+SUB = "sub-model"
+
+
+class Counted(BaseModel):
+    count: int
+    ids: list[str]
+
+
+class Totals(TypedDict):
+    total: int
+    currency: str
+
+
+def repl(code: str, text: str = "Next step.") -> str:
+    return f"{text}\n```repl\n{code}\n```"
+
+
+def last_user(messages: list[dict[str, Any]]) -> str:
+    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
+
+
+@pytest.fixture
+def rlms() -> Iterator[list[RLM]]:
+    made: list[RLM] = []
+    yield made
+    for r in made:
+        r.client.close_sync()
+        r.sub_client.close_sync()
+
+
+def make_rlm(srv: FakeLLMServer, made: list[RLM], **kw: Any) -> RLM:
+    root = AsyncOpenAIClient(model=ROOT, api_key="k", base_url=srv.url, max_retries=0)
+    sub = AsyncOpenAIClient(model=SUB, api_key="k", base_url=srv.url, max_retries=0)
+    kw.setdefault("sandbox", "local")
+    rlm = RLM(model=ROOT, recursive_model=SUB, client=root, sub_client=sub, **kw)
+    made.append(rlm)
+    return rlm
+
+
+def test_a_wrong_final_is_told_its_error_and_the_fixed_one_is_the_output(rlms: list[RLM]) -> None:
+    def second(messages: list[dict[str, Any]]) -> str:
+        feedback = last_user(messages)
+        assert "$.count: expected a valid integer" in feedback and "'many'" in feedback
+        return repl('FINAL({"count": 3, "ids": ["a", "b", "c"]})', "Fixing the count.")
+
+    script = [repl('FINAL({"count": "many", "ids": ["a", "b", "c"]})'), second]
+    with FakeLLMServer(scripts={ROOT: script}) as srv:
+        result = make_rlm(srv, rlms).completion("a b c", "How many ids?", schema=Counted)
+        system = srv.requests_log[0]["messages"][0]["content"]
+    assert result.output == Counted(count=3, ids=["a", "b", "c"])
+    assert result.iterations == 2
+    assert result.stopped_reason == "final" and result.ok
+    assert json.loads(result.answer or "") == {"count": 3, "ids": ["a", "b", "c"]}
+    # The root was shown the shape as a JSON Schema.
+    assert '"count"' in system and '"integer"' in system and "FINAL" in system
+    invalid = [e for e in result.trajectory if e["type"] == "answer_invalid"]
+    assert invalid[0]["errors"][0]["path"] == "$.count"
+    told = [e for e in result.trajectory if e["type"] == "root_request" and e["iteration"] == 2]
+    assert "does not match the required JSON Schema" in told[0]["messages"][0]["content"]
+    assert result.to_dict()["output"] == {"count": 3, "ids": ["a", "b", "c"]}
+
+
+def test_retries_running_out_ends_with_invalid_answer_keeping_the_raw_value(rlms: list[RLM]) -> None:
+    script = [repl('FINAL({"count": "many", "ids": []})')]
+    with FakeLLMServer(scripts={ROOT: script}) as srv:
+        rlm = make_rlm(srv, rlms, max_answer_retries=1)
+        result = rlm.completion("x", "How many?", schema=Counted)
+    assert result.stopped_reason == "invalid_answer"
+    assert result.iterations == 2  # the first answer and one retry
+    assert result.answer is None and result.output is None and not result.ok
+    assert result.raw_output in ({"count": "many", "ids": []}, "{'count': 'many', 'ids': []}")
+    assert result.validation_errors[0]["path"] == "$.count"
+    assert "did not match the schema" in (result.error or "")
+    data = result.to_dict()
+    assert data["stopped_reason"] == "invalid_answer" and data["validation_errors"]
+
+
+@pytest.mark.parametrize(
+    ("schema", "final", "expected"),
+    [
+        (list[str], 'FINAL(["a", "b"])', ["a", "b"]),
+        (Totals, 'FINAL({"total": 12, "currency": "EUR"})', {"total": 12, "currency": "EUR"}),
+        (
+            {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
+            'FINAL({"n": 5})',
+            {"n": 5},
+        ),
+        (int, "FINAL(7)", 7),
+    ],
+    ids=["list[str]", "TypedDict", "json-schema-dict", "int"],
+)
+def test_each_kind_of_schema_gives_its_output(rlms: list[RLM], schema: Any, final: str, expected: Any) -> None:
+    with FakeLLMServer(scripts={ROOT: [repl(final)]}) as srv:
+        result = make_rlm(srv, rlms).completion("ctx", "What is it?", schema=schema)
+    assert result.stopped_reason == "final"
+    assert result.output == expected
+    assert json.loads(result.answer or "") == expected
+
+
+def test_an_answer_written_in_prose_is_parsed_and_validated(rlms: list[RLM]) -> None:
+    script = ['Done.\nFINAL({"count": 1, "ids": ["z"]})']
+    with FakeLLMServer(scripts={ROOT: script}) as srv:
+        result = make_rlm(srv, rlms).completion("ctx", "How many?", schema=Counted)
+    assert result.output == Counted(count=1, ids=["z"])
+
+
+async def test_a_schema_for_every_task_of_a_batch_and_one_task_of_its_own(rlms: list[RLM]) -> None:
+    def root(messages: list[dict[str, Any]]) -> str:
+        query = messages[1]["content"]
+        return repl("FINAL(['x'])" if "list" in query else "FINAL(len(context))")
+
+    with FakeLLMServer(root) as srv:
+        results = await make_rlm(srv, rlms).acompletion_batch(
+            [("abc", "the length"), {"context": "q", "query": "a list", "schema": list[str]}],
+            progress=False,
+            schema=int,
+        )
+    assert [r.output for r in results] == [3, ["x"]]
+
+
+def test_a_session_ask_takes_a_schema(rlms: list[RLM]) -> None:
+    script = [repl("FINAL(len(context))")]
+    with FakeLLMServer(scripts={ROOT: script}) as srv:
+        rlm = make_rlm(srv, rlms)
+        with rlm.session("hello") as session:
+            result = session.ask("How long?", schema=int)
+    assert result.output == 5 and result.answer == "5"
+
+
+def test_something_that_is_not_a_schema_is_refused_before_any_request(rlms: list[RLM]) -> None:
+    with FakeLLMServer() as srv:
+        rlm = make_rlm(srv, rlms)
+        with pytest.raises(ConfigError, match="schema must be"):
+            rlm.completion("x", "q", schema="list of str")
+        assert srv.requests == 0
