@@ -1,4 +1,4 @@
-"""The ``rlm`` command: run, demo, view, repl, cache, serve and mcp.
+"""The ``rlm`` command: run, batch, demo, view, repl, cache, serve and mcp.
 
 Exit codes:
 
@@ -13,6 +13,9 @@ Exit codes:
 Data goes to stdout (the answer, the JSON result); everything for a person (the live
 view, the progress line, warnings) goes to stderr, so ``rlm run ... > out`` and
 ``rlm run --json | jq`` always get clean data.
+
+``rlm batch`` exits 0 when every task succeeded, 1 when some failed or were not run, 2
+for bad usage (a duplicate task id too), 130/143 when interrupted (the output stays valid).
 """
 
 from __future__ import annotations
@@ -158,9 +161,34 @@ def _require_key(api_key: str | None) -> str:
     return key
 
 
-def _print_result(result: Any, args: argparse.Namespace, *, view_shown_answer: bool) -> int:
+def _read_schema(source: str) -> dict[str, Any]:
+    """A JSON Schema file for ``rlm run --schema``, checked before any request."""
+    from rlm.errors import ConfigError
+    from rlm.schema import Schema
+
+    path = Path(source)
+    if not path.is_file():
+        raise UsageError(f"schema file not found: {source}")
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{source} is not valid JSON: {exc}") from exc
+    if not isinstance(schema, dict):
+        raise UsageError(f"{source} must hold a JSON Schema object, not a JSON {type(schema).__name__}")
+    try:
+        Schema.of(schema)
+    except ConfigError as exc:
+        raise UsageError(f"{source}: {exc}") from exc
+    return schema
+
+
+def _print_result(result: Any, args: argparse.Namespace, *, view_shown_answer: bool,
+                  typed: bool = False) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    elif typed and result.answer is not None:
+        # The validated output as JSON (a str output too, quoted), so it pipes into jq.
+        print(json.dumps(result.to_dict()["output"], indent=2, ensure_ascii=False))
     elif result.answer is not None and not view_shown_answer:
         print(result.answer)
     # A run sets `error` only when it ends without an answer (see RLM._run).
@@ -177,10 +205,33 @@ def _print_result(result: Any, args: argparse.Namespace, *, view_shown_answer: b
     return EXIT_OK
 
 
+def _build_rlm(args: argparse.Namespace, rlm_class: Any, *, budget_prefix: str, verbose: bool,
+               **extra: Any) -> Any:
+    # One place turns the shared model/endpoint/budget flags into an RLM (run and batch).
+    budgets = {
+        name: getattr(args, budget_prefix + name, None)
+        for name in ("max_cost_usd", "max_tokens", "max_time_s")
+    }
+    return rlm_class(
+        model=args.model,
+        recursive_model=args.recursive_model,
+        base_url=args.base_url,
+        api_key=_require_key(args.api_key),
+        max_iterations=args.max_iterations,
+        max_depth=args.max_depth,
+        sandbox=args.sandbox,
+        log_dir=args.log_dir,
+        verbose=verbose,
+        **budgets,
+        **extra,
+    )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     encoding = _check_encoding(args.encoding)
     _check_log_dir(args.log_dir)
-    key = _require_key(args.api_key)
+    _require_key(args.api_key)
+    schema = _read_schema(args.schema) if args.schema else None
     context = _read_context(args.context, args.context_format, encoding, args.allow_empty)
     if not args.query.strip():
         raise UsageError("--query is empty: ask a question")
@@ -198,30 +249,61 @@ def cmd_run(args: argparse.Namespace) -> int:
         from rlm.display.progress import RunProgress
 
         view = RunProgress(Console(stderr=True))
-    rlm = RLM(
-        model=args.model,
-        recursive_model=args.recursive_model,
-        base_url=args.base_url,
-        api_key=key,
-        max_iterations=args.max_iterations,
-        max_depth=args.max_depth,
-        sandbox=args.sandbox,
-        log_dir=args.log_dir,
-        on_event=view,
-        max_cost_usd=args.max_cost_usd,
-        max_tokens=args.max_tokens,
-        max_time_s=args.max_time_s,
-        max_concurrency=args.max_concurrency,
-    )
+    rlm = _build_rlm(args, RLM, budget_prefix="", verbose=False, on_event=view,
+                     max_concurrency=args.max_concurrency)
     try:
-        result = rlm.completion(context=context, query=args.query)
+        result = rlm.completion(context=context, query=args.query, schema=schema)
     finally:
         rlm.close()
         if view is not None:
             view.close()
     # The live view's answer panel is on the terminal already when both streams are it.
     shown = bool(args.verbose) and sys.stdout.isatty() and sys.stderr.isatty()
-    return _print_result(result, args, view_shown_answer=shown)
+    return _print_result(result, args, view_shown_answer=shown, typed=schema is not None)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, turned into an exception so the job stops the way Ctrl-C stops it."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    import signal
+
+    from rlm.core import RLM
+    from rlm.jobs import load_tasks
+
+    if (args.tasks is None) == (args.dir is None):
+        raise UsageError("give a tasks file (JSONL or CSV) or --dir DOCS/, not both or neither")
+    if args.dir is not None and not args.query:
+        raise UsageError("--dir needs --query (the question to ask of every document)")
+    tasks = load_tasks(args.dir or args.tasks, query=args.query, fmt=args.context_format,
+                       encoding=_check_encoding(args.encoding))
+    rlm = _build_rlm(args, RLM, budget_prefix="task_", verbose=False,
+                     max_concurrency=max(64, args.concurrency * 4))
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        summary = rlm.run_job(
+            tasks, args.out, concurrency=args.concurrency, max_cost_usd=args.max_cost_usd,
+            max_tokens=args.max_tokens, max_time_s=args.max_time_s,
+            retry_failed=args.retry_failed, sort_output=args.sorted, progress=not args.quiet,
+            backend=args.backend, ray_address=args.ray_address,
+        )
+    except KeyboardInterrupt:
+        print(f"rlm: interrupted; {args.out} holds every task that finished (re-run to resume)",
+              file=sys.stderr)
+        return 130
+    except _Terminated:
+        print(f"rlm: terminated; {args.out} holds every task that finished (re-run to resume)",
+              file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        rlm.close()
+    return summary.exit_code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -410,25 +492,47 @@ def _add_context_args(p: argparse.ArgumentParser) -> None:
                    help="run even when the context file is empty (refused by default)")
 
 
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    # Shared by run, batch, serve and mcp, so all take the same model and endpoint options.
+    parser.add_argument("--model", help="root model (default: $RLM_MODEL, else gpt-4o-mini)")
+    parser.add_argument("--recursive-model", help="model for llm_query sub-calls (default: --model)")
+    parser.add_argument("--base-url", type=_base_url,
+                        help="OpenAI-compatible base URL: vLLM, Ollama, llama.cpp, OpenRouter "
+                             "(default: $OPENAI_BASE_URL, else OpenAI)")
+    parser.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY)")
+    parser.add_argument("--max-iterations", type=_positive_int, default=20,
+                        help="root turns before a run must answer; for rlm run hitting it exits 3 "
+                             "(default: 20)")
+    parser.add_argument("--max-depth", type=_positive_int, default=1,
+                        help="1: llm_query calls a model; 2: it runs a child RLM with its own REPL "
+                             "(default: 1)")
+    parser.add_argument("--sandbox", choices=["local", "process"], default=None, help=_SANDBOX_HELP)
+
+
+def _add_budget_flags(parser: argparse.ArgumentParser, prefix: str, scope: str, *,
+                      tokens: bool = True) -> None:
+    parser.add_argument(f"--{prefix}max-cost-usd", type=_positive_float, default=None,
+                        help=f"stop {scope} after spending this many US dollars (default: no limit)")
+    if tokens:
+        parser.add_argument(f"--{prefix}max-tokens", type=_positive_int, default=None,
+                            help=f"stop {scope} after this many root and sub tokens (default: no limit)")
+    parser.add_argument(f"--{prefix}max-time-s", type=_positive_float, default=None,
+                        help=f"stop {scope} after this many seconds of wall time (default: no limit)")
+
+
+def _add_format_flags(parser: argparse.ArgumentParser) -> None:
+    """How to read context files, for batch (run and repl take ``_add_context_args``)."""
+    parser.add_argument("--context-format", dest="context_format", choices=_FORMATS, default="auto",
+                        help="how to load a context file: text, json or jsonl (default: auto, by "
+                             "file extension)")
+    parser.add_argument("--format", dest="context_format", choices=_FORMATS, help=argparse.SUPPRESS)
+    parser.add_argument("--encoding", default="utf-8", help="text encoding of context files (default: utf-8)")
+
+
 def _add_upstream_args(p: argparse.ArgumentParser) -> None:
     """The upstream model, endpoint and budget flags shared by run, serve and mcp."""
-    p.add_argument("--model", help="root model (default: $RLM_MODEL, else gpt-4o-mini)")
-    p.add_argument("--recursive-model", help="model for llm_query sub-calls (default: --model)")
-    p.add_argument("--base-url", type=_base_url,
-                   help="OpenAI-compatible base URL: vLLM, Ollama, llama.cpp, OpenRouter "
-                        "(default: $OPENAI_BASE_URL, else OpenAI)")
-    p.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY)")
-    p.add_argument("--max-iterations", type=_positive_int, default=20,
-                   help="root turns before a run must answer; for rlm run hitting it exits 3 "
-                        "(default: 20)")
-    p.add_argument("--max-depth", type=_positive_int, default=1,
-                   help="1: llm_query calls a model; 2: it runs a child RLM with its own REPL "
-                        "(default: 1)")
-    p.add_argument("--max-cost-usd", type=_positive_float, default=None,
-                   help="stop a run when it has spent this many US dollars (default: no limit)")
-    p.add_argument("--max-time-s", type=_positive_float, default=None,
-                   help="stop a run after this many seconds of wall time (default: no limit)")
-    p.add_argument("--sandbox", choices=["local", "process"], default=None, help=_SANDBOX_HELP)
+    _add_model_flags(p)
+    _add_budget_flags(p, "", "a run", tokens=False)
     p.add_argument("--log-dir", default=None,
                    help="write each trajectory as JSONL here, for rlm view (default: no log)")
 
@@ -562,7 +666,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true",
                      help="print the result (answer, stop reason, usage) as JSON on stdout")
     run.add_argument("--verbose", "-v", action="store_true", help="show each iteration live on stderr")
+    run.add_argument("--schema", metavar="FILE.json",
+                     help="a JSON Schema the answer must match; prints the validated JSON "
+                          "(default: a free-text answer)")
     run.set_defaults(func=cmd_run)
+
+    batch = sub.add_parser(
+        "batch",
+        help="run one query (or one per task) over many documents; resumable",
+        description="Run many tasks and append one JSON line per finished task to --out. "
+        "Re-running the same command skips ids already in --out. Exit codes: 0 all "
+        "succeeded, 1 some failed or were not run, 2 usage error, 130/143 interrupted "
+        "(the output stays valid).",
+    )
+    batch.add_argument("tasks", nargs="?", help='JSONL ({"id", "query", "context" | '
+                       '"context_path"} per line) or CSV with those columns')
+    batch.add_argument("--dir", help="one task per file under this directory, id = relative path (default: a tasks file)")
+    batch.add_argument("--query", help="the query for every task, required with --dir (default: each task's own)")
+    batch.add_argument("--out", required=True, help="results JSONL (appended; resumed)")
+    _add_model_flags(batch)
+    _add_budget_flags(batch, "", "the whole job")
+    _add_budget_flags(batch, "task-", "each task")
+    batch.add_argument("--concurrency", type=_positive_int, default=8, help="tasks run at once (default: 8)")
+    batch.add_argument("--retry-failed", action="store_true", help="re-run tasks whose line has an error")
+    batch.add_argument("--sorted", action="store_true", help="rewrite --out in input order at the end")
+    batch.add_argument("--log-dir", default=None, help="write each task's trajectory as JSONL here (default: no logs)")
+    _add_format_flags(batch)
+    batch.add_argument("--backend", choices=["local", "ray"], default="local",
+                       help="where tasks run: this process or a Ray cluster (default: local)")
+    batch.add_argument("--ray-address", default=None,
+                       help="Ray cluster to join, 'auto' for the running one (default: start a local one)")
+    batch.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    batch.set_defaults(func=cmd_batch)
 
     demo = sub.add_parser("demo", help="offline demo: a needle in a 1,000,000-line haystack")
     demo.add_argument("--base-url", type=_base_url, help="run against a real OpenAI-compatible server instead (default: offline, "

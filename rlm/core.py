@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlm import loop as engine
 from rlm import prompts
@@ -43,6 +43,9 @@ _KEEP_RECENT = 2
 # What a trajectory keeps of each sub-query (RLM(record_subcalls=...)), and the cap.
 SUBCALL_RECORDING = ("capped", "full", "none")
 SUBCALL_CAP_CHARS = 2_000
+
+if TYPE_CHECKING:
+    from rlm.jobs.runner import JobSummary
 
 
 @dataclass
@@ -528,13 +531,31 @@ class RLM:
         self.tool_descriptions = dict(tool_descriptions or {})
         self.sub_window_chars = sub_window_chars
         self.root_window_tokens = root_window_tokens
-        self.system_prompt = system_prompt or prompts.build_system_prompt(
-            sub_window_chars=sub_window_chars,
+        self._custom_system_prompt = system_prompt is not None
+        self.system_prompt = system_prompt or self._default_system_prompt({})
+        self.cell_timeout = cell_timeout
+
+    def _default_system_prompt(self, protections: Mapping[str, Any]) -> str:
+        """The built-in system prompt for an env with these protections: a confined worker
+        also offers open() and the data libraries, and the prompt says so."""
+        data = str(protections.get("data_modules") or "")
+        return prompts.build_system_prompt(
+            sub_window_chars=self.sub_window_chars,
             sub_model=self.recursive_model,
             tools=prompts.describe_tools(self.tools, self.tool_descriptions),
-            modules=prompts.describe_imports(importable_modules()),
+            modules=prompts.describe_imports(
+                importable_modules([m.strip() for m in data.split(",") if m.strip()]),
+                files=bool(protections.get("file_access")),
+            ),
         )
-        self.cell_timeout = cell_timeout
+
+    def _system_prompt_for(self, env: REPLEnv) -> str:
+        if self._custom_system_prompt:
+            return self.system_prompt
+        protections = env.protections
+        if not protections.get("file_access") and not protections.get("data_modules"):
+            return self.system_prompt
+        return self._default_system_prompt(protections)
 
     def _check_priced(self) -> None:
         """A cost budget over a model without a price would be a silent $0: refuse it."""
@@ -636,6 +657,28 @@ class RLM:
         finally:
             if bar is not None:
                 bar.stop()
+
+    def run_job(self, tasks: Any, out: str | Path, **options: Any) -> JobSummary:
+        """Run a many-document job: every task not yet in ``out`` is run and appended to it.
+
+        ``tasks`` is a JSONL or CSV file, a directory of documents (with ``query=``), or
+        an iterable of ``rlm.jobs.Task`` or mappings ``{"id", "query", "context" |
+        "context_path"}``. Each finished task is one fsynced line of ``out``; running
+        the same job again skips ids already there (``retry_failed=True`` re-runs those
+        that ended in error). Options: ``query``, ``fmt``, ``encoding``,
+        ``concurrency`` (8), job caps ``max_cost_usd``/``max_tokens``/``max_time_s``,
+        ``sort_output``, ``progress``, ``backend`` ("local" or "ray") and
+        ``ray_address``. Returns a ``JobSummary``; see the README's "Jobs" section.
+        """
+        from rlm.jobs.runner import run_job
+
+        return run_job(self, tasks, out, **options)
+
+    async def arun_job(self, tasks: Any, out: str | Path, **options: Any) -> JobSummary:
+        """``run_job`` for async code: the job's tasks run on the caller's event loop."""
+        from rlm.jobs.runner import arun_job
+
+        return await arun_job(self, tasks, out, **options)
 
     def session(self, context: Any) -> RLMSession:
         """A multi-turn session over ``context``: the REPL keeps its state across asks."""
@@ -827,7 +870,7 @@ class RLM:
         if history:
             lines = "\n".join(f"- Q: {q}\n  A: {a}" for q, a in history)
             first = prompts.HISTORY_TEMPLATE.format(history=lines) + "\n" + first
-        system = self.system_prompt
+        system = self._system_prompt_for(env)
         if typed is not None:
             system += prompts.SCHEMA_SECTION.format(schema=typed.schema.prompt_text())
         messages: list[dict[str, Any]] = [
