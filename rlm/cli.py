@@ -64,9 +64,33 @@ def _require_key(api_key: str | None) -> str:
     return key
 
 
-def _print_result(result: Any, as_json: bool) -> int:
+def _read_schema(source: str) -> dict[str, Any]:
+    """A JSON Schema file for ``rlm run --schema``, checked before any request."""
+    from rlm.errors import ConfigError
+    from rlm.schema import Schema
+
+    path = Path(source)
+    if not path.is_file():
+        raise UsageError(f"schema file not found: {source}")
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{source} is not valid JSON: {exc}") from exc
+    if not isinstance(schema, dict):
+        raise UsageError(f"{source} must hold a JSON Schema object, not a JSON {type(schema).__name__}")
+    try:
+        Schema.of(schema)
+    except ConfigError as exc:
+        raise UsageError(f"{source}: {exc}") from exc
+    return schema
+
+
+def _print_result(result: Any, as_json: bool, typed: bool = False) -> int:
     if as_json:
         print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    elif typed and result.answer is not None:
+        # The validated output as JSON (a str output too, quoted), so it pipes into jq.
+        print(json.dumps(result.to_dict()["output"], indent=2, ensure_ascii=False))
     elif result.answer is not None:
         print(result.answer)
     # A run sets `error` only when it ends without an answer (see RLM._run).
@@ -103,12 +127,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rlm.core import RLM
 
     context = _read_context(args.context, args.format, args.encoding)
+    schema = _read_schema(args.schema) if args.schema else None
     rlm = _build_rlm(args, RLM, budget_prefix="", verbose=args.verbose)
     try:
-        result = rlm.completion(context=context, query=args.query)
+        result = rlm.completion(context=context, query=args.query, schema=schema)
     finally:
         rlm.close()
-    return _print_result(result, args.json)
+    return _print_result(result, args.json, typed=schema is not None)
 
 
 class _Terminated(BaseException):
@@ -397,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_upstream_args(run)
     _add_format_flags(run)
     run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.add_argument("--schema", metavar="FILE.json",
+                     help="a JSON Schema the answer must match; prints the validated JSON")
     run.add_argument("--verbose", "-v", action="store_true", help="show each iteration live")
     run.set_defaults(func=cmd_run)
 

@@ -119,3 +119,54 @@ def test_demo_finds_the_needle_offline(tmp_path: Path) -> None:
 def test_view_of_a_missing_log_is_a_usage_error() -> None:
     proc = rlm_cmd("view", "/no/such/log.jsonl")
     assert proc.returncode == 2
+
+
+COUNTED = {
+    "type": "object",
+    "properties": {"count": {"type": "integer"}, "ids": {"type": "array", "items": {"type": "string"}}},
+    "required": ["count", "ids"],
+}
+
+
+def test_run_with_a_schema_prints_the_validated_json(tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("id-a\nid-b\n")
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(COUNTED))
+    script = [
+        "```repl\nFINAL({'count': 'two', 'ids': context.split()})\n```",
+        "```repl\nids = context.split()\nFINAL({'count': len(ids), 'ids': ids})\n```",
+    ]
+    with FakeLLMServer(scripts={ROOT: script}) as srv:
+        common = ("run", "--context", str(ctx), "--query", "which ids?", "--model", ROOT,
+                  "--base-url", srv.url, "--api-key", "k", "--sandbox", "local", "--schema", str(schema))
+        alone = rlm_cmd(*common)
+        as_json = rlm_cmd(*common, "--json")
+    assert alone.returncode == 0, alone.stderr
+    assert json.loads(alone.stdout) == {"count": 2, "ids": ["id-a", "id-b"]}
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)
+    assert data["output"] == {"count": 2, "ids": ["id-a", "id-b"]}
+    assert data["iterations"] == 2
+
+
+def test_run_whose_answer_never_matches_the_schema_exits_1(tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("x")
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(COUNTED))
+    with FakeLLMServer(scripts={ROOT: ["```repl\nFINAL({'count': 'many'})\n```"]}) as srv:
+        proc = rlm_cmd("run", "--context", str(ctx), "--query", "q", "--model", ROOT, "--base-url",
+                       srv.url, "--api-key", "k", "--sandbox", "local", "--schema", str(schema))
+    assert proc.returncode == 1
+    assert "run failed (invalid_answer)" in proc.stderr and "$.ids: expected a value" in proc.stderr
+
+
+def test_a_schema_file_that_is_not_a_json_schema_is_a_usage_error(tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("x")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "integr"}')
+    proc = rlm_cmd("run", "--context", str(ctx), "--query", "q", "--api-key", "k", "--schema", str(bad))
+    assert proc.returncode == 2
+    assert "not a valid JSON Schema" in proc.stderr

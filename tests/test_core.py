@@ -51,7 +51,7 @@ def closing() -> Iterator[list[RLM]]:
 @pytest.mark.parametrize("sandbox", ["local", "process"])
 def test_needle_in_a_million_lines_through_batched_sub_queries(sandbox: str) -> None:
     haystack = demo_task.build_haystack(1_000_000)
-    with demo_task.demo_server(latency=0.2) as srv:
+    with demo_task.demo_server(latency=1.0) as srv:
         rlm = RLM(model=demo_task.ROOT_MODEL, recursive_model=demo_task.SUB_MODEL, base_url=srv.url,
                   api_key="k", max_concurrency=64, sandbox=sandbox)
         result = rlm.completion(context=haystack.text, query=demo_task.QUERY)
