@@ -680,6 +680,13 @@ class RLM:
 
         return await arun_job(self, tasks, out, **options)
 
+    def load_session(self, path: str | Path, context: Any) -> RLMSession:
+        """A session over ``context`` that continues one saved with ``RLMSession.save``:
+        the questions and answers, the usage so far and the saved variables are back."""
+        from rlm.session_store import load_session
+
+        return load_session(self, path, context)
+
     def session(self, context: Any) -> RLMSession:
         """A multi-turn session over ``context``: the REPL keeps its state across asks."""
         return RLMSession(self, context)
@@ -1079,6 +1086,10 @@ class RLMSession:
         self.rlm = rlm
         self.context = context
         self.history: list[tuple[str, str]] = []
+        # Usage of every ask so far (kept across save/load), and the names the session's
+        # cells assigned: what ``save`` looks for in the REPL.
+        self.usage: dict[str, Usage] = {"root": Usage(), "sub": Usage()}
+        self.variable_names: set[str] = set()
         # Each ask gives the env that run's sub-query service.
         self.env = rlm._new_env(context)  # noqa: SLF001
 
@@ -1097,7 +1108,24 @@ class RLMSession:
         )
         if result.answer is not None:
             self.history.append((query, result.answer))
+        self.usage = {k: self.usage[k] + result.usage[k] for k in ("root", "sub")}
+        from rlm.session_store import assigned_names
+
+        for event in result.trajectory:
+            if event.get("type") == "cell" and "child_run" not in event:
+                self.variable_names |= assigned_names(event.get("code") or "")
         return result
+
+    def save(self, path: str | Path) -> Path:
+        """Save the history, the usage and the plain-data REPL variables to ``path`` (JSON).
+
+        Variables that are not plain data (str, numbers, bool, None and lists, tuples,
+        dicts and sets of them, each within 1,000,000 characters of JSON) are listed in
+        the file's ``not_saved`` with the reason. ``RLM.load_session`` reads it back.
+        """
+        from rlm.session_store import save_session
+
+        return save_session(self, path)
 
     def close(self) -> None:
         """Close the session's REPL."""

@@ -192,7 +192,7 @@ ATTACKS: dict[str, Attack] = {
         hint="not iterable",
     ),
     "yield-from-coroutine": A(
-        "def g():\n    yield from llm_query_async('ECHO 1')\nnext(g())", hint="coroutine"
+        "def g():\n    yield from llm_query_async('ECHO 1')\nnext(g())", hint="not iterable"
     ),
     "traceback-static": A("try:\n    1/0\nexcept Exception as e:\n    e.__traceback__", hint="_"),
     "traceback-dynamic": A(
