@@ -55,6 +55,15 @@ class ResponseError(LLMError):
     """The endpoint answered with something that is not a valid chat completion."""
 
 
+class BudgetExhaustedError(LLMError):
+    """A model call was not sent because the run's budget (tokens, cost or time) is spent.
+
+    Raised before sending, never after: a call that was already in flight finishes and
+    counts. Inside REPL code a batch slot shows it as
+    ``[llm_query error: budget exhausted (max_tokens=...)]``.
+    """
+
+
 class BatchError(RLMError):
     """Some items of a batch failed; nothing is lost.
 
@@ -78,5 +87,17 @@ class SandboxError(RLMError):
     """The sandbox itself (not the user's code) could not run: a worker would not start."""
 
 
+class TaskInputError(ConfigError):
+    """A job's task input is unusable: a missing file, a malformed line, a duplicate id."""
+
+
+class OutputFileError(ConfigError):
+    """A job's output file cannot be resumed: a line other than the last is not JSON."""
+
+
 class AccessDeniedError(RLMError):
     """A server was asked to read a path outside the directories it was allowed to read."""
+
+
+class SessionError(RLMError):
+    """A REPL session request a server cannot serve: an unknown id, too many sessions."""

@@ -15,18 +15,16 @@ rate-limit back-off live here, in one layer.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import email.utils
 import gc
 import json
 import os
 import random
-import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import openai
@@ -35,14 +33,34 @@ from pydantic import BaseModel
 from rlm import loop as engine
 from rlm.errors import (
     BatchError,
+    BudgetExhaustedError,
     ClientClosedError,
     ConfigError,
     LLMError,
     LLMTimeoutError,
     RateLimitError,
     ResponseError,
-    RLMError,
 )
+from rlm.limiter import OK, OTHER, REJECTED, AdaptiveLimiter
+from rlm.usage import (
+    DEFAULT_PRICES,
+    BudgetLedger,
+    ModelUsage,
+    Usage,
+    UsageMeter,
+    lookup_price,
+    resolve_prices,
+)
+
+__all__ = [
+    "DEFAULT_PRICES",
+    "AsyncOpenAIClient",
+    "ModelUsage",
+    "Reply",
+    "Request",
+    "Usage",
+    "UsageMeter",
+]
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -53,244 +71,52 @@ DEFAULT_MODEL = "gpt-4o-mini"
 KEEPALIVE_S = 60.0
 LARGE_BATCH = 1000
 RETRYABLE_STATUS = frozenset({408, 409, 429})
-
-# USD per 1M tokens (input, output), from the providers' public price lists. Matched by
-# exact name first, then by the longest known prefix ("gpt-4o-mini-2024-07-18").
-DEFAULT_PRICES: dict[str, tuple[float, float]] = {
-    "gpt-4o": (2.50, 10.00),
-    "gpt-4o-mini": (0.15, 0.60),
-    "gpt-4.1": (2.00, 8.00),
-    "gpt-4.1-mini": (0.40, 1.60),
-    "gpt-4.1-nano": (0.10, 0.40),
-    "gpt-5": (1.25, 10.00),
-    "gpt-5-mini": (0.25, 2.00),
-    "gpt-5-nano": (0.05, 0.40),
-    "o3": (2.00, 8.00),
-    "o3-mini": (1.10, 4.40),
-    "o4-mini": (1.10, 4.40),
-}
+# Statuses that mean "not now" (rate limited, overloaded): the limiter learns from them.
+REJECTION_STATUS = frozenset({429, 503})
 
 
-@dataclass(frozen=True)
-class ModelUsage:
-    """Counters for one model: calls that returned, tokens, and USD cost."""
+@dataclass(slots=True)
+class Request:
+    """One chat completion to send: its JSON body. Built by ``AsyncOpenAIClient.request``.
 
-    calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    cost_usd: float = 0.0
-
-    def __add__(self, other: ModelUsage) -> ModelUsage:
-        return ModelUsage(
-            self.calls + other.calls,
-            self.prompt_tokens + other.prompt_tokens,
-            self.completion_tokens + other.completion_tokens,
-            self.total_tokens + other.total_tokens,
-            self.cost_usd + other.cost_usd,
-        )
-
-
-@dataclass(frozen=True)
-class Usage:
-    """A snapshot of a client's usage: totals, failures, retries and a per-model split.
-
-    Snapshots add up (``root.usage + sub.usage``), so a run can report root and
-    sub-model usage separately and together.
+    Package-internal interface (core, repl and the cache use it): the body is what goes
+    on the wire, so it is also what a cache keys on.
     """
 
-    calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    cost_usd: float = 0.0
-    failed_calls: int = 0
-    retries: int = 0
-    by_model: dict[str, ModelUsage] = field(default_factory=dict)
+    body: dict[str, Any]
 
-    def __add__(self, other: Usage) -> Usage:
-        by_model = dict(self.by_model)
-        for name, mu in other.by_model.items():
-            by_model[name] = by_model[name] + mu if name in by_model else mu
-        return Usage(
-            self.calls + other.calls,
-            self.prompt_tokens + other.prompt_tokens,
-            self.completion_tokens + other.completion_tokens,
-            self.total_tokens + other.total_tokens,
-            self.cost_usd + other.cost_usd,
-            self.failed_calls + other.failed_calls,
-            self.retries + other.retries,
-            by_model,
-        )
+    @property
+    def model(self) -> str:
+        """The model the request names."""
+        return str(self.body.get("model", ""))
 
-    def __sub__(self, other: Usage) -> Usage:
-        """The usage between two snapshots of the same client (``after - before``)."""
-        by_model = {}
-        for name, mu in self.by_model.items():
-            base = other.by_model.get(name, ModelUsage())
-            diff = ModelUsage(
-                mu.calls - base.calls,
-                mu.prompt_tokens - base.prompt_tokens,
-                mu.completion_tokens - base.completion_tokens,
-                mu.total_tokens - base.total_tokens,
-                mu.cost_usd - base.cost_usd,
-            )
-            if diff.calls or diff.total_tokens:
-                by_model[name] = diff
-        return Usage(
-            self.calls - other.calls,
-            self.prompt_tokens - other.prompt_tokens,
-            self.completion_tokens - other.completion_tokens,
-            self.total_tokens - other.total_tokens,
-            self.cost_usd - other.cost_usd,
-            self.failed_calls - other.failed_calls,
-            self.retries - other.retries,
-            by_model,
-        )
+    @property
+    def max_tokens(self) -> int | None:
+        """The request's completion cap, if it sets one (budgets reserve that much)."""
+        value = self.body.get("max_tokens") or self.body.get("max_completion_tokens")
+        return value if isinstance(value, int) else None
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (for logs and ``--json`` output)."""
-        return asdict(self)
+    def prompt_chars(self) -> int:
+        """Characters of message text, for the conservative token estimate of budgets."""
+        total = 0
+        for message in self.body.get("messages", ()):
+            content = message.get("content") if isinstance(message, Mapping) else None
+            if isinstance(content, str):
+                total += len(content)
+            elif isinstance(content, list):
+                total += sum(len(str(part.get("text", ""))) for part in content
+                             if isinstance(part, Mapping))
+        return total
 
 
-class UsageMeter:
-    """Thread-safe usage counters with a price table; ``snapshot()`` gives a ``Usage``.
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What one successful call returned: the text, the answering model and its tokens."""
 
-    Each client has one; a run passes its own to the internal call paths as well, so
-    many runs sharing one client still get exact per-run usage.
-    """
-
-    def __init__(self, prices: Mapping[str, tuple[float, float]]) -> None:
-        self._prices = dict(prices)
-        self._lock = threading.Lock()
-        self._models: dict[str, list[float]] = {}
-        self._failed = 0
-        self._retries = 0
-
-    def price(self, model: str) -> tuple[float, float] | None:
-        if model in self._prices:
-            return self._prices[model]
-        best = max((p for p in self._prices if model.startswith(p)), key=len, default=None)
-        return self._prices[best] if best else None
-
-    def record(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        price = self.price(model)
-        cost = 0.0
-        if price:
-            cost = (prompt_tokens * price[0] + completion_tokens * price[1]) / 1_000_000
-        with self._lock:
-            row = self._models.get(model)
-            if row is None:
-                row = self._models[model] = [0, 0, 0, 0.0]
-            row[0] += 1
-            row[1] += prompt_tokens
-            row[2] += completion_tokens
-            row[3] += cost
-
-    def failed(self) -> None:
-        with self._lock:
-            self._failed += 1
-
-    def retried(self) -> None:
-        with self._lock:
-            self._retries += 1
-
-    def snapshot(self) -> Usage:
-        with self._lock:
-            rows = {m: list(r) for m, r in self._models.items()}
-            failed, retries = self._failed, self._retries
-        by_model = {
-            m: ModelUsage(int(r[0]), int(r[1]), int(r[2]), int(r[1] + r[2]), r[3])
-            for m, r in rows.items()
-        }
-        total = sum(by_model.values(), ModelUsage())
-        return Usage(
-            total.calls,
-            total.prompt_tokens,
-            total.completion_tokens,
-            total.total_tokens,
-            total.cost_usd,
-            failed,
-            retries,
-            by_model,
-        )
-
-
-class _AdaptiveLimiter:
-    """At most ``limit`` requests in flight; the limit halves on 429 and grows back.
-
-    Lives on the engine loop (no locks needed). A 429 also pauses new requests until
-    the server's Retry-After has passed, so a 10,000-item batch does not hammer a
-    rate-limited endpoint while the first ones back off.
-    """
-
-    def __init__(self, max_limit: int) -> None:
-        self.max_limit = max_limit
-        self.limit = max_limit
-        self.in_flight = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._paused_until = 0.0
-        self._last_cut = 0.0
-        self._successes = 0
-
-    async def acquire(self) -> None:
-        if self.in_flight < self.limit and not self._waiters and not self._paused_until:
-            self.in_flight += 1
-            return
-        while True:
-            pause = self._paused_until - time.monotonic()
-            if pause > 0:
-                await asyncio.sleep(pause)
-                continue
-            self._paused_until = 0.0
-            if self.in_flight < self.limit and not self._waiters:
-                self.in_flight += 1
-                return
-            fut = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
-            try:
-                await fut
-            except BaseException:
-                if fut.done() and not fut.cancelled():
-                    # We were handed a slot but got cancelled: pass it on.
-                    self.in_flight -= 1
-                    self._wake()
-                raise
-            if self._paused_until and self._paused_until > time.monotonic():
-                self.in_flight -= 1
-                continue
-            return
-
-    def release(self) -> None:
-        self.in_flight -= 1
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters and self.in_flight < self.limit:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                self.in_flight += 1
-                fut.set_result(None)
-
-    def on_success(self) -> None:
-        if self.limit >= self.max_limit:
-            return
-        # Additive increase: one more slot per `limit` successes (AIMD).
-        self._successes += 1
-        if self._successes >= self.limit:
-            self._successes = 0
-            self.limit += 1
-            self._wake()
-
-    def on_rate_limited(self, retry_after: float | None) -> None:
-        now = time.monotonic()
-        # Responses to requests sent before the cut arrive together; cut once per window.
-        if now - self._last_cut > max(retry_after or 0.0, 0.25):
-            self.limit = max(1, self.limit // 2)
-            self._successes = 0
-            self._last_cut = now
-        if retry_after:
-            self._paused_until = max(self._paused_until, now + retry_after)
+    text: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
 
 
 def _retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
@@ -453,8 +279,14 @@ class AsyncOpenAIClient:
     OPENAI_API_KEY and OPENAI_BASE_URL. Retries cover 408, 409, 429, 5xx, timeouts
     and dropped connections with jittered exponential backoff, honouring Retry-After.
     ``prices`` maps model names to USD per 1M (input, output) tokens and extends the
-    built-in table. Use it as ``async with AsyncOpenAIClient(...) as client`` or call
-    ``await client.close()``; from sync code use ``rlm.loop.run_sync(client....)``.
+    built-in table and the prices file named by RLM_PRICES. ``max_retries`` counts the
+    retries of one call (a 429 or 503 retried after its Retry-After counts too). Use it
+    as ``async with AsyncOpenAIClient(...) as client`` or call ``await client.close()``;
+    from sync code use ``rlm.loop.run_sync(client....)``.
+
+    Inside the package, core, repl and the cache use a small interface instead of the
+    privates: ``request`` builds a ``Request``, ``send``/``send_many`` send them with a
+    per-run ``UsageMeter`` (``new_meter``), a ``BudgetLedger`` and a progress callback.
     """
 
     def __init__(
@@ -464,7 +296,7 @@ class AsyncOpenAIClient:
         base_url: str | None = None,
         max_concurrency: int = 64,
         timeout: float = 120.0,
-        max_retries: int = 3,
+        max_retries: int = 6,
         prices: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
         if not isinstance(max_concurrency, int) or max_concurrency < 1:
@@ -479,8 +311,8 @@ class AsyncOpenAIClient:
         self.max_concurrency = max_concurrency
         self.timeout = float(timeout)
         self.max_retries = max_retries
-        self._meter = UsageMeter({**DEFAULT_PRICES, **(prices or {})})
-        self._limiter = _AdaptiveLimiter(max_concurrency)
+        self._meter = UsageMeter(resolve_prices(prices))
+        self._limiter = AdaptiveLimiter(max_concurrency)
         self._oai: openai.AsyncOpenAI | None = None
         self._hot: _HotPath | None = None
         self._closed = False
@@ -511,7 +343,79 @@ class AsyncOpenAIClient:
 
     @property
     def closed(self) -> bool:
+        """True after ``close()``."""
         return self._closed
+
+    def check_key(self) -> None:
+        """Raise ``ConfigError`` now if no API key is configured (no network I/O).
+
+        The client itself checks on its first request; an RLM calls this when it is
+        built, so a missing key fails once, before any sandbox starts.
+        """
+        if not self._api_key:
+            raise ConfigError(
+                "no API key: set the OPENAI_API_KEY environment variable or pass api_key= "
+                "(for a local OpenAI-compatible server that needs none, pass any value, "
+                "e.g. api_key='local')"
+            )
+
+    @property
+    def limiter(self) -> AdaptiveLimiter:
+        """The in-flight limiter shared by every call of this client (see rlm.limiter)."""
+        return self._limiter
+
+    def price(self, model: str) -> tuple[float, float] | None:
+        """USD per 1M (input, output) tokens this client charges ``model`` at; None: unpriced."""
+        return lookup_price(self._meter.prices, model)
+
+    # -- the package-internal interface (core, repl, cache) --------------------------
+
+    def request(self, prompt: Prompt, **params: Any) -> Request:
+        """Build the ``Request`` for ``prompt`` (a str or chat messages) with body ``params``.
+
+        The client's model is the default; ``params`` (``model``, ``temperature``...)
+        go into the JSON body as given.
+        """
+        body: dict[str, Any] = {"model": self.model, "messages": _messages(prompt)}
+        body.update(params)
+        return Request(body)
+
+    def new_meter(self) -> UsageMeter:
+        """A fresh meter with this client's prices, for per-run accounting."""
+        return UsageMeter(self._meter.prices)
+
+    async def send(
+        self,
+        request: Request,
+        *,
+        meter: UsageMeter | None = None,
+        ledger: BudgetLedger | None = None,
+    ) -> str:
+        """Send one request on the engine loop and return the reply text.
+
+        The call counts in the client's usage and in ``meter``; with a ``ledger`` it
+        reserves against the run's budget first and raises ``BudgetExhaustedError``
+        (nothing sent) once the budget is spent. Other failures raise like
+        ``completion``.
+        """
+        return await self._on_engine(self._text(request, meter, ledger))
+
+    async def send_many(
+        self,
+        requests: Sequence[Request],
+        *,
+        meter: UsageMeter | None = None,
+        ledger: BudgetLedger | None = None,
+        on_item_done: Callable[[int, int], None] | None = None,
+    ) -> list[str | Exception]:
+        """Send many requests concurrently (up to the limiter), in order, never raising per item.
+
+        Each slot holds the reply text or the item's exception (``BudgetExhaustedError``
+        for items the budget stopped before they were sent). Request tasks are created
+        as slots free up, so a million items cost a window of tasks, not a million.
+        ``on_item_done(done, total)`` runs on the engine loop as items finish.
+        """
+        return await self._on_engine(self._many(list(requests), meter, ledger, on_item_done))
 
     async def completion(self, prompt: Prompt, **params: Any) -> str:
         """Send one chat completion and return the reply text.
@@ -521,8 +425,7 @@ class AsyncOpenAIClient:
         ``max_tokens``...). Raises an ``rlm.errors.LLMError`` subclass when the call
         still fails after the retries, ``ConfigError`` when no API key is configured.
         """
-        body = self._body(prompt, params)
-        return await self._on_engine(self._complete(body))
+        return await self._on_engine(self._text(self.request(prompt, **params), None, None))
 
     async def completion_batch(
         self,
@@ -540,12 +443,18 @@ class AsyncOpenAIClient:
         """
         if isinstance(prompts, str | bytes):
             raise TypeError("completion_batch takes a list of prompts, not a single str")
-        bodies = [self._body(p, params) for p in prompts]
-        return await self._on_engine(self._batch(bodies, return_exceptions, on_item_done))
+        requests = [self.request(p, **params) for p in prompts]
+        results = await self._on_engine(self._many(requests, None, None, on_item_done))
+        if not return_exceptions:
+            errors = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
+            if errors:
+                raise BatchError([None if i in errors else r for i, r in enumerate(results)],
+                                 errors)
+        return results
 
     async def completion_stream(self, prompt: Prompt, **params: Any) -> AsyncIterator[str]:
         """Stream the reply as text pieces; usage is recorded from the final chunk."""
-        body = self._body(prompt, params)
+        body = self.request(prompt, **params).body
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
         loop = engine.engine_loop()
@@ -636,22 +545,12 @@ class AsyncOpenAIClient:
         with engine.waking():
             return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
 
-    def _body(self, prompt: Prompt, params: Mapping[str, Any]) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model, "messages": _messages(prompt)}
-        body.update(params)
-        return body
-
     def _sdk(self) -> openai.AsyncOpenAI:
         if self._closed:
             raise ClientClosedError("this AsyncOpenAIClient is closed; create a new one")
         if self._oai is not None:
             return self._oai
-        if not self._api_key:
-            raise ConfigError(
-                "no API key: set the OPENAI_API_KEY environment variable or pass api_key= "
-                "(for a local OpenAI-compatible server that needs none, pass any value, "
-                "e.g. api_key='local')"
-            )
+        self.check_key()
         import httpx2
 
         # Keep idle connections for a minute: a root model often thinks for more than the
@@ -714,8 +613,6 @@ class AsyncOpenAIClient:
             if status not in RETRYABLE_STATUS and status < 500:
                 return None
             retry_after = _retry_after_seconds(exc.response.headers)
-            if status == 429:
-                self._limiter.on_rate_limited(retry_after)
         elif not isinstance(exc, openai.APITimeoutError | openai.APIConnectionError):
             return None
         if retry_after is not None and retry_after <= 60:
@@ -723,91 +620,166 @@ class AsyncOpenAIClient:
         base = min(8.0, 0.5 * 2 ** (attempt - 1))
         return base * random.uniform(0.75, 1.25)
 
-    def _new_meter(self) -> UsageMeter:
-        """A fresh meter with this client's prices, for per-run accounting."""
-        return UsageMeter(self._meter._prices)  # noqa: SLF001
-
     def _hot_path(self) -> _HotPath:
         if self._hot is None:
             self._hot = _HotPath(self._sdk(), self.timeout)
         return self._hot
 
-    async def _complete(self, body: dict[str, Any], meter: UsageMeter | None = None) -> str:
+    async def _text(
+        self, request: Request, meter: UsageMeter | None, ledger: BudgetLedger | None
+    ) -> str:
+        return (await self._reply(request, meter, ledger)).text
+
+    async def _reply(
+        self, request: Request, meter: UsageMeter | None, ledger: BudgetLedger | None
+    ) -> Reply:
+        """The one path every call takes on the engine loop: budget, limiter, retries, usage.
+
+        A reply source in front of the network (the sub-query cache) wraps this: look up
+        before the ledger is asked (a cached reply costs no budget), store after it.
+        """
+        hold = None
+        if ledger is not None:
+            hold = await ledger.reserve(request.model, request.prompt_chars(), request.max_tokens)
+        try:
+            reply = await self._exchange(request.body, meter)
+        except BaseException:
+            if ledger is not None:
+                ledger.cancel(hold)
+            raise
+        if ledger is not None:
+            ledger.settle(hold, reply.model, reply.prompt_tokens, reply.completion_tokens)
+        return reply
+
+    async def _exchange(self, body: dict[str, Any], meter: UsageMeter | None) -> Reply:
         hot = self._hot or self._hot_path()
         limiter = self._limiter
         attempt = 0
         while True:
             attempt += 1
-            await limiter.acquire()
+            epoch = await limiter.acquire()
+            outcome, retry_after, error = OTHER, None, None
             try:
                 data = await hot.post(body)
                 text, usage = _text_of(data)
-            except (asyncio.CancelledError, RLMError):
-                limiter.release()
-                raise
+                outcome = OK
             except Exception as exc:  # noqa: BLE001 - classified below
-                limiter.release()
-                delay = self._backoff(attempt, exc)
+                error = exc
+                if isinstance(exc, openai.APIStatusError) and exc.status_code in REJECTION_STATUS:
+                    outcome = REJECTED
+                    retry_after = _retry_after_seconds(exc.response.headers)
+            finally:
+                # Whatever happened (a reply, an error, a cancellation, a KeyboardInterrupt
+                # on this thread), the slot goes back and the next waiter is woken.
+                limiter.release(epoch, outcome, retry_after)
+            if error is not None:
+                delay = self._backoff(attempt, error)
                 if delay is None:
                     self._meter.failed()
                     if meter is not None:
                         meter.failed()
-                    raise self._final_error(exc, attempt) from exc
+                    final = self._final_error(error, attempt)
+                    if final is error:
+                        raise error
+                    raise final from error
                 self._meter.retried()
+                if meter is not None:
+                    meter.retried()
                 await asyncio.sleep(delay)
                 continue
-            limiter.release()
-            limiter.on_success()
             model = data.get("model") or body["model"]
             prompt_tokens = int(usage.get("prompt_tokens") or 0)
             completion_tokens = int(usage.get("completion_tokens") or 0)
             self._meter.record(model, prompt_tokens, completion_tokens)
             if meter is not None:
                 meter.record(model, prompt_tokens, completion_tokens)
-            return text
+            return Reply(text, model, prompt_tokens, completion_tokens)
 
-    async def _batch(
+    async def _many(
         self,
-        bodies: list[dict[str, Any]],
-        return_exceptions: bool,
+        requests: list[Request],
+        meter: UsageMeter | None,
+        ledger: BudgetLedger | None,
         on_item_done: Callable[[int, int], None] | None,
-        meter: UsageMeter | None = None,
     ) -> list[Any]:
         self._sdk()  # a missing key is one ConfigError, not one per item
-        total = len(bodies)
+        total = len(requests)
         results: list[Any] = [None] * total
-        errors: dict[int, BaseException] = {}
+        if not total:
+            return results
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[None] = loop.create_future()
+        live: dict[int, asyncio.Task[None]] = {}
         done = 0
+        next_index = 0
+        reply = self._reply
 
-        async def one(i: int, body: dict[str, Any]) -> None:
+        def start_next() -> None:
+            nonlocal next_index, done
+            while next_index < total:
+                i = next_index
+                next_index += 1
+                if ledger is not None and ledger.exhausted is not None:
+                    # Spent: the rest are refused without a task each.
+                    results[i] = BudgetExhaustedError(f"budget exhausted ({ledger.exhausted})")
+                    done += 1
+                    report()
+                    continue
+                live[i] = loop.create_task(one(i))
+                return
+            if done == total and not finished.done():
+                finished.set_result(None)
+
+        def report() -> None:
+            if on_item_done is not None:
+                try:
+                    on_item_done(done, total)
+                except Exception:  # noqa: BLE001, S110 - a progress display must not stop work
+                    pass
+
+        async def one(i: int) -> None:
             nonlocal done
             try:
-                results[i] = await self._complete(body, meter)
+                results[i] = (await reply(requests[i], meter, ledger)).text
             except Exception as exc:  # noqa: BLE001 - kept per item, nothing is lost
-                errors[i] = exc
-                if return_exceptions:
-                    results[i] = exc
+                results[i] = exc
+            del live[i]
             done += 1
-            if on_item_done is not None:
-                on_item_done(done, total)
+            report()
+            start_next()
 
-        if total:
+        # A window of tasks, refilled as each finishes: a million items never make a
+        # million tasks, and the window keeps every limiter slot busy.
+        for _ in range(min(total, self.max_concurrency)):
+            start_next()
+        try:
             with _fewer_full_collections(total):
-                await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies)))
-        if errors and not return_exceptions:
-            raise BatchError(results, errors)
+                await finished
+        except BaseException:
+            next_index = total
+            tasks = list(live.values())
+            for task in tasks:
+                task.cancel()
+            # Let them give their slots and holds back before the caller moves on.
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         return results
 
     async def _stream(self, body: dict[str, Any]) -> AsyncIterator[str]:
         sdk = self._sdk()
+        limiter = self._limiter
         attempt = 0
         while True:
             attempt += 1
-            await self._limiter.acquire()
+            epoch = await limiter.acquire()
             try:
                 stream = await sdk.chat.completions.create(**body)
-            except Exception as exc:  # noqa: BLE001
-                self._limiter.release()
+            except BaseException as exc:
+                rejected = (isinstance(exc, openai.APIStatusError)
+                            and exc.status_code in REJECTION_STATUS)
+                limiter.release(epoch, REJECTED if rejected else OTHER)
+                if not isinstance(exc, Exception):
+                    raise
                 delay = self._backoff(attempt, exc)
                 if delay is None:
                     self._meter.failed()
@@ -818,6 +790,7 @@ class AsyncOpenAIClient:
             break
         prompt_tokens = completion_tokens = 0
         model = body["model"]
+        outcome = OTHER
         try:
             async for chunk in stream:
                 if chunk.usage is not None:
@@ -827,11 +800,11 @@ class AsyncOpenAIClient:
                 for choice in chunk.choices:
                     if choice.delta and choice.delta.content:
                         yield choice.delta.content
+            outcome = OK
         except Exception as exc:
             self._meter.failed()
             raise self._final_error(exc, attempt) from exc
         finally:
-            self._limiter.release()
+            limiter.release(epoch, outcome)
             await stream.close()
-        self._limiter.on_success()
         self._meter.record(model, prompt_tokens, completion_tokens)

@@ -2,8 +2,8 @@
 
 A root model works here: ``context`` is a variable (the caller's object itself, never
 copied), sub-queries go through ``llm_query``/``llm_query_batch`` and their async forms,
-and the answer comes back through ``FINAL``/``FINAL_VAR``. Cells run under the policy of
-the sandbox policy (``rlm.sandbox.cells``) in an executor: ``"local"`` (a worker thread of this process,
+and the answer comes back through ``FINAL``/``FINAL_VAR``. Cells run under the sandbox
+policy (``rlm.sandbox``) in an executor: ``"local"`` (a worker thread of this process,
 soft limits, fastest) or ``"process"`` (a worker process with OS limits).
 
 A list or dict context is shared, not copied: code in the env can change it in place
@@ -192,6 +192,13 @@ class REPLEnv:
     the cell that names the option. Options of the chosen sandbox (``memory_limit_mb``,
     ``cpu_limit_s``, ``disk_limit_mb``... for "process", ``grace_s`` for "local") pass
     through as keywords.
+
+    Use ``sandbox="process"`` for untrusted input. The in-process sandbox enforces the
+    same policy but shares the host process, so some things it cannot stop: a C-stack
+    overflow from a deeply nested object hashed or iterated in C (a 10**6-deep tuple)
+    crashes the host with SIGSEGV; one GIL-holding C call (``10**10**8``, a
+    catastrophic regex) runs past the deadline until it returns; threads that C code
+    starts keep running; and memory is the host's.
     """
 
     def __init__(
@@ -329,8 +336,12 @@ class REPLEnv:
         self._check_open()
         return self._executor.get(name)
 
-    def _set_sub_queries(self, sub_queries: SubQueries | None) -> None:
-        # Used by RLM sessions that reuse one env across runs with a fresh service.
+    def set_sub_queries(self, sub_queries: SubQueries | None) -> None:
+        """Serve this env's llm_query family with ``sub_queries`` from the next call on.
+
+        RLM sessions reuse one env across runs, each run with its own service (its own
+        meters and budget).
+        """
         self._sub_queries.inner = sub_queries
 
     @property

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import random
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -18,7 +20,7 @@ from rlm.errors import (
     ResponseError,
 )
 from rlm.loop import run_sync
-from rlm.testing import FakeLLMServer, Fault
+from rlm.testing import FakeLLMServer, Fault, echo_responder
 
 
 def make_client(srv: FakeLLMServer, **kw: object) -> AsyncOpenAIClient:
@@ -82,12 +84,32 @@ async def test_retry_after_ms_is_honoured(server: FakeLLMServer) -> None:
     assert waited >= 0.3
 
 
-async def test_sustained_429s_lower_the_in_flight_limit(server: FakeLLMServer) -> None:
-    async with make_client(server, max_concurrency=64, max_retries=5) as client:
-        server.inject("429", count=3, retry_after=0.3)
-        await client.completion("ECHO 1")
-        # three 429s, each at least 0.25 s apart (each waited its Retry-After): three cuts
-        assert client.concurrency_limit == 8
+async def test_a_server_that_refuses_load_lowers_the_in_flight_limit() -> None:
+    # The server accepts 8 requests at a time and answers 429 to the rest.
+    def capped(messages: list[dict[str, Any]]) -> str | Fault:
+        return Fault("429") if srv.in_flight > 8 else echo_responder(messages)
+
+    with FakeLLMServer(capped, latency=0.02) as srv:
+        async with make_client(srv, max_concurrency=64, max_retries=30) as client:
+            out = await client.completion_batch([f"ECHO {i}" for i in range(600)])
+            assert out == [str(i) for i in range(600)]
+            assert client.concurrency_limit <= 16
+            assert srv.faults_served < 600
+
+
+async def test_random_faults_keep_the_in_flight_limit_up() -> None:
+    rng = random.Random(3)
+
+    def flaky(messages: list[dict[str, Any]]) -> str | Fault:
+        return Fault("503") if rng.random() < 0.2 else echo_responder(messages)
+
+    with FakeLLMServer(flaky, latency=0.01) as srv:
+        async with make_client(srv, max_concurrency=32, max_retries=20) as client:
+            client.limiter.base_rejection = 0.0
+            out = await client.completion_batch([f"ECHO {i}" for i in range(600)])
+            assert out == [str(i) for i in range(600)]
+            # One cut at most while it learns the faults do not depend on load.
+            assert client.concurrency_limit >= 24
 
 
 async def test_rate_limit_after_all_retries_is_a_typed_error(server: FakeLLMServer) -> None:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from rlm.sandbox.asyncio_facade import CellTasks, asyncio_exports
+from rlm.sandbox.boundary import guard_host_function
 from rlm.sandbox.guards import (
     MISSING,
     SafeFormatter,
@@ -42,6 +43,7 @@ from rlm.sandbox.guards import (
     is_blocked_attr,
     refuse_attr,
 )
+from rlm.sandbox.plaindata import exact_str
 from rlm.sandbox.safe_builtins import checked_iter, chunks
 
 __all__ = ["ALLOWED_MODULES", "ModuleFacade", "importable_modules", "make_importer"]
@@ -197,9 +199,9 @@ def _exports(mod: types.ModuleType, name: str, deny: Iterable[str] = ()) -> dict
 
 
 def _safe_attrgetter(*attrs: str) -> Callable[[Any], Any]:
+    # Exact strs, judged once here and used as judged (a str subclass's split could lie).
+    attrs = tuple(exact_str(a, "attribute name") for a in attrs)
     for a in attrs:
-        if not isinstance(a, str):
-            raise TypeError("attribute name must be a string")
         for part in a.split("."):
             if is_blocked_attr(part):
                 raise refuse_attr(part)
@@ -218,8 +220,9 @@ def _safe_attrgetter(*attrs: str) -> Callable[[Any], Any]:
 
 
 def _safe_methodcaller(name: str, /, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
-    if not isinstance(name, str) or is_blocked_attr(name):
-        raise refuse_attr(str(name))
+    name = exact_str(name, "method name")
+    if is_blocked_attr(name):
+        raise refuse_attr(name)
 
     def methodcaller(obj: Any) -> Any:
         return guarded_getattr(obj, name)(*args, **kwargs)
@@ -434,7 +437,9 @@ def _env_facade(
         attrs["field_size_limit"] = field_size_limit
         return ModuleFacade(name, attrs)
     if name == "asyncio":
-        return ModuleFacade(name, asyncio_exports(tasks, cell_loop))
+        # Its coroutine functions hand out SandboxCoroutines: no host frame behind them.
+        exports = asyncio_exports(tasks, cell_loop)
+        return ModuleFacade(name, {k: guard_host_function(k, v) for k, v in exports.items()})
     raise KeyError(name)
 
 
@@ -458,6 +463,35 @@ _C_IMPORTS = frozenset({"_strptime"})
 # layer (filesystem jail, no network, unprivileged uid) is what holds, and only when
 # they are installed (the [data] extra).
 DATA_MODULES = ("numpy", "pandas", "yaml")
+
+
+class DataModuleView:
+    """A data library as a confined worker's cells see it: its public attributes, with
+    submodules as views too. Only the OS layer bounds what these libraries can do, which
+    is why only a confined worker hands them out."""
+
+    __slots__ = ("_view_of",)
+
+    def __init__(self, module: types.ModuleType) -> None:
+        object.__setattr__(self, "_view_of", module)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise refuse_attr(name)
+        value = getattr(self._view_of, name)
+        return DataModuleView(value) if isinstance(value, types.ModuleType) else value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"module {self._view_of.__name__!r} is read-only in the sandbox")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"module {self._view_of.__name__!r} is read-only in the sandbox")
+
+    def __dir__(self) -> list[str]:
+        return [n for n in dir(self._view_of) if not n.startswith("_")]
+
+    def __repr__(self) -> str:
+        return f"<module {self._view_of.__name__!r} (sandboxed)>"
 
 
 def importable_modules(data_modules: Iterable[str] = ()) -> list[str]:
@@ -520,11 +554,14 @@ def make_importer(
             return importlib.import_module(name)
         if level:
             raise ImportError("relative imports are not available in the sandbox")
-        if type(name) is str and name.split(".")[0] in real_modules:
-            module = importlib.import_module(name)
-            return module if fromlist else importlib.import_module(name.split(".")[0])
-        if not isinstance(name, str) or name not in ALLOWED_MODULES:
-            raise _import_refusal(str(name))
+        if not issubclass(type(name), str):
+            raise _import_refusal(repr(name))
+        name = exact_str(name)  # judged (and imported) by its real characters
+        if name.split(".")[0] in real_modules:
+            module = importlib.import_module(name if fromlist else name.split(".")[0])
+            return DataModuleView(module)
+        if name not in ALLOWED_MODULES:
+            raise _import_refusal(name)
         if fromlist or "." not in name:
             return facade(name)
         return facade(name.split(".")[0])

@@ -3,7 +3,8 @@
 ``POST /v1/chat/completions`` runs one RLM per request: the last user message is the
 query, the text of every earlier message is the context, and ``"rlm": {...}`` in the
 body (``extra_body`` in the OpenAI SDK) may override the context, read it from a file
-under ``--allow-dir``, lower the cost budget or ask for a schema. ``GET /v1/models``
+under ``--allow-dir``, lower the cost budget or ask for a schema (as does a standard
+``response_format`` of type ``json_schema``: the answer is then the validated JSON). ``GET /v1/models``
 lists ``rlm`` and ``rlm:<root-model>``.
 
 Streaming (``"stream": true``) sends progress as it happens in chunks whose choice has
@@ -22,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
+import logging
 import math
 import secrets
 import signal
@@ -36,6 +39,7 @@ from aiohttp import web
 
 from rlm.core import RLMResult
 from rlm.errors import AccessDeniedError, ConfigError
+from rlm.schema import Schema
 from rlm.serve.auth import bearer_matches, check_bind
 from rlm.serve.paths import AllowedDirs
 from rlm.serve.runs import QueryRunner, RunProgress, progress_message, result_metadata
@@ -215,6 +219,22 @@ def _parse_request(body: Any, runner: QueryRunner, allow_dirs: AllowedDirs) -> _
             context = allow_dirs.read_text(options["context_path"])
         except AccessDeniedError as exc:
             raise _RequestError(403, str(exc), type_="permission_error", param="rlm.context_path") from None
+    schema = options.get("schema")
+    response_format = body.get("response_format")
+    if schema is None and isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        # The standard way to ask for structured output (the SDK's .parse() sends it).
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise _RequestError(400, "response_format.json_schema.schema must be a JSON Schema object",
+                                param="response_format")
+    if schema is not None:
+        if not isinstance(schema, dict):
+            raise _RequestError(400, "'rlm.schema' must be a JSON Schema object", param="rlm.schema")
+        try:
+            Schema.of(schema)  # refuse a broken schema before the request queues
+        except ConfigError as exc:
+            raise _RequestError(400, str(exc), param="rlm.schema") from None
     progress = options.get("progress", "field")
     if progress not in ("field", "content"):
         raise _RequestError(400, "'rlm.progress' must be 'field' or 'content'", param="rlm.progress")
@@ -229,7 +249,7 @@ def _parse_request(body: Any, runner: QueryRunner, allow_dirs: AllowedDirs) -> _
         context=context,
         stream=bool(body.get("stream")),
         max_cost_usd=max_cost,
-        schema=options.get("schema"),
+        schema=schema,
         progress_in_content=progress == "content",
     )
 
@@ -243,14 +263,21 @@ def _usage(result: RLMResult) -> dict[str, int]:
     }
 
 
+_FAILURES = {
+    # No answer: 402 when a budget ran out and 422 when the answer never matched the
+    # schema (retrying the same request would not help; neither is retried by SDKs),
+    # 502 otherwise (the upstream model or the run failed; a retry may succeed).
+    "budget": (402, "rlm_budget_exceeded"),
+    "invalid_answer": (422, "rlm_invalid_answer"),
+}
+
+
 def _failure(result: RLMResult) -> _RequestError:
-    # No answer: 402 when a budget ran out (retrying would not help), 502 otherwise
-    # (the upstream model or the run failed; a retry may succeed).
-    budget = result.stopped_reason == "budget"
+    status, type_ = _FAILURES.get(result.stopped_reason, (502, "rlm_run_failed"))
     return _RequestError(
-        402 if budget else 502,
+        status,
         f"the RLM run ended without an answer ({result.stopped_reason}): {result.error}",
-        type_="rlm_budget_exceeded" if budget else "rlm_run_failed",
+        type_=type_,
         code=result.stopped_reason,
         extra={"rlm": result_metadata(result)},
     )
@@ -439,7 +466,12 @@ async def serve(runner: QueryRunner, options: ServeOptions, on_ready: Callable[[
     """
     check_bind(options.host, options.auth_key)
     app = build_app(runner, options)
-    app_runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # The long-lived objects of the SDKs, frozen, are no longer rescanned by every full
+    # collection while serving, nor by the one at exit.
+    gc.collect()
+    gc.freeze()
+    app_runner = web.AppRunner(app, handler_cancellation=True, access_log=_access_log(),
+                               access_log_format='%a "%r" %s %b %Tfs')
     await app_runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -462,6 +494,18 @@ async def serve(runner: QueryRunner, options: ServeOptions, on_ready: Callable[[
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
+
+
+def _access_log() -> logging.Logger:
+    # One line per request on stderr: client, request line, status, bytes, seconds.
+    logger = logging.getLogger("rlm.serve.access")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("rlm serve: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
 
 
 def print_ready(url: str, runner: QueryRunner) -> None:

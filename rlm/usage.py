@@ -1,0 +1,516 @@
+"""Usage, prices and the per-run budget ledger.
+
+- ``Usage``/``ModelUsage``: immutable snapshots (calls, tokens, cost, retries) that
+  add up and print readably; a model without a price shows "unpriced", never $0.
+- ``UsageMeter``: thread-safe counters with a price table; each client has one and
+  each run passes its own along with every call, so runs sharing a client still get
+  exact usage of their own.
+- Prices: the built-in table, a JSON prices file (``RLM_PRICES`` names one), and
+  ``prices=`` mappings, merged in that order; ``parse_price`` reads ``MODEL=IN,OUT``.
+- ``BudgetLedger``: one per run (its child runs and envs share it). Every model call
+  reserves a conservative estimate before it is sent and settles the real usage when
+  the reply arrives, so a spent budget stops sending, not the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlm.errors import BudgetExhaustedError, ConfigError
+
+PRICES_ENV = "RLM_PRICES"
+
+# USD per 1M tokens (input, output), from the providers' public price lists. Matched by
+# exact name first, then by the longest known prefix ("gpt-4o-mini-2024-07-18").
+DEFAULT_PRICES: dict[str, tuple[float, float]] = {
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1-nano": (0.10, 0.40),
+    "gpt-5": (1.25, 10.00),
+    "gpt-5-mini": (0.25, 2.00),
+    "gpt-5-nano": (0.05, 0.40),
+    "o3": (2.00, 8.00),
+    "o3-mini": (1.10, 4.40),
+    "o4-mini": (1.10, 4.40),
+}
+
+PRICE_HELP = (
+    "give it a price: RLM(prices={{{model!r}: (usd_per_1M_in, usd_per_1M_out)}}), "
+    "rlm run --price {model}=IN,OUT or --prices FILE.json, or a prices file named by "
+    f"{PRICES_ENV}"
+)
+
+
+# -- prices ------------------------------------------------------------------------
+
+
+def _price_pair(model: str, value: Any, where: str) -> tuple[float, float]:
+    if isinstance(value, Mapping):
+        value = (value.get("input"), value.get("output"))
+    try:
+        pin, pout = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"the price of {model!r} in {where} must be [usd_per_1M_in, usd_per_1M_out] "
+            f'or {{"input": ..., "output": ...}}, not {value!r}'
+        ) from None
+    if not (pin >= 0 and pout >= 0 and math.isfinite(pin) and math.isfinite(pout)):
+        raise ConfigError(f"the price of {model!r} in {where} must be two numbers >= 0")
+    return pin, pout
+
+
+def check_prices(prices: Mapping[str, Any], where: str = "prices") -> dict[str, tuple[float, float]]:
+    """Validate a ``{model: (usd_per_1M_in, usd_per_1M_out)}`` mapping; ConfigError if bad."""
+    if not isinstance(prices, Mapping):
+        raise ConfigError(f"{where} must map model names to (usd_per_1M_in, usd_per_1M_out)")
+    return {str(m): _price_pair(str(m), v, where) for m, v in prices.items()}
+
+
+def load_prices_file(path: str | os.PathLike[str]) -> dict[str, tuple[float, float]]:
+    """Read a JSON prices file: ``{"model": [in, out], ...}`` in USD per 1M tokens."""
+    where = f"prices file {os.fspath(path)}"
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {where}: {exc.strerror or exc}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where} is not valid JSON: {exc}") from None
+    return check_prices(data, where)
+
+
+def parse_price(spec: str) -> tuple[str, tuple[float, float]]:
+    """Parse ``MODEL=IN,OUT`` (USD per 1M input and output tokens) into a table entry."""
+    model, sep, pair = spec.rpartition("=")
+    parts = pair.split(",")
+    if not sep or not model or len(parts) != 2:
+        raise ConfigError(
+            f"a price is MODEL=IN,OUT in USD per 1M tokens (e.g. my-model=0.15,0.60), not {spec!r}"
+        )
+    return model, _price_pair(model, parts, "--price")
+
+
+def resolve_prices(explicit: Mapping[str, Any] | None = None) -> dict[str, tuple[float, float]]:
+    """The built-in table, then the file named by ``RLM_PRICES``, then ``explicit``."""
+    table = dict(DEFAULT_PRICES)
+    path = os.environ.get(PRICES_ENV)
+    if path:
+        table.update(load_prices_file(path))
+    if explicit:
+        table.update(check_prices(explicit))
+    return table
+
+
+def lookup_price(
+    prices: Mapping[str, tuple[float, float]], model: str
+) -> tuple[float, float] | None:
+    """A model's price by exact name, else by the longest known prefix, else None."""
+    if model in prices:
+        return prices[model]
+    best = max((p for p in prices if model.startswith(p)), key=len, default=None)
+    return prices[best] if best else None
+
+
+# -- usage snapshots -----------------------------------------------------------------
+
+
+def _cost_text(cost: float, unpriced: list[str]) -> str:
+    if not unpriced:
+        return f"${cost:.4f}"
+    names = ", ".join(unpriced)
+    if cost > 0:
+        return f"${cost:.4f} + unpriced ({names})"
+    return f"unpriced ({names})"
+
+
+@dataclass(frozen=True)
+class ModelUsage:
+    """Counters for one model: calls that returned, tokens, and USD cost.
+
+    ``priced`` is False when the model has no price, so ``cost_usd`` is unknown (0.0
+    here, shown as "unpriced").
+    """
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cost_usd: float = 0.0
+    priced: bool = True
+
+    def __add__(self, other: ModelUsage) -> ModelUsage:
+        return ModelUsage(
+            self.calls + other.calls,
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.total_tokens + other.total_tokens,
+            self.cost_usd + other.cost_usd,
+            self.priced and other.priced,
+        )
+
+    def __repr__(self) -> str:
+        cost = f"${self.cost_usd:.4f}" if self.priced else "unpriced"
+        return (
+            f"ModelUsage(calls={self.calls:,}, tokens={self.total_tokens:,} "
+            f"(in {self.prompt_tokens:,}, out {self.completion_tokens:,}), cost={cost})"
+        )
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A snapshot of usage: totals, failures, retries and a per-model split.
+
+    Snapshots add up (``root.usage + sub.usage``), so a run can report root and
+    sub-model usage separately and together. ``cost_text`` says "unpriced" for models
+    without a price instead of a misleading $0.
+    """
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cost_usd: float = 0.0
+    failed_calls: int = 0
+    retries: int = 0
+    by_model: dict[str, ModelUsage] = field(default_factory=dict)
+
+    def __add__(self, other: Usage) -> Usage:
+        by_model = dict(self.by_model)
+        for name, mu in other.by_model.items():
+            by_model[name] = by_model[name] + mu if name in by_model else mu
+        return Usage(
+            self.calls + other.calls,
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.total_tokens + other.total_tokens,
+            self.cost_usd + other.cost_usd,
+            self.failed_calls + other.failed_calls,
+            self.retries + other.retries,
+            by_model,
+        )
+
+    def __sub__(self, other: Usage) -> Usage:
+        """The usage between two snapshots of the same meter (``after - before``)."""
+        by_model = {}
+        for name, mu in self.by_model.items():
+            base = other.by_model.get(name, ModelUsage())
+            diff = ModelUsage(
+                mu.calls - base.calls,
+                mu.prompt_tokens - base.prompt_tokens,
+                mu.completion_tokens - base.completion_tokens,
+                mu.total_tokens - base.total_tokens,
+                mu.cost_usd - base.cost_usd,
+                mu.priced,
+            )
+            if diff.calls or diff.total_tokens:
+                by_model[name] = diff
+        return Usage(
+            self.calls - other.calls,
+            self.prompt_tokens - other.prompt_tokens,
+            self.completion_tokens - other.completion_tokens,
+            self.total_tokens - other.total_tokens,
+            self.cost_usd - other.cost_usd,
+            self.failed_calls - other.failed_calls,
+            self.retries - other.retries,
+            by_model,
+        )
+
+    @property
+    def unpriced_models(self) -> list[str]:
+        """Models used without a known price (their cost is not in ``cost_usd``)."""
+        return [name for name, mu in self.by_model.items() if not mu.priced]
+
+    @property
+    def cost_text(self) -> str:
+        """The cost as people read it: "$0.0755", "unpriced (m)" or "$0.01 + unpriced (m)"."""
+        return _cost_text(self.cost_usd, self.unpriced_models)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (for logs and ``--json`` output)."""
+        data = asdict(self)
+        data["unpriced_models"] = self.unpriced_models
+        return data
+
+    def __repr__(self) -> str:
+        bits = [
+            f"calls={self.calls:,}",
+            f"tokens={self.total_tokens:,} (in {self.prompt_tokens:,}, out {self.completion_tokens:,})",
+            f"cost={self.cost_text}",
+        ]
+        if self.retries:
+            bits.append(f"retries={self.retries:,}")
+        if self.failed_calls:
+            bits.append(f"failed={self.failed_calls:,}")
+        return f"Usage({', '.join(bits)})"
+
+    def _rows(self) -> list[tuple[str, str, str, str, str]]:
+        rows = [
+            (name, f"{mu.calls:,}", f"{mu.prompt_tokens:,}", f"{mu.completion_tokens:,}",
+             f"${mu.cost_usd:.4f}" if mu.priced else "unpriced")
+            for name, mu in self.by_model.items()
+        ]
+        if len(rows) != 1:
+            rows.append(("total", f"{self.calls:,}", f"{self.prompt_tokens:,}",
+                         f"{self.completion_tokens:,}", self.cost_text))
+        return rows
+
+    def _footer(self) -> str:
+        return f"retries {self.retries:,} · failed calls {self.failed_calls:,}"
+
+    def __rich__(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title="usage", caption=self._footer(), title_justify="left")
+        for name, justify in (("model", "left"), ("calls", "right"), ("in", "right"),
+                              ("out", "right"), ("cost", "right")):
+            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        for row in self._rows():
+            table.add_row(*row)
+        return table
+
+    def _repr_html_(self) -> str:
+        head = "".join(
+            f"<th style='text-align:{'left' if n == 'model' else 'right'}'>{n}</th>"
+            for n in ("model", "calls", "in tokens", "out tokens", "cost")
+        )
+        body = "".join(
+            "<tr>"
+            + "".join(
+                f"<td style='text-align:{'left' if i == 0 else 'right'}'>{html.escape(v)}</td>"
+                for i, v in enumerate(row)
+            )
+            + "</tr>"
+            for row in self._rows()
+        )
+        return (
+            f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+            f"<div style='opacity:.7'>{html.escape(self._footer())}</div>"
+        )
+
+
+class UsageMeter:
+    """Thread-safe usage counters with a price table; ``snapshot()`` gives a ``Usage``."""
+
+    def __init__(self, prices: Mapping[str, tuple[float, float]]) -> None:
+        self.prices: dict[str, tuple[float, float]] = dict(prices)
+        self._lock = threading.Lock()
+        self._models: dict[str, list[Any]] = {}
+        self._failed = 0
+        self._retries = 0
+
+    def price(self, model: str) -> tuple[float, float] | None:
+        """The price this meter uses for ``model`` (None: unpriced)."""
+        return lookup_price(self.prices, model)
+
+    def record(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """Count one call that returned, with its tokens (and cost, when priced)."""
+        price = self.price(model)
+        cost = 0.0
+        if price:
+            cost = (prompt_tokens * price[0] + completion_tokens * price[1]) / 1_000_000
+        with self._lock:
+            row = self._models.get(model)
+            if row is None:
+                row = self._models[model] = [0, 0, 0, 0.0, price is not None]
+            row[0] += 1
+            row[1] += prompt_tokens
+            row[2] += completion_tokens
+            row[3] += cost
+
+    def failed(self) -> None:
+        """Count one call that failed for good."""
+        with self._lock:
+            self._failed += 1
+
+    def retried(self) -> None:
+        """Count one retry (an attempt that failed and was sent again)."""
+        with self._lock:
+            self._retries += 1
+
+    def snapshot(self) -> Usage:
+        """The counters so far as an immutable ``Usage``."""
+        with self._lock:
+            rows = {m: list(r) for m, r in self._models.items()}
+            failed, retries = self._failed, self._retries
+        by_model = {
+            m: ModelUsage(int(r[0]), int(r[1]), int(r[2]), int(r[1] + r[2]), r[3], bool(r[4]))
+            for m, r in rows.items()
+        }
+        total = sum(by_model.values(), ModelUsage())
+        return Usage(
+            total.calls,
+            total.prompt_tokens,
+            total.completion_tokens,
+            total.total_tokens,
+            total.cost_usd,
+            failed,
+            retries,
+            by_model,
+        )
+
+
+# -- the budget ledger ---------------------------------------------------------------
+
+# Completion tokens assumed for a request without max_tokens before any reply was seen.
+DEFAULT_COMPLETION_ESTIMATE = 256
+
+
+@dataclass(slots=True)
+class Hold:
+    """One call's reservation: what was set aside until its reply settles it."""
+
+    tokens: int
+    cost: float
+
+
+class BudgetLedger:
+    """A run's shared budget: token, cost and time limits that bind per model call.
+
+    Used on the engine loop only. ``reserve`` sets aside a conservative estimate
+    (prompt chars / 4 plus the request's ``max_tokens``, or the largest completion seen
+    so far, or 256) and waits while reservations in flight fill the budget; once the
+    settled usage reaches a limit (or the deadline passes) it raises
+    ``BudgetExhaustedError`` for every later call. ``settle`` replaces a hold by the
+    real usage; ``cancel`` drops it (the call was not answered). So the overshoot of a
+    limit is at most the calls already in flight when it ran out.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_tokens: int | None = None,
+        max_cost_usd: float | None = None,
+        max_time_s: float | None = None,
+        prices: Mapping[str, tuple[float, float]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_tokens = max_tokens
+        self.max_cost_usd = max_cost_usd
+        self.max_time_s = max_time_s
+        self.prices = dict(prices or DEFAULT_PRICES)
+        self._clock = clock
+        self.deadline = clock() + max_time_s if max_time_s is not None else None
+        self.spent_tokens = 0
+        self.spent_cost = 0.0
+        self._held_tokens = 0
+        self._held_cost = 0.0
+        self._holds = 0
+        self._largest_completion = 0
+        self._waiters: list[asyncio.Future[None]] = []
+        self.exhausted: str | None = None
+
+    @property
+    def limits_spending(self) -> bool:
+        """True when a token or cost limit is set (a deadline alone needs no holds)."""
+        return self.max_tokens is not None or self.max_cost_usd is not None
+
+    def remaining_s(self) -> float | None:
+        """Seconds left before the deadline (None: no deadline)."""
+        return None if self.deadline is None else self.deadline - self._clock()
+
+    def describe(self) -> str:
+        """What ran out, with what was spent, for a run's ``error`` text."""
+        if self.exhausted is None:
+            return "within budget"
+        if self.exhausted.startswith("max_tokens"):
+            return f"{self.exhausted} reached (used {self.spent_tokens:,} tokens)"
+        if self.exhausted.startswith("max_cost_usd"):
+            return f"{self.exhausted} reached (spent ${self.spent_cost:.4f})"
+        return f"{self.exhausted} reached"
+
+    def exhaust(self, reason: str) -> None:
+        """Mark the budget spent (e.g. ``"max_time_s=2"``): every later call is refused."""
+        if self.exhausted is None:
+            self.exhausted = reason
+        self._wake()
+
+    def check(self) -> None:
+        """Raise ``BudgetExhaustedError`` if nothing more may be sent."""
+        if self.exhausted is None and self.deadline is not None and self._clock() >= self.deadline:
+            self.exhaust(f"max_time_s={self.max_time_s:g}")
+        if self.exhausted is not None:
+            raise BudgetExhaustedError(f"budget exhausted ({self.exhausted})")
+
+    def _estimate(self, model: str, prompt_chars: int, max_tokens: int | None) -> Hold:
+        completion = max_tokens or self._largest_completion or DEFAULT_COMPLETION_ESTIMATE
+        prompt = prompt_chars // 4 + 1
+        price = lookup_price(self.prices, model)
+        cost = (prompt * price[0] + completion * price[1]) / 1_000_000 if price else 0.0
+        return Hold(prompt + completion, cost)
+
+    def _over(self) -> str | None:
+        if self.max_tokens is not None and self.spent_tokens >= self.max_tokens:
+            return f"max_tokens={self.max_tokens}"
+        if self.max_cost_usd is not None and self.spent_cost >= self.max_cost_usd:
+            return f"max_cost_usd={self.max_cost_usd:g}"
+        return None
+
+    def _fits(self) -> bool:
+        if self.max_tokens is not None and self.spent_tokens + self._held_tokens >= self.max_tokens:
+            return False
+        return not (
+            self.max_cost_usd is not None
+            and self.spent_cost + self._held_cost >= self.max_cost_usd
+        )
+
+    async def reserve(self, model: str, prompt_chars: int, max_tokens: int | None) -> Hold | None:
+        """Set aside an estimate for one call before it is sent (None: nothing to hold)."""
+        self.check()
+        if not self.limits_spending:
+            return None
+        hold = self._estimate(model, prompt_chars, max_tokens)
+        while True:
+            if self._fits():
+                self._held_tokens += hold.tokens
+                self._held_cost += hold.cost
+                self._holds += 1
+                return hold
+            if not self._holds:
+                # Nothing in flight can give room back: the settled usage is the limit.
+                self.exhaust(self._over() or f"max_tokens={self.max_tokens}")
+            else:
+                fut = asyncio.get_running_loop().create_future()
+                self._waiters.append(fut)
+                await fut
+            self.check()
+
+    def settle(self, hold: Hold | None, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """Replace a hold by what the call really used."""
+        self._largest_completion = max(self._largest_completion, completion_tokens)
+        price = lookup_price(self.prices, model)
+        self.spent_tokens += prompt_tokens + completion_tokens
+        if price:
+            self.spent_cost += (prompt_tokens * price[0] + completion_tokens * price[1]) / 1_000_000
+        self._drop(hold)
+        over = self._over()
+        if over is not None:
+            self.exhaust(over)
+
+    def cancel(self, hold: Hold | None) -> None:
+        """Drop a hold whose call got no reply (failed or cancelled): nothing was spent."""
+        self._drop(hold)
+
+    def _drop(self, hold: Hold | None) -> None:
+        if hold is None:
+            return
+        self._held_tokens -= hold.tokens
+        self._held_cost -= hold.cost
+        self._holds -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
