@@ -351,6 +351,11 @@ class AsyncOpenAIClient:
         """The in-flight limiter shared by every call of this client (see rlm.limiter)."""
         return self._limiter
 
+    @property
+    def prices(self) -> dict[str, tuple[float, float]]:
+        """This client's price table (built-in, RLM_PRICES file, ``prices=``), a copy."""
+        return dict(self._meter.prices)
+
     def price(self, model: str) -> tuple[float, float] | None:
         """USD per 1M (input, output) tokens this client charges ``model`` at; None: unpriced."""
         return lookup_price(self._meter.prices, model)
