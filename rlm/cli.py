@@ -1,4 +1,4 @@
-"""The ``rlm`` command: run, demo, view, repl, cache and serve.
+"""The ``rlm`` command: run, demo, view, repl, cache, serve and mcp.
 
 Exit codes: 0 when a run produced an answer, 1 when it failed, 2 for bad usage (a
 missing file, an undecodable file, a missing key, a bad option).
@@ -268,6 +268,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_mcp(args: argparse.Namespace) -> int:
+    from rlm.serve.auth import auth_key_from
+
+    try:
+        from rlm.serve.mcp_server import McpOptions, run_mcp
+    except ImportError as exc:
+        raise UsageError(
+            f"rlm mcp needs the MCP SDK ({exc}): pip install 'rlm-repl[mcp]'"
+        ) from None
+    host, port = None, None
+    if args.http:
+        host, _, port_text = args.http.rpartition(":")
+        if not host or not port_text.isdigit():
+            raise UsageError(f"--http wants HOST:PORT (e.g. 127.0.0.1:8765), got {args.http!r}")
+        host, port = host.strip("[]"), int(port_text)
+    options = McpOptions(
+        http_host=host,
+        http_port=port,
+        auth_key=auth_key_from(args.auth_key) if args.http else None,
+        allow_dirs=_allowed_dirs(args),
+        max_sessions=args.max_sessions,
+        session_idle_s=args.session_idle_s,
+        max_output_chars=args.max_output_chars,
+        cell_timeout_s=args.cell_timeout_s,
+    )
+    run_mcp(_upstream_settings(args), options)
+    return EXIT_OK
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from rlm.cache import cache_info, clear_cache
 
@@ -321,6 +350,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_upstream_args(srv)
     _add_server_args(srv)
     srv.set_defaults(func=cmd_serve)
+
+    mcp = sub.add_parser("mcp", help="an MCP server: rlm_query and a sandboxed REPL for agents")
+    mcp.add_argument("--http", metavar="HOST:PORT", default=None,
+                     help="serve streamable HTTP at http://HOST:PORT/mcp instead of stdio")
+    mcp.add_argument("--auth-key", default=None,
+                     help="with --http: bearer key clients must send (default: RLM_SERVE_AUTH_KEY)")
+    mcp.add_argument("--max-sessions", type=int, default=8, help="REPL sessions open at once")
+    mcp.add_argument("--session-idle-s", type=float, default=900.0,
+                     help="close a REPL session idle this long")
+    mcp.add_argument("--max-output-chars", type=int, default=20_000,
+                     help="cut what one repl_exec returns to this many characters")
+    mcp.add_argument("--cell-timeout-s", type=float, default=120.0, help="wall-clock limit of one repl_exec")
+    _add_upstream_args(mcp)
+    _add_server_args(mcp)
+    mcp.set_defaults(func=cmd_mcp)
 
     view = sub.add_parser("view", help="render a JSONL trajectory log")
     view.add_argument("log", help="a .jsonl log written by a run with log_dir")

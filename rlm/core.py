@@ -520,13 +520,31 @@ class RLM:
         self.tool_descriptions = dict(tool_descriptions or {})
         self.sub_window_chars = sub_window_chars
         self.root_window_tokens = root_window_tokens
-        self.system_prompt = system_prompt or prompts.build_system_prompt(
-            sub_window_chars=sub_window_chars,
+        self._custom_system_prompt = system_prompt is not None
+        self.system_prompt = system_prompt or self._default_system_prompt({})
+        self.cell_timeout = cell_timeout
+
+    def _default_system_prompt(self, protections: Mapping[str, Any]) -> str:
+        """The built-in system prompt for an env with these protections: a confined worker
+        also offers open() and the data libraries, and the prompt says so."""
+        data = str(protections.get("data_modules") or "")
+        return prompts.build_system_prompt(
+            sub_window_chars=self.sub_window_chars,
             sub_model=self.recursive_model,
             tools=prompts.describe_tools(self.tools, self.tool_descriptions),
-            modules=prompts.describe_imports(importable_modules()),
+            modules=prompts.describe_imports(
+                importable_modules([m.strip() for m in data.split(",") if m.strip()]),
+                files=bool(protections.get("file_access")),
+            ),
         )
-        self.cell_timeout = cell_timeout
+
+    def _system_prompt_for(self, env: REPLEnv) -> str:
+        if self._custom_system_prompt:
+            return self.system_prompt
+        protections = env.protections
+        if not protections.get("file_access") and not protections.get("data_modules"):
+            return self.system_prompt
+        return self._default_system_prompt(protections)
 
     def _check_priced(self) -> None:
         """A cost budget over a model without a price would be a silent $0: refuse it."""
@@ -886,7 +904,7 @@ class RLM:
         if history:
             lines = "\n".join(f"- Q: {q}\n  A: {a}" for q, a in history)
             first = prompts.HISTORY_TEMPLATE.format(history=lines) + "\n" + first
-        system = self.system_prompt
+        system = self._system_prompt_for(env)
         if typed is not None:
             system += prompts.SCHEMA_SECTION.format(schema=typed.schema.prompt_text())
         messages: list[dict[str, Any]] = [

@@ -103,3 +103,7 @@ class SandboxError(RLMError):
 
 class AccessDeniedError(RLMError):
     """A server was asked to read a path outside the directories it was allowed to read."""
+
+
+class SessionError(RLMError):
+    """A REPL session request a server cannot serve: an unknown id, too many sessions."""

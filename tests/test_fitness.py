@@ -268,3 +268,23 @@ def test_replay_of_a_real_model_style_trajectory_reaches_the_right_answer(
     assert result.iterations == 4
     assert result.sub_calls == 3
     assert all(e.get("error") is None for e in result.trajectory if e["type"] == "cell_result")
+
+
+def test_a_confined_process_sandbox_tells_the_root_about_files_and_data_libraries(
+    closing: list[RLM],
+) -> None:
+    with FakeLLMServer(scripts={ROOT: [repl("FINAL('ok')")]}) as srv:
+        rlm = make_rlm(srv, sandbox="process")
+        closing.append(rlm)
+        rlm.completion(context="x", query="q")
+        system = srv.requests_log[0]["messages"][0]["content"]
+    from rlm import REPLEnv
+
+    with REPLEnv(context="x", sandbox="process") as env:
+        protections = env.protections
+    if protections["file_access"]:
+        assert "`open()` works for scratch files" in system
+        for module in protections["data_modules"].split(", "):
+            assert f" {module}" in system
+    else:
+        assert "There is no file, network or OS access." in system

@@ -12,105 +12,39 @@ import asyncio
 import http.client
 import json
 import os
-import re
 import subprocess
 import sys
-import threading
-import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+from pydantic import BaseModel
+from serve_support import (
+    FOUND_SCHEMA,
+    HANG_ROOT,
+    NEEDLE,
+    QUERY,
+    ROOT,
+    SUB,
+    TYPED_ROOT,
+    RlmProcess,
+    haystack,
+    scripts,
+    sub_model,
+    wait_until,
+)
 
-from rlm.testing import FakeLLMServer, Fault
+from rlm.testing import FakeLLMServer
 
 KEY = "test-serve-key"
-ROOT, HANG_ROOT, SUB = "root", "root-hang", "sub"
-NEEDLE = "TANGO-4242-LIMA"
-QUERY = "What is the secret passphrase?"
-
-NEEDLE_SCRIPT = [
-    """Split and fan out.
-```repl
-lines = context.splitlines()
-chunks = ["\\n".join(lines[i:i + 500]) for i in range(0, len(lines), 500)]
-replies = llm_query_batch(["FIND passphrase, or NONE:\\n" + c for c in chunks])
-hits = [r for r in replies if r != "NONE"]
-print(len(chunks), "chunks;", hits)
-```""",
-    """Found it.
-```repl
-FINAL(hits[0])
-```""",
-]
-HANG_SCRIPT = ["Waiting.\n```repl\nr = llm_query_batch(['HANG 1', 'HANG 2', 'HANG 3'])\n```"]
-
-
-def haystack(lines: int = 3000) -> str:
-    rows = [f"{i:05d} INFO nothing to see on line {i}" for i in range(lines)]
-    rows[lines * 2 // 3] = f"{lines * 2 // 3:05d} WARN the secret passphrase is: {NEEDLE}"
-    return "\n".join(rows)
-
-
-def sub_model(messages: list[dict[str, Any]]) -> str | Fault:
-    text = messages[-1]["content"]
-    if text.startswith("HANG"):
-        return Fault("hang")
-    found = re.search(r"secret passphrase is: (\S+)", text)
-    return found.group(1) if found else "NONE"
-
-
-class RlmProcess:
-    """An ``rlm`` server subprocess; its stderr is drained on a thread (it must never block)."""
-
-    def __init__(self, args: list[str], ready: str) -> None:
-        cmd = [sys.executable, "-m", "rlm.cli", *args]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        self._pattern = re.compile(ready)
-        self.match: re.Match[str] | None = None
-        threading.Thread(target=self._drain, daemon=True).start()
-        if not self._ready.wait(60) or self.match is None:
-            self.stop()
-            raise RuntimeError("rlm server did not start:\n" + "".join(self.lines))
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if self.match is None and (m := self._pattern.search(line)):
-                self.match = m
-                self._ready.set()
-        self._ready.set()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[FakeLLMServer]:
-    with FakeLLMServer(sub_model, scripts={ROOT: NEEDLE_SCRIPT, HANG_ROOT: HANG_SCRIPT}) as srv:
+    with FakeLLMServer(sub_model, scripts=scripts()) as srv:
         yield srv
 
 
@@ -193,6 +127,28 @@ def test_progress_can_ride_in_the_content_for_chat_front_ends(client: openai.Ope
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "> sub-queries 6/6" in content
     assert content.endswith("\n" + NEEDLE)
+
+
+class Found(BaseModel):
+    passphrase: str
+    chunks: int
+
+
+def test_response_format_gets_a_validated_typed_answer(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.parse(model=f"rlm:{TYPED_ROOT}", messages=needle_messages(),
+                                          response_format=Found)
+    assert reply.choices[0].message.parsed == Found(passphrase=NEEDLE, chunks=6)
+    assert reply.model_extra["rlm"]["output"] == {"passphrase": NEEDLE, "chunks": 6}
+
+
+def test_a_schema_in_extra_body_works_and_a_broken_one_is_400(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model=f"rlm:{TYPED_ROOT}", messages=needle_messages(),
+                                           extra_body={"rlm": {"schema": FOUND_SCHEMA}})
+    assert json.loads(reply.choices[0].message.content or "") == {"passphrase": NEEDLE, "chunks": 6}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="rlm", messages=needle_messages(),
+                                       extra_body={"rlm": {"schema": {"type": 12}}})
+    assert "not a valid JSON Schema" in info.value.message
 
 
 def test_models_lists_rlm_and_the_root_model(client: openai.OpenAI) -> None:
@@ -286,6 +242,19 @@ async def test_a_client_disconnect_cancels_the_run_and_its_requests(serve_url: s
     # And the slot is free again for the next request.
     with openai.OpenAI(base_url=serve_url, api_key=KEY, max_retries=0) as c:
         assert c.chat.completions.create(model="rlm", messages=needle_messages()).choices[0].message.content == NEEDLE
+
+
+def test_closing_a_stream_mid_run_cancels_it(client: openai.OpenAI, upstream: FakeLLMServer) -> None:
+    stream = client.chat.completions.create(model=f"rlm:{HANG_ROOT}", stream=True,
+                                            messages=[{"role": "user", "content": "hold"}])
+    events = []
+    for chunk in stream:
+        events.append((chunk.model_extra or {}).get("rlm", {}).get("event"))
+        if "cell" in events:
+            break
+    assert wait_until(lambda: upstream.in_flight == 3)
+    stream.close()
+    assert wait_until(lambda: upstream.in_flight == 0)
 
 
 def test_binding_beyond_loopback_without_a_key_is_refused(upstream: FakeLLMServer) -> None:

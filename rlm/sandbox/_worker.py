@@ -244,12 +244,37 @@ def _plan_isolation(plan: dict[str, Any]) -> None:
             os.rmdir(mountpoint)
 
 
+def _preload_data_modules() -> None:
+    """Import numpy, pandas and yaml when installed, before the jail hides site-packages.
+
+    Their math libraries would start a thread pool per core on import, and threads do
+    not survive a fork; one thread each is what a worker wants anyway. The variables
+    are removed again so workers still start with an empty environment.
+    """
+    import importlib
+
+    from rlm.sandbox.modules import DATA_MODULES
+
+    single = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+    added = [name for name in single if name not in os.environ]
+    for name in added:
+        os.environ[name] = "1"
+    try:
+        for name in DATA_MODULES:
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
 def _preload() -> None:
     import importlib
 
     for name in PRELOAD:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
+    _preload_data_modules()
     # Codecs load lazily by name; inside the jail no module can be found later, so load
     # them all now (a cell may call str.encode with any codec name).
     import encodings
@@ -901,10 +926,24 @@ class _Session:
         extra: dict[str, Any] = {"context": context}
         extra.update(self._llm_functions())
         extra.update(self._tool_stubs(init.get("tools") or []))
+        # Files and the data libraries only where the OS, not the policy, bounds them: a
+        # private root, no network, no privileges. They are reported with the protections.
+        prot = worker.protections
+        confined = bool(
+            prot.get("filesystem_jail") and prot.get("network_namespace")
+            and prot.get("capabilities_dropped")
+        )
+        from rlm.sandbox.modules import DATA_MODULES
+
+        data = tuple(m for m in DATA_MODULES if confined and m in sys.modules)
+        prot["file_access"] = confined
+        prot["data_modules"] = ", ".join(data)
         self.ns = cells.build_namespace(
             write_stdout=lambda text: self._write("stdout", text),
             write_stderr=lambda text: self._write("stderr", text),
             extra=extra,
+            file_access=confined,
+            data_modules=data,
         )
 
     # output -------------------------------------------------------------------------

@@ -460,6 +460,35 @@ _C_IMPORTS = frozenset({"_strptime"})
 DATA_MODULES = ("numpy", "pandas", "yaml")
 
 
+class DataModuleView:
+    """A data library as a confined worker's cells see it: its public attributes, with
+    submodules as views too. Only the OS layer bounds what these libraries can do, which
+    is why only a confined worker hands them out."""
+
+    __slots__ = ("_view_of",)
+
+    def __init__(self, module: types.ModuleType) -> None:
+        object.__setattr__(self, "_view_of", module)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise refuse_attr(name)
+        value = getattr(self._view_of, name)
+        return DataModuleView(value) if isinstance(value, types.ModuleType) else value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"module {self._view_of.__name__!r} is read-only in the sandbox")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"module {self._view_of.__name__!r} is read-only in the sandbox")
+
+    def __dir__(self) -> list[str]:
+        return [n for n in dir(self._view_of) if not n.startswith("_")]
+
+    def __repr__(self) -> str:
+        return f"<module {self._view_of.__name__!r} (sandboxed)>"
+
+
 def importable_modules(data_modules: Iterable[str] = ()) -> list[str]:
     """The module names a cell may import (what the root's system prompt lists)."""
     return [m for m in ALLOWED_MODULES if m != "__future__"] + list(data_modules)
@@ -521,8 +550,8 @@ def make_importer(
         if level:
             raise ImportError("relative imports are not available in the sandbox")
         if type(name) is str and name.split(".")[0] in real_modules:
-            module = importlib.import_module(name)
-            return module if fromlist else importlib.import_module(name.split(".")[0])
+            module = importlib.import_module(name if fromlist else name.split(".")[0])
+            return DataModuleView(module)
         if not isinstance(name, str) or name not in ALLOWED_MODULES:
             raise _import_refusal(str(name))
         if fromlist or "." not in name:

@@ -145,6 +145,8 @@ def describe_protections(executor: object) -> dict[str, bool | str]:
         return executor.protections
     report: dict[str, bool | str] = dict.fromkeys(PROTECTION_KEYS, False)
     report["kill_scope"] = "none"
+    report["file_access"] = False
+    report["data_modules"] = ""
     report["notes"] = (
         "sandbox='local' runs cells in this process: only the policy and its soft time "
         "limit apply; use sandbox='process' for OS-enforced limits"
@@ -877,6 +879,11 @@ class ProcessExecutor:
         else:
             scope = "process_group"
         prot["kill_scope"] = scope
+        # What cells may do because of the OS layer: open() in the private root, and the
+        # data libraries (names, comma-separated; empty when none).
+        prot["file_access"] = bool(reported.get("file_access"))
+        data = reported.get("data_modules")
+        prot["data_modules"] = data if isinstance(data, str) else ""
         notes = []
         if self._plan.get("note"):
             notes.append(str(self._plan["note"]))

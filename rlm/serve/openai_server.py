@@ -3,7 +3,8 @@
 ``POST /v1/chat/completions`` runs one RLM per request: the last user message is the
 query, the text of every earlier message is the context, and ``"rlm": {...}`` in the
 body (``extra_body`` in the OpenAI SDK) may override the context, read it from a file
-under ``--allow-dir``, lower the cost budget or ask for a schema. ``GET /v1/models``
+under ``--allow-dir``, lower the cost budget or ask for a schema (as does a standard
+``response_format`` of type ``json_schema``: the answer is then the validated JSON). ``GET /v1/models``
 lists ``rlm`` and ``rlm:<root-model>``.
 
 Streaming (``"stream": true``) sends progress as it happens in chunks whose choice has
@@ -36,6 +37,7 @@ from aiohttp import web
 
 from rlm.core import RLMResult
 from rlm.errors import AccessDeniedError, ConfigError
+from rlm.schema import Schema
 from rlm.serve.auth import bearer_matches, check_bind
 from rlm.serve.paths import AllowedDirs
 from rlm.serve.runs import QueryRunner, RunProgress, progress_message, result_metadata
@@ -215,6 +217,22 @@ def _parse_request(body: Any, runner: QueryRunner, allow_dirs: AllowedDirs) -> _
             context = allow_dirs.read_text(options["context_path"])
         except AccessDeniedError as exc:
             raise _RequestError(403, str(exc), type_="permission_error", param="rlm.context_path") from None
+    schema = options.get("schema")
+    response_format = body.get("response_format")
+    if schema is None and isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        # The standard way to ask for structured output (the SDK's .parse() sends it).
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise _RequestError(400, "response_format.json_schema.schema must be a JSON Schema object",
+                                param="response_format")
+    if schema is not None:
+        if not isinstance(schema, dict):
+            raise _RequestError(400, "'rlm.schema' must be a JSON Schema object", param="rlm.schema")
+        try:
+            Schema.of(schema)  # refuse a broken schema before the request queues
+        except ConfigError as exc:
+            raise _RequestError(400, str(exc), param="rlm.schema") from None
     progress = options.get("progress", "field")
     if progress not in ("field", "content"):
         raise _RequestError(400, "'rlm.progress' must be 'field' or 'content'", param="rlm.progress")
@@ -229,7 +247,7 @@ def _parse_request(body: Any, runner: QueryRunner, allow_dirs: AllowedDirs) -> _
         context=context,
         stream=bool(body.get("stream")),
         max_cost_usd=max_cost,
-        schema=options.get("schema"),
+        schema=schema,
         progress_in_content=progress == "content",
     )
 
@@ -243,14 +261,21 @@ def _usage(result: RLMResult) -> dict[str, int]:
     }
 
 
+_FAILURES = {
+    # No answer: 402 when a budget ran out and 422 when the answer never matched the
+    # schema (retrying the same request would not help; neither is retried by SDKs),
+    # 502 otherwise (the upstream model or the run failed; a retry may succeed).
+    "budget": (402, "rlm_budget_exceeded"),
+    "invalid_answer": (422, "rlm_invalid_answer"),
+}
+
+
 def _failure(result: RLMResult) -> _RequestError:
-    # No answer: 402 when a budget ran out (retrying would not help), 502 otherwise
-    # (the upstream model or the run failed; a retry may succeed).
-    budget = result.stopped_reason == "budget"
+    status, type_ = _FAILURES.get(result.stopped_reason, (502, "rlm_run_failed"))
     return _RequestError(
-        402 if budget else 502,
+        status,
         f"the RLM run ended without an answer ({result.stopped_reason}): {result.error}",
-        type_="rlm_budget_exceeded" if budget else "rlm_run_failed",
+        type_=type_,
         code=result.stopped_reason,
         extra={"rlm": result_metadata(result)},
     )

@@ -10,7 +10,6 @@ trajectory events into short progress lines.
 from __future__ import annotations
 
 import asyncio
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +45,6 @@ class UpstreamSettings:
     max_concurrency: int = 64
 
 
-def schema_supported() -> bool:
-    """True once ``RLM.acompletion`` takes ``schema=`` (typed answers)."""
-    return "schema" in inspect.signature(RLM.acompletion).parameters
-
-
 class QueryRunner:
     """Runs queries for a server over one shared root client and one sub-model client."""
 
@@ -66,6 +60,11 @@ class QueryRunner:
             base_url=settings.base_url,
             max_concurrency=settings.max_concurrency,
         )
+
+    @property
+    def sandbox(self) -> str:
+        """The sandbox runs use (the RLM default when the settings name none)."""
+        return self.new_rlm().sandbox
 
     @property
     def root_model(self) -> str:
@@ -114,17 +113,13 @@ class QueryRunner:
         schema: Any = None,
         on_event: Callable[[Event], None] | None = None,
     ) -> RLMResult:
-        """Run one query to the end; cancelling the awaiting task cancels the run."""
+        """Run one query to the end; cancelling the awaiting task cancels the run.
+
+        ``schema`` is a JSON Schema dict for a typed answer (``result.output``); an
+        invalid one raises ConfigError before anything is sent.
+        """
         rlm = self.new_rlm(model=model, max_cost_usd=max_cost_usd, on_event=on_event)
-        if schema is None:
-            return await rlm.acompletion(context, query)
-        if not schema_supported():
-            raise ConfigError(
-                "schema= is not supported by this rlm version yet; ask without a schema "
-                "and describe the format in the query"
-            )
-        completion: Any = rlm.acompletion
-        return await completion(context, query, schema=schema)
+        return await rlm.acompletion(context, query, schema=schema)
 
     async def aclose(self) -> None:
         """Close both clients (their pools live on the engine loop)."""

@@ -189,7 +189,7 @@ def test_final_var_with_an_unknown_name_still_says_so(make_env: Callable[..., RE
     assert result.error is not None and "no variable named 'anwser'" in result.error
 
 
-@pytest.mark.parametrize("module", ["pandas", "yaml", "micropip", "os", "subprocess"])
+@pytest.mark.parametrize("module", ["micropip", "os", "subprocess", "scipy"])
 def test_other_imports_are_refused_with_the_list(make_env: Callable[..., REPLEnv], module: str) -> None:
     env = make_env()
     result = env.execute(f"import {module}")
@@ -214,3 +214,49 @@ def test_lowering_the_csv_limit_in_a_repl_leaves_the_host_and_others_alone(
     assert csv.field_size_limit() == host_before
     out = run(other, "import csv, io\nprint(len(list(csv.reader(io.StringIO(context)))[1][0]))")
     assert out == "500\n"
+
+
+# -- files and data libraries: only where the OS layer holds them ----------------------
+
+DATA_CELL = (
+    "import io, numpy as np, pandas as pd, yaml\n"
+    "df = pd.read_csv(io.StringIO(context))\n"
+    "print(int(df['amount'].sum()), float(np.mean(df['amount'])), yaml.safe_load('k: [1, 2]'))\n"
+    "with open('scratch.txt', 'w') as f:\n"
+    "    f.write('kept')\n"
+    "print(open('scratch.txt').read())"
+)
+
+
+def test_open_and_data_libraries_follow_the_os_layer(make_env: Callable[..., REPLEnv]) -> None:
+    env = make_env(context=CSV_TEXT, timeout=30.0)
+    protections = env.protections
+    result = env.execute(DATA_CELL)
+    confined = (
+        protections["filesystem_jail"] and protections["network_namespace"]
+        and protections["capabilities_dropped"]
+    )
+    assert protections["file_access"] == confined
+    if confined:
+        assert protections["data_modules"] == "numpy, pandas, yaml"
+        assert result.error is None, result.error
+        assert result.stdout == "47 15.666666666666666 {'k': [1, 2]}\nkept\n"
+    else:
+        assert protections["data_modules"] == ""
+        assert result.error is not None
+        assert "sandbox='process' with its filesystem jail" in result.error
+
+
+def test_open_in_a_confined_worker_stays_in_its_private_root(make_env: Callable[..., REPLEnv]) -> None:
+    env = make_env(timeout=30.0)
+    if not env.protections["file_access"]:
+        result = env.execute("open('x.txt', 'w')")
+        assert result.error is not None and "no file access here" in result.error
+        return
+    # The jail's root is the private directory: the host's files are not there.
+    for code in ("open('/etc/passwd').read()", "open('../../etc/hostname').read()",
+                 "open('/proc/self/environ').read()"):
+        result = env.execute(code)
+        assert result.error is not None and ("FileNotFoundError" in result.error
+                                             or "PermissionError" in result.error), code
+
