@@ -1,7 +1,9 @@
 """The ``rlm`` command: run, demo, view, repl, cache, serve and mcp.
 
 Exit codes: 0 when a run produced an answer, 1 when it failed, 2 for bad usage (a
-missing file, an undecodable file, a missing key, a bad option).
+missing file, an undecodable file, a missing key, a bad option), 130 when interrupted
+(Ctrl-C) and 143 when terminated (SIGTERM); an interrupted run still writes its
+record, and one stderr line says what it cost and where the log is.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# 128 + the signal's number, as shells report it.
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 
 class UsageError(Exception):
@@ -76,8 +80,45 @@ def _print_result(result: Any, as_json: bool) -> int:
     return EXIT_OK
 
 
+def _prices(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+    """--prices FILE.json (repeatable) then --price MODEL=IN,OUT (repeatable), later wins."""
+    from rlm.usage import load_prices_file, parse_price
+
+    table: dict[str, tuple[float, float]] = {}
+    for path in args.prices or ():
+        table.update(load_prices_file(path))
+    for spec in args.price or ():
+        model, pair = parse_price(spec)
+        table[model] = pair
+    return table
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered like Ctrl-C so the run stops its cell and writes its record."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def _interrupted_line(result: Any, what: str) -> str:
+    """The one stderr line for an interrupted run: what, what it cost, where the log is."""
+    if result is None:
+        return f"rlm: interrupted by {what}; the run did not finish writing its record"
+    usage = result.total_usage
+    log = result.log_path or "none (pass --log-dir to keep one)"
+    return (
+        f"rlm: interrupted by {what} in iteration {result.iterations} after "
+        f"{result.sub_calls:,} sub-calls; spent {usage.cost_text} ({usage.total_tokens:,} "
+        f"tokens); log: {log}"
+    )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    import signal
+
     from rlm.core import RLM
+    from rlm.errors import RunInterrupted
 
     context = _read_context(args.context, args.format, args.encoding)
     key = _require_key(args.api_key)
@@ -93,10 +134,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         max_cost_usd=args.max_cost_usd,
         max_time_s=args.max_time_s,
+        prices=_prices(args),
     )
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         result = rlm.completion(context=context, query=args.query)
+    except RunInterrupted as exc:
+        terminated = isinstance(exc.__cause__, _Terminated)
+        print(_interrupted_line(exc.result, "SIGTERM" if terminated else "SIGINT"),
+              file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     finally:
+        signal.signal(signal.SIGTERM, previous)
         rlm.close()
     return _print_result(result, args.json)
 
@@ -320,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--context", required=True, help="context file, or - for standard input")
     run.add_argument("--query", required=True, help="the question to answer")
     _add_upstream_args(run)
+    run.add_argument("--prices", action="append", metavar="FILE.json",
+                     help='model prices, {"model": [usd_per_1M_in, usd_per_1M_out]} '
+                          "(repeatable; RLM_PRICES names a default file)")
+    run.add_argument("--price", action="append", metavar="MODEL=IN,OUT",
+                     help="one model's price in USD per 1M input and output tokens (repeatable)")
     run.add_argument("--format", choices=["auto", "text", "json", "jsonl"], default="auto",
                      help="how to load the context (auto: by file extension)")
     run.add_argument("--encoding", default="utf-8")
@@ -403,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("rlm: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

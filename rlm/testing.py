@@ -1009,17 +1009,20 @@ def random_faults(
     *,
     kinds: Sequence[str] = ("429", "503"),
     retry_after: float | None = None,
+    retry_after_on: Sequence[str] = ("429", "503"),
     seed: int | None = None,
     inner: Responder = echo_responder,
 ) -> Responder:
     """A responder that answers a random ``rate`` of requests with a fault of one of
-    ``kinds`` (each carrying ``Retry-After: retry_after`` when given) and the rest with
-    ``inner``. Faults are independent of load, like a flaky endpoint; ``seed`` makes the
-    sequence repeatable."""
+    ``kinds`` (those in ``retry_after_on`` carrying ``Retry-After: retry_after`` when
+    given) and the rest with ``inner``. Faults are independent of load, like a flaky
+    endpoint; ``seed`` makes the sequence repeatable."""
     if not 0 <= rate < 1:
         raise ValueError("rate must be in [0, 1)")
     rng = random.Random(seed)
-    faults = [Fault(k, retry_after=retry_after) if k in ("429", "503") else Fault(k) for k in kinds]
+    faults = [
+        Fault(k, retry_after=retry_after) if k in retry_after_on else Fault(k) for k in kinds
+    ]
     lock = threading.Lock()
 
     def respond(messages: list[dict[str, Any]]) -> str | Fault:
@@ -1110,6 +1113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="answer this random share of requests with a 429 or 503")
     parser.add_argument("--retry-after", type=float, default=None,
                         help="Retry-After seconds on those faults")
+    parser.add_argument("--retry-after-on", default="429,503",
+                        help="which fault kinds carry Retry-After (comma-separated)")
     parser.add_argument("--rate-limit", type=float, default=None,
                         help="a token bucket of this many requests/s (429 beyond it)")
     parser.add_argument("--burst", type=float, default=None, help="the bucket's size")
@@ -1126,7 +1131,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.freeze()
     responder: Responder = echo_responder
     if args.fault_rate:
-        responder = random_faults(args.fault_rate, retry_after=args.retry_after, seed=args.seed)
+        responder = random_faults(
+            args.fault_rate,
+            retry_after=args.retry_after,
+            retry_after_on=tuple(args.retry_after_on.split(",")),
+            seed=args.seed,
+        )
     if args.rate_limit:
         responder = token_bucket(args.rate_limit, burst=args.burst, inner=responder)
     server = FakeLLMServer(
