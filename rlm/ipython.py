@@ -26,7 +26,8 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from rlm import loop as engine
 from rlm.errors import ConfigError
 from rlm.llm import AsyncOpenAIClient
-from rlm.repl import failed_slot
+from rlm.repl import ClientSubQueries, failed_slot
+from rlm.schema import Schema
 
 __all__ = ["NotebookConfig", "RLMMagics", "load_ipython_extension", "repl_namespace", "start_repl"]
 
@@ -68,7 +69,9 @@ def _mask(key: str | None) -> str:
 
 
 _CONFIG_OPTIONS = ("model", "recursive_model", "base_url", "api_key", "sandbox")
-_RLM_OPTIONS = ("context", "model", "recursive_model", "base_url", "out", "max_iterations", "sandbox")
+_RLM_OPTIONS = (
+    "context", "model", "recursive_model", "base_url", "out", "max_iterations", "sandbox", "schema",
+)
 _RLM_FLAGS = ("verbose",)
 
 
@@ -141,9 +144,12 @@ class RLMMagics(Magics):
 
         Options: ``--context VAR`` (default ``context``), ``--model``,
         ``--recursive-model``, ``--base-url``, ``--sandbox``, ``--max-iterations``,
-        ``--verbose`` (show each iteration live) and ``--out NAME`` (the variable that
-        receives the RLMResult, ``_rlm`` by default). Unset options come from
-        ``%rlm_config``. The RLMResult is the cell's output and renders as HTML.
+        ``--verbose`` (show each iteration live), ``--out NAME`` (the variable that
+        receives the RLMResult, ``_rlm`` by default) and ``--schema NAME`` (a notebook
+        variable holding a schema: a pydantic model class, a type such as ``list[str]``
+        or a JSON Schema dict; the validated answer is then ``result.output``). Unset
+        options come from ``%rlm_config``. The RLMResult is the cell's output and
+        renders as HTML.
         """
         from rlm.core import RLM
 
@@ -161,6 +167,18 @@ class RLMMagics(Magics):
         out = options.get("out", "_rlm")
         if not out.isidentifier():
             raise UsageError(f"rlm: --out needs a variable name, not {out!r}")
+        schema = None
+        if "schema" in options:
+            schema_name = options["schema"]
+            if schema_name not in user_ns:
+                raise UsageError(
+                    f"rlm: no variable named {schema_name!r} in this notebook; --schema takes the "
+                    "name of a variable holding a pydantic model class, a type or a JSON Schema dict"
+                )
+            try:
+                schema = Schema.of(user_ns[schema_name])
+            except ConfigError as exc:
+                raise UsageError(f"rlm: --schema {schema_name}: {exc}") from None
         try:
             max_iterations = int(options.get("max_iterations", 20))
         except ValueError:
@@ -188,7 +206,7 @@ class RLMMagics(Magics):
         except ConfigError as exc:
             raise UsageError(f"rlm: {exc}") from None
         try:
-            result = rlm.completion(context=user_ns[name], query=query)
+            result = rlm.completion(context=user_ns[name], query=query, schema=schema)
         finally:
             rlm.close()
         user_ns[out] = result
@@ -250,12 +268,19 @@ def repl_namespace(context: Any, client: AsyncOpenAIClient) -> dict[str, Any]:
     Ctrl-C during a sync call cancels its requests before the prompt returns.
     """
 
-    def llm_query(prompt: str, **params: Any) -> str:
-        """Ask the sub-model one question and return its reply."""
+    structured = ClientSubQueries(client)
+
+    def llm_query(prompt: str, **params: Any) -> Any:
+        """Ask the sub-model one question and return its reply (with ``schema=``, the
+        parsed and validated value)."""
+        if "schema" in params:
+            return _run_interruptibly(structured.query(prompt, params), "llm_query")
         return _run_interruptibly(client.completion(prompt, **params), "llm_query")
 
-    def llm_query_batch(prompts: list[str], **params: Any) -> list[str]:
+    def llm_query_batch(prompts: list[str], **params: Any) -> list[Any]:
         """Ask many questions concurrently; replies in order, failures as error strings."""
+        if "schema" in params:
+            return _run_interruptibly(structured.batch(list(prompts), params), "llm_query_batch")
         done = [0]
 
         def count(n: int, _total: int) -> None:
@@ -268,12 +293,16 @@ def repl_namespace(context: Any, client: AsyncOpenAIClient) -> dict[str, Any]:
         )
         return [failed_slot(r) for r in results]
 
-    async def llm_query_async(prompt: str, **params: Any) -> str:
+    async def llm_query_async(prompt: str, **params: Any) -> Any:
         """Awaitable ``llm_query``."""
+        if "schema" in params:
+            return await structured.query(prompt, params)
         return await client.completion(prompt, **params)
 
-    async def llm_query_batch_async(prompts: list[str], **params: Any) -> list[str]:
+    async def llm_query_batch_async(prompts: list[str], **params: Any) -> list[Any]:
         """Awaitable ``llm_query_batch``."""
+        if "schema" in params:
+            return await structured.batch(list(prompts), params)
         results = await client.completion_batch(prompts, return_exceptions=True, **params)
         return [failed_slot(r) for r in results]
 

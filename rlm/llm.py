@@ -346,6 +346,19 @@ class AsyncOpenAIClient:
         """True after ``close()``."""
         return self._closed
 
+    def check_key(self) -> None:
+        """Raise ``ConfigError`` now if no API key is configured (no network I/O).
+
+        The client itself checks on its first request; an RLM calls this when it is
+        built, so a missing key fails once, before any sandbox starts.
+        """
+        if not self._api_key:
+            raise ConfigError(
+                "no API key: set the OPENAI_API_KEY environment variable or pass api_key= "
+                "(for a local OpenAI-compatible server that needs none, pass any value, "
+                "e.g. api_key='local')"
+            )
+
     @property
     def limiter(self) -> AdaptiveLimiter:
         """The in-flight limiter shared by every call of this client (see rlm.limiter)."""
@@ -542,12 +555,7 @@ class AsyncOpenAIClient:
             raise ClientClosedError("this AsyncOpenAIClient is closed; create a new one")
         if self._oai is not None:
             return self._oai
-        if not self._api_key:
-            raise ConfigError(
-                "no API key: set the OPENAI_API_KEY environment variable or pass api_key= "
-                "(for a local OpenAI-compatible server that needs none, pass any value, "
-                "e.g. api_key='local')"
-            )
+        self.check_key()
         import httpx2
 
         # Keep idle connections for a minute: a root model often thinks for more than the

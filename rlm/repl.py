@@ -2,8 +2,8 @@
 
 A root model works here: ``context`` is a variable (the caller's object itself, never
 copied), sub-queries go through ``llm_query``/``llm_query_batch`` and their async forms,
-and the answer comes back through ``FINAL``/``FINAL_VAR``. Cells run under the policy of
-the sandbox policy (``rlm.sandbox.cells``) in an executor: ``"local"`` (a worker thread of this process,
+and the answer comes back through ``FINAL``/``FINAL_VAR``. Cells run under the sandbox
+policy (``rlm.sandbox``) in an executor: ``"local"`` (a worker thread of this process,
 soft limits, fastest) or ``"process"`` (a worker process with OS limits).
 
 A list or dict context is shared, not copied: code in the env can change it in place
@@ -186,6 +186,13 @@ class REPLEnv:
     ConfigError); ``tools`` maps names to functions the code may call. Options of the
     chosen sandbox (``memory_limit_mb``, ``cpu_limit_s``... for "process",
     ``grace_s`` for "local") pass through as keywords.
+
+    Use ``sandbox="process"`` for untrusted input. The in-process sandbox enforces the
+    same policy but shares the host process, so some things it cannot stop: a C-stack
+    overflow from a deeply nested object hashed or iterated in C (a 10**6-deep tuple)
+    crashes the host with SIGSEGV; one GIL-holding C call (``10**10**8``, a
+    catastrophic regex) runs past the deadline until it returns; threads that C code
+    starts keep running; and memory is the host's.
     """
 
     def __init__(

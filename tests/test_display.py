@@ -230,7 +230,7 @@ def test_live_view_indents_child_runs_and_prefixes_their_depth(tmp_path: Path) -
     lines = text_of(console).splitlines()
     child_cell = next(line for line in lines if "child_code()" in line)
     assert child_cell.startswith("    ")
-    assert any("[d1] ↳ sub-RLM: summarise chunk 7" in line for line in lines)
+    assert any("[d1] ↳ sub-RLM asked: summarise chunk 7" in line for line in lines)
     assert any(line.startswith("    ") and "[d1] ↳ sub-RLM answer: chunk 7 says hi" in line
                for line in lines)
 
@@ -432,7 +432,7 @@ def test_html_nests_a_child_run_inside_the_cell_that_started_it(tmp_path: Path) 
     emit_child_run(parent)
     page = trajectory_html(parent.events)
     check_html(page)
-    cell = page.index("cell 1 · 0.30 s · 1 sub-calls")  # the parent's cell
+    cell = page.index("cell 1 · 0.30 s · 1 sub-call")  # the parent's cell
     child = page.index("sub-RLM (depth 1)")
     parent_output = page.index("parent out")
     assert cell < child < parent_output

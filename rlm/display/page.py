@@ -13,6 +13,7 @@ from rlm.display.formatting import (
     fmt_cost,
     fmt_int,
     fmt_time,
+    plural,
     preview,
     prose_of,
 )
@@ -40,7 +41,7 @@ def _cell_html(cell: Cell) -> str:
     if r is not None:
         info.append(fmt_time(r.get("duration_s")))
         if as_int(r.get("sub_calls")):
-            info.append(f"{as_int(r.get('sub_calls')):,} sub-calls")
+            info.append(plural(as_int(r.get('sub_calls')) or 0, 'sub-call'))
         if r.get("truncated"):
             info.append("output truncated")
         if r.get("error"):
@@ -85,7 +86,7 @@ def _iteration_html(it: Iteration) -> str:
         bits.append(fmt_time(it.reply.get("elapsed_s")))
     subs = sum(as_int(c.result.get("sub_calls")) or 0 for c in it.cells if c.result is not None)
     if subs:
-        bits.append(f"{subs:,} sub-calls")
+        bits.append(plural(subs, 'sub-call'))
     if any(c.result is not None and c.result.get("error") for c in it.cells):
         bits.append("error")
     parts = []
