@@ -718,7 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "repeatable (default: the built-in table and the file named by "
                           "$RLM_PRICES)")
     run.add_argument("--price", action="append", metavar="MODEL=IN,OUT",
-                     help="one model's price in USD per 1M input and output tokens, repeatable")
+                     help="one model's price in USD per 1M input and output tokens, repeatable "
+                          "(default: none)")
     run.add_argument("--max-tokens", type=_positive_int, default=None,
                      help="stop when root and sub-calls together used this many tokens "
                           "(default: no limit)")
