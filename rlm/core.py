@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import threading
 import time
@@ -529,6 +530,8 @@ class RLM:
         sub_window_chars: int = DEFAULT_SUB_WINDOW_CHARS,
         prices: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
+        # The keywords this RLM was made with, so another process can build its twin.
+        self._settings: dict[str, Any] = {k: v for k, v in locals().items() if k != "self"}
         if not isinstance(max_iterations, int) or max_iterations < 1:
             raise ConfigError(f"max_iterations must be an int >= 1, got {max_iterations!r}")
         if not isinstance(max_depth, int) or max_depth < 1:
@@ -614,6 +617,28 @@ class RLM:
         self._custom_system_prompt = system_prompt is not None
         self.system_prompt = system_prompt or self._default_system_prompt({})
         self.cell_timeout = cell_timeout
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor keywords that build an equivalent RLM in another process.
+
+        The Ray backend sends these to its workers. The endpoint and key are resolved
+        here (from the environment if they were not passed), so workers need neither.
+        An RLM made with ``client=``/``sub_client=`` or ``on_event=`` cannot be rebuilt
+        elsewhere (those objects live in this process): ``ConfigError`` says so.
+        """
+        settings = dict(self._settings)
+        passed = [k for k in ("client", "sub_client", "on_event") if settings.get(k) is not None]
+        if passed:
+            raise ConfigError(
+                f"this RLM was made with {', '.join(passed)}=, which cannot be sent to "
+                "another process; build it from model=, base_url= and api_key= instead"
+            )
+        settings["base_url"] = settings.get("base_url") or self.client.base_url
+        if settings.get("api_key") is None:
+            settings["api_key"] = os.environ.get("OPENAI_API_KEY")
+        settings["model"] = self.model
+        settings["verbose"] = False
+        return settings
 
     def _default_system_prompt(self, protections: Mapping[str, Any]) -> str:
         """The built-in system prompt for an env with these protections: a confined worker

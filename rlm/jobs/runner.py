@@ -163,6 +163,7 @@ async def arun_job(
     backend: str = "local",
     ray_address: str | None = None,
     ray_chunk_size: int = 16,
+    ray_workers: int | None = None,
 ) -> JobSummary:
     """Run every task not yet in ``out`` and append one line per finished task to it.
 
@@ -240,7 +241,7 @@ async def arun_job(
 
             summary.stopped = await run_tasks_on_ray(
                 rlm, todo, finished, budget, concurrency=concurrency, address=ray_address,
-                chunk_size=ray_chunk_size,
+                chunk_size=ray_chunk_size, workers=ray_workers,
             )
     except asyncio.CancelledError:
         budget.interrupt()
