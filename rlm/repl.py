@@ -337,6 +337,15 @@ class REPLEnv:
         self._check_open()
         return self._executor.get(name)
 
+    def interrupt(self, reason: str = "the cell was interrupted") -> None:
+        """Stop the cell running now, from any thread; its ``execute``/``aexecute`` returns.
+
+        The returned ExecResult holds what the cell printed before it stopped and an
+        error naming ``reason``. Used for run deadlines and Ctrl-C; a no-op when idle.
+        """
+        if not self._closed:
+            self._executor.interrupt(reason)
+
     def set_sub_queries(self, sub_queries: SubQueries | None) -> None:
         """Serve this env's llm_query family with ``sub_queries`` from the next call on.
 
