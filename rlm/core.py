@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from rlm import prompts
 from rlm.errors import ConfigError, LLMError, RLMError
 from rlm.llm import AsyncOpenAIClient
 from rlm.parsing import find_code_blocks, find_final_in_text
-from rlm.repl import REPLEnv, describe_context, failed_slot
+from rlm.repl import REPLEnv, default_sandbox, describe_context, failed_slot
 from rlm.sandbox.modules import importable_modules
 from rlm.schema import Schema, SchemaIssue, format_issues
 from rlm.structured import check_subquery_schema, structured_batch, structured_query
@@ -361,11 +360,6 @@ def _short_error(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _default_sandbox() -> str:
-    # The worker-process sandbox needs fork and OS limits: Linux and macOS.
-    return "process" if sys.platform.startswith(("linux", "darwin")) else "local"
-
-
 class RLM:
     """A Recursive Language Model: a root model driving a sandboxed REPL over the context.
 
@@ -381,6 +375,9 @@ class RLM:
       between RLMs) instead of building them; they are not closed by ``close()``.
     - ``max_concurrency``: sub-queries in flight at once on the sub client this RLM
       builds (default 64; ignored when ``sub_client`` is given).
+    - ``prices``: model name to USD per 1M (input, output) tokens for the clients this
+      RLM builds, so costs and ``max_cost_usd`` work for models the built-in table
+      does not know (default: the built-in table and $RLM_PRICES).
 
     The loop and its limits:
 
@@ -513,7 +510,7 @@ class RLM:
         self.max_iterations = max_iterations
         self.max_depth = max_depth
         self.max_answer_retries = max_answer_retries
-        self.sandbox = sandbox or _default_sandbox()
+        self.sandbox = sandbox or default_sandbox()
         self.max_output_chars = max_output_chars
         self.max_cost_usd = max_cost_usd
         self.max_tokens = max_tokens

@@ -445,7 +445,7 @@ def test_protections_are_reported(env: REPLEnv) -> None:
 
 
 def test_the_local_sandbox_reports_no_os_protections() -> None:
-    with REPLEnv("ctx") as env:
+    with REPLEnv("ctx", sandbox="local") as env:
         prot = env.protections
     assert not any(v for k, v in prot.items() if k not in ("notes", "kill_scope"))
     assert prot["kill_scope"] == "none"
