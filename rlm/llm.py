@@ -364,6 +364,11 @@ class AsyncOpenAIClient:
         """The in-flight limiter shared by every call of this client (see rlm.limiter)."""
         return self._limiter
 
+    @property
+    def prices(self) -> dict[str, tuple[float, float]]:
+        """This client's price table (built-in, RLM_PRICES file, ``prices=``), a copy."""
+        return dict(self._meter.prices)
+
     def price(self, model: str) -> tuple[float, float] | None:
         """USD per 1M (input, output) tokens this client charges ``model`` at; None: unpriced."""
         return lookup_price(self._meter.prices, model)
@@ -630,25 +635,29 @@ class AsyncOpenAIClient:
     ) -> str:
         return (await self._reply(request, meter, ledger)).text
 
-    async def _reply(
+    def _reply(
         self, request: Request, meter: UsageMeter | None, ledger: BudgetLedger | None
-    ) -> Reply:
+    ) -> Coroutine[Any, Any, Reply]:
         """The one path every call takes on the engine loop: budget, limiter, retries, usage.
 
         A reply source in front of the network (the sub-query cache) wraps this: look up
-        before the ledger is asked (a cached reply costs no budget), store after it.
+        before the ledger is asked (a cached reply costs no budget), store after it. A
+        plain function returning the coroutine, so an unbudgeted call pays no extra frame.
         """
-        hold = None
-        if ledger is not None:
-            hold = await ledger.reserve(request.model, request.prompt_chars(), request.max_tokens)
+        if ledger is None:
+            return self._exchange(request.body, meter)
+        return self._budgeted(request, meter, ledger)
+
+    async def _budgeted(
+        self, request: Request, meter: UsageMeter | None, ledger: BudgetLedger
+    ) -> Reply:
+        hold = await ledger.reserve(request.model, request.prompt_chars(), request.max_tokens)
         try:
             reply = await self._exchange(request.body, meter)
         except BaseException:
-            if ledger is not None:
-                ledger.cancel(hold)
+            ledger.cancel(hold)
             raise
-        if ledger is not None:
-            ledger.settle(hold, reply.model, reply.prompt_tokens, reply.completion_tokens)
+        ledger.settle(hold, reply.model, reply.prompt_tokens, reply.completion_tokens)
         return reply
 
     async def _exchange(self, body: dict[str, Any], meter: UsageMeter | None) -> Reply:

@@ -46,14 +46,17 @@ class ExecResult:
     ``stdout``/``stderr`` hold what the cell printed (capped at ``max_output_chars`` each,
     head and tail kept, ``truncated`` set when cut); ``error`` is None or the text the
     model reads (a traceback of its own lines, a policy message, a timeout);
-    ``final`` is the answer given to FINAL/FINAL_VAR in this cell (a str) or None;
+    ``final`` is the answer given to FINAL/FINAL_VAR in this cell or None: a str, or
+    JSON-compatible data (dict, list, number, bool) as plain builtin types, copied out
+    of the sandbox without running any of the cell's code (anything else arrives as
+    its ``str()``);
     ``duration_s`` the wall time; ``sub_calls`` how many sub-queries the cell made.
     """
 
     stdout: str = ""
     stderr: str = ""
     error: str | None = None
-    final: str | None = None
+    final: Any = None
     duration_s: float = 0.0
     sub_calls: int = 0
     truncated: bool = False
@@ -73,7 +76,8 @@ class ExecResult:
         if self.stderr:
             bits.append(f"stderr={_clip(self.stderr, 40)!r}")
         if self.final is not None:
-            bits.append(f"final={_clip(self.final, 60)!r}")
+            shown = self.final if isinstance(self.final, str) else repr(self.final)
+            bits.append(f"final={_clip(shown, 60)!r}")
         if self.sub_calls:
             bits.append(f"sub_calls={self.sub_calls}")
         if self.truncated:
@@ -246,6 +250,7 @@ class REPLEnv:
             max_prompt_bytes=max_prompt_bytes,
             max_in_flight=max_in_flight,
         )
+        self._limits = limits
         self._sub_queries = _CountingSubQueries(sub_queries)
         self._busy = _Busy()
         self._closed = False
@@ -336,6 +341,15 @@ class REPLEnv:
         self._check_open()
         return self._executor.get(name)
 
+    def interrupt(self, reason: str = "the cell was interrupted") -> None:
+        """Stop the cell running now, from any thread; its ``execute``/``aexecute`` returns.
+
+        The returned ExecResult holds what the cell printed before it stopped and an
+        error naming ``reason``. Used for run deadlines and Ctrl-C; a no-op when idle.
+        """
+        if not self._closed:
+            self._executor.interrupt(reason)
+
     def set_sub_queries(self, sub_queries: SubQueries | None) -> None:
         """Serve this env's llm_query family with ``sub_queries`` from the next call on.
 
@@ -349,11 +363,15 @@ class REPLEnv:
         """Which OS-level protections this env's cells run under on this machine.
 
         For sandbox="process" see ``ProcessExecutor.protections`` (network namespace,
-        filesystem jail, uid drop, each rlimit...); for "local" every key is False.
+        PID namespace and ``kill_scope``, filesystem jail and ``disk_limit``, leased uid,
+        each rlimit...); for "local" every OS key is False. ``subquery_caps`` (both
+        sandboxes) gives this env's caps on sub-queries.
         """
         from rlm.sandbox.process import describe_protections
 
-        return describe_protections(self._executor)
+        report = describe_protections(self._executor)
+        report["subquery_caps"] = ", ".join(f"{k}={v}" for k, v in self._limits.as_dict().items())
+        return report
 
     @property
     def executor(self) -> Executor:

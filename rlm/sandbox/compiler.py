@@ -248,12 +248,14 @@ class _CellTransformer(RestrictingNodeTransformer):
     def visit_Match(self, node: ast.Match) -> Any:
         node = self.node_contents_visit(node)
         prelude: list[ast.stmt] = []
+        temps: list[str] = []
         for case in node.cases:
             for pattern in ast.walk(case.pattern):
                 if not isinstance(pattern, ast.MatchClass):
                     continue
                 temp = _MATCH_TEMP.format(self._match_classes)
                 self._match_classes += 1
+                temps.append(temp)
                 guarded = ast.Call(
                     func=ast.Name(MATCH_CLASS_HOOK, ast.Load()),
                     args=[
@@ -267,7 +269,17 @@ class _CellTransformer(RestrictingNodeTransformer):
                 ast.copy_location(assign, node)
                 prelude.append(ast.fix_missing_locations(assign))
                 pattern.cls = ast.copy_location(ast.Name(temp, ast.Load()), pattern.cls)
-        return [*prelude, node] if prelude else node
+        if not prelude:
+            return node
+        # The temporaries are cleared afterwards: in a class body they would otherwise
+        # stay behind as attributes of the class.
+        cleanup: list[ast.stmt] = [
+            ast.Assign(targets=[ast.Name(temp, ast.Store())], value=ast.Constant(None))
+            for temp in temps
+        ]
+        guarded_match = ast.Try(body=[*prelude, node], handlers=[], orelse=[], finalbody=cleanup)
+        ast.copy_location(guarded_match, node)
+        return ast.fix_missing_locations(guarded_match)
 
     def visit_match_case(self, node: ast.match_case) -> Any:
         return self.node_contents_visit(node)

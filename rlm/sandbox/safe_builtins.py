@@ -411,4 +411,5 @@ def builtin_standins(b: dict[str, Any]) -> dict[int, type]:
     For hooks that must see through the stand-ins (a ``case list(...)`` pattern needs
     the real class); the dict keeps nothing alive, the builtins dict does.
     """
-    return {id(b[real.__name__]): real for real in (list, tuple, set, frozenset, dict, type)}
+    # Not ``type``: its stand-in exists so that the real one is never handed out.
+    return {id(b[real.__name__]): real for real in (list, tuple, set, frozenset, dict)}

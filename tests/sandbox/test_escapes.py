@@ -162,6 +162,19 @@ def test_a_class_with_a_type_base_gives_no_class_factory(make_env: Callable[...,
     assert "metaclasses" in r.stdout and r.stdout.endswith("False\n")
 
 
+def test_match_leaves_no_pattern_class_behind(make_env: Callable[..., REPLEnv]) -> None:
+    env = make_env(timeout=10.0)
+    r = env.execute(
+        "import dataclasses\n@dataclasses.dataclass\nclass P:\n    x: int\n"
+        "class K:\n    match P(1):\n        case P(a) | list([a]):\n            found = a\n"
+        "print(K.found, K._rlm_mc0_, K._rlm_mc1_)"
+    )
+    assert r.error is None, r.error
+    assert r.stdout == "1 None None\n"
+    r = env.execute("match 1:\n    case type():\n        pass")
+    assert r.error is not None and "must be a type" in r.error  # the real type is never used
+
+
 # --------------------------------------------------------------------------- finding 3
 
 FRAME_ROUTES = {
@@ -181,6 +194,12 @@ FRAME_ROUTES = {
     "own-generator-f-back": LIAR
     + "def g():\n    yield 1\nx = g()\nnext(x)\ngetattr(getattr(x, S('gi_frame')), 'f_back')",
     "format-field-frame": "it = iter(int, 1)\n'{0.gi_frame}'.format(it)",
+    "asyncio-sleep-cr-frame": "import asyncio\ngetattr(asyncio.sleep(0), 'cr_frame')",
+    "asyncio-gather-send": "import asyncio\nasyncio.gather(llm_query_async('ECHO 1')).send(None)",
+    "as-completed-item-frame": (
+        "import asyncio\nfor a in asyncio.as_completed([llm_query_async('ECHO 1')]):\n"
+        "    getattr(a, 'cr_frame')"
+    ),
 }
 
 
@@ -198,13 +217,14 @@ def test_objects_wrapping_host_code_have_nothing_public(make_env: Callable[..., 
     env = make_env(timeout=10.0)
     r = env.execute(
         "import itertools\nasync def ag():\n    yield 1\n"
-        "c = llm_query_async('ECHO 1')\n"
-        "held = [iter(int, 1), itertools.count(), itertools.cycle([1]), c, anext(ag())]\n"
+        "import asyncio\nc = llm_query_async('ECHO 1')\n"
+        "held = [iter(int, 1), itertools.count(), itertools.cycle([1]), c, anext(ag()),\n"
+        "        asyncio.sleep(0), asyncio.gather(), llm_query_batch_async(['ECHO 2'])]\n"
         "print([n for h in held for n in dir(h)])\n"
-        "print(await c)"
+        "print(await c, await held[-1], await asyncio.gather(held[-3], llm_query_async('ECHO 3')))"
     )
     assert r.error is None, r.error
-    assert r.stdout == "[]\n1\n"
+    assert r.stdout == "[]\n1 ['2'] [None, '3']\n"
 
 
 # --------------------------------------------------------------------------- finding 4
