@@ -1080,9 +1080,9 @@ class RLM:
             if not blocks:
                 final = await self._final_from_text(run, env, reply)
                 if final is not None:
-                    verdict, feedback = self._judge(run, typed, final)
+                    verdict, feedback = self._judge(run, typed, final, iteration)
                     if verdict == "answer":
-                        return final if typed is None else typed.answer, "final", iteration
+                        return _answer_text(final, typed), "final", iteration
                     if verdict == "invalid":
                         return None, "invalid_answer", iteration
                     new = [{"role": "user", "content": feedback}]
@@ -1097,9 +1097,9 @@ class RLM:
                 feedback = ""
                 if result.final is not None:
                     run.trajectory.emit("final", answer=result.final, source="code")
-                    verdict, feedback = self._judge(run, typed, result.final)
+                    verdict, feedback = self._judge(run, typed, result.final, iteration)
                     if verdict == "answer":
-                        return result.final if typed is None else typed.answer, "final", iteration
+                        return _answer_text(result.final, typed), "final", iteration
                     if verdict == "invalid":
                         return None, "invalid_answer", iteration
                 outputs.append(
@@ -1127,13 +1127,13 @@ class RLM:
             run.trajectory.emit("final", answer=final, source="last_turn")
         if typed is not None:
             # No turn is left to fix a mismatch: it ends the run.
-            if self._judge(run, typed, final, last=True)[0] != "answer":
+            if self._judge(run, typed, final, self.max_iterations + 1, last=True)[0] != "answer":
                 return None, "invalid_answer", self.max_iterations
             return typed.answer, "max_iterations", self.max_iterations
-        return final, "max_iterations", self.max_iterations
+        return _answer_text(final, None), "max_iterations", self.max_iterations
 
     def _judge(
-        self, run: _Run, typed: _TypedAnswer | None, value: Any, last: bool = False
+        self, run: _Run, typed: _TypedAnswer | None, value: Any, iteration: int, last: bool = False
     ) -> tuple[str, str]:
         """What a FINAL value means for the run: ("answer", ""), ("retry", the feedback
         for the root) or ("invalid", "") when no retry is left."""
@@ -1142,6 +1142,7 @@ class RLM:
         left = 0 if last else typed.retries_left()
         run.trajectory.emit(
             "answer_invalid",
+            iteration=iteration,
             attempt=typed.failures,
             retries_left=left,
             errors=[i.to_dict() for i in typed.issues],
@@ -1215,7 +1216,7 @@ class RLM:
             raise _Stopped("interrupted", "the REPL was closed during the run")
         return result
 
-    async def _final_from_text(self, run: _Run, env: REPLEnv, reply: str) -> str | None:
+    async def _final_from_text(self, run: _Run, env: REPLEnv, reply: str) -> Any:
         found = find_final_in_text(reply)
         if found is None:
             return None
@@ -1327,6 +1328,17 @@ class RLMSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _answer_text(value: Any, typed: _TypedAnswer | None) -> str:
+    """RLMResult.answer for a FINAL value: the validated output's text with a schema;
+    without one, a str as is and other plain data as JSON."""
+    if typed is not None:
+        assert typed.answer is not None
+        return typed.answer
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _reply_text(reply: Any) -> str:

@@ -47,14 +47,17 @@ class ExecResult:
     ``stdout``/``stderr`` hold what the cell printed (capped at ``max_output_chars`` each,
     head and tail kept, ``truncated`` set when cut); ``error`` is None or the text the
     model reads (a traceback of its own lines, a policy message, a timeout);
-    ``final`` is the answer given to FINAL/FINAL_VAR in this cell (a str) or None;
+    ``final`` is the answer given to FINAL/FINAL_VAR in this cell or None: a str, or
+    JSON-compatible data (dict, list, number, bool) as plain builtin types, copied out
+    of the sandbox without running any of the cell's code (anything else arrives as
+    its ``str()``);
     ``duration_s`` the wall time; ``sub_calls`` how many sub-queries the cell made.
     """
 
     stdout: str = ""
     stderr: str = ""
     error: str | None = None
-    final: str | None = None
+    final: Any = None
     duration_s: float = 0.0
     sub_calls: int = 0
     truncated: bool = False
@@ -74,7 +77,8 @@ class ExecResult:
         if self.stderr:
             bits.append(f"stderr={_clip(self.stderr, 40)!r}")
         if self.final is not None:
-            bits.append(f"final={_clip(self.final, 60)!r}")
+            shown = self.final if isinstance(self.final, str) else repr(self.final)
+            bits.append(f"final={_clip(shown, 60)!r}")
         if self.sub_calls:
             bits.append(f"sub_calls={self.sub_calls}")
         if self.truncated:

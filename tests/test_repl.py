@@ -146,10 +146,12 @@ def test_reserved_names_are_restored_after_the_cell(env: REPLEnv) -> None:
     assert after.final == "back"
 
 
-def test_final_converts_to_str(env: REPLEnv) -> None:
-    assert env.execute("FINAL(42)").final == "42"
-    assert env.execute("FINAL(['a', 1])").final == "['a', 1]"
+def test_final_keeps_plain_data_and_turns_anything_else_into_its_str(env: REPLEnv) -> None:
+    assert env.execute("FINAL(42)").final == 42
+    assert env.execute("FINAL(['a', 1, ('t', None)])").final == ["a", 1, ["t", None]]
     assert env.execute("FINAL('done')").final == "done"
+    assert env.execute("FINAL({'a', 'b'} - {'b'})").final == "{'a'}"  # a set is not JSON
+    assert env.execute("FINAL(None)").final == "None"
 
 
 def test_final_is_per_cell(env: REPLEnv) -> None:
@@ -159,8 +161,8 @@ def test_final_is_per_cell(env: REPLEnv) -> None:
 
 def test_final_var_reads_the_variable(env: REPLEnv) -> None:
     r = env.execute("answer = {'total': 3}\nFINAL_VAR('answer')")
-    assert r.final == "{'total': 3}"
-    assert env.execute('FINAL_VAR("answer")').final == "{'total': 3}"
+    assert r.final == {"total": 3}
+    assert env.execute('FINAL_VAR("answer")').final == {"total": 3}
 
 
 def test_final_var_of_a_missing_name_is_an_error_in_the_cell(env: REPLEnv) -> None:
