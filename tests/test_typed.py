@@ -228,3 +228,15 @@ def test_an_untyped_run_answers_plain_data_as_json(rlms: list[RLM]) -> None:
         result = make_rlm(srv, rlms).completion("x", "Which ids?")
     assert result.answer == '{"ids": ["a", "b"], "ok": true}'
     assert result.output is None
+
+
+def test_the_last_turn_answer_is_validated_too(rlms: list[RLM]) -> None:
+    script = [repl("print(len(context))"), 'FINAL({"count": 2, "ids": ["a", "b"]})']
+    with FakeLLMServer(scripts={ROOT: script}) as srv:
+        result = make_rlm(srv, rlms, max_iterations=1).completion("ab", "How many?", schema=Counted)
+    assert result.stopped_reason == "max_iterations"
+    assert result.output == Counted(count=2, ids=["a", "b"])
+
+    with FakeLLMServer(scripts={ROOT: [repl("print(1)"), "FINAL(many)"]}) as srv:
+        result = make_rlm(srv, rlms, max_iterations=1).completion("ab", "How many?", schema=Counted)
+    assert result.stopped_reason == "invalid_answer" and result.raw_output == "many"
