@@ -8,6 +8,8 @@ and drop the context, so memory holds at most ``concurrency`` contexts at a time
 from __future__ import annotations
 
 import asyncio
+import gc
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,6 +21,34 @@ from rlm.jobs.tasks import Task
 __all__ = ["run_tasks"]
 
 Finished = Callable[[dict[str, Any]], None]
+
+
+class _Reclaimer:
+    """Collects cyclic garbage once ``threshold`` bytes of contexts have been released.
+
+    A finished run's REPL can sit in a reference cycle (its namespace, closures and
+    executor), which only a full collection frees, and the interpreter starts those by
+    object counts, not bytes: a job of large contexts would pile up hundreds of dead
+    ones. Collecting after every 32 MB of released contexts bounds that pile at a
+    cost of one collection per many tasks.
+    """
+
+    def __init__(self, threshold: int = 32 << 20) -> None:
+        self.threshold = threshold
+        self.pending = 0
+        self._lock = threading.Lock()
+
+    def released(self, context: Any) -> None:
+        size = len(context) if isinstance(context, str | bytes | bytearray) else 1 << 20
+        with self._lock:
+            self.pending += size
+            if self.pending < self.threshold:
+                return
+            self.pending = 0
+        gc.collect()
+
+
+_reclaimer = _Reclaimer()
 
 
 def _short(exc: BaseException) -> str:
@@ -39,6 +69,7 @@ async def run_one(rlm: Any, task: Task) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - e.g. an empty query: the task fails, not the job
         return error_record(task.id, _short(exc), time.monotonic() - started)
     finally:
+        _reclaimer.released(context)
         del context
     return result_record(task.id, result)
 
