@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
@@ -27,7 +26,7 @@ from rlm import prompts
 from rlm.errors import BudgetExhaustedError, ConfigError, LLMError, RLMError, RunInterrupted
 from rlm.llm import AsyncOpenAIClient
 from rlm.parsing import find_code_blocks, find_final_in_text
-from rlm.repl import ExecResult, REPLEnv, describe_context, failed_slot
+from rlm.repl import ExecResult, REPLEnv, default_sandbox, describe_context, failed_slot
 from rlm.sandbox.modules import importable_modules
 from rlm.schema import Schema, SchemaIssue, format_issues
 from rlm.structured import check_subquery_schema, structured_batch, structured_query
@@ -336,20 +335,25 @@ class _SubQueryService:
             )
         elif schema is not None:
             results = await structured_batch(
-                self._send, prompts, schema, params, run.rlm.sub_client, self._progress(total)
+                self._send, self._send_many, prompts, schema, params, run.rlm.sub_client,
+                self._progress(total),
             )
         else:
-            client = run.rlm.sub_client
-            params = {"model": run.rlm.recursive_model, **params}
-            requests = [client.request(p, **params) for p in prompts]
-            results = await client.send_many(
-                requests, meter=run.sub_meter, ledger=run.ledger,
-                on_item_done=self._progress(total),
-            )
+            results = await self._send_many(prompts, params, self._progress(total))
         return [
             failed_slot(self._window_error(p, r) if isinstance(r, LLMError) else r)
             for p, r in zip(prompts, results, strict=True)
         ]
+
+    async def _send_many(self, prompts: list[Any], params: dict[str, Any],
+                         on_item_done: Callable[[int, int], None]) -> list[Any]:
+        run = self._run
+        client = run.rlm.sub_client
+        params = {"model": run.rlm.recursive_model, **params}
+        requests = [client.request(p, **params) for p in prompts]
+        return await client.send_many(
+            requests, meter=run.sub_meter, ledger=run.ledger, on_item_done=on_item_done
+        )
 
     def _progress(self, total: int) -> Callable[[int, int], None]:
         step = max(1, total // 50)
@@ -434,11 +438,6 @@ def _short_error(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _default_sandbox() -> str:
-    # The worker-process sandbox needs fork and OS limits: Linux and macOS.
-    return "process" if sys.platform.startswith(("linux", "darwin")) else "local"
-
-
 class RLM:
     """A Recursive Language Model: a root model driving a sandboxed REPL over the context.
 
@@ -454,6 +453,9 @@ class RLM:
       between RLMs) instead of building them; they are not closed by ``close()``.
     - ``max_concurrency``: sub-queries in flight at once on the sub client this RLM
       builds (default 64; ignored when ``sub_client`` is given).
+    - ``prices``: model name to USD per 1M (input, output) tokens for the clients this
+      RLM builds, so costs and ``max_cost_usd`` work for models the built-in table
+      does not know (default: the built-in table and $RLM_PRICES).
 
     The loop and its limits:
 
@@ -554,12 +556,6 @@ class RLM:
                 f"record_subcalls must be one of {', '.join(map(repr, SUBCALL_RECORDING))}, "
                 f"got {record_subcalls!r}"
             )
-        for name, value in (("max_cost_usd", max_cost_usd), ("max_time_s", max_time_s)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                                      or not value > 0):
-                raise ConfigError(f"{name} must be a number > 0 or None (no limit), got {value!r}")
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-            raise ConfigError(f"max_tokens must be an int >= 1 or None (no limit), got {max_tokens!r}")
         if prices is not None:
             prices = check_prices(prices)
         self._owned: list[AsyncOpenAIClient] = []
@@ -586,7 +582,7 @@ class RLM:
         self.max_iterations = max_iterations
         self.max_depth = max_depth
         self.max_answer_retries = max_answer_retries
-        self.sandbox = sandbox or _default_sandbox()
+        self.sandbox = sandbox or default_sandbox()
         self.max_output_chars = max_output_chars
         for name, value in (("max_cost_usd", max_cost_usd), ("max_tokens", max_tokens),
                             ("max_time_s", max_time_s)):

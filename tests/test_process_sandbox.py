@@ -446,7 +446,7 @@ def test_protections_are_reported(env: REPLEnv) -> None:
 
 
 def test_the_local_sandbox_reports_no_os_protections() -> None:
-    with REPLEnv("ctx") as env:
+    with REPLEnv("ctx", sandbox="local") as env:
         prot = env.protections
     assert not any(v for k, v in prot.items() if k not in ("notes", "kill_scope", "subquery_caps"))
     assert prot["kill_scope"] == "none"
