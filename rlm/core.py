@@ -335,20 +335,25 @@ class _SubQueryService:
             )
         elif schema is not None:
             results = await structured_batch(
-                self._send, prompts, schema, params, run.rlm.sub_client, self._progress(total)
+                self._send, self._send_many, prompts, schema, params, run.rlm.sub_client,
+                self._progress(total),
             )
         else:
-            client = run.rlm.sub_client
-            params = {"model": run.rlm.recursive_model, **params}
-            requests = [client.request(p, **params) for p in prompts]
-            results = await client.send_many(
-                requests, meter=run.sub_meter, ledger=run.ledger,
-                on_item_done=self._progress(total),
-            )
+            results = await self._send_many(prompts, params, self._progress(total))
         return [
             failed_slot(self._window_error(p, r) if isinstance(r, LLMError) else r)
             for p, r in zip(prompts, results, strict=True)
         ]
+
+    async def _send_many(self, prompts: list[Any], params: dict[str, Any],
+                         on_item_done: Callable[[int, int], None]) -> list[Any]:
+        run = self._run
+        client = run.rlm.sub_client
+        params = {"model": run.rlm.recursive_model, **params}
+        requests = [client.request(p, **params) for p in prompts]
+        return await client.send_many(
+            requests, meter=run.sub_meter, ledger=run.ledger, on_item_done=on_item_done
+        )
 
     def _progress(self, total: int) -> Callable[[int, int], None]:
         step = max(1, total // 50)

@@ -125,13 +125,21 @@ class ClientSubQueries:
         if "schema" in params:
             params = dict(params)
             schema = check_subquery_schema(params.pop("schema"))
-            results = await structured_batch(self._send, prompts, schema, params, self._client)
+            results = await structured_batch(
+                self._send, self._send_many, prompts, schema, params, self._client
+            )
         else:
             results = await self._client.completion_batch(prompts, return_exceptions=True, **params)
         return [failed_slot(r) for r in results]
 
     async def _send(self, messages: Any, params: dict[str, Any]) -> str:
         return await self._client.completion(messages, **params)
+
+    async def _send_many(self, prompts: list[Any], params: dict[str, Any],
+                         on_item_done: Any) -> list[Any]:
+        return await self._client.completion_batch(
+            prompts, return_exceptions=True, on_item_done=on_item_done, **params
+        )
 
 
 def _short_error(exc: BaseException) -> str:
