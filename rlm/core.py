@@ -11,7 +11,10 @@ and one limiter.
 from __future__ import annotations
 
 import asyncio
-import sys
+import contextlib
+import json
+import os
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,15 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 from rlm import loop as engine
 from rlm import prompts
-from rlm.errors import ConfigError, LLMError, RLMError
+from rlm.errors import BudgetExhaustedError, ConfigError, LLMError, RLMError, RunInterrupted
 from rlm.llm import AsyncOpenAIClient
 from rlm.parsing import find_code_blocks, find_final_in_text
-from rlm.repl import REPLEnv, describe_context, failed_slot
+from rlm.repl import ExecResult, REPLEnv, default_sandbox, describe_context, failed_slot
 from rlm.sandbox.modules import importable_modules
 from rlm.schema import Schema, SchemaIssue, format_issues
 from rlm.structured import check_subquery_schema, structured_batch, structured_query
-from rlm.trajectory import Trajectory
-from rlm.usage import PRICE_HELP, Usage, check_prices
+from rlm.trajectory import Trajectory, cap_text, prompt_text
+from rlm.usage import PRICE_HELP, BudgetLedger, Usage, check_prices
 
 # Current frontier models take 128k tokens or more; compact well before that so the
 # reply and the next cell output still fit.
@@ -39,6 +42,9 @@ DEFAULT_SUB_WINDOW_CHARS = 500_000
 # Compaction keeps the system prompt, the first user message and this many latest
 # messages (the last reply and the output it produced) verbatim.
 _KEEP_RECENT = 2
+# What a trajectory keeps of each sub-query (RLM(record_subcalls=...)), and the cap.
+SUBCALL_RECORDING = ("capped", "full", "none")
+SUBCALL_CAP_CHARS = 2_000
 
 if TYPE_CHECKING:
     from rlm.jobs.runner import JobSummary
@@ -130,12 +136,22 @@ class RLMResult:
         return result_rich(self)
 
 
-class _BudgetExceeded(RLMError):
-    pass
+class _Stopped(RLMError):
+    """Ends a run early: ``kind`` is its stopped_reason ("budget" or "interrupted")."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
 
 
 class _Run:
-    """State of one root-loop run: its meters, counters, trajectory and budgets."""
+    """State of one root-loop run: its meters, counters, trajectory, budget and stop switch.
+
+    Every run of one tree (a root run, its child runs, every env they own) shares one
+    ``BudgetLedger``. ``halt`` stops the run from any thread: the running cell is
+    interrupted (it returns what it printed), in-flight sub-queries are cancelled, and
+    the loop ends at the end of that cell with the halt's reason.
+    """
 
     def __init__(
         self,
@@ -143,18 +159,25 @@ class _Run:
         depth: int,
         trajectory: Trajectory,
         run_child: Callable[..., Coroutine[Any, Any, RLMResult]],
+        ledger: BudgetLedger,
     ) -> None:
         self.rlm = rlm
         self.depth = depth
         # Starts a child run (RLM._run) for recursive sub-queries.
         self.run_child = run_child
         self.trajectory = trajectory
+        self.ledger = ledger
         self.root_meter = rlm.client.new_meter()
         self.sub_meter = rlm.sub_client.new_meter()
         self.sub_calls = 0
         self.iterations = 0
         self.started = time.monotonic()
         self.children: list[_Run] = []
+        self.env: REPLEnv | None = None
+        self.halted: _Stopped | None = None
+        # Sub-query tasks in flight (on the engine loop), cancelled by halt().
+        self._tasks: dict[asyncio.Task[Any], asyncio.AbstractEventLoop] = {}
+        self._lock = threading.Lock()
 
     def usage(self) -> dict[str, Usage]:
         root, sub = self.root_meter.snapshot(), self.sub_meter.snapshot()
@@ -167,22 +190,48 @@ class _Run:
     def total_sub_calls(self) -> int:
         return self.sub_calls + sum(c.total_sub_calls() for c in self.children)
 
-    def check_budget(self) -> None:
-        rlm = self.rlm
-        if rlm.max_time_s is not None and time.monotonic() - self.started > rlm.max_time_s:
-            raise _BudgetExceeded(f"max_time_s={rlm.max_time_s:g} reached")
-        if rlm.max_cost_usd is None and rlm.max_tokens is None:
+    @contextlib.contextmanager
+    def tracking(self) -> Any:
+        """Register the current task as one of this run's sub-queries while it runs."""
+        task = asyncio.current_task()
+        if task is None:
+            yield
             return
-        usage = self.usage()
-        total = usage["root"] + usage["sub"]
-        if rlm.max_cost_usd is not None and total.cost_usd > rlm.max_cost_usd:
-            raise _BudgetExceeded(
-                f"max_cost_usd={rlm.max_cost_usd:g} exceeded (spent {total.cost_usd:.4f} USD)"
-            )
-        if rlm.max_tokens is not None and total.total_tokens > rlm.max_tokens:
-            raise _BudgetExceeded(
-                f"max_tokens={rlm.max_tokens} exceeded (used {total.total_tokens})"
-            )
+        with self._lock:
+            self._tasks[task] = asyncio.get_running_loop()
+        try:
+            if self.halted is not None:
+                raise BudgetExhaustedError(f"the run was stopped ({self.halted})")
+            yield
+        finally:
+            with self._lock:
+                self._tasks.pop(task, None)
+
+    def halt(self, kind: str, reason: str) -> None:
+        """Stop the run now (any thread): interrupt its cell, cancel its sub-queries."""
+        if self.halted is None:
+            self.halted = _Stopped(kind, reason)
+        env = self.env
+        if env is not None:
+            env.interrupt(reason)
+        with self._lock:
+            tasks = list(self._tasks.items())
+        for task, loop in tasks:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nothing runs there
+                loop.call_soon_threadsafe(task.cancel)
+        for child in list(self.children):
+            child.halt(kind, reason)
+
+    def check_stop(self) -> None:
+        """Raise ``_Stopped`` if the run was halted or its budget is spent."""
+        if self.halted is not None:
+            raise self.halted
+        ledger = self.ledger
+        if ledger.exhausted is not None or (
+            ledger.deadline is not None and ledger.remaining_s() <= 0
+        ):
+            ledger.exhausted = ledger.exhausted or f"max_time_s={ledger.max_time_s:g}"
+            raise _Stopped("budget", ledger.describe())
 
 
 class _SubQueryService:
@@ -195,7 +244,32 @@ class _SubQueryService:
     def __init__(self, run: _Run) -> None:
         self._run = run
 
+    def _record(self, prompts_: Sequence[Any], replies: Sequence[Any]) -> None:
+        """Put the sub-queries' prompts and replies in the trajectory (one event per
+        call of llm_query or llm_query_batch, so a 10,000-item batch is one line)."""
+        mode = self._run.rlm.record_subcalls
+        if mode == "none":
+            return
+        limit = SUBCALL_CAP_CHARS if mode == "capped" else None
+
+        def keep(text: str) -> str:
+            return text if limit is None else cap_text(text, limit)
+
+        calls = [{"prompt": keep(prompt_text(p)), "reply": keep(_reply_text(r))}
+                 for p, r in zip(prompts_, replies, strict=True)]
+        self._run.trajectory.emit("sub_queries", iteration=self._run.iterations, calls=calls)
+
     async def query(self, prompt: str, params: dict[str, Any]) -> Any:
+        with self._run.tracking():
+            try:
+                reply = await self._query(prompt, params)
+            except LLMError as exc:
+                self._record([prompt], [failed_slot(exc)])
+                raise
+        self._record([prompt], [reply])
+        return reply
+
+    async def _query(self, prompt: str, params: dict[str, Any]) -> Any:
         run = self._run
         run.sub_calls += 1
         params = dict(params)
@@ -214,7 +288,7 @@ class _SubQueryService:
         client = run.rlm.sub_client
         request = client.request(prompt, **{"model": run.rlm.recursive_model, **params})
         try:
-            return await client.send(request, meter=run.sub_meter)
+            return await client.send(request, meter=run.sub_meter, ledger=run.ledger)
         except LLMError as exc:
             raise self._window_error(prompt, exc) from exc
 
@@ -234,6 +308,12 @@ class _SubQueryService:
                         status=exc.status, attempts=exc.attempts)
 
     async def batch(self, prompts: list[str], params: dict[str, Any]) -> list[Any]:
+        with self._run.tracking():
+            replies = await self._batch(prompts, params)
+        self._record(prompts, replies)
+        return replies
+
+    async def _batch(self, prompts: list[str], params: dict[str, Any]) -> list[Any]:
         run = self._run
         run.sub_calls += len(prompts)
         # Oversized prompts are answered here and never sent; the rest go out as one batch.
@@ -255,19 +335,25 @@ class _SubQueryService:
             )
         elif schema is not None:
             results = await structured_batch(
-                self._send, prompts, schema, params, run.rlm.sub_client, self._progress(total)
+                self._send, self._send_many, prompts, schema, params, run.rlm.sub_client,
+                self._progress(total),
             )
         else:
-            client = run.rlm.sub_client
-            params = {"model": run.rlm.recursive_model, **params}
-            requests = [client.request(p, **params) for p in prompts]
-            results = await client.send_many(
-                requests, meter=run.sub_meter, on_item_done=self._progress(total)
-            )
+            results = await self._send_many(prompts, params, self._progress(total))
         return [
             failed_slot(self._window_error(p, r) if isinstance(r, LLMError) else r)
             for p, r in zip(prompts, results, strict=True)
         ]
+
+    async def _send_many(self, prompts: list[Any], params: dict[str, Any],
+                         on_item_done: Callable[[int, int], None]) -> list[Any]:
+        run = self._run
+        client = run.rlm.sub_client
+        params = {"model": run.rlm.recursive_model, **params}
+        requests = [client.request(p, **params) for p in prompts]
+        return await client.send_many(
+            requests, meter=run.sub_meter, ledger=run.ledger, on_item_done=on_item_done
+        )
 
     def _progress(self, total: int) -> Callable[[int, int], None]:
         step = max(1, total // 50)
@@ -322,30 +408,98 @@ def _estimate_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
     return sum(len(str(m.get("content") or "")) for m in messages) // 4 + 4 * len(messages)
 
 
+# How long an interrupted run may take to stop its cell and write its record.
+INTERRUPT_GRACE_S = 15.0
+
+
+def _deadline_passed(run: _Run) -> None:
+    ledger = run.ledger
+    ledger.exhaust(f"max_time_s={ledger.max_time_s:g}")
+    run.halt("budget", ledger.describe())
+
+
+def _emit_cell_result(run: _Run, iteration: int, index: int, result: ExecResult) -> None:
+    run.trajectory.emit(
+        "cell_result",
+        iteration=iteration,
+        index=index,
+        stdout=result.stdout,
+        stderr=result.stderr,
+        error=result.error,
+        final=result.final,
+        duration_s=round(result.duration_s, 4),
+        sub_calls=result.sub_calls,
+        truncated=result.truncated,
+    )
+
+
 def _short_error(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _default_sandbox() -> str:
-    # The worker-process sandbox needs fork and OS limits: Linux and macOS.
-    return "process" if sys.platform.startswith(("linux", "darwin")) else "local"
-
-
 class RLM:
     """A Recursive Language Model: a root model driving a sandboxed REPL over the context.
 
-    ``model`` (the root) falls back to RLM_MODEL; ``recursive_model`` (what
-    ``llm_query`` calls) to ``model``. ``client`` and ``sub_client`` may be passed in
-    and shared between RLMs; otherwise they are built from ``base_url``/``api_key``
-    (falling back to OPENAI_BASE_URL/OPENAI_API_KEY), the sub client with
-    ``max_concurrency`` in flight. Budgets (``max_cost_usd``, ``max_tokens``,
-    ``max_time_s``) stop a run with ``stopped_reason="budget"``. ``log_dir`` keeps a
-    JSONL trajectory per run; ``verbose`` shows each iteration live. ``on_event`` is
-    called with every trajectory event of every run (children's too, and the transient
-    ``subcalls`` progress events), from whichever thread emits it, so it must be quick
-    and thread-safe: servers use it to stream progress. A run with ``schema=`` gives the
-    root ``max_answer_retries`` more tries after an answer that does not match.
+    Models and endpoint:
+
+    - ``model``: the root model, which writes the code (default: $RLM_MODEL, else
+      gpt-4o-mini).
+    - ``recursive_model``: what ``llm_query`` calls (default: ``model``).
+    - ``base_url``: an OpenAI-compatible endpoint (default: $OPENAI_BASE_URL, else OpenAI).
+    - ``api_key``: its key (default: $OPENAI_API_KEY). With no key at all the
+      constructor raises ``ConfigError``; a local server that needs none takes any value.
+    - ``client`` / ``sub_client``: ready ``AsyncOpenAIClient``s to use (and share
+      between RLMs) instead of building them; they are not closed by ``close()``.
+    - ``max_concurrency``: sub-queries in flight at once on the sub client this RLM
+      builds (default 64; ignored when ``sub_client`` is given).
+    - ``prices``: model name to USD per 1M (input, output) tokens for the clients this
+      RLM builds, so costs and ``max_cost_usd`` work for models the built-in table
+      does not know (default: the built-in table and $RLM_PRICES).
+
+    The loop and its limits:
+
+    - ``max_iterations``: root turns (default 20). When they run out the root gets one
+      last turn to answer; the result then has ``stopped_reason="max_iterations"``.
+    - ``max_depth``: 1 (default) makes ``llm_query`` a plain model call; 2 or more runs
+      a child RLM with its own REPL on the prompt, down to that depth.
+    - ``max_cost_usd`` (US dollars), ``max_tokens`` (root plus sub tokens) and
+      ``max_time_s`` (wall-clock seconds): budgets for one run, root and sub-calls
+      together; a spent budget stops it with ``stopped_reason="budget"`` (default: none).
+    - ``root_window_tokens``: once the root conversation is estimated above this many
+      tokens, older turns are replaced by a summary (default 100,000; None: never).
+    - ``sub_window_chars``: the longest sub-query prompt in characters; longer ones are
+      refused before sending with a message the root can act on (default 500,000).
+
+    The sandbox:
+
+    - ``sandbox``: "process" runs REPL code in a worker process with wall and CPU
+      time, memory, network and file limits; "local" runs it in this process under the
+      compile-time policy only (faster, weaker). Default: "process" on Linux and macOS,
+      "local" elsewhere (the same default as ``REPLEnv``).
+    - ``cell_timeout``: seconds one cell may run (default 60).
+    - ``max_output_chars``: characters of a cell's output shown to the root (default
+      20,000; the rest is cut to a head and a tail).
+    - ``tools`` / ``tool_descriptions``: functions callable from REPL code by name,
+      and the one-line descriptions the root is shown for them.
+    - ``system_prompt``: replaces the built-in system prompt.
+
+    Seeing a run:
+
+    - ``log_dir``: write each run's trajectory as JSONL there, event by event (default:
+      none; ``result.trajectory`` always has the events).
+    - ``record_subcalls``: what the trajectory keeps of each sub-query: "capped"
+      (default: prompt and reply cut to 2,000 characters each, head and tail), "full",
+      or "none" (only counts).
+    - ``verbose``: show each iteration live in the terminal or notebook (default False).
+    - ``on_event``: a callable given every trajectory event as it happens (a custom
+      live view, a progress line); it runs on the engine's threads and must be quick.
+    - ``on_event`` is called with every trajectory event of every run (children's too,
+      and the transient ``subcalls`` progress events), from whichever thread emits it,
+      so it must be quick and thread-safe: a live view, a progress line, servers
+      streaming progress.
+    - A run with ``schema=`` gives the root ``max_answer_retries`` more tries after an
+      answer that does not match (see ``completion``).
     """
 
     def __init__(
@@ -366,6 +520,7 @@ class RLM:
         log_dir: str | Path | None = None,
         verbose: bool = False,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        record_subcalls: str = "capped",
         system_prompt: str | None = None,
         tools: Mapping[str, Callable[..., Any]] | None = None,
         tool_descriptions: Mapping[str, str] | None = None,
@@ -377,6 +532,8 @@ class RLM:
         sub_window_chars: int = DEFAULT_SUB_WINDOW_CHARS,
         prices: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
+        # The keywords this RLM was made with, so another process can build its twin.
+        self._settings: dict[str, Any] = {k: v for k, v in locals().items() if k != "self"}
         if not isinstance(max_iterations, int) or max_iterations < 1:
             raise ConfigError(f"max_iterations must be an int >= 1, got {max_iterations!r}")
         if not isinstance(max_depth, int) or max_depth < 1:
@@ -394,6 +551,11 @@ class RLM:
             raise ConfigError(f"sub_window_chars must be an int >= 100, got {sub_window_chars!r}")
         if sandbox is not None and sandbox not in ("local", "process"):
             raise ConfigError(f"sandbox must be 'local' or 'process', got {sandbox!r}")
+        if record_subcalls not in SUBCALL_RECORDING:
+            raise ConfigError(
+                f"record_subcalls must be one of {', '.join(map(repr, SUBCALL_RECORDING))}, "
+                f"got {record_subcalls!r}"
+            )
         if prices is not None:
             prices = check_prices(prices)
         self._owned: list[AsyncOpenAIClient] = []
@@ -401,6 +563,8 @@ class RLM:
             client = AsyncOpenAIClient(model=model, api_key=api_key, base_url=base_url,
                                        prices=prices)
             self._owned.append(client)
+        # A missing key fails here, once, not as N failed results after N sandboxes started.
+        client.check_key()
         self.client = client
         self.model = model or client.model
         self.recursive_model = recursive_model or self.model
@@ -413,21 +577,30 @@ class RLM:
                 prices=prices,
             )
             self._owned.append(sub_client)
+        sub_client.check_key()
         self.sub_client = sub_client
         self.max_iterations = max_iterations
         self.max_depth = max_depth
         self.max_answer_retries = max_answer_retries
-        self.sandbox = sandbox or _default_sandbox()
+        self.sandbox = sandbox or default_sandbox()
         self.max_output_chars = max_output_chars
+        for name, value in (("max_cost_usd", max_cost_usd), ("max_tokens", max_tokens),
+                            ("max_time_s", max_time_s)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or value <= 0):
+                raise ConfigError(f"{name} must be a positive number or None, got {value!r}")
         self.max_cost_usd = max_cost_usd
         self.max_tokens = max_tokens
         self.max_time_s = max_time_s
         self.prices = dict(prices or {})
+        self._active: set[_Run] = set()
+        self._active_lock = threading.Lock()
         if max_cost_usd is not None:
             self._check_priced()
         self.log_dir = log_dir
         self.verbose = verbose
         self.on_event = on_event
+        self.record_subcalls = record_subcalls
         self.tools = dict(tools or {})
         unknown = sorted(set(tool_descriptions or {}) - set(self.tools))
         if unknown:
@@ -440,6 +613,28 @@ class RLM:
         self._custom_system_prompt = system_prompt is not None
         self.system_prompt = system_prompt or self._default_system_prompt({})
         self.cell_timeout = cell_timeout
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor keywords that build an equivalent RLM in another process.
+
+        The Ray backend sends these to its workers. The endpoint and key are resolved
+        here (from the environment if they were not passed), so workers need neither.
+        An RLM made with ``client=``/``sub_client=`` or ``on_event=`` cannot be rebuilt
+        elsewhere (those objects live in this process): ``ConfigError`` says so.
+        """
+        settings = dict(self._settings)
+        passed = [k for k in ("client", "sub_client", "on_event") if settings.get(k) is not None]
+        if passed:
+            raise ConfigError(
+                f"this RLM was made with {', '.join(passed)}=, which cannot be sent to "
+                "another process; build it from model=, base_url= and api_key= instead"
+            )
+        settings["base_url"] = settings.get("base_url") or self.client.base_url
+        if settings.get("api_key") is None:
+            settings["api_key"] = os.environ.get("OPENAI_API_KEY")
+        settings["model"] = self.model
+        settings["verbose"] = False
+        return settings
 
     def _default_system_prompt(self, protections: Mapping[str, Any]) -> str:
         """The built-in system prompt for an env with these protections: a confined worker
@@ -487,7 +682,25 @@ class RLM:
 
         ``schema`` asks for a typed answer (see ``acompletion``).
         """
-        return engine.run_sync(self.acompletion(context, query, schema=schema))
+        _check_query(query)
+        typed = Schema.of(schema) if schema is not None else None
+        ended: list[RLMResult] = []
+        finished = threading.Event()
+
+        async def run() -> RLMResult:
+            try:
+                return await self._run(context=context, query=query, depth=0, schema=typed,
+                                       on_end=ended.append)
+            finally:
+                finished.set()
+
+        try:
+            return engine.run_sync(run())
+        except KeyboardInterrupt as exc:
+            # run_sync cancelled the run on the engine loop; let it stop its cell and
+            # write its record before the caller (often about to exit) goes on.
+            finished.wait(INTERRUPT_GRACE_S)
+            raise RunInterrupted(ended[0] if ended else None) from exc
 
     async def acompletion(self, context: Any, query: str, schema: Any = None) -> RLMResult:
         """Answer ``query`` over ``context``; never raises for a failed run (see ``error``).
@@ -505,39 +718,52 @@ class RLM:
     async def acompletion_batch(
         self,
         tasks: Iterable[tuple[Any, str] | Mapping[str, Any]],
-        max_concurrent: int = 8,
+        max_concurrency: int = 8,
         progress: bool = True,
+        *,
+        max_concurrent: int | None = None,
         schema: Any = None,
     ) -> list[RLMResult]:
         """Run many (context, query) tasks at once, each in its own REPLEnv, in order.
 
-        All tasks share this RLM's clients and limiter. A failed task is an RLMResult
-        with ``error`` set and ``stopped_reason="error"``; it never stops the others.
-        ``progress`` shows a bar with done, failed and ETA. ``schema`` applies to every
-        task; a task given as a mapping may carry its own ``"schema"`` instead.
+        ``tasks`` are ``(context, query)`` pairs or ``{"context": ..., "query": ...}``
+        dicts. ``max_concurrency`` runs at most that many tasks at once (default 8;
+        their sub-queries still share this RLM's clients and limiter). A failed task,
+        a malformed one included (an empty query, a dict without "query"), is an
+        RLMResult with ``error`` set and ``stopped_reason="error"``; it never stops the
+        others. ``progress`` shows a bar with done, failed and ETA (default True).
+        ``schema`` applies to every task; a task given as a mapping may carry its own
+        ``"schema"`` instead. ``max_concurrent`` is the old name of ``max_concurrency``
+        (deprecated).
         """
+        if max_concurrent is not None:
+            import warnings
+
+            warnings.warn("acompletion_batch(max_concurrent=) is deprecated; use max_concurrency=",
+                          DeprecationWarning, stacklevel=2)
+            max_concurrency = max_concurrent
+        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
+            raise ConfigError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
         default = Schema.of(schema) if schema is not None else None
-        items: list[tuple[Any, str, Schema | None]] = []
+        items: list[tuple[Any, Any, Any]] = []
         for task in tasks:
-            if isinstance(task, Mapping):
-                own = task.get("schema")
-                items.append((task.get("context"), task["query"], Schema.of(own) if own is not None else default))
-            else:
-                context, query = task
-                items.append((context, query, default))
-        for _, query, _ in items:
-            _check_query(query)
+            context, query = _task_fields(task)
+            own = task.get("schema") if isinstance(task, Mapping) else None
+            items.append((context, query, own if own is not None else default))
         bar = None
         if progress and items:
             from rlm.display import BatchProgress
 
             bar = BatchProgress()
             bar.start(len(items))
-        gate = asyncio.Semaphore(max(1, max_concurrent))
+        gate = asyncio.Semaphore(max_concurrency)
 
-        async def one(context: Any, query: str, typed: Schema | None) -> RLMResult:
+        async def one(context: Any, query: Any, typed: Any) -> RLMResult:
             async with gate:
                 try:
+                    _check_query(query)
+                    if typed is not None and not isinstance(typed, Schema):
+                        typed = Schema.of(typed)  # a bad per-task schema fails that task only
                     result = await self._run(context=context, query=query, depth=0, schema=typed)
                 except Exception as exc:  # noqa: BLE001 - one task's failure is its own
                     result = RLMResult(answer=None, stopped_reason="error", error=_short_error(exc))
@@ -573,17 +799,48 @@ class RLM:
 
         return await arun_job(self, tasks, out, **options)
 
+    def load_session(self, path: str | Path, context: Any) -> RLMSession:
+        """A session over ``context`` that continues one saved with ``RLMSession.save``:
+        the questions and answers, the usage so far and the saved variables are back."""
+        from rlm.session_store import load_session
+
+        return load_session(self, path, context)
+
     def session(self, context: Any) -> RLMSession:
         """A multi-turn session over ``context``: the REPL keeps its state across asks."""
         return RLMSession(self, context)
 
+    def interrupt(self, reason: str = "the run was interrupted") -> None:
+        """Stop every run of this RLM now, from any thread or loop.
+
+        Each running cell is stopped (keeping what it printed), in-flight sub-queries
+        are cancelled, and each run returns with ``stopped_reason="interrupted"`` and a
+        complete record (``cell_result`` and ``run_end`` in its log).
+        """
+        with self._active_lock:
+            runs = list(self._active)
+        for run in runs:
+            run.halt("interrupted", reason)
+
+    def _wait_idle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._active and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     async def aclose(self) -> None:
-        """Close the clients this RLM created (not ones passed in)."""
+        """Interrupt runs still going (they end "interrupted"), then close the clients this
+        RLM created (not ones passed in)."""
+        self.interrupt("the RLM was closed")
+        if self._active:
+            await asyncio.to_thread(self._wait_idle, INTERRUPT_GRACE_S)
         for c in self._owned:
             await c.close()
 
     def close(self) -> None:
         """``aclose`` for sync code."""
+        self.interrupt("the RLM was closed")
+        if not engine.in_engine_thread():
+            self._wait_idle(INTERRUPT_GRACE_S)
         for c in self._owned:
             c.close_sync()
 
@@ -605,12 +862,13 @@ class RLM:
         sinks: list[Callable[[dict[str, Any]], None]] = []
         if parent is not None:
             sinks = list(parent.trajectory.sinks)
-        elif self.verbose:
-            from rlm.display import LiveDisplay
+        else:
+            if self.verbose:
+                from rlm.display import LiveDisplay
 
-            sinks.append(LiveDisplay())
-        if parent is None and self.on_event is not None:
-            sinks.append(self.on_event)
+                sinks.append(LiveDisplay())
+            if self.on_event is not None:
+                sinks.append(self.on_event)
         log_dir = self.log_dir if depth == 0 else None
         trajectory = Trajectory(log_dir=log_dir, depth=depth, sinks=sinks)
         if parent is not None:
@@ -639,9 +897,19 @@ class RLM:
         env: REPLEnv | None = None,
         history: Sequence[tuple[str, str]] = (),
         schema: Schema | None = None,
+        on_end: Callable[[RLMResult], None] | None = None,
     ) -> RLMResult:
         trajectory = self._trajectory(depth, parent)
-        run = _Run(self, depth, trajectory, self._run)
+        if parent is not None:
+            ledger = parent.ledger  # children spend from what is left
+        else:
+            ledger = BudgetLedger(
+                max_tokens=self.max_tokens,
+                max_cost_usd=self.max_cost_usd,
+                max_time_s=self.max_time_s,
+                prices={**self.client.prices, **self.sub_client.prices, **self.prices},
+            )
+        run = _Run(self, depth, trajectory, self._run, ledger)
         if parent is not None:
             parent.children.append(run)
         own_env = env is None
@@ -649,7 +917,17 @@ class RLM:
         stopped = "error"
         error: str | None = None
         iterations = 0
+        cancelled = False
         typed = _TypedAnswer(schema, self.max_answer_retries) if schema is not None else None
+        timer: asyncio.TimerHandle | None = None
+        if parent is None:
+            with self._active_lock:
+                self._active.add(run)
+            remaining = ledger.remaining_s()
+            if remaining is not None:
+                timer = asyncio.get_running_loop().call_later(
+                    max(0.0, remaining), _deadline_passed, run
+                )
         try:
             description = describe_context(context)
             trajectory.emit(
@@ -659,6 +937,10 @@ class RLM:
                 model=self.model,
                 recursive_model=self.recursive_model,
                 sandbox=self.sandbox,
+                # A child's context is the prompt its parent sent: show that, not the
+                # generic child instruction in ``query``.
+                **({"prompt": self._recorded(prompt_text(context))}
+                   if depth and self.record_subcalls != "none" else {}),
                 max_iterations=self.max_iterations,
                 max_depth=self.max_depth,
                 schema=schema.json_schema if schema is not None else None,
@@ -669,18 +951,36 @@ class RLM:
                 env = await asyncio.to_thread(self._new_env, context, _SubQueryService(run))
             else:
                 env.set_sub_queries(_SubQueryService(run))
+            run.env = env
+            run.check_stop()
             answer, stopped, iterations = await self._loop(run, env, description, query, history, typed)
             if stopped == "invalid_answer" and typed is not None:
                 error = typed.error_text()
-        except _BudgetExceeded as exc:
-            stopped, error = "budget", str(exc)
-            trajectory.emit("budget", reason=error)
+        except _Stopped as exc:
+            stopped, error = exc.kind, str(exc)
+        except BudgetExhaustedError:
+            stopped, error = "budget", ledger.describe()
+        except asyncio.CancelledError:
+            # Cancelled from outside (task.cancel, Ctrl-C through run_sync): write the
+            # record, then let the cancellation go on.
+            cancelled = True
+            run.halt("interrupted", "the run was interrupted")
+            assert run.halted is not None
+            stopped, error = run.halted.kind, str(run.halted)
         except Exception as exc:  # noqa: BLE001 - a run never raises; the result says why
-            stopped, error = "error", _short_error(exc)
-            trajectory.emit("error", message=error)
+            if run.halted is not None:  # e.g. the client closed under a halted run
+                stopped, error = run.halted.kind, str(run.halted)
+            else:
+                stopped, error = "error", _short_error(exc)
         finally:
+            if timer is not None:
+                timer.cancel()
             if own_env and env is not None:
                 await asyncio.to_thread(env.close)
+        if stopped in ("budget", "interrupted"):
+            trajectory.emit(stopped, reason=error)
+        elif stopped == "error":
+            trajectory.emit("error", message=error)
         usage = run.usage()
         result = RLMResult(
             answer=answer,
@@ -709,7 +1009,17 @@ class RLM:
             error=error,
         )
         trajectory.close()
+        if parent is None:
+            with self._active_lock:
+                self._active.discard(run)
+        if on_end is not None:
+            on_end(result)
+        if cancelled:
+            raise asyncio.CancelledError
         return result
+
+    def _recorded(self, text: str) -> str:
+        return text if self.record_subcalls == "full" else cap_text(text, SUBCALL_CAP_CHARS)
 
     def _new_env(self, context: Any, sub_queries: _SubQueryService | None = None) -> REPLEnv:
         return REPLEnv(
@@ -727,7 +1037,8 @@ class RLM:
         before = run.root_meter.snapshot()
         started = time.monotonic()
         client = self.client
-        reply = await client.send(client.request(messages, model=self.model), meter=run.root_meter)
+        reply = await client.send(client.request(messages, model=self.model), meter=run.root_meter,
+                                  ledger=run.ledger)
         turn = run.root_meter.snapshot() - before
         run.trajectory.emit(
             "root_reply",
@@ -765,18 +1076,18 @@ class RLM:
         new = messages[:]
         for iteration in range(1, self.max_iterations + 1):
             run.iterations = iteration
-            run.check_budget()
+            run.check_stop()
             messages = await self._maybe_compact(run, messages, iteration)
             reply = await self._root_turn(run, messages, iteration, new)
             messages.append({"role": "assistant", "content": reply})
-            run.check_budget()
+            run.check_stop()
             blocks = find_code_blocks(reply)
             if not blocks:
                 final = await self._final_from_text(run, env, reply)
                 if final is not None:
-                    verdict, feedback = self._judge(run, typed, final)
+                    verdict, feedback = self._judge(run, typed, final, iteration)
                     if verdict == "answer":
-                        return final if typed is None else typed.answer, "final", iteration
+                        return _answer_text(final, typed), "final", iteration
                     if verdict == "invalid":
                         return None, "invalid_answer", iteration
                     new = [{"role": "user", "content": feedback}]
@@ -787,26 +1098,13 @@ class RLM:
                 continue
             outputs: list[str] = []
             for index, code in enumerate(blocks):
-                run.trajectory.emit("cell", iteration=iteration, index=index, code=code)
-                result = await env.aexecute(code)
-                run.trajectory.emit(
-                    "cell_result",
-                    iteration=iteration,
-                    index=index,
-                    stdout=result.stdout,
-                    stderr=result.stderr,
-                    error=result.error,
-                    final=result.final,
-                    duration_s=round(result.duration_s, 4),
-                    sub_calls=result.sub_calls,
-                    truncated=result.truncated,
-                )
+                result = await self._cell(run, env, iteration, index, code)
                 feedback = ""
                 if result.final is not None:
                     run.trajectory.emit("final", answer=result.final, source="code")
-                    verdict, feedback = self._judge(run, typed, result.final)
+                    verdict, feedback = self._judge(run, typed, result.final, iteration)
                     if verdict == "answer":
-                        return result.final if typed is None else typed.answer, "final", iteration
+                        return _answer_text(result.final, typed), "final", iteration
                     if verdict == "invalid":
                         return None, "invalid_answer", iteration
                 outputs.append(
@@ -814,7 +1112,7 @@ class RLM:
                         index, result.stdout, result.stderr, result.error, self.max_output_chars
                     )
                 )
-                run.check_budget()
+                run.check_stop()
                 if feedback:
                     # The rest of this reply was written for an answer that was refused.
                     outputs.append(feedback)
@@ -826,7 +1124,7 @@ class RLM:
         # Out of iterations: one last turn asks for the answer.
         new = [{"role": "user", "content": prompts.LAST_TURN_PROMPT}]
         messages.extend(new)
-        run.check_budget()
+        run.check_stop()
         reply = await self._root_turn(run, messages, self.max_iterations + 1, new)
         final = await self._final_from_text(run, env, reply)
         if final is None:
@@ -834,13 +1132,13 @@ class RLM:
             run.trajectory.emit("final", answer=final, source="last_turn")
         if typed is not None:
             # No turn is left to fix a mismatch: it ends the run.
-            if self._judge(run, typed, final, last=True)[0] != "answer":
+            if self._judge(run, typed, final, self.max_iterations + 1, last=True)[0] != "answer":
                 return None, "invalid_answer", self.max_iterations
             return typed.answer, "max_iterations", self.max_iterations
-        return final, "max_iterations", self.max_iterations
+        return _answer_text(final, None), "max_iterations", self.max_iterations
 
     def _judge(
-        self, run: _Run, typed: _TypedAnswer | None, value: Any, last: bool = False
+        self, run: _Run, typed: _TypedAnswer | None, value: Any, iteration: int, last: bool = False
     ) -> tuple[str, str]:
         """What a FINAL value means for the run: ("answer", ""), ("retry", the feedback
         for the root) or ("invalid", "") when no retry is left."""
@@ -849,6 +1147,7 @@ class RLM:
         left = 0 if last else typed.retries_left()
         run.trajectory.emit(
             "answer_invalid",
+            iteration=iteration,
             attempt=typed.failures,
             retries_left=left,
             errors=[i.to_dict() for i in typed.issues],
@@ -879,7 +1178,8 @@ class RLM:
         request = [*messages[:-_KEEP_RECENT], {"role": "user", "content": prompts.COMPACTION_PROMPT}]
         usage_before = run.root_meter.snapshot()
         client = self.client
-        summary = await client.send(client.request(request, model=self.model), meter=run.root_meter)
+        summary = await client.send(client.request(request, model=self.model), meter=run.root_meter,
+                                    ledger=run.ledger)
         spent = run.root_meter.snapshot() - usage_before
         first = dict(head[1])
         first["content"] = (
@@ -902,7 +1202,26 @@ class RLM:
         )
         return compacted
 
-    async def _final_from_text(self, run: _Run, env: REPLEnv, reply: str) -> str | None:
+    async def _cell(self, run: _Run, env: REPLEnv, iteration: int, index: int,
+                    code: str) -> ExecResult:
+        """Run one cell and record it; an interruption still records what it printed."""
+        run.trajectory.emit("cell", iteration=iteration, index=index, code=code)
+        # Shielded, so a cancelled run can stop the cell and still read its output.
+        task = asyncio.ensure_future(env.aexecute(code))
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            run.halt("interrupted", "the run was interrupted")
+            with contextlib.suppress(BaseException):
+                _emit_cell_result(run, iteration, index,
+                                  await asyncio.wait_for(asyncio.shield(task), INTERRUPT_GRACE_S))
+            raise
+        _emit_cell_result(run, iteration, index, result)
+        if env.closed:
+            raise _Stopped("interrupted", "the REPL was closed during the run")
+        return result
+
+    async def _final_from_text(self, run: _Run, env: REPLEnv, reply: str) -> Any:
         found = find_final_in_text(reply)
         if found is None:
             return None
@@ -964,6 +1283,10 @@ class RLMSession:
         self.rlm = rlm
         self.context = context
         self.history: list[tuple[str, str]] = []
+        # Usage of every ask so far (kept across save/load), and the names the session's
+        # cells assigned: what ``save`` looks for in the REPL.
+        self.usage: dict[str, Usage] = {"root": Usage(), "sub": Usage()}
+        self.variable_names: set[str] = set()
         # Each ask gives the env that run's sub-query service.
         self.env = rlm._new_env(context)  # noqa: SLF001
 
@@ -982,7 +1305,24 @@ class RLMSession:
         )
         if result.answer is not None:
             self.history.append((query, result.answer))
+        self.usage = {k: self.usage[k] + result.usage[k] for k in ("root", "sub")}
+        from rlm.session_store import assigned_names
+
+        for event in result.trajectory:
+            if event.get("type") == "cell" and "child_run" not in event:
+                self.variable_names |= assigned_names(event.get("code") or "")
         return result
+
+    def save(self, path: str | Path) -> Path:
+        """Save the history, the usage and the plain-data REPL variables to ``path`` (JSON).
+
+        Variables that are not plain data (str, numbers, bool, None and lists, tuples,
+        dicts and sets of them, each within 1,000,000 characters of JSON) are listed in
+        the file's ``not_saved`` with the reason. ``RLM.load_session`` reads it back.
+        """
+        from rlm.session_store import save_session
+
+        return save_session(self, path)
 
     def close(self) -> None:
         """Close the session's REPL."""
@@ -993,6 +1333,37 @@ class RLMSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _answer_text(value: Any, typed: _TypedAnswer | None) -> str:
+    """RLMResult.answer for a FINAL value: the validated output's text with a schema;
+    without one, a str as is and other plain data as JSON."""
+    if typed is not None:
+        assert typed.answer is not None
+        return typed.answer
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _reply_text(reply: Any) -> str:
+    # A typed sub-query's reply is the parsed value; the log keeps it as JSON text.
+    if isinstance(reply, str):
+        return reply
+    try:
+        return json.dumps(reply, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return repr(reply)
+
+
+def _task_fields(task: Any) -> tuple[Any, Any]:
+    """(context, query) of one batch task; a malformed task yields a query that
+    ``_check_query`` refuses, so only that task fails."""
+    if isinstance(task, Mapping):
+        return task.get("context"), task.get("query")
+    if isinstance(task, tuple | list) and len(task) == 2:
+        return task[0], task[1]
+    return None, None
 
 
 def _check_query(query: Any) -> None:

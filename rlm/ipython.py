@@ -24,7 +24,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from rlm import loop as engine
-from rlm.errors import ConfigError
+from rlm.errors import ConfigError, LLMError
 from rlm.llm import AsyncOpenAIClient
 from rlm.repl import ClientSubQueries, failed_slot
 from rlm.schema import Schema
@@ -273,12 +273,14 @@ def repl_namespace(context: Any, client: AsyncOpenAIClient) -> dict[str, Any]:
     def llm_query(prompt: str, **params: Any) -> Any:
         """Ask the sub-model one question and return its reply (with ``schema=``, the
         parsed and validated value)."""
+        _check_prompt("llm_query", prompt)
         if "schema" in params:
             return _run_interruptibly(structured.query(prompt, params), "llm_query")
         return _run_interruptibly(client.completion(prompt, **params), "llm_query")
 
     def llm_query_batch(prompts: list[str], **params: Any) -> list[Any]:
         """Ask many questions concurrently; replies in order, failures as error strings."""
+        _check_prompts("llm_query_batch", prompts)
         if "schema" in params:
             return _run_interruptibly(structured.batch(list(prompts), params), "llm_query_batch")
         done = [0]
@@ -295,12 +297,14 @@ def repl_namespace(context: Any, client: AsyncOpenAIClient) -> dict[str, Any]:
 
     async def llm_query_async(prompt: str, **params: Any) -> Any:
         """Awaitable ``llm_query``."""
+        _check_prompt("llm_query_async", prompt)
         if "schema" in params:
             return await structured.query(prompt, params)
         return await client.completion(prompt, **params)
 
     async def llm_query_batch_async(prompts: list[str], **params: Any) -> list[Any]:
         """Awaitable ``llm_query_batch``."""
+        _check_prompts("llm_query_batch_async", prompts)
         if "schema" in params:
             return await structured.batch(list(prompts), params)
         results = await client.completion_batch(prompts, return_exceptions=True, **params)
@@ -314,6 +318,37 @@ def repl_namespace(context: Any, client: AsyncOpenAIClient) -> dict[str, Any]:
         "llm_query_async": llm_query_async,
         "llm_query_batch_async": llm_query_batch_async,
     }
+
+
+class ReplArgumentError(TypeError):
+    """A wrong argument to ``llm_query`` & co. at the ``rlm repl`` prompt (shown in one line)."""
+
+
+def _check_prompt(name: str, prompt: Any) -> None:
+    # Checked here, in the person's own call: inside the client the same mistake surfaces
+    # as a long traceback through the engine loop's futures.
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        return
+    raise ReplArgumentError(
+        f"{name}(prompt): prompt must be a str (or a list of chat message dicts), "
+        f"got {type(prompt).__name__}; e.g. {name}(str(x))"
+    )
+
+
+def _check_prompts(name: str, prompts: Any) -> None:
+    if isinstance(prompts, str) or not isinstance(prompts, list | tuple):
+        raise ReplArgumentError(
+            f"{name}(prompts): prompts must be a list of str, got {type(prompts).__name__}"
+        )
+    for i, prompt in enumerate(prompts):
+        try:
+            _check_prompt(name, prompt)
+        except ReplArgumentError:
+            raise ReplArgumentError(
+                f"{name}(prompts): item {i} is a {type(prompt).__name__}, not a str"
+            ) from None
 
 
 class _CancellingRunner:
@@ -351,6 +386,9 @@ def _short_interrupts(runner: _CancellingRunner) -> Callable[..., None]:
         # it prints; a full traceback through the loop machinery would only confuse.
         if isinstance(value, _Interrupted):
             print(f"KeyboardInterrupt: {value}")
+        elif isinstance(value, ReplArgumentError | LLMError):
+            # The person's mistake or the server's refusal: the message says it all.
+            print(f"{type(value).__name__}: {value}")
         elif isinstance(value, asyncio.CancelledError) and runner.interrupted:
             print("KeyboardInterrupt: cancelled the awaited call and its requests")
         else:
@@ -389,8 +427,10 @@ def start_repl(context: Any, client: AsyncOpenAIClient) -> None:
         user_ns=repl_namespace(context, client), banner1=banner, banner2="", confirm_exit=False
     )
     shell.loop_runner = runner
+    shell.enable_tip = False  # IPython's random "Tip:" line under our banner
     shell.autoawait = True
-    shell.set_custom_exc((_Interrupted, asyncio.CancelledError), _short_interrupts(runner))
+    shell.set_custom_exc((_Interrupted, asyncio.CancelledError, ReplArgumentError, LLMError),
+                         _short_interrupts(runner))
     try:
         shell.show_banner()
         shell.mainloop()

@@ -275,14 +275,26 @@ class AsyncOpenAIClient:
 
     One ``openai.AsyncOpenAI`` on the aiohttp transport, with a connection pool sized
     to ``max_concurrency``, created lazily on rlm's engine loop (the constructor does
-    no network I/O). ``model``, ``api_key`` and ``base_url`` fall back to RLM_MODEL,
-    OPENAI_API_KEY and OPENAI_BASE_URL. Retries cover 408, 409, 429, 5xx, timeouts
-    and dropped connections with jittered exponential backoff, honouring Retry-After.
-    ``prices`` maps model names to USD per 1M (input, output) tokens and extends the
-    built-in table and the prices file named by RLM_PRICES. ``max_retries`` counts the
-    retries of one call (a 429 or 503 retried after its Retry-After counts too). Use it
-    as ``async with AsyncOpenAIClient(...) as client`` or call ``await client.close()``;
-    from sync code use ``rlm.loop.run_sync(client....)``.
+    no network I/O). Parameters:
+
+    - ``model``: the model name sent with each request unless a call overrides it
+      (default: $RLM_MODEL, else gpt-4o-mini).
+    - ``api_key``: the endpoint's key (default: $OPENAI_API_KEY). Without any key the
+      first request raises ``ConfigError`` (``check_key()`` asks now); a local server
+      that needs none takes any value.
+    - ``base_url``: an OpenAI-compatible endpoint such as http://localhost:8000/v1
+      (default: $OPENAI_BASE_URL, else OpenAI).
+    - ``max_concurrency``: requests in flight at once, and the connection pool's size
+      (default 64); the limiter lowers it for a while after 429s.
+    - ``timeout``: seconds one HTTP attempt may take before it is retried (default 120).
+    - ``max_retries``: retries of one call after 408, 409, 429, 5xx, timeouts and
+      dropped connections, with jittered exponential backoff honouring Retry-After
+      (default 6; a retried 429 or 503 counts too).
+    - ``prices``: model name to USD per 1M (input, output) tokens, for ``usage``'s cost;
+      extends the built-in table and the prices file named by $RLM_PRICES.
+
+    Use it as ``async with AsyncOpenAIClient(...) as client`` or call ``await
+    client.close()``; from sync code use ``rlm.loop.run_sync(client....)``.
 
     Inside the package, core, repl and the cache use a small interface instead of the
     privates: ``request`` builds a ``Request``, ``send``/``send_many`` send them with a
@@ -346,10 +358,28 @@ class AsyncOpenAIClient:
         """True after ``close()``."""
         return self._closed
 
+    def check_key(self) -> None:
+        """Raise ``ConfigError`` now if no API key is configured (no network I/O).
+
+        The client itself checks on its first request; an RLM calls this when it is
+        built, so a missing key fails once, before any sandbox starts.
+        """
+        if not self._api_key:
+            raise ConfigError(
+                "no API key: set the OPENAI_API_KEY environment variable or pass api_key= "
+                "(for a local OpenAI-compatible server that needs none, pass any value, "
+                "e.g. api_key='local')"
+            )
+
     @property
     def limiter(self) -> AdaptiveLimiter:
         """The in-flight limiter shared by every call of this client (see rlm.limiter)."""
         return self._limiter
+
+    @property
+    def prices(self) -> dict[str, tuple[float, float]]:
+        """This client's price table (built-in, RLM_PRICES file, ``prices=``), a copy."""
+        return dict(self._meter.prices)
 
     def price(self, model: str) -> tuple[float, float] | None:
         """USD per 1M (input, output) tokens this client charges ``model`` at; None: unpriced."""
@@ -537,12 +567,7 @@ class AsyncOpenAIClient:
             raise ClientClosedError("this AsyncOpenAIClient is closed; create a new one")
         if self._oai is not None:
             return self._oai
-        if not self._api_key:
-            raise ConfigError(
-                "no API key: set the OPENAI_API_KEY environment variable or pass api_key= "
-                "(for a local OpenAI-compatible server that needs none, pass any value, "
-                "e.g. api_key='local')"
-            )
+        self.check_key()
         import httpx2
 
         # Keep idle connections for a minute: a root model often thinks for more than the
@@ -622,25 +647,29 @@ class AsyncOpenAIClient:
     ) -> str:
         return (await self._reply(request, meter, ledger)).text
 
-    async def _reply(
+    def _reply(
         self, request: Request, meter: UsageMeter | None, ledger: BudgetLedger | None
-    ) -> Reply:
+    ) -> Coroutine[Any, Any, Reply]:
         """The one path every call takes on the engine loop: budget, limiter, retries, usage.
 
         A reply source in front of the network (the sub-query cache) wraps this: look up
-        before the ledger is asked (a cached reply costs no budget), store after it.
+        before the ledger is asked (a cached reply costs no budget), store after it. A
+        plain function returning the coroutine, so an unbudgeted call pays no extra frame.
         """
-        hold = None
-        if ledger is not None:
-            hold = await ledger.reserve(request.model, request.prompt_chars(), request.max_tokens)
+        if ledger is None:
+            return self._exchange(request.body, meter)
+        return self._budgeted(request, meter, ledger)
+
+    async def _budgeted(
+        self, request: Request, meter: UsageMeter | None, ledger: BudgetLedger
+    ) -> Reply:
+        hold = await ledger.reserve(request.model, request.prompt_chars(), request.max_tokens)
         try:
             reply = await self._exchange(request.body, meter)
         except BaseException:
-            if ledger is not None:
-                ledger.cancel(hold)
+            ledger.cancel(hold)
             raise
-        if ledger is not None:
-            ledger.settle(hold, reply.model, reply.prompt_tokens, reply.completion_tokens)
+        ledger.settle(hold, reply.model, reply.prompt_tokens, reply.completion_tokens)
         return reply
 
     async def _exchange(self, body: dict[str, Any], meter: UsageMeter | None) -> Reply:
