@@ -93,6 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         max_cost_usd=args.max_cost_usd,
         max_time_s=args.max_time_s,
+        **_cache_options(args),
     )
     try:
         result = rlm.completion(context=context, query=args.query)
@@ -187,7 +188,7 @@ def cmd_repl(args: argparse.Namespace) -> int:
     context = _read_context(args.context, args.format, args.encoding)
     key = _require_key(args.api_key)
     client = AsyncOpenAIClient(model=args.model, api_key=key, base_url=args.base_url,
-                               max_concurrency=args.max_concurrency)
+                               max_concurrency=args.max_concurrency, **_cache_options(args))
     try:
         start_repl(context, client)
     finally:
@@ -297,6 +298,21 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_cache_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--cache", nargs="?", const=True, default=None, metavar="DIR",
+                       help="reuse replies from the sub-query cache in DIR (default: "
+                            "RLM_CACHE_DIR or the per-user cache directory) and store new ones")
+    group.add_argument("--no-cache", action="store_true",
+                       help="send every request, even identical ones in flight together")
+
+
+def _cache_options(args: argparse.Namespace) -> dict[str, Any]:
+    if args.no_cache:
+        return {"cache": None, "cache_read": False}
+    return {"cache": args.cache}
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from rlm.cache import cache_info, clear_cache
 
@@ -325,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--encoding", default="utf-8")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.add_argument("--verbose", "-v", action="store_true", help="show each iteration live")
+    _add_cache_options(run)
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="offline demo: a needle in a 1,000,000-line haystack")
@@ -378,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--max-concurrency", type=int, default=64)
     rp.add_argument("--format", choices=["auto", "text", "json", "jsonl"], default="auto")
     rp.add_argument("--encoding", default="utf-8")
+    _add_cache_options(rp)
     rp.set_defaults(func=cmd_repl)
 
     cache = sub.add_parser("cache", help="inspect or empty the sub-query cache")

@@ -20,6 +20,7 @@ from typing import Any
 
 from rlm import loop as engine
 from rlm import prompts
+from rlm.cache import open_cache
 from rlm.errors import ConfigError, LLMError, RLMError
 from rlm.llm import AsyncOpenAIClient
 from rlm.parsing import find_code_blocks, find_final_in_text
@@ -343,6 +344,9 @@ class RLM:
     ``subcalls`` progress events), from whichever thread emits it, so it must be quick
     and thread-safe: servers use it to stream progress. A run with ``schema=`` gives the
     root ``max_answer_retries`` more tries after an answer that does not match.
+    ``cache`` (None/False, True, a directory or an ``rlm.cache.Cache``) reuses replies
+    stored by earlier runs for both clients it creates; ``cache_read``/``cache_write``
+    switch reading and writing (see rlm.cache and the README's caching section).
     """
 
     def __init__(
@@ -373,6 +377,9 @@ class RLM:
         cell_timeout: float = 60.0,
         sub_window_chars: int = DEFAULT_SUB_WINDOW_CHARS,
         prices: Mapping[str, tuple[float, float]] | None = None,
+        cache: Any = None,
+        cache_read: bool = True,
+        cache_write: bool = True,
     ) -> None:
         if not isinstance(max_iterations, int) or max_iterations < 1:
             raise ConfigError(f"max_iterations must be an int >= 1, got {max_iterations!r}")
@@ -393,10 +400,20 @@ class RLM:
             raise ConfigError(f"sandbox must be 'local' or 'process', got {sandbox!r}")
         if prices is not None:
             prices = check_prices(prices)
+        if (cache not in (None, False) or not cache_read or not cache_write) and (
+            client is not None or sub_client is not None
+        ):
+            raise ConfigError(
+                "cache=, cache_read= and cache_write= apply to the clients RLM creates; "
+                "pass them to the AsyncOpenAIClient(s) you pass in instead"
+            )
+        # One store for both clients this RLM creates; it is closed after them.
+        self._cache = open_cache(cache)
+        caching = {"cache": self._cache, "cache_read": cache_read, "cache_write": cache_write}
         self._owned: list[AsyncOpenAIClient] = []
         if client is None:
             client = AsyncOpenAIClient(model=model, api_key=api_key, base_url=base_url,
-                                       prices=prices)
+                                       prices=prices, **caching)
             self._owned.append(client)
         self.client = client
         self.model = model or client.model
@@ -408,6 +425,7 @@ class RLM:
                 base_url=base_url or client.base_url,
                 max_concurrency=max_concurrency,
                 prices=prices,
+                **caching,
             )
             self._owned.append(sub_client)
         self.sub_client = sub_client
@@ -556,11 +574,15 @@ class RLM:
         """Close the clients this RLM created (not ones passed in)."""
         for c in self._owned:
             await c.close()
+        if self._cache is not None:
+            self._cache.close()
 
     def close(self) -> None:
         """``aclose`` for sync code."""
         for c in self._owned:
             c.close_sync()
+        if self._cache is not None:
+            self._cache.close()
 
     def __enter__(self) -> RLM:
         return self
@@ -714,6 +736,7 @@ class RLM:
                 "cost_usd": turn.cost_usd,
             },
             elapsed_s=round(time.monotonic() - started, 3),
+            cached=turn.cached_calls > 0,
         )
         return reply
 
@@ -763,7 +786,9 @@ class RLM:
             outputs: list[str] = []
             for index, code in enumerate(blocks):
                 run.trajectory.emit("cell", iteration=iteration, index=index, code=code)
+                cached_before = run.sub_meter.snapshot().cached_calls
                 result = await env.aexecute(code)
+                cached_sub_calls = run.sub_meter.snapshot().cached_calls - cached_before
                 run.trajectory.emit(
                     "cell_result",
                     iteration=iteration,
@@ -774,6 +799,7 @@ class RLM:
                     final=result.final,
                     duration_s=round(result.duration_s, 4),
                     sub_calls=result.sub_calls,
+                    cached_sub_calls=cached_sub_calls,
                     truncated=result.truncated,
                 )
                 feedback = ""

@@ -58,6 +58,12 @@ def fmt_cost(value: Any) -> str:
     return f"${n:,.2f}" if n >= 1 else f"${n:.4f}"
 
 
+def sub_calls_text(sub_calls: int | None, cached: int | None) -> str:
+    """"12 sub-calls", or "12 sub-calls (10 cached)" when the cache answered some."""
+    text = f"{sub_calls or 0:,} sub-calls"
+    return f"{text} ({cached:,} cached)" if cached else text
+
+
 def fmt_time(value: Any) -> str:
     n = as_num(value)
     if n is None:

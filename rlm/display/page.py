@@ -15,6 +15,7 @@ from rlm.display.formatting import (
     fmt_time,
     preview,
     prose_of,
+    sub_calls_text,
 )
 from rlm.display.markup import STYLE, code_html, details_html, esc, pre_html, table_html
 from rlm.display.metrics import Metrics, metrics_from_events
@@ -40,7 +41,7 @@ def _cell_html(cell: Cell) -> str:
     if r is not None:
         info.append(fmt_time(r.get("duration_s")))
         if as_int(r.get("sub_calls")):
-            info.append(f"{as_int(r.get('sub_calls')):,} sub-calls")
+            info.append(sub_calls_text(as_int(r.get("sub_calls")), as_int(r.get("cached_sub_calls"))))
         if r.get("truncated"):
             info.append("output truncated")
         if r.get("error"):
@@ -83,9 +84,10 @@ def _iteration_html(it: Iteration) -> str:
         bits.append(fmt_time(it.end_t - it.start_t))
     elif it.reply is not None and it.reply.get("elapsed_s") is not None:
         bits.append(fmt_time(it.reply.get("elapsed_s")))
-    subs = sum(as_int(c.result.get("sub_calls")) or 0 for c in it.cells if c.result is not None)
+    results = [c.result for c in it.cells if c.result is not None]
+    subs = sum(as_int(r.get("sub_calls")) or 0 for r in results)
     if subs:
-        bits.append(f"{subs:,} sub-calls")
+        bits.append(sub_calls_text(subs, sum(as_int(r.get("cached_sub_calls")) or 0 for r in results)))
     if any(c.result is not None and c.result.get("error") for c in it.cells):
         bits.append("error")
     parts = []
@@ -106,7 +108,8 @@ def _iteration_html(it: Iteration) -> str:
             parts.append(
                 f'<div style="{STYLE["cell_head"]}">root turn: {esc(fmt_int(field_of(usage, "prompt_tokens")))} prompt'
                 f' + {esc(fmt_int(field_of(usage, "completion_tokens")))} completion tokens'
-                f' · {esc(fmt_cost(field_of(usage, "cost_usd")))} · {esc(fmt_time(elapsed))}</div>'
+                f' · {esc(fmt_cost(field_of(usage, "cost_usd")))} · {esc(fmt_time(elapsed))}'
+                f'{" · from the cache" if it.reply.get("cached") else ""}</div>'
             )
     parts.extend(_cell_html(c) for c in it.cells)
     parts.extend(_note_html(n) for n in it.notes)

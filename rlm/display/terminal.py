@@ -30,6 +30,7 @@ from rlm.display.formatting import (
     preview,
     prose_of,
     run_key,
+    sub_calls_text,
 )
 from rlm.display.metrics import Metrics, metrics_from_events
 from rlm.display.progress import SubqueryProgress
@@ -206,6 +207,8 @@ class LiveDisplay:
             f"root: {fmt_int(prompt)} → {fmt_int(completion)} tokens"
             f" · {fmt_cost(field_of(usage, 'cost_usd'))} · {fmt_time(event.get('elapsed_s'))}"
         )
+        if event.get("cached"):
+            stats += " · from the cache"
         if not prose:
             return [Text(stats, style="dim")]
         return [
@@ -245,7 +248,7 @@ class LiveDisplay:
         info = [f"cell {cell_number(event)}", fmt_time(event.get("duration_s"))]
         sub_calls = as_int(event.get("sub_calls"))
         if sub_calls:
-            info.append(f"{sub_calls:,} sub-calls")
+            info.append(sub_calls_text(sub_calls, as_int(event.get("cached_sub_calls"))))
         if event.get("truncated"):
             info.append("output truncated")
         if event.get("error"):

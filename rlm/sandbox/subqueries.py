@@ -33,8 +33,10 @@ class LLMQueryError(Exception):
 SUBQUERY_PARAMS = frozenset(
     {"model", "temperature", "max_tokens", "max_completion_tokens", "top_p", "stop", "seed",
      "presence_penalty", "frequency_penalty", "response_format", "reasoning_effort",
-     "logit_bias", "n", "schema"}
+     "logit_bias", "n", "schema", "cache"}
 )  # fmt: skip
+# Parameters the host's client interprets itself rather than sending: their value type.
+CLIENT_PARAMS: dict[str, type] = {"cache": bool}
 
 FAILED_SLOT_PREFIX = "[llm_query error: "
 
@@ -73,6 +75,11 @@ def check_subquery_params(params: dict[str, Any]) -> None:
         if key not in SUBQUERY_PARAMS:
             allowed = ", ".join(sorted(SUBQUERY_PARAMS))
             raise TypeError(f"llm_query got an unsupported parameter {key!r}; allowed: {allowed}")
+        if key in CLIENT_PARAMS and not isinstance(value, CLIENT_PARAMS[key]):
+            raise TypeError(
+                f"llm_query parameter {key!r} must be a {CLIENT_PARAMS[key].__name__} "
+                f"(cache=False asks the model afresh), not {type(value).__name__}"
+            )
         if not _json_like(value):
             raise TypeError(f"llm_query parameter {key!r} must be plain data (str, number, list, dict)")
 
