@@ -643,8 +643,8 @@ class RequestCache:
 
     ``store`` may be None: identical requests in flight are still sent once. With
     ``read=False`` nothing is reused (no store lookups, no joining), with
-    ``write=False`` nothing is stored. Every method except ``close`` runs on the
-    engine loop; store calls go to one dedicated thread. A failing store (a full
+    ``write=False`` nothing is stored. Every method runs on the engine loop; store
+    calls go to one dedicated thread. A failing store (a full
     disk, a locked file) is logged and treated as a miss: it never fails a request.
     """
 
@@ -703,7 +703,7 @@ class RequestCache:
     ) -> tuple[R | ReplyLike, bool]:
         """The reply for one request and whether it was reused (not sent by this call).
 
-        ``known`` is this key's entry from ``lookup``. Otherwise the call joins an
+        ``known`` is this key's entry from ``prepare``. Otherwise the call joins an
         identical request in flight, or becomes the one that sends (``send()``) and
         stores the reply. If that sender is cancelled, a waiting caller sends instead;
         if it fails, every caller waiting on it gets the same error.
