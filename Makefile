@@ -1,34 +1,52 @@
 # Every target creates or refreshes .venv by itself, so a fresh clone needs only `make demo` / `make test`.
+# Separate stamps: `make demo` installs the runtime package only (no test tools), `make test`
+# adds [dev], `make notebooks` adds [notebooks]; each re-installs when pyproject.toml changes.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+DEV_STAMP := $(VENV)/.installed-dev
+NOTEBOOKS_STAMP := $(VENV)/.installed-notebooks
 
-.PHONY: demo test bench lint venv clean
+.PHONY: demo test bench lint venv notebooks clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 
-venv: $(STAMP)
+$(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
+	touch $(RUNTIME_STAMP)
 
-demo: $(STAMP)
-	$(BIN)/rlm demo
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(DEV_STAMP) $(RUNTIME_STAMP)
 
-test: $(STAMP)
+$(NOTEBOOKS_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[notebooks]'
+	touch $(NOTEBOOKS_STAMP) $(RUNTIME_STAMP)
+
+venv: $(DEV_STAMP)
+
+DEMO_ARGS ?=
+
+demo: $(RUNTIME_STAMP)
+	$(BIN)/rlm demo $(DEMO_ARGS)
+
+notebooks: $(NOTEBOOKS_STAMP)
+	$(BIN)/jupyter lab notebooks/
+
+test: $(DEV_STAMP)
 	$(BIN)/ruff check rlm tests benchmarks test_true_async.py
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/fanout.py
 	$(BIN)/python benchmarks/repl.py
 	$(BIN)/python benchmarks/sandbox.py
 	$(BIN)/python benchmarks/e2e.py
 	$(BIN)/python benchmarks/vs_rlms.py
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check rlm tests benchmarks test_true_async.py
 
 clean:

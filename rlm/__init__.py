@@ -1,12 +1,21 @@
-"""rlm: Recursive Language Models with a sandboxed REPL and truly async fan-out."""
+"""rlm: Recursive Language Models with a sandboxed REPL and truly async fan-out.
 
-from typing import Any
+The public names are imported on first use (PEP 562 ``__getattr__``): ``import rlm``
+and the ``rlm`` command's help and viewer stay fast because nothing here loads the
+OpenAI SDK until a client, an RLM or a REPLEnv is actually asked for.
+"""
 
-from rlm.core import RLM, RLMResult, RLMSession
-from rlm.errors import BatchError, ConfigError, LLMError, RLMError
-from rlm.llm import AsyncOpenAIClient
-from rlm.repl import ExecResult, REPLEnv
-from rlm.usage import Usage
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rlm.core import RLM, RLMResult, RLMSession
+    from rlm.errors import BatchError, ConfigError, LLMError, RLMError
+    from rlm.llm import AsyncOpenAIClient
+    from rlm.repl import ExecResult, REPLEnv
+    from rlm.usage import Usage
 
 __all__ = [
     "RLM",
@@ -23,6 +32,35 @@ __all__ = [
     "load_ipython_extension",
 ]
 __version__ = "0.1.0"
+
+# Where each public name lives; a name is imported from its module the first time it
+# is read, then cached in this module's globals.
+_LAZY = {
+    "RLM": "rlm.core",
+    "RLMResult": "rlm.core",
+    "RLMSession": "rlm.core",
+    "BatchError": "rlm.errors",
+    "ConfigError": "rlm.errors",
+    "LLMError": "rlm.errors",
+    "RLMError": "rlm.errors",
+    "AsyncOpenAIClient": "rlm.llm",
+    "Usage": "rlm.usage",
+    "ExecResult": "rlm.repl",
+    "REPLEnv": "rlm.repl",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rlm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def load_ipython_extension(ipython: Any) -> None:

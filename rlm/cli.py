@@ -1,27 +1,118 @@
-"""The ``rlm`` command: run, demo, view, repl, cache, serve and mcp.
+"""The ``rlm`` command: run, batch, demo, view, repl, cache, serve and mcp.
 
-Exit codes: 0 when a run produced an answer, 1 when it failed, 2 for bad usage (a
-missing file, an undecodable file, a missing key, a bad option).
+Exit codes:
+
+- 0: the run ended with a final answer (``FINAL``/``FINAL_VAR`` or a final line).
+- 1: the run failed: no answer (an error, a spent budget).
+- 2: bad usage, said in one line on stderr: a missing, unreadable or undecodable file,
+  a file that is not a trajectory, a missing key, a bad option or value.
+- 3: the run hit ``--max-iterations`` before a final answer; stdout still carries the
+  root model's last-turn answer and stderr says so (the answer is a best guess).
+- 130: interrupted (Ctrl-C).
+
+Data goes to stdout (the answer, the JSON result); everything for a person (the live
+view, the progress line, warnings) goes to stderr, so ``rlm run ... > out`` and
+``rlm run --json | jq`` always get clean data.
+
+``rlm batch`` exits 0 when every task succeeded, 1 when some failed or were not run, 2
+for bad usage (a duplicate task id too), 130/143 when interrupted (the output stays valid).
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MAX_ITERATIONS = 0, 1, 2, 3
 
 
 class UsageError(Exception):
     """Bad input on the command line: printed, exit code 2."""
 
 
-def _read_context(source: str, fmt: str, encoding: str) -> Any:
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("rlm-sandbox")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        from rlm import __version__
+
+        return __version__
+
+
+def self_command() -> str:
+    """How to call this command again, as the user can type it from here.
+
+    After ``make demo`` the ``rlm`` script sits in ``.venv/bin`` and is not on PATH, so a
+    hint that says ``rlm view ...`` would not work as printed: name the script by the
+    path it was started with unless PATH finds the same one.
+    """
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else "rlm"
+    if argv0.endswith(".py"):  # python -m rlm (or -m rlm.cli)
+        return f"{_short_path(sys.executable)} -m rlm"
+    on_path = shutil.which("rlm")
+    if on_path and os.path.exists(argv0) and os.path.samefile(on_path, argv0):
+        return "rlm"
+    if os.sep not in argv0:
+        return argv0
+    return _short_path(argv0)
+
+
+def _short_path(path: str) -> str:
+    absolute = os.path.abspath(path)
+    try:
+        relative = os.path.relpath(absolute)
+    except ValueError:  # another drive on Windows
+        return absolute
+    if relative.startswith(os.pardir):
+        return absolute
+    return relative if os.sep in relative else "." + os.sep + relative
+
+
+def _check_encoding(encoding: str) -> str:
+    try:
+        return codecs.lookup(encoding).name
+    except LookupError:
+        raise UsageError(
+            f"--encoding {encoding}: unknown text encoding (try utf-8, latin-1 or cp1252)"
+        ) from None
+
+
+def _check_log_dir(log_dir: str | None) -> None:
+    """Fail before the context is loaded (it may be large) when the log dir is unusable."""
+    if log_dir is None:
+        return
+    path = Path(log_dir)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--log-dir {log_dir}: exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--log-dir {log_dir}: cannot write there ({exc.strerror or exc})") from None
+
+
+def _check_output_file(flag: str, out: str) -> Path:
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"{flag} {out}: is a directory; give a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {out}: the directory {parent} does not exist")
+    return path
+
+
+def _read_context(source: str, fmt: str, encoding: str, allow_empty: bool = False) -> Any:
     if source == "-":
         raw = sys.stdin.buffer.read()
         name = "standard input"
@@ -31,7 +122,10 @@ def _read_context(source: str, fmt: str, encoding: str) -> Any:
             raise UsageError(f"context file not found: {source}")
         if path.is_dir():
             raise UsageError(f"context must be a file, not a directory: {source}")
-        raw = path.read_bytes()
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read {source}: {exc.strerror or exc}") from None
         name = source
     try:
         text = raw.decode(encoding)
@@ -40,6 +134,10 @@ def _read_context(source: str, fmt: str, encoding: str) -> Any:
             f"{name} is not valid {encoding} text (byte 0x{raw[exc.start]:02x} at offset "
             f"{exc.start}); convert it to text first or pass --encoding (e.g. latin-1)"
         ) from exc
+    if not text.strip() and not allow_empty:
+        raise UsageError(
+            f"{name} is empty: there is nothing to answer over (pass --allow-empty to run anyway)"
+        )
     if fmt == "auto":
         suffix = Path(source).suffix.lower() if source != "-" else ""
         fmt = {".json": "json", ".jsonl": "jsonl"}.get(suffix, "text")
@@ -63,43 +161,149 @@ def _require_key(api_key: str | None) -> str:
     return key
 
 
-def _print_result(result: Any, as_json: bool) -> int:
-    if as_json:
+def _read_schema(source: str) -> dict[str, Any]:
+    """A JSON Schema file for ``rlm run --schema``, checked before any request."""
+    from rlm.errors import ConfigError
+    from rlm.schema import Schema
+
+    path = Path(source)
+    if not path.is_file():
+        raise UsageError(f"schema file not found: {source}")
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{source} is not valid JSON: {exc}") from exc
+    if not isinstance(schema, dict):
+        raise UsageError(f"{source} must hold a JSON Schema object, not a JSON {type(schema).__name__}")
+    try:
+        Schema.of(schema)
+    except ConfigError as exc:
+        raise UsageError(f"{source}: {exc}") from exc
+    return schema
+
+
+def _print_result(result: Any, args: argparse.Namespace, *, view_shown_answer: bool,
+                  typed: bool = False) -> int:
+    if args.json:
         print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
-    elif result.answer is not None:
+    elif typed and result.answer is not None:
+        # The validated output as JSON (a str output too, quoted), so it pipes into jq.
+        print(json.dumps(result.to_dict()["output"], indent=2, ensure_ascii=False))
+    elif result.answer is not None and not view_shown_answer:
         print(result.answer)
     # A run sets `error` only when it ends without an answer (see RLM._run).
     if result.answer is None:
-        if not as_json:
-            print(f"rlm: run failed ({result.stopped_reason}): {result.error}", file=sys.stderr)
+        print(f"rlm: run failed ({result.stopped_reason}): {result.error}", file=sys.stderr)
         return EXIT_FAILED
+    if result.stopped_reason == "max_iterations":
+        print(
+            f"rlm: stopped at the iteration limit (--max-iterations {args.max_iterations}) before a "
+            "final answer; the answer is the root model's last-turn reply (exit code 3)",
+            file=sys.stderr,
+        )
+        return EXIT_MAX_ITERATIONS
     return EXIT_OK
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from rlm.core import RLM
-
-    context = _read_context(args.context, args.format, args.encoding)
-    key = _require_key(args.api_key)
-    rlm = RLM(
+def _build_rlm(args: argparse.Namespace, rlm_class: Any, *, budget_prefix: str, verbose: bool,
+               **extra: Any) -> Any:
+    # One place turns the shared model/endpoint/budget flags into an RLM (run and batch).
+    budgets = {
+        name: getattr(args, budget_prefix + name, None)
+        for name in ("max_cost_usd", "max_tokens", "max_time_s")
+    }
+    return rlm_class(
         model=args.model,
         recursive_model=args.recursive_model,
         base_url=args.base_url,
-        api_key=key,
+        api_key=_require_key(args.api_key),
         max_iterations=args.max_iterations,
         max_depth=args.max_depth,
         sandbox=args.sandbox,
         log_dir=args.log_dir,
-        verbose=args.verbose,
-        max_cost_usd=args.max_cost_usd,
-        max_time_s=args.max_time_s,
-        **_cache_options(args),
+        verbose=verbose,
+        **budgets,
+        **extra,
     )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    encoding = _check_encoding(args.encoding)
+    _check_log_dir(args.log_dir)
+    _require_key(args.api_key)
+    schema = _read_schema(args.schema) if args.schema else None
+    context = _read_context(args.context, args.context_format, encoding, args.allow_empty)
+    if not args.query.strip():
+        raise UsageError("--query is empty: ask a question")
+    from rich.console import Console
+
+    from rlm.core import RLM
+
+    # The person-facing view goes to stderr: stdout carries only the answer or the JSON.
+    view: Any = None
+    if args.verbose:
+        from rlm.display import LiveDisplay
+
+        view = LiveDisplay(Console(stderr=True))
+    elif sys.stderr.isatty():
+        from rlm.display.progress import RunProgress
+
+        view = RunProgress(Console(stderr=True))
+    rlm = _build_rlm(args, RLM, budget_prefix="", verbose=False, on_event=view,
+                     max_concurrency=args.max_concurrency, **_cache_options(args))
     try:
-        result = rlm.completion(context=context, query=args.query)
+        result = rlm.completion(context=context, query=args.query, schema=schema)
     finally:
         rlm.close()
-    return _print_result(result, args.json)
+        if view is not None:
+            view.close()
+    # The live view's answer panel is on the terminal already when both streams are it.
+    shown = bool(args.verbose) and sys.stdout.isatty() and sys.stderr.isatty()
+    return _print_result(result, args, view_shown_answer=shown, typed=schema is not None)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, turned into an exception so the job stops the way Ctrl-C stops it."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    import signal
+
+    from rlm.core import RLM
+    from rlm.jobs import load_tasks
+
+    if (args.tasks is None) == (args.dir is None):
+        raise UsageError("give a tasks file (JSONL or CSV) or --dir DOCS/, not both or neither")
+    if args.dir is not None and not args.query:
+        raise UsageError("--dir needs --query (the question to ask of every document)")
+    tasks = load_tasks(args.dir or args.tasks, query=args.query, fmt=args.context_format,
+                       encoding=_check_encoding(args.encoding))
+    rlm = _build_rlm(args, RLM, budget_prefix="task_", verbose=False,
+                     max_concurrency=max(64, args.concurrency * 4))
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        summary = rlm.run_job(
+            tasks, args.out, concurrency=args.concurrency, max_cost_usd=args.max_cost_usd,
+            max_tokens=args.max_tokens, max_time_s=args.max_time_s,
+            retry_failed=args.retry_failed, sort_output=args.sorted, progress=not args.quiet,
+            backend=args.backend, ray_address=args.ray_address,
+        )
+    except KeyboardInterrupt:
+        print(f"rlm: interrupted; {args.out} holds every task that finished (re-run to resume)",
+              file=sys.stderr)
+        return 130
+    except _Terminated:
+        print(f"rlm: terminated; {args.out} holds every task that finished (re-run to resume)",
+              file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        rlm.close()
+    return summary.exit_code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -108,7 +312,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rlm import demo
     from rlm.core import RLM
 
-    console = Console(stderr=False)
+    _check_log_dir(args.log_dir)
+    # soft_wrap: piped output keeps each line whole (a path cut in two cannot be pasted).
+    console = Console(soft_wrap=True)
     console.print(f"[bold]rlm demo[/]: building a {args.lines:,}-line haystack with one hidden needle...")
     haystack = demo.build_haystack(args.lines)
     console.print(
@@ -151,42 +357,66 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(f"sub-queries:  {outcome.sub_calls}")
     console.print(f"wall time:    {outcome.wall_s:.2f} s")
     if latency:
-        console.print(
-            f"sequential:   {outcome.sequential_s:.1f} s of sub-query latency if run one by one "
-            f"({outcome.sequential_s / max(outcome.wall_s, 1e-9):.0f}x longer)"
-        )
-    if result.log_path:
-        console.print(f"trajectory:   {result.log_path}  (view it with: rlm view {result.log_path})")
+        console.print(f"sequential:   {outcome.sequential_s:.1f} s of sub-query latency if run one by one "
+                      f"({demo.speedup_text(outcome)})")
     if result.error:
         console.print(f"[red]error:[/] {result.error}")
+    if result.log_path:
+        # Last, and as a command that works as printed from here.
+        console.print(f"trajectory:   {result.log_path}")
+        console.print(f"view it with: {self_command()} view {result.log_path}", highlight=False)
     return EXIT_OK if outcome.correct or (args.base_url and result.answer) else EXIT_FAILED
 
 
-def cmd_view(args: argparse.Namespace) -> int:
-    from rlm.trajectory import read_log
+def _read_trajectory(log: str) -> list[dict[str, Any]]:
+    from rlm.trajectory import is_trajectory, read_log
 
-    path = Path(args.log)
+    path = Path(log)
     if not path.exists():
-        raise UsageError(f"log file not found: {args.log}")
-    events = read_log(path)
+        raise UsageError(f"log file not found: {log}")
+    if path.is_dir():
+        raise UsageError(f"{log} is a directory; give one .jsonl log file from it")
+    try:
+        events = read_log(path)
+    except UnicodeDecodeError:
+        raise UsageError(f"{log} is not a text file; give a .jsonl log written by a run") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {log}: {exc.strerror or exc}") from None
     if not events:
-        raise UsageError(f"{args.log} holds no trajectory events")
-    from rlm import display
+        raise UsageError(f"{log} holds no trajectory events")
+    if not is_trajectory(events):
+        raise UsageError(
+            f"{log} is not an rlm trajectory (no run events in it); give a log written by "
+            "a run with --log-dir"
+        )
+    return events
 
-    if args.html:
-        Path(args.html).write_text(display.trajectory_html(events, title=path.name), encoding="utf-8")
+
+def cmd_view(args: argparse.Namespace) -> int:
+    out = _check_output_file("--html", args.html) if args.html else None
+    events = _read_trajectory(args.log)
+    if out is not None:
+        from rlm.display import trajectory_html
+
+        try:
+            out.write_text(trajectory_html(events), encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"--html {args.html}: cannot write it ({exc.strerror or exc})") from None
         print(f"wrote {args.html}")
     else:
-        display.render_log(events)
+        from rlm.display import render_log
+
+        render_log(events, show_sub_queries=True)
     return EXIT_OK
 
 
 def cmd_repl(args: argparse.Namespace) -> int:
+    encoding = _check_encoding(args.encoding)
+    key = _require_key(args.api_key)
+    context = _read_context(args.context, args.context_format, encoding, args.allow_empty)
     from rlm.ipython import start_repl
     from rlm.llm import AsyncOpenAIClient
 
-    context = _read_context(args.context, args.format, args.encoding)
-    key = _require_key(args.api_key)
     client = AsyncOpenAIClient(model=args.model, api_key=key, base_url=args.base_url,
                                max_concurrency=args.max_concurrency, **_cache_options(args))
     try:
@@ -196,28 +426,125 @@ def cmd_repl(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- argument parsing ------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the message names the flag and where to look."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def _base_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(
+            f"expected an http:// or https:// URL such as http://localhost:8000/v1, got {text!r}"
+        )
+    return text
+
+
+_SANDBOX_HELP = ("where REPL code runs: 'process' (a worker process with time, memory, network "
+                 "and file limits) or 'local' (in-process, faster, policy checks only) "
+                 "(default: process on Linux and macOS, local elsewhere)")
+_FORMATS = ["auto", "text", "json", "jsonl"]
+
+
+def _add_context_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--context", required=True, help="context file, or - for standard input")
+    p.add_argument("--context-format", dest="context_format", choices=_FORMATS, default="auto",
+                   help="how to load the context: text, json (one value) or jsonl (a list, one "
+                        "value a line) (default: auto, by file extension)")
+    # The old spelling, kept working but hidden: --format read like an output format next to --json.
+    p.add_argument("--format", dest="context_format", choices=_FORMATS, help=argparse.SUPPRESS)
+    p.add_argument("--encoding", default="utf-8", help="text encoding of the context file (default: utf-8)")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="run even when the context file is empty (refused by default)")
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    # Shared by run, batch, serve and mcp, so all take the same model and endpoint options.
+    parser.add_argument("--model", help="root model (default: $RLM_MODEL, else gpt-4o-mini)")
+    parser.add_argument("--recursive-model", help="model for llm_query sub-calls (default: --model)")
+    parser.add_argument("--base-url", type=_base_url,
+                        help="OpenAI-compatible base URL: vLLM, Ollama, llama.cpp, OpenRouter "
+                             "(default: $OPENAI_BASE_URL, else OpenAI)")
+    parser.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY)")
+    parser.add_argument("--max-iterations", type=_positive_int, default=20,
+                        help="root turns before a run must answer; for rlm run hitting it exits 3 "
+                             "(default: 20)")
+    parser.add_argument("--max-depth", type=_positive_int, default=1,
+                        help="1: llm_query calls a model; 2: it runs a child RLM with its own REPL "
+                             "(default: 1)")
+    parser.add_argument("--sandbox", choices=["local", "process"], default=None, help=_SANDBOX_HELP)
+
+
+def _add_budget_flags(parser: argparse.ArgumentParser, prefix: str, scope: str, *,
+                      tokens: bool = True) -> None:
+    parser.add_argument(f"--{prefix}max-cost-usd", type=_positive_float, default=None,
+                        help=f"stop {scope} after spending this many US dollars (default: no limit)")
+    if tokens:
+        parser.add_argument(f"--{prefix}max-tokens", type=_positive_int, default=None,
+                            help=f"stop {scope} after this many root and sub tokens (default: no limit)")
+    parser.add_argument(f"--{prefix}max-time-s", type=_positive_float, default=None,
+                        help=f"stop {scope} after this many seconds of wall time (default: no limit)")
+
+
+def _add_format_flags(parser: argparse.ArgumentParser) -> None:
+    """How to read context files, for batch (run and repl take ``_add_context_args``)."""
+    parser.add_argument("--context-format", dest="context_format", choices=_FORMATS, default="auto",
+                        help="how to load a context file: text, json or jsonl (default: auto, by "
+                             "file extension)")
+    parser.add_argument("--format", dest="context_format", choices=_FORMATS, help=argparse.SUPPRESS)
+    parser.add_argument("--encoding", default="utf-8", help="text encoding of context files (default: utf-8)")
+
+
 def _add_upstream_args(p: argparse.ArgumentParser) -> None:
     """The upstream model, endpoint and budget flags shared by run, serve and mcp."""
-    p.add_argument("--model", help="root model (default: RLM_MODEL or gpt-4o-mini)")
-    p.add_argument("--recursive-model", help="model for llm_query sub-calls (default: --model)")
-    p.add_argument("--base-url", help="OpenAI-compatible base URL (vLLM, Ollama, llama.cpp, OpenRouter)")
-    p.add_argument("--api-key", help="API key (default: OPENAI_API_KEY)")
-    p.add_argument("--max-iterations", type=int, default=20)
-    p.add_argument("--max-depth", type=int, default=1)
-    p.add_argument("--max-cost-usd", type=float, default=None)
-    p.add_argument("--max-time-s", type=float, default=None)
-    p.add_argument("--sandbox", choices=["local", "process"], default=None)
-    p.add_argument("--log-dir", default=None, help="write the trajectory as JSONL here")
+    _add_model_flags(p)
+    _add_budget_flags(p, "", "a run", tokens=False)
+    p.add_argument("--log-dir", default=None,
+                   help="write each trajectory as JSONL here, for rlm view (default: no log)")
 
 
 def _add_server_args(p: argparse.ArgumentParser) -> None:
     """Flags both servers take beyond the upstream ones."""
     p.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
-                   help="clients may read context files under DIR (repeatable; default: none)")
-    p.add_argument("--max-context-mb", type=float, default=256.0,
-                   help="largest context file a client may read, in MB")
-    p.add_argument("--max-concurrency", type=int, default=64,
-                   help="sub-queries in flight at once, across all requests")
+                   help="clients may read context files under DIR, repeatable (default: none)")
+    p.add_argument("--max-context-mb", type=_positive_float, default=256.0,
+                   help="largest context file a client may read, in MB (default: 256)")
+    p.add_argument("--max-concurrency", type=_positive_int, default=64,
+                   help="sub-queries in flight at once, across all requests (default: 64)")
 
 
 def _upstream_settings(args: argparse.Namespace) -> Any:
@@ -276,7 +603,7 @@ def cmd_mcp(args: argparse.Namespace) -> int:
         from rlm.serve.mcp_server import McpOptions, run_mcp
     except ImportError as exc:
         raise UsageError(
-            f"rlm mcp needs the MCP SDK ({exc}): pip install 'rlm-repl[mcp]'"
+            f"rlm mcp needs the MCP SDK ({exc}): pip install 'rlm-sandbox[mcp]'"
         ) from None
     host, port = None, None
     if args.http:
@@ -326,75 +653,123 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The ``rlm`` argument parser (one sub-parser per command)."""
+    parser = _Parser(
         prog="rlm",
         description="Recursive Language Models: answer a query over a huge context through a sandboxed REPL.",
+        epilog="exit codes: 0 answer, 1 failed run, 2 bad usage, 3 iteration limit hit "
+               "(last-turn answer), 130 interrupted",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"rlm {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", help="answer a query over a context file")
-    run.add_argument("--context", required=True, help="context file, or - for standard input")
+    run = sub.add_parser(
+        "run", help="answer a query over a context file",
+        description="Answer a query over a context file. The answer (or --json) goes to stdout; "
+                    "the live view (-v) and the progress line go to stderr.",
+        epilog="exit codes: 0 answer, 1 failed run (no answer), 2 bad usage, 3 stopped at "
+               "--max-iterations (stdout has the last-turn answer), 130 interrupted",
+    )
+    _add_context_args(run)
     run.add_argument("--query", required=True, help="the question to answer")
     _add_upstream_args(run)
-    run.add_argument("--format", choices=["auto", "text", "json", "jsonl"], default="auto",
-                     help="how to load the context (auto: by file extension)")
-    run.add_argument("--encoding", default="utf-8")
-    run.add_argument("--json", action="store_true", help="print the result as JSON")
-    run.add_argument("--verbose", "-v", action="store_true", help="show each iteration live")
+    run.add_argument("--max-tokens", type=_positive_int, default=None,
+                     help="stop when root and sub-calls together used this many tokens "
+                          "(default: no limit)")
+    run.add_argument("--max-concurrency", type=_positive_int, default=64,
+                     help="sub-queries in flight at once (default: 64)")
+    run.add_argument("--json", action="store_true",
+                     help="print the result (answer, stop reason, usage) as JSON on stdout")
+    run.add_argument("--verbose", "-v", action="store_true", help="show each iteration live on stderr")
+    run.add_argument("--schema", metavar="FILE.json",
+                     help="a JSON Schema the answer must match; prints the validated JSON "
+                          "(default: a free-text answer)")
     _add_cache_options(run)
     run.set_defaults(func=cmd_run)
 
+    batch = sub.add_parser(
+        "batch",
+        help="run one query (or one per task) over many documents; resumable",
+        description="Run many tasks and append one JSON line per finished task to --out. "
+        "Re-running the same command skips ids already in --out. Exit codes: 0 all "
+        "succeeded, 1 some failed or were not run, 2 usage error, 130/143 interrupted "
+        "(the output stays valid).",
+    )
+    batch.add_argument("tasks", nargs="?", help='JSONL ({"id", "query", "context" | '
+                       '"context_path"} per line) or CSV with those columns')
+    batch.add_argument("--dir", help="one task per file under this directory, id = relative path (default: a tasks file)")
+    batch.add_argument("--query", help="the query for every task, required with --dir (default: each task's own)")
+    batch.add_argument("--out", required=True, help="results JSONL (appended; resumed)")
+    _add_model_flags(batch)
+    _add_budget_flags(batch, "", "the whole job")
+    _add_budget_flags(batch, "task-", "each task")
+    batch.add_argument("--concurrency", type=_positive_int, default=8, help="tasks run at once (default: 8)")
+    batch.add_argument("--retry-failed", action="store_true", help="re-run tasks whose line has an error")
+    batch.add_argument("--sorted", action="store_true", help="rewrite --out in input order at the end")
+    batch.add_argument("--log-dir", default=None, help="write each task's trajectory as JSONL here (default: no logs)")
+    _add_format_flags(batch)
+    batch.add_argument("--backend", choices=["local", "ray"], default="local",
+                       help="where tasks run: this process or a Ray cluster (default: local)")
+    batch.add_argument("--ray-address", default=None,
+                       help="Ray cluster to join, 'auto' for the running one (default: start a local one)")
+    batch.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    batch.set_defaults(func=cmd_batch)
+
     demo = sub.add_parser("demo", help="offline demo: a needle in a 1,000,000-line haystack")
-    demo.add_argument("--base-url", help="run against a real OpenAI-compatible server instead")
-    demo.add_argument("--model", help="root model for --base-url")
-    demo.add_argument("--recursive-model", help="sub model for --base-url")
-    demo.add_argument("--api-key", help="API key for --base-url (default: OPENAI_API_KEY)")
-    demo.add_argument("--lines", type=int, default=1_000_000, help="haystack size in lines")
-    demo.add_argument("--latency", type=float, default=0.5, help="simulated latency per call (offline)")
-    demo.add_argument("--sandbox", choices=["local", "process"], default=None)
-    demo.add_argument("--log-dir", default="rlm_logs")
+    demo.add_argument("--base-url", type=_base_url, help="run against a real OpenAI-compatible server instead (default: offline, "
+                           "against the bundled fake server)")
+    demo.add_argument("--model", help="root model for --base-url (default: $RLM_MODEL)")
+    demo.add_argument("--recursive-model", help="sub model for --base-url (default: --model)")
+    demo.add_argument("--api-key", help="API key for --base-url (default: $OPENAI_API_KEY)")
+    demo.add_argument("--lines", type=_positive_int, default=1_000_000,
+                      help="haystack size in lines (default: 1000000)")
+    demo.add_argument("--latency", type=_non_negative_float, default=0.5,
+                      help="simulated latency per call in seconds, offline (default: 0.5)")
+    demo.add_argument("--sandbox", choices=["local", "process"], default=None, help=_SANDBOX_HELP)
+    demo.add_argument("--log-dir", default="rlm_logs", help="where the trajectory goes (default: rlm_logs)")
     demo.add_argument("--quiet", "-q", action="store_true", help="no live trajectory")
     demo.set_defaults(func=cmd_demo)
 
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server whose model is an RLM")
-    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond loopback needs --auth-key)")
-    srv.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on; beyond loopback needs --auth-key (default: 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on, 0 for any free port (default: 8000)")
     srv.add_argument("--auth-key", default=None,
                      help="bearer key clients must send (default: RLM_SERVE_AUTH_KEY; none on loopback)")
-    srv.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body, in MB (413 beyond)")
-    srv.add_argument("--max-running", type=int, default=8, help="RLM runs at once")
-    srv.add_argument("--max-queue", type=int, default=32, help="requests waiting for a run slot (429 beyond)")
+    srv.add_argument("--max-body-mb", type=_positive_float, default=64.0, help="largest request body, in MB; 413 beyond (default: 64)")
+    srv.add_argument("--max-running", type=_positive_int, default=8, help="RLM runs at once (default: 8)")
+    srv.add_argument("--max-queue", type=int, default=32, help="requests waiting for a run slot; 429 beyond (default: 32)")
     _add_upstream_args(srv)
     _add_server_args(srv)
     srv.set_defaults(func=cmd_serve)
 
     mcp = sub.add_parser("mcp", help="an MCP server: rlm_query and a sandboxed REPL for agents")
     mcp.add_argument("--http", metavar="HOST:PORT", default=None,
-                     help="serve streamable HTTP at http://HOST:PORT/mcp instead of stdio")
+                     help="serve streamable HTTP at http://HOST:PORT/mcp (default: stdio)")
     mcp.add_argument("--auth-key", default=None,
                      help="with --http: bearer key clients must send (default: RLM_SERVE_AUTH_KEY)")
-    mcp.add_argument("--max-sessions", type=int, default=8, help="REPL sessions open at once")
-    mcp.add_argument("--session-idle-s", type=float, default=900.0,
-                     help="close a REPL session idle this long")
-    mcp.add_argument("--max-output-chars", type=int, default=20_000,
-                     help="cut what one repl_exec returns to this many characters")
-    mcp.add_argument("--cell-timeout-s", type=float, default=120.0, help="wall-clock limit of one repl_exec")
+    mcp.add_argument("--max-sessions", type=_positive_int, default=8, help="REPL sessions open at once (default: 8)")
+    mcp.add_argument("--session-idle-s", type=_positive_float, default=900.0,
+                     help="close a REPL session idle this many seconds (default: 900)")
+    mcp.add_argument("--max-output-chars", type=_positive_int, default=20_000,
+                     help="cut what one repl_exec returns to this many characters (default: 20000)")
+    mcp.add_argument("--cell-timeout-s", type=_positive_float, default=120.0, help="wall-clock limit of one repl_exec, in seconds (default: 120)")
     _add_upstream_args(mcp)
     _add_server_args(mcp)
     mcp.set_defaults(func=cmd_mcp)
 
     view = sub.add_parser("view", help="render a JSONL trajectory log")
-    view.add_argument("log", help="a .jsonl log written by a run with log_dir")
-    view.add_argument("--html", metavar="OUT", help="write one self-contained HTML page instead")
+    view.add_argument("log", help="a .jsonl log written by a run with --log-dir")
+    view.add_argument("--html", metavar="OUT", help="write one self-contained HTML page there instead (default: render in the "
+                           "terminal)")
     view.set_defaults(func=cmd_view)
+
     rp = sub.add_parser("repl", help="explore a context by hand in IPython with llm_query & co.")
-    rp.add_argument("--context", required=True, help="context file, or - for standard input")
-    rp.add_argument("--model", help="sub-model for llm_query (default: RLM_MODEL or gpt-4o-mini)")
-    rp.add_argument("--base-url", help="OpenAI-compatible base URL")
-    rp.add_argument("--api-key", help="API key (default: OPENAI_API_KEY)")
-    rp.add_argument("--max-concurrency", type=int, default=64)
-    rp.add_argument("--format", choices=["auto", "text", "json", "jsonl"], default="auto")
-    rp.add_argument("--encoding", default="utf-8")
+    _add_context_args(rp)
+    rp.add_argument("--model", help="sub-model for llm_query (default: $RLM_MODEL, else gpt-4o-mini)")
+    rp.add_argument("--base-url", type=_base_url, help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL)")
+    rp.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY)")
+    rp.add_argument("--max-concurrency", type=_positive_int, default=64,
+                    help="sub-queries in flight at once (default: 64)")
     _add_cache_options(rp)
     rp.set_defaults(func=cmd_repl)
 
@@ -422,6 +797,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rlm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `rlm view LOG | head`: the reader left; say nothing more and exit quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

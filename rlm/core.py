@@ -11,12 +11,14 @@ and one limiter.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlm import loop as engine
 from rlm import prompts
@@ -28,7 +30,7 @@ from rlm.repl import REPLEnv, describe_context, failed_slot
 from rlm.sandbox.modules import importable_modules
 from rlm.schema import Schema, SchemaIssue, format_issues
 from rlm.structured import check_subquery_schema, structured_batch, structured_query
-from rlm.trajectory import Trajectory
+from rlm.trajectory import Trajectory, cap_text, prompt_text
 from rlm.usage import PRICE_HELP, Usage, check_prices
 
 # Current frontier models take 128k tokens or more; compact well before that so the
@@ -40,6 +42,12 @@ DEFAULT_SUB_WINDOW_CHARS = 500_000
 # Compaction keeps the system prompt, the first user message and this many latest
 # messages (the last reply and the output it produced) verbatim.
 _KEEP_RECENT = 2
+# What a trajectory keeps of each sub-query (RLM(record_subcalls=...)), and the cap.
+SUBCALL_RECORDING = ("capped", "full", "none")
+SUBCALL_CAP_CHARS = 2_000
+
+if TYPE_CHECKING:
+    from rlm.jobs.runner import JobSummary
 
 
 @dataclass
@@ -193,7 +201,37 @@ class _SubQueryService:
     def __init__(self, run: _Run) -> None:
         self._run = run
 
+    def _record(self, prompts_: Sequence[Any], replies: Sequence[Any],
+                cached: Sequence[bool] = ()) -> None:
+        """Put the sub-queries' prompts and replies in the trajectory (one event per
+        call of llm_query or llm_query_batch, so a 10,000-item batch is one line).
+        A call the cache answered is marked ``"cached": true``."""
+        mode = self._run.rlm.record_subcalls
+        if mode == "none":
+            return
+        limit = SUBCALL_CAP_CHARS if mode == "capped" else None
+
+        def keep(text: str) -> str:
+            return text if limit is None else cap_text(text, limit)
+
+        calls = [{"prompt": keep(prompt_text(p)), "reply": keep(_reply_text(r))}
+                 for p, r in zip(prompts_, replies, strict=True)]
+        for call, hit in zip(calls, cached, strict=False):
+            if hit:
+                call["cached"] = True
+        self._run.trajectory.emit("sub_queries", iteration=self._run.iterations, calls=calls)
+
     async def query(self, prompt: str, params: dict[str, Any]) -> Any:
+        cached = [False]
+        try:
+            reply = await self._query(prompt, params, cached)
+        except LLMError as exc:
+            self._record([prompt], [failed_slot(exc)])
+            raise
+        self._record([prompt], [reply], cached)
+        return reply
+
+    async def _query(self, prompt: str, params: dict[str, Any], cached: list[bool]) -> Any:
         run = self._run
         run.sub_calls += 1
         params = dict(params)
@@ -205,14 +243,15 @@ class _SubQueryService:
             return await self._child(prompt, schema)
         if schema is not None:
             return await structured_query(self._send, prompt, schema, params, run.rlm.sub_client)
-        return await self._send(prompt, params)
+        return await self._send(prompt, params, cached)
 
-    async def _send(self, prompt: Any, params: dict[str, Any]) -> str:
+    async def _send(self, prompt: Any, params: dict[str, Any],
+                    cached: list[bool] | None = None) -> str:
         run = self._run
         client = run.rlm.sub_client
         request = client.request(prompt, **{"model": run.rlm.recursive_model, **params})
         try:
-            return await client.send(request, meter=run.sub_meter)
+            return await client.send(request, meter=run.sub_meter, cached=cached)
         except LLMError as exc:
             raise self._window_error(prompt, exc) from exc
 
@@ -232,17 +271,29 @@ class _SubQueryService:
                         status=exc.status, attempts=exc.attempts)
 
     async def batch(self, prompts: list[str], params: dict[str, Any]) -> list[Any]:
+        cached = [False] * len(prompts)
+        replies = await self._batch(prompts, params, cached)
+        self._record(prompts, replies, cached)
+        return replies
+
+    async def _batch(self, prompts: list[str], params: dict[str, Any],
+                     cached: list[bool]) -> list[Any]:
         run = self._run
         run.sub_calls += len(prompts)
         # Oversized prompts are answered here and never sent; the rest go out as one batch.
         refused = {i: err for i, p in enumerate(prompts) if (err := self._oversized(p)) is not None}
         if refused:
-            sendable = [p for i, p in enumerate(prompts) if i not in refused]
-            sent = iter(await self._send_batch(sendable, params) if sendable else [])
+            kept = [i for i in range(len(prompts)) if i not in refused]
+            marks = [False] * len(kept)
+            sendable = [prompts[i] for i in kept]
+            sent = iter(await self._send_batch(sendable, params, marks) if sendable else [])
+            for i, hit in zip(kept, marks, strict=True):
+                cached[i] = hit
             return [failed_slot(refused[i]) if i in refused else next(sent) for i in range(len(prompts))]
-        return await self._send_batch(prompts, params)
+        return await self._send_batch(prompts, params, cached)
 
-    async def _send_batch(self, prompts: list[str], params: dict[str, Any]) -> list[str]:
+    async def _send_batch(self, prompts: list[str], params: dict[str, Any],
+                          cached: list[bool]) -> list[str]:
         run = self._run
         total = len(prompts)
         params = dict(params)
@@ -260,7 +311,7 @@ class _SubQueryService:
             params = {"model": run.rlm.recursive_model, **params}
             requests = [client.request(p, **params) for p in prompts]
             results = await client.send_many(
-                requests, meter=run.sub_meter, on_item_done=self._progress(total)
+                requests, meter=run.sub_meter, on_item_done=self._progress(total), cached=cached
             )
         return [
             failed_slot(self._window_error(p, r) if isinstance(r, LLMError) else r)
@@ -333,20 +384,70 @@ def _default_sandbox() -> str:
 class RLM:
     """A Recursive Language Model: a root model driving a sandboxed REPL over the context.
 
-    ``model`` (the root) falls back to RLM_MODEL; ``recursive_model`` (what
-    ``llm_query`` calls) to ``model``. ``client`` and ``sub_client`` may be passed in
-    and shared between RLMs; otherwise they are built from ``base_url``/``api_key``
-    (falling back to OPENAI_BASE_URL/OPENAI_API_KEY), the sub client with
-    ``max_concurrency`` in flight. Budgets (``max_cost_usd``, ``max_tokens``,
-    ``max_time_s``) stop a run with ``stopped_reason="budget"``. ``log_dir`` keeps a
-    JSONL trajectory per run; ``verbose`` shows each iteration live. ``on_event`` is
-    called with every trajectory event of every run (children's too, and the transient
-    ``subcalls`` progress events), from whichever thread emits it, so it must be quick
-    and thread-safe: servers use it to stream progress. A run with ``schema=`` gives the
-    root ``max_answer_retries`` more tries after an answer that does not match.
-    ``cache`` (None/False, True, a directory or an ``rlm.cache.Cache``) reuses replies
-    stored by earlier runs for both clients it creates; ``cache_read``/``cache_write``
-    switch reading and writing (see rlm.cache and the README's caching section).
+    Models and endpoint:
+
+    - ``model``: the root model, which writes the code (default: $RLM_MODEL, else
+      gpt-4o-mini).
+    - ``recursive_model``: what ``llm_query`` calls (default: ``model``).
+    - ``base_url``: an OpenAI-compatible endpoint (default: $OPENAI_BASE_URL, else OpenAI).
+    - ``api_key``: its key (default: $OPENAI_API_KEY). With no key at all the
+      constructor raises ``ConfigError``; a local server that needs none takes any value.
+    - ``client`` / ``sub_client``: ready ``AsyncOpenAIClient``s to use (and share
+      between RLMs) instead of building them; they are not closed by ``close()``.
+    - ``max_concurrency``: sub-queries in flight at once on the sub client this RLM
+      builds (default 64; ignored when ``sub_client`` is given).
+
+    The loop and its limits:
+
+    - ``max_iterations``: root turns (default 20). When they run out the root gets one
+      last turn to answer; the result then has ``stopped_reason="max_iterations"``.
+    - ``max_depth``: 1 (default) makes ``llm_query`` a plain model call; 2 or more runs
+      a child RLM with its own REPL on the prompt, down to that depth.
+    - ``max_cost_usd`` (US dollars), ``max_tokens`` (root plus sub tokens) and
+      ``max_time_s`` (wall-clock seconds): budgets for one run, root and sub-calls
+      together; a spent budget stops it with ``stopped_reason="budget"`` (default: none).
+    - ``root_window_tokens``: once the root conversation is estimated above this many
+      tokens, older turns are replaced by a summary (default 100,000; None: never).
+    - ``sub_window_chars``: the longest sub-query prompt in characters; longer ones are
+      refused before sending with a message the root can act on (default 500,000).
+
+    The sandbox:
+
+    - ``sandbox``: "process" runs REPL code in a worker process with wall and CPU
+      time, memory, network and file limits; "local" runs it in this process under the
+      compile-time policy only (faster, weaker). Default: "process" on Linux and macOS,
+      "local" elsewhere (the same default as ``REPLEnv``).
+    - ``cell_timeout``: seconds one cell may run (default 60).
+    - ``max_output_chars``: characters of a cell's output shown to the root (default
+      20,000; the rest is cut to a head and a tail).
+    - ``tools`` / ``tool_descriptions``: functions callable from REPL code by name,
+      and the one-line descriptions the root is shown for them.
+    - ``system_prompt``: replaces the built-in system prompt.
+
+    Seeing a run:
+
+    - ``log_dir``: write each run's trajectory as JSONL there, event by event (default:
+      none; ``result.trajectory`` always has the events).
+    - ``record_subcalls``: what the trajectory keeps of each sub-query: "capped"
+      (default: prompt and reply cut to 2,000 characters each, head and tail), "full",
+      or "none" (only counts).
+    - ``verbose``: show each iteration live in the terminal or notebook (default False).
+    - ``on_event``: a callable given every trajectory event as it happens (a custom
+      live view, a progress line); it runs on the engine's threads and must be quick.
+    - ``on_event`` is called with every trajectory event of every run (children's too,
+      and the transient ``subcalls`` progress events), from whichever thread emits it,
+      so it must be quick and thread-safe: a live view, a progress line, servers
+      streaming progress.
+    - A run with ``schema=`` gives the root ``max_answer_retries`` more tries after an
+      answer that does not match (see ``completion``).
+
+    Caching (see rlm.cache and the README):
+
+    - ``cache``: None/False (default: nothing stored), True (the per-user cache
+      directory), a directory, or an ``rlm.cache.Cache``; replies stored by earlier runs
+      are reused by both clients this RLM builds, at no cost against the budgets.
+    - ``cache_read`` / ``cache_write``: False sends everything (identical requests in
+      flight included) / stores nothing.
     """
 
     def __init__(
@@ -367,6 +468,7 @@ class RLM:
         log_dir: str | Path | None = None,
         verbose: bool = False,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        record_subcalls: str = "capped",
         system_prompt: str | None = None,
         tools: Mapping[str, Callable[..., Any]] | None = None,
         tool_descriptions: Mapping[str, str] | None = None,
@@ -381,6 +483,8 @@ class RLM:
         cache_read: bool = True,
         cache_write: bool = True,
     ) -> None:
+        # The keywords this RLM was made with, so another process can build its twin.
+        self._settings: dict[str, Any] = {k: v for k, v in locals().items() if k != "self"}
         if not isinstance(max_iterations, int) or max_iterations < 1:
             raise ConfigError(f"max_iterations must be an int >= 1, got {max_iterations!r}")
         if not isinstance(max_depth, int) or max_depth < 1:
@@ -398,6 +502,17 @@ class RLM:
             raise ConfigError(f"sub_window_chars must be an int >= 100, got {sub_window_chars!r}")
         if sandbox is not None and sandbox not in ("local", "process"):
             raise ConfigError(f"sandbox must be 'local' or 'process', got {sandbox!r}")
+        if record_subcalls not in SUBCALL_RECORDING:
+            raise ConfigError(
+                f"record_subcalls must be one of {', '.join(map(repr, SUBCALL_RECORDING))}, "
+                f"got {record_subcalls!r}"
+            )
+        for name, value in (("max_cost_usd", max_cost_usd), ("max_time_s", max_time_s)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or not value > 0):
+                raise ConfigError(f"{name} must be a number > 0 or None (no limit), got {value!r}")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ConfigError(f"max_tokens must be an int >= 1 or None (no limit), got {max_tokens!r}")
         if prices is not None:
             prices = check_prices(prices)
         if (cache not in (None, False) or not cache_read or not cache_write) and (
@@ -415,6 +530,8 @@ class RLM:
             client = AsyncOpenAIClient(model=model, api_key=api_key, base_url=base_url,
                                        prices=prices, **caching)
             self._owned.append(client)
+        # A missing key fails here, once, not as N failed results after N sandboxes started.
+        client.check_key()
         self.client = client
         self.model = model or client.model
         self.recursive_model = recursive_model or self.model
@@ -428,6 +545,7 @@ class RLM:
                 **caching,
             )
             self._owned.append(sub_client)
+        sub_client.check_key()
         self.sub_client = sub_client
         self.max_iterations = max_iterations
         self.max_depth = max_depth
@@ -443,6 +561,7 @@ class RLM:
         self.log_dir = log_dir
         self.verbose = verbose
         self.on_event = on_event
+        self.record_subcalls = record_subcalls
         self.tools = dict(tools or {})
         unknown = sorted(set(tool_descriptions or {}) - set(self.tools))
         if unknown:
@@ -455,6 +574,28 @@ class RLM:
         self._custom_system_prompt = system_prompt is not None
         self.system_prompt = system_prompt or self._default_system_prompt({})
         self.cell_timeout = cell_timeout
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor keywords that build an equivalent RLM in another process.
+
+        The Ray backend sends these to its workers. The endpoint and key are resolved
+        here (from the environment if they were not passed), so workers need neither.
+        An RLM made with ``client=``/``sub_client=`` or ``on_event=`` cannot be rebuilt
+        elsewhere (those objects live in this process): ``ConfigError`` says so.
+        """
+        settings = dict(self._settings)
+        passed = [k for k in ("client", "sub_client", "on_event") if settings.get(k) is not None]
+        if passed:
+            raise ConfigError(
+                f"this RLM was made with {', '.join(passed)}=, which cannot be sent to "
+                "another process; build it from model=, base_url= and api_key= instead"
+            )
+        settings["base_url"] = settings.get("base_url") or self.client.base_url
+        if settings.get("api_key") is None:
+            settings["api_key"] = os.environ.get("OPENAI_API_KEY")
+        settings["model"] = self.model
+        settings["verbose"] = False
+        return settings
 
     def _default_system_prompt(self, protections: Mapping[str, Any]) -> str:
         """The built-in system prompt for an env with these protections: a confined worker
@@ -520,39 +661,52 @@ class RLM:
     async def acompletion_batch(
         self,
         tasks: Iterable[tuple[Any, str] | Mapping[str, Any]],
-        max_concurrent: int = 8,
+        max_concurrency: int = 8,
         progress: bool = True,
+        *,
+        max_concurrent: int | None = None,
         schema: Any = None,
     ) -> list[RLMResult]:
         """Run many (context, query) tasks at once, each in its own REPLEnv, in order.
 
-        All tasks share this RLM's clients and limiter. A failed task is an RLMResult
-        with ``error`` set and ``stopped_reason="error"``; it never stops the others.
-        ``progress`` shows a bar with done, failed and ETA. ``schema`` applies to every
-        task; a task given as a mapping may carry its own ``"schema"`` instead.
+        ``tasks`` are ``(context, query)`` pairs or ``{"context": ..., "query": ...}``
+        dicts. ``max_concurrency`` runs at most that many tasks at once (default 8;
+        their sub-queries still share this RLM's clients and limiter). A failed task,
+        a malformed one included (an empty query, a dict without "query"), is an
+        RLMResult with ``error`` set and ``stopped_reason="error"``; it never stops the
+        others. ``progress`` shows a bar with done, failed and ETA (default True).
+        ``schema`` applies to every task; a task given as a mapping may carry its own
+        ``"schema"`` instead. ``max_concurrent`` is the old name of ``max_concurrency``
+        (deprecated).
         """
+        if max_concurrent is not None:
+            import warnings
+
+            warnings.warn("acompletion_batch(max_concurrent=) is deprecated; use max_concurrency=",
+                          DeprecationWarning, stacklevel=2)
+            max_concurrency = max_concurrent
+        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
+            raise ConfigError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
         default = Schema.of(schema) if schema is not None else None
-        items: list[tuple[Any, str, Schema | None]] = []
+        items: list[tuple[Any, Any, Any]] = []
         for task in tasks:
-            if isinstance(task, Mapping):
-                own = task.get("schema")
-                items.append((task.get("context"), task["query"], Schema.of(own) if own is not None else default))
-            else:
-                context, query = task
-                items.append((context, query, default))
-        for _, query, _ in items:
-            _check_query(query)
+            context, query = _task_fields(task)
+            own = task.get("schema") if isinstance(task, Mapping) else None
+            items.append((context, query, own if own is not None else default))
         bar = None
         if progress and items:
             from rlm.display import BatchProgress
 
             bar = BatchProgress()
             bar.start(len(items))
-        gate = asyncio.Semaphore(max(1, max_concurrent))
+        gate = asyncio.Semaphore(max_concurrency)
 
-        async def one(context: Any, query: str, typed: Schema | None) -> RLMResult:
+        async def one(context: Any, query: Any, typed: Any) -> RLMResult:
             async with gate:
                 try:
+                    _check_query(query)
+                    if typed is not None and not isinstance(typed, Schema):
+                        typed = Schema.of(typed)  # a bad per-task schema fails that task only
                     result = await self._run(context=context, query=query, depth=0, schema=typed)
                 except Exception as exc:  # noqa: BLE001 - one task's failure is its own
                     result = RLMResult(answer=None, stopped_reason="error", error=_short_error(exc))
@@ -565,6 +719,35 @@ class RLM:
         finally:
             if bar is not None:
                 bar.stop()
+
+    def run_job(self, tasks: Any, out: str | Path, **options: Any) -> JobSummary:
+        """Run a many-document job: every task not yet in ``out`` is run and appended to it.
+
+        ``tasks`` is a JSONL or CSV file, a directory of documents (with ``query=``), or
+        an iterable of ``rlm.jobs.Task`` or mappings ``{"id", "query", "context" |
+        "context_path"}``. Each finished task is one fsynced line of ``out``; running
+        the same job again skips ids already there (``retry_failed=True`` re-runs those
+        that ended in error). Options: ``query``, ``fmt``, ``encoding``,
+        ``concurrency`` (8), job caps ``max_cost_usd``/``max_tokens``/``max_time_s``,
+        ``sort_output``, ``progress``, ``backend`` ("local" or "ray") and
+        ``ray_address``. Returns a ``JobSummary``; see the README's "Jobs" section.
+        """
+        from rlm.jobs.runner import run_job
+
+        return run_job(self, tasks, out, **options)
+
+    async def arun_job(self, tasks: Any, out: str | Path, **options: Any) -> JobSummary:
+        """``run_job`` for async code: the job's tasks run on the caller's event loop."""
+        from rlm.jobs.runner import arun_job
+
+        return await arun_job(self, tasks, out, **options)
+
+    def load_session(self, path: str | Path, context: Any) -> RLMSession:
+        """A session over ``context`` that continues one saved with ``RLMSession.save``:
+        the questions and answers, the usage so far and the saved variables are back."""
+        from rlm.session_store import load_session
+
+        return load_session(self, path, context)
 
     def session(self, context: Any) -> RLMSession:
         """A multi-turn session over ``context``: the REPL keeps its state across asks."""
@@ -602,12 +785,13 @@ class RLM:
         sinks: list[Callable[[dict[str, Any]], None]] = []
         if parent is not None:
             sinks = list(parent.trajectory.sinks)
-        elif self.verbose:
-            from rlm.display import LiveDisplay
+        else:
+            if self.verbose:
+                from rlm.display import LiveDisplay
 
-            sinks.append(LiveDisplay())
-        if parent is None and self.on_event is not None:
-            sinks.append(self.on_event)
+                sinks.append(LiveDisplay())
+            if self.on_event is not None:
+                sinks.append(self.on_event)
         log_dir = self.log_dir if depth == 0 else None
         trajectory = Trajectory(log_dir=log_dir, depth=depth, sinks=sinks)
         if parent is not None:
@@ -656,6 +840,10 @@ class RLM:
                 model=self.model,
                 recursive_model=self.recursive_model,
                 sandbox=self.sandbox,
+                # A child's context is the prompt its parent sent: show that, not the
+                # generic child instruction in ``query``.
+                **({"prompt": self._recorded(prompt_text(context))}
+                   if depth and self.record_subcalls != "none" else {}),
                 max_iterations=self.max_iterations,
                 max_depth=self.max_depth,
                 schema=schema.json_schema if schema is not None else None,
@@ -707,6 +895,9 @@ class RLM:
         )
         trajectory.close()
         return result
+
+    def _recorded(self, text: str) -> str:
+        return text if self.record_subcalls == "full" else cap_text(text, SUBCALL_CAP_CHARS)
 
     def _new_env(self, context: Any, sub_queries: _SubQueryService | None = None) -> REPLEnv:
         return REPLEnv(
@@ -965,6 +1156,10 @@ class RLMSession:
         self.rlm = rlm
         self.context = context
         self.history: list[tuple[str, str]] = []
+        # Usage of every ask so far (kept across save/load), and the names the session's
+        # cells assigned: what ``save`` looks for in the REPL.
+        self.usage: dict[str, Usage] = {"root": Usage(), "sub": Usage()}
+        self.variable_names: set[str] = set()
         # Each ask gives the env that run's sub-query service.
         self.env = rlm._new_env(context)  # noqa: SLF001
 
@@ -983,7 +1178,24 @@ class RLMSession:
         )
         if result.answer is not None:
             self.history.append((query, result.answer))
+        self.usage = {k: self.usage[k] + result.usage[k] for k in ("root", "sub")}
+        from rlm.session_store import assigned_names
+
+        for event in result.trajectory:
+            if event.get("type") == "cell" and "child_run" not in event:
+                self.variable_names |= assigned_names(event.get("code") or "")
         return result
+
+    def save(self, path: str | Path) -> Path:
+        """Save the history, the usage and the plain-data REPL variables to ``path`` (JSON).
+
+        Variables that are not plain data (str, numbers, bool, None and lists, tuples,
+        dicts and sets of them, each within 1,000,000 characters of JSON) are listed in
+        the file's ``not_saved`` with the reason. ``RLM.load_session`` reads it back.
+        """
+        from rlm.session_store import save_session
+
+        return save_session(self, path)
 
     def close(self) -> None:
         """Close the session's REPL."""
@@ -994,6 +1206,26 @@ class RLMSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _reply_text(reply: Any) -> str:
+    # A typed sub-query's reply is the parsed value; the log keeps it as JSON text.
+    if isinstance(reply, str):
+        return reply
+    try:
+        return json.dumps(reply, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return repr(reply)
+
+
+def _task_fields(task: Any) -> tuple[Any, Any]:
+    """(context, query) of one batch task; a malformed task yields a query that
+    ``_check_query`` refuses, so only that task fails."""
+    if isinstance(task, Mapping):
+        return task.get("context"), task.get("query")
+    if isinstance(task, tuple | list) and len(task) == 2:
+        return task[0], task[1]
+    return None, None
 
 
 def _check_query(query: Any) -> None:

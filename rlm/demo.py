@@ -115,3 +115,11 @@ def summarize(result: object, haystack: Haystack, wall_s: float, latency: float)
         sequential_s=sub_calls * latency,
         iterations=int(getattr(result, "iterations", 0)),
     )
+
+
+def speedup_text(outcome: DemoOutcome) -> str:
+    """How much the concurrent fan-out saved, in words that stay true for a tiny haystack."""
+    ratio = outcome.sequential_s / max(outcome.wall_s, 1e-9)
+    if ratio < 1.5:
+        return "too few sub-queries for the fan-out to show; try more --lines"
+    return f"{ratio:.0f}x longer" if ratio >= 10 else f"{ratio:.1f}x longer"

@@ -87,6 +87,14 @@ class SandboxError(RLMError):
     """The sandbox itself (not the user's code) could not run: a worker would not start."""
 
 
+class TaskInputError(ConfigError):
+    """A job's task input is unusable: a missing file, a malformed line, a duplicate id."""
+
+
+class OutputFileError(ConfigError):
+    """A job's output file cannot be resumed: a line other than the last is not JSON."""
+
+
 class AccessDeniedError(RLMError):
     """A server was asked to read a path outside the directories it was allowed to read."""
 

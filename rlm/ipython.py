@@ -25,9 +25,10 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from rlm import loop as engine
 from rlm.cache import parse_cache_option
-from rlm.errors import ConfigError
+from rlm.errors import ConfigError, LLMError
 from rlm.llm import AsyncOpenAIClient
-from rlm.repl import failed_slot
+from rlm.repl import ClientSubQueries, failed_slot
+from rlm.schema import Schema
 
 __all__ = ["NotebookConfig", "RLMMagics", "load_ipython_extension", "repl_namespace", "start_repl"]
 
@@ -77,8 +78,10 @@ def _mask(key: str | None) -> str:
 
 
 _CONFIG_OPTIONS = ("model", "recursive_model", "base_url", "api_key", "sandbox", "cache")
-_RLM_OPTIONS = ("context", "model", "recursive_model", "base_url", "out", "max_iterations", "sandbox",
-                "cache")
+_RLM_OPTIONS = (
+    "context", "model", "recursive_model", "base_url", "out", "max_iterations", "sandbox", "schema",
+    "cache",
+)
 _RLM_FLAGS = ("verbose",)
 
 
@@ -154,9 +157,12 @@ class RLMMagics(Magics):
         Options: ``--context VAR`` (default ``context``), ``--model``,
         ``--recursive-model``, ``--base-url``, ``--sandbox``, ``--max-iterations``,
         ``--cache on|off|DIR``,
-        ``--verbose`` (show each iteration live) and ``--out NAME`` (the variable that
-        receives the RLMResult, ``_rlm`` by default). Unset options come from
-        ``%rlm_config``. The RLMResult is the cell's output and renders as HTML.
+        ``--verbose`` (show each iteration live), ``--out NAME`` (the variable that
+        receives the RLMResult, ``_rlm`` by default) and ``--schema NAME`` (a notebook
+        variable holding a schema: a pydantic model class, a type such as ``list[str]``
+        or a JSON Schema dict; the validated answer is then ``result.output``). Unset
+        options come from ``%rlm_config``. The RLMResult is the cell's output and
+        renders as HTML.
         """
         from rlm.core import RLM
 
@@ -174,6 +180,18 @@ class RLMMagics(Magics):
         out = options.get("out", "_rlm")
         if not out.isidentifier():
             raise UsageError(f"rlm: --out needs a variable name, not {out!r}")
+        schema = None
+        if "schema" in options:
+            schema_name = options["schema"]
+            if schema_name not in user_ns:
+                raise UsageError(
+                    f"rlm: no variable named {schema_name!r} in this notebook; --schema takes the "
+                    "name of a variable holding a pydantic model class, a type or a JSON Schema dict"
+                )
+            try:
+                schema = Schema.of(user_ns[schema_name])
+            except ConfigError as exc:
+                raise UsageError(f"rlm: --schema {schema_name}: {exc}") from None
         try:
             max_iterations = int(options.get("max_iterations", 20))
         except ValueError:
@@ -203,7 +221,7 @@ class RLMMagics(Magics):
         except ConfigError as exc:
             raise UsageError(f"rlm: {exc}") from None
         try:
-            result = rlm.completion(context=user_ns[name], query=query)
+            result = rlm.completion(context=user_ns[name], query=query, schema=schema)
         finally:
             rlm.close()
         user_ns[out] = result
@@ -265,12 +283,21 @@ def repl_namespace(context: Any, client: AsyncOpenAIClient) -> dict[str, Any]:
     Ctrl-C during a sync call cancels its requests before the prompt returns.
     """
 
-    def llm_query(prompt: str, **params: Any) -> str:
-        """Ask the sub-model one question and return its reply."""
+    structured = ClientSubQueries(client)
+
+    def llm_query(prompt: str, **params: Any) -> Any:
+        """Ask the sub-model one question and return its reply (with ``schema=``, the
+        parsed and validated value)."""
+        _check_prompt("llm_query", prompt)
+        if "schema" in params:
+            return _run_interruptibly(structured.query(prompt, params), "llm_query")
         return _run_interruptibly(client.completion(prompt, **params), "llm_query")
 
-    def llm_query_batch(prompts: list[str], **params: Any) -> list[str]:
+    def llm_query_batch(prompts: list[str], **params: Any) -> list[Any]:
         """Ask many questions concurrently; replies in order, failures as error strings."""
+        _check_prompts("llm_query_batch", prompts)
+        if "schema" in params:
+            return _run_interruptibly(structured.batch(list(prompts), params), "llm_query_batch")
         done = [0]
 
         def count(n: int, _total: int) -> None:
@@ -283,12 +310,18 @@ def repl_namespace(context: Any, client: AsyncOpenAIClient) -> dict[str, Any]:
         )
         return [failed_slot(r) for r in results]
 
-    async def llm_query_async(prompt: str, **params: Any) -> str:
+    async def llm_query_async(prompt: str, **params: Any) -> Any:
         """Awaitable ``llm_query``."""
+        _check_prompt("llm_query_async", prompt)
+        if "schema" in params:
+            return await structured.query(prompt, params)
         return await client.completion(prompt, **params)
 
-    async def llm_query_batch_async(prompts: list[str], **params: Any) -> list[str]:
+    async def llm_query_batch_async(prompts: list[str], **params: Any) -> list[Any]:
         """Awaitable ``llm_query_batch``."""
+        _check_prompts("llm_query_batch_async", prompts)
+        if "schema" in params:
+            return await structured.batch(list(prompts), params)
         results = await client.completion_batch(prompts, return_exceptions=True, **params)
         return [failed_slot(r) for r in results]
 
@@ -300,6 +333,37 @@ def repl_namespace(context: Any, client: AsyncOpenAIClient) -> dict[str, Any]:
         "llm_query_async": llm_query_async,
         "llm_query_batch_async": llm_query_batch_async,
     }
+
+
+class ReplArgumentError(TypeError):
+    """A wrong argument to ``llm_query`` & co. at the ``rlm repl`` prompt (shown in one line)."""
+
+
+def _check_prompt(name: str, prompt: Any) -> None:
+    # Checked here, in the person's own call: inside the client the same mistake surfaces
+    # as a long traceback through the engine loop's futures.
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        return
+    raise ReplArgumentError(
+        f"{name}(prompt): prompt must be a str (or a list of chat message dicts), "
+        f"got {type(prompt).__name__}; e.g. {name}(str(x))"
+    )
+
+
+def _check_prompts(name: str, prompts: Any) -> None:
+    if isinstance(prompts, str) or not isinstance(prompts, list | tuple):
+        raise ReplArgumentError(
+            f"{name}(prompts): prompts must be a list of str, got {type(prompts).__name__}"
+        )
+    for i, prompt in enumerate(prompts):
+        try:
+            _check_prompt(name, prompt)
+        except ReplArgumentError:
+            raise ReplArgumentError(
+                f"{name}(prompts): item {i} is a {type(prompt).__name__}, not a str"
+            ) from None
 
 
 class _CancellingRunner:
@@ -337,6 +401,9 @@ def _short_interrupts(runner: _CancellingRunner) -> Callable[..., None]:
         # it prints; a full traceback through the loop machinery would only confuse.
         if isinstance(value, _Interrupted):
             print(f"KeyboardInterrupt: {value}")
+        elif isinstance(value, ReplArgumentError | LLMError):
+            # The person's mistake or the server's refusal: the message says it all.
+            print(f"{type(value).__name__}: {value}")
         elif isinstance(value, asyncio.CancelledError) and runner.interrupted:
             print("KeyboardInterrupt: cancelled the awaited call and its requests")
         else:
@@ -375,8 +442,10 @@ def start_repl(context: Any, client: AsyncOpenAIClient) -> None:
         user_ns=repl_namespace(context, client), banner1=banner, banner2="", confirm_exit=False
     )
     shell.loop_runner = runner
+    shell.enable_tip = False  # IPython's random "Tip:" line under our banner
     shell.autoawait = True
-    shell.set_custom_exc((_Interrupted, asyncio.CancelledError), _short_interrupts(runner))
+    shell.set_custom_exc((_Interrupted, asyncio.CancelledError, ReplArgumentError, LLMError),
+                         _short_interrupts(runner))
     try:
         shell.show_banner()
         shell.mainloop()

@@ -384,6 +384,19 @@ class AsyncOpenAIClient:
         """True after ``close()``."""
         return self._closed
 
+    def check_key(self) -> None:
+        """Raise ``ConfigError`` now if no API key is configured (no network I/O).
+
+        The client itself checks on its first request; an RLM calls this when it is
+        built, so a missing key fails once, before any sandbox starts.
+        """
+        if not self._api_key:
+            raise ConfigError(
+                "no API key: set the OPENAI_API_KEY environment variable or pass api_key= "
+                "(for a local OpenAI-compatible server that needs none, pass any value, "
+                "e.g. api_key='local')"
+            )
+
     @property
     def limiter(self) -> AdaptiveLimiter:
         """The in-flight limiter shared by every call of this client (see rlm.limiter)."""
@@ -415,15 +428,17 @@ class AsyncOpenAIClient:
         *,
         meter: UsageMeter | None = None,
         ledger: BudgetLedger | None = None,
+        cached: list[bool] | None = None,
     ) -> str:
         """Send one request on the engine loop and return the reply text.
 
         The call counts in the client's usage and in ``meter``; with a ``ledger`` it
         reserves against the run's budget first and raises ``BudgetExhaustedError``
         (nothing sent) once the budget is spent. Other failures raise like
-        ``completion``.
+        ``completion``. ``cached``, a one-item list, is set to ``[True]`` when the
+        reply came from the cache (or an identical request in flight).
         """
-        return await self._on_engine(self._text(request, meter, ledger))
+        return await self._on_engine(self._text(request, meter, ledger, cached))
 
     async def send_many(
         self,
@@ -432,6 +447,7 @@ class AsyncOpenAIClient:
         meter: UsageMeter | None = None,
         ledger: BudgetLedger | None = None,
         on_item_done: Callable[[int, int], None] | None = None,
+        cached: list[bool] | None = None,
     ) -> list[str | Exception]:
         """Send many requests concurrently (up to the limiter), in order, never raising per item.
 
@@ -439,8 +455,12 @@ class AsyncOpenAIClient:
         for items the budget stopped before they were sent). Request tasks are created
         as slots free up, so a million items cost a window of tasks, not a million.
         ``on_item_done(done, total)`` runs on the engine loop as items finish.
+        ``cached``, a list of ``len(requests)`` False, gets True for each item answered
+        by the cache or by an identical request (in flight, or earlier in the batch).
         """
-        return await self._on_engine(self._many(list(requests), meter, ledger, on_item_done))
+        return await self._on_engine(
+            self._many(list(requests), meter, ledger, on_item_done, cached)
+        )
 
     async def completion(self, prompt: Prompt, *, cache: bool = True, **params: Any) -> str:
         """Send one chat completion and return the reply text.
@@ -580,12 +600,7 @@ class AsyncOpenAIClient:
             raise ClientClosedError("this AsyncOpenAIClient is closed; create a new one")
         if self._oai is not None:
             return self._oai
-        if not self._api_key:
-            raise ConfigError(
-                "no API key: set the OPENAI_API_KEY environment variable or pass api_key= "
-                "(for a local OpenAI-compatible server that needs none, pass any value, "
-                "e.g. api_key='local')"
-            )
+        self.check_key()
         import httpx2
 
         # Keep idle connections for a minute: a root model often thinks for more than the
@@ -663,12 +678,14 @@ class AsyncOpenAIClient:
         return self._hot
 
     async def _text(
-        self, request: Request, meter: UsageMeter | None, ledger: BudgetLedger | None
+        self, request: Request, meter: UsageMeter | None, ledger: BudgetLedger | None,
+        cached: list[bool] | None = None,
     ) -> str:
-        return (await self._reply(request, meter, ledger)).text
+        return (await self._reply(request, meter, ledger, cached)).text
 
     async def _reply(
-        self, request: Request, meter: UsageMeter | None, ledger: BudgetLedger | None
+        self, request: Request, meter: UsageMeter | None, ledger: BudgetLedger | None,
+        cached: list[bool] | None = None,
     ) -> Reply:
         """One call on the engine loop: the cache first, then the network (``_fresh``)."""
         replies = self._replies
@@ -677,14 +694,19 @@ class AsyncOpenAIClient:
         if self._closed:
             raise ClientClosedError("this AsyncOpenAIClient is closed; create a new one")
         (key,), known = await replies.prepare(self.base_url, [request.body])
-        return await self._resolve(replies, request, key, known.get(key) if key else None,
-                                   meter, ledger)
+        reply, reused = await self._resolve(
+            replies, request, key, known.get(key) if key else None, meter, ledger
+        )
+        if reused and cached:
+            cached[0] = True
+        return reply
 
     async def _resolve(
         self, replies: RequestCache, request: Request, key: str | None, known: Any,
         meter: UsageMeter | None, ledger: BudgetLedger | None,
-    ) -> Reply:
-        """A reply from the cache, from an identical request in flight, or sent now.
+    ) -> tuple[Reply, bool]:
+        """A reply from the cache, from an identical request in flight, or sent now, and
+        whether it was reused.
 
         A reused reply asks nothing of the ledger (it costs no budget) and counts as a
         cached call, with what it saved, in the client's usage and ``meter``.
@@ -694,7 +716,7 @@ class AsyncOpenAIClient:
         )
         if reused:
             self._count_cached(meter, reply.model, reply.prompt_tokens, reply.completion_tokens)
-        return reply
+        return reply, reused  # type: ignore[return-value]  # a stored reply reads like a Reply
 
     def _count_cached(self, meter: UsageMeter | None, model: str, prompt_tokens: int,
                       completion_tokens: int, calls: int = 1) -> None:
@@ -769,6 +791,7 @@ class AsyncOpenAIClient:
         meter: UsageMeter | None,
         ledger: BudgetLedger | None,
         on_item_done: Callable[[int, int], None] | None,
+        cached: list[bool] | None = None,
     ) -> list[Any]:
         if self._closed:
             raise ClientClosedError("this AsyncOpenAIClient is closed; create a new one")
@@ -792,7 +815,7 @@ class AsyncOpenAIClient:
         # instead of taking a window slot, so a batch sends each distinct request once.
         twins: dict[int, list[int]] = {}
         if replies is not None:
-            keys, todo = await self._from_cache(replies, requests, results, meter)
+            keys, todo = await self._from_cache(replies, requests, results, meter, cached)
             done = total - len(todo)
             if done:
                 report()
@@ -836,11 +859,15 @@ class AsyncOpenAIClient:
                 if replies is None or not request.cache:
                     reply = await fresh(request, meter, ledger)
                 else:
-                    reply = await resolve(replies, request, keys[i], None, meter, ledger)
+                    reply, reused = await resolve(replies, request, keys[i], None, meter, ledger)
+                    if reused and cached is not None:
+                        cached[i] = True
                 results[i] = reply.text
                 if same:
                     for j in same:
                         results[j] = reply.text
+                        if cached is not None:
+                            cached[j] = True
                     self._count_cached(meter, reply.model, reply.prompt_tokens * len(same),
                                        reply.completion_tokens * len(same), len(same))
             except Exception as exc:  # noqa: BLE001 - kept per item, nothing is lost
@@ -871,7 +898,7 @@ class AsyncOpenAIClient:
 
     async def _from_cache(
         self, replies: RequestCache, requests: list[Request], results: list[Any],
-        meter: UsageMeter | None,
+        meter: UsageMeter | None, cached: list[bool] | None,
     ) -> tuple[list[str | None], list[int]]:
         """Fill ``results`` with the replies the cache already has, in one pass.
 
@@ -901,6 +928,8 @@ class AsyncOpenAIClient:
                 todo.append(i)
                 continue
             results[i] = hit.text
+            if cached is not None:
+                cached[i] = True
             row = saved.get(hit.model)
             if row is None:
                 row = saved[hit.model] = [0, 0, 0]

@@ -2,8 +2,8 @@
 
 A root model works here: ``context`` is a variable (the caller's object itself, never
 copied), sub-queries go through ``llm_query``/``llm_query_batch`` and their async forms,
-and the answer comes back through ``FINAL``/``FINAL_VAR``. Cells run under the policy of
-the sandbox policy (``rlm.sandbox.cells``) in an executor: ``"local"`` (a worker thread of this process,
+and the answer comes back through ``FINAL``/``FINAL_VAR``. Cells run under the sandbox
+policy (``rlm.sandbox``) in an executor: ``"local"`` (a worker thread of this process,
 soft limits, fastest) or ``"process"`` (a worker process with OS limits).
 
 A list or dict context is shared, not copied: code in the env can change it in place
@@ -25,6 +25,7 @@ from typing import Any
 from rlm import loop as engine
 from rlm.errors import ConfigError, EnvClosedError, LLMError, LoopError
 from rlm.sandbox import CellOutcome, Executor, SubQueries
+from rlm.sandbox.flow import SubQueryGate, SubQueryLimits
 from rlm.sandbox.subqueries import FAILED_SLOT_PREFIX, LLMQueryError
 from rlm.structured import check_subquery_schema, structured_batch, structured_query
 
@@ -183,9 +184,21 @@ class REPLEnv:
     ``SubQueries`` service. ``sandbox`` is ``"local"`` or ``"process"``; ``timeout`` is
     the wall-clock limit of one cell in seconds (None: none); ``max_output_chars`` caps
     stdout and stderr of a cell; ``setup_code`` runs once at start (a failure raises
-    ConfigError); ``tools`` maps names to functions the code may call. Options of the
-    chosen sandbox (``memory_limit_mb``, ``cpu_limit_s``... for "process",
-    ``grace_s`` for "local") pass through as keywords.
+    ConfigError); ``tools`` maps names to functions the code may call.
+    ``max_batch_items`` (prompts per llm_query_batch call, default 100,000),
+    ``max_prompt_bytes`` (UTF-8 bytes per prompt, default 4 MiB) and ``max_in_flight``
+    (this env's sub-queries running at once, default 1,024; a bigger batch is fed in as
+    slots free up) keep one env from flooding the host; going past one is an error in
+    the cell that names the option. Options of the chosen sandbox (``memory_limit_mb``,
+    ``cpu_limit_s``, ``disk_limit_mb``... for "process", ``grace_s`` for "local") pass
+    through as keywords.
+
+    Use ``sandbox="process"`` for untrusted input. The in-process sandbox enforces the
+    same policy but shares the host process, so some things it cannot stop: a C-stack
+    overflow from a deeply nested object hashed or iterated in C (a 10**6-deep tuple)
+    crashes the host with SIGSEGV; one GIL-holding C call (``10**10**8``, a
+    catastrophic regex) runs past the deadline until it returns; threads that C code
+    starts keep running; and memory is the host's.
     """
 
     def __init__(
@@ -199,6 +212,9 @@ class REPLEnv:
         setup_code: str | None = None,
         tools: dict[str, Any] | None = None,
         sub_queries: SubQueries | None = None,
+        max_batch_items: int = SubQueryLimits.max_batch_items,
+        max_prompt_bytes: int = SubQueryLimits.max_prompt_bytes,
+        max_in_flight: int = SubQueryLimits.max_in_flight,
         **sandbox_options: Any,
     ) -> None:
         if sandbox not in _SANDBOXES:
@@ -210,7 +226,7 @@ class REPLEnv:
             raise ConfigError(
                 f"unknown REPLEnv option(s) {', '.join(map(repr, unknown))} for sandbox={sandbox!r}; "
                 f"valid: context, client, sandbox, timeout, max_output_chars, setup_code, tools, "
-                f"sub_queries, {names}"
+                f"sub_queries, max_batch_items, max_prompt_bytes, max_in_flight, {names}"
             )
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ConfigError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
@@ -225,12 +241,18 @@ class REPLEnv:
         self.sandbox = sandbox
         self.timeout = float(timeout) if timeout is not None else None
         self.max_output_chars = max_output_chars
+        limits = SubQueryLimits(
+            max_batch_items=max_batch_items,
+            max_prompt_bytes=max_prompt_bytes,
+            max_in_flight=max_in_flight,
+        )
         self._sub_queries = _CountingSubQueries(sub_queries)
         self._busy = _Busy()
         self._closed = False
         common = dict(
             context=context,
-            sub_queries=self._sub_queries,
+            # The env's caps sit in front of every sub-query, in both sandboxes.
+            sub_queries=SubQueryGate(self._sub_queries, limits),
             setup_code=setup_code,
             tools=tools,
             max_output_chars=max_output_chars,

@@ -16,6 +16,8 @@ readable by ``rlm view``. Event types, with their fields beyond ``type``, ``t``
 - ``final``: answer, source ("FINAL", "FINAL_VAR" or "text")
 - ``budget``: reason
 - ``error``: message
+- ``sub_queries``: iteration, calls (a list of ``{"prompt", "reply"}``, each text cut to
+  a head and a tail unless ``RLM(record_subcalls="full")``; absent with "none")
 - ``run_end``: answer, stopped_reason, iterations, elapsed_s, sub_calls, usage
   (``root`` and ``sub`` usage dicts), error
 
@@ -39,6 +41,9 @@ Event = dict[str, Any]
 EventSink = Callable[[Event], None]
 
 TRANSIENT = frozenset({"subcalls"})
+# The events a run writes; a file with none of them is not a trajectory.
+RUN_EVENTS = frozenset({"run_start", "root_request", "root_reply", "cell", "cell_result", "final",
+                        "budget", "error", "run_end", "sub_queries", "compaction"})
 
 
 def _jsonable(value: Any) -> Any:
@@ -109,9 +114,41 @@ class Trajectory:
                 self._file = None
 
 
+def cap_text(text: str, limit: int) -> str:
+    """``text`` cut to about ``limit`` characters: its head and its tail around a marker
+    that says how much was left out (the end of a reply matters as much as its start)."""
+    if len(text) <= limit:
+        return text
+    head = limit // 2
+    tail = limit - head
+    return f"{text[:head]}\n… {len(text) - limit:,} characters omitted …\n{text[-tail:]}"
+
+
+def prompt_text(prompt: Any) -> str:
+    """A sub-query prompt (a str or a list of chat messages) as one readable text."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        parts = []
+        for message in prompt:
+            if isinstance(message, dict):
+                parts.append(f"[{message.get('role', '?')}] {message.get('content', '')}")
+            else:
+                parts.append(str(message))
+        return "\n\n".join(parts)
+    return str(prompt)
+
+
 def read_log(path: str | os.PathLike[str]) -> list[Event]:
     """Read a JSONL trajectory; a torn last line (a killed run) is skipped, not fatal."""
     return list(iter_log(path))
+
+
+def is_trajectory(events: list[Any]) -> bool:
+    """True when ``events`` (from ``read_log``) hold at least one event a run writes."""
+    return any(
+        isinstance(e, dict) and e.get("type") in RUN_EVENTS and "run_id" in e for e in events
+    )
 
 
 def iter_log(path: str | os.PathLike[str]) -> Iterator[Event]:

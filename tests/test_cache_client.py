@@ -220,6 +220,23 @@ def test_an_rlm_run_repeated_with_a_cache_sends_no_request(tmp_path: Path) -> No
     assert again.usage["sub"].cached_calls == 5  # type: ignore[attr-defined]
 
 
+def test_the_trajectory_marks_each_cached_call(tmp_path: Path) -> None:
+    with FakeLLMServer(scripts={ROOT: ROOT_SCRIPT}) as srv:
+        first = run_once(srv, tmp_path)
+        again = run_once(srv, tmp_path)
+
+    def marks(result: object) -> tuple[list[bool], list[int], list[bool]]:
+        events = result.trajectory  # type: ignore[attr-defined]
+        calls = [c for e in events if e["type"] == "sub_queries" for c in e["calls"]]
+        cells = [e["cached_sub_calls"] for e in events if e["type"] == "cell_result"]
+        roots = [e["cached"] for e in events if e["type"] == "root_reply"]
+        return [bool(c.get("cached")) for c in calls], cells, roots
+
+    # a|b|c|a|b: the second a and b waited for the first ones.
+    assert marks(first) == ([False, False, False, True, True], [2, 0], [False, False])
+    assert marks(again) == ([True] * 5, [5, 0], [True, True])
+
+
 def test_budgets_ignore_cached_calls(tmp_path: Path) -> None:
     with FakeLLMServer(scripts={ROOT: ROOT_SCRIPT}) as srv:
         run_once(srv, tmp_path)

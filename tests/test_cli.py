@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from rlm.cli import build_parser
 from rlm.testing import FakeLLMServer
 
 ROOT = "cli-root"
@@ -119,3 +121,299 @@ def test_demo_finds_the_needle_offline(tmp_path: Path) -> None:
 def test_view_of_a_missing_log_is_a_usage_error() -> None:
     proc = rlm_cmd("view", "/no/such/log.jsonl")
     assert proc.returncode == 2
+
+
+# -- usage errors: exit 2, one line on stderr, never a traceback -------------------------
+
+
+def assert_usage_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture
+def ctx_file(tmp_path: Path) -> Path:
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("a\nb\nc\n")
+    return ctx
+
+
+def test_an_unknown_encoding_is_a_usage_error(ctx_file: Path) -> None:
+    proc = rlm_cmd("run", "--context", str(ctx_file), "--query", "q", "--api-key", "k",
+                   "--encoding", "nope")
+    assert_usage_error(proc, "--encoding nope", "unknown text encoding")
+
+
+def test_an_unwritable_log_dir_is_refused_before_the_context_is_read() -> None:
+    # The context does not even exist: the log dir is checked first, so a big context is
+    # never loaded just to fail afterwards.
+    proc = rlm_cmd("run", "--context", "/no/such/ctx.txt", "--query", "q", "--api-key", "k",
+                   "--log-dir", "/proc/nope")
+    assert_usage_error(proc, "--log-dir /proc/nope", "cannot write there")
+
+
+def test_a_log_dir_that_is_a_file_is_refused(ctx_file: Path) -> None:
+    proc = rlm_cmd("run", "--context", str(ctx_file), "--query", "q", "--api-key", "k",
+                   "--log-dir", str(ctx_file))
+    assert_usage_error(proc, "not a directory")
+
+
+def test_an_empty_context_file_is_refused_unless_allowed(tmp_path: Path,
+                                                         root_server: FakeLLMServer) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    proc = rlm_cmd("run", "--context", str(empty), "--query", "q", "--api-key", "k")
+    assert_usage_error(proc, "is empty", "--allow-empty")
+    assert root_server.requests_log == []
+    allowed = rlm_cmd("run", "--context", str(empty), "--query", "q", "--api-key", "k", "--model", ROOT,
+                      "--base-url", root_server.url, "--sandbox", "local", "--allow-empty")
+    assert allowed.returncode == 0, allowed.stderr
+    assert allowed.stdout.strip() == "0 lines"
+
+
+def test_a_context_that_is_a_directory_is_a_usage_error(tmp_path: Path) -> None:
+    proc = rlm_cmd("run", "--context", str(tmp_path), "--query", "q", "--api-key", "k")
+    assert_usage_error(proc, "not a directory")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "needle"),
+    [
+        ("--max-time-s", "-5", "must be a number > 0"),
+        ("--max-cost-usd", "0", "must be a number > 0"),
+        ("--max-tokens", "-1", "must be at least 1"),
+        ("--max-iterations", "0", "must be at least 1"),
+        ("--max-iterations", "lots", "expected a whole number"),
+        ("--max-depth", "0", "must be at least 1"),
+        ("--max-concurrency", "0", "must be at least 1"),
+        ("--base-url", "localhost:8000", "http:// or https://"),
+        ("--sandbox", "docker", "invalid choice"),
+    ],
+)
+def test_bad_flag_values_name_the_flag(ctx_file: Path, flag: str, value: str, needle: str) -> None:
+    proc = rlm_cmd("run", "--context", str(ctx_file), "--query", "q", "--api-key", "k", flag, value)
+    assert_usage_error(proc, f"argument {flag}", needle)
+    assert "max_" not in proc.stderr  # a flag name, not a Python parameter name
+
+
+def test_an_empty_query_is_a_usage_error(ctx_file: Path) -> None:
+    proc = rlm_cmd("run", "--context", str(ctx_file), "--query", "  ", "--api-key", "k")
+    assert_usage_error(proc, "--query is empty")
+
+
+def test_view_of_a_directory_is_a_usage_error(tmp_path: Path) -> None:
+    assert_usage_error(rlm_cmd("view", str(tmp_path)), "is a directory")
+
+
+def test_view_of_a_binary_file_is_a_usage_error(tmp_path: Path) -> None:
+    blob = tmp_path / "x.jsonl"
+    blob.write_bytes(bytes(range(256)) * 4)
+    assert_usage_error(rlm_cmd("view", str(blob)), "not a text file")
+
+
+def test_view_of_json_that_is_not_a_trajectory_is_a_usage_error(tmp_path: Path) -> None:
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"id": 1, "text": "hello"}\n{"id": 2, "text": "world"}\n[1, 2]\n')
+    assert_usage_error(rlm_cmd("view", str(other)), "not an rlm trajectory")
+
+
+@pytest.fixture
+def log_file(tmp_path: Path, root_server: FakeLLMServer, ctx_file: Path) -> Path:
+    logs = tmp_path / "logs"
+    proc = rlm_cmd("run", "--context", str(ctx_file), "--query", "how many lines?", "--model", ROOT,
+                   "--base-url", root_server.url, "--api-key", "k", "--sandbox", "local",
+                   "--log-dir", str(logs))
+    assert proc.returncode == 0, proc.stderr
+    return next(logs.glob("rlm-*.jsonl"))
+
+
+def test_view_html_into_a_missing_directory_is_a_usage_error(log_file: Path) -> None:
+    proc = rlm_cmd("view", str(log_file), "--html", "/nonexistent/x.html")
+    assert_usage_error(proc, "--html /nonexistent/x.html", "does not exist")
+
+
+def test_view_html_onto_a_directory_is_a_usage_error(log_file: Path, tmp_path: Path) -> None:
+    proc = rlm_cmd("view", str(log_file), "--html", str(tmp_path))
+    assert_usage_error(proc, "is a directory")
+
+
+def test_view_piped_into_a_closed_reader_exits_quietly(log_file: Path) -> None:
+    # `rlm view LOG | head -1`: the reader leaves early; no BrokenPipeError traceback.
+    proc = subprocess.run(f"{sys.executable} -m rlm view {log_file} | head -1", shell=True,
+                          capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+# -- output formats -------------------------------------------------------------------
+
+
+def test_verbose_json_keeps_stdout_pure_json(ctx_file: Path, root_server: FakeLLMServer) -> None:
+    proc = rlm_cmd("run", "--context", str(ctx_file), "--query", "q", "--model", ROOT, "--base-url",
+                   root_server.url, "--api-key", "k", "--sandbox", "local", "--verbose", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["answer"] == "3 lines"
+    assert "iteration 1" in proc.stderr and "cell 2" in proc.stderr  # the live view, on stderr
+
+
+def test_verbose_prints_the_answer_once_on_stdout(ctx_file: Path, root_server: FakeLLMServer) -> None:
+    proc = rlm_cmd("run", "--context", str(ctx_file), "--query", "q", "--model", ROOT, "--base-url",
+                   root_server.url, "--api-key", "k", "--sandbox", "local", "-v")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "3 lines\n"
+
+
+def test_context_format_flag_and_its_old_spelling(tmp_path: Path) -> None:
+    data = tmp_path / "data.txt"
+    data.write_text('["x", "y"]')
+    for flag in ("--context-format", "--format"):
+        with FakeLLMServer(scripts={ROOT: ["```repl\nFINAL(type(context).__name__)\n```"]}) as srv:
+            proc = rlm_cmd("run", "--context", str(data), "--query", "q", "--model", ROOT, "--base-url",
+                           srv.url, "--api-key", "k", "--sandbox", "local", flag, "json",
+                           "--log-dir", str(tmp_path / flag))
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == "list"
+        start = json.loads(next((tmp_path / flag).glob("*.jsonl")).read_text().splitlines()[0])
+        assert start["context"].startswith("type: list, 2 items")
+    helptext = rlm_cmd("run", "--help").stdout
+    assert "--context-format" in helptext and "--format " not in helptext
+
+
+def test_every_flag_has_help_and_shows_its_default() -> None:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"rlm {name} {action.dest} has no help"
+            takes_value = action.option_strings and action.nargs != 0 and not action.required
+            if takes_value:
+                assert "(default:" in action.help, f"rlm {name} {action.option_strings[0]}"
+    run_help = rlm_cmd("run", "--help").stdout
+    assert "--max-tokens" in run_help and "--max-concurrency" in run_help
+
+
+# -- the iteration limit ---------------------------------------------------------------
+
+
+@pytest.fixture
+def never_final_server() -> Iterator[FakeLLMServer]:
+    with FakeLLMServer(scripts={ROOT: ["```repl\nprint(len(context))\n```"] * 2 + ["my best guess"]}) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("mode", ["plain", "json", "verbose"])
+def test_the_iteration_limit_is_reported_in_every_mode(
+    ctx_file: Path, never_final_server: FakeLLMServer, mode: str
+) -> None:
+    extra = {"plain": [], "json": ["--json"], "verbose": ["-v"]}[mode]
+    proc = rlm_cmd("run", "--context", str(ctx_file), "--query", "q", "--model", ROOT, "--base-url",
+                   never_final_server.url, "--api-key", "k", "--sandbox", "local",
+                   "--max-iterations", "2", *extra)
+    assert proc.returncode == 3, proc.stderr
+    assert "iteration limit (--max-iterations 2)" in proc.stderr
+    if mode == "json":
+        data = json.loads(proc.stdout)
+        assert data["stopped_reason"] == "max_iterations"
+        assert data["answer"] == "my best guess"
+    else:
+        assert proc.stdout.strip() == "my best guess"
+    if mode == "verbose":
+        assert "iteration limit 2 reached" in proc.stderr
+        assert "no FINAL" in proc.stderr
+        assert "✓ final answer" not in proc.stderr  # not the green success line
+        assert "iteration 3" not in proc.stderr
+
+
+@pytest.mark.parametrize("width", [40, 60, 80, 120])
+def test_the_answer_footer_keeps_the_stop_reason_at_any_width(
+    ctx_file: Path, never_final_server: FakeLLMServer, width: int
+) -> None:
+    proc = rlm_cmd("run", "--context", str(ctx_file), "--query", "q", "--model", ROOT, "--base-url",
+                   never_final_server.url, "--api-key", "k", "--sandbox", "local",
+                   "--max-iterations", "2", "-v", env={"COLUMNS": str(width)})
+    assert "max_iterations" in proc.stderr
+
+
+# -- demo, version, module entry point -------------------------------------------------
+
+
+def test_demo_ends_with_a_view_command_that_works_as_printed(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlm", "demo", "--lines", "20000", "--latency", "0", "--log-dir",
+         "logs", "--sandbox", "local", "--quiet"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        env={**os.environ, "COLUMNS": "80"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    last = proc.stdout.rstrip("\n").splitlines()[-1]
+    assert last.startswith("view it with: ")
+    command = last.removeprefix("view it with: ")
+    assert "0x longer" not in proc.stdout
+    view = subprocess.run(command, shell=True, capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert view.returncode == 0, view.stderr
+    assert "KILO" in view.stdout or "Answer" in view.stdout
+
+
+def test_python_dash_m_rlm_version() -> None:
+    proc = subprocess.run([sys.executable, "-m", "rlm", "--version"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0
+    from rlm import __version__
+
+    assert proc.stdout.strip() == f"rlm {__version__}"
+
+
+COUNTED = {
+    "type": "object",
+    "properties": {"count": {"type": "integer"}, "ids": {"type": "array", "items": {"type": "string"}}},
+    "required": ["count", "ids"],
+}
+
+
+def test_run_with_a_schema_prints_the_validated_json(tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("id-a\nid-b\n")
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(COUNTED))
+    script = [
+        "```repl\nFINAL({'count': 'two', 'ids': context.split()})\n```",
+        "```repl\nids = context.split()\nFINAL({'count': len(ids), 'ids': ids})\n```",
+    ]
+    with FakeLLMServer(scripts={ROOT: script}) as srv:
+        common = ("run", "--context", str(ctx), "--query", "which ids?", "--model", ROOT,
+                  "--base-url", srv.url, "--api-key", "k", "--sandbox", "local", "--schema", str(schema))
+        alone = rlm_cmd(*common)
+        as_json = rlm_cmd(*common, "--json")
+    assert alone.returncode == 0, alone.stderr
+    assert json.loads(alone.stdout) == {"count": 2, "ids": ["id-a", "id-b"]}
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)
+    assert data["output"] == {"count": 2, "ids": ["id-a", "id-b"]}
+    assert data["iterations"] == 2
+
+
+def test_run_whose_answer_never_matches_the_schema_exits_1(tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("x")
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(COUNTED))
+    with FakeLLMServer(scripts={ROOT: ["```repl\nFINAL({'count': 'many'})\n```"]}) as srv:
+        proc = rlm_cmd("run", "--context", str(ctx), "--query", "q", "--model", ROOT, "--base-url",
+                       srv.url, "--api-key", "k", "--sandbox", "local", "--schema", str(schema))
+    assert proc.returncode == 1
+    assert "run failed (invalid_answer)" in proc.stderr and "$.ids: expected a value" in proc.stderr
+
+
+def test_a_schema_file_that_is_not_a_json_schema_is_a_usage_error(tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("x")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "integr"}')
+    proc = rlm_cmd("run", "--context", str(ctx), "--query", "q", "--api-key", "k", "--schema", str(bad))
+    assert proc.returncode == 2
+    assert "not a valid JSON Schema" in proc.stderr

@@ -51,7 +51,7 @@ def closing() -> Iterator[list[RLM]]:
 @pytest.mark.parametrize("sandbox", ["local", "process"])
 def test_needle_in_a_million_lines_through_batched_sub_queries(sandbox: str) -> None:
     haystack = demo_task.build_haystack(1_000_000)
-    with demo_task.demo_server(latency=0.2) as srv:
+    with demo_task.demo_server(latency=1.0) as srv:
         rlm = RLM(model=demo_task.ROOT_MODEL, recursive_model=demo_task.SUB_MODEL, base_url=srv.url,
                   api_key="k", max_concurrency=64, sandbox=sandbox)
         result = rlm.completion(context=haystack.text, query=demo_task.QUERY)
@@ -221,7 +221,7 @@ async def test_fifty_tasks_at_once_with_two_failing(closing: list[RLM]) -> None:
         rlm = make_rlm(srv)
         closing.append(rlm)
         tasks = [(f"context {i}", f"task {i} please") for i in range(50)]
-        results = await rlm.acompletion_batch(tasks, max_concurrent=10, progress=False)
+        results = await rlm.acompletion_batch(tasks, max_concurrency=10, progress=False)
     assert len(results) == 50
     failed = [i for i, r in enumerate(results) if r.error]
     assert failed == [7, 33]
@@ -295,10 +295,56 @@ def test_bad_arguments_raise_config_errors() -> None:
         RLM(api_key="k").completion(context="x", query="")
 
 
-def test_a_missing_key_fails_the_run_with_a_clear_error() -> None:
-    result = RLM(model="m").completion(context="x", query="q")
-    assert result.stopped_reason == "error"
-    assert "OPENAI_API_KEY" in (result.error or "")
+def test_a_missing_key_fails_at_construction_with_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
+        RLM(model="m")
+
+
+async def test_one_bad_task_fails_alone_in_a_batch(closing: list[RLM]) -> None:
+    with FakeLLMServer(scripts={ROOT: [repl("FINAL('done')")] * 2}) as srv:
+        rlm = make_rlm(srv)
+        closing.append(rlm)
+        results = await rlm.acompletion_batch([("ctx", "fine"), ("ctx", ""), {"context": "x"}],
+                                              progress=False)
+    assert results[0].answer == "done"
+    for bad in results[1:]:
+        assert bad.answer is None and bad.stopped_reason == "error"
+        assert "query must be a non-empty str" in (bad.error or "")
+
+
+async def test_max_concurrent_is_a_deprecated_alias_of_max_concurrency(closing: list[RLM]) -> None:
+    with FakeLLMServer(scripts={ROOT: [repl("FINAL('ok')")]}) as srv:
+        rlm = make_rlm(srv)
+        closing.append(rlm)
+        with pytest.warns(DeprecationWarning, match="max_concurrency"):
+            results = await rlm.acompletion_batch([("c", "q")], max_concurrent=2, progress=False)
+    assert results[0].answer == "ok"
+
+
+def test_sub_query_prompts_and_replies_are_in_the_log(closing: list[RLM], tmp_path: Path) -> None:
+    code = "r = llm_query_batch(['ECHO ' + 'a' * 5000, 'ECHO short'])\nFINAL(str(len(r)))"
+    with FakeLLMServer(scripts={ROOT: [repl(code)] * 2}) as srv:
+        capped = make_rlm(srv, log_dir=tmp_path / "capped")
+        full = make_rlm(srv, log_dir=tmp_path / "full", record_subcalls="full")
+        closing.extend([capped, full])
+        capped_result = capped.completion(context="x", query="q")
+        full_result = full.completion(context="x", query="q")
+    (event,) = [e for e in read_log(capped_result.log_path) if e["type"] == "sub_queries"]
+    long_call, short_call = event["calls"]
+    assert short_call == {"prompt": "ECHO short", "reply": "short"}
+    assert long_call["prompt"].startswith("ECHO aaa") and "characters omitted" in long_call["prompt"]
+    assert len(long_call["prompt"]) < 2_100
+    (event,) = [e for e in read_log(full_result.log_path) if e["type"] == "sub_queries"]
+    assert event["calls"][0]["prompt"] == "ECHO " + "a" * 5000
+
+
+def test_record_subcalls_none_keeps_only_counts(closing: list[RLM]) -> None:
+    with FakeLLMServer(scripts={ROOT: [repl("FINAL(llm_query('ECHO hi'))")]}) as srv:
+        rlm = make_rlm(srv, record_subcalls="none")
+        closing.append(rlm)
+        result = rlm.completion(context="x", query="q")
+    assert result.answer == "hi" and result.sub_calls == 1
+    assert not [e for e in result.trajectory if e["type"] == "sub_queries"]
 
 
 def test_result_repr_shows_the_answer_and_key_numbers(closing: list[RLM]) -> None:

@@ -230,7 +230,7 @@ def test_live_view_indents_child_runs_and_prefixes_their_depth(tmp_path: Path) -
     lines = text_of(console).splitlines()
     child_cell = next(line for line in lines if "child_code()" in line)
     assert child_cell.startswith("    ")
-    assert any("[d1] ↳ sub-RLM: summarise chunk 7" in line for line in lines)
+    assert any("[d1] ↳ sub-RLM asked: summarise chunk 7" in line for line in lines)
     assert any(line.startswith("    ") and "[d1] ↳ sub-RLM answer: chunk 7 says hi" in line
                for line in lines)
 
@@ -432,7 +432,7 @@ def test_html_nests_a_child_run_inside_the_cell_that_started_it(tmp_path: Path) 
     emit_child_run(parent)
     page = trajectory_html(parent.events)
     check_html(page)
-    cell = page.index("cell 1 · 0.30 s · 1 sub-calls")  # the parent's cell
+    cell = page.index("cell 1 · 0.30 s · 1 sub-call")  # the parent's cell
     child = page.index("sub-RLM (depth 1)")
     parent_output = page.index("parent out")
     assert cell < child < parent_output
@@ -634,3 +634,96 @@ def test_live_view_in_a_notebook_keeps_a_batch_in_one_output(
     assert sum(1 for o in progress if not o.update) == 1
     assert len(progress) < 50
     assert progress[-1].data["text/plain"].startswith("sub-queries 500/500")
+
+
+# -- sub-queries, cell numbers, the page's first screen ----------------------------------
+
+
+def emit_run_with_sub_queries(tr: Trajectory) -> None:
+    tr.emit("run_start", query="Which chunk mentions the walrus?", model="m", max_iterations=5)
+    for iteration in (1, 2, 3):
+        tr.emit("root_reply", iteration=iteration, content=f"Step {iteration}.\n```repl\nstep_{iteration}()\n```")
+        tr.emit("cell", iteration=iteration, index=0, code=f"step_{iteration}()\n")
+        if iteration == 1:
+            tr.emit("sub_queries", iteration=1, calls=[
+                {"prompt": "Does this chunk mention a walrus? chunk 0 text", "reply": "no"},
+                {"prompt": "Does this chunk mention a walrus? chunk 1 <b>text</b>", "reply": "YES: the walrus"},
+            ])
+        tr.emit("cell_result", iteration=iteration, index=0, stdout="ok\n", duration_s=0.1,
+                sub_calls=2 if iteration == 1 else 0)
+    tr.emit("final", answer="chunk 1", source="code")
+    tr.emit("run_end", answer="chunk 1", stopped_reason="final", iterations=3, elapsed_s=1.0, sub_calls=2)
+
+
+def test_cells_are_numbered_across_the_run(tmp_path: Path) -> None:
+    console = plain_console()
+    tr = Trajectory(sinks=[LiveDisplay(console)])
+    emit_run_with_sub_queries(tr)
+    out = text_of(console)
+    assert "cell 1" in out and "cell 2" in out and "cell 3" in out
+    assert "(code → cell 3)" in out
+    page = trajectory_html(tr.events)
+    assert "cell 3 · " in page and "(code → cell 2)" in page
+
+
+def test_html_shows_sub_queries_folded_under_their_cell_with_a_filter_box(tmp_path: Path) -> None:
+    tr = Trajectory(log_dir=tmp_path)
+    emit_run_with_sub_queries(tr)
+    page = trajectory_html(read_log(tr.log_path))
+    check_html(page)
+    cell_1, cell_2 = page.index("cell 1 · "), page.index("cell 2 · ")
+    sub = page.index("Does this chunk mention a walrus? chunk 1")
+    assert cell_1 < sub < cell_2
+    assert page.count('class="rlm-subq"') == 2
+    assert "sub-queries (2 recorded)" in page
+    assert "&lt;b&gt;text&lt;/b&gt;" in page and "<b>text</b>" not in page  # escaped
+    assert 'id="rlm-filter"' in page and "<script>" in page
+    assert not re.search(r"\b(src|href)\s*=", page, re.IGNORECASE)
+
+
+def test_html_without_sub_queries_has_no_script(logged_run: tuple[Trajectory, list[dict[str, Any]]]) -> None:
+    _, events = logged_run
+    assert "<script" not in trajectory_html(events).lower()
+
+
+def test_html_opens_the_first_iterations_and_is_titled_with_the_query(tmp_path: Path) -> None:
+    tr = Trajectory()
+    emit_run_with_sub_queries(tr)
+    page = trajectory_html(tr.events)
+    assert "<title>Which chunk mentions the walrus? · RLM trajectory</title>" in page
+    iterations = re.findall(r"<details( open)?[^>]*><summary[^>]*>Iteration (\d)", page)
+    assert iterations == [(" open", "1"), (" open", "2"), ("", "3")]
+
+
+def test_html_of_a_failed_run_shows_its_error_once(tmp_path: Path) -> None:
+    tr = Trajectory()
+    tr.emit("run_start", query="q", model="m")
+    tr.emit("error", message="LLMError: the server said 500 after 3 attempts")
+    tr.emit("run_end", answer=None, stopped_reason="error", iterations=0, elapsed_s=0.1,
+            error="LLMError: the server said 500 after 3 attempts")
+    page = trajectory_html(tr.events)
+    assert page.count("the server said 500") == 1
+
+
+def test_rlm_view_lists_the_first_sub_queries_under_their_cell(tmp_path: Path) -> None:
+    tr = Trajectory(log_dir=tmp_path)
+    emit_run_with_sub_queries(tr)
+    console = plain_console(120)
+    render_log(read_log(tr.log_path), console)
+    out = text_of(console)
+    assert out.index("step_1()") < out.index("YES: the walrus") < out.index("step_2()")
+
+
+def test_the_footer_keeps_the_stop_reason_at_a_narrow_width() -> None:
+    console = plain_console(40)
+    tr = Trajectory(sinks=[LiveDisplay(console)])
+    tr.emit("run_start", query="q", model="m", max_iterations=1)
+    tr.emit("root_reply", iteration=1, content="```repl\nx = 1\n```")
+    tr.emit("root_reply", iteration=2, content="my guess")
+    tr.emit("final", answer="my guess", source="last_turn")
+    tr.emit("run_end", answer="my guess", stopped_reason="max_iterations", iterations=1, elapsed_s=0.5,
+            sub_calls=1)
+    out = text_of(console)
+    assert "max_iterations" in out.replace("\n", "")
+    assert "iteration limit 1 reached" in out
+    assert "✓ final answer" not in out

@@ -234,6 +234,31 @@ def test_an_exec_result_renders_as_html_with_its_output(
     assert "ZeroDivisionError" in error_page
 
 
+def test_rlm_cell_with_a_schema_variable_gives_the_validated_output(ip: InteractiveShell) -> None:
+    script = ["```repl\nFINAL(context.splitlines())\n```"]
+    with FakeLLMServer(scripts={ROOT: script}) as srv:
+        configure(ip, srv)
+        ip.user_ns["context"] = "a\nb"
+        ip.user_ns["Lines"] = list[str]
+        result = ip.run_cell_magic("rlm", "--schema Lines", "List the lines.")
+        system = srv.requests_log[0]["messages"][0]["content"]
+    assert result.output == ["a", "b"]
+    assert '"items"' in system  # the root was shown the JSON Schema
+
+
+def test_rlm_cell_with_a_schema_that_is_no_variable_or_no_schema_says_so(
+    ip: InteractiveShell, llm: FakeLLMServer
+) -> None:
+    configure(ip, llm)
+    ip.user_ns["context"] = "x"
+    with pytest.raises(UsageError, match="no variable named 'Missing'"):
+        ip.run_cell_magic("rlm", "--schema Missing", "q")
+    ip.user_ns["NotASchema"] = "list of str"
+    with pytest.raises(UsageError, match="--schema NotASchema: schema must be"):
+        ip.run_cell_magic("rlm", "--schema NotASchema", "q")
+    assert llm.requests == 0
+
+
 # -- the rlm repl namespace ---------------------------------------------------------------
 
 
@@ -250,6 +275,23 @@ def test_the_repl_namespace_has_the_root_models_tools_on_one_client(server: Fake
         assert client.usage.calls == 6
     finally:
         client.close_sync()
+
+
+def test_the_repl_namespace_takes_a_schema_like_repl_code() -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+    def answer(messages: list[dict], response_format: dict) -> dict:
+        return {"n": len(messages[-1]["content"])}
+
+    with FakeLLMServer(json_responder=answer) as srv:
+        client = AsyncOpenAIClient(model="m", base_url=srv.url, api_key="k")
+        ns = repl_namespace("", client)
+        try:
+            assert ns["llm_query"]("abc", schema=schema) == {"n": 3}
+            assert ns["llm_query_batch"](["a", "ab"], schema=schema) == [{"n": 1}, {"n": 2}]
+            assert asyncio.run(ns["llm_query_batch_async"](["abcd"], schema=schema)) == [{"n": 4}]
+        finally:
+            client.close_sync()
 
 
 def test_a_failed_item_in_a_repl_batch_is_an_error_string(server: FakeLLMServer) -> None:

@@ -190,7 +190,7 @@ async def test_cancelling_rlm_query_cancels_the_run(upstream: FakeLLMServer, all
         assert ran.structured_content["stdout"] == "ok\n"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def mcp_http(upstream: FakeLLMServer, allowed: Path) -> Iterator[str]:
     server = RlmProcess([*mcp_args(upstream, allowed, "--http", "127.0.0.1:0", "--auth-key", KEY)[2:]],
                         ready=r"streamable HTTP on (http://\S+/mcp)")

@@ -27,7 +27,9 @@ from nbclient import NotebookClient
 from rlm.testing import FakeLLMServer
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-NOTEBOOKS = ("01_quickstart.ipynb", "02_long_context.ipynb", "03_many_rlms.ipynb")
+NOTEBOOKS = (
+    "01_quickstart.ipynb", "02_long_context.ipynb", "03_many_rlms.ipynb", "04_typed_answers.ipynb",
+)
 KERNEL = "rlm-test-python"
 
 
@@ -226,6 +228,39 @@ def test_many_rlms_retry_and_gather(executed: Callable[[str], Any]) -> None:
     out = text(nb, "gather")
     assert "(6 sub-queries" in out and "(30 sub-queries" in out
     assert "both correct: True" in out
+
+
+# -- 04 typed answers ------------------------------------------------------------------------
+
+
+def test_typed_answers_run_gives_a_validated_report_after_one_fix(executed: Callable[[str], Any]) -> None:
+    nb = executed("04_typed_answers.ipynb")
+    truth = re.search(r"truth: (\d+) late orders", text(nb, "data")).group(1)
+    check = text(nb, "check")
+    assert check.startswith(f"Report | {truth} late orders |")
+    assert "correct: True" in check
+    assert "4 iterations, 12 structured sub-queries" in check
+    feedback = text(nb, "feedback")
+    assert "answer_invalid: [{'path': '$.total_late_orders'" in feedback
+    assert "does not match the required JSON Schema" in feedback
+    assert "stopped_reason='final'" in text(nb, "run")
+
+
+def test_typed_answers_sub_queries_use_response_format_or_fall_back(executed: Callable[[str], Any]) -> None:
+    nb = executed("04_typed_answers.ipynb")
+    truth = re.search(r"truth: (\d+) late orders", text(nb, "data")).group(1)
+    assert re.match(r"\[\d+, \d+, \d+\] dict\njson_schema \| schema sent: \{'type': 'object'", text(nb, "subquery"))
+    assert text(nb, "fallback") == f"6 chunks, {truth} late orders\n7 requests; refused: 1 (the first)\n"
+
+
+def test_typed_answers_other_schemas_the_failure_and_the_magic(executed: Callable[[str], Any]) -> None:
+    nb = executed("04_typed_answers.ipynb")
+    assert text(nb, "dict-schema").startswith("True {")
+    invalid = text(nb, "invalid")
+    assert invalid.startswith("invalid_answer | output: None | raw: {'total_late_orders': 'many'}")
+    assert "$.total_late_orders: expected a valid integer" in invalid
+    truth = re.search(r"truth: (\d+) late orders", text(nb, "data")).group(1)
+    assert text(nb, "magic-check") == f"Report {truth} True\n"
 
 
 # -- a kernel interrupt ----------------------------------------------------------------------

@@ -115,6 +115,22 @@ def test_the_banner_describes_the_context_and_the_tools(repl: Terminal, server: 
     repl.expect(rf"model m at {re.escape(server.url)}")
 
 
+def test_the_banner_has_no_random_tip(repl: Terminal) -> None:
+    repl.expect(r"In \[1\]: ")
+    assert "Tip:" not in _ANSI.sub("", repl.raw)
+
+
+def test_a_wrong_prompt_type_is_one_clear_line(repl: Terminal, server: FakeLLMServer) -> None:
+    repl.run("llm_query(123)")
+    found = repl.expect(r"ReplArgumentError: llm_query\(prompt\): prompt must be a str[^\n]*\n")
+    repl.expect(r"In \[2\]: ")
+    between = _ANSI.sub("", repl.raw)[found.end():]
+    assert "Traceback" not in _ANSI.sub("", repl.raw) and "concurrent" not in between
+    repl.child.sendline("llm_query_batch(['ECHO a', 7])")
+    repl.expect(r"ReplArgumentError: llm_query_batch\(prompts\): item 1 is a int, not a str")
+    assert server.requests == 0
+
+
 def test_a_batch_typed_at_the_prompt_prints_its_answers(repl: Terminal, server: FakeLLMServer) -> None:
     repl.run("llm_query_batch(['ECHO a', 'ECHO b'])")
     repl.expect(r"Out\[1\]: \['a', 'b'\]")

@@ -58,12 +58,6 @@ def fmt_cost(value: Any) -> str:
     return f"${n:,.2f}" if n >= 1 else f"${n:.4f}"
 
 
-def sub_calls_text(sub_calls: int | None, cached: int | None) -> str:
-    """"12 sub-calls", or "12 sub-calls (10 cached)" when the cache answered some."""
-    text = f"{sub_calls or 0:,} sub-calls"
-    return f"{text} ({cached:,} cached)" if cached else text
-
-
 def fmt_time(value: Any) -> str:
     n = as_num(value)
     if n is None:
@@ -107,12 +101,12 @@ _CODE_FENCE = re.compile(
 )
 
 
-def prose_of(content: str, markdown: bool = True) -> str:
-    """The root's text with its code fences replaced by markers; empty when the text was
-    nothing but code."""
+def prose_of(content: str, markdown: bool = True, first_cell: int = 1) -> str:
+    """The root's text with its code fences replaced by markers naming their cells
+    (numbered from ``first_cell``); empty when the text was nothing but code."""
     if not _CODE_FENCE.search(content):
         return content.strip()
-    count = 0
+    count = first_cell - 1
 
     def marker(_: re.Match[str]) -> str:
         nonlocal count
@@ -133,6 +127,49 @@ def run_key(event: Event) -> str:
 
 def depth_of(event: Event) -> int:
     return max(0, as_int(event.get("depth")) or 0)
+
+
+class CellNumbers:
+    """Numbers a run's cells 1, 2, 3... across iterations, the way people refer to them.
+
+    Events number cells within their iteration (``index`` from 0), so the first cell of
+    every iteration would read "cell 1". This counts them per run instead; a cell and its
+    result get the same number.
+    """
+
+    def __init__(self) -> None:
+        self._numbers: dict[tuple[str, int | None, int | None], int] = {}
+        self._count: dict[str, int] = {}
+
+    def number(self, event: Event) -> int:
+        """The run-wide number of the cell this ``cell``/``cell_result`` event is about."""
+        key = (run_key(event), as_int(event.get("iteration")), as_int(event.get("index")))
+        found = self._numbers.get(key)
+        if found is None:
+            found = self._numbers[key] = self._count.get(key[0], 0) + 1
+            self._count[key[0]] = found
+        return found
+
+    def next_number(self, event: Event) -> int:
+        """The number the next new cell of this event's run will get."""
+        return self._count.get(run_key(event), 0) + 1
+
+    def forget(self, key: str) -> None:
+        """Drop a finished run's numbers."""
+        self._count.pop(key, None)
+        for k in [k for k in self._numbers if k[0] == key]:
+            del self._numbers[k]
+
+
+def plural(n: int, word: str) -> str:
+    """``3 sub-calls``, ``1 sub-call``."""
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def sub_calls_text(sub_calls: int | None, cached: int | None) -> str:
+    """"12 sub-calls", or "12 sub-calls (10 cached)" when the cache answered some."""
+    text = plural(sub_calls or 0, "sub-call")
+    return f"{text} ({cached:,} cached)" if cached else text
 
 
 def cell_number(event: Event) -> int:

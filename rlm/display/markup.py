@@ -86,9 +86,10 @@ def table_html(rows: list[tuple[str, str]]) -> str:
 
 
 def details_html(summary: str, body: str, *, style: str = "details", summary_style: str = "subsummary",
-             open_: bool = False) -> str:
-    """A collapsible part; ``summary`` is already HTML (escaped by the caller)."""
-    attr = " open" if open_ else ""
+                 open_: bool = False, css_class: str | None = None) -> str:
+    """A collapsible part; ``summary`` is already HTML (escaped by the caller).
+    ``css_class`` only names it for the page's script: styles stay inline."""
+    attr = (" open" if open_ else "") + (f' class="{esc(css_class)}"' if css_class else "")
     return (f'<details{attr} style="{STYLE[style]}"><summary style="{STYLE[summary_style]}">{summary}</summary>'
             f"{body}</details>")
 

@@ -16,6 +16,7 @@ from rlm.display.formatting import (
     fmt_cost,
     fmt_int,
     fmt_time,
+    plural,
     preview,
     run_key,
     usage_total_tokens,
@@ -99,9 +100,9 @@ class Metrics:
         """One line with the key numbers, for a panel's subtitle."""
         parts = []
         if self.iterations is not None:
-            parts.append(f"{self.iterations:,} iteration{'s' if self.iterations != 1 else ''}")
+            parts.append(plural(self.iterations, "iteration"))
         if self.sub_calls is not None:
-            parts.append(f"{self.sub_calls:,} sub-calls")
+            parts.append(plural(self.sub_calls, "sub-call"))
         if self.cached_calls:
             parts.append(f"{self.cached_calls:,} cached")
         if self.total_tokens is not None:

@@ -9,7 +9,7 @@ from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.text import Text
 
-from rlm.display.formatting import as_int, as_text, field_of, fmt_time
+from rlm.display.formatting import as_int, as_text, field_of, fmt_time, plural
 from rlm.display.markup import STYLE, esc, pre_html
 from rlm.display.metrics import metrics_from_result
 from rlm.display.page import fragment_html
@@ -56,7 +56,7 @@ def _exec_fields(r: Any) -> dict[str, Any]:
 def _exec_summary(f: dict[str, Any]) -> str:
     bits = ["ExecResult", fmt_time(f["duration_s"])]
     if f["sub_calls"]:
-        bits.append(f"{f['sub_calls']:,} sub-calls")
+        bits.append(plural(f['sub_calls'], 'sub-call'))
     if f["truncated"]:
         bits.append("output truncated")
     bits.append("error" if f["error"] else "ok")

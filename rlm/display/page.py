@@ -4,6 +4,7 @@ notebook. Every piece of model or code output is escaped."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from rlm.display.formatting import (
     Event,
@@ -17,9 +18,12 @@ from rlm.display.formatting import (
     prose_of,
     sub_calls_text,
 )
-from rlm.display.markup import STYLE, code_html, details_html, esc, pre_html, table_html
+from rlm.display.markup import MONO, STYLE, code_html, details_html, esc, pre_html, table_html
 from rlm.display.metrics import Metrics, metrics_from_events
 from rlm.display.tree import Cell, Iteration, Run, build_runs
+
+# Iterations shown open at the top of a run's page; the rest start folded.
+OPEN_ITERATIONS = 2
 
 
 def _note_html(e: Event) -> str:
@@ -51,9 +55,11 @@ def _cell_html(cell: Cell) -> str:
     parts = [f'<div style="{STYLE["cell_head"]}">{esc(" · ".join(info))}</div>']
     if cell.code is not None:
         parts.append(code_html(cell.code))
-    # Child runs happened while the cell ran, before its output was complete.
+    # Child runs and sub-queries happened while the cell ran, before its output was complete.
     for child in cell.children:
         parts.append(_run_html(child))
+    if cell.sub_queries:
+        parts.append(_sub_queries_html(cell.sub_queries))
     if r is not None:
         outputs = []
         lines = 0
@@ -73,7 +79,23 @@ def _cell_html(cell: Cell) -> str:
     return "".join(parts)
 
 
-def _iteration_html(it: Iteration) -> str:
+def _sub_queries_html(calls: list[Any]) -> str:
+    """A cell's recorded sub-queries, folded: one line each (prompt → reply), opening to
+    both texts. The page's filter box finds them by the ``rlm-subq`` class."""
+    items = []
+    for i, call in enumerate(calls, 1):
+        prompt, reply = as_text(field_of(call, "prompt", "")), as_text(field_of(call, "reply", ""))
+        mark = " (cached)" if field_of(call, "cached") else ""
+        summary = f"#{i}{mark} {preview(prompt, 90)} → {preview(reply, 60)}"
+        body = (f'<div style="{STYLE["cell_head"]}">prompt</div>{pre_html(prompt, "pre")}'
+                f'<div style="{STYLE["cell_head"]}">reply</div>{pre_html(reply, "pre")}')
+        items.append(details_html(esc(summary), body, css_class="rlm-subq"))
+    n = len(calls)
+    return details_html(esc(f"sub-queries ({n:,} recorded)" if n != 1 else "sub-query (1 recorded)"),
+                        "".join(items))
+
+
+def _iteration_html(it: Iteration, *, open_: bool = False) -> str:
     usage = it.reply.get("usage") if it.reply is not None else None
     bits = [f"Iteration {it.number}", f"{len(it.cells)} cell{'s' if len(it.cells) != 1 else ''}"]
     if usage is not None:
@@ -100,7 +122,8 @@ def _iteration_html(it: Iteration) -> str:
         n = len(it.messages)
         parts.append(details_html(esc(f"prompt sent ({n} new message{'s' if n != 1 else ''})"), "".join(shown)))
     if it.reply is not None:
-        prose = prose_of(as_text(it.reply.get("content")), markdown=False)
+        first = it.cells[0].number if it.cells else 1
+        prose = prose_of(as_text(it.reply.get("content")), markdown=False, first_cell=first)
         if prose:
             parts.append(f'<div style="{STYLE["label"]}">root</div><div style="{STYLE["prose"]}">{esc(prose)}</div>')
         elapsed = it.reply.get("elapsed_s")
@@ -113,7 +136,8 @@ def _iteration_html(it: Iteration) -> str:
             )
     parts.extend(_cell_html(c) for c in it.cells)
     parts.extend(_note_html(n) for n in it.notes)
-    return details_html(esc(" · ".join(bits)), "".join(parts), style="iteration", summary_style="summary")
+    return details_html(esc(" · ".join(bits)), "".join(parts), style="iteration", summary_style="summary",
+                        open_=open_)
 
 
 def _answer_html(m: Metrics) -> str:
@@ -130,7 +154,9 @@ def _run_html(run: Run, metrics: Metrics | None = None, title: str | None = None
     m = metrics if metrics is not None else metrics_from_events(run.events, run.key)
     start = run.start or {}
     if run.depth:
-        head = f"sub-RLM (depth {run.depth}) · {preview(m.query or '', 100)}"
+        # What the parent sent (older logs: the generic child instruction in the query).
+        asked = as_text(start.get("prompt")) or m.query or ""
+        head = f"sub-RLM (depth {run.depth}) · {preview(asked, 100)}"
         tail = "no answer" if m.answer is None else preview(m.answer, 100)
         body = (_answer_html(m) + table_html(m.rows())
                 + "".join(_iteration_html(it) for it in run.iterations)
@@ -142,13 +168,22 @@ def _run_html(run: Run, metrics: Metrics | None = None, title: str | None = None
     if m.query:
         parts.append(f'<div style="{STYLE["query"]}"><span style="{STYLE["label"]}">Query</span> {esc(m.query)}</div>')
     parts.append(_answer_html(m))
-    parts.append(table_html(m.rows()))
+    # The answer box shows the run's error; the table and the notes would repeat it.
+    parts.append(table_html([row for row in m.rows() if m.answer is not None or row[0] != "Error"]))
     context = start.get("context")
     if context:
         parts.append(details_html("context", pre_html(as_text(context), "pre")))
-    parts.extend(_iteration_html(it) for it in run.iterations)
-    parts.extend(_note_html(n) for n in run.notes)
+    # The first iterations open, so the first screen shows code; later ones stay folded.
+    parts.extend(_iteration_html(it, open_=i < OPEN_ITERATIONS) for i, it in enumerate(run.iterations))
+    parts.extend(_note_html(n) for n in run.notes if not _repeats_error(n, m))
     return f'<div style="{STYLE["root"]}">{"".join(parts)}</div>'
+
+
+def _repeats_error(note: Event, m: Metrics) -> bool:
+    message = as_text(note.get("message") or note.get("reason"))
+    return m.answer is None and bool(m.error) and note.get("type") in ("error", "budget") and (
+        message == m.error or message in (m.error or "")
+    )
 
 
 def fragment_html(events: list[Event], metrics: Metrics | None = None, title: str | None = None) -> str:
@@ -178,23 +213,58 @@ def trajectory_fragment_html(events: Iterable[Event]) -> str:
 def trajectory_html(events: Iterable[Event], title: str | None = None) -> str:
     """A trajectory as one self-contained HTML page (``rlm view LOG --html OUT``).
 
-    The page is the fragment of ``trajectory_fragment_html`` in a minimal document with
-    a title: no scripts, no external assets, collapsible parts through ``<details>``.
+    The page is the fragment of ``trajectory_fragment_html`` in a minimal document
+    titled with the run's query (or ``title``), with no external assets. When the run
+    recorded sub-queries, a filter box (the page's one small inline script) shows only
+    the sub-queries whose prompt or reply contains the text typed, opening them.
     """
     events = [e for e in events if isinstance(e, Mapping)]
+    m = metrics_from_events(events) if events else Metrics()
+    page_title = title
     if title is None:
-        m = metrics_from_events(events) if events else Metrics()
-        page_title = f"RLM trajectory · {preview(m.query, 80)}" if m.query else "RLM trajectory"
+        # The browser tab names the run by its query; the page shows the query just below.
         title = "RLM trajectory"
-    else:
-        page_title = title
+        page_title = f"{preview(m.query, 100)} · RLM trajectory" if m.query else title
+    has_sub_queries = any(e.get("type") == "sub_queries" and e.get("calls") for e in events)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{esc(page_title)}</title>\n</head>\n"
         '<body style="margin:0;padding:16px;background:#f6f8fa">\n'
-        f"{fragment_html(events, title=title)}\n</body>\n</html>\n"
+        + (_FILTER_BOX if has_sub_queries else "")
+        + f"{fragment_html(events, title=title)}\n</body>\n</html>\n"
     )
+
+
+# The filter works on the page's own elements only; nothing is fetched or evaluated.
+_FILTER_BOX = f"""<div style="max-width:1000px;margin:0 0 8px 0;font-family:{MONO};font-size:13px">
+<label>filter sub-queries: <input id="rlm-filter" type="search" placeholder="text in a prompt or reply"
+ style="width:24em;padding:3px 6px"></label> <span id="rlm-filter-count" style="color:#57606a"></span>
+</div>
+<script>
+(function () {{
+  var box = document.getElementById("rlm-filter");
+  var count = document.getElementById("rlm-filter-count");
+  box.addEventListener("input", function () {{
+    var q = box.value.toLowerCase();
+    var items = document.querySelectorAll("details.rlm-subq");
+    var shown = 0;
+    items.forEach(function (d) {{
+      var hit = !q || d.textContent.toLowerCase().indexOf(q) >= 0;
+      d.style.display = hit ? "" : "none";
+      d.open = Boolean(q) && hit;
+      if (hit) shown++;
+      if (q && hit) {{
+        for (var p = d.parentElement; p; p = p.parentElement) {{
+          if (p.tagName === "DETAILS") p.open = true;
+        }}
+      }}
+    }});
+    count.textContent = q ? shown + " of " + items.length + " match" : "";
+  }});
+}})();
+</script>
+"""
 
 
 

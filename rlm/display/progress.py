@@ -7,9 +7,11 @@ from __future__ import annotations
 import html
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console
+from rich.live import Live
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -21,7 +23,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from rlm.display.formatting import fmt_time
+from rlm.display.formatting import as_int, fmt_time
 from rlm.display.markup import MONO
 
 # A notebook output is a message to the browser; more than two a second is noise.
@@ -296,3 +298,76 @@ class BatchProgress:
                 self.console.print(Text(text, style="dim"))
 
 
+
+
+class RunProgress:
+    """One transient status line for a run without the live view (``rlm run`` on a
+    terminal): the iteration, what is happening now, sub-queries done and the time.
+
+    A trajectory sink like ``LiveDisplay``: call it with each event, ``close()`` at the
+    end (the line disappears, leaving the terminal as it was). Child runs update the
+    same line. Thread-safe.
+    """
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console if console is not None else Console(stderr=True)
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+        self._iteration: int | None = None
+        self._limit: int | None = None
+        self._doing = "starting"
+        self._sub_done = 0
+        self._sub_total = 0
+        self._sub_finished = 0
+        self._live: Live | None = None
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        """Take one event into the status line."""
+        if not isinstance(event, Mapping):
+            return
+        with self._lock:
+            kind = event.get("type")
+            top = not as_int(event.get("depth")) and not event.get("child_run")
+            if kind == "run_start" and top:
+                self._limit = as_int(event.get("max_iterations"))
+            elif kind == "root_request" and top:
+                self._iteration = as_int(event.get("iteration"))
+                self._doing = "waiting for the root model"
+            elif kind == "cell" and top:
+                self._doing = "running a cell"
+            elif kind == "subcalls":
+                self._sub_done = as_int(event.get("done")) or 0
+                self._sub_total = as_int(event.get("total")) or 0
+            elif kind == "sub_queries" and isinstance(event.get("calls"), list):
+                self._sub_finished += len(event["calls"])
+                self._sub_done = self._sub_total = 0
+            elif kind == "run_end" and top:
+                self._doing = "done"
+            if self._live is None and self._doing != "done":
+                self._live = Live(self._line(), console=self.console, transient=True,
+                                  refresh_per_second=4, redirect_stdout=False, redirect_stderr=False)
+                self._live.start()
+            elif self._live is not None:
+                self._live.update(self._line())
+
+    def close(self) -> None:
+        """Take the line down."""
+        with self._lock:
+            if self._live is not None:
+                self._live.stop()
+                self._live = None
+
+    def _line(self) -> Text:
+        parts = ["rlm"]
+        if self._iteration is not None:
+            if self._limit is not None and self._iteration > self._limit:
+                parts.append("last turn (iteration limit)")
+            else:
+                parts.append(f"iteration {self._iteration}" + (f"/{self._limit}" if self._limit else ""))
+        parts.append(self._doing)
+        if self._sub_total:
+            parts.append(f"sub-queries {self._sub_done:,}/{self._sub_total:,}")
+        elif self._sub_finished:
+            parts.append(f"{self._sub_finished:,} sub-queries done")
+        parts.append(fmt_time(time.monotonic() - self._started))
+        return Text(" · ".join(parts), style="dim", no_wrap=True, overflow="ellipsis")

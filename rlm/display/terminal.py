@@ -7,20 +7,20 @@ import threading
 from collections.abc import Iterable, Mapping
 
 from rich import box
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.markdown import Markdown
-from rich.padding import Padding
 from rich.panel import Panel
 from rich.rule import Rule
+from rich.segment import Segment
 from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
 from rlm.display.formatting import (
+    CellNumbers,
     Event,
     as_int,
     as_text,
-    cell_number,
     depth_of,
     field_of,
     fmt_cost,
@@ -60,6 +60,27 @@ def output_text(text: str, style: str, max_lines: int, max_chars: int, indent: s
     return out
 
 
+class _Indented:
+    """A renderable shifted right by ``indent`` columns at the width that is left.
+
+    rich's Padding either shrinks the body to its narrowest (rules collapse to one
+    character, panels lose their width) or pads every line with trailing spaces; a
+    child run's view needs neither.
+    """
+
+    def __init__(self, body: RenderableType, indent: int) -> None:
+        self.body = body
+        self.indent = indent
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = max(20, options.max_width - self.indent)
+        pad = Segment(" " * self.indent)
+        for line in console.render_lines(self.body, options.update_width(width), pad=False):
+            yield pad
+            yield from line
+            yield Segment.line()
+
+
 def metrics_table(m: Metrics, title: str = "Metrics") -> Table:
     table = Table(title=title, box=box.SIMPLE_HEAVY, show_header=False, title_justify="left")
     table.add_column("metric", style="bold")
@@ -69,21 +90,24 @@ def metrics_table(m: Metrics, title: str = "Metrics") -> Table:
     return table
 
 
-def answer_panel(m: Metrics) -> Panel:
+def answer_panel(m: Metrics) -> RenderableType:
+    """The answer in a panel coloured by how the run ended, then its key numbers on a
+    line of their own (as a panel subtitle they were cut at narrow widths)."""
     failed = m.answer is None
+    limit = not failed and m.stopped_reason == "max_iterations"
     if failed:
         body = Text(f"no answer ({m.stopped_reason or 'unknown'})", style="bold red")
         if m.error:
             body.append("\n" + m.error, style="red")
+        title, border = "[bold]Answer[/]", "red"
+    elif limit:
+        body = Text(m.answer or "")
+        title, border = "[bold]Answer[/] [yellow]· iteration limit, no FINAL[/]", "yellow"
     else:
         body = Text(m.answer or "")
-    return Panel(
-        body,
-        title="[bold]Answer[/]",
-        subtitle=Text(m.summary(), style="dim"),
-        border_style="red" if failed else "green",
-        padding=(0, 1),
-    )
+        title, border = "[bold]Answer[/]", "green"
+    panel = Panel(body, title=title, border_style=border, padding=(0, 1))
+    return Group(panel, Text(m.summary(), style="dim", justify="right"))
 
 
 class LiveDisplay:
@@ -104,8 +128,15 @@ class LiveDisplay:
         *,
         max_output_lines: int = TERM_MAX_LINES,
         max_output_chars: int = TERM_MAX_CHARS,
+        show_sub_queries: bool = False,
+        max_sub_queries_shown: int = 3,
     ) -> None:
         self.console = console if console is not None else Console()
+        self.show_sub_queries = show_sub_queries
+        self.max_sub_queries_shown = max_sub_queries_shown
+        self._cells = CellNumbers()
+        # Each run's max_iterations (from run_start): a later iteration is the last turn.
+        self._limits: dict[str, int] = {}
         self.max_output_lines = max_output_lines
         self.max_output_chars = max_output_chars
         self._lock = threading.RLock()
@@ -131,12 +162,14 @@ class LiveDisplay:
             if kind == "run_end":
                 self._events.pop(key, None)
                 self._iteration_shown.pop(key, None)
+                self._limits.pop(key, None)
+                self._cells.forget(key)
             if not parts:
                 return
             depth = depth_of(event)
             body: RenderableType = parts[0] if len(parts) == 1 else Group(*parts)
             if depth:
-                body = Padding(body, (0, 0, 0, 4 * depth), expand=False)
+                body = _Indented(body, 4 * depth)
             # One print per event: rich renders it whole under its own lock, so lines
             # from events on different threads never interleave.
             self.console.print(body)
@@ -178,13 +211,22 @@ class LiveDisplay:
         return f"[d{depth}] " if depth else ""
 
     def _iteration_rule(self, event: Event, iteration: int) -> RenderableType:
+        limit = self._limits.get(run_key(event))
+        if limit is not None and iteration > limit:
+            label = f"{self._tag(event)}last turn · iteration limit {limit} reached"
+            return Rule(Text(label, style="bold yellow"), align="left", style="yellow")
         label = f"{self._tag(event)}iteration {iteration}"
         return Rule(Text(label, style="bold"), align="left", style="blue" if not depth_of(event) else "dim blue")
 
     def _render_run_start(self, event: Event) -> list[RenderableType]:
         query = as_text(event.get("query"))
+        limit = as_int(event.get("max_iterations"))
+        if limit is not None:
+            self._limits[run_key(event)] = limit
         if depth_of(event):
-            return [Text.assemble((f"{self._tag(event)}↳ sub-RLM: ", "bold magenta"), preview(query, 200))]
+            # What the parent asked: the prompt it sent (older logs: the generic instruction).
+            asked = as_text(event.get("prompt")) or query
+            return [Text.assemble((f"{self._tag(event)}↳ sub-RLM asked: ", "bold magenta"), preview(asked, 200))]
         model = as_text(event.get("model")) or "?"
         sub = as_text(event.get("recursive_model"))
         title = f"RLM · {model}" + (f" (sub: {sub})" if sub and sub != model else "")
@@ -200,7 +242,7 @@ class LiveDisplay:
         return []  # The iteration rule printed for it says the turn has started.
 
     def _render_root_reply(self, event: Event) -> list[RenderableType]:
-        prose = prose_of(as_text(event.get("content")))
+        prose = prose_of(as_text(event.get("content")), first_cell=self._cells.next_number(event))
         usage = event.get("usage")
         prompt, completion = as_int(field_of(usage, "prompt_tokens")), as_int(field_of(usage, "completion_tokens"))
         stats = (
@@ -228,7 +270,7 @@ class LiveDisplay:
         return [
             Panel(
                 Syntax(code, "python", theme="ansi_dark", word_wrap=True, background_color="default"),
-                title=Text(f"{self._tag(event)}cell {cell_number(event)}", style="bold cyan"),
+                title=Text(f"{self._tag(event)}cell {self._cells.number(event)}", style="bold cyan"),
                 title_align="left",
                 border_style="cyan",
                 padding=(0, 1),
@@ -245,7 +287,7 @@ class LiveDisplay:
         final = event.get("final")
         if final is not None:
             parts.append(Text.assemble(("  FINAL → ", "bold green"), preview(final, 300)))
-        info = [f"cell {cell_number(event)}", fmt_time(event.get("duration_s"))]
+        info = [f"cell {self._cells.number(event)}", fmt_time(event.get("duration_s"))]
         sub_calls = as_int(event.get("sub_calls"))
         if sub_calls:
             info.append(sub_calls_text(sub_calls, as_int(event.get("cached_sub_calls"))))
@@ -256,8 +298,30 @@ class LiveDisplay:
         parts.append(Text("  ⎿ " + " · ".join(info), style="dim"))
         return parts
 
+    def _render_sub_queries(self, event: Event) -> list[RenderableType]:
+        calls = event.get("calls")
+        if not self.show_sub_queries or not isinstance(calls, list) or not calls:
+            return []
+        shown = calls[: self.max_sub_queries_shown]
+        out = Text()
+        for call in shown:
+            out.append("  ↳ ", style="magenta")
+            out.append(preview(field_of(call, "prompt", ""), 70), style="dim")
+            out.append("  →  ", style="magenta")
+            if field_of(call, "cached"):
+                out.append("(cached) ", style="dim green")
+            out.append(preview(field_of(call, "reply", ""), 60) + "\n")
+        if len(calls) > len(shown):
+            out.append(f"  … {len(calls) - len(shown):,} more (rlm view LOG --html OUT shows them all)\n",
+                       style="dim italic")
+        out.rstrip()
+        return [out]
+
     def _render_final(self, event: Event) -> list[RenderableType]:
         source = as_text(event.get("source"))
+        if source == "last_turn":
+            return [Text.assemble((f"{self._tag(event)}⚠ no FINAL before the iteration limit: ", "bold yellow"),
+                                  ("the answer is the root's last-turn reply", "yellow"))]
         return [Text.assemble((f"{self._tag(event)}✓ final answer", "bold green"),
                               (f" ({source})" if source else "", "dim"))]
 
@@ -276,18 +340,20 @@ class LiveDisplay:
         return [answer_panel(m)]
 
 
-def render_log(events: Iterable[Event], console: Console | None = None) -> None:
+def render_log(events: Iterable[Event], console: Console | None = None, *,
+               show_sub_queries: bool = True) -> None:
     """Render a whole trajectory (e.g. from ``read_log``) to the terminal.
 
     It looks like the live view of the same run (each iteration with the root's text,
     highlighted code and outputs, then the answer), followed by a metrics table per
     top-level run: iterations, root calls, tokens and cost, sub-calls, tokens and cost,
     wall time and why the run stopped. A log cut short by a killed run renders up to
-    where it ends, and its table says it is incomplete.
+    where it ends, and its table says it is incomplete. ``show_sub_queries`` lists the
+    first few recorded sub-queries (prompt → reply) under their cell.
     """
     console = console if console is not None else Console()
     events = [e for e in events if isinstance(e, Mapping)]
-    view = LiveDisplay(console)
+    view = LiveDisplay(console, show_sub_queries=show_sub_queries)
     for event in events:
         view(event)
     for key in _top_level_keys(events):

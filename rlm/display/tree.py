@@ -6,15 +6,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlm.display.formatting import Event, as_int, as_num, as_text, cell_number, depth_of, run_key
+from rlm.display.formatting import CellNumbers, Event, as_int, as_num, as_text, depth_of, run_key
 
 
 @dataclass
 class Cell:
-    number: int
+    number: int  # across the run, from 1, the way people refer to cells
+    index: int | None = None  # within its iteration, as the events number it
     code: str | None = None
     result: Event | None = None
     children: list[Run] = field(default_factory=list)
+    # Recorded sub-queries ({"prompt", "reply"}) the cell made, in order.
+    sub_queries: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -60,6 +63,7 @@ def build_runs(events: list[Event]) -> list[Run]:
     the cell of its parent that was running when it started."""
     runs: dict[str, Run] = {}
     tops: list[Run] = []
+    numbers = CellNumbers()
     for e in events:
         key, depth = run_key(e), depth_of(e)
         run = runs.get(key)
@@ -77,7 +81,12 @@ def build_runs(events: list[Event]) -> list[Run]:
         kind = e.get("type")
         t = as_num(e.get("t"))
         number = as_int(e.get("iteration"))
-        if kind == "run_start":
+        if kind == "sub_queries":
+            calls = e.get("calls")
+            cell = run.open_cell()
+            if cell is not None and isinstance(calls, list):
+                cell.sub_queries.extend(c for c in calls if isinstance(c, dict))
+        elif kind == "run_start":
             run.start = e
         elif kind == "run_end":
             if run.iterations and run.iterations[-1].end_t is None:
@@ -90,10 +99,10 @@ def build_runs(events: list[Event]) -> list[Run]:
             elif kind == "root_reply":
                 it.reply = e
             elif kind in ("cell", "cell_result"):
-                n = cell_number(e)
-                cell = next((c for c in it.cells if c.number == n), None)
+                index = as_int(e.get("index"))
+                cell = next((c for c in it.cells if c.index == index), None)
                 if cell is None:
-                    cell = Cell(n)
+                    cell = Cell(numbers.number(e), index)
                     it.cells.append(cell)
                 if kind == "cell":
                     cell.code = as_text(e.get("code"))

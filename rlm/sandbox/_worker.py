@@ -93,6 +93,7 @@ PRELOAD = (
     "rlm.sandbox.subqueries",
     "rlm.sandbox.cells",
     "rlm.sandbox.local",
+    "rlm.sandbox.flow",
 )
 
 
@@ -629,20 +630,63 @@ class _Worker:
         self.waiters_lock = threading.Lock()
         self.next_id = 0
         self.protections: dict[str, Any] = {}
+        self.batches: dict[int, _OutBatch] = {}
+        self.outbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        # Replaced by the env's own caps when its init message arrives.
+        self.limits = flow_limits()
+        self.max_frame = MAX_JSON
 
     # channel ------------------------------------------------------------------------
+    #
+    # One writer thread owns the socket's sending side, so no other thread ever blocks
+    # on a full socket: not the cell (which must notice its deadline) and not the
+    # reader (which must keep draining the host's replies, or both sides could wait on
+    # each other).
 
     def send(self, msg: dict[str, Any]) -> None:
-        data = pack(msg)
+        """Queue one message for the host; raises _TooLarge past the host's frame cap."""
+        self.outbox.put(self._frame(msg))
+
+    def send_now(self, msg: dict[str, Any]) -> None:
+        """Send from the calling thread: output of a cell that may never release the GIL
+        again (a long C call about to be killed) must leave before the writer could run."""
+        data = self._frame(msg)
         with self.send_lock:
             self.channel.sendall(data)
+
+    def send_reply(self, msg: dict[str, Any]) -> None:
+        """Queue a command's answer, replacing a too-large value with an error saying so."""
+        try:
+            self.send(msg)
+        except _TooLarge as exc:
+            self.send(_shrunk(msg, exc.size, self.max_frame))
+
+    def _frame(self, msg: dict[str, Any]) -> bytes:
+        data = pack(msg)
+        if len(data) - HEADER.size > self.max_frame:
+            raise _TooLarge(len(data) - HEADER.size)
+        return data
+
+    def _write_loop(self) -> None:
+        try:
+            while True:
+                data = self.outbox.get()
+                with self.send_lock:
+                    self.channel.sendall(data)
+        except OSError:  # the host is gone: the reader sees EOF and ends the worker
+            return
 
     def _read_loop(self) -> None:
         try:
             while True:
                 msg, _ = recv_frame(self.channel)
-                if msg.get("op") == "reply":
+                op = msg.get("op")
+                if op == "reply":
                     self._resolve(msg)
+                elif op == "pull":
+                    self._pull(msg)
+                elif op == "part":
+                    self._part(msg)
                 else:
                     self.commands.put(msg)
         except EOFError:  # the host closed the channel (or died): nothing left to do
@@ -653,18 +697,60 @@ class _Worker:
             os._exit(EXIT_BROKEN)
 
     def _resolve(self, msg: dict[str, Any]) -> None:
+        rid = msg.get("id", -1)
         with self.waiters_lock:
-            entry = self.waiters.pop(msg.get("id", -1), None)
+            entry = self.waiters.pop(rid, None)
+            batch = self.batches.pop(rid, None)
         if entry is None:
             return
         op, future = entry
         try:
-            if msg.get("ok"):
-                future.set_result(msg.get("result"))
-            else:
+            if not msg.get("ok"):
                 future.set_exception(_remote_error(op, msg))
+            elif batch is None:
+                future.set_result(msg.get("result"))
+            elif batch.filled != len(batch.results):
+                future.set_exception(_remote_error(op, {"error": "the batch came back incomplete"}))
+            else:
+                future.set_result(batch.results)
         except concurrent.futures.InvalidStateError:
             pass  # cancelled meanwhile (the cell was stopped)
+
+    def _pull(self, msg: dict[str, Any]) -> None:
+        """The host has room: send it the next slice of a batch (at least one prompt)."""
+        rid, start = msg["id"], int(msg["start"])
+        count, budget = int(msg["count"]), int(msg["max_bytes"])
+        with self.waiters_lock:
+            batch = self.batches.get(rid)
+        prompts: list[Any] = []
+        if batch is not None and 0 <= start < len(batch.items):
+            end, used = start, 0
+            stop = min(start + max(count, 1), len(batch.items))
+            while end < stop and (end == start or used + batch.sizes[end] <= budget):
+                used += batch.sizes[end]
+                end += 1
+            prompts = batch.items[start:end]
+        while True:
+            try:
+                self.send({"op": "items", "id": rid, "start": start, "prompts": prompts})
+                return
+            except _TooLarge:
+                # JSON escaping made the slice too big for one frame: send fewer prompts.
+                if len(prompts) <= 1:
+                    prompts = []
+                else:
+                    prompts = prompts[: len(prompts) // 2]
+
+    def _part(self, msg: dict[str, Any]) -> None:
+        rid, start, replies = msg.get("id"), msg.get("start"), msg.get("results")
+        with self.waiters_lock:
+            batch = self.batches.get(rid)
+            if batch is None or not isinstance(start, int) or not isinstance(replies, list):
+                return
+            if start < 0 or start + len(replies) > len(batch.results):
+                return
+            batch.results[start : start + len(replies)] = replies
+            batch.filled += len(replies)
 
     def submit(self, op: str, **fields: Any) -> concurrent.futures.Future[Any]:
         """Send a request to the host; the future resolves when its reply arrives.
@@ -673,29 +759,63 @@ class _Worker:
         cell stops waiting), the async ones await it; many can be in flight at once.
         Cancelling the future (a stopped cell) tells the host to drop the request.
         """
+        return self._submit(op, None, fields)
+
+    def submit_batch(self, items: list[Any], params: dict[str, Any]) -> concurrent.futures.Future[Any]:
+        """Announce a batch after checking the env's caps; the host pulls its prompts.
+
+        Only the count crosses now; the host asks for slices as its slots free up, and
+        sends each slice's replies back as they finish.
+        """
+        from rlm.sandbox import flow
+
+        flow.check_batch_size(len(items), self.limits)
+        sizes = [flow.prompt_bytes(p) for p in items]
+        for i, size in enumerate(sizes):
+            flow.check_prompt_size(size, self.limits, i)
+        batch = _OutBatch(items, sizes, [None] * len(items))
+        return self._submit("batch", batch, {"n": len(items), "params": params})
+
+    def check_prompt(self, prompt: Any) -> None:
+        """Refuse a single prompt over ``max_prompt_bytes`` before it is sent."""
+        from rlm.sandbox import flow
+
+        flow.check_prompt_size(flow.prompt_bytes(prompt), self.limits)
+
+    def _submit(
+        self, op: str, batch: _OutBatch | None, fields: dict[str, Any]
+    ) -> concurrent.futures.Future[Any]:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self.waiters_lock:
             self.next_id += 1
             rid = self.next_id
             self.waiters[rid] = (op, future)
+            if batch is not None:
+                self.batches[rid] = batch
         try:
-            data = pack({"op": op, "id": rid, **fields})
-        except (TypeError, ValueError) as exc:
+            data = self._frame({"op": op, "id": rid, **fields})
+        except (TypeError, ValueError, _TooLarge) as exc:
             with self.waiters_lock:
                 self.waiters.pop(rid, None)
+                self.batches.pop(rid, None)
             what = f"tool {fields.get('name')!r}" if op == "tool" else "llm_query"
+            if isinstance(exc, _TooLarge):
+                raise TypeError(
+                    f"the arguments of {what} are {exc.size:,} bytes once encoded, more than "
+                    f"the {self.max_frame:,} that can reach the host process; pass less data"
+                ) from None
             raise TypeError(
                 f"the arguments of {what} must be JSON-like data (str, int, float, bool, None, "
                 f"lists and dicts) to reach the host process: {exc}"
             ) from None
         future.add_done_callback(lambda f: f.cancelled() and self._cancel(rid))
-        with self.send_lock:
-            self.channel.sendall(data)
+        self.outbox.put(data)
         return future
 
     def _cancel(self, rid: int) -> None:
         with self.waiters_lock:
             self.waiters.pop(rid, None)
+            self.batches.pop(rid, None)
         with contextlib.suppress(OSError):
             self.send({"op": "cancel", "id": rid})
 
@@ -781,6 +901,12 @@ class _Worker:
             return
         context = _decode_context(init.get("context_kind", "none"), payload)
         del payload
+        self.limits = flow_limits(init.get("limits") or {})
+        from rlm.sandbox.flow import max_frame_bytes
+
+        self.max_frame = max_frame_bytes(self.limits)
+        writer = threading.Thread(target=self._write_loop, name="rlm-writer", daemon=True)
+        writer.start()
         reader = threading.Thread(target=self._read_loop, name="rlm-channel", daemon=True)
         reader.start()
         self.session = _Session(self, init, context)
@@ -792,11 +918,13 @@ class _Worker:
             op = msg.get("op")
             if op == "exec":
                 _set_cpu_limit(msg.get("cpu"))
-                self.send(self.session.run_cell(msg["code"], msg.get("timeout"), msg["filename"]))
+                self.send_reply(
+                    self.session.run_cell(msg["code"], msg.get("timeout"), msg["filename"])
+                )
             elif op == "get":
-                self.send(self.session.get(msg["name"]))
+                self.send_reply(self.session.get(msg["name"]))
             elif op == "raw" and init.get("allow_raw"):
-                self.send(_run_raw(msg["code"]))
+                self.send_reply(_run_raw(msg["code"]))
 
 
 def _remote_error(op: str, msg: dict[str, Any]) -> Exception:
@@ -815,6 +943,51 @@ def _remote_error(op: str, msg: dict[str, Any]) -> Exception:
         with contextlib.suppress(Exception):
             return kind(text)
     return RuntimeError(f"{msg.get('type')}: {text}")
+
+
+@dataclass
+class _OutBatch:
+    """A batch the worker announced: its prompts (pulled by the host) and replies so far."""
+
+    items: list[Any]
+    sizes: list[int]
+    results: list[Any]
+    filled: int = 0
+
+
+class _TooLarge(Exception):
+    """A message larger than the host accepts in one frame."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"{size} bytes")
+        self.size = size
+
+
+def _shrunk(msg: dict[str, Any], size: int, limit: int) -> dict[str, Any]:
+    """``msg`` with its bulky value replaced by an error the model can act on."""
+    what = f"{size:,} bytes, more than the {limit:,} the process sandbox sends to the host"
+    op = msg.get("op")
+    if op == "result":
+        cap = 4096
+        return {
+            "op": "result",
+            "stdout": str(msg.get("stdout") or "")[:cap],
+            "stderr": str(msg.get("stderr") or "")[:cap],
+            "error": f"ValueError: the cell's result (its FINAL answer and output) is {what}; "
+            "give FINAL a shorter answer",
+            "final": None,
+            "truncated": True,
+        }
+    if op == "value":
+        return {"op": "value", "ok": True, "value": None, "repr": f"a value of {what}"}
+    return {"op": op, "ok": False, "error": f"the reply is {what}"}
+
+
+def flow_limits(options: dict[str, Any] | None = None) -> Any:
+    """The env's sub-query caps (``rlm.sandbox.flow.SubQueryLimits``) from the init message."""
+    from rlm.sandbox.flow import SubQueryLimits
+
+    return SubQueryLimits(**{k: int(v) for k, v in (options or {}).items()})
 
 
 def _set_cpu_limit(seconds: float | None) -> None:
@@ -961,7 +1134,7 @@ class _Session:
         if now - self.last_flush >= 0.02 or self.streamed >= self.limit:
             self.last_flush = now
             with contextlib.suppress(OSError):
-                self.worker.send({"op": "out", "stream": stream, "text": part})
+                self.worker.send_now({"op": "out", "stream": stream, "text": part})
 
     # cells --------------------------------------------------------------------------
 
@@ -1050,6 +1223,7 @@ class _Session:
             """Ask a sub-model one prompt (a str or a list of chat messages); returns its reply."""
             subqueries.check_subquery_prompt(prompt)
             subqueries.check_subquery_params(params)
+            worker.check_prompt(prompt)
             future = worker.submit("query", prompt=prompt, params=params)
             try:
                 return cells.wait_for_future(self.ns, future)
@@ -1062,7 +1236,7 @@ class _Session:
             subqueries.check_subquery_params(params)
             if not items:
                 return []
-            future = worker.submit("batch", prompts=items, params=params)
+            future = worker.submit_batch(items, params)
             try:
                 results = cells.wait_for_future(self.ns, future)
             except Exception as exc:
@@ -1074,6 +1248,7 @@ class _Session:
             """Async form of llm_query: ``await llm_query_async(prompt)``."""
             subqueries.check_subquery_prompt(prompt)
             subqueries.check_subquery_params(params)
+            worker.check_prompt(prompt)
             future = worker.submit("query", prompt=prompt, params=params)
             try:
                 return await asyncio.wrap_future(future)
@@ -1086,7 +1261,7 @@ class _Session:
             subqueries.check_subquery_params(params)
             if not items:
                 return []
-            future = worker.submit("batch", prompts=items, params=params)
+            future = worker.submit_batch(items, params)
             try:
                 results = await asyncio.wrap_future(future)
             except Exception as exc:

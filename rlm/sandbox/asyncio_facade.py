@@ -15,6 +15,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
+from rlm.sandbox.boundary import SandboxCoroutine
+
 __all__ = ["CellTasks", "asyncio_exports"]
 
 _NO_LOOP = (
@@ -108,7 +110,8 @@ class _AsCompleted:
         if self._left <= 0:
             raise StopIteration
         self._left -= 1
-        return self._next_done()
+        # Wrapped: the coroutine's frame (this module's globals) must stay out of reach.
+        return SandboxCoroutine(self._next_done())
 
     async def _next_done(self) -> Any:
         if self._deadline is None:

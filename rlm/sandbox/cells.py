@@ -47,10 +47,12 @@ from collections.abc import Callable
 from typing import Any
 
 from rlm.sandbox.asyncio_facade import CellTasks
+from rlm.sandbox.boundary import guard_host_function
 from rlm.sandbox.compiler import (
     AUGATTR_HOOK,
     ECHO_SLOT,
     GETATTR_HOOK,
+    MATCH_CLASS_HOOK,
     PRINT_HOOK,
     STOP_FLAG,
     TIMEOUT_HOOK,
@@ -62,12 +64,15 @@ from rlm.sandbox.guards import (
     CELL_MODULE,
     MISSING,
     augattr_guard,
+    build_class,
     getattr_guard,
     guarded_getattr,
+    make_match_class_guard,
     write_guard,
 )
 from rlm.sandbox.modules import make_importer
-from rlm.sandbox.safe_builtins import make_builtins
+from rlm.sandbox.plaindata import exact_str
+from rlm.sandbox.safe_builtins import builtin_standins, make_builtins
 
 __all__ = [
     "CellStop",
@@ -111,8 +116,9 @@ class OutputBuffer:
 
     def write(self, text: str) -> int:
         """Append ``text`` (a str); beyond the cap only the most recent tail is kept."""
-        if not isinstance(text, str):
-            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if type(text) is not str:
+            # The buffer's text reaches the host: keep no object of the cell's in it.
+            text = exact_str(text, "write() argument")
         n = len(text)
         if not n:
             return 0
@@ -171,6 +177,9 @@ class _Printer:
             end = "\n"
         if not isinstance(sep, str) or not isinstance(end, str):
             raise TypeError("sep and end must be None or a string")
+        if type(sep) is not str or type(end) is not str:
+            # A str subclass's own join/__add__ would hand back whatever it likes.
+            sep, end = exact_str(sep), exact_str(end)
         text = sep.join([str(a) for a in args]) + end
         if file is None:
             self._write(text)
@@ -329,20 +338,25 @@ def build_namespace(
         cell_loop=lambda: state.loop,
         data_modules=data_modules,
     )
-    ns["__builtins__"] = make_builtins(ns, importer, file_access=file_access)
+    builtins_dict = make_builtins(ns, importer, file_access=file_access)
+    ns["__builtins__"] = builtins_dict
+    standins = builtin_standins(builtins_dict)
     ns["__name__"] = CELL_MODULE
-    ns["__metaclass__"] = type
+    ns["__metaclass__"] = build_class
+    ns[MATCH_CLASS_HOOK] = make_match_class_guard(standins)
     ns[GETATTR_HOOK] = getattr_guard
     ns[WRITE_HOOK] = write_guard
     ns[AUGATTR_HOOK] = augattr_guard
     ns[PRINT_HOOK] = _Printer(lambda text: state.write_stdout(text))
 
     def FINAL(answer: Any) -> None:  # noqa: N802 - the name the prompts use
-        state.final = answer if isinstance(answer, str) else str(answer)
+        state.final = final_text(answer)
         state.has_final = True
 
     def FINAL_VAR(name: Any) -> None:  # noqa: N802
-        key = name.strip().strip("'\"").strip() if type(name) is str else None
+        # The name as an exact str: a str subclass's strip() could name another variable.
+        given = exact_str(name) if issubclass(type(name), str) else None
+        key = given.strip().strip("'\"").strip() if given is not None else None
         # Models often pass the value itself (FINAL_VAR(answer)), which is what they mean:
         # anything but a str, a str that cannot be a name, or the very object a variable
         # holds (`is`, so a misspelt name literal is still reported as unknown).
@@ -359,19 +373,34 @@ def build_namespace(
             return
         if key.startswith("_") or key not in ns:
             raise NameError(
-                f"FINAL_VAR({name!r}): there is no variable named {key!r} in the REPL; "
-                f"assign it first, or if {name!r} is the answer itself, call FINAL({name!r})"
+                f"FINAL_VAR({given!r}): there is no variable named {key!r} in the REPL; "
+                f"assign it first, or if {given!r} is the answer itself, call FINAL({given!r})"
             )
         FINAL(ns[key])
+
+    def drain(iterable: Any) -> list[Any]:
+        return builtins_dict["list"](iterable)
 
     reserved: dict[str, Any] = {"FINAL": FINAL, "FINAL_VAR": FINAL_VAR}
     for key, value in (extra or {}).items():
         if not isinstance(key, str) or not key.isidentifier() or key.startswith("_"):
             raise ValueError(f"namespace name {key!r} must be an identifier not starting with '_'")
-        reserved[key] = value
+        reserved[key] = value if key == "context" else guard_host_function(key, value, drain)
     ns.update(reserved)
     state.reserved = reserved
     return ns
+
+
+def final_text(answer: Any) -> str:
+    """What FINAL stores: an exact ``str`` (the host calls str methods on the answer).
+
+    A str subclass is copied without running its methods; anything else goes through
+    ``str()`` while the cell runs, and its result is copied the same way. Kept apart
+    so the answer can widen to other plain data (``plaindata.to_plain_data``).
+    """
+    if issubclass(type(answer), str):
+        return exact_str(answer)
+    return exact_str(str(answer))
 
 
 def _restore_reserved(ns: dict[str, Any]) -> list[str]:

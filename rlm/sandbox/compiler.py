@@ -26,6 +26,7 @@ __all__ = [
     "AUGATTR_HOOK",
     "ECHO_SLOT",
     "GETATTR_HOOK",
+    "MATCH_CLASS_HOOK",
     "PRINT_HOOK",
     "STOP_FLAG",
     "TIMEOUT_HOOK",
@@ -44,6 +45,8 @@ AUGATTR_HOOK = "_rlm_augattr_"  # ``obj.attr op= v``
 GETATTR_HOOK = "_getattr_"  # every ``a.b`` read
 WRITE_HOOK = "_write_"  # every ``a.b = v`` / ``del a.b``
 PRINT_HOOK = "_print"  # ``print(...)`` compiles to ``_print._call_print(...)``
+MATCH_CLASS_HOOK = "_rlm_match_class_"  # the class of every class pattern goes through it
+_MATCH_TEMP = "_rlm_mc{}_"  # where a match statement keeps its guarded pattern classes
 
 
 class PolicyError(Exception):
@@ -106,6 +109,10 @@ class _CellTransformer(RestrictingNodeTransformer):
     reads (``_getattr_``) and writes (``_write_``, ``_rlm_augattr_``), print, imports
     and class creation (through ``__metaclass__``).
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._match_classes = 0  # numbers the temporaries of guarded class patterns
 
     # -- async: allowed, with their contents visited like everything else.
     def visit_AsyncFunctionDef(self, node: ast.AsyncFunctionDef) -> Any:
@@ -234,10 +241,45 @@ class _CellTransformer(RestrictingNodeTransformer):
         return node
 
     # -- match statements: allowed; every name they bind and every attribute a class
-    # pattern reads by keyword is checked like any other (positional class patterns
-    # read the attributes a class lists in __match_args__, which cell code cannot set).
+    # pattern reads by keyword is checked like any other. The class of a class pattern
+    # is evaluated before the statement through the match-class guard (a pattern
+    # cannot contain a call), which judges what positional sub-patterns read through
+    # ``__match_args__`` and the values every read yields (see guards._MatchGate).
     def visit_Match(self, node: ast.Match) -> Any:
-        return self.node_contents_visit(node)
+        node = self.node_contents_visit(node)
+        prelude: list[ast.stmt] = []
+        temps: list[str] = []
+        for case in node.cases:
+            for pattern in ast.walk(case.pattern):
+                if not isinstance(pattern, ast.MatchClass):
+                    continue
+                temp = _MATCH_TEMP.format(self._match_classes)
+                self._match_classes += 1
+                temps.append(temp)
+                guarded = ast.Call(
+                    func=ast.Name(MATCH_CLASS_HOOK, ast.Load()),
+                    args=[
+                        pattern.cls,
+                        ast.Constant(len(pattern.patterns)),
+                        ast.Constant(tuple(pattern.kwd_attrs)),
+                    ],
+                    keywords=[],
+                )
+                assign = ast.Assign(targets=[ast.Name(temp, ast.Store())], value=guarded)
+                ast.copy_location(assign, node)
+                prelude.append(ast.fix_missing_locations(assign))
+                pattern.cls = ast.copy_location(ast.Name(temp, ast.Load()), pattern.cls)
+        if not prelude:
+            return node
+        # The temporaries are cleared afterwards: in a class body they would otherwise
+        # stay behind as attributes of the class.
+        cleanup: list[ast.stmt] = [
+            ast.Assign(targets=[ast.Name(temp, ast.Store())], value=ast.Constant(None))
+            for temp in temps
+        ]
+        guarded_match = ast.Try(body=[*prelude, node], handlers=[], orelse=[], finalbody=cleanup)
+        ast.copy_location(guarded_match, node)
+        return ast.fix_missing_locations(guarded_match)
 
     def visit_match_case(self, node: ast.match_case) -> Any:
         return self.node_contents_visit(node)

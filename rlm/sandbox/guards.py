@@ -23,8 +23,12 @@ import string as string_module
 import textwrap
 import threading
 import types
+import typing
 from collections.abc import Callable
 from typing import Any
+
+from rlm.sandbox.boundary import SandboxCoroutine
+from rlm.sandbox.plaindata import exact_str
 
 __all__ = [
     "BLOCKED_ATTRIBUTES",
@@ -34,12 +38,14 @@ __all__ = [
     "SafeFormatter",
     "attr_writable",
     "augattr_guard",
+    "build_class",
     "getattr_guard",
     "guarded_delattr",
     "guarded_getattr",
     "guarded_hasattr",
     "guarded_setattr",
     "is_blocked_attr",
+    "make_match_class_guard",
     "refuse_attr",
     "write_guard",
 ]
@@ -129,7 +135,17 @@ def _probe_async_types() -> tuple[type, ...]:
     return kinds
 
 
-_ASYNC_STEPPERS = _ASYNC_STEPPERS + _probe_async_types()
+_ASYNC_STEPPERS = (*_ASYNC_STEPPERS, *_probe_async_types(), SandboxCoroutine)
+
+
+def _probe_coroutine_wrapper() -> type:
+    async def coro() -> None:
+        return None
+
+    c = coro()
+    kind = type(c.__await__())
+    c.close()
+    return kind
 
 # Objects that must never be handed to user code. Nothing in the namespace leads to
 # them; this is a second line in case something does (an attribute of one of these
@@ -147,8 +163,40 @@ _DENY_TYPES = frozenset(
         asyncio.SelectorEventLoop,
         concurrent.futures.Future,
         threading.Thread,
+        # the iterator ``await`` drives: stepping it by hand would hand out the loop's futures
+        _probe_coroutine_wrapper(),
     }
 )
+
+# Values the guard never hands out as they are. A mappingproxy forwards comparisons
+# and ``|`` to the dict behind it, so a cell class's reflected ``__eq__``/``__ror__``
+# would receive that dict (``re.Pattern.groupindex``, a shared class attribute) and
+# could change it for the host and every other REPL: code gets a proxy of a copy.
+# Classes are screened too (their type is a metaclass): a metaclass, ``type`` itself
+# above all, must not be handed out. One set lookup keeps the common case fast.
+_SCREENED_TYPES = _DENY_TYPES | {types.MappingProxyType, type, abc.ABCMeta}
+
+
+def _screen(value: Any, name: str) -> Any:
+    """What the guard hands out for ``value`` read as attribute ``name``."""
+    kind = type(value)
+    if kind is types.MappingProxyType:
+        return types.MappingProxyType(dict(value))
+    if kind in _DENY_TYPES:
+        raise AttributeError(
+            f"attribute {name!r} leads to {kind.__name__} objects, which are not accessible "
+            "in the sandbox"
+        )
+    if issubclass(value, type):
+        raise _refuse_metaclass(name)
+    return value
+
+
+def _refuse_metaclass(name: str) -> AttributeError:
+    return AttributeError(
+        f"attribute {name!r} is a metaclass (such as type itself), which is not accessible in "
+        "the sandbox; use type(x) and isinstance()"
+    )
 
 
 def _is_user_object(ob: Any) -> bool:
@@ -208,29 +256,52 @@ def _special_getattr(obj: Any, name: str) -> Any:
             "sandbox; use await / async for"
         )
     value = getattr(obj, name)
-    if name == "register":
-        owner = getattr(value, "__self__", None)
-        if isinstance(owner, abc.ABCMeta) and not _is_user_class(owner):
-            raise AttributeError(
-                "register() on shared abstract base classes would change them for every "
-                "REPL and the host; subclass the ABC instead"
-            )
+    if name == "register" and _registers_shared_abc(value):
+        raise AttributeError(
+            "register() on abstract base classes would change shared ones for every REPL "
+            "and the host (registering with a subclass registers with its bases too); "
+            "subclass the ABC instead"
+        )
     return value
 
 
+def _registers_shared_abc(value: Any) -> bool:
+    # Judged by what the lookup yields: ABCMeta.register itself (through a metaclass or
+    # an alias) or bound to any ABC whose bases include one of the host's.
+    if value is abc.ABCMeta.register:
+        return True
+    owner = getattr(value, "__self__", None)
+    if not isinstance(owner, abc.ABCMeta):
+        return False
+    return any(isinstance(k, abc.ABCMeta) and not _is_user_class(k) for k in owner.__mro__)
+
+
 def getattr_guard(obj: Any, name: str) -> Any:
-    """Guard behind every compiled ``a.b`` (the name itself was checked at compile time)."""
+    """Guard behind every compiled ``a.b`` (the name itself was checked at compile time).
+
+    Judges the object, then the name, then the value: frames, code, tracebacks,
+    modules, futures and loops are refused however they were reached (an alias that
+    relays attribute reads to its origin included), metaclasses are refused, and a
+    mappingproxy is handed out as a proxy of a copy.
+    """
     if type(obj) in _DENY_TYPES:
         raise AttributeError(f"{type(obj).__name__} objects are not accessible in the sandbox")
     if name in _TYPE_SENSITIVE or name[0] == "_":
-        return _special_getattr(obj, name)
-    return getattr(obj, name)
+        value = _special_getattr(obj, name)
+    else:
+        value = getattr(obj, name)
+    if type(value) in _SCREENED_TYPES:
+        return _screen(value, name)
+    return value
 
 
 def guarded_getattr(obj: Any, name: str, default: Any = MISSING) -> Any:
-    """``getattr`` as seen by user code: the compile-time name rules applied at run time."""
-    if not isinstance(name, str):
-        raise TypeError(f"attribute name must be a string, not {type(name).__name__}")
+    """``getattr`` as seen by user code: the compile-time name rules applied at run time.
+
+    The name is judged as an exact str (a str subclass's methods could lie to the
+    rules while ``getattr`` uses its characters).
+    """
+    name = exact_str(name, "attribute name")
     try:
         if is_blocked_attr(name):
             raise refuse_attr(name)
@@ -283,16 +354,20 @@ def write_guard(ob: Any) -> Any:
 
 
 def guarded_setattr(ob: Any, name: str, value: Any) -> None:
-    if not isinstance(name, str) or is_blocked_attr(name, write=True):
-        raise refuse_attr(str(name))
+    """``setattr`` as seen by user code: the name rules, then the write rules."""
+    name = exact_str(name, "attribute name")
+    if is_blocked_attr(name, write=True):
+        raise refuse_attr(name)
     if not attr_writable(ob):
         raise _refuse_write(ob)
     setattr(ob, name, value)
 
 
 def guarded_delattr(ob: Any, name: str) -> None:
-    if not isinstance(name, str) or is_blocked_attr(name, write=True):
-        raise refuse_attr(str(name))
+    """``delattr`` as seen by user code: the name rules, then the write rules."""
+    name = exact_str(name, "attribute name")
+    if is_blocked_attr(name, write=True):
+        raise refuse_attr(name)
     if not attr_writable(ob):
         raise _refuse_write(ob)
     delattr(ob, name)
@@ -312,6 +387,152 @@ def augattr_guard(ob: Any, name: str, op: str, value: Any) -> None:
     if not attr_writable(ob):
         raise _refuse_write(ob)
     setattr(ob, name, result)
+
+
+# -- class statements: what a class may derive from.
+
+
+def _allowed_metaclasses() -> frozenset[type]:
+    # The host metaclasses the allowed modules' classes use: plain classes, ABCs,
+    # typing.Protocol, and the bases that typing.NamedTuple and TypedDict substitute.
+    named = typing.NamedTuple.__mro_entries__((typing.NamedTuple,))[0]  # type: ignore[attr-defined]
+    typed = typing.TypedDict.__mro_entries__((typing.TypedDict,))[0]  # type: ignore[attr-defined]
+    return frozenset({type, abc.ABCMeta, type(typing.Protocol), type(named), type(typed)})
+
+
+_METACLASSES = _allowed_metaclasses()
+
+
+def build_class(name: str, bases: tuple[Any, ...], namespace: dict[str, Any], **kwargs: Any) -> type:
+    """The metaclass every class statement in a cell uses (RestrictedPython's ``__metaclass__``).
+
+    It is a function, not a type, so the class body always runs in a plain dict (no
+    ``__prepare__`` of anyone's). It sees the bases after ``__mro_entries__`` resolved
+    them (``typing.Type[int]`` resolves to ``type`` itself) and refuses a metaclass as
+    a base, then creates the class with the metaclass its bases call for, if that is
+    one of the host's known metaclasses.
+    """
+    meta: type = type
+    for base in bases:
+        if not isinstance(base, type):
+            raise TypeError(
+                f"class {name}: cannot derive from {type(base).__name__} objects in the sandbox"
+            )
+        if issubclass(base, type):
+            raise TypeError(
+                f"class {name}: metaclasses (classes deriving from type) cannot be defined "
+                "in the sandbox; define an ordinary class"
+            )
+        kind = type(base)
+        if issubclass(kind, meta):
+            meta = kind
+        elif not issubclass(meta, kind):
+            raise TypeError(f"class {name}: the metaclasses of its bases conflict")
+    if meta not in _METACLASSES:
+        raise TypeError(
+            f"class {name}: its bases use the metaclass {meta.__name__!r}, which the sandbox "
+            "does not allow; define an ordinary class"
+        )
+    return meta(name, bases, namespace, **kwargs)
+
+
+# -- match statements: class patterns read attributes of the subject.
+
+# Types whose single positional sub-pattern matches the subject itself (no attribute read).
+_MATCH_SELF = (bool, bytearray, bytes, dict, float, frozenset, int, list, set, str, tuple)
+
+
+def _refuse_match(cls: type, name: str, why: str) -> TypeError:
+    return TypeError(
+        f"match: the class pattern {cls.__name__}(...) cannot read {name!r} in the sandbox "
+        f"({why}); use isinstance() and attribute access instead"
+    )
+
+
+class _MatchGate(type):
+    """Metaclass of the stand-ins that class patterns with sub-patterns match against.
+
+    ``isinstance`` is the first thing a class pattern does; the gate answers it for the
+    real class and, when the subject is an instance, judges every attribute the pattern
+    is about to read natively: the names by the guard's rules, the values by what the
+    guard would hand out. A read the guard would refuse or change stops the match.
+    """
+
+    target: type
+    reads: tuple[str, ...]
+
+    def __instancecheck__(cls, subject: Any) -> bool:
+        target = cls.target
+        if not isinstance(subject, target):
+            return False
+        user = _is_user_object(subject)
+        for name in cls.reads:
+            if name[0] == "_" and not user:
+                raise _refuse_match(target, name, "'_' attributes are private to REPL objects")
+            try:
+                native = getattr(subject, name)
+            except AttributeError:
+                continue  # the pattern fails on its own
+            if type(native) in _SCREENED_TYPES:
+                try:
+                    screened = _screen(native, name)
+                except AttributeError:
+                    screened = None
+                if screened is not native:
+                    raise _refuse_match(target, name, f"{type(native).__name__} values are guarded")
+        return True
+
+    def __subclasscheck__(cls, other: Any) -> bool:
+        return issubclass(other, cls.target)
+
+
+def _match_args(cls: type, positional: int) -> tuple[str, ...]:
+    args = getattr(cls, "__match_args__", ())
+    if type(args) is not tuple:
+        raise TypeError(f"{cls.__name__}.__match_args__ must be a tuple")
+    names = []
+    for item in args[:positional]:
+        if type(item) is not str:
+            raise TypeError(f"{cls.__name__}.__match_args__ may hold only exact strings")
+        if is_blocked_attr(item):
+            raise _refuse_match(cls, item, "it is an internal or dunder attribute")
+        names.append(item)
+    return tuple(names)
+
+
+def _pattern_class(real: type, positional: int, keywords: tuple[str, ...]) -> type:
+    own_args = any("__match_args__" in vars(k) for k in real.__mro__)
+    if not keywords and positional <= 1 and not own_args and issubclass(real, _MATCH_SELF):
+        return real  # ``case str(s)``: the sub-pattern matches the subject itself
+    names = _match_args(real, positional) if own_args else ()
+    body: dict[str, Any] = {"target": real, "reads": names + keywords}
+    if own_args:
+        body["__match_args__"] = names
+    return _MatchGate(real.__name__, (), body)
+
+
+def make_match_class_guard(standins: dict[int, type]) -> Callable[[Any, int, tuple[str, ...]], Any]:
+    """The hook a compiled class pattern's class goes through (see compiler.MATCH_CLASS_HOOK).
+
+    ``standins`` maps ``id()`` of the namespace's builtin stand-ins (``list``, ``type``
+    ...) to the real types, so ``case list(...)`` works. A pattern without sub-patterns
+    reads nothing and gets the class itself; so does a single positional sub-pattern
+    on a type that matches itself (``case str(s)``). Otherwise the pattern matches
+    against a ``_MatchGate`` stand-in (one per class and shape, cached per namespace).
+    """
+    chosen: dict[tuple[type, int, tuple[str, ...]], type] = {}
+
+    def match_class(cls: Any, positional: int, keywords: tuple[str, ...]) -> Any:
+        real = standins.get(id(cls), cls)
+        if (positional == 0 and not keywords) or not isinstance(real, type):
+            return real  # nothing is read (and Python itself refuses a non-class)
+        key = (real, positional, keywords)
+        got = chosen.get(key)
+        if got is None:
+            got = chosen[key] = _pattern_class(real, positional, keywords)
+        return got
+
+    return match_class
 
 
 # -- str.format: the one formatting path that walks attributes at run time.

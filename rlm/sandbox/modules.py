@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from rlm.sandbox.asyncio_facade import CellTasks, asyncio_exports
+from rlm.sandbox.boundary import guard_host_function
 from rlm.sandbox.guards import (
     MISSING,
     SafeFormatter,
@@ -42,6 +43,7 @@ from rlm.sandbox.guards import (
     is_blocked_attr,
     refuse_attr,
 )
+from rlm.sandbox.plaindata import exact_str
 from rlm.sandbox.safe_builtins import checked_iter, chunks
 
 __all__ = ["ALLOWED_MODULES", "ModuleFacade", "importable_modules", "make_importer"]
@@ -197,9 +199,9 @@ def _exports(mod: types.ModuleType, name: str, deny: Iterable[str] = ()) -> dict
 
 
 def _safe_attrgetter(*attrs: str) -> Callable[[Any], Any]:
+    # Exact strs, judged once here and used as judged (a str subclass's split could lie).
+    attrs = tuple(exact_str(a, "attribute name") for a in attrs)
     for a in attrs:
-        if not isinstance(a, str):
-            raise TypeError("attribute name must be a string")
         for part in a.split("."):
             if is_blocked_attr(part):
                 raise refuse_attr(part)
@@ -218,8 +220,9 @@ def _safe_attrgetter(*attrs: str) -> Callable[[Any], Any]:
 
 
 def _safe_methodcaller(name: str, /, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
-    if not isinstance(name, str) or is_blocked_attr(name):
-        raise refuse_attr(str(name))
+    name = exact_str(name, "method name")
+    if is_blocked_attr(name):
+        raise refuse_attr(name)
 
     def methodcaller(obj: Any) -> Any:
         return guarded_getattr(obj, name)(*args, **kwargs)
@@ -434,7 +437,9 @@ def _env_facade(
         attrs["field_size_limit"] = field_size_limit
         return ModuleFacade(name, attrs)
     if name == "asyncio":
-        return ModuleFacade(name, asyncio_exports(tasks, cell_loop))
+        # Its coroutine functions hand out SandboxCoroutines: no host frame behind them.
+        exports = asyncio_exports(tasks, cell_loop)
+        return ModuleFacade(name, {k: guard_host_function(k, v) for k, v in exports.items()})
     raise KeyError(name)
 
 
@@ -549,11 +554,14 @@ def make_importer(
             return importlib.import_module(name)
         if level:
             raise ImportError("relative imports are not available in the sandbox")
-        if type(name) is str and name.split(".")[0] in real_modules:
+        if not issubclass(type(name), str):
+            raise _import_refusal(repr(name))
+        name = exact_str(name)  # judged (and imported) by its real characters
+        if name.split(".")[0] in real_modules:
             module = importlib.import_module(name if fromlist else name.split(".")[0])
             return DataModuleView(module)
-        if not isinstance(name, str) or name not in ALLOWED_MODULES:
-            raise _import_refusal(str(name))
+        if name not in ALLOWED_MODULES:
+            raise _import_refusal(name)
         if fromlist or "." not in name:
             return facade(name)
         return facade(name.split(".")[0])

@@ -70,6 +70,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import functools
+import heapq
 import inspect
 import json
 import os
@@ -79,6 +80,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -91,12 +93,12 @@ from rlm.sandbox import CellOutcome, SubQueries
 from rlm.sandbox._worker import (
     EXIT_OUT_OF_MEMORY,
     HEADER,
-    MAX_JSON,
     control_recv,
     control_send,
     pack,
 )
-from rlm.sandbox.local import NO_CLIENT, _short, _wrap_tools
+from rlm.sandbox.flow import SubQueryGate, max_frame_bytes
+from rlm.sandbox.local import _short, _wrap_tools
 from rlm.sandbox.subqueries import LLMQueryError, check_subquery_params, check_subquery_prompt
 
 __all__ = [
@@ -114,6 +116,7 @@ _ZYGOTE_START_TIMEOUT_S = 60.0
 _CONTROL_TIMEOUT_S = 30.0
 _CONTEXT_CHUNK = 8 * 1024 * 1024
 _DEATH_STATUS_WAIT_S = 0.2
+_WRITE_BUFFER_HIGH = 8 << 20
 
 
 PROTECTION_KEYS = (
@@ -320,6 +323,64 @@ def _at_exit() -> None:
 atexit.register(_at_exit)
 
 
+# -- kill deadlines ----------------------------------------------------------------------
+
+
+class _Deadlines:
+    """One daemon thread that fires every env's kill deadline on time.
+
+    The engine loop also times each cell, but a loop saturated by other envs' traffic
+    runs its timers late; this thread does nothing else, so a kill lands when due.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.heap: list[tuple[float, int]] = []
+        self.armed: dict[int, tuple[Callable[..., None], tuple[Any, ...]]] = {}
+        self.seq = 0
+        self.thread: threading.Thread | None = None
+
+    def arm(self, delay: float, action: Callable[..., None], *args: Any) -> int:
+        """Call ``action(*args)`` on this thread ``delay`` seconds from now; a token."""
+        with self.cond:
+            self.seq += 1
+            token = self.seq
+            self.armed[token] = (action, args)
+            heapq.heappush(self.heap, (time.monotonic() + delay, token))
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="rlm-deadlines", daemon=True)
+                self.thread.start()
+            self.cond.notify()
+        return token
+
+    def cancel(self, token: int) -> None:
+        with self.cond:
+            self.armed.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while True:
+                    while self.heap and self.heap[0][1] not in self.armed:
+                        heapq.heappop(self.heap)
+                    if not self.heap:
+                        self.cond.wait()
+                        continue
+                    wait = self.heap[0][0] - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self.cond.wait(wait)
+                _, token = heapq.heappop(self.heap)
+                entry = self.armed.pop(token, None)
+            if entry is not None:
+                action, args = entry
+                with contextlib.suppress(Exception):
+                    action(*args)
+
+
+_deadlines = _Deadlines()
+
+
 # -- one worker, host side --------------------------------------------------------------
 
 
@@ -369,6 +430,12 @@ class _Resources:
                 return
         transport.close()
         raise EnvClosedError("this REPL environment is closed; create a new one")
+
+    def kill_now(self, pid: int) -> None:
+        """SIGKILL ``pid`` if it is still this env's worker (not yet reaped); any thread."""
+        with self.lock:
+            if pid == self.pid:
+                _kill_group(pid)
 
     def kill(self, pid: int | None = None, grace: float = 0.0) -> int | None:
         """SIGKILL worker ``pid`` (default: the current one) and everything it made; reap it.
@@ -440,6 +507,8 @@ class _Link:
         # finalizer then kills the worker).
         self.executor = weakref.ref(executor)
         self.max_output_chars = executor.max_output_chars
+        self.max_frame = max_frame_bytes(executor._sub_queries.limits)
+        self.pulls: dict[Any, asyncio.Future[list[Any]]] = {}
         self.pid = pid
         self.reader = reader
         self.writer = writer
@@ -448,12 +517,25 @@ class _Link:
         self.partial_len = 0
         self.tasks: dict[Any, asyncio.Task[None]] = {}
         self.dead = False
+        self.timed_out = False
         self.lost: _WorkerLost | None = None
         self.read_task = asyncio.get_running_loop().create_task(self._read_loop())
 
     def send(self, msg: dict[str, Any]) -> None:
         if not self.dead:
             self.writer.write(pack(msg))
+
+    async def pull(self, rid: Any, start: int, count: int, budget: int) -> list[Any]:
+        """Ask the worker for up to ``count`` prompts of batch ``rid`` from ``start``."""
+        if self.dead or rid in self.pulls:
+            raise LLMQueryError("llm_query_batch: the worker is gone")
+        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self.pulls[rid] = fut
+        try:
+            self.send({"op": "pull", "id": rid, "start": start, "count": count, "max_bytes": budget})
+            return await fut
+        finally:
+            self.pulls.pop(rid, None)
 
     async def command(self, msg: dict[str, Any], limit: float | None) -> dict[str, Any]:
         """Send one command and wait for its answer; raises _WorkerLost or TimeoutError."""
@@ -473,8 +555,13 @@ class _Link:
             while True:
                 head = await self.reader.readexactly(HEADER.size)
                 json_len, payload_len = HEADER.unpack(head)
-                if json_len > MAX_JSON or payload_len:
-                    reason = "it sent a message larger than the sandbox accepts"
+                if json_len > self.max_frame or payload_len:
+                    # Refused before a byte of it is read: a worker cannot make the host
+                    # allocate more than one frame's worth.
+                    reason = (
+                        f"it sent a message of {json_len:,} bytes, more than the "
+                        f"{self.max_frame:,} the sandbox accepts"
+                    )
                     break
                 body = await self.reader.readexactly(json_len)
                 try:
@@ -486,6 +573,9 @@ class _Link:
                 if not ok:
                     reason = "it sent a malformed message"
                     break
+                if self.writer.transport.get_write_buffer_size() > _WRITE_BUFFER_HIGH:
+                    # The worker is not reading its replies: stop reading its requests.
+                    await self.writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except asyncio.CancelledError:
@@ -498,6 +588,9 @@ class _Link:
         self.lost = _WorkerLost(None, reason)
         for task in self.tasks.values():
             task.cancel()
+        for pull in self.pulls.values():
+            if not pull.done():
+                pull.set_exception(self.lost)
         fut = self.reply
         if fut is not None and not fut.done():
             fut.set_exception(self.lost)
@@ -514,6 +607,13 @@ class _Link:
             task = asyncio.get_running_loop().create_task(executor._serve(self, msg))
             self.tasks[rid] = task
             task.add_done_callback(lambda _t: self.tasks.pop(rid, None))
+            return True
+        if op == "items":
+            fut = self.pulls.get(msg.get("id"))
+            prompts = msg.get("prompts")
+            if fut is None or fut.done() or not isinstance(prompts, list):
+                return False
+            fut.set_result(prompts)
             return True
         if op == "cancel":
             # The cell stopped waiting (deadline, cancelled await): drop the request.
@@ -590,7 +690,10 @@ class ProcessExecutor:
         if cpu_limit_s is not None and cpu_limit_s <= 0:
             raise ConfigError("cpu_limit_s must be a positive number of seconds, or None")
         self._context = context
-        self._sub_queries = sub_queries
+        # Every sub-query of this env passes the env's caps (REPLEnv hands us its gate).
+        self._sub_queries = (
+            sub_queries if isinstance(sub_queries, SubQueryGate) else SubQueryGate(sub_queries)
+        )
         self._setup_code = setup_code
         # Validated and wrapped exactly as the local executor does; they run here.
         self._tools: dict[str, Callable[..., Any]] = _wrap_tools(tools)
@@ -812,6 +915,7 @@ class ProcessExecutor:
             ],
             "max_output_chars": self.max_output_chars,
             "memory_limit_mb": self.memory_limit_mb,
+            "limits": self._sub_queries.limits.as_dict(),
             "allow_raw": self._allow_raw,
         }
         try:
@@ -899,7 +1003,7 @@ class ProcessExecutor:
             self._link = None
         # A channel that simply closed means the worker died on its own: wait a moment
         # for its real wait status (the words the cell gets) before killing the rest.
-        died = link.lost is not None and not link.lost.reason
+        died = link.lost is not None and not link.lost.reason and not link.timed_out
         link.dead = True
         for task in link.tasks.values():
             task.cancel()
@@ -948,9 +1052,17 @@ class ProcessExecutor:
                 "timeout": timeout,
                 "cpu": self.cpu_limit_s,
             }
+            limit = None if timeout is None else timeout + KILL_GRACE_S
+            # The kill is armed on the deadline thread, not only on this loop: a loop
+            # busy with other envs' traffic must not make the kill late.
+            token = None if limit is None else _deadlines.arm(limit, self._deadline_kill, link)
             try:
-                reply = await link.command(msg, None if timeout is None else timeout + KILL_GRACE_S)
-            except TimeoutError:
+                reply = await link.command(msg, None if limit is None else limit + 1.0)
+            except (TimeoutError, _WorkerLost) as exc:
+                if isinstance(exc, _WorkerLost) and not link.timed_out:
+                    status = await self._bury(link)
+                    self._schedule_restart()
+                    return self._died(link, self._death_words(status, exc.reason))
                 await self._bury(link)
                 self._schedule_restart()
                 return self._died(
@@ -960,14 +1072,18 @@ class ProcessExecutor:
                     "string or a catastrophic regular expression), so its worker process "
                     "was killed",
                 )
-            except _WorkerLost as lost:
-                status = await self._bury(link)
-                self._schedule_restart()
-                return self._died(link, self._death_words(status, lost.reason))
             except asyncio.CancelledError:
                 await asyncio.shield(self._bury(link))
                 raise
+            finally:
+                if token is not None:
+                    _deadlines.cancel(token)
             return self._outcome(reply)
+
+    def _deadline_kill(self, link: _Link) -> None:
+        """On the deadline thread: SIGKILL the cell's worker, whatever the loop is doing."""
+        link.timed_out = True
+        self._res.kill_now(link.pid)
 
     def _died(self, link: _Link, what: str) -> CellOutcome:
         return CellOutcome(
@@ -1023,10 +1139,13 @@ class ProcessExecutor:
         )
 
     async def _serve(self, link: _Link, msg: dict[str, Any]) -> None:
-        """Answer one request from the worker (a sub-query or a tool call)."""
+        """Answer one request from the worker (a sub-query, a batch or a tool call)."""
         rid = msg.get("id")
         try:
-            result = await self._handle(msg)
+            if msg["op"] == "batch":
+                result = await self._serve_batch(link, msg)
+            else:
+                result = await self._handle(msg)
             data = pack({"op": "reply", "id": rid, "ok": True, "result": result})
         except asyncio.CancelledError:
             raise
@@ -1044,25 +1163,30 @@ class ProcessExecutor:
         op = msg["op"]
         if op == "tool":
             return await self._call_tool(msg.get("name"), msg.get("args"), msg.get("kwargs"))
-        params = msg.get("params")
-        if not isinstance(params, dict):
-            raise TypeError("llm_query parameters must be keyword arguments")
-        check_subquery_params(params)
-        sub_queries = self._sub_queries
-        if op == "query":
-            prompt = msg.get("prompt")
-            check_subquery_prompt(prompt)
-            if sub_queries is None:
-                raise LLMQueryError(NO_CLIENT)
-            return await sub_queries.query(prompt, params)  # type: ignore[arg-type]
-        prompts = msg.get("prompts")
-        if not isinstance(prompts, list):
+        params = _params(msg)
+        prompt = msg.get("prompt")
+        check_subquery_prompt(prompt)
+        return await self._sub_queries.query(prompt, params)
+
+    async def _serve_batch(self, link: _Link, msg: dict[str, Any]) -> None:
+        """Run a batch the worker announced, pulling its prompts as this env's slots free.
+
+        The gate asks for one slice at a time; each slice's replies go back to the
+        worker as soon as they are in, so the host never holds the whole batch, in
+        either direction.
+        """
+        params = _params(msg)
+        rid, n = msg.get("id"), msg.get("n")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise TypeError("llm_query_batch takes a list of prompts")
-        for prompt in prompts:
-            check_subquery_prompt(prompt)
-        if sub_queries is None:
-            raise LLMQueryError(NO_CLIENT)
-        return await sub_queries.batch(prompts, params)
+
+        async def fetch(start: int, count: int, budget: int) -> list[Any]:
+            return await link.pull(rid, start, count, budget)
+
+        def deliver(start: int, replies: list[Any]) -> None:
+            link.send({"op": "part", "id": rid, "start": start, "results": replies})
+
+        await self._sub_queries.run_batch(n, fetch, deliver, params)
 
     async def _call_tool(self, name: Any, args: Any, kwargs: Any) -> Any:
         tool = self._tools.get(name) if isinstance(name, str) else None
@@ -1120,6 +1244,14 @@ def _encode_context(context: Any) -> tuple[str, int, Iterator[bytes | memoryview
 def _chunks(data: bytes | bytearray) -> tuple[int, Iterator[memoryview]]:
     view = memoryview(data)
     return len(data), (view[i : i + _CONTEXT_CHUNK] for i in range(0, len(data), _CONTEXT_CHUNK))
+
+
+def _params(msg: dict[str, Any]) -> dict[str, Any]:
+    params = msg.get("params")
+    if not isinstance(params, dict):
+        raise TypeError("llm_query parameters must be keyword arguments")
+    check_subquery_params(params)
+    return params
 
 
 def _check_code(code: Any) -> None:

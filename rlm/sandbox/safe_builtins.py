@@ -20,9 +20,11 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from rlm.sandbox.boundary import SandboxCoroutine
 from rlm.sandbox.compiler import STOP_FLAG, TIMEOUT_HOOK
 from rlm.sandbox.guards import (
     MISSING,
+    getattr_guard,
     guarded_delattr,
     guarded_getattr,
     guarded_hasattr,
@@ -30,7 +32,7 @@ from rlm.sandbox.guards import (
 )
 from rlm.sandbox.subqueries import LLMQueryError
 
-__all__ = ["chunks", "checked_iter", "make_builtins"]
+__all__ = ["builtin_standins", "checked_iter", "chunks", "make_builtins"]
 
 # Items consumed per deadline check when a wrapped builtin drains an iterator.
 _CHUNK = 4096
@@ -130,7 +132,8 @@ class _ConsumingType:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_") and name not in ("__name__", "__qualname__"):
             raise AttributeError(name)
-        return getattr(self._real, name)
+        # The real type's attributes, judged like any other attribute read.
+        return getattr_guard(self._real, name)
 
     def __getitem__(self, item: Any) -> Any:
         return self._real[item]  # type: ignore[index]
@@ -192,9 +195,15 @@ class _TypeView:
         return issubclass(cls, self._real)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_") and name not in ("__name__", "__qualname__"):
-            raise AttributeError(name)
-        return getattr(self._real, name)
+        # Only the names: a metaclass's methods act on every class of its kind, shared
+        # with the host (ABCMeta.register(Mapping, bytes) would make bytes a Mapping
+        # host-wide), and type's own make classes with any dunder.
+        if name in ("__name__", "__qualname__"):
+            return getattr(self._real, name)
+        raise AttributeError(
+            f"attribute {name!r} of the metaclass {self._real.__name__!r} is not accessible in "
+            "the sandbox"
+        )
 
     def __eq__(self, other: Any) -> bool:
         return other is self or other is self._real
@@ -343,12 +352,13 @@ def make_builtins(
     def anext(iterator: Any, *default: Any) -> Any:  # noqa: A001
         # A coroutine rather than the raw awaitable: the raw one is iterable and would
         # hand out the event loop's futures to a plain ``for`` loop.
+        # (Wrapped: the coroutine's frame would be reachable through it otherwise.)
         async def step() -> Any:
             if default:
                 return await builtins.anext(iterator, *default)
             return await builtins.anext(iterator)
 
-        return step()
+        return SandboxCoroutine(step())
 
     def dir(*args: Any) -> list[str]:  # noqa: A001
         if not args:
@@ -364,9 +374,42 @@ def make_builtins(
 
 
 
-def checked_iter(ns: dict[str, Any], it: Iterator[Any]) -> Iterator[Any]:
-    for item in it:
-        if ns[STOP_FLAG]:
-            ns[TIMEOUT_HOOK]()
-        yield item
+class _CheckedIterator:
+    """An iterator that checks the cell's deadline before each item.
 
+    A class rather than a generator: a generator made here would carry a frame of this
+    module (``gi_frame.f_globals``), and cell code holds these iterators.
+    """
+
+    __slots__ = ("_it", "_ns")
+
+    def __init__(self, ns: dict[str, Any], it: Iterator[Any]) -> None:
+        self._ns = ns
+        self._it = it
+
+    def __iter__(self) -> _CheckedIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._ns[STOP_FLAG]:
+            self._ns[TIMEOUT_HOOK]()
+        return next(self._it)
+
+    def __repr__(self) -> str:
+        return "<iterator>"
+
+
+def checked_iter(ns: dict[str, Any], it: Iterator[Any]) -> Iterator[Any]:
+    """``it`` with a deadline check before each item (for iterators that may not end)."""
+    return _CheckedIterator(ns, it)
+
+
+
+def builtin_standins(b: dict[str, Any]) -> dict[int, type]:
+    """``id()`` of each stand-in in a builtins dict made by ``make_builtins`` -> its real type.
+
+    For hooks that must see through the stand-ins (a ``case list(...)`` pattern needs
+    the real class); the dict keeps nothing alive, the builtins dict does.
+    """
+    # Not ``type``: its stand-in exists so that the real one is never handed out.
+    return {id(b[real.__name__]): real for real in (list, tuple, set, frozenset, dict)}

@@ -10,6 +10,8 @@ from __future__ import annotations
 import builtins
 from typing import Any
 
+from rlm.sandbox.plaindata import PlainDataError, exact_str, to_plain_data
+
 __all__ = [
     "FAILED_SLOT_PREFIX",
     "SUBQUERY_PARAMS",
@@ -22,7 +24,6 @@ __all__ = [
 
 class LLMQueryError(Exception):
     """A sub-query from ``llm_query`` failed; visible to cell code so it can be caught."""
-
 
 
 # Request parameters code may pass to llm_query & co. They go into the request body; the
@@ -41,47 +42,56 @@ CLIENT_PARAMS: dict[str, type] = {"cache": bool}
 FAILED_SLOT_PREFIX = "[llm_query error: "
 
 
-def _json_like(value: Any, depth: int = 0) -> bool:
-    if depth > 20:
-        return False
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return builtins.all(_json_like(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return builtins.all(
-            isinstance(k, str) and _json_like(v, depth + 1) for k, v in value.items()
-        )
-    return False
+def check_subquery_prompt(prompt: Any) -> str | list[dict[str, Any]]:
+    """Return ``prompt`` as plain data, or raise TypeError if it is not a prompt.
 
-
-def check_subquery_prompt(prompt: Any) -> None:
-    """Raise TypeError unless ``prompt`` is a str or a list of chat-message dicts."""
-    if isinstance(prompt, str):
-        return
-    if isinstance(prompt, list) and prompt and builtins.all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and _json_like(m) for m in prompt
-    ):
-        return
+    A prompt is a str or a non-empty list of chat-message dicts (each with a str
+    ``role``), made of plain data. The result is a copy in exact builtin types (see
+    ``rlm.sandbox.plaindata``), so nothing of the cell's objects reaches the host's
+    sub-query service or the engine thread.
+    """
+    if issubclass(type(prompt), str):
+        return exact_str(prompt)
+    try:
+        plain = to_plain_data(prompt) if isinstance(prompt, list) else None
+    except PlainDataError:
+        plain = None
+    if plain and builtins.all(type(m) is dict and type(m.get("role")) is str for m in plain):
+        return plain
     raise TypeError(
         "a prompt must be a str (or a list of {'role': ..., 'content': ...} messages), not "
         f"{type(prompt).__name__}; convert it with str(...) first"
     )
 
 
-def check_subquery_params(params: dict[str, Any]) -> None:
-    """Raise TypeError for a parameter outside SUBQUERY_PARAMS or a non-JSON value."""
-    for key, value in params.items():
-        if key not in SUBQUERY_PARAMS:
+def check_subquery_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Return ``params`` as plain data; raise TypeError for an unknown name or a non-JSON value.
+
+    Names are judged as exact strings (a str subclass cannot pass for an allowed name)
+    and values are copied into exact builtin types, like prompts.
+    """
+    out: dict[str, Any] = {}
+    for key, value in list(dict.items(params)):
+        name = exact_str(key, "parameter name")
+        if name not in SUBQUERY_PARAMS:
             allowed = ", ".join(sorted(SUBQUERY_PARAMS))
-            raise TypeError(f"llm_query got an unsupported parameter {key!r}; allowed: {allowed}")
-        if key in CLIENT_PARAMS and not isinstance(value, CLIENT_PARAMS[key]):
+            raise TypeError(f"llm_query got an unsupported parameter {name!r}; allowed: {allowed}")
+        if name in CLIENT_PARAMS:
+            kind = CLIENT_PARAMS[name]
+            if type(value) is not kind:
+                raise TypeError(
+                    f"llm_query parameter {name!r} must be a {kind.__name__} "
+                    f"(cache=False asks the model afresh), not {type(value).__name__}"
+                )
+            out[name] = kind(value)
+            continue
+        try:
+            out[name] = to_plain_data(value, max_nodes=100_000)
+        except PlainDataError:
             raise TypeError(
-                f"llm_query parameter {key!r} must be a {CLIENT_PARAMS[key].__name__} "
-                f"(cache=False asks the model afresh), not {type(value).__name__}"
-            )
-        if not _json_like(value):
-            raise TypeError(f"llm_query parameter {key!r} must be plain data (str, number, list, dict)")
+                f"llm_query parameter {name!r} must be plain data (str, number, list, dict)"
+            ) from None
+    return out
 
 
 def count_failed_slots(results: list[Any]) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import socket
 import sys
@@ -46,6 +47,8 @@ from rlm.serve.sessions import SessionManager
 __all__ = ["McpOptions", "build_server", "run_mcp"]
 
 JSONContext = str | list[Any] | dict[str, Any] | None
+# Inline contexts travel in the request over HTTP: allow big ones (as rlm serve does).
+MAX_HTTP_BODY_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -298,7 +301,8 @@ async def _serve_http(server: MCPServer, options: McpOptions) -> None:
     import uvicorn
 
     host, port = options.http_host or "127.0.0.1", options.http_port or 0
-    app = _BearerGate(server.streamable_http_app(host=host), options.auth_key)
+    app = _BearerGate(server.streamable_http_app(host=host, max_request_body_size=MAX_HTTP_BODY_BYTES),
+                      options.auth_key)
     # Bind here, not in uvicorn, so the ready line can name the real port (with port 0).
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -360,4 +364,9 @@ def run_mcp(settings: UpstreamSettings, options: McpOptions) -> None:
             raise ConfigError(f"{name} must be >= 1")
     if options.max_output_chars < 100:
         raise ConfigError("--max-output-chars must be at least 100")
+    # The SDKs leave hundreds of thousands of long-lived objects; frozen, they are skipped
+    # by every collection, including the one at exit that took seconds on a busy machine
+    # (longer than MCP clients wait before killing a server after closing its stdin).
+    gc.collect()
+    gc.freeze()
     asyncio.run(_main(settings, options))

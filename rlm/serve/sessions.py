@@ -49,6 +49,8 @@ class _Session:
     description: str
     last_used: float = field(default_factory=time.monotonic)
     busy: int = 0
+    # One cell at a time per session, so the progress hook belongs to the running cell.
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def _cut(text: str, limit: int) -> str:
@@ -154,11 +156,14 @@ class SessionManager:
         """Run one cell in the session; ``progress(done, total)`` hears its batches."""
         session = self._get(session_id)
         session.busy += 1
-        session.sub_queries.progress = progress
         try:
-            result = await session.env.aexecute(code)
+            async with session.turn:
+                session.sub_queries.progress = progress
+                try:
+                    result = await session.env.aexecute(code)
+                finally:
+                    session.sub_queries.progress = None
         finally:
-            session.sub_queries.progress = None
             session.busy -= 1
             session.last_used = time.monotonic()
         return fit_output(result, self.max_output_chars)

@@ -192,7 +192,7 @@ ATTACKS: dict[str, Attack] = {
         hint="not iterable",
     ),
     "yield-from-coroutine": A(
-        "def g():\n    yield from llm_query_async('ECHO 1')\nnext(g())", hint="coroutine"
+        "def g():\n    yield from llm_query_async('ECHO 1')\nnext(g())", hint="not iterable"
     ),
     "traceback-static": A("try:\n    1/0\nexcept Exception as e:\n    e.__traceback__", hint="_"),
     "traceback-dynamic": A(
@@ -321,7 +321,7 @@ def test_attack_suite_is_large_enough() -> None:
 
 
 def test_output_flood_is_capped_with_head_and_tail(make_env: Callable[..., REPLEnv]) -> None:
-    env = make_env(max_output_chars=1_000)
+    env = make_env(max_output_chars=1_000, timeout=30.0)  # a loaded machine is slow, not wrong
     r = env.execute("for i in range(100_000):\n    print(i)")
     assert r.error is None
     assert r.truncated

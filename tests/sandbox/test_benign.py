@@ -814,6 +814,95 @@ for item in [{"type": "point", "x": 1, "z": 2}, Point(0, 5), Point(3, 3), [1, 2,
         "point dict x=1 rest={'z': 2}\non the y axis at 5\ndiagonal 3\nlist starting 1 with 2 more\ntext 'hi'\nnothing\nsomething else\n",
         None,
     ),
+    "match-class-patterns": (
+        [
+            """import datetime, re
+from dataclasses import dataclass
+
+@dataclass
+class Span:
+    start: int
+    end: int
+
+def kind(x):
+    match x:
+        case Span(0, end):
+            return f"prefix to {end}"
+        case Span(start=s, end=e) if e - s > 5:
+            return f"long {s}-{e}"
+        case int(n) | float(n):
+            return f"number {n}"
+        case list([a, b]):
+            return f"pair {a},{b}"
+        case dict(d) if "id" in d:
+            return f"record {d['id']}"
+        case datetime.date(year=y, month=m):
+            return f"date {y}/{m}"
+        case re.Match():
+            return "a match"
+        case tuple() | set():
+            return "collection"
+        case _:
+            return "other"
+
+for x in [Span(0, 3), Span(2, 9), Span(1, 2), 7, 2.5, [1, 2], {"id": 4}, datetime.date(2024, 5, 1),
+          re.match("a", "a"), (1,), {1}, "s"]:
+    print(kind(x))""",
+        ],
+        "prefix to 3\nlong 2-9\nother\nnumber 7\nnumber 2.5\npair 1,2\nrecord 4\ndate 2024/5\na match\ncollection\ncollection\nother\n",
+        None,
+    ),
+    "abc-protocol-namedtuple-classes": (
+        [
+            """import collections.abc, typing
+
+class Bag(collections.abc.Container):
+    def __init__(self, items):
+        self.items = list(items)
+    def __contains__(self, item):
+        return item in self.items
+
+class Named(typing.Protocol):
+    name: str
+
+class Pair(typing.NamedTuple):
+    left: int
+    right: int = 0
+
+class Movie(typing.TypedDict):
+    title: str
+
+class Node(typing.Generic[typing.TypeVar("T")]):
+    pass
+
+class MyList(list):
+    def total(self):
+        return sum(self)
+
+print(isinstance(Bag([1, 2]), collections.abc.Container), 2 in Bag([1, 2]), Pair(1), Pair(2, 3)._asdict())
+print(Movie(title="x"), type(Node()).__name__, MyList([1, 2, 3]).total())
+print(isinstance(b"", collections.abc.Mapping), isinstance({}, collections.abc.Mapping))""",
+        ],
+        "True True Pair(left=1, right=0) {'left': 2, 'right': 3}\n{'title': 'x'} Node 6\nFalse True\n",
+        None,
+    ),
+    "async-queries-and-iterators": (
+        [
+            """import itertools
+first = await llm_query_async("ECHO one")
+both = await llm_query_batch_async(["ECHO a", "ECHO b"])
+pending = llm_query_async("ECHO later")
+print(first, both, await pending)
+print(list(itertools.islice(itertools.count(3), 3)), list(iter([5, 6, 0, 7].pop, 0)))
+async def gen():
+    yield 1
+    yield 2
+g = gen()
+print(await anext(g), await anext(g), await anext(g, "done"))""",
+        ],
+        "one ['a', 'b'] later\n[3, 4, 5] [7]\n1 2 done\n",
+        None,
+    ),
 }
 
 

@@ -1,0 +1,261 @@
+"""Sessions that survive the process: save an RLMSession to JSON and load it back.
+
+What is kept: the questions and answers, the usage so far, and the REPL variables
+that are plain data (str, int, float, bool, None, and lists, tuples, dicts, sets and
+frozensets of them), each within ``max_var_chars`` of JSON. Every other variable (a
+function, a module, an object, one too large) is listed in the file under
+``not_saved`` with the reason, so nothing disappears silently.
+
+How, without trusting anything: the variables are encoded *inside the sandbox* by a
+small cell (so the process sandbox gives exact types, not a lossy JSON copy) into one
+tagged-JSON string that is the only thing read out. The host never unpickles or
+imports anything: loading parses JSON, rebuilds the plain values and assigns them in
+the new session's REPL through cells made only of Python literals it wrote itself.
+Which names to look at comes from the cells the session ran (their top-level
+assignments, parsed with ``ast``, never executed here).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rlm.errors import ConfigError
+from rlm.usage import ModelUsage, Usage
+
+if TYPE_CHECKING:
+    from rlm.core import RLM, RLMSession
+
+__all__ = ["FORMAT", "assigned_names", "load_session", "save_session"]
+
+FORMAT = "rlm-session"
+VERSION = 1
+MAX_VAR_CHARS = 1_000_000
+# Names the REPL provides itself (or our own helpers): never saved, never restored.
+_PROVIDED = frozenset({
+    "context", "llm_query", "llm_query_batch", "llm_query_async", "llm_query_batch_async",
+    "FINAL", "FINAL_VAR", "print", "SHOW_VARS",
+})
+_HELPER = "rlm_session_"
+
+# Runs in the sandbox, under its policy: a tagged encoding of plain data, so tuples,
+# sets and non-str dict keys survive JSON. Cycles and deep nesting stop at depth 40.
+_ENCODER = '''
+import json as rlm_session_json_mod_
+def rlm_session_enc_(v, depth):
+    t = type(v)
+    if v is None or t is bool or t is int or t is str:
+        return v
+    if t is float:
+        if v != v or v == float("inf") or v == float("-inf"):
+            return {"$f": repr(v)}
+        return v
+    if depth > 40:
+        raise ValueError("nested more than 40 levels deep (or refers to itself)")
+    if t is list:
+        return [rlm_session_enc_(x, depth + 1) for x in v]
+    if t is tuple:
+        return {"$t": [rlm_session_enc_(x, depth + 1) for x in v]}
+    if t is set:
+        return {"$s": [rlm_session_enc_(x, depth + 1) for x in v]}
+    if t is frozenset:
+        return {"$fs": [rlm_session_enc_(x, depth + 1) for x in v]}
+    if t is dict:
+        return {"$d": [[rlm_session_enc_(k, depth + 1), rlm_session_enc_(x, depth + 1)]
+                       for k, x in v.items()]}
+    raise TypeError("not plain data: " + str(t))
+rlm_session_out_ = {}
+'''
+
+_ONE = '''
+try:
+    rlm_session_out_[{name!r}] = ["ok", rlm_session_json_mod_.dumps(rlm_session_enc_({name}, 0))]
+except NameError:
+    pass
+except Exception as rlm_session_err_:
+    rlm_session_out_[{name!r}] = ["no", str(rlm_session_err_)[:200]]
+'''
+
+
+def assigned_names(code: str) -> set[str]:
+    """Names a cell binds at its top level (not inside functions, classes, lambdas or
+    comprehensions); an unparsable cell binds nothing."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return set()
+    names: set[str] = set()
+    scoped = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.ListComp,
+              ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                names.add(child.name)
+                continue
+            if isinstance(child, scoped):
+                continue
+            if isinstance(child, ast.Name) and isinstance(child.ctx, ast.Store):
+                names.add(child.id)
+            elif isinstance(child, ast.alias):
+                names.add((child.asname or child.name).split(".")[0])
+            visit(child)
+
+    visit(tree)
+    return {n for n in names if n.isidentifier() and not n.startswith("_")
+            and n not in _PROVIDED and not n.startswith(_HELPER)}
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode(x) for x in value]
+    if isinstance(value, dict):
+        if len(value) != 1:
+            raise ValueError("not a tagged value")
+        (tag, inner), = value.items()
+        if tag == "$f":
+            if inner not in ("nan", "inf", "-inf"):
+                raise ValueError(f"bad float {inner!r}")
+            return float(inner)
+        if tag == "$t":
+            return tuple(_decode(x) for x in inner)
+        if tag == "$s":
+            return {_decode(x) for x in inner}
+        if tag == "$fs":
+            return frozenset(_decode(x) for x in inner)
+        if tag == "$d":
+            return {_decode(k): _decode(v) for k, v in inner}
+        raise ValueError(f"unknown tag {tag!r}")
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise ValueError(f"unexpected {type(value).__name__}")
+
+
+def _literal(value: Any) -> str:
+    """Python source for a plain value, written here (never taken from the file)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"float({str(value)!r})"
+    if value is None or isinstance(value, bool | int | float | str):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_literal(x) for x in value) + "]"
+    if isinstance(value, tuple):
+        return "(" + "".join(_literal(x) + ", " for x in value) + ")"
+    if isinstance(value, frozenset):
+        return "frozenset([" + ", ".join(_literal(x) for x in value) + "])"
+    if isinstance(value, set):
+        return "set([" + ", ".join(_literal(x) for x in value) + "])"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in value.items()) + "}"
+    raise ValueError(f"not plain data: {type(value).__name__}")
+
+
+def _snapshot(session: RLMSession, names: Iterable[str], max_var_chars: int
+              ) -> tuple[dict[str, Any], dict[str, str]]:
+    names = sorted(names)
+    if not names:
+        return {}, {}
+    code = _ENCODER + "".join(_ONE.format(name=n) for n in names)
+    code += "rlm_session_json_ = rlm_session_json_mod_.dumps(rlm_session_out_)\n"
+    result = session.env.execute(code)
+    try:
+        if result.error:
+            raise ConfigError(f"could not read the session's variables: {result.error}")
+        raw = session.env.get("rlm_session_json_")
+    finally:
+        session.env.execute(
+            "del rlm_session_enc_, rlm_session_out_, rlm_session_json_mod_\n"
+            "try:\n    del rlm_session_json_\nexcept NameError:\n    pass\n"
+        )
+    found = json.loads(raw)
+    saved: dict[str, Any] = {}
+    unsaved: dict[str, str] = {}
+    for name, (status, text) in found.items():
+        if status != "ok":
+            unsaved[name] = text
+        elif len(text) > max_var_chars:
+            unsaved[name] = f"larger than the {max_var_chars:,}-character cap ({len(text):,})"
+        else:
+            saved[name] = json.loads(text)
+    return saved, unsaved
+
+
+def save_session(session: RLMSession, path: str | os.PathLike[str], *,
+                 max_var_chars: int = MAX_VAR_CHARS) -> Path:
+    """Write ``session`` to ``path`` as JSON (atomically); see the module docstring."""
+    saved, unsaved = _snapshot(session, session.variable_names, max_var_chars)
+    data = {
+        "format": FORMAT,
+        "version": VERSION,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": session.rlm.model,
+        "history": [[q, a] for q, a in session.history],
+        "variables": saved,
+        "not_saved": unsaved,
+        "usage": {k: v.to_dict() for k, v in session.usage.items()},
+    }
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+    os.replace(tmp, target)
+    return target
+
+
+def _usage(data: Any) -> Usage:
+    if not isinstance(data, dict):
+        return Usage()
+    fields = {k: data[k] for k in ("calls", "prompt_tokens", "completion_tokens", "total_tokens",
+                                   "cost_usd", "failed_calls", "retries") if k in data}
+    by_model = {
+        str(name): ModelUsage(**{k: v for k, v in mu.items() if k in ModelUsage.__dataclass_fields__})
+        for name, mu in (data.get("by_model") or {}).items() if isinstance(mu, dict)
+    }
+    return Usage(**fields, by_model=by_model)
+
+
+def load_session(rlm: RLM, path: str | os.PathLike[str], context: Any) -> RLMSession:
+    """A new session of ``rlm`` over ``context`` with the saved history, usage and plain
+    variables of ``path`` restored; raises ``ConfigError`` for a file that is not one."""
+    from rlm.core import RLMSession
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"session file not found: {path}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not a saved session (not JSON: {exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not a saved rlm session (no format: {FORMAT!r})")
+    if data.get("version") != VERSION:
+        raise ConfigError(f"{path} is a session of format version {data.get('version')!r}; "
+                          f"this rlm reads version {VERSION}")
+    history = data.get("history") or []
+    variables = data.get("variables") or {}
+    try:
+        pairs = [(str(q), str(a)) for q, a in history]
+        values = {str(name): _decode(value) for name, value in variables.items()}
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path} holds a malformed session: {exc}") from exc
+    for name in values:
+        if not name.isidentifier() or name in _PROVIDED or name.startswith(("_", _HELPER)):
+            raise ConfigError(f"{path} holds a variable named {name!r}, which cannot be restored")
+    session = RLMSession(rlm, context)
+    try:
+        session.history.extend(pairs)
+        usage = data.get("usage") or {}
+        session.usage = {"root": _usage(usage.get("root")), "sub": _usage(usage.get("sub"))}
+        for name, value in values.items():
+            result = session.env.execute(f"{name} = {_literal(value)}\n")
+            if result.error:
+                raise ConfigError(f"could not restore variable {name!r}: {result.error}")
+            session.variable_names.add(name)
+    except BaseException:
+        session.close()
+        raise
+    return session

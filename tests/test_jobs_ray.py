@@ -1,0 +1,129 @@
+"""The Ray backend of jobs, on one local Ray cluster (num_cpus=2) for the module."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="the [ray] extra is part of [dev]")
+
+from rlm import RLM  # noqa: E402
+from rlm.testing import FakeLLMServer  # noqa: E402
+
+ROOT = "root-model"
+ANSWER_CODE = "```repl\nFINAL(context.split()[0].upper())\n```"
+
+
+class CountingRoot:
+    def __init__(self) -> None:
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, messages: list[dict[str, Any]]) -> str:
+        with self._lock:
+            self.calls += 1
+        return ANSWER_CODE
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    # A short temp dir (Ray's sockets live there) removed afterwards; token auth off for
+    # this loopback-only test cluster, so nothing is written to the home directory.
+    temp = tempfile.mkdtemp(prefix="rlmray")
+    previous = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if previous is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = previous
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def tasks(n: int) -> list[dict[str, Any]]:
+    return [{"id": f"t{i}", "query": "first word?", "context": f"word{i} filler"} for i in range(n)]
+
+
+def lines_of(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_ray_gives_the_same_ids_and_answers_as_the_local_backend(cluster: None, tmp_path: Path) -> None:
+    root = CountingRoot()
+    with FakeLLMServer(scripts={ROOT: [root]}, latency=0.01) as srv:
+        rlm = RLM(model=ROOT, base_url=srv.url, api_key="k", sandbox="local")
+        try:
+            local = rlm.run_job(tasks(30), tmp_path / "local.jsonl", concurrency=6, progress=False,
+                                sort_output=True)
+            remote = rlm.run_job(tasks(30), tmp_path / "ray.jsonl", concurrency=6, progress=False,
+                                 sort_output=True, backend="ray", ray_chunk_size=4)
+        finally:
+            rlm.close()
+    assert (local.exit_code, remote.exit_code) == (0, 0)
+    pairs = [(r["id"], r["answer"]) for r in lines_of(tmp_path / "ray.jsonl")]
+    assert pairs == [(r["id"], r["answer"]) for r in lines_of(tmp_path / "local.jsonl")]
+    assert pairs == [(f"t{i}", f"WORD{i}") for i in range(30)]
+    assert root.calls == 60  # each task once per backend
+
+
+def test_a_killed_ray_worker_has_its_tasks_finished_once(cluster: None, tmp_path: Path) -> None:
+    root = CountingRoot()
+    out = tmp_path / "out.jsonl"
+    killed: list[str] = []
+
+    def kill_a_worker() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if out.exists() and out.read_bytes().count(b"\n") >= 4:
+                names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                         if a["name"].startswith("rlm-job-") and a["name"].endswith("-worker-0")]
+                if names:
+                    ray.kill(ray.get_actor(names[0], namespace="rlm"), no_restart=True)
+                    killed.append(names[0])
+                    return
+            time.sleep(0.05)
+
+    with FakeLLMServer(scripts={ROOT: [root]}, latency=0.2) as srv:
+        rlm = RLM(model=ROOT, base_url=srv.url, api_key="k", sandbox="local")
+        killer = threading.Thread(target=kill_a_worker)
+        killer.start()
+        try:
+            summary = rlm.run_job(tasks(40), out, concurrency=8, progress=False, backend="ray",
+                                  ray_chunk_size=4)
+        finally:
+            killer.join()
+            rlm.close()
+    assert killed, "no worker was found to kill"
+    records = lines_of(out)
+    assert sorted(r["id"] for r in records) == sorted(f"t{i}" for i in range(40))  # each once
+    assert all(r["answer"] == "WORD" + r["id"][1:] and r["error"] is None for r in records)
+    assert summary.exit_code == 0
+    assert root.calls >= 40
+
+
+def test_a_job_budget_holds_across_ray_workers(cluster: None, tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    with FakeLLMServer(scripts={ROOT: [ANSWER_CODE]}, latency=0.01) as srv:
+        rlm = RLM(model=ROOT, base_url=srv.url, api_key="k", sandbox="local")
+        try:
+            summary = rlm.run_job(tasks(60), out, concurrency=2, progress=False, backend="ray",
+                                  ray_chunk_size=4, max_tokens=3000)
+        finally:
+            rlm.close()
+    records = lines_of(out)
+    assert summary.exit_code == 1 and summary.stopped and "max_tokens=3000" in summary.stopped
+    assert 3 <= len(records) < 20  # ~900 tokens a task; in-flight ones finish, no new ones start
+    assert len({r["id"] for r in records}) == len(records)
