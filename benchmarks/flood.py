@@ -19,7 +19,8 @@ flood), env B's median sub-query latency against its median with no flood (ratio
 and whether the flood cell's error names the option. Then kill timing under load: a
 cell stuck in one C call (``10**10**9``) with a 2 s timeout in env C while
 ``big_batch`` floods env A; lateness is when the cell returned minus when its kill was
-due (timeout + KILL_GRACE_S), and minus the timeout itself.
+due (timeout + KILL_GRACE_S): when the kill landed (the worker seen dead) and when the
+cell returned.
 
 Targets (issue 9): RSS growth <= 256 MB, latency ratio <= 2, kill lateness <= 1 s.
 The machine is shared (2 cores, other work running): numbers are medians of one run
@@ -87,7 +88,7 @@ def neighbour_latencies(env: REPLEnv, stop: threading.Event, out: list[float]) -
 
 
 def scenarios(quick: bool) -> dict[str, str]:
-    n_batch = 5_000 if quick else 20_000
+    n_batch = 5_000 if quick else 10_000
     return {
         "million": (
             "errors = []\n"
@@ -151,24 +152,48 @@ def run_scenario(flood: REPLEnv, neighbour: REPLEnv, code: str, baseline: float)
     }
 
 
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
 def kill_timing(url: str, quick: bool) -> dict[str, Any]:
-    """A C-level cell's kill under a big_batch flood from another env."""
+    """A C-level cell's kill under a big_batch flood from another env.
+
+    ``landed``: when the worker's init was seen dead (polled every 2 ms from a thread),
+    ``returned``: when ``execute`` returned; both against the moment the kill was due.
+    """
     timeout = 2.0
     flood_client = AsyncOpenAIClient(model="m", api_key="sk-bench", base_url=url, max_concurrency=256)
     flood = REPLEnv("ctx", client=flood_client, sandbox="process", timeout=600)
     victim = REPLEnv("ctx", sandbox="process", timeout=timeout)
     code = scenarios(quick)["big_batch"]
-    lateness: list[float] = []
+    landed: list[float] = []
+    returned: list[float] = []
     try:
         thread = threading.Thread(target=flood.execute, args=(code,))
         thread.start()
         time.sleep(1.0)
         for _ in range(3 if quick else 5):
+            pid = victim.executor._res.pid  # type: ignore[attr-defined]  # the init to watch
+            seen: list[float] = []
+
+            def watch(pid: int = pid, seen: list[float] = seen) -> None:
+                while not _dead(pid):
+                    time.sleep(0.002)
+                seen.append(time.perf_counter())
+
+            watcher = threading.Thread(target=watch)
             started = time.perf_counter()
+            watcher.start()
             r = victim.execute("x = 10**10**9")
-            took = time.perf_counter() - started
+            returned.append(time.perf_counter() - started)
+            watcher.join()
+            landed.append(seen[0] - started)
             assert r.error is not None and "killed" in r.error, r.error
-            lateness.append(took)
         thread.join()
     finally:
         flood.close()
@@ -178,10 +203,12 @@ def kill_timing(url: str, quick: bool) -> dict[str, Any]:
     return {
         "timeout_s": timeout,
         "kill_grace_s": KILL_GRACE_S,
-        "returned_after_s": [round(x, 3) for x in lateness],
-        "median_late_vs_kill_due_s": round(statistics.median(lateness) - due, 3),
-        "max_late_vs_kill_due_s": round(max(lateness) - due, 3),
-        "median_late_vs_timeout_s": round(statistics.median(lateness) - timeout, 3),
+        "kill_landed_after_s": [round(x, 3) for x in landed],
+        "returned_after_s": [round(x, 3) for x in returned],
+        "median_kill_late_s": round(statistics.median(landed) - due, 3),
+        "max_kill_late_s": round(max(landed) - due, 3),
+        "median_return_late_s": round(statistics.median(returned) - due, 3),
+        "max_return_late_s": round(max(returned) - due, 3),
     }
 
 

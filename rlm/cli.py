@@ -8,7 +8,9 @@ Exit codes:
   a file that is not a trajectory, a missing key, a bad option or value.
 - 3: the run hit ``--max-iterations`` before a final answer; stdout still carries the
   root model's last-turn answer and stderr says so (the answer is a best guess).
-- 130: interrupted (Ctrl-C).
+- 130: interrupted (Ctrl-C); 143: terminated (SIGTERM). The run still writes its
+  record (the interrupted cell's output, a final ``run_end``), and one stderr line says
+  what was interrupted, what it cost and where the log is.
 
 Data goes to stdout (the answer, the JSON result); everything for a person (the live
 view, the progress line, warnings) goes to stderr, so ``rlm run ... > out`` and
@@ -32,6 +34,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MAX_ITERATIONS = 0, 1, 2, 3
+# 128 + the signal's number, as shells report it.
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 
 class UsageError(Exception):
@@ -222,8 +226,44 @@ def _build_rlm(args: argparse.Namespace, rlm_class: Any, *, budget_prefix: str, 
         sandbox=args.sandbox,
         log_dir=args.log_dir,
         verbose=verbose,
+        prices=_prices(args),
         **budgets,
         **extra,
+    )
+
+
+def _prices(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+    """--prices FILE.json (repeatable) then --price MODEL=IN,OUT (repeatable), later wins."""
+    from rlm.usage import load_prices_file, parse_price
+
+    table: dict[str, tuple[float, float]] = {}
+    for path in getattr(args, "prices", None) or ():
+        table.update(load_prices_file(path))
+    for spec in getattr(args, "price", None) or ():
+        model, pair = parse_price(spec)
+        table[model] = pair
+    return table
+
+
+class _TerminatedRun(KeyboardInterrupt):
+    """SIGTERM during ``rlm run``, delivered like Ctrl-C so the run stops its cell and
+    writes its record before the process exits."""
+
+
+def _raise_terminated_run(signum: int, frame: Any) -> None:
+    raise _TerminatedRun
+
+
+def _interrupted_line(result: Any, what: str) -> str:
+    """The one stderr line for an interrupted run: what, what it cost, where the log is."""
+    if result is None:
+        return f"rlm: interrupted by {what}; the run did not finish writing its record"
+    usage = result.total_usage
+    log = result.log_path or "none (pass --log-dir to keep one)"
+    return (
+        f"rlm: interrupted by {what} in iteration {result.iterations} after "
+        f"{result.sub_calls:,} sub-calls; spent {usage.cost_text} ({usage.total_tokens:,} "
+        f"tokens); log: {log}"
     )
 
 
@@ -249,11 +289,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         from rlm.display.progress import RunProgress
 
         view = RunProgress(Console(stderr=True))
+    import signal
+
+    from rlm.errors import RunInterrupted
+
     rlm = _build_rlm(args, RLM, budget_prefix="", verbose=False, on_event=view,
                      max_concurrency=args.max_concurrency, **_cache_options(args))
+    previous = signal.signal(signal.SIGTERM, _raise_terminated_run)
     try:
         result = rlm.completion(context=context, query=args.query, schema=schema)
+    except RunInterrupted as exc:
+        terminated = isinstance(exc.__cause__, _TerminatedRun)
+        if view is not None:
+            view.close()
+            view = None
+        print(_interrupted_line(exc.result, "SIGTERM" if terminated else "SIGINT"),
+              file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     finally:
+        signal.signal(signal.SIGTERM, previous)
         rlm.close()
         if view is not None:
             view.close()
@@ -668,11 +722,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Answer a query over a context file. The answer (or --json) goes to stdout; "
                     "the live view (-v) and the progress line go to stderr.",
         epilog="exit codes: 0 answer, 1 failed run (no answer), 2 bad usage, 3 stopped at "
-               "--max-iterations (stdout has the last-turn answer), 130 interrupted",
+               "--max-iterations (stdout has the last-turn answer), 130 interrupted, "
+               "143 terminated",
     )
     _add_context_args(run)
     run.add_argument("--query", required=True, help="the question to answer")
     _add_upstream_args(run)
+    run.add_argument("--prices", action="append", metavar="FILE.json",
+                     help='model prices as {"model": [usd_per_1M_in, usd_per_1M_out]}, '
+                          "repeatable (default: the built-in table and the file named by "
+                          "$RLM_PRICES)")
+    run.add_argument("--price", action="append", metavar="MODEL=IN,OUT",
+                     help="one model's price in USD per 1M input and output tokens, repeatable "
+                          "(default: none)")
     run.add_argument("--max-tokens", type=_positive_int, default=None,
                      help="stop when root and sub-calls together used this many tokens "
                           "(default: no limit)")
@@ -796,7 +858,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("rlm: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `rlm view LOG | head`: the reader left; say nothing more and exit quietly.
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -11,9 +11,11 @@ and one limiter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,15 +25,15 @@ from typing import TYPE_CHECKING, Any
 from rlm import loop as engine
 from rlm import prompts
 from rlm.cache import open_cache
-from rlm.errors import ConfigError, LLMError, RLMError
+from rlm.errors import BudgetExhaustedError, ConfigError, LLMError, RLMError, RunInterrupted
 from rlm.llm import AsyncOpenAIClient
 from rlm.parsing import find_code_blocks, find_final_in_text
-from rlm.repl import REPLEnv, describe_context, failed_slot
+from rlm.repl import ExecResult, REPLEnv, describe_context, failed_slot
 from rlm.sandbox.modules import importable_modules
 from rlm.schema import Schema, SchemaIssue, format_issues
 from rlm.structured import check_subquery_schema, structured_batch, structured_query
 from rlm.trajectory import Trajectory, cap_text, prompt_text
-from rlm.usage import PRICE_HELP, Usage, check_prices
+from rlm.usage import PRICE_HELP, BudgetLedger, Usage, check_prices
 
 # Current frontier models take 128k tokens or more; compact well before that so the
 # reply and the next cell output still fit.
@@ -136,12 +138,22 @@ class RLMResult:
         return result_rich(self)
 
 
-class _BudgetExceeded(RLMError):
-    pass
+class _Stopped(RLMError):
+    """Ends a run early: ``kind`` is its stopped_reason ("budget" or "interrupted")."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
 
 
 class _Run:
-    """State of one root-loop run: its meters, counters, trajectory and budgets."""
+    """State of one root-loop run: its meters, counters, trajectory, budget and stop switch.
+
+    Every run of one tree (a root run, its child runs, every env they own) shares one
+    ``BudgetLedger``. ``halt`` stops the run from any thread: the running cell is
+    interrupted (it returns what it printed), in-flight sub-queries are cancelled, and
+    the loop ends at the end of that cell with the halt's reason.
+    """
 
     def __init__(
         self,
@@ -149,18 +161,25 @@ class _Run:
         depth: int,
         trajectory: Trajectory,
         run_child: Callable[..., Coroutine[Any, Any, RLMResult]],
+        ledger: BudgetLedger,
     ) -> None:
         self.rlm = rlm
         self.depth = depth
         # Starts a child run (RLM._run) for recursive sub-queries.
         self.run_child = run_child
         self.trajectory = trajectory
+        self.ledger = ledger
         self.root_meter = rlm.client.new_meter()
         self.sub_meter = rlm.sub_client.new_meter()
         self.sub_calls = 0
         self.iterations = 0
         self.started = time.monotonic()
         self.children: list[_Run] = []
+        self.env: REPLEnv | None = None
+        self.halted: _Stopped | None = None
+        # Sub-query tasks in flight (on the engine loop), cancelled by halt().
+        self._tasks: dict[asyncio.Task[Any], asyncio.AbstractEventLoop] = {}
+        self._lock = threading.Lock()
 
     def usage(self) -> dict[str, Usage]:
         root, sub = self.root_meter.snapshot(), self.sub_meter.snapshot()
@@ -173,22 +192,48 @@ class _Run:
     def total_sub_calls(self) -> int:
         return self.sub_calls + sum(c.total_sub_calls() for c in self.children)
 
-    def check_budget(self) -> None:
-        rlm = self.rlm
-        if rlm.max_time_s is not None and time.monotonic() - self.started > rlm.max_time_s:
-            raise _BudgetExceeded(f"max_time_s={rlm.max_time_s:g} reached")
-        if rlm.max_cost_usd is None and rlm.max_tokens is None:
+    @contextlib.contextmanager
+    def tracking(self) -> Any:
+        """Register the current task as one of this run's sub-queries while it runs."""
+        task = asyncio.current_task()
+        if task is None:
+            yield
             return
-        usage = self.usage()
-        total = usage["root"] + usage["sub"]
-        if rlm.max_cost_usd is not None and total.cost_usd > rlm.max_cost_usd:
-            raise _BudgetExceeded(
-                f"max_cost_usd={rlm.max_cost_usd:g} exceeded (spent {total.cost_usd:.4f} USD)"
-            )
-        if rlm.max_tokens is not None and total.total_tokens > rlm.max_tokens:
-            raise _BudgetExceeded(
-                f"max_tokens={rlm.max_tokens} exceeded (used {total.total_tokens})"
-            )
+        with self._lock:
+            self._tasks[task] = asyncio.get_running_loop()
+        try:
+            if self.halted is not None:
+                raise BudgetExhaustedError(f"the run was stopped ({self.halted})")
+            yield
+        finally:
+            with self._lock:
+                self._tasks.pop(task, None)
+
+    def halt(self, kind: str, reason: str) -> None:
+        """Stop the run now (any thread): interrupt its cell, cancel its sub-queries."""
+        if self.halted is None:
+            self.halted = _Stopped(kind, reason)
+        env = self.env
+        if env is not None:
+            env.interrupt(reason)
+        with self._lock:
+            tasks = list(self._tasks.items())
+        for task, loop in tasks:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nothing runs there
+                loop.call_soon_threadsafe(task.cancel)
+        for child in list(self.children):
+            child.halt(kind, reason)
+
+    def check_stop(self) -> None:
+        """Raise ``_Stopped`` if the run was halted or its budget is spent."""
+        if self.halted is not None:
+            raise self.halted
+        ledger = self.ledger
+        if ledger.exhausted is not None or (
+            ledger.deadline is not None and ledger.remaining_s() <= 0
+        ):
+            ledger.exhausted = ledger.exhausted or f"max_time_s={ledger.max_time_s:g}"
+            raise _Stopped("budget", ledger.describe())
 
 
 class _SubQueryService:
@@ -223,11 +268,12 @@ class _SubQueryService:
 
     async def query(self, prompt: str, params: dict[str, Any]) -> Any:
         cached = [False]
-        try:
-            reply = await self._query(prompt, params, cached)
-        except LLMError as exc:
-            self._record([prompt], [failed_slot(exc)])
-            raise
+        with self._run.tracking():
+            try:
+                reply = await self._query(prompt, params, cached)
+            except LLMError as exc:
+                self._record([prompt], [failed_slot(exc)])
+                raise
         self._record([prompt], [reply], cached)
         return reply
 
@@ -251,7 +297,8 @@ class _SubQueryService:
         client = run.rlm.sub_client
         request = client.request(prompt, **{"model": run.rlm.recursive_model, **params})
         try:
-            return await client.send(request, meter=run.sub_meter, cached=cached)
+            return await client.send(request, meter=run.sub_meter, ledger=run.ledger,
+                                     cached=cached)
         except LLMError as exc:
             raise self._window_error(prompt, exc) from exc
 
@@ -272,7 +319,8 @@ class _SubQueryService:
 
     async def batch(self, prompts: list[str], params: dict[str, Any]) -> list[Any]:
         cached = [False] * len(prompts)
-        replies = await self._batch(prompts, params, cached)
+        with self._run.tracking():
+            replies = await self._batch(prompts, params, cached)
         self._record(prompts, replies, cached)
         return replies
 
@@ -311,7 +359,8 @@ class _SubQueryService:
             params = {"model": run.rlm.recursive_model, **params}
             requests = [client.request(p, **params) for p in prompts]
             results = await client.send_many(
-                requests, meter=run.sub_meter, on_item_done=self._progress(total), cached=cached
+                requests, meter=run.sub_meter, ledger=run.ledger,
+                on_item_done=self._progress(total), cached=cached,
             )
         return [
             failed_slot(self._window_error(p, r) if isinstance(r, LLMError) else r)
@@ -369,6 +418,33 @@ def _is_context_length_error(exc: BaseException) -> bool:
 def _estimate_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
     # About 4 characters a token for English text and code; a few tokens per message.
     return sum(len(str(m.get("content") or "")) for m in messages) // 4 + 4 * len(messages)
+
+
+# How long an interrupted run may take to stop its cell and write its record.
+INTERRUPT_GRACE_S = 15.0
+
+
+def _deadline_passed(run: _Run) -> None:
+    ledger = run.ledger
+    ledger.exhaust(f"max_time_s={ledger.max_time_s:g}")
+    run.halt("budget", ledger.describe())
+
+
+def _emit_cell_result(run: _Run, iteration: int, index: int, result: ExecResult,
+                      cached_sub_calls: int = 0) -> None:
+    run.trajectory.emit(
+        "cell_result",
+        iteration=iteration,
+        index=index,
+        stdout=result.stdout,
+        stderr=result.stderr,
+        error=result.error,
+        final=result.final,
+        duration_s=round(result.duration_s, 4),
+        sub_calls=result.sub_calls,
+        cached_sub_calls=cached_sub_calls,
+        truncated=result.truncated,
+    )
 
 
 def _short_error(exc: BaseException) -> str:
@@ -552,10 +628,17 @@ class RLM:
         self.max_answer_retries = max_answer_retries
         self.sandbox = sandbox or _default_sandbox()
         self.max_output_chars = max_output_chars
+        for name, value in (("max_cost_usd", max_cost_usd), ("max_tokens", max_tokens),
+                            ("max_time_s", max_time_s)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or value <= 0):
+                raise ConfigError(f"{name} must be a positive number or None, got {value!r}")
         self.max_cost_usd = max_cost_usd
         self.max_tokens = max_tokens
         self.max_time_s = max_time_s
         self.prices = dict(prices or {})
+        self._active: set[_Run] = set()
+        self._active_lock = threading.Lock()
         if max_cost_usd is not None:
             self._check_priced()
         self.log_dir = log_dir
@@ -643,7 +726,25 @@ class RLM:
 
         ``schema`` asks for a typed answer (see ``acompletion``).
         """
-        return engine.run_sync(self.acompletion(context, query, schema=schema))
+        _check_query(query)
+        typed = Schema.of(schema) if schema is not None else None
+        ended: list[RLMResult] = []
+        finished = threading.Event()
+
+        async def run() -> RLMResult:
+            try:
+                return await self._run(context=context, query=query, depth=0, schema=typed,
+                                       on_end=ended.append)
+            finally:
+                finished.set()
+
+        try:
+            return engine.run_sync(run())
+        except KeyboardInterrupt as exc:
+            # run_sync cancelled the run on the engine loop; let it stop its cell and
+            # write its record before the caller (often about to exit) goes on.
+            finished.wait(INTERRUPT_GRACE_S)
+            raise RunInterrupted(ended[0] if ended else None) from exc
 
     async def acompletion(self, context: Any, query: str, schema: Any = None) -> RLMResult:
         """Answer ``query`` over ``context``; never raises for a failed run (see ``error``).
@@ -753,8 +854,29 @@ class RLM:
         """A multi-turn session over ``context``: the REPL keeps its state across asks."""
         return RLMSession(self, context)
 
+    def interrupt(self, reason: str = "the run was interrupted") -> None:
+        """Stop every run of this RLM now, from any thread or loop.
+
+        Each running cell is stopped (keeping what it printed), in-flight sub-queries
+        are cancelled, and each run returns with ``stopped_reason="interrupted"`` and a
+        complete record (``cell_result`` and ``run_end`` in its log).
+        """
+        with self._active_lock:
+            runs = list(self._active)
+        for run in runs:
+            run.halt("interrupted", reason)
+
+    def _wait_idle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._active and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     async def aclose(self) -> None:
-        """Close the clients this RLM created (not ones passed in)."""
+        """Interrupt runs still going (they end "interrupted"), then close the clients this
+        RLM created (not ones passed in)."""
+        self.interrupt("the RLM was closed")
+        if self._active:
+            await asyncio.to_thread(self._wait_idle, INTERRUPT_GRACE_S)
         for c in self._owned:
             await c.close()
         if self._cache is not None:
@@ -762,6 +884,9 @@ class RLM:
 
     def close(self) -> None:
         """``aclose`` for sync code."""
+        self.interrupt("the RLM was closed")
+        if not engine.in_engine_thread():
+            self._wait_idle(INTERRUPT_GRACE_S)
         for c in self._owned:
             c.close_sync()
         if self._cache is not None:
@@ -820,9 +945,19 @@ class RLM:
         env: REPLEnv | None = None,
         history: Sequence[tuple[str, str]] = (),
         schema: Schema | None = None,
+        on_end: Callable[[RLMResult], None] | None = None,
     ) -> RLMResult:
         trajectory = self._trajectory(depth, parent)
-        run = _Run(self, depth, trajectory, self._run)
+        if parent is not None:
+            ledger = parent.ledger  # children spend from what is left
+        else:
+            ledger = BudgetLedger(
+                max_tokens=self.max_tokens,
+                max_cost_usd=self.max_cost_usd,
+                max_time_s=self.max_time_s,
+                prices={**self.client.prices, **self.sub_client.prices, **self.prices},
+            )
+        run = _Run(self, depth, trajectory, self._run, ledger)
         if parent is not None:
             parent.children.append(run)
         own_env = env is None
@@ -830,7 +965,17 @@ class RLM:
         stopped = "error"
         error: str | None = None
         iterations = 0
+        cancelled = False
         typed = _TypedAnswer(schema, self.max_answer_retries) if schema is not None else None
+        timer: asyncio.TimerHandle | None = None
+        if parent is None:
+            with self._active_lock:
+                self._active.add(run)
+            remaining = ledger.remaining_s()
+            if remaining is not None:
+                timer = asyncio.get_running_loop().call_later(
+                    max(0.0, remaining), _deadline_passed, run
+                )
         try:
             description = describe_context(context)
             trajectory.emit(
@@ -854,18 +999,36 @@ class RLM:
                 env = await asyncio.to_thread(self._new_env, context, _SubQueryService(run))
             else:
                 env.set_sub_queries(_SubQueryService(run))
+            run.env = env
+            run.check_stop()
             answer, stopped, iterations = await self._loop(run, env, description, query, history, typed)
             if stopped == "invalid_answer" and typed is not None:
                 error = typed.error_text()
-        except _BudgetExceeded as exc:
-            stopped, error = "budget", str(exc)
-            trajectory.emit("budget", reason=error)
+        except _Stopped as exc:
+            stopped, error = exc.kind, str(exc)
+        except BudgetExhaustedError:
+            stopped, error = "budget", ledger.describe()
+        except asyncio.CancelledError:
+            # Cancelled from outside (task.cancel, Ctrl-C through run_sync): write the
+            # record, then let the cancellation go on.
+            cancelled = True
+            run.halt("interrupted", "the run was interrupted")
+            assert run.halted is not None
+            stopped, error = run.halted.kind, str(run.halted)
         except Exception as exc:  # noqa: BLE001 - a run never raises; the result says why
-            stopped, error = "error", _short_error(exc)
-            trajectory.emit("error", message=error)
+            if run.halted is not None:  # e.g. the client closed under a halted run
+                stopped, error = run.halted.kind, str(run.halted)
+            else:
+                stopped, error = "error", _short_error(exc)
         finally:
+            if timer is not None:
+                timer.cancel()
             if own_env and env is not None:
                 await asyncio.to_thread(env.close)
+        if stopped in ("budget", "interrupted"):
+            trajectory.emit(stopped, reason=error)
+        elif stopped == "error":
+            trajectory.emit("error", message=error)
         usage = run.usage()
         result = RLMResult(
             answer=answer,
@@ -894,6 +1057,13 @@ class RLM:
             error=error,
         )
         trajectory.close()
+        if parent is None:
+            with self._active_lock:
+                self._active.discard(run)
+        if on_end is not None:
+            on_end(result)
+        if cancelled:
+            raise asyncio.CancelledError
         return result
 
     def _recorded(self, text: str) -> str:
@@ -915,7 +1085,8 @@ class RLM:
         before = run.root_meter.snapshot()
         started = time.monotonic()
         client = self.client
-        reply = await client.send(client.request(messages, model=self.model), meter=run.root_meter)
+        reply = await client.send(client.request(messages, model=self.model), meter=run.root_meter,
+                                  ledger=run.ledger)
         turn = run.root_meter.snapshot() - before
         run.trajectory.emit(
             "root_reply",
@@ -954,11 +1125,11 @@ class RLM:
         new = messages[:]
         for iteration in range(1, self.max_iterations + 1):
             run.iterations = iteration
-            run.check_budget()
+            run.check_stop()
             messages = await self._maybe_compact(run, messages, iteration)
             reply = await self._root_turn(run, messages, iteration, new)
             messages.append({"role": "assistant", "content": reply})
-            run.check_budget()
+            run.check_stop()
             blocks = find_code_blocks(reply)
             if not blocks:
                 final = await self._final_from_text(run, env, reply)
@@ -976,23 +1147,7 @@ class RLM:
                 continue
             outputs: list[str] = []
             for index, code in enumerate(blocks):
-                run.trajectory.emit("cell", iteration=iteration, index=index, code=code)
-                cached_before = run.sub_meter.snapshot().cached_calls
-                result = await env.aexecute(code)
-                cached_sub_calls = run.sub_meter.snapshot().cached_calls - cached_before
-                run.trajectory.emit(
-                    "cell_result",
-                    iteration=iteration,
-                    index=index,
-                    stdout=result.stdout,
-                    stderr=result.stderr,
-                    error=result.error,
-                    final=result.final,
-                    duration_s=round(result.duration_s, 4),
-                    sub_calls=result.sub_calls,
-                    cached_sub_calls=cached_sub_calls,
-                    truncated=result.truncated,
-                )
+                result = await self._cell(run, env, iteration, index, code)
                 feedback = ""
                 if result.final is not None:
                     run.trajectory.emit("final", answer=result.final, source="code")
@@ -1006,7 +1161,7 @@ class RLM:
                         index, result.stdout, result.stderr, result.error, self.max_output_chars
                     )
                 )
-                run.check_budget()
+                run.check_stop()
                 if feedback:
                     # The rest of this reply was written for an answer that was refused.
                     outputs.append(feedback)
@@ -1018,7 +1173,7 @@ class RLM:
         # Out of iterations: one last turn asks for the answer.
         new = [{"role": "user", "content": prompts.LAST_TURN_PROMPT}]
         messages.extend(new)
-        run.check_budget()
+        run.check_stop()
         reply = await self._root_turn(run, messages, self.max_iterations + 1, new)
         final = await self._final_from_text(run, env, reply)
         if final is None:
@@ -1071,7 +1226,8 @@ class RLM:
         request = [*messages[:-_KEEP_RECENT], {"role": "user", "content": prompts.COMPACTION_PROMPT}]
         usage_before = run.root_meter.snapshot()
         client = self.client
-        summary = await client.send(client.request(request, model=self.model), meter=run.root_meter)
+        summary = await client.send(client.request(request, model=self.model), meter=run.root_meter,
+                                    ledger=run.ledger)
         spent = run.root_meter.snapshot() - usage_before
         first = dict(head[1])
         first["content"] = (
@@ -1093,6 +1249,27 @@ class RLM:
             },
         )
         return compacted
+
+    async def _cell(self, run: _Run, env: REPLEnv, iteration: int, index: int,
+                    code: str) -> ExecResult:
+        """Run one cell and record it; an interruption still records what it printed."""
+        run.trajectory.emit("cell", iteration=iteration, index=index, code=code)
+        cached_before = run.sub_meter.snapshot().cached_calls
+        # Shielded, so a cancelled run can stop the cell and still read its output.
+        task = asyncio.ensure_future(env.aexecute(code))
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            run.halt("interrupted", "the run was interrupted")
+            with contextlib.suppress(BaseException):
+                _emit_cell_result(run, iteration, index,
+                                  await asyncio.wait_for(asyncio.shield(task), INTERRUPT_GRACE_S))
+            raise
+        _emit_cell_result(run, iteration, index, result,
+                          run.sub_meter.snapshot().cached_calls - cached_before)
+        if env.closed:
+            raise _Stopped("interrupted", "the REPL was closed during the run")
+        return result
 
     async def _final_from_text(self, run: _Run, env: REPLEnv, reply: str) -> str | None:
         found = find_final_in_text(reply)

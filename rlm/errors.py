@@ -64,6 +64,20 @@ class BudgetExhaustedError(LLMError):
     """
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """A sync ``RLM.completion`` was interrupted (Ctrl-C, or SIGTERM in ``rlm run``).
+
+    It is a KeyboardInterrupt, so a script stops as usual. The run stopped its cell and
+    wrote its record first; ``result`` is that RLMResult (``stopped_reason
+    "interrupted"``, usage and sub-calls so far, ``log_path``), or None if the run could
+    not finish writing in time.
+    """
+
+    def __init__(self, result: Any = None) -> None:
+        super().__init__("the run was interrupted")
+        self.result = result
+
+
 class BatchError(RLMError):
     """Some items of a batch failed; nothing is lost.
 

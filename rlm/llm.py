@@ -402,6 +402,11 @@ class AsyncOpenAIClient:
         """The in-flight limiter shared by every call of this client (see rlm.limiter)."""
         return self._limiter
 
+    @property
+    def prices(self) -> dict[str, tuple[float, float]]:
+        """This client's price table (built-in, RLM_PRICES file, ``prices=``), a copy."""
+        return dict(self._meter.prices)
+
     def price(self, model: str) -> tuple[float, float] | None:
         """USD per 1M (input, output) tokens this client charges ``model`` at; None: unpriced."""
         return lookup_price(self._meter.prices, model)
@@ -724,21 +729,29 @@ class AsyncOpenAIClient:
         if meter is not None:
             meter.cached(model, prompt_tokens, completion_tokens, calls)
 
-    async def _fresh(
+    def _fresh(
         self, request: Request, meter: UsageMeter | None, ledger: BudgetLedger | None
+    ) -> Coroutine[Any, Any, Reply]:
+        """The path every request that is sent takes: budget, limiter, retries, usage.
+
+        A plain function returning the coroutine, so an unbudgeted call pays no extra
+        frame. The cache sits in front of it (``_reply``, ``_many``): a reused reply
+        never reaches the ledger.
+        """
+        if ledger is None:
+            return self._exchange(request.body, meter)
+        return self._budgeted(request, meter, ledger)
+
+    async def _budgeted(
+        self, request: Request, meter: UsageMeter | None, ledger: BudgetLedger
     ) -> Reply:
-        """The path every request that is sent takes: budget, limiter, retries, usage."""
-        hold = None
-        if ledger is not None:
-            hold = await ledger.reserve(request.model, request.prompt_chars(), request.max_tokens)
+        hold = await ledger.reserve(request.model, request.prompt_chars(), request.max_tokens)
         try:
             reply = await self._exchange(request.body, meter)
         except BaseException:
-            if ledger is not None:
-                ledger.cancel(hold)
+            ledger.cancel(hold)
             raise
-        if ledger is not None:
-            ledger.settle(hold, reply.model, reply.prompt_tokens, reply.completion_tokens)
+        ledger.settle(hold, reply.model, reply.prompt_tokens, reply.completion_tokens)
         return reply
 
     async def _exchange(self, body: dict[str, Any], meter: UsageMeter | None) -> Reply:

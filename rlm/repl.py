@@ -246,6 +246,7 @@ class REPLEnv:
             max_prompt_bytes=max_prompt_bytes,
             max_in_flight=max_in_flight,
         )
+        self._limits = limits
         self._sub_queries = _CountingSubQueries(sub_queries)
         self._busy = _Busy()
         self._closed = False
@@ -336,6 +337,15 @@ class REPLEnv:
         self._check_open()
         return self._executor.get(name)
 
+    def interrupt(self, reason: str = "the cell was interrupted") -> None:
+        """Stop the cell running now, from any thread; its ``execute``/``aexecute`` returns.
+
+        The returned ExecResult holds what the cell printed before it stopped and an
+        error naming ``reason``. Used for run deadlines and Ctrl-C; a no-op when idle.
+        """
+        if not self._closed:
+            self._executor.interrupt(reason)
+
     def set_sub_queries(self, sub_queries: SubQueries | None) -> None:
         """Serve this env's llm_query family with ``sub_queries`` from the next call on.
 
@@ -349,11 +359,15 @@ class REPLEnv:
         """Which OS-level protections this env's cells run under on this machine.
 
         For sandbox="process" see ``ProcessExecutor.protections`` (network namespace,
-        filesystem jail, uid drop, each rlimit...); for "local" every key is False.
+        PID namespace and ``kill_scope``, filesystem jail and ``disk_limit``, leased uid,
+        each rlimit...); for "local" every OS key is False. ``subquery_caps`` (both
+        sandboxes) gives this env's caps on sub-queries.
         """
         from rlm.sandbox.process import describe_protections
 
-        return describe_protections(self._executor)
+        report = describe_protections(self._executor)
+        report["subquery_caps"] = ", ".join(f"{k}={v}" for k, v in self._limits.as_dict().items())
+        return report
 
     @property
     def executor(self) -> Executor:

@@ -51,6 +51,8 @@ __all__ = [
     "Reply",
     "Responder",
     "echo_responder",
+    "random_faults",
+    "token_bucket",
     "fetch_stats",
     "main",
     "reset_stats",
@@ -101,8 +103,10 @@ class Fault:
             raise ValueError(
                 f"unknown fault kind {self.kind!r}; use one of {', '.join(sorted(FAULT_KINDS))}"
             )
-        if self.kind != "429" and (self.retry_after is not None or self.retry_after_ms is not None):
-            raise ValueError("retry_after and retry_after_ms only apply to Fault('429')")
+        if self.kind not in ("429", "503") and (
+            self.retry_after is not None or self.retry_after_ms is not None
+        ):
+            raise ValueError("retry_after and retry_after_ms only apply to Fault('429'/'503')")
         if self.retry_after is not None and self.retry_after < 0:
             raise ValueError("retry_after must be >= 0 seconds")
         if self.retry_after_ms is not None and self.retry_after_ms < 0:
@@ -885,12 +889,12 @@ class FakeLLMServer:
                 return "send", _response(200, bad, content_type="text/event-stream", close=close)
             bad = b'{"id": "chatcmpl-fake", "object": "chat.completion", "choices": [{"mess'
             return "send", _response(200, bad, close=close)
+        extra = ""
+        if fault.retry_after is not None:
+            extra += f"Retry-After: {_format_seconds(fault.retry_after)}\r\n"
+        if fault.retry_after_ms is not None:
+            extra += f"retry-after-ms: {fault.retry_after_ms}\r\n"
         if kind == "429":
-            extra = ""
-            if fault.retry_after is not None:
-                extra += f"Retry-After: {_format_seconds(fault.retry_after)}\r\n"
-            if fault.retry_after_ms is not None:
-                extra += f"retry-after-ms: {fault.retry_after_ms}\r\n"
             body = _error_body(
                 "Rate limit reached for fake-model (simulated by FakeLLMServer).",
                 "requests",
@@ -917,7 +921,7 @@ class FakeLLMServer:
             "server_error",
             "service_unavailable",
         )
-        return "send", _response(503, body, close=close)
+        return "send", _response(503, body, extra=extra, close=close)
 
     def _completion(
         self,
@@ -997,6 +1001,66 @@ class FakeLLMServer:
         )
 
 
+# -- load-shaped responders: random faults and a token bucket ----------------------
+
+
+def random_faults(
+    rate: float,
+    *,
+    kinds: Sequence[str] = ("429", "503"),
+    retry_after: float | None = None,
+    retry_after_on: Sequence[str] = ("429", "503"),
+    seed: int | None = None,
+    inner: Responder = echo_responder,
+) -> Responder:
+    """A responder that answers a random ``rate`` of requests with a fault of one of
+    ``kinds`` (those in ``retry_after_on`` carrying ``Retry-After: retry_after`` when
+    given) and the rest with ``inner``. Faults are independent of load, like a flaky
+    endpoint; ``seed`` makes the sequence repeatable."""
+    if not 0 <= rate < 1:
+        raise ValueError("rate must be in [0, 1)")
+    rng = random.Random(seed)
+    faults = [
+        Fault(k, retry_after=retry_after) if k in retry_after_on else Fault(k) for k in kinds
+    ]
+    lock = threading.Lock()
+
+    def respond(messages: list[dict[str, Any]]) -> str | Fault:
+        with lock:
+            hit = rng.random() < rate
+            fault = rng.choice(faults) if hit else None
+        return fault if fault is not None else inner(messages)
+
+    return respond
+
+
+def token_bucket(
+    rate: float, *, burst: float | None = None, inner: Responder = echo_responder
+) -> Responder:
+    """A responder behind a token bucket of ``rate`` requests/s holding at most ``burst``
+    tokens (default: one second's worth): a request that finds no token gets a 429 whose
+    Retry-After says when the next token comes, like a provider's rate limit."""
+    if rate <= 0:
+        raise ValueError("rate must be > 0 requests per second")
+    capacity = float(burst if burst is not None else rate)
+    state = {"tokens": capacity, "at": time.monotonic()}
+    lock = threading.Lock()
+
+    def respond(messages: list[dict[str, Any]]) -> str | Fault:
+        with lock:
+            now = time.monotonic()
+            tokens = min(capacity, state["tokens"] + (now - state["at"]) * rate)
+            state["at"] = now
+            if tokens < 1:
+                state["tokens"] = tokens
+                wait_ms = max(1, int((1 - tokens) / rate * 1000))
+                return Fault("429", retry_after_ms=wait_ms)
+            state["tokens"] = tokens - 1
+        return inner(messages)
+
+    return respond
+
+
 # -- subprocess mode ---------------------------------------------------------------
 
 
@@ -1045,6 +1109,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--latency-max", type=float, default=None, help="draw latency uniformly up to this"
     )
     parser.add_argument("--model", default="fake-model")
+    parser.add_argument("--fault-rate", type=float, default=0.0,
+                        help="answer this random share of requests with a 429 or 503")
+    parser.add_argument("--retry-after", type=float, default=None,
+                        help="Retry-After seconds on those faults")
+    parser.add_argument("--retry-after-on", default="429,503",
+                        help="which fault kinds carry Retry-After (comma-separated)")
+    parser.add_argument("--rate-limit", type=float, default=None,
+                        help="a token bucket of this many requests/s (429 beyond it)")
+    parser.add_argument("--burst", type=float, default=None, help="the bucket's size")
+    parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
     latency: float | tuple[float, float] = args.latency
     if args.latency_max is not None:
@@ -1055,21 +1129,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the server's CPU per request by about a quarter here.
     gc.collect()
     gc.freeze()
-    server = FakeLLMServer(latency=latency, host=args.host, port=args.port, model=args.model)
+    responder: Responder = echo_responder
+    if args.fault_rate:
+        responder = random_faults(
+            args.fault_rate,
+            retry_after=args.retry_after,
+            retry_after_on=tuple(args.retry_after_on.split(",")),
+            seed=args.seed,
+        )
+    if args.rate_limit:
+        responder = token_bucket(args.rate_limit, burst=args.burst, inner=responder)
+    server = FakeLLMServer(
+        responder, latency=latency, host=args.host, port=args.port, model=args.model
+    )
     asyncio.run(_serve_forever(server))
     return 0
 
 
 @contextlib.contextmanager
 def spawn_fake_server(
-    latency: float | tuple[float, float] = 0.0, *, port: int = 0, startup_timeout: float = 30.0
+    latency: float | tuple[float, float] = 0.0,
+    *,
+    port: int = 0,
+    startup_timeout: float = 30.0,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[str]:
     """Run the echo server in its own process and yield its base URL; benchmarks use it so the
-    server's CPU does not compete with the client's inside one interpreter. The process is
-    terminated (then killed if it lingers) on exit; if it fails to start, the error carries
-    its stderr.
+    server's CPU does not compete with the client's inside one interpreter. ``extra_args``
+    pass on to ``python -m rlm.testing`` (``--fault-rate``, ``--rate-limit``...). The process
+    is terminated (then killed if it lingers) on exit; if it fails to start, the error
+    carries its stderr.
     """
-    cmd = [sys.executable, "-m", "rlm.testing", "--port", str(port)]
+    cmd = [sys.executable, "-m", "rlm.testing", "--port", str(port), *extra_args]
     if isinstance(latency, tuple):
         cmd += ["--latency", repr(float(latency[0])), "--latency-max", repr(float(latency[1]))]
     else:

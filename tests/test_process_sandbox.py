@@ -447,8 +447,9 @@ def test_protections_are_reported(env: REPLEnv) -> None:
 def test_the_local_sandbox_reports_no_os_protections() -> None:
     with REPLEnv("ctx") as env:
         prot = env.protections
-    assert not any(v for k, v in prot.items() if k not in ("notes", "kill_scope"))
+    assert not any(v for k, v in prot.items() if k not in ("notes", "kill_scope", "subquery_caps"))
     assert prot["kill_scope"] == "none"
+    assert prot["subquery_caps"] == "max_batch_items=100000, max_prompt_bytes=4194304, max_in_flight=1024"
     assert "sandbox='process'" in str(prot["notes"])
 
 

@@ -194,6 +194,15 @@ class LocalExecutor:
         self._submit(job)
         return self._wait(job, SETUP_TIMEOUT_S)
 
+    def interrupt(self, reason: str) -> None:
+        """Stop the running cell (if any) now; its ``execute`` returns what it printed so far.
+
+        Safe from any thread. The env stays usable: the next cell runs normally.
+        """
+        stop = self._current_stop
+        if stop is not None:
+            stop(reason)
+
     def close(self) -> None:
         """Stop the worker thread and drop the namespace; safe to call twice."""
         with self._lock:

@@ -776,6 +776,23 @@ class ProcessExecutor:
             )
         return msg.get("value")
 
+    def interrupt(self, reason: str) -> None:
+        """Stop the running cell (if any) now: its worker is killed and the cell returns what
+        it printed so far, with ``reason`` in its error. Safe from any thread; the next
+        cell starts a fresh worker.
+        """
+        link = self._link
+        if link is None:
+            return
+
+        def lose() -> None:
+            fut = link.reply
+            if fut is not None and not fut.done():
+                fut.set_exception(_WorkerLost(None, reason))
+
+        with contextlib.suppress(RuntimeError):  # the engine loop is already gone
+            engine.engine_loop().call_soon_threadsafe(lose)
+
     def close(self) -> None:
         """Kill the worker and remove its working directory; safe to call twice."""
         if self._closed:

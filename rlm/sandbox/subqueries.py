@@ -50,6 +50,8 @@ def check_subquery_prompt(prompt: Any) -> str | list[dict[str, Any]]:
     ``rlm.sandbox.plaindata``), so nothing of the cell's objects reaches the host's
     sub-query service or the engine thread.
     """
+    if type(prompt) is str:  # the common case, first
+        return prompt
     if issubclass(type(prompt), str):
         return exact_str(prompt)
     try:
