@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
@@ -28,7 +27,7 @@ from rlm.cache import open_cache
 from rlm.errors import BudgetExhaustedError, ConfigError, LLMError, RLMError, RunInterrupted
 from rlm.llm import AsyncOpenAIClient
 from rlm.parsing import find_code_blocks, find_final_in_text
-from rlm.repl import ExecResult, REPLEnv, describe_context, failed_slot
+from rlm.repl import ExecResult, REPLEnv, default_sandbox, describe_context, failed_slot
 from rlm.sandbox.modules import importable_modules
 from rlm.schema import Schema, SchemaIssue, format_issues
 from rlm.structured import check_subquery_schema, structured_batch, structured_query
@@ -352,20 +351,27 @@ class _SubQueryService:
             )
         elif schema is not None:
             results = await structured_batch(
-                self._send, prompts, schema, params, run.rlm.sub_client, self._progress(total)
+                self._send, self._send_many, prompts, schema, params, run.rlm.sub_client,
+                self._progress(total),
             )
         else:
-            client = run.rlm.sub_client
-            params = {"model": run.rlm.recursive_model, **params}
-            requests = [client.request(p, **params) for p in prompts]
-            results = await client.send_many(
-                requests, meter=run.sub_meter, ledger=run.ledger,
-                on_item_done=self._progress(total), cached=cached,
-            )
+            results = await self._send_many(prompts, params, self._progress(total), cached)
         return [
             failed_slot(self._window_error(p, r) if isinstance(r, LLMError) else r)
             for p, r in zip(prompts, results, strict=True)
         ]
+
+    async def _send_many(self, prompts: list[Any], params: dict[str, Any],
+                         on_item_done: Callable[[int, int], None],
+                         cached: list[bool] | None = None) -> list[Any]:
+        run = self._run
+        client = run.rlm.sub_client
+        params = {"model": run.rlm.recursive_model, **params}
+        requests = [client.request(p, **params) for p in prompts]
+        return await client.send_many(
+            requests, meter=run.sub_meter, ledger=run.ledger, on_item_done=on_item_done,
+            cached=cached,
+        )
 
     def _progress(self, total: int) -> Callable[[int, int], None]:
         step = max(1, total // 50)
@@ -452,11 +458,6 @@ def _short_error(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _default_sandbox() -> str:
-    # The worker-process sandbox needs fork and OS limits: Linux and macOS.
-    return "process" if sys.platform.startswith(("linux", "darwin")) else "local"
-
-
 class RLM:
     """A Recursive Language Model: a root model driving a sandboxed REPL over the context.
 
@@ -472,6 +473,9 @@ class RLM:
       between RLMs) instead of building them; they are not closed by ``close()``.
     - ``max_concurrency``: sub-queries in flight at once on the sub client this RLM
       builds (default 64; ignored when ``sub_client`` is given).
+    - ``prices``: model name to USD per 1M (input, output) tokens for the clients this
+      RLM builds, so costs and ``max_cost_usd`` work for models the built-in table
+      does not know (default: the built-in table and $RLM_PRICES).
 
     The loop and its limits:
 
@@ -583,12 +587,6 @@ class RLM:
                 f"record_subcalls must be one of {', '.join(map(repr, SUBCALL_RECORDING))}, "
                 f"got {record_subcalls!r}"
             )
-        for name, value in (("max_cost_usd", max_cost_usd), ("max_time_s", max_time_s)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                                      or not value > 0):
-                raise ConfigError(f"{name} must be a number > 0 or None (no limit), got {value!r}")
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-            raise ConfigError(f"max_tokens must be an int >= 1 or None (no limit), got {max_tokens!r}")
         if prices is not None:
             prices = check_prices(prices)
         if (cache not in (None, False) or not cache_read or not cache_write) and (
@@ -626,7 +624,7 @@ class RLM:
         self.max_iterations = max_iterations
         self.max_depth = max_depth
         self.max_answer_retries = max_answer_retries
-        self.sandbox = sandbox or _default_sandbox()
+        self.sandbox = sandbox or default_sandbox()
         self.max_output_chars = max_output_chars
         for name, value in (("max_cost_usd", max_cost_usd), ("max_tokens", max_tokens),
                             ("max_time_s", max_time_s)):
@@ -1134,9 +1132,9 @@ class RLM:
             if not blocks:
                 final = await self._final_from_text(run, env, reply)
                 if final is not None:
-                    verdict, feedback = self._judge(run, typed, final)
+                    verdict, feedback = self._judge(run, typed, final, iteration)
                     if verdict == "answer":
-                        return final if typed is None else typed.answer, "final", iteration
+                        return _answer_text(final, typed), "final", iteration
                     if verdict == "invalid":
                         return None, "invalid_answer", iteration
                     new = [{"role": "user", "content": feedback}]
@@ -1151,9 +1149,9 @@ class RLM:
                 feedback = ""
                 if result.final is not None:
                     run.trajectory.emit("final", answer=result.final, source="code")
-                    verdict, feedback = self._judge(run, typed, result.final)
+                    verdict, feedback = self._judge(run, typed, result.final, iteration)
                     if verdict == "answer":
-                        return result.final if typed is None else typed.answer, "final", iteration
+                        return _answer_text(result.final, typed), "final", iteration
                     if verdict == "invalid":
                         return None, "invalid_answer", iteration
                 outputs.append(
@@ -1181,13 +1179,13 @@ class RLM:
             run.trajectory.emit("final", answer=final, source="last_turn")
         if typed is not None:
             # No turn is left to fix a mismatch: it ends the run.
-            if self._judge(run, typed, final, last=True)[0] != "answer":
+            if self._judge(run, typed, final, self.max_iterations + 1, last=True)[0] != "answer":
                 return None, "invalid_answer", self.max_iterations
             return typed.answer, "max_iterations", self.max_iterations
-        return final, "max_iterations", self.max_iterations
+        return _answer_text(final, None), "max_iterations", self.max_iterations
 
     def _judge(
-        self, run: _Run, typed: _TypedAnswer | None, value: Any, last: bool = False
+        self, run: _Run, typed: _TypedAnswer | None, value: Any, iteration: int, last: bool = False
     ) -> tuple[str, str]:
         """What a FINAL value means for the run: ("answer", ""), ("retry", the feedback
         for the root) or ("invalid", "") when no retry is left."""
@@ -1196,6 +1194,7 @@ class RLM:
         left = 0 if last else typed.retries_left()
         run.trajectory.emit(
             "answer_invalid",
+            iteration=iteration,
             attempt=typed.failures,
             retries_left=left,
             errors=[i.to_dict() for i in typed.issues],
@@ -1271,7 +1270,7 @@ class RLM:
             raise _Stopped("interrupted", "the REPL was closed during the run")
         return result
 
-    async def _final_from_text(self, run: _Run, env: REPLEnv, reply: str) -> str | None:
+    async def _final_from_text(self, run: _Run, env: REPLEnv, reply: str) -> Any:
         found = find_final_in_text(reply)
         if found is None:
             return None
@@ -1383,6 +1382,17 @@ class RLMSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _answer_text(value: Any, typed: _TypedAnswer | None) -> str:
+    """RLMResult.answer for a FINAL value: the validated output's text with a schema;
+    without one, a str as is and other plain data as JSON."""
+    if typed is not None:
+        assert typed.answer is not None
+        return typed.answer
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _reply_text(reply: Any) -> str:

@@ -299,18 +299,32 @@ class AsyncOpenAIClient:
 
     One ``openai.AsyncOpenAI`` on the aiohttp transport, with a connection pool sized
     to ``max_concurrency``, created lazily on rlm's engine loop (the constructor does
-    no network I/O). ``model``, ``api_key`` and ``base_url`` fall back to RLM_MODEL,
-    OPENAI_API_KEY and OPENAI_BASE_URL. Retries cover 408, 409, 429, 5xx, timeouts
-    and dropped connections with jittered exponential backoff, honouring Retry-After.
-    ``prices`` maps model names to USD per 1M (input, output) tokens and extends the
-    built-in table and the prices file named by RLM_PRICES. ``cache`` (None/False, True
-    for the per-user directory, a directory, or an ``rlm.cache.Cache``) reuses stored
-    replies; identical requests in flight at once are sent once in any case (see
-    rlm.cache); ``cache_read=False`` sends everything, ``cache_write=False`` stores
-    nothing; ``cache=False`` on a call opts that call out. ``max_retries`` counts the
-    retries of one call (a 429 or 503 retried after its Retry-After counts too). Use it
-    as ``async with AsyncOpenAIClient(...) as client`` or call ``await client.close()``;
-    from sync code use ``rlm.loop.run_sync(client....)``.
+    no network I/O). Parameters:
+
+    - ``model``: the model name sent with each request unless a call overrides it
+      (default: $RLM_MODEL, else gpt-4o-mini).
+    - ``api_key``: the endpoint's key (default: $OPENAI_API_KEY). Without any key the
+      first request raises ``ConfigError`` (``check_key()`` asks now); a local server
+      that needs none takes any value.
+    - ``base_url``: an OpenAI-compatible endpoint such as http://localhost:8000/v1
+      (default: $OPENAI_BASE_URL, else OpenAI).
+    - ``max_concurrency``: requests in flight at once, and the connection pool's size
+      (default 64); the limiter lowers it for a while after 429s.
+    - ``timeout``: seconds one HTTP attempt may take before it is retried (default 120).
+    - ``max_retries``: retries of one call after 408, 409, 429, 5xx, timeouts and
+      dropped connections, with jittered exponential backoff honouring Retry-After
+      (default 6; a retried 429 or 503 counts too).
+    - ``prices``: model name to USD per 1M (input, output) tokens, for ``usage``'s cost;
+      extends the built-in table and the prices file named by $RLM_PRICES.
+    - ``cache``: None/False (default: nothing stored), True (the per-user cache
+      directory), a directory, or an ``rlm.cache.Cache``: replies are reused from it.
+      Identical requests in flight at once are sent once whatever this is (see
+      rlm.cache); ``cache=False`` on a call opts that call out.
+    - ``cache_read`` / ``cache_write``: False sends everything (identical requests in
+      flight included) / stores nothing.
+
+    Use it as ``async with AsyncOpenAIClient(...) as client`` or call ``await
+    client.close()``; from sync code use ``rlm.loop.run_sync(client....)``.
 
     Inside the package, core, repl and the cache use a small interface instead of the
     privates: ``request`` builds a ``Request``, ``send``/``send_many`` send them with a

@@ -416,7 +416,8 @@ def test_get_returns_a_json_copy_and_refuses_other_values(env: REPLEnv) -> None:
 
 def test_final_and_final_var(env: REPLEnv) -> None:
     assert env.execute("FINAL('done')").final == "done"
-    assert env.execute("answer = 42\nFINAL_VAR('answer')").final == "42"
+    assert env.execute("answer = 42\nFINAL_VAR('answer')").final == 42
+    assert env.execute("FINAL({'ids': ['a', 'b'], 'n': 2.5})").final == {"ids": ["a", "b"], "n": 2.5}
     assert env.execute("1").final is None
 
 
@@ -445,7 +446,7 @@ def test_protections_are_reported(env: REPLEnv) -> None:
 
 
 def test_the_local_sandbox_reports_no_os_protections() -> None:
-    with REPLEnv("ctx") as env:
+    with REPLEnv("ctx", sandbox="local") as env:
         prot = env.protections
     assert not any(v for k, v in prot.items() if k not in ("notes", "kill_scope", "subquery_caps"))
     assert prot["kill_scope"] == "none"

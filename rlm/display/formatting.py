@@ -188,3 +188,17 @@ def usage_total_tokens(usage: Any) -> int | None:
     return (prompt or 0) + (completion or 0)
 
 
+
+
+def schema_issues_text(event: Event, limit: int = 3) -> str:
+    """An ``answer_invalid`` event's issues as one line: "path: expected X, received Y; ..."."""
+    errors = event.get("errors")
+    if not isinstance(errors, list):
+        return ""
+    shown = [
+        f"{as_text(e.get('path'))}: expected {as_text(e.get('expected'))}, received {as_text(e.get('received'))}"
+        for e in errors[:limit]
+        if isinstance(e, Mapping)
+    ]
+    more = len(errors) - len(shown)
+    return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")

@@ -16,6 +16,7 @@ from rlm.display.formatting import (
     fmt_time,
     preview,
     prose_of,
+    schema_issues_text,
     sub_calls_text,
 )
 from rlm.display.markup import MONO, STYLE, code_html, details_html, esc, pre_html, table_html
@@ -32,6 +33,9 @@ def _note_html(e: Event) -> str:
         source = as_text(e.get("source"))
         return (f'<div style="color:#116329;margin:4px 0">✓ final answer'
                 f'{" (" + esc(source) + ")" if source else ""}</div>')
+    if kind == "answer_invalid":
+        return (f'<div style="{STYLE["note_warn"]}">✗ answer refused by the schema: '
+                f'{esc(schema_issues_text(e))}</div>')
     if kind == "budget":
         return f'<div style="{STYLE["note_warn"]}">⚠ budget: {esc(e.get("reason"))}</div>'
     if kind == "error":

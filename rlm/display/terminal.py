@@ -30,6 +30,7 @@ from rlm.display.formatting import (
     preview,
     prose_of,
     run_key,
+    schema_issues_text,
     sub_calls_text,
 )
 from rlm.display.metrics import Metrics, metrics_from_events
@@ -324,6 +325,10 @@ class LiveDisplay:
                                   ("the answer is the root's last-turn reply", "yellow"))]
         return [Text.assemble((f"{self._tag(event)}✓ final answer", "bold green"),
                               (f" ({source})" if source else "", "dim"))]
+
+    def _render_answer_invalid(self, event: Event) -> list[RenderableType]:
+        return [Text.assemble((f"{self._tag(event)}✗ answer refused by the schema: ", "bold yellow"),
+                              schema_issues_text(event))]
 
     def _render_budget(self, event: Event) -> list[RenderableType]:
         return [Text.assemble((f"{self._tag(event)}⚠ budget: ", "bold yellow"), as_text(event.get("reason")))]

@@ -91,7 +91,8 @@ def _actor_classes() -> tuple[Any, Any]:
                     if await self.ledger.stop_reason.remote() is not None:
                         stopped = True
                         break
-                    running.add(asyncio.ensure_future(run_one(self.rlm, pending.popleft())))
+                    running.add(asyncio.ensure_future(
+                        run_one(self.rlm, pending.popleft(), self.concurrency)))
                 if not running:
                     break
                 done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)

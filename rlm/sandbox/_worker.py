@@ -1155,7 +1155,7 @@ class _Session:
         self.streamed = 0
         self.last_flush = 0.0
         error: str | None = None
-        final: str | None = None
+        final: Any = None
         try:
             try:
                 cell = compiler.compile_cell(code, filename)
