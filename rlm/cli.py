@@ -334,6 +334,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise UsageError("give a tasks file (JSONL or CSV) or --dir DOCS/, not both or neither")
     if args.dir is not None and not args.query:
         raise UsageError("--dir needs --query (the question to ask of every document)")
+    schema = _read_schema(args.schema) if args.schema else None
     tasks = load_tasks(args.dir or args.tasks, query=args.query, fmt=args.context_format,
                        encoding=_check_encoding(args.encoding))
     rlm = _build_rlm(args, RLM, budget_prefix="task_", verbose=False,
@@ -344,7 +345,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             tasks, args.out, concurrency=args.concurrency, max_cost_usd=args.max_cost_usd,
             max_tokens=args.max_tokens, max_time_s=args.max_time_s,
             retry_failed=args.retry_failed, sort_output=args.sorted, progress=not args.quiet,
-            backend=args.backend, ray_address=args.ray_address,
+            backend=args.backend, ray_address=args.ray_address, schema=schema,
         )
     except KeyboardInterrupt:
         print(f"rlm: interrupted; {args.out} holds every task that finished (re-run to resume)",
@@ -774,6 +775,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where tasks run: this process or a Ray cluster (default: local)")
     batch.add_argument("--ray-address", default=None,
                        help="Ray cluster to join, 'auto' for the running one (default: start a local one)")
+    batch.add_argument("--schema", metavar="FILE.json",
+                       help="a JSON Schema each answer must match; each line gets 'output', "
+                            "the validated JSON (default: free-text answers)")
     batch.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     batch.set_defaults(func=cmd_batch)
 

@@ -828,8 +828,9 @@ class RLM:
         the same job again skips ids already there (``retry_failed=True`` re-runs those
         that ended in error). Options: ``query``, ``fmt``, ``encoding``,
         ``concurrency`` (8), job caps ``max_cost_usd``/``max_tokens``/``max_time_s``,
-        ``sort_output``, ``progress``, ``backend`` ("local" or "ray") and
-        ``ray_address``. Returns a ``JobSummary``; see the README's "Jobs" section.
+        ``schema`` (a typed answer per task, in each line's ``output``), ``sort_output``,
+        ``progress``, ``backend`` ("local" or "ray") and ``ray_address``. Returns a
+        ``JobSummary``; see the README's "Jobs" section.
         """
         from rlm.jobs.runner import run_job
 
