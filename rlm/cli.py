@@ -294,7 +294,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rlm.errors import RunInterrupted
 
     rlm = _build_rlm(args, RLM, budget_prefix="", verbose=False, on_event=view,
-                     max_concurrency=args.max_concurrency)
+                     max_concurrency=args.max_concurrency, **_cache_options(args))
     previous = signal.signal(signal.SIGTERM, _raise_terminated_run)
     try:
         result = rlm.completion(context=context, query=args.query, schema=schema)
@@ -334,6 +334,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise UsageError("give a tasks file (JSONL or CSV) or --dir DOCS/, not both or neither")
     if args.dir is not None and not args.query:
         raise UsageError("--dir needs --query (the question to ask of every document)")
+    schema = _read_schema(args.schema) if args.schema else None
     tasks = load_tasks(args.dir or args.tasks, query=args.query, fmt=args.context_format,
                        encoding=_check_encoding(args.encoding))
     rlm = _build_rlm(args, RLM, budget_prefix="task_", verbose=False,
@@ -344,7 +345,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             tasks, args.out, concurrency=args.concurrency, max_cost_usd=args.max_cost_usd,
             max_tokens=args.max_tokens, max_time_s=args.max_time_s,
             retry_failed=args.retry_failed, sort_output=args.sorted, progress=not args.quiet,
-            backend=args.backend, ray_address=args.ray_address,
+            backend=args.backend, ray_address=args.ray_address, schema=schema,
         )
     except KeyboardInterrupt:
         print(f"rlm: interrupted; {args.out} holds every task that finished (re-run to resume)",
@@ -472,7 +473,7 @@ def cmd_repl(args: argparse.Namespace) -> int:
     from rlm.llm import AsyncOpenAIClient
 
     client = AsyncOpenAIClient(model=args.model, api_key=key, base_url=args.base_url,
-                               max_concurrency=args.max_concurrency)
+                               max_concurrency=args.max_concurrency, **_cache_options(args))
     try:
         start_repl(context, client)
     finally:
@@ -695,6 +696,21 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_cache_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--cache", nargs="?", const=True, default=None, metavar="DIR",
+                       help="reuse replies from the sub-query cache in DIR (default: "
+                            "RLM_CACHE_DIR or the per-user cache directory) and store new ones")
+    group.add_argument("--no-cache", action="store_true",
+                       help="send every request, even identical ones in flight together")
+
+
+def _cache_options(args: argparse.Namespace) -> dict[str, Any]:
+    if args.no_cache:
+        return {"cache": None, "cache_read": False}
+    return {"cache": args.cache}
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from rlm.cache import cache_info, clear_cache
 
@@ -738,6 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--schema", metavar="FILE.json",
                      help="a JSON Schema the answer must match; prints the validated JSON "
                           "(default: a free-text answer)")
+    _add_cache_options(run)
     run.set_defaults(func=cmd_run)
 
     batch = sub.add_parser(
@@ -765,6 +782,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where tasks run: this process or a Ray cluster (default: local)")
     batch.add_argument("--ray-address", default=None,
                        help="Ray cluster to join, 'auto' for the running one (default: start a local one)")
+    batch.add_argument("--schema", metavar="FILE.json",
+                       help="a JSON Schema each answer must match; each line gets 'output', "
+                            "the validated JSON (default: free-text answers)")
     batch.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     batch.set_defaults(func=cmd_batch)
 
@@ -825,6 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY)")
     rp.add_argument("--max-concurrency", type=_positive_int, default=64,
                     help="sub-queries in flight at once (default: 64)")
+    _add_cache_options(rp)
     rp.set_defaults(func=cmd_repl)
 
     cache = sub.add_parser("cache", help="inspect or empty the sub-query cache")
