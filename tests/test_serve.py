@@ -65,7 +65,8 @@ def serve_url(upstream: FakeLLMServer, allowed: Path, logs: Path) -> Iterator[st
     server = RlmProcess(
         ["serve", "--port", "0", "--auth-key", KEY, "--base-url", upstream.url, "--api-key", "upstream-key",
          "--model", ROOT, "--recursive-model", SUB, "--log-dir", str(logs), "--allow-dir", str(allowed),
-         "--max-body-mb", "0.5", "--max-running", "1", "--max-queue", "0"],
+         "--max-body-mb", "0.5", "--max-running", "1", "--max-queue", "0",
+         "--price", f"{ROOT}=100,100", "--price", f"{SUB}=100,100"],
         ready=r"listening on (http://\S+/v1)",
     )
     try:
@@ -149,6 +150,16 @@ def test_a_schema_in_extra_body_works_and_a_broken_one_is_400(client: openai.Ope
         client.chat.completions.create(model="rlm", messages=needle_messages(),
                                        extra_body={"rlm": {"schema": {"type": 12}}})
     assert "not a valid JSON Schema" in info.value.message
+
+
+def test_a_spent_budget_without_an_answer_is_402_with_the_run_metadata(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="rlm", messages=needle_messages(),
+                                       extra_body={"rlm": {"max_cost_usd": 0.0001}})
+    assert info.value.status_code == 402
+    body = info.value.body
+    assert isinstance(body, dict) and body["code"] == "budget"
+    assert info.value.response.json()["rlm"]["stopped_reason"] == "budget"
 
 
 def test_models_lists_rlm_and_the_root_model(client: openai.OpenAI) -> None:

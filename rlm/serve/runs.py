@@ -10,7 +10,7 @@ trajectory events into short progress lines.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,9 @@ Event = dict[str, Any]
 class UpstreamSettings:
     """The upstream model endpoint and run limits, from the same flags as ``rlm run``.
 
-    ``max_cost_usd`` and ``max_time_s`` are the server's caps: a request may ask for
-    less, never for more. ``sandbox`` None means the process sandbox where it exists.
+    ``max_cost_usd``, ``max_tokens`` and ``max_time_s`` are the server's caps per run:
+    a request may ask for less cost, never for more. ``prices`` extends the built-in
+    price table (USD per 1M input and output tokens). ``sandbox`` None means the process sandbox where it exists.
     """
 
     model: str | None = None
@@ -39,7 +40,9 @@ class UpstreamSettings:
     max_iterations: int = 20
     max_depth: int = 1
     max_cost_usd: float | None = None
+    max_tokens: int | None = None
     max_time_s: float | None = None
+    prices: Mapping[str, tuple[float, float]] | None = None
     sandbox: str | None = None
     log_dir: str | Path | None = None
     max_concurrency: int = 64
@@ -51,7 +54,8 @@ class QueryRunner:
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
         self.client = AsyncOpenAIClient(
-            model=settings.model, api_key=settings.api_key, base_url=settings.base_url
+            model=settings.model, api_key=settings.api_key, base_url=settings.base_url,
+            prices=settings.prices,
         )
         self.recursive_model = settings.recursive_model or self.client.model
         self.sub_client = AsyncOpenAIClient(
@@ -59,6 +63,7 @@ class QueryRunner:
             api_key=settings.api_key,
             base_url=settings.base_url,
             max_concurrency=settings.max_concurrency,
+            prices=settings.prices,
         )
 
     @property
@@ -98,6 +103,7 @@ class QueryRunner:
             max_depth=s.max_depth,
             sandbox=s.sandbox,
             max_cost_usd=self.budget(max_cost_usd),
+            max_tokens=s.max_tokens,
             max_time_s=s.max_time_s,
             log_dir=s.log_dir,
             on_event=on_event,
