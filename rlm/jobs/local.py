@@ -58,9 +58,9 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-async def run_one(rlm: Any, task: Task, concurrency: int = 1) -> dict[str, Any]:
-    """Load ``task``'s context, run it on ``rlm`` and return its output record
-    (``concurrency``: how many tasks run at once here, for memory reclaiming)."""
+async def run_one(rlm: Any, task: Task, concurrency: int = 1, schema: Any = None) -> dict[str, Any]:
+    """Load ``task``'s context, run it on ``rlm`` (with ``schema``, for a typed answer) and
+    return its output record; ``concurrency`` (tasks at once here) paces memory reclaiming."""
     started = time.monotonic()
     try:
         # Reading a file must not stall the loop the other tasks run on; an inline
@@ -72,7 +72,7 @@ async def run_one(rlm: Any, task: Task, concurrency: int = 1) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - a task's bad input is its own failure
         return error_record(task.id, f"context: {_short(exc)}", time.monotonic() - started)
     try:
-        result = await rlm.acompletion(context=context, query=task.query)
+        result = await rlm.acompletion(context=context, query=task.query, schema=schema)
     except Exception as exc:  # noqa: BLE001 - e.g. an empty query: the task fails, not the job
         return error_record(task.id, _short(exc), time.monotonic() - started)
     finally:
@@ -82,7 +82,8 @@ async def run_one(rlm: Any, task: Task, concurrency: int = 1) -> dict[str, Any]:
 
 
 async def run_tasks(
-    rlm: Any, tasks: Iterator[Task], finished: Finished, budget: JobBudget, concurrency: int
+    rlm: Any, tasks: Iterator[Task], finished: Finished, budget: JobBudget, concurrency: int,
+    schema: Any = None,
 ) -> str | None:
     """Run ``tasks`` with ``concurrency`` at a time; ``finished(record)`` as each ends.
 
@@ -101,7 +102,7 @@ async def run_tasks(
             task = next(tasks, None)
             if task is None:
                 return
-            finished(await run_one(rlm, task, concurrency))
+            finished(await run_one(rlm, task, concurrency, schema))
 
     workers = [asyncio.create_task(worker()) for _ in range(max(1, concurrency))]
     try:

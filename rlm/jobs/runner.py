@@ -171,6 +171,7 @@ async def arun_job(
     ray_address: str | None = None,
     ray_chunk_size: int = 16,
     ray_workers: int | None = None,
+    schema: Any = None,
 ) -> JobSummary:
     """Run every task not yet in ``out`` and append one line per finished task to it.
 
@@ -184,6 +185,10 @@ async def arun_job(
                       ("max_time_s", max_time_s)):
         if cap is not None and cap <= 0:
             raise ConfigError(f"{name} must be positive, got {cap!r}")
+    if schema is not None:
+        from rlm.schema import Schema
+
+        Schema.of(schema)  # a broken schema is one ConfigError now, not one per task
     task_list = (
         tasks if isinstance(tasks, list) and all(isinstance(t, Task) for t in tasks)
         else await asyncio.to_thread(load_tasks, tasks, query=query, fmt=fmt, encoding=encoding)
@@ -236,7 +241,8 @@ async def arun_job(
         if backend == "local":
             from rlm.jobs.local import run_tasks
 
-            summary.stopped = await run_tasks(rlm, iter(todo), finished, budget, concurrency)
+            summary.stopped = await run_tasks(rlm, iter(todo), finished, budget, concurrency,
+                                              schema)
         else:
             try:
                 from rlm.jobs.ray_backend import run_tasks_on_ray
@@ -248,7 +254,7 @@ async def arun_job(
 
             summary.stopped = await run_tasks_on_ray(
                 rlm, todo, finished, budget, concurrency=concurrency, address=ray_address,
-                chunk_size=ray_chunk_size, workers=ray_workers,
+                chunk_size=ray_chunk_size, workers=ray_workers, schema=schema,
             )
     except asyncio.CancelledError:
         budget.interrupt()
