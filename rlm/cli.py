@@ -633,6 +633,7 @@ def _upstream_settings(args: argparse.Namespace) -> Any:
         sandbox=args.sandbox,
         log_dir=args.log_dir,
         max_concurrency=args.max_concurrency,
+        **_cache_options(args),
     )
 
 
@@ -813,6 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=32, help="requests waiting for a run slot; 429 beyond (default: 32)")
     _add_upstream_args(srv)
     _add_cost_flags(srv)
+    _add_cache_options(srv)
     _add_server_args(srv)
     srv.set_defaults(func=cmd_serve)
 
@@ -829,6 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
     mcp.add_argument("--cell-timeout-s", type=_positive_float, default=120.0, help="wall-clock limit of one repl_exec, in seconds (default: 120)")
     _add_upstream_args(mcp)
     _add_cost_flags(mcp)
+    _add_cache_options(mcp)
     _add_server_args(mcp)
     mcp.set_defaults(func=cmd_mcp)
 

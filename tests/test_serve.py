@@ -268,6 +268,27 @@ def test_closing_a_stream_mid_run_cancels_it(client: openai.OpenAI, upstream: Fa
     assert wait_until(lambda: upstream.in_flight == 0)
 
 
+def test_with_cache_a_repeated_request_sends_no_new_sub_queries(upstream: FakeLLMServer, tmp_path: Path) -> None:
+    server = RlmProcess(["serve", "--port", "0", "--base-url", upstream.url, "--api-key", "k", "--model", ROOT,
+                         "--recursive-model", SUB, "--cache", str(tmp_path / "cache")],
+                        ready=r"listening on (http://\S+/v1)")
+    try:
+        assert server.match is not None
+        with openai.OpenAI(base_url=server.match.group(1), api_key="x", max_retries=0) as c:
+            def sub_requests() -> int:
+                return sum(1 for r in upstream.requests_log if r["model"] == SUB)
+
+            upstream.reset_counters()
+            first = c.chat.completions.create(model="rlm", messages=needle_messages())
+            after_first = sub_requests()
+            second = c.chat.completions.create(model="rlm", messages=needle_messages())
+        assert first.choices[0].message.content == second.choices[0].message.content == NEEDLE
+        assert after_first == 6
+        assert sub_requests() == 6  # all six came from the cache the second time
+    finally:
+        assert server.stop() == 0, "".join(server.lines)
+
+
 def test_binding_beyond_loopback_without_a_key_is_refused(upstream: FakeLLMServer) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "rlm.cli", "serve", "--host", "0.0.0.0", "--port", "0", "--base-url", upstream.url,

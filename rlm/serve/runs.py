@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlm.cache import open_cache
 from rlm.core import RLM, RLMResult
 from rlm.errors import ConfigError
 from rlm.llm import AsyncOpenAIClient
@@ -30,7 +31,8 @@ class UpstreamSettings:
 
     ``max_cost_usd``, ``max_tokens`` and ``max_time_s`` are the server's caps per run:
     a request may ask for less cost, never for more. ``prices`` extends the built-in
-    price table (USD per 1M input and output tokens). ``sandbox`` None means the process sandbox where it exists.
+    price table (USD per 1M input and output tokens). ``cache`` and ``cache_read`` are
+    the model-reply cache options of ``RLM`` (``rlm.cache``), shared by every request. ``sandbox`` None means the process sandbox where it exists.
     """
 
     model: str | None = None
@@ -43,6 +45,8 @@ class UpstreamSettings:
     max_tokens: int | None = None
     max_time_s: float | None = None
     prices: Mapping[str, tuple[float, float]] | None = None
+    cache: Any = None
+    cache_read: bool = True
     sandbox: str | None = None
     log_dir: str | Path | None = None
     max_concurrency: int = 64
@@ -53,9 +57,12 @@ class QueryRunner:
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
+        # One reply store for both clients, closed after them (as RLM does for its own).
+        self._cache = open_cache(settings.cache)
+        caching = {"cache": self._cache, "cache_read": settings.cache_read}
         self.client = AsyncOpenAIClient(
             model=settings.model, api_key=settings.api_key, base_url=settings.base_url,
-            prices=settings.prices,
+            prices=settings.prices, **caching,
         )
         self.recursive_model = settings.recursive_model or self.client.model
         self.sub_client = AsyncOpenAIClient(
@@ -64,6 +71,7 @@ class QueryRunner:
             base_url=settings.base_url,
             max_concurrency=settings.max_concurrency,
             prices=settings.prices,
+            **caching,
         )
 
     @property
@@ -128,9 +136,11 @@ class QueryRunner:
         return await rlm.acompletion(context, query, schema=schema)
 
     async def aclose(self) -> None:
-        """Close both clients (their pools live on the engine loop)."""
+        """Close both clients (their pools live on the engine loop), then the cache."""
         await self.client.close()
         await self.sub_client.close()
+        if self._cache is not None:
+            self._cache.close()
 
 
 class RunProgress:
