@@ -166,6 +166,12 @@ def plural(n: int, word: str) -> str:
     return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
+def sub_calls_text(sub_calls: int | None, cached: int | None) -> str:
+    """"12 sub-calls", or "12 sub-calls (10 cached)" when the cache answered some."""
+    text = plural(sub_calls or 0, "sub-call")
+    return f"{text} ({cached:,} cached)" if cached else text
+
+
 def cell_number(event: Event) -> int:
     # The engine numbers cells from 0; people count from 1.
     index = as_int(event.get("index"))
