@@ -98,7 +98,7 @@ class RLMResult:
         return (
             f"RLMResult(answer={answer!r}, stopped_reason={self.stopped_reason!r}, "
             f"iterations={self.iterations}, sub_calls={self.sub_calls}, "
-            f"tokens={total.total_tokens}, cost_usd={total.cost_usd:.4f}, "
+            f"tokens={total.total_tokens}, cost={total.cost_text}, "
             f"elapsed_s={self.elapsed_s:.2f}{extra})"
         )
 
@@ -1051,7 +1051,7 @@ class RLM:
             usage={
                 "prompt_tokens": turn.prompt_tokens,
                 "completion_tokens": turn.completion_tokens,
-                "cost_usd": turn.cost_usd,
+                "cost_usd": turn.cost_usd if not turn.unpriced_models else "unpriced",
             },
             elapsed_s=round(time.monotonic() - started, 3),
         )
@@ -1200,7 +1200,7 @@ class RLM:
             usage={
                 "prompt_tokens": spent.prompt_tokens,
                 "completion_tokens": spent.completion_tokens,
-                "cost_usd": spent.cost_usd,
+                "cost_usd": spent.cost_usd if not spent.unpriced_models else "unpriced",
             },
         )
         return compacted
