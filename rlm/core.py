@@ -706,18 +706,37 @@ class RLM:
             finished.wait(INTERRUPT_GRACE_S)
             raise RunInterrupted(ended[0] if ended else None) from exc
 
-    async def acompletion(self, context: Any, query: str, schema: Any = None) -> RLMResult:
+    async def acompletion(
+        self,
+        context: Any,
+        query: str,
+        schema: Any = None,
+        *,
+        env: REPLEnv | None = None,
+        history: Sequence[tuple[str, str]] = (),
+    ) -> RLMResult:
         """Answer ``query`` over ``context``; never raises for a failed run (see ``error``).
 
         ``schema`` (a pydantic model class, a type such as ``list[str]``, or a JSON
         Schema dict) asks for a typed answer: the root is shown the JSON Schema, its
         FINAL value is validated here, a mismatch is sent back for a fix, and
         ``result.output`` holds the validated object. A schema that is not one raises
-        ConfigError at once.
+        ConfigError at once. ``env`` runs the code in that REPLEnv (from ``new_env``;
+        it stays open, with its variables) and ``history`` lists earlier (question,
+        answer) pairs the root is told: what sessions use. Cancelling the task writes
+        the run's record (``stopped_reason="interrupted"``) before the cancellation
+        goes on.
         """
         _check_query(query)
         typed = Schema.of(schema) if schema is not None else None
-        return await self._run(context=context, query=query, depth=0, schema=typed)
+        return await self._run(context=context, query=query, depth=0, schema=typed, env=env,
+                               history=history)
+
+    def new_env(self, context: Any) -> REPLEnv:
+        """A REPLEnv holding ``context``, configured like this RLM's runs (sandbox, cell
+        timeout, output cap, tools); pass it to ``acompletion(env=...)`` to keep
+        variables across runs. The caller closes it."""
+        return self._new_env(context)
 
     async def acompletion_batch(
         self,
@@ -1291,7 +1310,7 @@ class RLMSession:
         self.usage: dict[str, Usage] = {"root": Usage(), "sub": Usage()}
         self.variable_names: set[str] = set()
         # Each ask gives the env that run's sub-query service.
-        self.env = rlm._new_env(context)  # noqa: SLF001
+        self.env = rlm.new_env(context)
 
     def ask(self, query: str, schema: Any = None) -> RLMResult:
         """Ask the next question (sync; works inside a running loop too); ``schema`` as
@@ -1301,10 +1320,8 @@ class RLMSession:
     async def aask(self, query: str, schema: Any = None) -> RLMResult:
         """Ask the next question; ``schema`` asks for a typed answer."""
         _check_query(query)
-        typed = Schema.of(schema) if schema is not None else None
-        result = await self.rlm._run(  # noqa: SLF001
-            context=self.context, query=query, depth=0, env=self.env, history=self.history,
-            schema=typed,
+        result = await self.rlm.acompletion(
+            self.context, query, schema, env=self.env, history=self.history
         )
         if result.answer is not None:
             self.history.append((query, result.answer))

@@ -218,6 +218,23 @@ def test_closing_the_rlm_during_a_run_returns_an_interrupted_result(closing: lis
     assert any(e["type"] == "cell_result" for e in result.trajectory)
 
 
+def test_closing_a_session_during_an_ask_returns_an_interrupted_result(closing: list[RLM]) -> None:
+    slow = repl("print('started')\nrs = llm_query_batch(['ECHO s'] * 100)")
+    with FakeLLMServer(scripts={ROOT: [slow]}, latency=0.3) as srv:
+        rlm = make_rlm(srv, max_concurrency=4)
+        closing.append(rlm)
+        session = rlm.session("c")
+        results: list[Any] = []
+        worker = threading.Thread(target=lambda: results.append(session.ask("q")))
+        worker.start()
+        assert wait_for(lambda: srv.in_flight >= 4)
+        session.close()
+        worker.join(30)
+    result = results[0]
+    assert result.stopped_reason == "interrupted"
+    assert result.trajectory[-1]["type"] == "run_end"
+
+
 def test_ctrl_c_in_sync_completion_raises_with_the_recorded_result(closing: list[RLM]) -> None:
     slow = repl("print('started')\nrs = llm_query_batch(['ECHO s'] * 100)")
     with FakeLLMServer(scripts={ROOT: [slow]}, latency=0.3) as srv:
