@@ -116,12 +116,13 @@ def test_the_deadline_stops_a_slow_batch_and_the_cell(closing: list[RLM]) -> Non
         rlm = make_rlm(srv, max_concurrency=4, max_time_s=1.5)
         closing.append(rlm)
         result = rlm.completion(context="c", query="q")
-        in_flight_after = srv.in_flight
+        # The cancelled requests are closed on the server's side too.
+        assert wait_for(lambda: srv.in_flight == 0)
     assert result.stopped_reason == "budget"
     assert "max_time_s=1.5" in (result.error or "")
-    # 400 items at 4 in flight and 0.25 s each would be 100 rounds; it stopped within ~6.
-    assert subs.sent <= 4 * 8
-    assert in_flight_after == 0
+    # 400 items at 4 in flight and 0.25 s each would be 100 rounds; it stopped after ~6
+    # (a loaded machine may fire the deadline a little late: a wide margin, far from 400).
+    assert subs.sent <= 4 * 25
     cell = next(e for e in result.trajectory if e["type"] == "cell_result")
     assert cell["stdout"].startswith("started") and "never" not in cell["stdout"]
     assert cell["error"]  # the cell was stopped, and says so
