@@ -19,7 +19,8 @@ flood), env B's median sub-query latency against its median with no flood (ratio
 and whether the flood cell's error names the option. Then kill timing under load: a
 cell stuck in one C call (``10**10**9``) with a 2 s timeout in env C while
 ``big_batch`` floods env A; lateness is when the cell returned minus when its kill was
-due (timeout + KILL_GRACE_S), and minus the timeout itself.
+due (timeout + KILL_GRACE_S): when the kill landed (the worker seen dead) and when the
+cell returned.
 
 Targets (issue 9): RSS growth <= 256 MB, latency ratio <= 2, kill lateness <= 1 s.
 The machine is shared (2 cores, other work running): numbers are medians of one run
@@ -87,7 +88,7 @@ def neighbour_latencies(env: REPLEnv, stop: threading.Event, out: list[float]) -
 
 
 def scenarios(quick: bool) -> dict[str, str]:
-    n_batch = 5_000 if quick else 20_000
+    n_batch = 5_000 if quick else 10_000
     return {
         "million": (
             "errors = []\n"
@@ -113,7 +114,8 @@ def scenarios(quick: bool) -> dict[str, str]:
             "print(len(rs), rs[-1])\n"
         ),
         "big_prompts": (
-            f"rs = llm_query_batch(['y' * ((4 << 20) - 64) for _ in range({16 if quick else 64})])\n"
+            "p = 'y' * ((4 << 20) - 64)\n"
+            f"rs = llm_query_batch([p] * {16 if quick else 64})\n"
             "print(len(rs))\n"
         ),
         "singles": (
@@ -151,24 +153,49 @@ def run_scenario(flood: REPLEnv, neighbour: REPLEnv, code: str, baseline: float)
     }
 
 
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
 def kill_timing(url: str, quick: bool) -> dict[str, Any]:
-    """A C-level cell's kill under a big_batch flood from another env."""
+    """A C-level cell's kill under a big_batch flood from another env.
+
+    ``landed``: when the worker's init was seen dead (polled every 2 ms from a thread),
+    ``returned``: when ``execute`` returned; both against the moment the kill was due.
+    """
     timeout = 2.0
     flood_client = AsyncOpenAIClient(model="m", api_key="sk-bench", base_url=url, max_concurrency=256)
     flood = REPLEnv("ctx", client=flood_client, sandbox="process", timeout=600)
     victim = REPLEnv("ctx", sandbox="process", timeout=timeout)
     code = scenarios(quick)["big_batch"]
-    lateness: list[float] = []
+    landed: list[float] = []
+    returned: list[float] = []
     try:
         thread = threading.Thread(target=flood.execute, args=(code,))
         thread.start()
         time.sleep(1.0)
         for _ in range(3 if quick else 5):
+            victim.execute("1")  # the next worker is up (a kill restarts it in the background)
+            pid = victim.executor._res.pid  # type: ignore[attr-defined]  # the init to watch
+            seen: list[float] = []
+
+            def watch(pid: int = pid, seen: list[float] = seen) -> None:
+                while not _dead(pid):
+                    time.sleep(0.002)
+                seen.append(time.perf_counter())
+
+            watcher = threading.Thread(target=watch)
             started = time.perf_counter()
+            watcher.start()
             r = victim.execute("x = 10**10**9")
-            took = time.perf_counter() - started
+            returned.append(time.perf_counter() - started)
+            watcher.join()
+            landed.append(seen[0] - started)
             assert r.error is not None and "killed" in r.error, r.error
-            lateness.append(took)
         thread.join()
     finally:
         flood.close()
@@ -178,17 +205,22 @@ def kill_timing(url: str, quick: bool) -> dict[str, Any]:
     return {
         "timeout_s": timeout,
         "kill_grace_s": KILL_GRACE_S,
-        "returned_after_s": [round(x, 3) for x in lateness],
-        "median_late_vs_kill_due_s": round(statistics.median(lateness) - due, 3),
-        "max_late_vs_kill_due_s": round(max(lateness) - due, 3),
-        "median_late_vs_timeout_s": round(statistics.median(lateness) - timeout, 3),
+        "kill_landed_after_s": [round(x, 3) for x in landed],
+        "returned_after_s": [round(x, 3) for x in returned],
+        "median_kill_late_s": round(statistics.median(landed) - due, 3),
+        "max_kill_late_s": round(max(landed) - due, 3),
+        "median_return_late_s": round(statistics.median(returned) - due, 3),
+        "max_return_late_s": round(max(returned) - due, 3),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated scenarios (and 'kill')")
+    parser.add_argument("--sandboxes", default="process,local")
     args = parser.parse_args()
+    only = {name for name in args.only.split(",") if name}
     results: dict[str, Any] = {
         "machine": machine_info(),
         "note": (
@@ -205,7 +237,7 @@ def main() -> None:
             for _ in range(2)
         ]
         try:
-            for sandbox in ("process", "local"):
+            for sandbox in args.sandboxes.split(","):
                 flood = REPLEnv("ctx", client=clients[0], sandbox=sandbox, timeout=600)
                 neighbour = REPLEnv("ctx", client=clients[1], sandbox=sandbox, timeout=600)
                 stop = threading.Event()
@@ -216,17 +248,21 @@ def main() -> None:
                 baseline = statistics.median(calm)
                 rows: dict[str, Any] = {"neighbour_baseline_s": round(baseline, 4)}
                 for name, code in scenarios(args.quick).items():
+                    if only and name not in only:
+                        continue
                     rows[name] = run_scenario(flood, neighbour, code, baseline)
                     print(sandbox, name, rows[name], flush=True)
                 results["scenarios"][sandbox] = rows
                 flood.close()
                 neighbour.close()
-            results["kill_timing_under_flood"] = kill_timing(url, args.quick)
-            print("kill timing", results["kill_timing_under_flood"], flush=True)
+            if not only or "kill" in only:
+                results["kill_timing_under_flood"] = kill_timing(url, args.quick)
+                print("kill timing", results["kill_timing_under_flood"], flush=True)
         finally:
             for client in clients:
                 run_sync(client.close())
-    path = write_json("flood-quick.json" if args.quick else "flood.json", results)
+    name = "flood-quick.json" if args.quick or only else "flood.json"
+    path = write_json(name, results)
     print(f"wrote {path}")
 
 

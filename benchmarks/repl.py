@@ -87,7 +87,7 @@ def batch_ratio(rounds: int) -> dict[str, Any]:
         client = AsyncOpenAIClient(
             model="fake-model", api_key="bench", base_url=url, max_concurrency=N_BATCH
         )
-        env = REPLEnv(client=client, timeout=600)
+        env = REPLEnv(client=client, timeout=600, sandbox="local")
         env.execute(f"prompts = [f'ECHO {{i}}' for i in range({N_BATCH})]")
         # Warm the pool and both paths once.
         run_sync(client.completion_batch(prompts))
@@ -115,7 +115,7 @@ def main() -> int:
     args = parser.parse_args()
     overhead_n, loop_n, batch_n = (200, 3, 1) if args.quick else (2000, 9, 3)
 
-    env = REPLEnv(timeout=600)
+    env = REPLEnv(timeout=600, sandbox="local")
     overhead = cell_overhead(env, overhead_n)
     loops = {name: loop_ratio(env, src, loop_n) for name, src in LOOPS.items()}
     env.close()

@@ -23,6 +23,7 @@ the fake server answers ``"i"``, so any other answer is counted as an error.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shutil
@@ -167,7 +168,9 @@ def ours_worker(spec: dict[str, Any]) -> None:
         client = AsyncOpenAIClient(model=MODEL, api_key=API_KEY, base_url=url, **kwargs)
         env = None
         if hasattr(rlm, "REPLEnv"):
-            env = rlm.REPLEnv(context="bench", client=client, timeout=600)
+            # Ours defaults to the worker-process sandbox; these numbers are the in-process one.
+            local = {"sandbox": "local"} if "sandbox" in inspect.signature(rlm.REPLEnv).parameters else {}
+            env = rlm.REPLEnv(context="bench", client=client, timeout=600, **local)
         return client, env
 
     def batch(client: Any, env: Any, size: int) -> tuple[Any, str | None]:

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
@@ -24,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from rlm import loop as engine
 from rlm import prompts
+from rlm.cache import open_cache
 from rlm.errors import BudgetExhaustedError, ConfigError, LLMError, RLMError, RunInterrupted
 from rlm.llm import AsyncOpenAIClient
 from rlm.parsing import find_code_blocks, find_final_in_text
-from rlm.repl import ExecResult, REPLEnv, describe_context, failed_slot
+from rlm.repl import ExecResult, REPLEnv, default_sandbox, describe_context, failed_slot
 from rlm.sandbox.modules import importable_modules
 from rlm.schema import Schema, SchemaIssue, format_issues
 from rlm.structured import check_subquery_schema, structured_batch, structured_query
@@ -245,9 +245,11 @@ class _SubQueryService:
     def __init__(self, run: _Run) -> None:
         self._run = run
 
-    def _record(self, prompts_: Sequence[Any], replies: Sequence[Any]) -> None:
+    def _record(self, prompts_: Sequence[Any], replies: Sequence[Any],
+                cached: Sequence[bool] = ()) -> None:
         """Put the sub-queries' prompts and replies in the trajectory (one event per
-        call of llm_query or llm_query_batch, so a 10,000-item batch is one line)."""
+        call of llm_query or llm_query_batch, so a 10,000-item batch is one line).
+        A call the cache answered is marked ``"cached": true``."""
         mode = self._run.rlm.record_subcalls
         if mode == "none":
             return
@@ -258,19 +260,23 @@ class _SubQueryService:
 
         calls = [{"prompt": keep(prompt_text(p)), "reply": keep(_reply_text(r))}
                  for p, r in zip(prompts_, replies, strict=True)]
+        for call, hit in zip(calls, cached, strict=False):
+            if hit:
+                call["cached"] = True
         self._run.trajectory.emit("sub_queries", iteration=self._run.iterations, calls=calls)
 
     async def query(self, prompt: str, params: dict[str, Any]) -> Any:
+        cached = [False]
         with self._run.tracking():
             try:
-                reply = await self._query(prompt, params)
+                reply = await self._query(prompt, params, cached)
             except LLMError as exc:
                 self._record([prompt], [failed_slot(exc)])
                 raise
-        self._record([prompt], [reply])
+        self._record([prompt], [reply], cached)
         return reply
 
-    async def _query(self, prompt: str, params: dict[str, Any]) -> Any:
+    async def _query(self, prompt: str, params: dict[str, Any], cached: list[bool]) -> Any:
         run = self._run
         run.sub_calls += 1
         params = dict(params)
@@ -282,14 +288,16 @@ class _SubQueryService:
             return await self._child(prompt, schema)
         if schema is not None:
             return await structured_query(self._send, prompt, schema, params, run.rlm.sub_client)
-        return await self._send(prompt, params)
+        return await self._send(prompt, params, cached)
 
-    async def _send(self, prompt: Any, params: dict[str, Any]) -> str:
+    async def _send(self, prompt: Any, params: dict[str, Any],
+                    cached: list[bool] | None = None) -> str:
         run = self._run
         client = run.rlm.sub_client
         request = client.request(prompt, **{"model": run.rlm.recursive_model, **params})
         try:
-            return await client.send(request, meter=run.sub_meter, ledger=run.ledger)
+            return await client.send(request, meter=run.sub_meter, ledger=run.ledger,
+                                     cached=cached)
         except LLMError as exc:
             raise self._window_error(prompt, exc) from exc
 
@@ -309,23 +317,30 @@ class _SubQueryService:
                         status=exc.status, attempts=exc.attempts)
 
     async def batch(self, prompts: list[str], params: dict[str, Any]) -> list[Any]:
+        cached = [False] * len(prompts)
         with self._run.tracking():
-            replies = await self._batch(prompts, params)
-        self._record(prompts, replies)
+            replies = await self._batch(prompts, params, cached)
+        self._record(prompts, replies, cached)
         return replies
 
-    async def _batch(self, prompts: list[str], params: dict[str, Any]) -> list[Any]:
+    async def _batch(self, prompts: list[str], params: dict[str, Any],
+                     cached: list[bool]) -> list[Any]:
         run = self._run
         run.sub_calls += len(prompts)
         # Oversized prompts are answered here and never sent; the rest go out as one batch.
         refused = {i: err for i, p in enumerate(prompts) if (err := self._oversized(p)) is not None}
         if refused:
-            sendable = [p for i, p in enumerate(prompts) if i not in refused]
-            sent = iter(await self._send_batch(sendable, params) if sendable else [])
+            kept = [i for i in range(len(prompts)) if i not in refused]
+            marks = [False] * len(kept)
+            sendable = [prompts[i] for i in kept]
+            sent = iter(await self._send_batch(sendable, params, marks) if sendable else [])
+            for i, hit in zip(kept, marks, strict=True):
+                cached[i] = hit
             return [failed_slot(refused[i]) if i in refused else next(sent) for i in range(len(prompts))]
-        return await self._send_batch(prompts, params)
+        return await self._send_batch(prompts, params, cached)
 
-    async def _send_batch(self, prompts: list[str], params: dict[str, Any]) -> list[str]:
+    async def _send_batch(self, prompts: list[str], params: dict[str, Any],
+                          cached: list[bool]) -> list[str]:
         run = self._run
         total = len(prompts)
         params = dict(params)
@@ -336,20 +351,27 @@ class _SubQueryService:
             )
         elif schema is not None:
             results = await structured_batch(
-                self._send, prompts, schema, params, run.rlm.sub_client, self._progress(total)
+                self._send, self._send_many, prompts, schema, params, run.rlm.sub_client,
+                self._progress(total),
             )
         else:
-            client = run.rlm.sub_client
-            params = {"model": run.rlm.recursive_model, **params}
-            requests = [client.request(p, **params) for p in prompts]
-            results = await client.send_many(
-                requests, meter=run.sub_meter, ledger=run.ledger,
-                on_item_done=self._progress(total),
-            )
+            results = await self._send_many(prompts, params, self._progress(total), cached)
         return [
             failed_slot(self._window_error(p, r) if isinstance(r, LLMError) else r)
             for p, r in zip(prompts, results, strict=True)
         ]
+
+    async def _send_many(self, prompts: list[Any], params: dict[str, Any],
+                         on_item_done: Callable[[int, int], None],
+                         cached: list[bool] | None = None) -> list[Any]:
+        run = self._run
+        client = run.rlm.sub_client
+        params = {"model": run.rlm.recursive_model, **params}
+        requests = [client.request(p, **params) for p in prompts]
+        return await client.send_many(
+            requests, meter=run.sub_meter, ledger=run.ledger, on_item_done=on_item_done,
+            cached=cached,
+        )
 
     def _progress(self, total: int) -> Callable[[int, int], None]:
         step = max(1, total // 50)
@@ -414,7 +436,8 @@ def _deadline_passed(run: _Run) -> None:
     run.halt("budget", ledger.describe())
 
 
-def _emit_cell_result(run: _Run, iteration: int, index: int, result: ExecResult) -> None:
+def _emit_cell_result(run: _Run, iteration: int, index: int, result: ExecResult,
+                      cached_sub_calls: int = 0) -> None:
     run.trajectory.emit(
         "cell_result",
         iteration=iteration,
@@ -425,6 +448,7 @@ def _emit_cell_result(run: _Run, iteration: int, index: int, result: ExecResult)
         final=result.final,
         duration_s=round(result.duration_s, 4),
         sub_calls=result.sub_calls,
+        cached_sub_calls=cached_sub_calls,
         truncated=result.truncated,
     )
 
@@ -432,11 +456,6 @@ def _emit_cell_result(run: _Run, iteration: int, index: int, result: ExecResult)
 def _short_error(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _default_sandbox() -> str:
-    # The worker-process sandbox needs fork and OS limits: Linux and macOS.
-    return "process" if sys.platform.startswith(("linux", "darwin")) else "local"
 
 
 class RLM:
@@ -454,6 +473,9 @@ class RLM:
       between RLMs) instead of building them; they are not closed by ``close()``.
     - ``max_concurrency``: sub-queries in flight at once on the sub client this RLM
       builds (default 64; ignored when ``sub_client`` is given).
+    - ``prices``: model name to USD per 1M (input, output) tokens for the clients this
+      RLM builds, so costs and ``max_cost_usd`` work for models the built-in table
+      does not know (default: the built-in table and $RLM_PRICES).
 
     The loop and its limits:
 
@@ -498,6 +520,14 @@ class RLM:
       streaming progress.
     - A run with ``schema=`` gives the root ``max_answer_retries`` more tries after an
       answer that does not match (see ``completion``).
+
+    Caching (see rlm.cache and the README):
+
+    - ``cache``: None/False (default: nothing stored), True (the per-user cache
+      directory), a directory, or an ``rlm.cache.Cache``; replies stored by earlier runs
+      are reused by both clients this RLM builds, at no cost against the budgets.
+    - ``cache_read`` / ``cache_write``: False sends everything (identical requests in
+      flight included) / stores nothing.
     """
 
     def __init__(
@@ -529,6 +559,9 @@ class RLM:
         cell_timeout: float = 60.0,
         sub_window_chars: int = DEFAULT_SUB_WINDOW_CHARS,
         prices: Mapping[str, tuple[float, float]] | None = None,
+        cache: Any = None,
+        cache_read: bool = True,
+        cache_write: bool = True,
     ) -> None:
         # The keywords this RLM was made with, so another process can build its twin.
         self._settings: dict[str, Any] = {k: v for k, v in locals().items() if k != "self"}
@@ -554,18 +587,22 @@ class RLM:
                 f"record_subcalls must be one of {', '.join(map(repr, SUBCALL_RECORDING))}, "
                 f"got {record_subcalls!r}"
             )
-        for name, value in (("max_cost_usd", max_cost_usd), ("max_time_s", max_time_s)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                                      or not value > 0):
-                raise ConfigError(f"{name} must be a number > 0 or None (no limit), got {value!r}")
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-            raise ConfigError(f"max_tokens must be an int >= 1 or None (no limit), got {max_tokens!r}")
         if prices is not None:
             prices = check_prices(prices)
+        if (cache not in (None, False) or not cache_read or not cache_write) and (
+            client is not None or sub_client is not None
+        ):
+            raise ConfigError(
+                "cache=, cache_read= and cache_write= apply to the clients RLM creates; "
+                "pass them to the AsyncOpenAIClient(s) you pass in instead"
+            )
+        # One store for both clients this RLM creates; it is closed after them.
+        self._cache = open_cache(cache)
+        caching = {"cache": self._cache, "cache_read": cache_read, "cache_write": cache_write}
         self._owned: list[AsyncOpenAIClient] = []
         if client is None:
             client = AsyncOpenAIClient(model=model, api_key=api_key, base_url=base_url,
-                                       prices=prices)
+                                       prices=prices, **caching)
             self._owned.append(client)
         # A missing key fails here, once, not as N failed results after N sandboxes started.
         client.check_key()
@@ -579,6 +616,7 @@ class RLM:
                 base_url=base_url or client.base_url,
                 max_concurrency=max_concurrency,
                 prices=prices,
+                **caching,
             )
             self._owned.append(sub_client)
         sub_client.check_key()
@@ -586,7 +624,7 @@ class RLM:
         self.max_iterations = max_iterations
         self.max_depth = max_depth
         self.max_answer_retries = max_answer_retries
-        self.sandbox = sandbox or _default_sandbox()
+        self.sandbox = sandbox or default_sandbox()
         self.max_output_chars = max_output_chars
         for name, value in (("max_cost_usd", max_cost_usd), ("max_tokens", max_tokens),
                             ("max_time_s", max_time_s)):
@@ -809,8 +847,9 @@ class RLM:
         the same job again skips ids already there (``retry_failed=True`` re-runs those
         that ended in error). Options: ``query``, ``fmt``, ``encoding``,
         ``concurrency`` (8), job caps ``max_cost_usd``/``max_tokens``/``max_time_s``,
-        ``sort_output``, ``progress``, ``backend`` ("local" or "ray") and
-        ``ray_address``. Returns a ``JobSummary``; see the README's "Jobs" section.
+        ``schema`` (a typed answer per task, in each line's ``output``), ``sort_output``,
+        ``progress``, ``backend`` ("local" or "ray") and ``ray_address``. Returns a
+        ``JobSummary``; see the README's "Jobs" section.
         """
         from rlm.jobs.runner import run_job
 
@@ -858,6 +897,8 @@ class RLM:
             await asyncio.to_thread(self._wait_idle, INTERRUPT_GRACE_S)
         for c in self._owned:
             await c.close()
+        if self._cache is not None:
+            self._cache.close()
 
     def close(self) -> None:
         """``aclose`` for sync code."""
@@ -866,6 +907,8 @@ class RLM:
             self._wait_idle(INTERRUPT_GRACE_S)
         for c in self._owned:
             c.close_sync()
+        if self._cache is not None:
+            self._cache.close()
 
     def __enter__(self) -> RLM:
         return self
@@ -1073,6 +1116,7 @@ class RLM:
                 "cost_usd": turn.cost_usd if not turn.unpriced_models else "unpriced",
             },
             elapsed_s=round(time.monotonic() - started, 3),
+            cached=turn.cached_calls > 0,
         )
         return reply
 
@@ -1108,9 +1152,9 @@ class RLM:
             if not blocks:
                 final = await self._final_from_text(run, env, reply)
                 if final is not None:
-                    verdict, feedback = self._judge(run, typed, final)
+                    verdict, feedback = self._judge(run, typed, final, iteration)
                     if verdict == "answer":
-                        return final if typed is None else typed.answer, "final", iteration
+                        return _answer_text(final, typed), "final", iteration
                     if verdict == "invalid":
                         return None, "invalid_answer", iteration
                     new = [{"role": "user", "content": feedback}]
@@ -1125,9 +1169,9 @@ class RLM:
                 feedback = ""
                 if result.final is not None:
                     run.trajectory.emit("final", answer=result.final, source="code")
-                    verdict, feedback = self._judge(run, typed, result.final)
+                    verdict, feedback = self._judge(run, typed, result.final, iteration)
                     if verdict == "answer":
-                        return result.final if typed is None else typed.answer, "final", iteration
+                        return _answer_text(result.final, typed), "final", iteration
                     if verdict == "invalid":
                         return None, "invalid_answer", iteration
                 outputs.append(
@@ -1155,13 +1199,13 @@ class RLM:
             run.trajectory.emit("final", answer=final, source="last_turn")
         if typed is not None:
             # No turn is left to fix a mismatch: it ends the run.
-            if self._judge(run, typed, final, last=True)[0] != "answer":
+            if self._judge(run, typed, final, self.max_iterations + 1, last=True)[0] != "answer":
                 return None, "invalid_answer", self.max_iterations
             return typed.answer, "max_iterations", self.max_iterations
-        return final, "max_iterations", self.max_iterations
+        return _answer_text(final, None), "max_iterations", self.max_iterations
 
     def _judge(
-        self, run: _Run, typed: _TypedAnswer | None, value: Any, last: bool = False
+        self, run: _Run, typed: _TypedAnswer | None, value: Any, iteration: int, last: bool = False
     ) -> tuple[str, str]:
         """What a FINAL value means for the run: ("answer", ""), ("retry", the feedback
         for the root) or ("invalid", "") when no retry is left."""
@@ -1170,6 +1214,7 @@ class RLM:
         left = 0 if last else typed.retries_left()
         run.trajectory.emit(
             "answer_invalid",
+            iteration=iteration,
             attempt=typed.failures,
             retries_left=left,
             errors=[i.to_dict() for i in typed.issues],
@@ -1228,6 +1273,7 @@ class RLM:
                     code: str) -> ExecResult:
         """Run one cell and record it; an interruption still records what it printed."""
         run.trajectory.emit("cell", iteration=iteration, index=index, code=code)
+        cached_before = run.sub_meter.snapshot().cached_calls
         # Shielded, so a cancelled run can stop the cell and still read its output.
         task = asyncio.ensure_future(env.aexecute(code))
         try:
@@ -1238,12 +1284,13 @@ class RLM:
                 _emit_cell_result(run, iteration, index,
                                   await asyncio.wait_for(asyncio.shield(task), INTERRUPT_GRACE_S))
             raise
-        _emit_cell_result(run, iteration, index, result)
+        _emit_cell_result(run, iteration, index, result,
+                          run.sub_meter.snapshot().cached_calls - cached_before)
         if env.closed:
             raise _Stopped("interrupted", "the REPL was closed during the run")
         return result
 
-    async def _final_from_text(self, run: _Run, env: REPLEnv, reply: str) -> str | None:
+    async def _final_from_text(self, run: _Run, env: REPLEnv, reply: str) -> Any:
         found = find_final_in_text(reply)
         if found is None:
             return None
@@ -1353,6 +1400,17 @@ class RLMSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _answer_text(value: Any, typed: _TypedAnswer | None) -> str:
+    """RLMResult.answer for a FINAL value: the validated output's text with a schema;
+    without one, a str as is and other plain data as JSON."""
+    if typed is not None:
+        assert typed.answer is not None
+        return typed.answer
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _reply_text(reply: Any) -> str:

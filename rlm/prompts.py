@@ -34,7 +34,8 @@ like pass through.
 list, number...) checked against the schema, so you can aggregate it exactly. An item \
 whose reply never matched is a string starting with "[llm_query error:" (check with \
 isinstance(r, str)); a single llm_query raises instead.
-- `FINAL(answer)`: call it with your final answer (a string) to finish.
+- `FINAL(answer)`: call it with your final answer (a string) to finish; a dict, list or \
+number is given as its JSON text.
 - `FINAL_VAR(name)`: finish with the value of the REPL variable `name` (pass its name as \
 a string).
 - `print(...)` to see values.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import sys
 import threading
 import time
 import weakref
@@ -46,14 +47,17 @@ class ExecResult:
     ``stdout``/``stderr`` hold what the cell printed (capped at ``max_output_chars`` each,
     head and tail kept, ``truncated`` set when cut); ``error`` is None or the text the
     model reads (a traceback of its own lines, a policy message, a timeout);
-    ``final`` is the answer given to FINAL/FINAL_VAR in this cell (a str) or None;
+    ``final`` is the answer given to FINAL/FINAL_VAR in this cell or None: a str, or
+    JSON-compatible data (dict, list, number, bool) as plain builtin types, copied out
+    of the sandbox without running any of the cell's code (anything else arrives as
+    its ``str()``);
     ``duration_s`` the wall time; ``sub_calls`` how many sub-queries the cell made.
     """
 
     stdout: str = ""
     stderr: str = ""
     error: str | None = None
-    final: str | None = None
+    final: Any = None
     duration_s: float = 0.0
     sub_calls: int = 0
     truncated: bool = False
@@ -73,7 +77,8 @@ class ExecResult:
         if self.stderr:
             bits.append(f"stderr={_clip(self.stderr, 40)!r}")
         if self.final is not None:
-            bits.append(f"final={_clip(self.final, 60)!r}")
+            shown = self.final if isinstance(self.final, str) else repr(self.final)
+            bits.append(f"final={_clip(shown, 60)!r}")
         if self.sub_calls:
             bits.append(f"sub_calls={self.sub_calls}")
         if self.truncated:
@@ -120,13 +125,21 @@ class ClientSubQueries:
         if "schema" in params:
             params = dict(params)
             schema = check_subquery_schema(params.pop("schema"))
-            results = await structured_batch(self._send, prompts, schema, params, self._client)
+            results = await structured_batch(
+                self._send, self._send_many, prompts, schema, params, self._client
+            )
         else:
             results = await self._client.completion_batch(prompts, return_exceptions=True, **params)
         return [failed_slot(r) for r in results]
 
     async def _send(self, messages: Any, params: dict[str, Any]) -> str:
         return await self._client.completion(messages, **params)
+
+    async def _send_many(self, prompts: list[Any], params: dict[str, Any],
+                         on_item_done: Any) -> list[Any]:
+        return await self._client.completion_batch(
+            prompts, return_exceptions=True, on_item_done=on_item_done, **params
+        )
 
 
 def _short_error(exc: BaseException) -> str:
@@ -176,22 +189,38 @@ class _CountingSubQueries:
         return await service.batch(prompts, params)
 
 
+def default_sandbox() -> str:
+    """The sandbox ``REPLEnv`` and ``RLM`` use when none is named: "process" where the
+    worker-process sandbox works (it needs fork and OS limits: Linux and macOS), else
+    "local"."""
+    return "process" if sys.platform.startswith(("linux", "darwin")) else "local"
+
+
 class REPLEnv:
     """A persistent sandboxed REPL holding ``context``; see the module docstring.
 
-    ``client`` (an AsyncOpenAIClient) serves llm_query and friends; without one, calling
-    them in a cell is an error in that cell. ``sub_queries`` may replace it with any
-    ``SubQueries`` service. ``sandbox`` is ``"local"`` or ``"process"``; ``timeout`` is
-    the wall-clock limit of one cell in seconds (None: none); ``max_output_chars`` caps
-    stdout and stderr of a cell; ``setup_code`` runs once at start (a failure raises
-    ConfigError); ``tools`` maps names to functions the code may call.
-    ``max_batch_items`` (prompts per llm_query_batch call, default 100,000),
-    ``max_prompt_bytes`` (UTF-8 bytes per prompt, default 4 MiB) and ``max_in_flight``
-    (this env's sub-queries running at once, default 1,024; a bigger batch is fed in as
-    slots free up) keep one env from flooding the host; going past one is an error in
-    the cell that names the option. Options of the chosen sandbox (``memory_limit_mb``,
-    ``cpu_limit_s``, ``disk_limit_mb``... for "process", ``grace_s`` for "local") pass
-    through as keywords.
+    - ``context``: the value code sees as ``context`` (default None); in-process it is
+      the caller's object itself, not a copy.
+    - ``client``: an ``AsyncOpenAIClient`` that serves llm_query and friends; without
+      one, calling them in a cell is an error in that cell. ``sub_queries`` may replace
+      it with any ``SubQueries`` service.
+    - ``sandbox``: "process" (a worker process with wall and CPU time, memory, network
+      and file limits) or "local" (a worker thread of this process under the policy
+      only: faster, weaker). Default: the same as ``RLM``'s, "process" on Linux and
+      macOS, "local" elsewhere (``default_sandbox()``).
+    - ``timeout``: wall-clock seconds one cell may run (default 30; None: no limit).
+    - ``max_output_chars``: characters of stdout and of stderr kept per cell (default
+      20,000).
+    - ``setup_code``: Python run once at start (a failure raises ConfigError).
+    - ``tools``: names mapped to functions the code may call.
+    - ``max_batch_items`` (prompts per llm_query_batch call, default 100,000),
+      ``max_prompt_bytes`` (UTF-8 bytes per prompt, default 4 MiB) and
+      ``max_in_flight`` (this env's sub-queries running at once, default 1,024; a
+      bigger batch is fed in as slots free up) keep one env from flooding the host;
+      going past one is an error in the cell that names the option.
+    - Options of the chosen sandbox (``memory_limit_mb``, ``cpu_limit_s``,
+      ``disk_limit_mb``... for "process", ``grace_s`` for "local") pass through as
+      keywords.
 
     Use ``sandbox="process"`` for untrusted input. The in-process sandbox enforces the
     same policy but shares the host process, so some things it cannot stop: a C-stack
@@ -206,7 +235,7 @@ class REPLEnv:
         context: Any = None,
         client: Any = None,
         *,
-        sandbox: str = "local",
+        sandbox: str | None = None,
         timeout: float | None = 30.0,
         max_output_chars: int = 20_000,
         setup_code: str | None = None,
@@ -217,6 +246,8 @@ class REPLEnv:
         max_in_flight: int = SubQueryLimits.max_in_flight,
         **sandbox_options: Any,
     ) -> None:
+        if sandbox is None:
+            sandbox = default_sandbox()
         if sandbox not in _SANDBOXES:
             raise ConfigError(f"sandbox must be one of {', '.join(map(repr, _SANDBOXES))}, not {sandbox!r}")
         valid = _LOCAL_OPTIONS if sandbox == "local" else _PROCESS_OPTIONS
@@ -246,6 +277,7 @@ class REPLEnv:
             max_prompt_bytes=max_prompt_bytes,
             max_in_flight=max_in_flight,
         )
+        self._limits = limits
         self._sub_queries = _CountingSubQueries(sub_queries)
         self._busy = _Busy()
         self._closed = False
@@ -358,11 +390,15 @@ class REPLEnv:
         """Which OS-level protections this env's cells run under on this machine.
 
         For sandbox="process" see ``ProcessExecutor.protections`` (network namespace,
-        filesystem jail, uid drop, each rlimit...); for "local" every key is False.
+        PID namespace and ``kill_scope``, filesystem jail and ``disk_limit``, leased uid,
+        each rlimit...); for "local" every OS key is False. ``subquery_caps`` (both
+        sandboxes) gives this env's caps on sub-queries.
         """
         from rlm.sandbox.process import describe_protections
 
-        return describe_protections(self._executor)
+        report = describe_protections(self._executor)
+        report["subquery_caps"] = ", ".join(f"{k}={v}" for k, v in self._limits.as_dict().items())
+        return report
 
     @property
     def executor(self) -> Executor:

@@ -39,8 +39,15 @@ __all__ = [
 MAX_SCHEMA_CHARS = 64_000
 # Re-asks after a reply that does not match (the model sees the issues each time).
 REASKS = 1
+# Replies validated between two yields to the event loop in a large batch.
+VALIDATE_CHUNK = 64
 
 Send = Callable[[list[dict[str, Any]], dict[str, Any]], Awaitable[str]]
+# (messages of each prompt, body params, on_item_done) -> each slot's text or exception.
+SendMany = Callable[
+    [list[list[dict[str, Any]]], dict[str, Any], Callable[[int, int], None]],
+    Awaitable[list[Any]],
+]
 
 # Whether a client's endpoint takes response_format={"type": "json_schema"}: unknown
 # (absent), True or False, per kind of schema root. Weak keys: a closed and dropped
@@ -176,45 +183,24 @@ def _check(schema: Schema, text: str) -> tuple[bool, Any, tuple[SchemaIssue, ...
     return result.ok, result.output, result.issues
 
 
-async def structured_query(
-    send: Send,
-    prompt: str | Sequence[Mapping[str, Any]],
-    schema: Schema,
-    params: Mapping[str, Any],
-    client: Any,
-) -> Any:
-    """Ask one prompt for a value matching ``schema``; return the validated value.
-
-    ``send(messages, params)`` makes one model call and returns its text (raising
-    ``LLMError``); ``client`` keys the memory of whether the endpoint takes
-    ``response_format``. Raises ``SchemaMismatchError`` when the reply (and the
-    re-ask's) does not match, or the call's own ``LLMError``.
-    """
-    if "response_format" in params:
-        raise TypeError("pass either schema= or response_format= to llm_query, not both")
-    kind = _root_is_object(schema)
-    known = _native.setdefault(client, {}) if client is not None else {}
+def _prepare(
+    prompt: str | Sequence[Mapping[str, Any]], schema: Schema, params: Mapping[str, Any], native: bool
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The messages and body parameters of a structured request, native or instructed."""
     messages = _messages(prompt)
-    native = known.get(kind, True)
     body_params = dict(params)
-    text: str | None = None
-    if native:
-        try:
-            text = await send(messages, {**body_params, "response_format": _response_format(schema)})
-        except LLMError as exc:
-            if not _rejects_format(exc):
-                raise
-            known[kind] = False
-            native = False
-        else:
-            known[kind] = True
     if native:
         body_params["response_format"] = _response_format(schema)
     else:
         instructions = prompts.STRUCTURED_INSTRUCTIONS.format(schema=schema.prompt_text())
         messages = [{"role": "system", "content": instructions}, *messages]
-        text = await send(messages, body_params)
-    assert text is not None
+    return messages, body_params
+
+
+async def _settle(
+    send: Send, schema: Schema, messages: list[dict[str, Any]], body_params: dict[str, Any], text: str
+) -> Any:
+    """The validated value of a reply, re-asking with the issues while re-asks remain."""
     for attempt in range(REASKS + 1):
         ok, output, issues = _check(schema, text)
         if ok:
@@ -229,8 +215,51 @@ async def structured_query(
     raise SchemaMismatchError(f"the reply does not match the schema: {shown}")
 
 
+def _memory(client: Any) -> dict[bool, bool]:
+    return _native.setdefault(client, {}) if client is not None else {}
+
+
+def _check_params(params: Mapping[str, Any]) -> None:
+    if "response_format" in params:
+        raise TypeError("pass either schema= or response_format= to llm_query, not both")
+
+
+async def structured_query(
+    send: Send,
+    prompt: str | Sequence[Mapping[str, Any]],
+    schema: Schema,
+    params: Mapping[str, Any],
+    client: Any,
+) -> Any:
+    """Ask one prompt for a value matching ``schema``; return the validated value.
+
+    ``send(messages, params)`` makes one model call and returns its text (raising
+    ``LLMError``); ``client`` keys the memory of whether the endpoint takes
+    ``response_format``. Raises ``SchemaMismatchError`` when the reply (and the
+    re-ask's) does not match, or the call's own ``LLMError``.
+    """
+    _check_params(params)
+    kind = _root_is_object(schema)
+    known = _memory(client)
+    if known.get(kind, True):
+        messages, body_params = _prepare(prompt, schema, params, native=True)
+        try:
+            text = await send(messages, body_params)
+        except LLMError as exc:
+            if not _rejects_format(exc):
+                raise
+            known[kind] = False
+        else:
+            known[kind] = True
+            return await _settle(send, schema, messages, body_params, text)
+    messages, body_params = _prepare(prompt, schema, params, native=False)
+    text = await send(messages, body_params)
+    return await _settle(send, schema, messages, body_params, text)
+
+
 async def structured_batch(
     send: Send,
+    send_many: SendMany,
     prompts_: Sequence[str | Sequence[Mapping[str, Any]]],
     schema: Schema,
     params: Mapping[str, Any],
@@ -240,29 +269,64 @@ async def structured_batch(
     """``structured_query`` for many prompts at once, in order; a failed slot holds its
     exception (the caller turns it into its error text).
 
-    When the client's support for ``response_format`` is not known yet, the first
-    prompt goes alone, so a server that rejects it costs one extra request, not one
-    per prompt.
+    ``send_many(messages_list, params)`` sends the batch in one go (the client's own
+    batch path) and returns each slot's text or exception. When the client's support
+    for ``response_format`` is not known yet, the first prompt goes alone, so a server
+    that rejects it costs one extra request, not one per prompt. Re-asks go one by one.
     """
+    _check_params(params)
     total = len(prompts_)
     results: list[Any] = [None] * total
-    done = 0
-
-    async def one(i: int) -> None:
-        nonlocal done
-        try:
-            results[i] = await structured_query(send, prompts_[i], schema, params, client)
-        except Exception as exc:  # noqa: BLE001 - kept in its slot, nothing is lost
-            results[i] = exc
-        done += 1
-        if on_item_done is not None:
-            on_item_done(done, total)
-
     if not total:
         return results
+    kind = _root_is_object(schema)
+    known = _memory(client)
     start = 0
-    if client is None or _root_is_object(schema) not in _native.get(client, {}):
-        await one(0)
+    if kind not in known:
+        try:
+            results[0] = await structured_query(send, prompts_[0], schema, params, client)
+        except Exception as exc:  # noqa: BLE001 - kept in its slot, nothing is lost
+            results[0] = exc
         start = 1
-    await asyncio.gather(*(one(i) for i in range(start, total)))
+        if on_item_done is not None:
+            on_item_done(1, total)
+    native = known.get(kind, True)
+    prepared = [_prepare(prompts_[i], schema, params, native) for i in range(start, total)]
+    body_params = prepared[0][1] if prepared else dict(params)
+
+    def progress(done: int, _sent: int) -> None:
+        if on_item_done is not None:
+            on_item_done(done + start, total)
+
+    replies = await send_many([messages for messages, _ in prepared], body_params, progress)
+
+    async def settle(i: int, messages: list[dict[str, Any]], reply: Any) -> None:
+        try:
+            if isinstance(reply, LLMError) and native and _rejects_format(reply):
+                # The server changed its mind (or another client's probe raced this one).
+                known[kind] = False
+                results[i] = await structured_query(send, prompts_[i], schema, params, client)
+            elif isinstance(reply, BaseException):
+                results[i] = reply
+            else:
+                results[i] = await _settle(send, schema, messages, body_params, reply)
+        except Exception as exc:  # noqa: BLE001 - kept in its slot, nothing is lost
+            results[i] = exc
+
+    pending = []
+    for offset, ((messages, _), reply) in enumerate(zip(prepared, replies, strict=True)):
+        i = start + offset
+        if offset and offset % VALIDATE_CHUNK == 0:
+            # Validation runs on the engine loop (tens of microseconds a reply): give
+            # other requests their turn between chunks of a large batch.
+            await asyncio.sleep(0)
+        if isinstance(reply, str):
+            # Most replies match: validate them here and await nothing for them.
+            ok, output, _ = _check(schema, reply)
+            if ok:
+                results[i] = output
+                continue
+        pending.append(settle(i, messages, reply))
+    if pending:
+        await asyncio.gather(*pending)
     return results

@@ -9,10 +9,10 @@ readable by ``rlm view``. Event types, with their fields beyond ``type``, ``t``
   max_iterations, max_depth
 - ``root_request``: iteration, messages (the new messages sent this turn)
 - ``root_reply``: iteration, content, usage (prompt_tokens, completion_tokens,
-  cost_usd of this turn), elapsed_s
+  cost_usd of this turn), elapsed_s, cached (the reply came from the cache)
 - ``cell``: iteration, index, code
 - ``cell_result``: iteration, index, stdout, stderr, error, final, duration_s,
-  sub_calls, truncated
+  sub_calls, cached_sub_calls (how many of them the cache answered), truncated
 - ``final``: answer, source ("FINAL", "FINAL_VAR" or "text")
 - ``budget``: reason (a token, cost or time budget ran out; the run ends after it)
 - ``interrupted``: reason (Ctrl-C, SIGTERM, a cancelled task, ``RLM.interrupt``/``close``;

@@ -302,7 +302,8 @@ def test_a_large_batch_raises_gc_thresholds_only_while_it_runs() -> None:
     before = gc.get_threshold()
     with FakeLLMServer(responder) as srv:
         client = make_client(srv, max_concurrency=200)
-        run_sync(client.completion_batch(["x"] * 1000))
+        # Distinct prompts: identical ones would be sent once (single-flight).
+        run_sync(client.completion_batch([f"x{i}" for i in range(1000)]))
         assert gc.get_threshold() == before
         assert seen == {max(before[0], 50_000)}
         seen.clear()

@@ -100,3 +100,16 @@ def test_make_demo_on_a_fresh_clone_installs_the_runtime_only(tmp_path: Path) ->
                           text=True, timeout=120)
     assert view.returncode == 0, view.stderr
     print(f"make demo on a fresh clone: {elapsed:.1f} s")
+
+
+def test_every_public_constructor_parameter_is_documented() -> None:
+    import inspect
+
+    from rlm import RLM, AsyncOpenAIClient, REPLEnv
+
+    for cls in (RLM, REPLEnv, AsyncOpenAIClient):
+        doc = cls.__doc__ or ""
+        params = inspect.signature(cls.__init__).parameters.values()
+        missing = [p.name for p in params
+                   if p.name != "self" and p.kind is not p.VAR_KEYWORD and f"``{p.name}``" not in doc]
+        assert missing == [], f"{cls.__name__}: {missing}"

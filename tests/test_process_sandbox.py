@@ -416,7 +416,8 @@ def test_get_returns_a_json_copy_and_refuses_other_values(env: REPLEnv) -> None:
 
 def test_final_and_final_var(env: REPLEnv) -> None:
     assert env.execute("FINAL('done')").final == "done"
-    assert env.execute("answer = 42\nFINAL_VAR('answer')").final == "42"
+    assert env.execute("answer = 42\nFINAL_VAR('answer')").final == 42
+    assert env.execute("FINAL({'ids': ['a', 'b'], 'n': 2.5})").final == {"ids": ["a", "b"], "n": 2.5}
     assert env.execute("1").final is None
 
 
@@ -445,10 +446,11 @@ def test_protections_are_reported(env: REPLEnv) -> None:
 
 
 def test_the_local_sandbox_reports_no_os_protections() -> None:
-    with REPLEnv("ctx") as env:
+    with REPLEnv("ctx", sandbox="local") as env:
         prot = env.protections
-    assert not any(v for k, v in prot.items() if k not in ("notes", "kill_scope"))
+    assert not any(v for k, v in prot.items() if k not in ("notes", "kill_scope", "subquery_caps"))
     assert prot["kill_scope"] == "none"
+    assert prot["subquery_caps"] == "max_batch_items=100000, max_prompt_bytes=4194304, max_in_flight=1024"
     assert "sandbox='process'" in str(prot["notes"])
 
 
@@ -592,8 +594,10 @@ def test_interpreter_exit_leaves_no_processes_directories_or_warnings(tmp_path: 
         closed = REPLEnv("ctx", sandbox="process")
         closed.close()
         pids = [e.executor._res.pid for e in kept] + [process._get_zygote().proc.pid]
-        dirs = [process._get_zygote().plan["mountpoint"]]
-        print(json.dumps({"pids": pids, "dirs": dirs}))
+        # Each worker's root is a tmpfs in its own mount namespace (nothing on disk) or a
+        # directory per worker start, removed when that worker is reaped.
+        roots = [f"/proc/{pid}/root/" for pid in pids[:-1]]
+        print(json.dumps({"pids": pids, "roots": roots}))
         # exits without closing the three envs
         """
     )
@@ -608,4 +612,4 @@ def test_interpreter_exit_leaves_no_processes_directories_or_warnings(tmp_path: 
     assert proc.stderr == ""
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(isinstance(pid, int) and _gone(pid) for pid in seen["pids"])
-    assert not any(d and Path(d).exists() for d in seen["dirs"])
+    assert not any(Path(root).exists() for root in seen["roots"])

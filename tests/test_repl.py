@@ -1,12 +1,15 @@
 """REPLEnv behaviour: results, output, isolation, FINAL, limits, sub-queries, lifecycle.
 
-Real envs with real worker threads; sub-queries go to FakeLLMServer over loopback (the
-echo responder answers "ECHO x" with "x"). The sandbox suites live in tests/sandbox/.
+Real envs with real worker threads (the in-process sandbox, named explicitly: the
+default is the worker-process one, tested in test_process_sandbox.py); sub-queries go
+to FakeLLMServer over loopback (the echo responder answers "ECHO x" with "x"). The
+sandbox suites live in tests/sandbox/.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import tracemalloc
 from collections.abc import Iterator
@@ -16,7 +19,7 @@ import pytest
 
 from rlm import AsyncOpenAIClient, ExecResult, REPLEnv
 from rlm.errors import ConfigError, EnvClosedError
-from rlm.repl import describe_context
+from rlm.repl import default_sandbox, describe_context
 from rlm.testing import FakeLLMServer, Fault
 
 
@@ -31,7 +34,7 @@ def client(server: FakeLLMServer) -> Iterator[AsyncOpenAIClient]:
 
 @pytest.fixture
 def env(client: AsyncOpenAIClient) -> Iterator[REPLEnv]:
-    with REPLEnv(context="hello world", client=client, timeout=5.0) as e:
+    with REPLEnv(sandbox="local", context="hello world", client=client, timeout=5.0) as e:
         yield e
 
 
@@ -63,7 +66,7 @@ def test_trailing_expression_is_echoed(env: REPLEnv) -> None:
 
 
 def test_output_cap_keeps_head_and_tail(client: AsyncOpenAIClient) -> None:
-    with REPLEnv(client=client, max_output_chars=200) as env:
+    with REPLEnv(sandbox="local", client=client, max_output_chars=200) as env:
         r = env.execute("print('HEAD' + 'x' * 5000 + 'TAIL')")
     assert r.truncated
     assert r.stdout.startswith("HEADxxx")
@@ -73,7 +76,7 @@ def test_output_cap_keeps_head_and_tail(client: AsyncOpenAIClient) -> None:
 
 
 def test_stderr_is_capped_separately(client: AsyncOpenAIClient) -> None:
-    with REPLEnv(client=client, max_output_chars=100) as env:
+    with REPLEnv(sandbox="local", client=client, max_output_chars=100) as env:
         r = env.execute("for i in range(50):\n    llm_query = i\nprint('ok')")
     assert r.stdout == "ok\n"
     assert "llm_query is reserved" in r.stderr
@@ -143,10 +146,12 @@ def test_reserved_names_are_restored_after_the_cell(env: REPLEnv) -> None:
     assert after.final == "back"
 
 
-def test_final_converts_to_str(env: REPLEnv) -> None:
-    assert env.execute("FINAL(42)").final == "42"
-    assert env.execute("FINAL(['a', 1])").final == "['a', 1]"
+def test_final_keeps_plain_data_and_turns_anything_else_into_its_str(env: REPLEnv) -> None:
+    assert env.execute("FINAL(42)").final == 42
+    assert env.execute("FINAL(['a', 1, ('t', None)])").final == ["a", 1, ["t", None]]
     assert env.execute("FINAL('done')").final == "done"
+    assert env.execute("FINAL({'a', 'b'} - {'b'})").final == "{'a'}"  # a set is not JSON
+    assert env.execute("FINAL(None)").final == "None"
 
 
 def test_final_is_per_cell(env: REPLEnv) -> None:
@@ -156,8 +161,8 @@ def test_final_is_per_cell(env: REPLEnv) -> None:
 
 def test_final_var_reads_the_variable(env: REPLEnv) -> None:
     r = env.execute("answer = {'total': 3}\nFINAL_VAR('answer')")
-    assert r.final == "{'total': 3}"
-    assert env.execute('FINAL_VAR("answer")').final == "{'total': 3}"
+    assert r.final == {"total": 3}
+    assert env.execute('FINAL_VAR("answer")').final == {"total": 3}
 
 
 def test_final_var_of_a_missing_name_is_an_error_in_the_cell(env: REPLEnv) -> None:
@@ -171,7 +176,7 @@ def test_final_var_of_a_missing_name_is_an_error_in_the_cell(env: REPLEnv) -> No
 
 
 def test_timeout_stops_the_cell_and_keeps_the_env(client: AsyncOpenAIClient) -> None:
-    with REPLEnv(client=client, timeout=0.5) as env:
+    with REPLEnv(sandbox="local", client=client, timeout=0.5) as env:
         r = env.execute("before = 1\nwhile True:\n    pass")
         assert r.error is not None
         assert r.error.startswith("TimeoutError: the cell ran longer than its 0.5 s time limit")
@@ -184,7 +189,7 @@ def test_timeout_stops_a_cell_waiting_on_a_sub_query(server: FakeLLMServer) -> N
     server.inject("hang", count=1)
     c = AsyncOpenAIClient(model="fake-model", api_key="k", base_url=server.url, timeout=60)
     try:
-        with REPLEnv(client=c, timeout=0.5) as env:
+        with REPLEnv(sandbox="local", client=c, timeout=0.5) as env:
             r = env.execute("llm_query('ECHO 1')")
             assert r.error is not None and "TimeoutError" in r.error
             assert env.execute("print('next')").stdout == "next\n"
@@ -196,7 +201,7 @@ def test_cell_stuck_in_c_code_is_abandoned_with_a_clear_error(client: AsyncOpenA
     # One key derivation runs in C for seconds (with the GIL released, so the waiting
     # caller can notice): the deadline cannot interrupt it, so after the grace period
     # the env moves on to a fresh worker thread.
-    with REPLEnv(client=client, timeout=0.3, grace_s=0.3) as env:
+    with REPLEnv(sandbox="local", client=client, timeout=0.3, grace_s=0.3) as env:
         env.execute("kept = 'yes'")
         r = env.execute("import hashlib\nhashlib.pbkdf2_hmac('sha256', b'pw', b'salt', 8_000_000)")
         assert r.error is not None
@@ -237,7 +242,7 @@ def test_two_envs_in_two_threads_see_only_their_own_output(
     results: dict[str, ExecResult] = {}
 
     def run(name: str) -> None:
-        with REPLEnv(client=client) as env:
+        with REPLEnv(sandbox="local", client=client) as env:
             results[name] = env.execute(f"for i in range(1000):\n    print('{name}', i)")
 
     threads = [threading.Thread(target=run, args=(n,)) for n in ("alpha", "beta")]
@@ -255,7 +260,7 @@ def test_two_envs_in_two_threads_see_only_their_own_output(
 
 
 def test_fifty_envs_on_one_client_share_nothing(client: AsyncOpenAIClient) -> None:
-    envs = [REPLEnv(context=f"ctx-{i}", client=client) for i in range(50)]
+    envs = [REPLEnv(sandbox="local", context=f"ctx-{i}", client=client) for i in range(50)]
     results: list[ExecResult | None] = [None] * 50
 
     def run(i: int) -> None:
@@ -311,7 +316,7 @@ def test_async_forms_with_top_level_await(env: REPLEnv) -> None:
 
 def test_failed_batch_items_become_error_strings(client: AsyncOpenAIClient, server: FakeLLMServer) -> None:
     server.responder = lambda messages: Fault("500") if "FAIL" in messages[-1]["content"] else "ok"
-    with REPLEnv(client=client) as env:
+    with REPLEnv(sandbox="local", client=client) as env:
         r = env.execute("rs = llm_query_batch(['a', 'FAIL 1', 'b', 'FAIL 2'])\nprint(rs)")
     assert r.error is None
     assert r.stdout.startswith("['ok', '[llm_query error: ")
@@ -324,7 +329,7 @@ def test_failed_batch_items_become_error_strings(client: AsyncOpenAIClient, serv
 
 def test_failed_llm_query_raises_a_catchable_error(client: AsyncOpenAIClient, server: FakeLLMServer) -> None:
     server.responder = lambda messages: Fault("500")
-    with REPLEnv(client=client) as env:
+    with REPLEnv(sandbox="local", client=client) as env:
         r = env.execute(
             "try:\n    llm_query('x')\nexcept LLMQueryError as e:\n    print('caught:', type(e).__name__)"
         )
@@ -334,7 +339,7 @@ def test_failed_llm_query_raises_a_catchable_error(client: AsyncOpenAIClient, se
 
 
 def test_without_a_client_llm_query_is_an_error_in_the_cell() -> None:
-    with REPLEnv(context="c") as env:
+    with REPLEnv(sandbox="local", context="c") as env:
         r = env.execute("llm_query('hi')")
         assert r.error is not None and "no model client is configured" in r.error
         assert env.execute("print(context)").stdout == "c\n"
@@ -363,7 +368,7 @@ async def test_aexecute_does_not_block_the_loop() -> None:
     # The cell waits for a task of the caller's loop: were the loop blocked, the task
     # could never run and the wait would give up.
     from_loop = threading.Event()
-    with REPLEnv(tools={"wait_for_the_loop": lambda: from_loop.wait(10)}) as env:
+    with REPLEnv(sandbox="local", tools={"wait_for_the_loop": lambda: from_loop.wait(10)}) as env:
 
         async def set_it() -> None:
             await asyncio.sleep(0)
@@ -385,7 +390,7 @@ async def test_cancelling_aexecute_stops_the_cell(env: REPLEnv) -> None:
 def test_cells_run_on_the_env_thread_not_the_callers() -> None:
     # `threading` is not importable in a cell, so the env exposes its thread through a tool.
     names: list[str] = []
-    with REPLEnv(tools={"where": lambda: names.append(threading.current_thread().name)}) as e:
+    with REPLEnv(sandbox="local", tools={"where": lambda: names.append(threading.current_thread().name)}) as e:
         e.execute("where()\nwhere()")
     assert len(names) == 2 and names[0] == names[1]
     assert names[0].startswith("rlm-repl-") and names[0] != threading.current_thread().name
@@ -398,7 +403,7 @@ def test_large_context_is_not_copied(client: AsyncOpenAIClient) -> None:
     ctx = "z" * 100_000_000
     tracemalloc.start()
     try:
-        with REPLEnv(context=ctx, client=client) as env:
+        with REPLEnv(sandbox="local", context=ctx, client=client) as env:
             assert env.get("context") is ctx
             r = env.execute("print(len(context), context[:3])")
         peak = tracemalloc.get_traced_memory()[1]
@@ -410,7 +415,7 @@ def test_large_context_is_not_copied(client: AsyncOpenAIClient) -> None:
 
 def test_list_context_is_shared_with_the_caller(client: AsyncOpenAIClient) -> None:
     ctx: list[Any] = [1, 2]
-    with REPLEnv(context=ctx, client=client) as env:
+    with REPLEnv(sandbox="local", context=ctx, client=client) as env:
         env.execute("context.append(3)")
     assert ctx == [1, 2, 3]
 
@@ -447,7 +452,7 @@ def test_describe_context_preview_is_cut() -> None:
 
 def test_unknown_option_names_the_valid_ones() -> None:
     with pytest.raises(ConfigError, match="unknown REPLEnv option.*'memory_limit'.*grace_s"):
-        REPLEnv(memory_limit=5)
+        REPLEnv(sandbox="local", memory_limit=5)
 
 
 def test_unknown_sandbox_is_a_config_error() -> None:
@@ -456,10 +461,10 @@ def test_unknown_sandbox_is_a_config_error() -> None:
 
 
 def test_setup_code_runs_once_and_its_failure_raises(client: AsyncOpenAIClient) -> None:
-    with REPLEnv(client=client, setup_code="import json\nhelper = lambda x: json.dumps(x)") as env:
+    with REPLEnv(sandbox="local", client=client, setup_code="import json\nhelper = lambda x: json.dumps(x)") as env:
         assert env.execute("print(helper([1]))").stdout == "[1]\n"
     with pytest.raises(ConfigError, match="setup_code failed"):
-        REPLEnv(setup_code="1 / 0")
+        REPLEnv(sandbox="local", setup_code="1 / 0")
 
 
 def test_tools_are_callable_and_wrapped(client: AsyncOpenAIClient) -> None:
@@ -470,7 +475,7 @@ def test_tools_are_callable_and_wrapped(client: AsyncOpenAIClient) -> None:
             return key.upper()
 
     store = Store()
-    with REPLEnv(client=client, tools={"lookup": store.lookup}) as env:
+    with REPLEnv(sandbox="local", client=client, tools={"lookup": store.lookup}) as env:
         assert env.execute("print(lookup('abc'))").stdout == "ABC\n"
         r = env.execute("print([getattr(lookup, n, None) for n in ('secret', 'func', 'store')])")
     assert r.stdout == "[None, None, None]\n"
@@ -482,7 +487,7 @@ def test_get_of_a_missing_name_raises_key_error(env: REPLEnv) -> None:
 
 
 def test_closed_env_raises_env_closed_error(client: AsyncOpenAIClient) -> None:
-    env = REPLEnv(client=client)
+    env = REPLEnv(sandbox="local", client=client)
     env.close()
     env.close()  # idempotent
     with pytest.raises(EnvClosedError):
@@ -492,7 +497,7 @@ def test_closed_env_raises_env_closed_error(client: AsyncOpenAIClient) -> None:
 
 
 async def test_closed_env_raises_in_aexecute(client: AsyncOpenAIClient) -> None:
-    env = REPLEnv(client=client)
+    env = REPLEnv(sandbox="local", client=client)
     env.close()
     with pytest.raises(EnvClosedError):
         await env.aexecute("1")
@@ -500,7 +505,7 @@ async def test_closed_env_raises_in_aexecute(client: AsyncOpenAIClient) -> None:
 
 def test_close_stops_a_cell_running_in_another_thread() -> None:
     running = threading.Event()
-    env = REPLEnv(timeout=None, tools={"signal_running": running.set})
+    env = REPLEnv(sandbox="local", timeout=None, tools={"signal_running": running.set})
     results: list[ExecResult] = []
     runner = threading.Thread(
         target=lambda: results.append(env.execute("signal_running()\nwhile True:\n    pass"))
@@ -514,9 +519,21 @@ def test_close_stops_a_cell_running_in_another_thread() -> None:
 
 
 def test_close_stops_the_worker_thread(client: AsyncOpenAIClient) -> None:
-    env = REPLEnv(client=client)
+    env = REPLEnv(sandbox="local", client=client)
     env.execute("x = 1")
     before = {t.name for t in threading.enumerate()}
     env.close()
     after = {t.name for t in threading.enumerate()}
     assert any(n.startswith("rlm-repl-") for n in before - after)
+
+
+def test_repl_env_and_rlm_default_to_the_same_sandbox() -> None:
+    from rlm import RLM
+
+    with REPLEnv() as env:
+        rlm = RLM(api_key="k")
+        try:
+            assert env.sandbox == rlm.sandbox == default_sandbox()
+        finally:
+            rlm.close()
+    assert default_sandbox() == ("process" if sys.platform.startswith(("linux", "darwin")) else "local")

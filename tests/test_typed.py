@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -150,3 +151,80 @@ def test_something_that_is_not_a_schema_is_refused_before_any_request(rlms: list
         with pytest.raises(ConfigError, match="schema must be"):
             rlm.completion("x", "q", schema="list of str")
         assert srv.requests == 0
+
+
+def test_a_refused_answer_shows_in_the_live_view_and_the_html_page(rlms: list[RLM]) -> None:
+    import io
+
+    from rich.console import Console
+
+    from rlm.display import LiveDisplay, trajectory_html
+
+    script = [repl('FINAL({"count": "many", "ids": []})'), repl('FINAL({"count": 0, "ids": []})')]
+    with FakeLLMServer(scripts={ROOT: script}) as srv:
+        result = make_rlm(srv, rlms).completion("x", "How many?", schema=Counted)
+    console = Console(file=io.StringIO(), width=200, force_terminal=False)
+    live = LiveDisplay(console=console)
+    for event in result.trajectory:
+        live(event)
+    shown = console.file.getvalue()
+    refused = "answer refused by the schema: $.count: expected a valid integer"
+    assert refused in shown
+    assert refused in trajectory_html(result.trajectory)
+
+
+FINAL_OBJECTS = """
+class Point:
+    def __init__(self, x):
+        self.x = x
+class Loud(str):
+    def upper(self):
+        return "hijacked"
+    def strip(self, *args):
+        return "hijacked"
+class Counts(dict):
+    def items(self):
+        return [("hijacked", 1)]
+"""
+
+
+@pytest.mark.parametrize("sandbox", ["local", "process"])
+@pytest.mark.parametrize(
+    ("final", "expected"),
+    [
+        ("FINAL(Point(3))", re.compile(r"<\S*Point object at 0x[0-9a-f]+>")),
+        ("FINAL(Loud('plain text'))", "plain text"),
+        ("FINAL(Counts(a=1, b=[Loud('x'), (2, 3.5)]))", {"a": 1, "b": ["x", [2, 3.5]]}),
+        ("FINAL([1, True, None, {'k': 'v'}])", [1, True, None, {"k": "v"}]),
+        ("value = Counts(n=2)\nFINAL_VAR('value')", {"n": 2}),
+    ],
+    ids=["user-object", "str-subclass", "dict-subclass", "json-list", "final-var"],
+)
+def test_final_reaches_the_host_as_plain_data(sandbox: str, final: str, expected: Any) -> None:
+    from rlm import REPLEnv
+
+    with REPLEnv(sandbox=sandbox) as env:
+        assert env.execute(FINAL_OBJECTS).error is None
+        result = env.execute(final)
+    assert result.error is None, result.error
+    if isinstance(expected, re.Pattern):
+        assert expected.fullmatch(result.final), result.final
+    else:
+        assert result.final == expected
+
+    def exact(value: Any) -> bool:
+        # Every value is of an exact builtin type: nothing of the cell's classes is left.
+        if type(value) in (dict,):
+            return all(type(k) is str and exact(v) for k, v in value.items())
+        if type(value) is list:
+            return all(exact(v) for v in value)
+        return type(value) in (str, int, float, bool, type(None))
+
+    assert exact(result.final)
+
+
+def test_an_untyped_run_answers_plain_data_as_json(rlms: list[RLM]) -> None:
+    with FakeLLMServer(scripts={ROOT: [repl("FINAL({'ids': ['a', 'b'], 'ok': True})")]}) as srv:
+        result = make_rlm(srv, rlms).completion("x", "Which ids?")
+    assert result.answer == '{"ids": ["a", "b"], "ok": true}'
+    assert result.output is None

@@ -168,6 +168,12 @@ def plural(n: int, word: str) -> str:
     return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
+def sub_calls_text(sub_calls: int | None, cached: int | None) -> str:
+    """"12 sub-calls", or "12 sub-calls (10 cached)" when the cache answered some."""
+    text = plural(sub_calls or 0, "sub-call")
+    return f"{text} ({cached:,} cached)" if cached else text
+
+
 def cell_number(event: Event) -> int:
     # The engine numbers cells from 0; people count from 1.
     index = as_int(event.get("index"))
@@ -184,3 +190,17 @@ def usage_total_tokens(usage: Any) -> int | None:
     return (prompt or 0) + (completion or 0)
 
 
+
+
+def schema_issues_text(event: Event, limit: int = 3) -> str:
+    """An ``answer_invalid`` event's issues as one line: "path: expected X, received Y; ..."."""
+    errors = event.get("errors")
+    if not isinstance(errors, list):
+        return ""
+    shown = [
+        f"{as_text(e.get('path'))}: expected {as_text(e.get('expected'))}, received {as_text(e.get('received'))}"
+        for e in errors[:limit]
+        if isinstance(e, Mapping)
+    ]
+    more = len(errors) - len(shown)
+    return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")

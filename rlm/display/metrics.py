@@ -38,6 +38,8 @@ class Metrics:
     sub_calls: int | None = None
     sub_tokens: int | None = None
     sub_cost: float | None = None
+    cached_calls: int | None = None
+    saved_usd: float | None = None
     elapsed_s: float | None = None
     stopped_reason: str | None = None
     error: str | None = None
@@ -76,6 +78,7 @@ class Metrics:
             ("Sub cost", _cost(self.sub_cost, self.sub_unpriced)),
             ("Total tokens", fmt_int(self.total_tokens)),
             ("Total cost", _cost(self.total_cost, self.root_unpriced or self.sub_unpriced)),
+            *self._cache_rows(),
             ("Wall time", fmt_time(self.elapsed_s)),
             ("Stopped", self.stopped_reason or "—"),
         ]
@@ -90,6 +93,12 @@ class Metrics:
             rows.append(("Log", self.log_path))
         return rows
 
+    def _cache_rows(self) -> list[tuple[str, str]]:
+        if not self.cached_calls:
+            return []
+        saved = f" (saved {fmt_cost(self.saved_usd)})" if self.saved_usd else ""
+        return [("Cache hits", f"{self.cached_calls:,} calls answered from the cache{saved}")]
+
     def summary(self) -> str:
         """One line with the key numbers, for a panel's subtitle."""
         parts = []
@@ -97,6 +106,8 @@ class Metrics:
             parts.append(plural(self.iterations, "iteration"))
         if self.sub_calls is not None:
             parts.append(plural(self.sub_calls, "sub-call"))
+        if self.cached_calls:
+            parts.append(f"{self.cached_calls:,} cached")
         if self.total_tokens is not None:
             parts.append(f"{self.total_tokens:,} tokens")
         if self.total_cost is not None:
@@ -120,6 +131,10 @@ def _unpriced(usage: Any) -> bool:
 
 def _apply_usage(m: Metrics, usage: Any) -> None:
     root, sub = field_of(usage, "root"), field_of(usage, "sub")
+    parts = [u for u in (root, sub) if u is not None]
+    if any(field_of(u, "cached_calls") is not None for u in parts):
+        m.cached_calls = sum(as_int(field_of(u, "cached_calls")) or 0 for u in parts)
+        m.saved_usd = sum(as_num(field_of(u, "saved_usd")) or 0.0 for u in parts)
     if root is not None:
         m.root_calls = as_int(field_of(root, "calls", m.root_calls))
         m.root_prompt_tokens = as_int(field_of(root, "prompt_tokens", m.root_prompt_tokens))
@@ -146,7 +161,7 @@ def metrics_from_events(events: list[Event], key: str | None = None) -> Metrics:
         key = run_key(tops[0]) if tops else (run_key(events[0]) if events else "")
     own = [e for e in events if run_key(e) == key]
     m = Metrics()
-    root_prompt = root_completion = root_calls = sub_calls = 0
+    root_prompt = root_completion = root_calls = sub_calls = cached = 0
     root_cost = 0.0
     for e in own:
         kind = e.get("type")
@@ -160,8 +175,10 @@ def metrics_from_events(events: list[Event], key: str | None = None) -> Metrics:
             root_prompt += as_int(field_of(usage, "prompt_tokens")) or 0
             root_completion += as_int(field_of(usage, "completion_tokens")) or 0
             root_cost += as_num(field_of(usage, "cost_usd")) or 0.0
+            cached += 1 if e.get("cached") else 0
         elif kind == "cell_result":
             sub_calls += as_int(e.get("sub_calls")) or 0
+            cached += as_int(e.get("cached_sub_calls")) or 0
         elif kind == "final":
             m.answer = as_text(e.get("answer"))
         elif kind in ("budget", "error") and not m.error:
@@ -169,6 +186,7 @@ def metrics_from_events(events: list[Event], key: str | None = None) -> Metrics:
     iterations = [n for e in own if (n := as_int(e.get("iteration"))) is not None]
     m.iterations = max(iterations) if iterations else 0
     m.root_calls, m.sub_calls = root_calls, sub_calls
+    m.cached_calls = cached or None
     m.root_prompt_tokens, m.root_completion_tokens = root_prompt, root_completion
     m.root_tokens, m.root_cost = root_prompt + root_completion, root_cost
     m.elapsed_s = as_num(own[-1].get("t")) if own else None

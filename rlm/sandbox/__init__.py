@@ -21,14 +21,15 @@ from typing import Any, Protocol
 class CellOutcome:
     """What one executed cell produced, before REPLEnv wraps it into an ``ExecResult``.
 
-    ``final`` is the answer given to FINAL/FINAL_VAR in this cell (always a str) or None.
+    ``final`` is the answer given to FINAL/FINAL_VAR in this cell, or None: plain data,
+    an exact str or JSON-compatible data in exact builtin types (``cells.final_value``).
     ``truncated`` is True when stdout or stderr was cut to the output cap.
     """
 
     stdout: str = ""
     stderr: str = ""
     error: str | None = None
-    final: str | None = None
+    final: Any = None
     truncated: bool = False
 
 

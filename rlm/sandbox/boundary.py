@@ -97,4 +97,7 @@ def guard_host_function(
 def _plain_prompts(prompts: Any, drain: Callable[[Iterable[Any]], list[Any]]) -> list[Any]:
     if issubclass(type(prompts), (str, bytes)) or not isinstance(prompts, Iterable):
         raise TypeError("llm_query_batch takes a list of prompts (str), e.g. llm_query_batch([a, b])")
-    return [check_subquery_prompt(p) for p in drain(prompts)]
+    items = drain(prompts)
+    if all(type(p) is str for p in items):  # the common case: nothing to convert
+        return items
+    return [check_subquery_prompt(p) for p in items]

@@ -71,7 +71,7 @@ from rlm.sandbox.guards import (
     write_guard,
 )
 from rlm.sandbox.modules import make_importer
-from rlm.sandbox.plaindata import exact_str
+from rlm.sandbox.plaindata import PlainDataError, exact_str, to_plain_data
 from rlm.sandbox.safe_builtins import builtin_standins, make_builtins
 
 __all__ = [
@@ -211,7 +211,7 @@ class _CellState:
         self.stop_event = threading.Event()
         self.task: asyncio.Task[Any] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.final: str | None = None
+        self.final: Any = None
         self.has_final = False
         self.reserved: dict[str, Any] = {}
         self.sources: dict[str, tuple[str, ...]] = {}
@@ -350,7 +350,7 @@ def build_namespace(
     ns[PRINT_HOOK] = _Printer(lambda text: state.write_stdout(text))
 
     def FINAL(answer: Any) -> None:  # noqa: N802 - the name the prompts use
-        state.final = final_text(answer)
+        state.final = final_value(answer)
         state.has_final = True
 
     def FINAL_VAR(name: Any) -> None:  # noqa: N802
@@ -391,15 +391,22 @@ def build_namespace(
     return ns
 
 
-def final_text(answer: Any) -> str:
-    """What FINAL stores: an exact ``str`` (the host calls str methods on the answer).
+def final_value(answer: Any) -> Any:
+    """What FINAL stores: plain data the host can keep and validate without running cell code.
 
-    A str subclass is copied without running its methods; anything else goes through
-    ``str()`` while the cell runs, and its result is copied the same way. Kept apart
-    so the answer can widen to other plain data (``plaindata.to_plain_data``).
+    A str (a subclass too) becomes an exact ``str``. JSON-compatible data (dict with str
+    keys, list, tuple, int, float, bool, and their subclasses) is copied into exact
+    builtin types by ``plaindata.to_plain_data``, so none of its methods run. Anything
+    else (an object of a class the cell defined, a set, None, data past the size caps)
+    goes through ``str()`` while the cell runs, and that text is copied the same way.
     """
     if issubclass(type(answer), str):
         return exact_str(answer)
+    if answer is not None:
+        try:
+            return to_plain_data(answer)
+        except PlainDataError:
+            pass
     return exact_str(str(answer))
 
 
@@ -493,8 +500,12 @@ def _echo_text(value: Any) -> str:
     return repr(value)
 
 
-def take_final(ns: dict[str, Any]) -> str | None:
-    """Return the answer given to FINAL/FINAL_VAR in the last cell (a str), or None."""
+def take_final(ns: dict[str, Any]) -> Any:
+    """Return the answer given to FINAL/FINAL_VAR in the last cell, or None.
+
+    The answer is plain data (see ``final_value``): an exact str, or JSON-compatible
+    data in exact builtin types.
+    """
     state: _CellState = ns[_STATE]
     if not state.has_final:
         return None

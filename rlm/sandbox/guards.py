@@ -505,6 +505,11 @@ def _pattern_class(real: type, positional: int, keywords: tuple[str, ...]) -> ty
     if not keywords and positional <= 1 and not own_args and issubclass(real, _MATCH_SELF):
         return real  # ``case str(s)``: the sub-pattern matches the subject itself
     names = _match_args(real, positional) if own_args else ()
+    if type(real) is type and all(_is_user_class(k) for k in real.__mro__[:-1]):
+        # A class made in a cell from cell classes only: its instances hold nothing but
+        # what cell code put there, so once the names passed, native reads are the
+        # code's own reads (and the fast path for everyday ``case Point(x, y)``).
+        return real
     body: dict[str, Any] = {"target": real, "reads": names + keywords}
     if own_args:
         body["__match_args__"] = names

@@ -249,7 +249,7 @@ class LocalExecutor:
         ns = self._ns
         self._out, self._err = job.out, job.err
         error: str | None = None
-        final: str | None = None
+        final: Any = None
         try:
             if ns is None:
                 raise EnvClosedError("closed")

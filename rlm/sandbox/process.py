@@ -99,6 +99,7 @@ from rlm.sandbox._worker import (
 )
 from rlm.sandbox.flow import SubQueryGate, max_frame_bytes
 from rlm.sandbox.local import _short, _wrap_tools
+from rlm.sandbox.plaindata import PlainDataError, to_plain_data
 from rlm.sandbox.subqueries import LLMQueryError, check_subquery_params, check_subquery_prompt
 
 __all__ = [
@@ -276,11 +277,6 @@ class _Zygote:
     def close(self) -> None:
         with self.lock:
             self._stop()
-        # The zygote removes its mount point on a clean exit; not if it was killed.
-        mountpoint = self.plan.get("mountpoint") if hasattr(self, "plan") else None
-        if mountpoint:
-            with contextlib.suppress(OSError):
-                os.rmdir(mountpoint)
 
 
 _zygote_lock = threading.Lock()
@@ -1145,13 +1141,21 @@ class ProcessExecutor:
         cap = self.max_output_chars + 200
         stdout = _text(reply.get("stdout"))[:cap]
         stderr = _text(reply.get("stderr"))[:cap]
-        error = reply.get("error")
+        error = None if reply.get("error") is None else _text(reply.get("error"))[:cap]
         final = reply.get("final")
+        if final is not None:
+            try:
+                # Decoded JSON is plain already; the copy enforces the same depth and size
+                # caps as the worker's, which a subverted worker could skip.
+                final = to_plain_data(final)
+            except PlainDataError as exc:
+                final = None
+                error = f"the FINAL value could not be handed to the host: {exc}"
         return CellOutcome(
             stdout=stdout,
             stderr=stderr,
-            error=None if error is None else _text(error)[:cap],
-            final=None if final is None else _text(final),
+            error=error,
+            final=final,
             truncated=bool(reply.get("truncated")),
         )
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import signal
 import socket
 import sys
@@ -162,7 +163,9 @@ def _exec_text(out: dict[str, Any]) -> str:
     if out["error"]:
         parts.append("[error]\n" + out["error"].rstrip("\n"))
     if out["final"] is not None:
-        parts.append("[FINAL]\n" + out["final"])
+        final = out["final"]
+        # FINAL may hold plain data (a dict, list, number), not only text.
+        parts.append("[FINAL]\n" + (final if isinstance(final, str) else json.dumps(final, ensure_ascii=False)))
     if out["sub_calls"]:
         parts.append(f"[{out['sub_calls']} sub-queries]")
     return "\n".join(parts) or "(no output)"

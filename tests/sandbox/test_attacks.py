@@ -24,7 +24,8 @@ from rlm import ExecResult, REPLEnv
 
 @dataclass(frozen=True)
 class Attack:
-    """A payload and what must happen: ``refused`` (an error naming ``hint``),
+    """A payload and what must happen: ``refused`` (an error naming ``hint``, or one of
+    its ``|``-separated alternatives),
     ``timeout`` (stopped at the deadline) or ``neutral`` (runs, achieves nothing:
     ``hint`` must then appear in stdout)."""
 
@@ -225,8 +226,10 @@ ATTACKS: dict[str, Attack] = {
         "print('names', [n for n in dir() if n.startswith('_')])", outcome="neutral", hint="names []"
     ),
     # -- file access
-    "open-read": A("open('/etc/passwd').read()", hint="not available"),
-    "open-write-canary": A("open('CANARY', 'w').write('x')", hint="not available"),
+    # open() is absent, or (a confined worker, see protections["file_access"]) real but
+    # inside the worker's private root, where host paths do not exist.
+    "open-read": A("open('/etc/passwd').read()", hint="not available|No such file"),
+    "open-write-canary": A("open('CANARY', 'w').write('x')", hint="not available|No such file"),
     "pathlib-write": A("import pathlib\npathlib.Path('CANARY').write_text('x')", hint="Allowed modules"),
     "os-system": A("import os\nos.system('touch CANARY')", hint="Allowed modules"),
     # -- environment variables and the API key
@@ -307,7 +310,7 @@ def test_attack_is_refused_or_neutralised(
     r = env.execute(attack.code.replace("CANARY", str(canary)))
     if attack.outcome == "refused":
         assert r.error is not None, f"payload ran: {r!r}"
-        assert attack.hint in r.error, r.error
+        assert any(h in r.error for h in attack.hint.split("|")), r.error
     elif attack.outcome == "timeout":
         assert r.error is not None and "TimeoutError" in r.error, r.error
     else:

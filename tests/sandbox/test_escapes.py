@@ -132,6 +132,9 @@ TYPE_ROUTES = {
     "metaclass-view-mro": "import collections.abc\ngetattr(type(collections.abc.Sized), 'mro')",
     "alias-call": "import typing\ntyping.Type[int]('X', (), {})",
     "alias-relay-dunder": "import typing\ngetattr(typing.Type[int], '__origin__')",
+    "alias-made-around-the-type-view": (
+        "import typing\nA = type(typing.List[int])(type(type), (int,))\nclass M(A):\n    pass"
+    ),
     "match-reads-internal-by-position": (
         "import dataclasses\n@dataclasses.dataclass\nclass C:\n    gi_frame: int\n"
         "match C(1):\n    case C(f):\n        print('read', f)"
@@ -327,6 +330,10 @@ SHARED_STATE = {
         "operator.methodcaller('register', bytes)(collections.abc.Mapping)"
     ),
     "register-through-alias": "import typing\ntyping.Mapping[str, int].register(bytes)",
+    "register-through-made-alias": (
+        "import collections.abc, typing\n"
+        "A = type(typing.List[int])(collections.abc.Mapping, (int,))\nA.register(bytes)"
+    ),
     "groupindex-reflected-eq": MUTATOR
     + "import re\np = re.compile(PATTERN, re.DOTALL | re.MULTILINE)\n"
     + "p.groupindex == E()\np.groupindex != E()\np.groupindex > E()\np.groupindex <= E()",

@@ -179,7 +179,7 @@ def test_final_var_given_a_value_finishes_with_it(make_env: Callable[..., REPLEn
 
 def test_final_var_given_a_number_finishes_with_it(make_env: Callable[..., REPLEnv]) -> None:
     env = make_env()
-    assert env.execute("FINAL_VAR(47)").final == "47"
+    assert env.execute("FINAL_VAR(47)").final == 47
 
 
 def test_final_var_with_an_unknown_name_still_says_so(make_env: Callable[..., REPLEnv]) -> None:

@@ -113,7 +113,7 @@ def test_a_late_stop_does_not_touch_the_next_cell(
 
 def test_final_is_taken_once(ns: dict[str, Any], loop: asyncio.AbstractEventLoop) -> None:
     run_cell(compile_cell("FINAL(7)", "<cell 1>"), ns, loop)
-    assert take_final(ns) == "7"
+    assert take_final(ns) == 7
     assert take_final(ns) is None
 
 

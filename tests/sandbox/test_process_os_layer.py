@@ -493,3 +493,40 @@ def test_a_deeply_nested_frame_kills_the_worker_with_a_clear_error() -> None:
         assert "malformed message" in outcome.error
         assert "restarted" in outcome.error
         assert ex.execute("print(6 * 7)", None).stdout == "42\n"
+
+
+def test_a_frame_larger_than_the_cap_is_refused_before_it_is_read() -> None:
+    with ProcessExecutor(_allow_raw=True) as ex:
+        got = ex._run_raw(
+            "import gc, os, struct, threading, time\n"
+            "worker = next(o for o in gc.get_objects() if type(o).__name__ == '_Worker')\n"
+            "def later():\n"
+            "    time.sleep(0.3)\n"
+            "    with worker.send_lock:\n"
+            "        os.write(worker.channel.fileno(), struct.pack('!IQ', 1 << 31, 0))\n"
+            "threading.Thread(target=later).start()\n"
+            "result = 'armed'\n"
+        )
+        assert got.value == "armed"
+        outcome = ex.execute("import time\ntime.sleep(3)\n", None)
+        assert outcome.error is not None
+        assert "2,147,483,648 bytes" in outcome.error and "the sandbox accepts" in outcome.error
+        assert ex.execute("print(6 * 7)", None).stdout == "42\n"
+
+
+def test_cells_that_may_open_files_are_held_to_the_total_disk_limit() -> None:
+    with ProcessExecutor(disk_limit_mb=8) as ex:
+        if not ex.protections["file_access"] or not ex.protections["disk_limit"]:
+            assert "in total" in str(ex.protections["notes"]) or not ex.protections["file_access"]
+            return
+        outcome = ex.execute(
+            "written = 0\n"
+            "chunk = 'x' * (1 << 20)\n"
+            "for i in range(50):\n"
+            "    with open(f'part{i}.txt', 'w') as f:\n"
+            "        f.write(chunk)\n"
+            "    written += 1\n",
+            30.0,
+        )
+        assert outcome.error is not None and "No space left on device" in outcome.error
+        assert ex.execute("print(written <= 8)", 30.0).stdout == "True\n"
