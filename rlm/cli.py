@@ -592,6 +592,20 @@ def _add_upstream_args(p: argparse.ArgumentParser) -> None:
                    help="write each trajectory as JSONL here, for rlm view (default: no log)")
 
 
+def _add_cost_flags(p: argparse.ArgumentParser) -> None:
+    """Prices and the token budget, shared by run, serve and mcp."""
+    p.add_argument("--prices", action="append", metavar="FILE.json",
+                   help='model prices as {"model": [usd_per_1M_in, usd_per_1M_out]}, '
+                        "repeatable (default: the built-in table and the file named by "
+                        "$RLM_PRICES)")
+    p.add_argument("--price", action="append", metavar="MODEL=IN,OUT",
+                   help="one model's price in USD per 1M input and output tokens, repeatable "
+                        "(default: none)")
+    p.add_argument("--max-tokens", type=_positive_int, default=None,
+                   help="stop when root and sub-calls together used this many tokens "
+                        "(default: no limit)")
+
+
 def _add_server_args(p: argparse.ArgumentParser) -> None:
     """Flags both servers take beyond the upstream ones."""
     p.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
@@ -613,10 +627,13 @@ def _upstream_settings(args: argparse.Namespace) -> Any:
         max_iterations=args.max_iterations,
         max_depth=args.max_depth,
         max_cost_usd=args.max_cost_usd,
+        max_tokens=args.max_tokens,
         max_time_s=args.max_time_s,
+        prices=_prices(args),
         sandbox=args.sandbox,
         log_dir=args.log_dir,
         max_concurrency=args.max_concurrency,
+        **_cache_options(args),
     )
 
 
@@ -729,16 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_context_args(run)
     run.add_argument("--query", required=True, help="the question to answer")
     _add_upstream_args(run)
-    run.add_argument("--prices", action="append", metavar="FILE.json",
-                     help='model prices as {"model": [usd_per_1M_in, usd_per_1M_out]}, '
-                          "repeatable (default: the built-in table and the file named by "
-                          "$RLM_PRICES)")
-    run.add_argument("--price", action="append", metavar="MODEL=IN,OUT",
-                     help="one model's price in USD per 1M input and output tokens, repeatable "
-                          "(default: none)")
-    run.add_argument("--max-tokens", type=_positive_int, default=None,
-                     help="stop when root and sub-calls together used this many tokens "
-                          "(default: no limit)")
+    _add_cost_flags(run)
     run.add_argument("--max-concurrency", type=_positive_int, default=64,
                      help="sub-queries in flight at once (default: 64)")
     run.add_argument("--json", action="store_true",
@@ -805,6 +813,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-running", type=_positive_int, default=8, help="RLM runs at once (default: 8)")
     srv.add_argument("--max-queue", type=int, default=32, help="requests waiting for a run slot; 429 beyond (default: 32)")
     _add_upstream_args(srv)
+    _add_cost_flags(srv)
+    _add_cache_options(srv)
     _add_server_args(srv)
     srv.set_defaults(func=cmd_serve)
 
@@ -820,6 +830,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cut what one repl_exec returns to this many characters (default: 20000)")
     mcp.add_argument("--cell-timeout-s", type=_positive_float, default=120.0, help="wall-clock limit of one repl_exec, in seconds (default: 120)")
     _add_upstream_args(mcp)
+    _add_cost_flags(mcp)
+    _add_cache_options(mcp)
     _add_server_args(mcp)
     mcp.set_defaults(func=cmd_mcp)
 

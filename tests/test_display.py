@@ -748,3 +748,15 @@ def test_a_child_run_is_indented_at_full_width_without_a_stray_rule(tmp_path: Pa
     assert len(child_cell_top) == len(parent_cell_top) == 80  # same right edge
     assert not any(line.strip() == "─" for line in lines)
     assert all(line == line.rstrip() for line in lines)  # no trailing padding
+
+
+def test_html_marks_an_iteration_limit_stop_instead_of_a_clean_answer() -> None:
+    tr = Trajectory()
+    tr.emit("run_start", query="q", model="m", max_iterations=1)
+    tr.emit("root_reply", iteration=2, content="my guess")
+    tr.emit("final", answer="my guess", source="last_turn")
+    tr.emit("run_end", answer="my guess", stopped_reason="max_iterations", iterations=1, elapsed_s=0.5)
+    page = trajectory_html(tr.events)
+    assert "iteration limit reached, no FINAL" in page
+    assert "no FINAL before the iteration limit" in page
+    assert "✓ final answer" not in page

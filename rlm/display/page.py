@@ -31,6 +31,9 @@ def _note_html(e: Event) -> str:
     kind = e.get("type")
     if kind == "final":
         source = as_text(e.get("source"))
+        if source == "last_turn":
+            return (f'<div style="{STYLE["note_warn"]}">⚠ no FINAL before the iteration limit: '
+                    "the answer is the root's last-turn reply</div>")
         return (f'<div style="color:#116329;margin:4px 0">✓ final answer'
                 f'{" (" + esc(source) + ")" if source else ""}</div>')
     if kind == "answer_invalid":
@@ -150,6 +153,10 @@ def _answer_html(m: Metrics) -> str:
         if m.error:
             body += pre_html(m.error, "error")
         return f'<div style="{STYLE["noanswer"]}"><div style="{STYLE["label"]}">Answer</div>{body}</div>'
+    if m.stopped_reason == "max_iterations":
+        return (f'<div style="{STYLE["limit"]}"><div style="{STYLE["label"]}">Answer · iteration limit '
+                f"reached, no FINAL (the root's last-turn reply)</div>"
+                f'<pre style="{STYLE["answer_pre"]}">{esc(m.answer)}</pre></div>')
     return (f'<div style="{STYLE["answer"]}"><div style="{STYLE["label"]}">Answer</div>'
             f'<pre style="{STYLE["answer_pre"]}">{esc(m.answer)}</pre></div>')
 

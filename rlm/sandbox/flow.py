@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -301,8 +302,11 @@ class SubQueryGate:
                 used = sum(sizes)
                 self._give(count - len(items), budget - used)
                 task = asyncio.get_running_loop().create_task(
-                    self._run_slice(service, start, items, used, params, deliver, failure)
+                    self._run_slice(service, start, items, params, deliver, failure)
                 )
+                # The slice's room goes back when its task is done in any way: a task
+                # cancelled before it started never runs its coroutine's finally.
+                task.add_done_callback(functools.partial(self._slice_done, len(items), used))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 start += len(items)
@@ -319,7 +323,6 @@ class SubQueryGate:
         service: Any,
         start: int,
         items: list[Any],
-        size: int,
         params: dict[str, Any],
         deliver: Deliver,
         failure: list[BaseException],
@@ -331,9 +334,10 @@ class SubQueryGate:
         except BaseException as exc:  # noqa: BLE001 - handed to run_batch, which raises it
             failure.append(exc)
             return
-        finally:
-            self._give(len(items), size)
         deliver(start, replies)
+
+    def _slice_done(self, items: int, size: int, _task: asyncio.Task[None]) -> None:
+        self._give(items, size)
 
     # slots ---------------------------------------------------------------------------
 
