@@ -91,7 +91,7 @@ def test_a_killed_job_resumes_without_rerunning_finished_tasks(
 ) -> None:
     tasks_file, out = tmp_path / "tasks.jsonl", tmp_path / "out.jsonl"
     write_tasks(tasks_file, 300)
-    srv.latency = 0.03
+    srv.latency = 0.05  # the job takes seconds, so the kill lands part-way
     proc = subprocess.Popen(
         rlm_cli(srv, str(tasks_file), "--out", str(out), "--concurrency", "4"),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
