@@ -98,7 +98,7 @@ class RLMResult:
         return (
             f"RLMResult(answer={answer!r}, stopped_reason={self.stopped_reason!r}, "
             f"iterations={self.iterations}, sub_calls={self.sub_calls}, "
-            f"tokens={total.total_tokens}, cost_usd={total.cost_usd:.4f}, "
+            f"tokens={total.total_tokens}, cost={total.cost_text}, "
             f"elapsed_s={self.elapsed_s:.2f}{extra})"
         )
 
@@ -744,18 +744,37 @@ class RLM:
             finished.wait(INTERRUPT_GRACE_S)
             raise RunInterrupted(ended[0] if ended else None) from exc
 
-    async def acompletion(self, context: Any, query: str, schema: Any = None) -> RLMResult:
+    async def acompletion(
+        self,
+        context: Any,
+        query: str,
+        schema: Any = None,
+        *,
+        env: REPLEnv | None = None,
+        history: Sequence[tuple[str, str]] = (),
+    ) -> RLMResult:
         """Answer ``query`` over ``context``; never raises for a failed run (see ``error``).
 
         ``schema`` (a pydantic model class, a type such as ``list[str]``, or a JSON
         Schema dict) asks for a typed answer: the root is shown the JSON Schema, its
         FINAL value is validated here, a mismatch is sent back for a fix, and
         ``result.output`` holds the validated object. A schema that is not one raises
-        ConfigError at once.
+        ConfigError at once. ``env`` runs the code in that REPLEnv (from ``new_env``;
+        it stays open, with its variables) and ``history`` lists earlier (question,
+        answer) pairs the root is told: what sessions use. Cancelling the task writes
+        the run's record (``stopped_reason="interrupted"``) before the cancellation
+        goes on.
         """
         _check_query(query)
         typed = Schema.of(schema) if schema is not None else None
-        return await self._run(context=context, query=query, depth=0, schema=typed)
+        return await self._run(context=context, query=query, depth=0, schema=typed, env=env,
+                               history=history)
+
+    def new_env(self, context: Any) -> REPLEnv:
+        """A REPLEnv holding ``context``, configured like this RLM's runs (sandbox, cell
+        timeout, output cap, tools); pass it to ``acompletion(env=...)`` to keep
+        variables across runs. The caller closes it."""
+        return self._new_env(context)
 
     async def acompletion_batch(
         self,
@@ -1094,7 +1113,7 @@ class RLM:
             usage={
                 "prompt_tokens": turn.prompt_tokens,
                 "completion_tokens": turn.completion_tokens,
-                "cost_usd": turn.cost_usd,
+                "cost_usd": turn.cost_usd if not turn.unpriced_models else "unpriced",
             },
             elapsed_s=round(time.monotonic() - started, 3),
             cached=turn.cached_calls > 0,
@@ -1245,7 +1264,7 @@ class RLM:
             usage={
                 "prompt_tokens": spent.prompt_tokens,
                 "completion_tokens": spent.completion_tokens,
-                "cost_usd": spent.cost_usd,
+                "cost_usd": spent.cost_usd if not spent.unpriced_models else "unpriced",
             },
         )
         return compacted
@@ -1338,7 +1357,7 @@ class RLMSession:
         self.usage: dict[str, Usage] = {"root": Usage(), "sub": Usage()}
         self.variable_names: set[str] = set()
         # Each ask gives the env that run's sub-query service.
-        self.env = rlm._new_env(context)  # noqa: SLF001
+        self.env = rlm.new_env(context)
 
     def ask(self, query: str, schema: Any = None) -> RLMResult:
         """Ask the next question (sync; works inside a running loop too); ``schema`` as
@@ -1348,10 +1367,8 @@ class RLMSession:
     async def aask(self, query: str, schema: Any = None) -> RLMResult:
         """Ask the next question; ``schema`` asks for a typed answer."""
         _check_query(query)
-        typed = Schema.of(schema) if schema is not None else None
-        result = await self.rlm._run(  # noqa: SLF001
-            context=self.context, query=query, depth=0, env=self.env, history=self.history,
-            schema=typed,
+        result = await self.rlm.acompletion(
+            self.context, query, schema, env=self.env, history=self.history
         )
         if result.answer is not None:
             self.history.append((query, result.answer))

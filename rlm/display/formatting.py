@@ -51,6 +51,8 @@ def fmt_int(value: Any) -> str:
 
 
 def fmt_cost(value: Any) -> str:
+    if value == "unpriced":  # a model without a price: unknown, never a misleading $0
+        return "unpriced"
     n = as_num(value)
     if n is None:
         return "—"

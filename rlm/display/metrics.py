@@ -44,6 +44,9 @@ class Metrics:
     stopped_reason: str | None = None
     error: str | None = None
     log_path: str | None = None
+    # Models used without a price: their cost is unknown, so it reads "unpriced", not $0.
+    root_unpriced: bool = False
+    sub_unpriced: bool = False
 
     @property
     def total_tokens(self) -> int | None:
@@ -69,12 +72,12 @@ class Metrics:
             ("Iterations", fmt_int(self.iterations)),
             ("Root calls", fmt_int(self.root_calls)),
             ("Root tokens", root_tokens),
-            ("Root cost", fmt_cost(self.root_cost)),
+            ("Root cost", _cost(self.root_cost, self.root_unpriced)),
             ("Sub-calls", fmt_int(self.sub_calls)),
             ("Sub tokens", fmt_int(self.sub_tokens)),
-            ("Sub cost", fmt_cost(self.sub_cost)),
+            ("Sub cost", _cost(self.sub_cost, self.sub_unpriced)),
             ("Total tokens", fmt_int(self.total_tokens)),
-            ("Total cost", fmt_cost(self.total_cost)),
+            ("Total cost", _cost(self.total_cost, self.root_unpriced or self.sub_unpriced)),
             *self._cache_rows(),
             ("Wall time", fmt_time(self.elapsed_s)),
             ("Stopped", self.stopped_reason or "—"),
@@ -108,12 +111,22 @@ class Metrics:
         if self.total_tokens is not None:
             parts.append(f"{self.total_tokens:,} tokens")
         if self.total_cost is not None:
-            parts.append(fmt_cost(self.total_cost))
+            parts.append(_cost(self.total_cost, self.root_unpriced or self.sub_unpriced))
         if self.elapsed_s is not None:
             parts.append(fmt_time(self.elapsed_s))
         if self.stopped_reason:
             parts.append(self.stopped_reason)
         return " · ".join(parts)
+
+
+def _cost(value: float | None, unpriced: bool) -> str:
+    if not unpriced:
+        return fmt_cost(value)
+    return "unpriced" if not value else f"{fmt_cost(value)} + unpriced"
+
+
+def _unpriced(usage: Any) -> bool:
+    return bool(field_of(usage, "unpriced_models"))
 
 
 def _apply_usage(m: Metrics, usage: Any) -> None:
@@ -128,11 +141,13 @@ def _apply_usage(m: Metrics, usage: Any) -> None:
         m.root_completion_tokens = as_int(field_of(root, "completion_tokens", m.root_completion_tokens))
         m.root_tokens = usage_total_tokens(root)
         m.root_cost = as_num(field_of(root, "cost_usd"))
+        m.root_unpriced = _unpriced(root)
     if sub is not None:
         if m.sub_calls is None:
             m.sub_calls = as_int(field_of(sub, "calls"))
         m.sub_tokens = usage_total_tokens(sub)
         m.sub_cost = as_num(field_of(sub, "cost_usd"))
+        m.sub_unpriced = _unpriced(sub)
 
 
 def metrics_from_events(events: list[Event], key: str | None = None) -> Metrics:
