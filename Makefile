@@ -13,8 +13,10 @@ NOTEBOOKS_STAMP := $(VENV)/.installed-notebooks
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# --no-compile: byte-compiling every file of the dependencies (openai alone has thousands)
+# took most of the install on a loaded 2-core machine; Python compiles what it imports.
 $(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -e .
 	touch $(RUNTIME_STAMP)
 
 $(DEV_STAMP): pyproject.toml | $(BIN)/python

@@ -114,7 +114,8 @@ def scenarios(quick: bool) -> dict[str, str]:
             "print(len(rs), rs[-1])\n"
         ),
         "big_prompts": (
-            f"rs = llm_query_batch(['y' * ((4 << 20) - 64) for _ in range({16 if quick else 64})])\n"
+            "p = 'y' * ((4 << 20) - 64)\n"
+            f"rs = llm_query_batch([p] * {16 if quick else 64})\n"
             "print(len(rs))\n"
         ),
         "singles": (
@@ -178,6 +179,7 @@ def kill_timing(url: str, quick: bool) -> dict[str, Any]:
         thread.start()
         time.sleep(1.0)
         for _ in range(3 if quick else 5):
+            victim.execute("1")  # the next worker is up (a kill restarts it in the background)
             pid = victim.executor._res.pid  # type: ignore[attr-defined]  # the init to watch
             seen: list[float] = []
 
@@ -215,7 +217,10 @@ def kill_timing(url: str, quick: bool) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated scenarios (and 'kill')")
+    parser.add_argument("--sandboxes", default="process,local")
     args = parser.parse_args()
+    only = {name for name in args.only.split(",") if name}
     results: dict[str, Any] = {
         "machine": machine_info(),
         "note": (
@@ -232,7 +237,7 @@ def main() -> None:
             for _ in range(2)
         ]
         try:
-            for sandbox in ("process", "local"):
+            for sandbox in args.sandboxes.split(","):
                 flood = REPLEnv("ctx", client=clients[0], sandbox=sandbox, timeout=600)
                 neighbour = REPLEnv("ctx", client=clients[1], sandbox=sandbox, timeout=600)
                 stop = threading.Event()
@@ -243,17 +248,21 @@ def main() -> None:
                 baseline = statistics.median(calm)
                 rows: dict[str, Any] = {"neighbour_baseline_s": round(baseline, 4)}
                 for name, code in scenarios(args.quick).items():
+                    if only and name not in only:
+                        continue
                     rows[name] = run_scenario(flood, neighbour, code, baseline)
                     print(sandbox, name, rows[name], flush=True)
                 results["scenarios"][sandbox] = rows
                 flood.close()
                 neighbour.close()
-            results["kill_timing_under_flood"] = kill_timing(url, args.quick)
-            print("kill timing", results["kill_timing_under_flood"], flush=True)
+            if not only or "kill" in only:
+                results["kill_timing_under_flood"] = kill_timing(url, args.quick)
+                print("kill timing", results["kill_timing_under_flood"], flush=True)
         finally:
             for client in clients:
                 run_sync(client.close())
-    path = write_json("flood-quick.json" if args.quick else "flood.json", results)
+    name = "flood-quick.json" if args.quick or only else "flood.json"
+    path = write_json(name, results)
     print(f"wrote {path}")
 
 

@@ -33,15 +33,16 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from rlm import loop as engine
 from rlm.errors import ConfigError
 
 T = TypeVar("T")
+R = TypeVar("R", bound="ReplyLike")
 
 log = logging.getLogger("rlm.cache")
 
@@ -56,6 +57,19 @@ _CHUNK = 900
 # After an eviction the store is this fraction of its limit, so the next few writes do
 # not each pay for another eviction pass.
 _LOW_WATER = 0.9
+
+class ReplyLike(Protocol):
+    """What the cache stores of a reply (the client's own reply type has these too)."""
+
+    @property
+    def text(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+
 
 @dataclass(frozen=True, slots=True)
 class CachedReply:
@@ -114,22 +128,62 @@ def _human_bytes(n: int) -> str:
 def request_key(base_url: str | None, body: Mapping[str, Any]) -> str | None:
     """The stable cache key of one chat request, or None when it cannot be cached.
 
-    The key hashes the endpoint (``base_url``, trailing slash ignored) and the request
-    body as canonical JSON (sorted keys, no whitespace) minus the fields that only say
-    how the reply is delivered (``stream``...). A body that is not plain JSON data
+    A SHA-256 over a canonical encoding of the request: the endpoint (``base_url``,
+    trailing slash ignored), every body field as JSON with sorted keys except the ones
+    that only say how the reply is delivered (``stream``...), then each message: its
+    role and its text length-prefixed (other message shapes as sorted JSON). Message
+    text is hashed as UTF-8 rather than JSON-escaped: escaping a 500 KB chunk costs as
+    much as sending it, hashing it a tenth of that. A body that is not plain JSON data
     gives None: such a request is sent every time, never guessed at.
     """
-    canon = body if _NOT_IN_KEY.isdisjoint(body) else {
-        k: v for k, v in body.items() if k not in _NOT_IN_KEY
-    }
-    try:
-        payload = json.dumps(canon, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError):
-        return None
-    where = (base_url or DEFAULT_BASE_URL).rstrip("/")
-    digest = hashlib.sha256(f"{KEY_VERSION}\n{where}\n".encode())
-    digest.update(payload.encode())
-    return digest.hexdigest()
+    return _KeyMaker(base_url).key(body)
+
+
+class _KeyMaker:
+    """``request_key`` for many bodies to one endpoint: the bodies of a batch share
+    their parameters, so those are encoded once, not once per item."""
+
+    def __init__(self, base_url: str | None) -> None:
+        where = (base_url or DEFAULT_BASE_URL).rstrip("/")
+        self._prefix = hashlib.sha256(f"{KEY_VERSION}\n{where}\n".encode())
+        self._last_rest: dict[str, Any] | None = None
+        self._last_prefix = self._prefix
+
+    def key(self, body: Mapping[str, Any]) -> str | None:
+        try:
+            rest = {k: v for k, v in body.items() if k != "messages" and k not in _NOT_IN_KEY}
+            if rest != self._last_rest:
+                head = self._prefix.copy()
+                head.update(_canonical(rest))
+                self._last_rest, self._last_prefix = rest, head
+            digest = self._last_prefix.copy()
+            messages = body.get("messages")
+            if messages is not None:
+                if not isinstance(messages, list | tuple):
+                    return None
+                digest.update(b"\0messages")
+                for message in messages:
+                    content = message.get("content")
+                    role = message.get("role")
+                    # JSON never holds a raw NUL and the text is length-prefixed, so no
+                    # two different requests encode the same.
+                    if type(content) is str and type(role) is str and len(message) == 2:
+                        text = content.encode("utf-8", "surrogatepass")
+                        digest.update(b"\0R%s\0%d\0" % (role.encode("utf-8", "surrogatepass"),
+                                                         len(text)))
+                        digest.update(text)
+                    else:
+                        digest.update(b"\0J" + _canonical(message))
+        except (TypeError, ValueError, AttributeError):
+            return None
+        return digest.hexdigest()
+
+
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _canonical(value: Any) -> bytes:
+    return _ENCODER.encode(value).encode()
 
 
 def default_cache_dir() -> Path:
@@ -167,7 +221,7 @@ class Cache(abc.ABC):
         """The stored replies for those of ``keys`` that are present."""
 
     @abc.abstractmethod
-    def put_many(self, entries: Mapping[str, CachedReply]) -> None:
+    def put_many(self, entries: Mapping[str, ReplyLike]) -> None:
         """Store (or replace) each entry."""
 
     def info(self) -> CacheInfo:
@@ -256,7 +310,8 @@ class SQLiteCache(Cache):
         self._conn: sqlite3.Connection | None = None
         # Hits are counted in memory and written with the next write, info() or
         # close(): a fully cached batch then costs reads only, never the write lock.
-        self._touched: dict[str, tuple[float, int]] = {}
+        self._touched: dict[str, int] = {}
+        self._touched_at = 0.0
 
     def __repr__(self) -> str:
         return f"SQLiteCache({str(self.directory)!r})"
@@ -269,28 +324,26 @@ class SQLiteCache(Cache):
         if not keys:
             return found
         now = time.time()
-        oldest = now - self.ttl if self.ttl is not None else None
+        # Expired entries stay on disk until the next write purges them; here they miss.
+        fresh = f" AND created >= {now - self.ttl!r}" if self.ttl is not None else ""
         with self._lock:
             conn = self._connect()
             for start in range(0, len(keys), _CHUNK):
                 chunk = keys[start:start + _CHUNK]
-                marks = ",".join("?" * len(chunk))
                 rows = conn.execute(
-                    "SELECT key, text, model, prompt_tokens, completion_tokens, created "
-                    f"FROM entries WHERE key IN ({marks})",
+                    "SELECT key, text, model, prompt_tokens, completion_tokens FROM entries "
+                    f"WHERE key IN ({','.join('?' * len(chunk))}){fresh}",
                     chunk,
                 )
-                for key, text, model, pt, ct, created in rows:
-                    if oldest is not None and created < oldest:
-                        continue
+                for key, text, model, pt, ct in rows:
                     found[key] = CachedReply(text, model, pt, ct)
             touched = self._touched
             for key in found:
-                seen = touched.get(key)
-                touched[key] = (now, seen[1] + 1 if seen else 1)
+                touched[key] = touched.get(key, 0) + 1
+            self._touched_at = now
         return found
 
-    def put_many(self, entries: Mapping[str, CachedReply]) -> None:
+    def put_many(self, entries: Mapping[str, ReplyLike]) -> None:
         """Upsert every entry in one transaction, then purge expired and evict LRU."""
         if not entries:
             return
@@ -390,13 +443,15 @@ class SQLiteCache(Cache):
         touched, self._touched = self._touched, {}
         if not touched:
             return
+        # Every key read since the last write gets the latest read's time: close enough
+        # for LRU, and no per-key clock reading on the read path.
+        when = self._touched_at
         conn.executemany(
             "UPDATE entries SET accessed = max(accessed, ?), hits = hits + ? WHERE key = ?",
-            [(when, count, key) for key, (when, count) in touched.items()],
+            [(when, count, key) for key, count in touched.items()],
         )
         conn.execute(
-            "UPDATE totals SET value = value + ? WHERE name = 'hits'",
-            (sum(count for _, count in touched.values()),),
+            "UPDATE totals SET value = value + ? WHERE name = 'hits'", (sum(touched.values()),)
         )
 
     def _evict(self, conn: sqlite3.Connection) -> None:
@@ -479,6 +534,17 @@ def clear_cache(directory: str | os.PathLike[str] | None = None) -> CacheInfo:
         store.close()
 
 
+def parse_cache_option(text: str) -> bool | str:
+    """A ``cache=`` value typed by a person (a magic line): on/true/yes is True (the
+    per-user directory), off/false/no/none is False, anything else a directory."""
+    word = text.strip()
+    if word.lower() in ("on", "true", "yes", "1"):
+        return True
+    if word.lower() in ("off", "false", "no", "none", "0", ""):
+        return False
+    return word
+
+
 def open_cache(spec: Any) -> Cache | None:
     """Turn a ``cache=`` argument into a store: None/False off, True the per-user
     directory, a path that directory, a ``Cache`` object itself; anything else is a
@@ -500,9 +566,13 @@ def open_cache(spec: Any) -> Cache | None:
 class _StoreThread:
     """One daemon thread that runs every store call in order, off the engine loop.
 
-    Not a ThreadPoolExecutor: that refuses work once the interpreter starts shutting
-    down, and the last replies of a script must still be written from the exit hook.
+    Started on demand and gone after a minute idle, so a client nobody closes leaves
+    no thread behind. Not a ThreadPoolExecutor: that refuses work once the interpreter
+    starts shutting down, and the last replies of a script are written from the exit
+    hook.
     """
+
+    IDLE_S = 60.0
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -511,27 +581,34 @@ class _StoreThread:
 
     def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put((future, fn, args))
-        if self._thread is None:
-            with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._serve, name="rlm-cache", daemon=True
-                    )
-                    self._thread.start()
+        with self._lock:
+            self._queue.put((future, fn, args))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="rlm-cache", daemon=True)
+                self._thread.start()
         return future
 
     def stop(self, timeout: float | None = None) -> None:
-        thread = self._thread
-        if thread is None:
-            return
-        self._queue.put(None)
+        with self._lock:
+            thread = self._thread
+            if thread is None:
+                return
+            self._queue.put(None)
         thread.join(timeout)
 
     def _serve(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=self.IDLE_S)
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():
+                        self._thread = None
+                        return
+                continue
             if item is None:
+                with self._lock:
+                    self._thread = None
                 return
             future, fn, args = item
             if not future.set_running_or_notify_cancel():
@@ -540,6 +617,21 @@ class _StoreThread:
                 future.set_result(fn(*args))
             except BaseException as exc:  # noqa: BLE001 - handed to the waiter
                 future.set_exception(exc)
+
+
+def _keys_and_hits(
+    store: Cache | None, base_url: str | None, bodies: Sequence[Mapping[str, Any]]
+) -> tuple[list[str | None], dict[str, CachedReply], BaseException | None]:
+    """Run on the cache thread: keys for ``bodies``, then one store lookup for them all."""
+    make = _KeyMaker(base_url).key
+    keys = [make(b) for b in bodies]
+    if store is None:
+        return keys, {}, None
+    wanted = list(dict.fromkeys(k for k in keys if k is not None))
+    try:
+        return keys, store.get_many(wanted), None
+    except Exception as exc:  # noqa: BLE001 - a broken store is a miss, said once
+        return keys, {}, exc
 
 
 class _LeaderGone(Exception):
@@ -551,8 +643,8 @@ class RequestCache:
 
     ``store`` may be None: identical requests in flight are still sent once. With
     ``read=False`` nothing is reused (no store lookups, no joining), with
-    ``write=False`` nothing is stored. Every method except ``close`` runs on the
-    engine loop; store calls go to one dedicated thread. A failing store (a full
+    ``write=False`` nothing is stored. Every method runs on the engine loop; store
+    calls go to one dedicated thread. A failing store (a full
     disk, a locked file) is logged and treated as a miss: it never fails a request.
     """
 
@@ -564,61 +656,54 @@ class RequestCache:
         self.read = read
         self.write = write
         self._owns_store = owns_store
-        self._flights: dict[str, asyncio.Future[CachedReply]] = {}
+        self._flights: dict[str, asyncio.Future[ReplyLike]] = {}
         # Replies not yet committed to the store are served from here, so a batch
         # repeated right away hits even while its writes are still on the thread.
-        self._pending: dict[str, CachedReply] = {}
-        self._writing: dict[str, CachedReply] = {}
+        self._pending: dict[str, ReplyLike] = {}
+        self._writing: dict[str, ReplyLike] = {}
         self._write_done: asyncio.Future[None] | None = None
-        self._thread = _StoreThread() if store is not None else None
+        self._thread = _StoreThread()
         self._warned = False
         self._closed = False
         if store is not None:
             engine.on_shutdown(self.aclose)
 
-    def key(self, base_url: str | None, body: Mapping[str, Any]) -> str | None:
-        """The request's key, or None when this cache would not use it."""
-        return request_key(base_url, body)
+    async def prepare(
+        self, base_url: str | None, bodies: Sequence[Mapping[str, Any]]
+    ) -> tuple[list[str | None], dict[str, ReplyLike]]:
+        """The keys of ``bodies`` and the replies already known for them.
 
-    async def lookup(self, keys: Iterable[str | None]) -> dict[str, CachedReply]:
-        """The replies already known for ``keys``: unsaved ones, then the store's.
-
-        Keys that are in flight are left out (``resolve`` joins them); the store is
-        asked once, for all the rest, on the cache thread.
+        One trip to the cache thread computes the keys (hashing 100 chunks of 500 KB
+        takes a tenth of a second: not on the engine loop) and asks the store for all
+        of them at once. Replies received but not yet committed count as known too.
         """
-        found: dict[str, CachedReply] = {}
-        if not self.read:
-            return found
-        missing: list[str] = []
-        seen: set[str] = set()
-        flights, pending, writing = self._flights, self._pending, self._writing
-        for key in keys:
-            if key is None or key in seen or key in flights:
-                continue
-            seen.add(key)
-            reply = pending.get(key) or writing.get(key)
-            if reply is not None:
-                found[key] = reply
-            else:
-                missing.append(key)
-        if missing and self._thread is not None and self.store is not None:
-            try:
-                found.update(
-                    await asyncio.wrap_future(self._thread.submit(self.store.get_many, missing))
-                )
-            except Exception as exc:  # noqa: BLE001 - a broken store is a miss
-                self._warn("read", exc)
-        return found
+        store = self.store if self.read else None
+        if store is None and len(bodies) <= 1:
+            make = _KeyMaker(base_url).key
+            keys = [make(b) for b in bodies]
+            found: dict[str, ReplyLike] = {}
+        else:
+            keys, found, error = await asyncio.wrap_future(
+                self._thread.submit(_keys_and_hits, store, base_url, bodies)
+            )
+            if error is not None:
+                self._warn("read", error)
+        if self.read and (self._pending or self._writing):
+            pending, writing = self._pending, self._writing
+            for key in keys:
+                if key is not None and (reply := pending.get(key) or writing.get(key)):
+                    found[key] = reply
+        return keys, found
 
     async def resolve(
         self,
         key: str | None,
-        send: Callable[[], Awaitable[CachedReply]],
-        known: CachedReply | None = None,
-    ) -> tuple[CachedReply, bool]:
+        send: Callable[[], Awaitable[R]],
+        known: ReplyLike | None = None,
+    ) -> tuple[R | ReplyLike, bool]:
         """The reply for one request and whether it was reused (not sent by this call).
 
-        ``known`` is this key's entry from ``lookup``. Otherwise the call joins an
+        ``known`` is this key's entry from ``prepare``. Otherwise the call joins an
         identical request in flight, or becomes the one that sends (``send()``) and
         stores the reply. If that sender is cancelled, a waiting caller sends instead;
         if it fails, every caller waiting on it gets the same error.
@@ -671,17 +756,14 @@ class RequestCache:
         self._closed = True
         engine.remove_shutdown_hook(self.aclose)
         await self.flush()
-        thread, store = self._thread, self.store
-        if thread is None or store is None:
-            return
-        if self._owns_store:
-            await asyncio.wrap_future(thread.submit(store.close))
-        thread.stop()
+        if self.store is not None and self._owns_store:
+            await asyncio.wrap_future(self._thread.submit(self.store.close))
+        self._thread.stop()
 
     # -- internals ----------------------------------------------------------------
 
-    def _store_later(self, key: str, reply: CachedReply) -> None:
-        if self.write and self._thread is not None and not self._closed:
+    def _store_later(self, key: str, reply: ReplyLike) -> None:
+        if self.write and self.store is not None and not self._closed:
             self._pending[key] = reply
             if self._write_done is None:
                 self._start_write()
@@ -689,7 +771,7 @@ class RequestCache:
     def _start_write(self) -> None:
         # One write at a time: replies that arrive meanwhile pile up in _pending and
         # go in the next transaction, so a 10,000-item batch is a few commits.
-        assert self._thread is not None and self.store is not None
+        assert self.store is not None
         batch, self._pending = self._pending, {}
         self._writing = batch
         loop = asyncio.get_running_loop()

@@ -294,7 +294,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rlm.errors import RunInterrupted
 
     rlm = _build_rlm(args, RLM, budget_prefix="", verbose=False, on_event=view,
-                     max_concurrency=args.max_concurrency)
+                     max_concurrency=args.max_concurrency, **_cache_options(args))
     previous = signal.signal(signal.SIGTERM, _raise_terminated_run)
     try:
         result = rlm.completion(context=context, query=args.query, schema=schema)
@@ -334,6 +334,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise UsageError("give a tasks file (JSONL or CSV) or --dir DOCS/, not both or neither")
     if args.dir is not None and not args.query:
         raise UsageError("--dir needs --query (the question to ask of every document)")
+    schema = _read_schema(args.schema) if args.schema else None
     tasks = load_tasks(args.dir or args.tasks, query=args.query, fmt=args.context_format,
                        encoding=_check_encoding(args.encoding))
     rlm = _build_rlm(args, RLM, budget_prefix="task_", verbose=False,
@@ -344,7 +345,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             tasks, args.out, concurrency=args.concurrency, max_cost_usd=args.max_cost_usd,
             max_tokens=args.max_tokens, max_time_s=args.max_time_s,
             retry_failed=args.retry_failed, sort_output=args.sorted, progress=not args.quiet,
-            backend=args.backend, ray_address=args.ray_address,
+            backend=args.backend, ray_address=args.ray_address, schema=schema,
         )
     except KeyboardInterrupt:
         print(f"rlm: interrupted; {args.out} holds every task that finished (re-run to resume)",
@@ -472,7 +473,7 @@ def cmd_repl(args: argparse.Namespace) -> int:
     from rlm.llm import AsyncOpenAIClient
 
     client = AsyncOpenAIClient(model=args.model, api_key=key, base_url=args.base_url,
-                               max_concurrency=args.max_concurrency)
+                               max_concurrency=args.max_concurrency, **_cache_options(args))
     try:
         start_repl(context, client)
     finally:
@@ -591,6 +592,20 @@ def _add_upstream_args(p: argparse.ArgumentParser) -> None:
                    help="write each trajectory as JSONL here, for rlm view (default: no log)")
 
 
+def _add_cost_flags(p: argparse.ArgumentParser) -> None:
+    """Prices and the token budget, shared by run, serve and mcp."""
+    p.add_argument("--prices", action="append", metavar="FILE.json",
+                   help='model prices as {"model": [usd_per_1M_in, usd_per_1M_out]}, '
+                        "repeatable (default: the built-in table and the file named by "
+                        "$RLM_PRICES)")
+    p.add_argument("--price", action="append", metavar="MODEL=IN,OUT",
+                   help="one model's price in USD per 1M input and output tokens, repeatable "
+                        "(default: none)")
+    p.add_argument("--max-tokens", type=_positive_int, default=None,
+                   help="stop when root and sub-calls together used this many tokens "
+                        "(default: no limit)")
+
+
 def _add_server_args(p: argparse.ArgumentParser) -> None:
     """Flags both servers take beyond the upstream ones."""
     p.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
@@ -612,10 +627,13 @@ def _upstream_settings(args: argparse.Namespace) -> Any:
         max_iterations=args.max_iterations,
         max_depth=args.max_depth,
         max_cost_usd=args.max_cost_usd,
+        max_tokens=args.max_tokens,
         max_time_s=args.max_time_s,
+        prices=_prices(args),
         sandbox=args.sandbox,
         log_dir=args.log_dir,
         max_concurrency=args.max_concurrency,
+        **_cache_options(args),
     )
 
 
@@ -679,6 +697,21 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_cache_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--cache", nargs="?", const=True, default=None, metavar="DIR",
+                       help="reuse replies from the sub-query cache in DIR (default: "
+                            "RLM_CACHE_DIR or the per-user cache directory) and store new ones")
+    group.add_argument("--no-cache", action="store_true",
+                       help="send every request, even identical ones in flight together")
+
+
+def _cache_options(args: argparse.Namespace) -> dict[str, Any]:
+    if args.no_cache:
+        return {"cache": None, "cache_read": False}
+    return {"cache": args.cache}
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from rlm.cache import cache_info, clear_cache
 
@@ -713,16 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_context_args(run)
     run.add_argument("--query", required=True, help="the question to answer")
     _add_upstream_args(run)
-    run.add_argument("--prices", action="append", metavar="FILE.json",
-                     help='model prices as {"model": [usd_per_1M_in, usd_per_1M_out]}, '
-                          "repeatable (default: the built-in table and the file named by "
-                          "$RLM_PRICES)")
-    run.add_argument("--price", action="append", metavar="MODEL=IN,OUT",
-                     help="one model's price in USD per 1M input and output tokens, repeatable "
-                          "(default: none)")
-    run.add_argument("--max-tokens", type=_positive_int, default=None,
-                     help="stop when root and sub-calls together used this many tokens "
-                          "(default: no limit)")
+    _add_cost_flags(run)
     run.add_argument("--max-concurrency", type=_positive_int, default=64,
                      help="sub-queries in flight at once (default: 64)")
     run.add_argument("--json", action="store_true",
@@ -731,6 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--schema", metavar="FILE.json",
                      help="a JSON Schema the answer must match; prints the validated JSON "
                           "(default: a free-text answer)")
+    _add_cache_options(run)
     run.set_defaults(func=cmd_run)
 
     batch = sub.add_parser(
@@ -758,6 +783,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where tasks run: this process or a Ray cluster (default: local)")
     batch.add_argument("--ray-address", default=None,
                        help="Ray cluster to join, 'auto' for the running one (default: start a local one)")
+    batch.add_argument("--schema", metavar="FILE.json",
+                       help="a JSON Schema each answer must match; each line gets 'output', "
+                            "the validated JSON (default: free-text answers)")
     batch.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     batch.set_defaults(func=cmd_batch)
 
@@ -785,6 +813,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-running", type=_positive_int, default=8, help="RLM runs at once (default: 8)")
     srv.add_argument("--max-queue", type=int, default=32, help="requests waiting for a run slot; 429 beyond (default: 32)")
     _add_upstream_args(srv)
+    _add_cost_flags(srv)
+    _add_cache_options(srv)
     _add_server_args(srv)
     srv.set_defaults(func=cmd_serve)
 
@@ -800,6 +830,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cut what one repl_exec returns to this many characters (default: 20000)")
     mcp.add_argument("--cell-timeout-s", type=_positive_float, default=120.0, help="wall-clock limit of one repl_exec, in seconds (default: 120)")
     _add_upstream_args(mcp)
+    _add_cost_flags(mcp)
+    _add_cache_options(mcp)
     _add_server_args(mcp)
     mcp.set_defaults(func=cmd_mcp)
 
@@ -816,6 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY)")
     rp.add_argument("--max-concurrency", type=_positive_int, default=64,
                     help="sub-queries in flight at once (default: 64)")
+    _add_cache_options(rp)
     rp.set_defaults(func=cmd_repl)
 
     cache = sub.add_parser("cache", help="inspect or empty the sub-query cache")

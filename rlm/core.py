@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlm import loop as engine
 from rlm import prompts
+from rlm.cache import open_cache
 from rlm.errors import BudgetExhaustedError, ConfigError, LLMError, RLMError, RunInterrupted
 from rlm.llm import AsyncOpenAIClient
 from rlm.parsing import find_code_blocks, find_final_in_text
@@ -97,7 +98,7 @@ class RLMResult:
         return (
             f"RLMResult(answer={answer!r}, stopped_reason={self.stopped_reason!r}, "
             f"iterations={self.iterations}, sub_calls={self.sub_calls}, "
-            f"tokens={total.total_tokens}, cost_usd={total.cost_usd:.4f}, "
+            f"tokens={total.total_tokens}, cost={total.cost_text}, "
             f"elapsed_s={self.elapsed_s:.2f}{extra})"
         )
 
@@ -244,9 +245,11 @@ class _SubQueryService:
     def __init__(self, run: _Run) -> None:
         self._run = run
 
-    def _record(self, prompts_: Sequence[Any], replies: Sequence[Any]) -> None:
+    def _record(self, prompts_: Sequence[Any], replies: Sequence[Any],
+                cached: Sequence[bool] = ()) -> None:
         """Put the sub-queries' prompts and replies in the trajectory (one event per
-        call of llm_query or llm_query_batch, so a 10,000-item batch is one line)."""
+        call of llm_query or llm_query_batch, so a 10,000-item batch is one line).
+        A call the cache answered is marked ``"cached": true``."""
         mode = self._run.rlm.record_subcalls
         if mode == "none":
             return
@@ -257,19 +260,23 @@ class _SubQueryService:
 
         calls = [{"prompt": keep(prompt_text(p)), "reply": keep(_reply_text(r))}
                  for p, r in zip(prompts_, replies, strict=True)]
+        for call, hit in zip(calls, cached, strict=False):
+            if hit:
+                call["cached"] = True
         self._run.trajectory.emit("sub_queries", iteration=self._run.iterations, calls=calls)
 
     async def query(self, prompt: str, params: dict[str, Any]) -> Any:
+        cached = [False]
         with self._run.tracking():
             try:
-                reply = await self._query(prompt, params)
+                reply = await self._query(prompt, params, cached)
             except LLMError as exc:
                 self._record([prompt], [failed_slot(exc)])
                 raise
-        self._record([prompt], [reply])
+        self._record([prompt], [reply], cached)
         return reply
 
-    async def _query(self, prompt: str, params: dict[str, Any]) -> Any:
+    async def _query(self, prompt: str, params: dict[str, Any], cached: list[bool]) -> Any:
         run = self._run
         run.sub_calls += 1
         params = dict(params)
@@ -281,14 +288,16 @@ class _SubQueryService:
             return await self._child(prompt, schema)
         if schema is not None:
             return await structured_query(self._send, prompt, schema, params, run.rlm.sub_client)
-        return await self._send(prompt, params)
+        return await self._send(prompt, params, cached)
 
-    async def _send(self, prompt: Any, params: dict[str, Any]) -> str:
+    async def _send(self, prompt: Any, params: dict[str, Any],
+                    cached: list[bool] | None = None) -> str:
         run = self._run
         client = run.rlm.sub_client
         request = client.request(prompt, **{"model": run.rlm.recursive_model, **params})
         try:
-            return await client.send(request, meter=run.sub_meter, ledger=run.ledger)
+            return await client.send(request, meter=run.sub_meter, ledger=run.ledger,
+                                     cached=cached)
         except LLMError as exc:
             raise self._window_error(prompt, exc) from exc
 
@@ -308,23 +317,30 @@ class _SubQueryService:
                         status=exc.status, attempts=exc.attempts)
 
     async def batch(self, prompts: list[str], params: dict[str, Any]) -> list[Any]:
+        cached = [False] * len(prompts)
         with self._run.tracking():
-            replies = await self._batch(prompts, params)
-        self._record(prompts, replies)
+            replies = await self._batch(prompts, params, cached)
+        self._record(prompts, replies, cached)
         return replies
 
-    async def _batch(self, prompts: list[str], params: dict[str, Any]) -> list[Any]:
+    async def _batch(self, prompts: list[str], params: dict[str, Any],
+                     cached: list[bool]) -> list[Any]:
         run = self._run
         run.sub_calls += len(prompts)
         # Oversized prompts are answered here and never sent; the rest go out as one batch.
         refused = {i: err for i, p in enumerate(prompts) if (err := self._oversized(p)) is not None}
         if refused:
-            sendable = [p for i, p in enumerate(prompts) if i not in refused]
-            sent = iter(await self._send_batch(sendable, params) if sendable else [])
+            kept = [i for i in range(len(prompts)) if i not in refused]
+            marks = [False] * len(kept)
+            sendable = [prompts[i] for i in kept]
+            sent = iter(await self._send_batch(sendable, params, marks) if sendable else [])
+            for i, hit in zip(kept, marks, strict=True):
+                cached[i] = hit
             return [failed_slot(refused[i]) if i in refused else next(sent) for i in range(len(prompts))]
-        return await self._send_batch(prompts, params)
+        return await self._send_batch(prompts, params, cached)
 
-    async def _send_batch(self, prompts: list[str], params: dict[str, Any]) -> list[str]:
+    async def _send_batch(self, prompts: list[str], params: dict[str, Any],
+                          cached: list[bool]) -> list[str]:
         run = self._run
         total = len(prompts)
         params = dict(params)
@@ -339,20 +355,22 @@ class _SubQueryService:
                 self._progress(total),
             )
         else:
-            results = await self._send_many(prompts, params, self._progress(total))
+            results = await self._send_many(prompts, params, self._progress(total), cached)
         return [
             failed_slot(self._window_error(p, r) if isinstance(r, LLMError) else r)
             for p, r in zip(prompts, results, strict=True)
         ]
 
     async def _send_many(self, prompts: list[Any], params: dict[str, Any],
-                         on_item_done: Callable[[int, int], None]) -> list[Any]:
+                         on_item_done: Callable[[int, int], None],
+                         cached: list[bool] | None = None) -> list[Any]:
         run = self._run
         client = run.rlm.sub_client
         params = {"model": run.rlm.recursive_model, **params}
         requests = [client.request(p, **params) for p in prompts]
         return await client.send_many(
-            requests, meter=run.sub_meter, ledger=run.ledger, on_item_done=on_item_done
+            requests, meter=run.sub_meter, ledger=run.ledger, on_item_done=on_item_done,
+            cached=cached,
         )
 
     def _progress(self, total: int) -> Callable[[int, int], None]:
@@ -418,7 +436,8 @@ def _deadline_passed(run: _Run) -> None:
     run.halt("budget", ledger.describe())
 
 
-def _emit_cell_result(run: _Run, iteration: int, index: int, result: ExecResult) -> None:
+def _emit_cell_result(run: _Run, iteration: int, index: int, result: ExecResult,
+                      cached_sub_calls: int = 0) -> None:
     run.trajectory.emit(
         "cell_result",
         iteration=iteration,
@@ -429,6 +448,7 @@ def _emit_cell_result(run: _Run, iteration: int, index: int, result: ExecResult)
         final=result.final,
         duration_s=round(result.duration_s, 4),
         sub_calls=result.sub_calls,
+        cached_sub_calls=cached_sub_calls,
         truncated=result.truncated,
     )
 
@@ -500,6 +520,14 @@ class RLM:
       streaming progress.
     - A run with ``schema=`` gives the root ``max_answer_retries`` more tries after an
       answer that does not match (see ``completion``).
+
+    Caching (see rlm.cache and the README):
+
+    - ``cache``: None/False (default: nothing stored), True (the per-user cache
+      directory), a directory, or an ``rlm.cache.Cache``; replies stored by earlier runs
+      are reused by both clients this RLM builds, at no cost against the budgets.
+    - ``cache_read`` / ``cache_write``: False sends everything (identical requests in
+      flight included) / stores nothing.
     """
 
     def __init__(
@@ -531,6 +559,9 @@ class RLM:
         cell_timeout: float = 60.0,
         sub_window_chars: int = DEFAULT_SUB_WINDOW_CHARS,
         prices: Mapping[str, tuple[float, float]] | None = None,
+        cache: Any = None,
+        cache_read: bool = True,
+        cache_write: bool = True,
     ) -> None:
         # The keywords this RLM was made with, so another process can build its twin.
         self._settings: dict[str, Any] = {k: v for k, v in locals().items() if k != "self"}
@@ -558,10 +589,20 @@ class RLM:
             )
         if prices is not None:
             prices = check_prices(prices)
+        if (cache not in (None, False) or not cache_read or not cache_write) and (
+            client is not None or sub_client is not None
+        ):
+            raise ConfigError(
+                "cache=, cache_read= and cache_write= apply to the clients RLM creates; "
+                "pass them to the AsyncOpenAIClient(s) you pass in instead"
+            )
+        # One store for both clients this RLM creates; it is closed after them.
+        self._cache = open_cache(cache)
+        caching = {"cache": self._cache, "cache_read": cache_read, "cache_write": cache_write}
         self._owned: list[AsyncOpenAIClient] = []
         if client is None:
             client = AsyncOpenAIClient(model=model, api_key=api_key, base_url=base_url,
-                                       prices=prices)
+                                       prices=prices, **caching)
             self._owned.append(client)
         # A missing key fails here, once, not as N failed results after N sandboxes started.
         client.check_key()
@@ -575,6 +616,7 @@ class RLM:
                 base_url=base_url or client.base_url,
                 max_concurrency=max_concurrency,
                 prices=prices,
+                **caching,
             )
             self._owned.append(sub_client)
         sub_client.check_key()
@@ -702,18 +744,37 @@ class RLM:
             finished.wait(INTERRUPT_GRACE_S)
             raise RunInterrupted(ended[0] if ended else None) from exc
 
-    async def acompletion(self, context: Any, query: str, schema: Any = None) -> RLMResult:
+    async def acompletion(
+        self,
+        context: Any,
+        query: str,
+        schema: Any = None,
+        *,
+        env: REPLEnv | None = None,
+        history: Sequence[tuple[str, str]] = (),
+    ) -> RLMResult:
         """Answer ``query`` over ``context``; never raises for a failed run (see ``error``).
 
         ``schema`` (a pydantic model class, a type such as ``list[str]``, or a JSON
         Schema dict) asks for a typed answer: the root is shown the JSON Schema, its
         FINAL value is validated here, a mismatch is sent back for a fix, and
         ``result.output`` holds the validated object. A schema that is not one raises
-        ConfigError at once.
+        ConfigError at once. ``env`` runs the code in that REPLEnv (from ``new_env``;
+        it stays open, with its variables) and ``history`` lists earlier (question,
+        answer) pairs the root is told: what sessions use. Cancelling the task writes
+        the run's record (``stopped_reason="interrupted"``) before the cancellation
+        goes on.
         """
         _check_query(query)
         typed = Schema.of(schema) if schema is not None else None
-        return await self._run(context=context, query=query, depth=0, schema=typed)
+        return await self._run(context=context, query=query, depth=0, schema=typed, env=env,
+                               history=history)
+
+    def new_env(self, context: Any) -> REPLEnv:
+        """A REPLEnv holding ``context``, configured like this RLM's runs (sandbox, cell
+        timeout, output cap, tools); pass it to ``acompletion(env=...)`` to keep
+        variables across runs. The caller closes it."""
+        return self._new_env(context)
 
     async def acompletion_batch(
         self,
@@ -786,8 +847,9 @@ class RLM:
         the same job again skips ids already there (``retry_failed=True`` re-runs those
         that ended in error). Options: ``query``, ``fmt``, ``encoding``,
         ``concurrency`` (8), job caps ``max_cost_usd``/``max_tokens``/``max_time_s``,
-        ``sort_output``, ``progress``, ``backend`` ("local" or "ray") and
-        ``ray_address``. Returns a ``JobSummary``; see the README's "Jobs" section.
+        ``schema`` (a typed answer per task, in each line's ``output``), ``sort_output``,
+        ``progress``, ``backend`` ("local" or "ray") and ``ray_address``. Returns a
+        ``JobSummary``; see the README's "Jobs" section.
         """
         from rlm.jobs.runner import run_job
 
@@ -835,6 +897,8 @@ class RLM:
             await asyncio.to_thread(self._wait_idle, INTERRUPT_GRACE_S)
         for c in self._owned:
             await c.close()
+        if self._cache is not None:
+            self._cache.close()
 
     def close(self) -> None:
         """``aclose`` for sync code."""
@@ -843,6 +907,8 @@ class RLM:
             self._wait_idle(INTERRUPT_GRACE_S)
         for c in self._owned:
             c.close_sync()
+        if self._cache is not None:
+            self._cache.close()
 
     def __enter__(self) -> RLM:
         return self
@@ -1047,9 +1113,10 @@ class RLM:
             usage={
                 "prompt_tokens": turn.prompt_tokens,
                 "completion_tokens": turn.completion_tokens,
-                "cost_usd": turn.cost_usd,
+                "cost_usd": turn.cost_usd if not turn.unpriced_models else "unpriced",
             },
             elapsed_s=round(time.monotonic() - started, 3),
+            cached=turn.cached_calls > 0,
         )
         return reply
 
@@ -1197,7 +1264,7 @@ class RLM:
             usage={
                 "prompt_tokens": spent.prompt_tokens,
                 "completion_tokens": spent.completion_tokens,
-                "cost_usd": spent.cost_usd,
+                "cost_usd": spent.cost_usd if not spent.unpriced_models else "unpriced",
             },
         )
         return compacted
@@ -1206,6 +1273,7 @@ class RLM:
                     code: str) -> ExecResult:
         """Run one cell and record it; an interruption still records what it printed."""
         run.trajectory.emit("cell", iteration=iteration, index=index, code=code)
+        cached_before = run.sub_meter.snapshot().cached_calls
         # Shielded, so a cancelled run can stop the cell and still read its output.
         task = asyncio.ensure_future(env.aexecute(code))
         try:
@@ -1216,7 +1284,8 @@ class RLM:
                 _emit_cell_result(run, iteration, index,
                                   await asyncio.wait_for(asyncio.shield(task), INTERRUPT_GRACE_S))
             raise
-        _emit_cell_result(run, iteration, index, result)
+        _emit_cell_result(run, iteration, index, result,
+                          run.sub_meter.snapshot().cached_calls - cached_before)
         if env.closed:
             raise _Stopped("interrupted", "the REPL was closed during the run")
         return result
@@ -1288,7 +1357,7 @@ class RLMSession:
         self.usage: dict[str, Usage] = {"root": Usage(), "sub": Usage()}
         self.variable_names: set[str] = set()
         # Each ask gives the env that run's sub-query service.
-        self.env = rlm._new_env(context)  # noqa: SLF001
+        self.env = rlm.new_env(context)
 
     def ask(self, query: str, schema: Any = None) -> RLMResult:
         """Ask the next question (sync; works inside a running loop too); ``schema`` as
@@ -1298,10 +1367,8 @@ class RLMSession:
     async def aask(self, query: str, schema: Any = None) -> RLMResult:
         """Ask the next question; ``schema`` asks for a typed answer."""
         _check_query(query)
-        typed = Schema.of(schema) if schema is not None else None
-        result = await self.rlm._run(  # noqa: SLF001
-            context=self.context, query=query, depth=0, env=self.env, history=self.history,
-            schema=typed,
+        result = await self.rlm.acompletion(
+            self.context, query, schema, env=self.env, history=self.history
         )
         if result.answer is not None:
             self.history.append((query, result.answer))

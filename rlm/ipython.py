@@ -24,6 +24,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from rlm import loop as engine
+from rlm.cache import parse_cache_option
 from rlm.errors import ConfigError, LLMError
 from rlm.llm import AsyncOpenAIClient
 from rlm.repl import ClientSubQueries, failed_slot
@@ -45,6 +46,7 @@ class NotebookConfig:
     base_url: str | None = None
     api_key: str | None = None
     sandbox: str | None = None
+    cache: bool | str = False
 
     def api_key_or_env(self) -> str | None:
         """The key a run will use: the configured one, else OPENAI_API_KEY."""
@@ -57,8 +59,15 @@ class NotebookConfig:
             f"model={self.model or os.environ.get('RLM_MODEL') or '(default)'} "
             f"recursive_model={self.recursive_model or '(same as model)'} "
             f"base_url={self.base_url or os.environ.get('OPENAI_BASE_URL') or '(OpenAI)'} "
-            f"api_key={_mask(key)} sandbox={self.sandbox or '(default)'}"
+            f"api_key={_mask(key)} sandbox={self.sandbox or '(default)'} "
+            f"cache={_cache_text(self.cache)}"
         )
+
+
+def _cache_text(cache: bool | str) -> str:
+    if cache is True:
+        return "on (the per-user cache directory)"
+    return cache or "off"
 
 
 def _mask(key: str | None) -> str:
@@ -68,9 +77,10 @@ def _mask(key: str | None) -> str:
     return f"{key[:3]}...{key[-4:]}" if len(key) >= 12 else "***"
 
 
-_CONFIG_OPTIONS = ("model", "recursive_model", "base_url", "api_key", "sandbox")
+_CONFIG_OPTIONS = ("model", "recursive_model", "base_url", "api_key", "sandbox", "cache")
 _RLM_OPTIONS = (
     "context", "model", "recursive_model", "base_url", "out", "max_iterations", "sandbox", "schema",
+    "cache",
 )
 _RLM_FLAGS = ("verbose",)
 
@@ -128,14 +138,16 @@ class RLMMagics(Magics):
 
     @line_magic
     def rlm_config(self, line: str) -> None:
-        """Set model, recursive_model, base_url, api_key, sandbox; no arguments shows them.
+        """Set model, recursive_model, base_url, api_key, sandbox, cache; no arguments shows them.
 
         Values persist for the notebook's session and are used by every ``%%rlm`` cell;
         unset ones fall back to RLM_MODEL, OPENAI_BASE_URL and OPENAI_API_KEY. The key
-        is shown masked.
+        is shown masked. ``cache=on`` reuses replies from the per-user cache directory,
+        ``cache=DIR`` from DIR, ``cache=off`` (the default) stores nothing.
         """
         for name, value in _parse_options(line, _CONFIG_OPTIONS).items():
-            setattr(self.config_values, name, value)
+            setattr(self.config_values, name,
+                    parse_cache_option(value) if name == "cache" else value)
         print("rlm config:", self.config_values.describe())
 
     @cell_magic
@@ -144,6 +156,7 @@ class RLMMagics(Magics):
 
         Options: ``--context VAR`` (default ``context``), ``--model``,
         ``--recursive-model``, ``--base-url``, ``--sandbox``, ``--max-iterations``,
+        ``--cache on|off|DIR``,
         ``--verbose`` (show each iteration live), ``--out NAME`` (the variable that
         receives the RLMResult, ``_rlm`` by default) and ``--schema NAME`` (a notebook
         variable holding a schema: a pydantic model class, a type such as ``list[str]``
@@ -202,6 +215,8 @@ class RLMMagics(Magics):
                 sandbox=options.get("sandbox") or cfg.sandbox,
                 verbose=bool(options.get("verbose")),
                 max_iterations=max_iterations,
+                cache=(parse_cache_option(options["cache"]) if "cache" in options
+                       else cfg.cache),
             )
         except ConfigError as exc:
             raise UsageError(f"rlm: {exc}") from None

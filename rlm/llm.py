@@ -31,6 +31,7 @@ import openai
 from pydantic import BaseModel
 
 from rlm import loop as engine
+from rlm.cache import Cache, RequestCache, open_cache
 from rlm.errors import (
     BatchError,
     BudgetExhaustedError,
@@ -84,6 +85,9 @@ class Request:
     """
 
     body: dict[str, Any]
+    # False: neither read from nor written to the sub-query cache, never joined with an
+    # identical request in flight (for code that wants a fresh sample).
+    cache: bool = True
 
     @property
     def model(self) -> str:
@@ -227,6 +231,26 @@ class _HotPath:
         return self._sdk._make_status_error_from_response(response)  # noqa: SLF001
 
 
+def _first_of_each(
+    todo: list[int], keys: Sequence[str | None]
+) -> tuple[list[int], dict[int, list[int]]]:
+    """Split batch indices into the first of each key and, per first, its later twins."""
+    first: dict[str, int] = {}
+    order: list[int] = []
+    twins: dict[int, list[int]] = {}
+    for i in todo:
+        key = keys[i]
+        if key is None:
+            order.append(i)
+            continue
+        lead = first.setdefault(key, i)
+        if lead == i:
+            order.append(i)
+        else:
+            twins.setdefault(lead, []).append(i)
+    return order, twins
+
+
 _large_batches = 0
 _saved_gc_threshold: tuple[int, int, int] | None = None
 
@@ -292,6 +316,12 @@ class AsyncOpenAIClient:
       (default 6; a retried 429 or 503 counts too).
     - ``prices``: model name to USD per 1M (input, output) tokens, for ``usage``'s cost;
       extends the built-in table and the prices file named by $RLM_PRICES.
+    - ``cache``: None/False (default: nothing stored), True (the per-user cache
+      directory), a directory, or an ``rlm.cache.Cache``: replies are reused from it.
+      Identical requests in flight at once are sent once whatever this is (see
+      rlm.cache); ``cache=False`` on a call opts that call out.
+    - ``cache_read`` / ``cache_write``: False sends everything (identical requests in
+      flight included) / stores nothing.
 
     Use it as ``async with AsyncOpenAIClient(...) as client`` or call ``await
     client.close()``; from sync code use ``rlm.loop.run_sync(client....)``.
@@ -310,6 +340,9 @@ class AsyncOpenAIClient:
         timeout: float = 120.0,
         max_retries: int = 6,
         prices: Mapping[str, tuple[float, float]] | None = None,
+        cache: Any = None,
+        cache_read: bool = True,
+        cache_write: bool = True,
     ) -> None:
         if not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ConfigError(f"max_concurrency must be a positive int, got {max_concurrency!r}")
@@ -328,6 +361,13 @@ class AsyncOpenAIClient:
         self._oai: openai.AsyncOpenAI | None = None
         self._hot: _HotPath | None = None
         self._closed = False
+        store = open_cache(cache)
+        # No store and no reuse: nothing to do per request, so no cache layer at all.
+        self._replies: RequestCache | None = (
+            RequestCache(store, read=cache_read, write=cache_write,
+                         owns_store=not isinstance(cache, Cache))
+            if store is not None or cache_read else None
+        )
 
     def __repr__(self) -> str:
         where = self.base_url or "https://api.openai.com/v1"
@@ -387,15 +427,15 @@ class AsyncOpenAIClient:
 
     # -- the package-internal interface (core, repl, cache) --------------------------
 
-    def request(self, prompt: Prompt, **params: Any) -> Request:
+    def request(self, prompt: Prompt, *, cache: bool = True, **params: Any) -> Request:
         """Build the ``Request`` for ``prompt`` (a str or chat messages) with body ``params``.
 
         The client's model is the default; ``params`` (``model``, ``temperature``...)
-        go into the JSON body as given.
+        go into the JSON body as given. ``cache=False`` makes it bypass the cache.
         """
         body: dict[str, Any] = {"model": self.model, "messages": _messages(prompt)}
         body.update(params)
-        return Request(body)
+        return Request(body, bool(cache))
 
     def new_meter(self) -> UsageMeter:
         """A fresh meter with this client's prices, for per-run accounting."""
@@ -407,15 +447,17 @@ class AsyncOpenAIClient:
         *,
         meter: UsageMeter | None = None,
         ledger: BudgetLedger | None = None,
+        cached: list[bool] | None = None,
     ) -> str:
         """Send one request on the engine loop and return the reply text.
 
         The call counts in the client's usage and in ``meter``; with a ``ledger`` it
         reserves against the run's budget first and raises ``BudgetExhaustedError``
         (nothing sent) once the budget is spent. Other failures raise like
-        ``completion``.
+        ``completion``. ``cached``, a one-item list, is set to ``[True]`` when the
+        reply came from the cache (or an identical request in flight).
         """
-        return await self._on_engine(self._text(request, meter, ledger))
+        return await self._on_engine(self._text(request, meter, ledger, cached))
 
     async def send_many(
         self,
@@ -424,6 +466,7 @@ class AsyncOpenAIClient:
         meter: UsageMeter | None = None,
         ledger: BudgetLedger | None = None,
         on_item_done: Callable[[int, int], None] | None = None,
+        cached: list[bool] | None = None,
     ) -> list[str | Exception]:
         """Send many requests concurrently (up to the limiter), in order, never raising per item.
 
@@ -431,24 +474,32 @@ class AsyncOpenAIClient:
         for items the budget stopped before they were sent). Request tasks are created
         as slots free up, so a million items cost a window of tasks, not a million.
         ``on_item_done(done, total)`` runs on the engine loop as items finish.
+        ``cached``, a list of ``len(requests)`` False, gets True for each item answered
+        by the cache or by an identical request (in flight, or earlier in the batch).
         """
-        return await self._on_engine(self._many(list(requests), meter, ledger, on_item_done))
+        return await self._on_engine(
+            self._many(list(requests), meter, ledger, on_item_done, cached)
+        )
 
-    async def completion(self, prompt: Prompt, **params: Any) -> str:
+    async def completion(self, prompt: Prompt, *, cache: bool = True, **params: Any) -> str:
         """Send one chat completion and return the reply text.
 
         ``prompt`` is a str (sent as one user message) or a list of chat messages.
         ``params`` go into the request body (``model``, ``temperature``,
-        ``max_tokens``...). Raises an ``rlm.errors.LLMError`` subclass when the call
+        ``max_tokens``...). ``cache=False`` asks the model afresh even when the cache
+        holds this request. Raises an ``rlm.errors.LLMError`` subclass when the call
         still fails after the retries, ``ConfigError`` when no API key is configured.
         """
-        return await self._on_engine(self._text(self.request(prompt, **params), None, None))
+        request = self.request(prompt, cache=cache, **params)
+        return await self._on_engine(self._text(request, None, None))
 
     async def completion_batch(
         self,
         prompts: Sequence[Prompt],
         return_exceptions: bool = False,
         on_item_done: Callable[[int, int], None] | None = None,
+        *,
+        cache: bool = True,
         **params: Any,
     ) -> list[Any]:
         """Run many completions concurrently (up to the limiter) and keep their order.
@@ -457,10 +508,11 @@ class AsyncOpenAIClient:
         raises ``BatchError`` carrying the successful results and the per-item errors;
         with ``True`` each failed slot holds its exception. ``on_item_done(done, total)``
         is called on the engine loop as items finish (for progress displays).
+        Identical prompts are sent once; ``cache=False`` sends every one.
         """
         if isinstance(prompts, str | bytes):
             raise TypeError("completion_batch takes a list of prompts, not a single str")
-        requests = [self.request(p, **params) for p in prompts]
+        requests = [self.request(p, cache=cache, **params) for p in prompts]
         results = await self._on_engine(self._many(requests, None, None, on_item_done))
         if not return_exceptions:
             errors = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
@@ -589,6 +641,8 @@ class AsyncOpenAIClient:
         return self._oai
 
     async def _aclose_on_engine(self) -> None:
+        if self._replies is not None:
+            await self._replies.aclose()
         oai, self._oai, self._hot = self._oai, None, None
         _open_clients.discard(self)
         if oai is not None:
@@ -643,18 +697,60 @@ class AsyncOpenAIClient:
         return self._hot
 
     async def _text(
-        self, request: Request, meter: UsageMeter | None, ledger: BudgetLedger | None
+        self, request: Request, meter: UsageMeter | None, ledger: BudgetLedger | None,
+        cached: list[bool] | None = None,
     ) -> str:
-        return (await self._reply(request, meter, ledger)).text
+        return (await self._reply(request, meter, ledger, cached)).text
 
-    def _reply(
+    async def _reply(
+        self, request: Request, meter: UsageMeter | None, ledger: BudgetLedger | None,
+        cached: list[bool] | None = None,
+    ) -> Reply:
+        """One call on the engine loop: the cache first, then the network (``_fresh``)."""
+        replies = self._replies
+        if replies is None or not request.cache:
+            return await self._fresh(request, meter, ledger)
+        if self._closed:
+            raise ClientClosedError("this AsyncOpenAIClient is closed; create a new one")
+        (key,), known = await replies.prepare(self.base_url, [request.body])
+        reply, reused = await self._resolve(
+            replies, request, key, known.get(key) if key else None, meter, ledger
+        )
+        if reused and cached:
+            cached[0] = True
+        return reply
+
+    async def _resolve(
+        self, replies: RequestCache, request: Request, key: str | None, known: Any,
+        meter: UsageMeter | None, ledger: BudgetLedger | None,
+    ) -> tuple[Reply, bool]:
+        """A reply from the cache, from an identical request in flight, or sent now, and
+        whether it was reused.
+
+        A reused reply asks nothing of the ledger (it costs no budget) and counts as a
+        cached call, with what it saved, in the client's usage and ``meter``.
+        """
+        reply, reused = await replies.resolve(
+            key, lambda: self._fresh(request, meter, ledger), known
+        )
+        if reused:
+            self._count_cached(meter, reply.model, reply.prompt_tokens, reply.completion_tokens)
+        return reply, reused  # type: ignore[return-value]  # a stored reply reads like a Reply
+
+    def _count_cached(self, meter: UsageMeter | None, model: str, prompt_tokens: int,
+                      completion_tokens: int, calls: int = 1) -> None:
+        self._meter.cached(model, prompt_tokens, completion_tokens, calls)
+        if meter is not None:
+            meter.cached(model, prompt_tokens, completion_tokens, calls)
+
+    def _fresh(
         self, request: Request, meter: UsageMeter | None, ledger: BudgetLedger | None
     ) -> Coroutine[Any, Any, Reply]:
-        """The one path every call takes on the engine loop: budget, limiter, retries, usage.
+        """The path every request that is sent takes: budget, limiter, retries, usage.
 
-        A reply source in front of the network (the sub-query cache) wraps this: look up
-        before the ledger is asked (a cached reply costs no budget), store after it. A
-        plain function returning the coroutine, so an unbudgeted call pays no extra frame.
+        A plain function returning the coroutine, so an unbudgeted call pays no extra
+        frame. The cache sits in front of it (``_reply``, ``_many``): a reused reply
+        never reaches the ledger.
         """
         if ledger is None:
             return self._exchange(request.body, meter)
@@ -722,34 +818,15 @@ class AsyncOpenAIClient:
         meter: UsageMeter | None,
         ledger: BudgetLedger | None,
         on_item_done: Callable[[int, int], None] | None,
+        cached: list[bool] | None = None,
     ) -> list[Any]:
-        self._sdk()  # a missing key is one ConfigError, not one per item
+        if self._closed:
+            raise ClientClosedError("this AsyncOpenAIClient is closed; create a new one")
         total = len(requests)
         results: list[Any] = [None] * total
         if not total:
             return results
-        loop = asyncio.get_running_loop()
-        finished: asyncio.Future[None] = loop.create_future()
-        live: dict[int, asyncio.Task[None]] = {}
         done = 0
-        next_index = 0
-        reply = self._reply
-
-        def start_next() -> None:
-            nonlocal next_index, done
-            while next_index < total:
-                i = next_index
-                next_index += 1
-                if ledger is not None and ledger.exhausted is not None:
-                    # Spent: the rest are refused without a task each.
-                    results[i] = BudgetExhaustedError(f"budget exhausted ({ledger.exhausted})")
-                    done += 1
-                    report()
-                    continue
-                live[i] = loop.create_task(one(i))
-                return
-            if done == total and not finished.done():
-                finished.set_result(None)
 
         def report() -> None:
             if on_item_done is not None:
@@ -758,26 +835,86 @@ class AsyncOpenAIClient:
                 except Exception:  # noqa: BLE001, S110 - a progress display must not stop work
                     pass
 
+        replies = self._replies
+        keys: list[str | None] = []
+        order: Sequence[int] = range(total)
+        # Items identical to an earlier one of this batch (same key): they wait for it
+        # instead of taking a window slot, so a batch sends each distinct request once.
+        twins: dict[int, list[int]] = {}
+        if replies is not None:
+            keys, todo = await self._from_cache(replies, requests, results, meter, cached)
+            done = total - len(todo)
+            if done:
+                report()
+            if not todo:
+                return results
+            order, twins = _first_of_each(todo, keys)
+        self._sdk()  # a missing key is one ConfigError, not one per item
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[None] = loop.create_future()
+        live: dict[int, asyncio.Task[None]] = {}
+        next_index = 0
+        pending = len(order)
+        fresh = self._fresh
+        resolve = self._resolve
+
+        def start_next() -> None:
+            nonlocal next_index, done
+            while next_index < pending:
+                i = order[next_index]
+                next_index += 1
+                if ledger is not None and ledger.exhausted is not None:
+                    # Spent: the rest are refused without a task each.
+                    refused = BudgetExhaustedError(f"budget exhausted ({ledger.exhausted})")
+                    results[i] = refused
+                    for j in twins.pop(i, ()):
+                        results[j] = refused
+                        done += 1
+                    done += 1
+                    report()
+                    continue
+                live[i] = loop.create_task(one(i))
+                return
+            if done == total and not finished.done():
+                finished.set_result(None)
+
         async def one(i: int) -> None:
             nonlocal done
+            same = twins.pop(i, None)
             try:
-                results[i] = (await reply(requests[i], meter, ledger)).text
+                request = requests[i]
+                if replies is None or not request.cache:
+                    reply = await fresh(request, meter, ledger)
+                else:
+                    reply, reused = await resolve(replies, request, keys[i], None, meter, ledger)
+                    if reused and cached is not None:
+                        cached[i] = True
+                results[i] = reply.text
+                if same:
+                    for j in same:
+                        results[j] = reply.text
+                        if cached is not None:
+                            cached[j] = True
+                    self._count_cached(meter, reply.model, reply.prompt_tokens * len(same),
+                                       reply.completion_tokens * len(same), len(same))
             except Exception as exc:  # noqa: BLE001 - kept per item, nothing is lost
                 results[i] = exc
+                for j in same or ():
+                    results[j] = exc
             del live[i]
-            done += 1
+            done += 1 + (len(same) if same else 0)
             report()
             start_next()
 
         # A window of tasks, refilled as each finishes: a million items never make a
         # million tasks, and the window keeps every limiter slot busy.
-        for _ in range(min(total, self.max_concurrency)):
+        for _ in range(min(pending, self.max_concurrency)):
             start_next()
         try:
-            with _fewer_full_collections(total):
+            with _fewer_full_collections(pending):
                 await finished
         except BaseException:
-            next_index = total
+            next_index = pending
             tasks = list(live.values())
             for task in tasks:
                 task.cancel()
@@ -785,6 +922,50 @@ class AsyncOpenAIClient:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         return results
+
+    async def _from_cache(
+        self, replies: RequestCache, requests: list[Request], results: list[Any],
+        meter: UsageMeter | None, cached: list[bool] | None,
+    ) -> tuple[list[str | None], list[int]]:
+        """Fill ``results`` with the replies the cache already has, in one pass.
+
+        Returns every item's key (None: not cacheable) and the indices still to send.
+        Hits cost no task and no request, and one meter update per model.
+        """
+        total = len(requests)
+        keys: list[str | None] = [None] * total
+        cacheable = [i for i, r in enumerate(requests) if r.cache]
+        if not cacheable:
+            return keys, list(range(total))
+        if len(cacheable) == total:
+            keys, known = await replies.prepare(self.base_url, [r.body for r in requests])
+        else:
+            some, known = await replies.prepare(
+                self.base_url, [requests[i].body for i in cacheable]
+            )
+            for i, key in zip(cacheable, some, strict=True):
+                keys[i] = key
+        if not known:
+            return keys, list(range(total))
+        todo: list[int] = []
+        saved: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            hit = known.get(key) if key is not None else None
+            if hit is None:
+                todo.append(i)
+                continue
+            results[i] = hit.text
+            if cached is not None:
+                cached[i] = True
+            row = saved.get(hit.model)
+            if row is None:
+                row = saved[hit.model] = [0, 0, 0]
+            row[0] += 1
+            row[1] += hit.prompt_tokens
+            row[2] += hit.completion_tokens
+        for model, (calls, prompt_tokens, completion_tokens) in saved.items():
+            self._count_cached(meter, model, prompt_tokens, completion_tokens, calls)
+        return keys, todo
 
     async def _stream(self, body: dict[str, Any]) -> AsyncIterator[str]:
         sdk = self._sdk()

@@ -9,12 +9,14 @@ readable by ``rlm view``. Event types, with their fields beyond ``type``, ``t``
   max_iterations, max_depth
 - ``root_request``: iteration, messages (the new messages sent this turn)
 - ``root_reply``: iteration, content, usage (prompt_tokens, completion_tokens,
-  cost_usd of this turn), elapsed_s
+  cost_usd of this turn), elapsed_s, cached (the reply came from the cache)
 - ``cell``: iteration, index, code
 - ``cell_result``: iteration, index, stdout, stderr, error, final, duration_s,
-  sub_calls, truncated
+  sub_calls, cached_sub_calls (how many of them the cache answered), truncated
 - ``final``: answer, source ("FINAL", "FINAL_VAR" or "text")
-- ``budget``: reason
+- ``budget``: reason (a token, cost or time budget ran out; the run ends after it)
+- ``interrupted``: reason (Ctrl-C, SIGTERM, a cancelled task, ``RLM.interrupt``/``close``;
+  the interrupted cell's ``cell_result`` comes first, with what it printed)
 - ``error``: message
 - ``sub_queries``: iteration, calls (a list of ``{"prompt", "reply"}``, each text cut to
   a head and a tail unless ``RLM(record_subcalls="full")``; absent with "none")
@@ -43,7 +45,8 @@ EventSink = Callable[[Event], None]
 TRANSIENT = frozenset({"subcalls"})
 # The events a run writes; a file with none of them is not a trajectory.
 RUN_EVENTS = frozenset({"run_start", "root_request", "root_reply", "cell", "cell_result", "final",
-                        "budget", "error", "run_end", "sub_queries", "compaction"})
+                        "budget", "interrupted", "error", "run_end", "sub_queries",
+                        "compaction"})
 
 
 def _jsonable(value: Any) -> Any:

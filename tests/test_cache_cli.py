@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from rlm.cache import CachedReply, SQLiteCache
+from rlm.testing import FakeLLMServer
 
 
 def rlm_cmd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -56,3 +57,35 @@ def test_cache_with_an_unknown_action_is_a_usage_error() -> None:
     proc = rlm_cmd("cache", "drop")
     assert proc.returncode == 2
     assert "invalid choice" in proc.stderr
+
+
+ROOT = "cli-cache-root"
+SCRIPT = [
+    "```repl\nparts = context.split()\nr = llm_query_batch(['ECHO ' + p for p in parts])\n```",
+    "```repl\nFINAL(' '.join(r))\n```",
+]
+
+
+def test_run_with_cache_twice_sends_nothing_the_second_time(tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("x y x y")
+    with FakeLLMServer(scripts={ROOT: SCRIPT}) as srv:
+        args = ("run", "--context", str(ctx), "--query", "q", "--model", ROOT,
+                "--recursive-model", "fake-model", "--base-url",
+                srv.url, "--api-key", "k", "--sandbox", "local", "--json")
+        first = rlm_cmd(*args, "--cache", str(tmp_path / "c"))
+        sent = srv.requests
+        again = rlm_cmd(*args, "--cache", str(tmp_path / "c"))
+        assert srv.requests == sent == 2 + 2  # two root turns, two distinct items
+        plain = rlm_cmd(*args, "--no-cache")
+        assert srv.requests == sent + 2 + 4  # every item sent, duplicates too
+    for proc in (first, again, plain):
+        assert proc.returncode == 0, proc.stderr
+    assert json.loads(again.stdout)["answer"] == "x y x y"
+    assert json.loads(again.stdout)["usage"]["sub"]["cached_calls"] == 4
+
+
+def test_run_with_cache_and_no_cache_together_is_a_usage_error(tmp_path: Path) -> None:
+    proc = rlm_cmd("run", "--context", "-", "--query", "q", "--cache", "--no-cache")
+    assert proc.returncode == 2
+    assert "not allowed with" in proc.stderr

@@ -417,3 +417,22 @@ def test_a_schema_file_that_is_not_a_json_schema_is_a_usage_error(tmp_path: Path
     proc = rlm_cmd("run", "--context", str(ctx), "--query", "q", "--api-key", "k", "--schema", str(bad))
     assert proc.returncode == 2
     assert "not a valid JSON Schema" in proc.stderr
+
+
+def test_a_run_on_a_terminal_shows_a_progress_line_that_goes_away(ctx_file: Path) -> None:
+    import pexpect
+
+    script = ["```repl\nprint(llm_query('ECHO hi'))\n```", "```repl\nFINAL('done')\n```"]
+    with FakeLLMServer(scripts={ROOT: script}, latency=0.4) as srv:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "RLM_"))}
+        child = pexpect.spawn(
+            sys.executable,
+            ["-m", "rlm", "run", "--context", str(ctx_file), "--query", "q", "--model", ROOT,
+             "--base-url", srv.url, "--api-key", "k", "--sandbox", "local"],
+            env={**env, "TERM": "xterm"}, encoding="utf-8", dimensions=(24, 100), timeout=60,
+        )
+        screen = child.read()
+        child.close()
+    assert child.exitstatus == 0, screen
+    assert "rlm · iteration 1/20 · waiting for the root model" in screen
+    assert screen.rstrip().endswith("done")  # the answer, after the line was taken down

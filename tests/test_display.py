@@ -727,3 +727,36 @@ def test_the_footer_keeps_the_stop_reason_at_a_narrow_width() -> None:
     assert "max_iterations" in out.replace("\n", "")
     assert "iteration limit 1 reached" in out
     assert "✓ final answer" not in out
+
+
+def test_a_child_run_is_indented_at_full_width_without_a_stray_rule(tmp_path: Path) -> None:
+    console = plain_console(80)
+    parent = Trajectory(sinks=[LiveDisplay(console)])
+    parent.emit("run_start", query="parent query", model="m")
+    parent.emit("cell", iteration=1, index=0, code="llm_query('summarise chunk 7')\n")
+    parent.emit("run_start", child_run="c1", depth=1, query="generic child instruction",
+                prompt="summarise chunk 7", model="m")
+    parent.emit("root_reply", child_run="c1", depth=1, iteration=1, content="```repl\nFINAL('x')\n```")
+    parent.emit("cell", child_run="c1", depth=1, iteration=1, index=0, code="FINAL('x')\n")
+    lines = text_of(console).splitlines()
+    assert any("[d1] ↳ sub-RLM asked: summarise chunk 7" in line for line in lines)
+    assert not any("generic child instruction" in line for line in lines)
+    rule = next(line for line in lines if "[d1] iteration 1" in line)
+    assert rule.startswith("    ") and len(rule) == 80 and rule.endswith("─")
+    child_cell_top = next(line for line in lines if "[d1] cell 1" in line)
+    parent_cell_top = next(line for line in lines if line.startswith("╭─ cell 1"))
+    assert len(child_cell_top) == len(parent_cell_top) == 80  # same right edge
+    assert not any(line.strip() == "─" for line in lines)
+    assert all(line == line.rstrip() for line in lines)  # no trailing padding
+
+
+def test_html_marks_an_iteration_limit_stop_instead_of_a_clean_answer() -> None:
+    tr = Trajectory()
+    tr.emit("run_start", query="q", model="m", max_iterations=1)
+    tr.emit("root_reply", iteration=2, content="my guess")
+    tr.emit("final", answer="my guess", source="last_turn")
+    tr.emit("run_end", answer="my guess", stopped_reason="max_iterations", iterations=1, elapsed_s=0.5)
+    page = trajectory_html(tr.events)
+    assert "iteration limit reached, no FINAL" in page
+    assert "no FINAL before the iteration limit" in page
+    assert "✓ final answer" not in page

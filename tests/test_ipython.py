@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from IPython.core.error import UsageError
@@ -316,3 +317,23 @@ def test_start_repl_inside_a_running_shell_says_what_to_do_instead(
             start_repl("ctx", client)
     finally:
         client.close_sync()
+
+
+# -- the cache option -------------------------------------------------------------------
+
+
+def test_rlm_config_cache_dir_makes_a_repeated_cell_send_nothing(
+    ip: InteractiveShell, llm: FakeLLMServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure(ip, llm)
+    ip.run_line_magic("rlm_config", f"cache={tmp_path}")
+    assert f"cache={tmp_path}" in capsys.readouterr().out
+    ip.user_ns["context"] = "alpha\nbeta"
+    first = ip.run_cell_magic("rlm", "", "Repeat every line.")
+    sent = llm.requests
+    again = ip.run_cell_magic("rlm", "", "Repeat every line.")
+    assert llm.requests == sent
+    assert again.answer == first.answer == "alpha | beta"
+    assert again.total_usage.cached_calls == 2 + 2
+    fresh = ip.run_cell_magic("rlm", "--cache off", "Repeat every line.")
+    assert fresh.total_usage.cached_calls == 0 and llm.requests == 2 * sent

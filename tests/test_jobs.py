@@ -91,7 +91,7 @@ def test_a_killed_job_resumes_without_rerunning_finished_tasks(
 ) -> None:
     tasks_file, out = tmp_path / "tasks.jsonl", tmp_path / "out.jsonl"
     write_tasks(tasks_file, 300)
-    srv.latency = 0.03
+    srv.latency = 0.05  # the job takes seconds, so the kill lands part-way
     proc = subprocess.Popen(
         rlm_cli(srv, str(tasks_file), "--out", str(out), "--concurrency", "4"),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -398,3 +398,17 @@ def test_memory_stays_flat_because_contexts_load_when_their_task_starts(tmp_path
     # allocator's per-thread arenas and at most 32 MB of contexts awaiting collection
     # stay well below, and do not grow with the number of tasks.
     assert numbers["peak"] - numbers["base"] < 64, numbers
+
+
+def test_a_schema_gives_each_line_a_validated_output(tmp_path: Path) -> None:
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"first": {"type": "string"}},
+                                  "required": ["first"]}))
+    tasks_file, out = tmp_path / "tasks.jsonl", tmp_path / "out.jsonl"
+    write_tasks(tasks_file, 3)
+    typed = "```repl\nFINAL({'first': context.split()[0]})\n```"
+    with FakeLLMServer(scripts={ROOT: [typed]}) as server:
+        result = run_cli(server, str(tasks_file), "--out", str(out), "--schema", str(schema),
+                         "--sorted")
+    assert result.returncode == 0, result.stderr
+    assert [r["output"] for r in lines_of(out)] == [{"first": f"word{i}"} for i in range(3)]

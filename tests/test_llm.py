@@ -105,11 +105,11 @@ async def test_random_faults_keep_the_in_flight_limit_up() -> None:
 
     with FakeLLMServer(flaky, latency=0.01) as srv:
         async with make_client(srv, max_concurrency=32, max_retries=20) as client:
-            client.limiter.base_rejection = 0.0
             out = await client.completion_batch([f"ECHO {i}" for i in range(600)])
             assert out == [str(i) for i in range(600)]
-            # One cut at most while it learns the faults do not depend on load.
-            assert client.concurrency_limit >= 24
+            # Halving per fault window would have driven it to 1; learning that the faults
+            # do not depend on load keeps it near the top (a noisy window may cost a cut).
+            assert client.concurrency_limit >= 16
 
 
 async def test_rate_limit_after_all_retries_is_a_typed_error(server: FakeLLMServer) -> None:
@@ -302,7 +302,8 @@ def test_a_large_batch_raises_gc_thresholds_only_while_it_runs() -> None:
     before = gc.get_threshold()
     with FakeLLMServer(responder) as srv:
         client = make_client(srv, max_concurrency=200)
-        run_sync(client.completion_batch(["x"] * 1000))
+        # Distinct prompts: identical ones would be sent once (single-flight).
+        run_sync(client.completion_batch([f"x{i}" for i in range(1000)]))
         assert gc.get_threshold() == before
         assert seen == {max(before[0], 50_000)}
         seen.clear()

@@ -594,8 +594,10 @@ def test_interpreter_exit_leaves_no_processes_directories_or_warnings(tmp_path: 
         closed = REPLEnv("ctx", sandbox="process")
         closed.close()
         pids = [e.executor._res.pid for e in kept] + [process._get_zygote().proc.pid]
-        dirs = [process._get_zygote().plan["mountpoint"]]
-        print(json.dumps({"pids": pids, "dirs": dirs}))
+        # Each worker's root is a tmpfs in its own mount namespace (nothing on disk) or a
+        # directory per worker start, removed when that worker is reaped.
+        roots = [f"/proc/{pid}/root/" for pid in pids[:-1]]
+        print(json.dumps({"pids": pids, "roots": roots}))
         # exits without closing the three envs
         """
     )
@@ -610,4 +612,4 @@ def test_interpreter_exit_leaves_no_processes_directories_or_warnings(tmp_path: 
     assert proc.stderr == ""
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(isinstance(pid, int) and _gone(pid) for pid in seen["pids"])
-    assert not any(d and Path(d).exists() for d in seen["dirs"])
+    assert not any(Path(root).exists() for root in seen["roots"])

@@ -65,7 +65,8 @@ def serve_url(upstream: FakeLLMServer, allowed: Path, logs: Path) -> Iterator[st
     server = RlmProcess(
         ["serve", "--port", "0", "--auth-key", KEY, "--base-url", upstream.url, "--api-key", "upstream-key",
          "--model", ROOT, "--recursive-model", SUB, "--log-dir", str(logs), "--allow-dir", str(allowed),
-         "--max-body-mb", "0.5", "--max-running", "1", "--max-queue", "0"],
+         "--max-body-mb", "0.5", "--max-running", "1", "--max-queue", "0",
+         "--price", f"{ROOT}=100,100", "--price", f"{SUB}=100,100"],
         ready=r"listening on (http://\S+/v1)",
     )
     try:
@@ -149,6 +150,16 @@ def test_a_schema_in_extra_body_works_and_a_broken_one_is_400(client: openai.Ope
         client.chat.completions.create(model="rlm", messages=needle_messages(),
                                        extra_body={"rlm": {"schema": {"type": 12}}})
     assert "not a valid JSON Schema" in info.value.message
+
+
+def test_a_spent_budget_without_an_answer_is_402_with_the_run_metadata(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="rlm", messages=needle_messages(),
+                                       extra_body={"rlm": {"max_cost_usd": 0.0001}})
+    assert info.value.status_code == 402
+    body = info.value.body
+    assert isinstance(body, dict) and body["code"] == "budget"
+    assert info.value.response.json()["rlm"]["stopped_reason"] == "budget"
 
 
 def test_models_lists_rlm_and_the_root_model(client: openai.OpenAI) -> None:
@@ -255,6 +266,27 @@ def test_closing_a_stream_mid_run_cancels_it(client: openai.OpenAI, upstream: Fa
     assert wait_until(lambda: upstream.in_flight == 3)
     stream.close()
     assert wait_until(lambda: upstream.in_flight == 0)
+
+
+def test_with_cache_a_repeated_request_sends_no_new_sub_queries(upstream: FakeLLMServer, tmp_path: Path) -> None:
+    server = RlmProcess(["serve", "--port", "0", "--base-url", upstream.url, "--api-key", "k", "--model", ROOT,
+                         "--recursive-model", SUB, "--cache", str(tmp_path / "cache")],
+                        ready=r"listening on (http://\S+/v1)")
+    try:
+        assert server.match is not None
+        with openai.OpenAI(base_url=server.match.group(1), api_key="x", max_retries=0) as c:
+            def sub_requests() -> int:
+                return sum(1 for r in upstream.requests_log if r["model"] == SUB)
+
+            upstream.reset_counters()
+            first = c.chat.completions.create(model="rlm", messages=needle_messages())
+            after_first = sub_requests()
+            second = c.chat.completions.create(model="rlm", messages=needle_messages())
+        assert first.choices[0].message.content == second.choices[0].message.content == NEEDLE
+        assert after_first == 6
+        assert sub_requests() == 6  # all six came from the cache the second time
+    finally:
+        assert server.stop() == 0, "".join(server.lines)
 
 
 def test_binding_beyond_loopback_without_a_key_is_refused(upstream: FakeLLMServer) -> None:

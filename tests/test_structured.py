@@ -62,8 +62,14 @@ def test_a_batch_over_100_chunks_aggregates_exactly(clients: list[AsyncOpenAICli
         sub_requests = [r for r in srv.requests_log if r["model"] == SUB]
     assert result.output == context.count("x")
     assert result.sub_calls == 100
-    assert len(sub_requests) == 100
-    assert result.usage["sub"].calls == 100  # counted like any sub-query
+    # The line pattern repeats, so some chunks are identical: twins in flight together
+    # share one request (single-flight). The first prompt goes alone (it learns whether
+    # the server takes response_format), so its own twins may ask once more.
+    distinct = len({"\n".join(lines[i:i + 10]) for i in range(0, len(lines), 10)})
+    assert distinct <= len(sub_requests) <= distinct + 1
+    usage = result.usage["sub"]
+    assert usage.calls == len(sub_requests)
+    assert usage.calls + usage.cached_calls == 100  # counted like any sub-query
     # The request asked for the schema through response_format.
     assert sub_requests[0]["params"]["response_format"] == {
         "type": "json_schema",

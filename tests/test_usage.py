@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,24 @@ def test_a_cost_budget_with_an_unpriced_model_is_refused_at_construction(which: 
     # With both priced it is built.
     RLM(model="root-m", recursive_model="sub-m", api_key="k", max_cost_usd=1.0,
         prices={"root-m": (1.0, 1.0), "sub-m": (1.0, 1.0)}).close()
+
+
+def test_a_run_with_unpriced_models_shows_unpriced_in_its_views(server: FakeLLMServer) -> None:
+    from rlm.display import result_html, result_rich
+
+    server.responder = lambda m: "FINAL('done')"
+    rlm = RLM(model="local-root", recursive_model="local-sub", api_key="k", base_url=server.url,
+              sandbox="local")
+    try:
+        result = rlm.completion(context="c", query="q")
+    finally:
+        rlm.close()
+    assert result.answer == "done"
+    assert result.usage["root"].unpriced_models == ["local-root"]
+    assert "cost=unpriced (local-root)" in repr(result)
+    page = result_html(result)
+    # The root's cost (and so the total) is unknown; the unused sub-model's $0 is true.
+    assert re.search(r"Total cost</t[dh]>\s*<td[^>]*>unpriced<", page), page[:3000]
+    console = Console(record=True, width=120)
+    console.print(result_rich(result))
+    assert "unpriced" in console.export_text()

@@ -51,6 +51,8 @@ def fmt_int(value: Any) -> str:
 
 
 def fmt_cost(value: Any) -> str:
+    if value == "unpriced":  # a model without a price: unknown, never a misleading $0
+        return "unpriced"
     n = as_num(value)
     if n is None:
         return "—"
@@ -164,6 +166,12 @@ class CellNumbers:
 def plural(n: int, word: str) -> str:
     """``3 sub-calls``, ``1 sub-call``."""
     return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def sub_calls_text(sub_calls: int | None, cached: int | None) -> str:
+    """"12 sub-calls", or "12 sub-calls (10 cached)" when the cache answered some."""
+    text = plural(sub_calls or 0, "sub-call")
+    return f"{text} ({cached:,} cached)" if cached else text
 
 
 def cell_number(event: Event) -> int:

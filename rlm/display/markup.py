@@ -22,6 +22,7 @@ STYLE = {
     "title": "font-size:16px;font-weight:600;margin:2px 0 6px 0",
     "query": "margin:4px 0 8px 0",
     "answer": "border:2px solid #1a7f37;background:#f0fff4;border-radius:6px;padding:6px 10px;margin:6px 0",
+    "limit": "border:2px solid #bf8700;background:#fff8c5;border-radius:6px;padding:6px 10px;margin:6px 0",
     "noanswer": "border:2px solid #cf222e;background:#fff5f5;border-radius:6px;padding:6px 10px;margin:6px 0",
     "label": "font-weight:600;font-size:12px;text-transform:uppercase;letter-spacing:.04em;color:#57606a",
     "pre": f"white-space:pre-wrap;word-break:break-word;font-family:{MONO};font-size:12.5px;"

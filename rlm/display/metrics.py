@@ -38,10 +38,15 @@ class Metrics:
     sub_calls: int | None = None
     sub_tokens: int | None = None
     sub_cost: float | None = None
+    cached_calls: int | None = None
+    saved_usd: float | None = None
     elapsed_s: float | None = None
     stopped_reason: str | None = None
     error: str | None = None
     log_path: str | None = None
+    # Models used without a price: their cost is unknown, so it reads "unpriced", not $0.
+    root_unpriced: bool = False
+    sub_unpriced: bool = False
 
     @property
     def total_tokens(self) -> int | None:
@@ -67,12 +72,13 @@ class Metrics:
             ("Iterations", fmt_int(self.iterations)),
             ("Root calls", fmt_int(self.root_calls)),
             ("Root tokens", root_tokens),
-            ("Root cost", fmt_cost(self.root_cost)),
+            ("Root cost", _cost(self.root_cost, self.root_unpriced)),
             ("Sub-calls", fmt_int(self.sub_calls)),
             ("Sub tokens", fmt_int(self.sub_tokens)),
-            ("Sub cost", fmt_cost(self.sub_cost)),
+            ("Sub cost", _cost(self.sub_cost, self.sub_unpriced)),
             ("Total tokens", fmt_int(self.total_tokens)),
-            ("Total cost", fmt_cost(self.total_cost)),
+            ("Total cost", _cost(self.total_cost, self.root_unpriced or self.sub_unpriced)),
+            *self._cache_rows(),
             ("Wall time", fmt_time(self.elapsed_s)),
             ("Stopped", self.stopped_reason or "—"),
         ]
@@ -87,6 +93,12 @@ class Metrics:
             rows.append(("Log", self.log_path))
         return rows
 
+    def _cache_rows(self) -> list[tuple[str, str]]:
+        if not self.cached_calls:
+            return []
+        saved = f" (saved {fmt_cost(self.saved_usd)})" if self.saved_usd else ""
+        return [("Cache hits", f"{self.cached_calls:,} calls answered from the cache{saved}")]
+
     def summary(self) -> str:
         """One line with the key numbers, for a panel's subtitle."""
         parts = []
@@ -94,10 +106,12 @@ class Metrics:
             parts.append(plural(self.iterations, "iteration"))
         if self.sub_calls is not None:
             parts.append(plural(self.sub_calls, "sub-call"))
+        if self.cached_calls:
+            parts.append(f"{self.cached_calls:,} cached")
         if self.total_tokens is not None:
             parts.append(f"{self.total_tokens:,} tokens")
         if self.total_cost is not None:
-            parts.append(fmt_cost(self.total_cost))
+            parts.append(_cost(self.total_cost, self.root_unpriced or self.sub_unpriced))
         if self.elapsed_s is not None:
             parts.append(fmt_time(self.elapsed_s))
         if self.stopped_reason:
@@ -105,19 +119,35 @@ class Metrics:
         return " · ".join(parts)
 
 
+def _cost(value: float | None, unpriced: bool) -> str:
+    if not unpriced:
+        return fmt_cost(value)
+    return "unpriced" if not value else f"{fmt_cost(value)} + unpriced"
+
+
+def _unpriced(usage: Any) -> bool:
+    return bool(field_of(usage, "unpriced_models"))
+
+
 def _apply_usage(m: Metrics, usage: Any) -> None:
     root, sub = field_of(usage, "root"), field_of(usage, "sub")
+    parts = [u for u in (root, sub) if u is not None]
+    if any(field_of(u, "cached_calls") is not None for u in parts):
+        m.cached_calls = sum(as_int(field_of(u, "cached_calls")) or 0 for u in parts)
+        m.saved_usd = sum(as_num(field_of(u, "saved_usd")) or 0.0 for u in parts)
     if root is not None:
         m.root_calls = as_int(field_of(root, "calls", m.root_calls))
         m.root_prompt_tokens = as_int(field_of(root, "prompt_tokens", m.root_prompt_tokens))
         m.root_completion_tokens = as_int(field_of(root, "completion_tokens", m.root_completion_tokens))
         m.root_tokens = usage_total_tokens(root)
         m.root_cost = as_num(field_of(root, "cost_usd"))
+        m.root_unpriced = _unpriced(root)
     if sub is not None:
         if m.sub_calls is None:
             m.sub_calls = as_int(field_of(sub, "calls"))
         m.sub_tokens = usage_total_tokens(sub)
         m.sub_cost = as_num(field_of(sub, "cost_usd"))
+        m.sub_unpriced = _unpriced(sub)
 
 
 def metrics_from_events(events: list[Event], key: str | None = None) -> Metrics:
@@ -131,7 +161,7 @@ def metrics_from_events(events: list[Event], key: str | None = None) -> Metrics:
         key = run_key(tops[0]) if tops else (run_key(events[0]) if events else "")
     own = [e for e in events if run_key(e) == key]
     m = Metrics()
-    root_prompt = root_completion = root_calls = sub_calls = 0
+    root_prompt = root_completion = root_calls = sub_calls = cached = 0
     root_cost = 0.0
     for e in own:
         kind = e.get("type")
@@ -145,8 +175,10 @@ def metrics_from_events(events: list[Event], key: str | None = None) -> Metrics:
             root_prompt += as_int(field_of(usage, "prompt_tokens")) or 0
             root_completion += as_int(field_of(usage, "completion_tokens")) or 0
             root_cost += as_num(field_of(usage, "cost_usd")) or 0.0
+            cached += 1 if e.get("cached") else 0
         elif kind == "cell_result":
             sub_calls += as_int(e.get("sub_calls")) or 0
+            cached += as_int(e.get("cached_sub_calls")) or 0
         elif kind == "final":
             m.answer = as_text(e.get("answer"))
         elif kind in ("budget", "error") and not m.error:
@@ -154,6 +186,7 @@ def metrics_from_events(events: list[Event], key: str | None = None) -> Metrics:
     iterations = [n for e in own if (n := as_int(e.get("iteration"))) is not None]
     m.iterations = max(iterations) if iterations else 0
     m.root_calls, m.sub_calls = root_calls, sub_calls
+    m.cached_calls = cached or None
     m.root_prompt_tokens, m.root_completion_tokens = root_prompt, root_completion
     m.root_tokens, m.root_cost = root_prompt + root_completion, root_cost
     m.elapsed_s = as_num(own[-1].get("t")) if own else None

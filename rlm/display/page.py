@@ -14,10 +14,10 @@ from rlm.display.formatting import (
     fmt_cost,
     fmt_int,
     fmt_time,
-    plural,
     preview,
     prose_of,
     schema_issues_text,
+    sub_calls_text,
 )
 from rlm.display.markup import MONO, STYLE, code_html, details_html, esc, pre_html, table_html
 from rlm.display.metrics import Metrics, metrics_from_events
@@ -31,6 +31,9 @@ def _note_html(e: Event) -> str:
     kind = e.get("type")
     if kind == "final":
         source = as_text(e.get("source"))
+        if source == "last_turn":
+            return (f'<div style="{STYLE["note_warn"]}">⚠ no FINAL before the iteration limit: '
+                    "the answer is the root's last-turn reply</div>")
         return (f'<div style="color:#116329;margin:4px 0">✓ final answer'
                 f'{" (" + esc(source) + ")" if source else ""}</div>')
     if kind == "answer_invalid":
@@ -49,7 +52,7 @@ def _cell_html(cell: Cell) -> str:
     if r is not None:
         info.append(fmt_time(r.get("duration_s")))
         if as_int(r.get("sub_calls")):
-            info.append(plural(as_int(r.get('sub_calls')) or 0, 'sub-call'))
+            info.append(sub_calls_text(as_int(r.get("sub_calls")), as_int(r.get("cached_sub_calls"))))
         if r.get("truncated"):
             info.append("output truncated")
         if r.get("error"):
@@ -89,7 +92,8 @@ def _sub_queries_html(calls: list[Any]) -> str:
     items = []
     for i, call in enumerate(calls, 1):
         prompt, reply = as_text(field_of(call, "prompt", "")), as_text(field_of(call, "reply", ""))
-        summary = f"#{i} {preview(prompt, 90)} → {preview(reply, 60)}"
+        mark = " (cached)" if field_of(call, "cached") else ""
+        summary = f"#{i}{mark} {preview(prompt, 90)} → {preview(reply, 60)}"
         body = (f'<div style="{STYLE["cell_head"]}">prompt</div>{pre_html(prompt, "pre")}'
                 f'<div style="{STYLE["cell_head"]}">reply</div>{pre_html(reply, "pre")}')
         items.append(details_html(esc(summary), body, css_class="rlm-subq"))
@@ -109,9 +113,10 @@ def _iteration_html(it: Iteration, *, open_: bool = False) -> str:
         bits.append(fmt_time(it.end_t - it.start_t))
     elif it.reply is not None and it.reply.get("elapsed_s") is not None:
         bits.append(fmt_time(it.reply.get("elapsed_s")))
-    subs = sum(as_int(c.result.get("sub_calls")) or 0 for c in it.cells if c.result is not None)
+    results = [c.result for c in it.cells if c.result is not None]
+    subs = sum(as_int(r.get("sub_calls")) or 0 for r in results)
     if subs:
-        bits.append(plural(subs, 'sub-call'))
+        bits.append(sub_calls_text(subs, sum(as_int(r.get("cached_sub_calls")) or 0 for r in results)))
     if any(c.result is not None and c.result.get("error") for c in it.cells):
         bits.append("error")
     parts = []
@@ -133,7 +138,8 @@ def _iteration_html(it: Iteration, *, open_: bool = False) -> str:
             parts.append(
                 f'<div style="{STYLE["cell_head"]}">root turn: {esc(fmt_int(field_of(usage, "prompt_tokens")))} prompt'
                 f' + {esc(fmt_int(field_of(usage, "completion_tokens")))} completion tokens'
-                f' · {esc(fmt_cost(field_of(usage, "cost_usd")))} · {esc(fmt_time(elapsed))}</div>'
+                f' · {esc(fmt_cost(field_of(usage, "cost_usd")))} · {esc(fmt_time(elapsed))}'
+                f'{" · from the cache" if it.reply.get("cached") else ""}</div>'
             )
     parts.extend(_cell_html(c) for c in it.cells)
     parts.extend(_note_html(n) for n in it.notes)
@@ -147,6 +153,10 @@ def _answer_html(m: Metrics) -> str:
         if m.error:
             body += pre_html(m.error, "error")
         return f'<div style="{STYLE["noanswer"]}"><div style="{STYLE["label"]}">Answer</div>{body}</div>'
+    if m.stopped_reason == "max_iterations":
+        return (f'<div style="{STYLE["limit"]}"><div style="{STYLE["label"]}">Answer · iteration limit '
+                f"reached, no FINAL (the root's last-turn reply)</div>"
+                f'<pre style="{STYLE["answer_pre"]}">{esc(m.answer)}</pre></div>')
     return (f'<div style="{STYLE["answer"]}"><div style="{STYLE["label"]}">Answer</div>'
             f'<pre style="{STYLE["answer_pre"]}">{esc(m.answer)}</pre></div>')
 

@@ -27,11 +27,11 @@ from rlm.display.formatting import (
     fmt_int,
     fmt_time,
     head_tail,
-    plural,
     preview,
     prose_of,
     run_key,
     schema_issues_text,
+    sub_calls_text,
 )
 from rlm.display.metrics import Metrics, metrics_from_events
 from rlm.display.progress import SubqueryProgress
@@ -250,6 +250,8 @@ class LiveDisplay:
             f"root: {fmt_int(prompt)} → {fmt_int(completion)} tokens"
             f" · {fmt_cost(field_of(usage, 'cost_usd'))} · {fmt_time(event.get('elapsed_s'))}"
         )
+        if event.get("cached"):
+            stats += " · from the cache"
         if not prose:
             return [Text(stats, style="dim")]
         return [
@@ -289,7 +291,7 @@ class LiveDisplay:
         info = [f"cell {self._cells.number(event)}", fmt_time(event.get("duration_s"))]
         sub_calls = as_int(event.get("sub_calls"))
         if sub_calls:
-            info.append(plural(sub_calls, 'sub-call'))
+            info.append(sub_calls_text(sub_calls, as_int(event.get("cached_sub_calls"))))
         if event.get("truncated"):
             info.append("output truncated")
         if event.get("error"):
@@ -307,6 +309,8 @@ class LiveDisplay:
             out.append("  ↳ ", style="magenta")
             out.append(preview(field_of(call, "prompt", ""), 70), style="dim")
             out.append("  →  ", style="magenta")
+            if field_of(call, "cached"):
+                out.append("(cached) ", style="dim green")
             out.append(preview(field_of(call, "reply", ""), 60) + "\n")
         if len(calls) > len(shown):
             out.append(f"  … {len(calls) - len(shown):,} more (rlm view LOG --html OUT shows them all)\n",

@@ -24,25 +24,27 @@ Finished = Callable[[dict[str, Any]], None]
 
 
 class _Reclaimer:
-    """Collects cyclic garbage once ``threshold`` bytes of contexts have been released.
+    """Collects cyclic garbage once enough context bytes have been released.
 
     A finished run's REPL can sit in a reference cycle (its namespace, closures and
     executor), which only a full collection frees, and the interpreter starts those by
     object counts, not bytes: a job of large contexts would pile up hundreds of dead
-    ones. Collecting after every 32 MB of released contexts bounds that pile at a
-    cost of one collection per many tasks.
+    ones. Collecting once the released bytes exceed what the running tasks hold (at
+    least 32 MB) keeps the pile about ``concurrency x context size`` at the cost of
+    one full collection per ``concurrency`` tasks or more.
     """
 
-    def __init__(self, threshold: int = 32 << 20) -> None:
-        self.threshold = threshold
+    def __init__(self, floor: int = 32 << 20) -> None:
+        self.floor = floor
         self.pending = 0
+        self.in_flight = 0
         self._lock = threading.Lock()
 
-    def released(self, context: Any) -> None:
+    def released(self, context: Any, concurrency: int) -> None:
         size = len(context) if isinstance(context, str | bytes | bytearray) else 1 << 20
         with self._lock:
             self.pending += size
-            if self.pending < self.threshold:
+            if self.pending < max(self.floor, concurrency * size):
                 return
             self.pending = 0
         gc.collect()
@@ -56,26 +58,32 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-async def run_one(rlm: Any, task: Task) -> dict[str, Any]:
-    """Load ``task``'s context, run it on ``rlm`` and return its output record."""
+async def run_one(rlm: Any, task: Task, concurrency: int = 1, schema: Any = None) -> dict[str, Any]:
+    """Load ``task``'s context, run it on ``rlm`` (with ``schema``, for a typed answer) and
+    return its output record; ``concurrency`` (tasks at once here) paces memory reclaiming."""
     started = time.monotonic()
     try:
-        # Reading a large file must not stall the loop the other tasks run on.
-        context = await asyncio.to_thread(task.load_context)
+        # Reading a file must not stall the loop the other tasks run on; an inline
+        # context needs no thread (the pool is busy starting and closing REPLs).
+        if task.context_path is None and task.line_ref is None:
+            context = task.context
+        else:
+            context = await asyncio.to_thread(task.load_context)
     except Exception as exc:  # noqa: BLE001 - a task's bad input is its own failure
         return error_record(task.id, f"context: {_short(exc)}", time.monotonic() - started)
     try:
-        result = await rlm.acompletion(context=context, query=task.query)
+        result = await rlm.acompletion(context=context, query=task.query, schema=schema)
     except Exception as exc:  # noqa: BLE001 - e.g. an empty query: the task fails, not the job
         return error_record(task.id, _short(exc), time.monotonic() - started)
     finally:
-        _reclaimer.released(context)
+        _reclaimer.released(context, concurrency)
         del context
     return result_record(task.id, result)
 
 
 async def run_tasks(
-    rlm: Any, tasks: Iterator[Task], finished: Finished, budget: JobBudget, concurrency: int
+    rlm: Any, tasks: Iterator[Task], finished: Finished, budget: JobBudget, concurrency: int,
+    schema: Any = None,
 ) -> str | None:
     """Run ``tasks`` with ``concurrency`` at a time; ``finished(record)`` as each ends.
 
@@ -94,7 +102,7 @@ async def run_tasks(
             task = next(tasks, None)
             if task is None:
                 return
-            finished(await run_one(rlm, task))
+            finished(await run_one(rlm, task, concurrency, schema))
 
     workers = [asyncio.create_task(worker()) for _ in range(max(1, concurrency))]
     try:

@@ -70,12 +70,14 @@ def _actor_classes() -> tuple[Any, Any]:
     class JobWorker:
         """One worker process of a job: one RLM, many concurrent tasks."""
 
-        def __init__(self, settings: dict[str, Any], ledger: Any, concurrency: int) -> None:
+        def __init__(self, settings: dict[str, Any], ledger: Any, concurrency: int,
+                     schema: Any) -> None:
             from rlm.core import RLM
 
             self.rlm = RLM(**settings)
             self.ledger = ledger
             self.concurrency = max(1, concurrency)
+            self.schema = schema
 
         def ready(self) -> bool:
             return True
@@ -91,7 +93,8 @@ def _actor_classes() -> tuple[Any, Any]:
                     if await self.ledger.stop_reason.remote() is not None:
                         stopped = True
                         break
-                    running.add(asyncio.ensure_future(run_one(self.rlm, pending.popleft())))
+                    running.add(asyncio.ensure_future(
+                        run_one(self.rlm, pending.popleft(), self.concurrency, self.schema)))
                 if not running:
                     break
                 done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -120,6 +123,7 @@ async def run_tasks_on_ray(
     chunk_size: int = 16,
     workers: int | None = None,
     job_tag: str | None = None,
+    schema: Any = None,
 ) -> str | None:
     """Run ``tasks`` on Ray; ``finished(record)`` for each as it ends (see the module doc).
 
@@ -154,7 +158,7 @@ async def run_tasks_on_ray(
 
     def new_worker() -> Any:
         actor = worker_cls.options(name=f"{prefix}{next(names)}", namespace="rlm").remote(
-            settings, ledger, per_worker)
+            settings, ledger, per_worker, schema)
         actors.append(actor)
         return actor
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlm.errors import ConfigError, OutputFileError
+from rlm import loop as engine
+from rlm.errors import ConfigError, LoopError, OutputFileError
 from rlm.jobs import output
 from rlm.jobs import tasks as inputs
 from rlm.jobs.budget import JobBudget
@@ -107,42 +108,53 @@ def run_job(rlm: Any, tasks: Iterable[Task] | str | os.PathLike[str], out: str |
             **options: Any) -> JobSummary:
     """Sync form of ``arun_job`` (blocks; Ctrl-C stops the job with its output valid).
 
-    The job drives its tasks from an event loop of its own on a helper thread, like an
-    async caller would: the engine loop keeps serving only the model calls and sandbox
-    I/O, and its thread pool is never filled by tasks waiting for it.
+    With the in-process sandbox the job runs on the engine loop itself, where the model
+    calls run, so no call hops between threads. With the process sandbox it runs on a
+    loop of its own on a helper thread, as an async caller would: starting a worker
+    waits on the engine loop from a pool thread, and 200 tasks doing that from the
+    engine loop's own pool would exhaust it and deadlock.
     """
-    loop = asyncio.new_event_loop()
-    result: dict[str, Any] = {}
-    main_task: list[asyncio.Task[JobSummary]] = []
-    started = threading.Event()
+    if engine.in_engine_thread():
+        raise LoopError(
+            "RLM.run_job was called on rlm's engine loop thread, where it would deadlock; "
+            "use `await rlm.arun_job(...)` there"
+        )
+    finished = threading.Event()
 
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        task = loop.create_task(arun_job(rlm, tasks, out, **options))
-        main_task.append(task)
-        started.set()
+    async def job() -> JobSummary:
         try:
-            result["value"] = loop.run_until_complete(task)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-            result["error"] = exc
+            return await arun_job(rlm, tasks, out, **options)
         finally:
-            loop.run_until_complete(loop.shutdown_default_executor())
-            loop.close()
+            finished.set()
 
-    thread = threading.Thread(target=serve, name="rlm-job", daemon=True)
-    thread.start()
+    own_loop: asyncio.AbstractEventLoop | None = None
+    if getattr(rlm, "sandbox", None) == "local" and options.get("backend", "local") == "local":
+        loop = engine.engine_loop()
+    else:
+        loop = own_loop = asyncio.new_event_loop()
+        threading.Thread(target=_serve_loop, args=(loop,), name="rlm-job", daemon=True).start()
+    future = asyncio.run_coroutine_threadsafe(job(), loop)
     try:
-        while thread.is_alive():
-            thread.join(0.2)  # short waits keep Ctrl-C and SIGTERM handlers responsive
+        while not finished.wait(0.2):  # short waits keep Ctrl-C and SIGTERM handlers responsive
+            pass
+        return future.result()
     except BaseException:
         # Interrupted: cancel the job and wait for it to write what finished and stop.
-        started.wait()
-        loop.call_soon_threadsafe(main_task[0].cancel)
-        thread.join(60)
+        future.cancel()
+        finished.wait(60)
         raise
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
+    finally:
+        if own_loop is not None:
+            own_loop.call_soon_threadsafe(own_loop.stop)
+
+
+def _serve_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
 
 
 async def arun_job(
@@ -164,6 +176,7 @@ async def arun_job(
     ray_address: str | None = None,
     ray_chunk_size: int = 16,
     ray_workers: int | None = None,
+    schema: Any = None,
 ) -> JobSummary:
     """Run every task not yet in ``out`` and append one line per finished task to it.
 
@@ -177,6 +190,10 @@ async def arun_job(
                       ("max_time_s", max_time_s)):
         if cap is not None and cap <= 0:
             raise ConfigError(f"{name} must be positive, got {cap!r}")
+    if schema is not None:
+        from rlm.schema import Schema
+
+        Schema.of(schema)  # a broken schema is one ConfigError now, not one per task
     task_list = (
         tasks if isinstance(tasks, list) and all(isinstance(t, Task) for t in tasks)
         else await asyncio.to_thread(load_tasks, tasks, query=query, fmt=fmt, encoding=encoding)
@@ -229,7 +246,8 @@ async def arun_job(
         if backend == "local":
             from rlm.jobs.local import run_tasks
 
-            summary.stopped = await run_tasks(rlm, iter(todo), finished, budget, concurrency)
+            summary.stopped = await run_tasks(rlm, iter(todo), finished, budget, concurrency,
+                                              schema)
         else:
             try:
                 from rlm.jobs.ray_backend import run_tasks_on_ray
@@ -241,7 +259,7 @@ async def arun_job(
 
             summary.stopped = await run_tasks_on_ray(
                 rlm, todo, finished, budget, concurrency=concurrency, address=ray_address,
-                chunk_size=ray_chunk_size, workers=ray_workers,
+                chunk_size=ray_chunk_size, workers=ray_workers, schema=schema,
             )
     except asyncio.CancelledError:
         budget.interrupt()

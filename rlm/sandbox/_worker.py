@@ -228,8 +228,8 @@ def _plan_isolation(plan: dict[str, Any]) -> None:
     """Find out which per-worker isolation this machine grants, once, in the zygote.
 
     ``pidns``: each worker in its own PID namespace. ``tmpfs``: each worker's root a
-    private size-limited tmpfs mounted on ``mountpoint`` (an empty directory that only
-    the zygote made) in its own mount namespace. ``drop_uid``: workers take leased uids
+    private size-limited tmpfs mounted on ``mountpoint`` (the temp directory, covered
+    only inside the worker's own mount namespace). ``drop_uid``: workers take leased uids
     (a root host outside a user namespace).
     """
     plan["drop_uid"] = os.geteuid() == 0 and not plan["userns"]
@@ -237,12 +237,12 @@ def _plan_isolation(plan: dict[str, Any]) -> None:
     plan["tmpfs"] = False
     plan["mountpoint"] = None
     if plan["can_chroot"] and sys.platform.startswith("linux"):
-        mountpoint = tempfile.mkdtemp(prefix="rlm-jail-")
+        # Any existing directory will do: the tmpfs covers it only inside the worker's
+        # own mount namespace, so nothing is created (or left behind) on the host.
+        mountpoint = tempfile.gettempdir()
         if isolation.probe_private_tmpfs(mountpoint):
             plan["tmpfs"] = True
             plan["mountpoint"] = mountpoint
-        else:
-            os.rmdir(mountpoint)
 
 
 def _preload_data_modules() -> None:
@@ -499,9 +499,6 @@ class _Zygote:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
             self._bury(pid)
-        if self.plan.get("mountpoint"):
-            with contextlib.suppress(OSError):
-                os.rmdir(self.plan["mountpoint"])
         os._exit(0)
 
 

@@ -14,12 +14,19 @@ Every REPL env, in either sandbox, reaches the host's sub-query service through 
 The process sandbox checks the same caps in the worker before anything is sent, and the
 host pulls a batch's prompts from the worker only as slots free up (``run_batch`` with a
 fetch callback), so a million-item batch never exists on the host.
+
+All envs share one engine loop, and a loop busy with one env's replies delays every
+other caller. So the window of an env with many sub-queries in flight also follows the
+loop's lag (sampled while any gate has work): it shrinks while the loop runs late and
+grows back while it keeps time, never below ``WINDOW_FLOOR``, which a light env never
+reaches. Alone on an idle loop, an env gets its whole ``max_in_flight``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,6 +48,12 @@ __all__ = [
 # Prompt bytes of one env on the host at once (running plus waiting); at least one
 # prompt of the maximum size always fits.
 IN_FLIGHT_BYTES = 96 << 20
+
+# The loop-lag feedback: sample period, the lag an env's window is shrunk for, and the
+# window below which it is never shrunk.
+LAG_PERIOD_S = 0.05
+LAG_TARGET_S = 0.015
+WINDOW_FLOOR = 16
 
 NO_CLIENT = (
     "no model client is configured for this REPL, so llm_query cannot run: create it "
@@ -126,6 +139,50 @@ def check_prompt_size(size: int, limits: SubQueryLimits, index: int | None = Non
         )
 
 
+class _LoopLag:
+    """How late the engine loop runs its timers, sampled only while some gate has work.
+
+    One per loop. ``seq`` counts samples so each gate reacts to each sample once.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lag = 0.0
+        self.seq = 0
+        self.busy = 0
+        self.task: asyncio.Task[None] | None = None
+
+    def hold(self) -> None:
+        self.busy += 1
+        if self.task is None or self.task.done():
+            self.task = self.loop.create_task(self._sample())
+
+    def let_go(self) -> None:
+        self.busy -= 1
+
+    async def _sample(self) -> None:
+        # Ends when no gate has work, so no task outlives the traffic (or the loop).
+        while self.busy > 0:
+            due = self.loop.time() + LAG_PERIOD_S
+            await asyncio.sleep(LAG_PERIOD_S)
+            self.lag = max(0.0, self.loop.time() - due)
+            self.seq += 1
+        self.lag = 0.0
+
+
+_lags: dict[asyncio.AbstractEventLoop, _LoopLag] = {}
+
+
+def _loop_lag() -> _LoopLag:
+    loop = asyncio.get_running_loop()
+    lag = _lags.get(loop)
+    if lag is None:
+        for old in [other for other in _lags if other.is_closed()]:
+            del _lags[old]
+        lag = _lags[loop] = _LoopLag(loop)
+    return lag
+
+
 Fetch = Callable[[int, int, int], Awaitable[list[Any]]]
 Deliver = Callable[[int, list[Any]], None]
 
@@ -144,6 +201,9 @@ class SubQueryGate:
         self.in_flight_bytes = 0
         self.waiting = 0
         self.waiting_bytes = 0
+        # The env's current window (<= max_in_flight), following the loop's lag.
+        self.window = float(self.limits.max_in_flight)
+        self._lag_seen = 0
         self._waiters: collections.deque[tuple[asyncio.Future[None], int, int]] = (
             collections.deque()
         )
@@ -223,9 +283,7 @@ class SubQueryGate:
                 # whatever else is free, reserved before the (possibly remote) fetch so
                 # concurrent batches of this env cannot overshoot the caps meanwhile.
                 await self._acquire(1, 0)
-                extra = min(
-                    limits.slice_items(n), n - start, limits.max_in_flight - self.in_flight
-                )
+                extra = min(limits.slice_items(n), n - start, self._window() - self.in_flight)
                 extra = max(extra - 1, 0)
                 budget = max(limits.in_flight_bytes - self.in_flight_bytes, 1)
                 self._take(extra, budget)
@@ -244,8 +302,11 @@ class SubQueryGate:
                 used = sum(sizes)
                 self._give(count - len(items), budget - used)
                 task = asyncio.get_running_loop().create_task(
-                    self._run_slice(service, start, items, used, params, deliver, failure)
+                    self._run_slice(service, start, items, params, deliver, failure)
                 )
+                # The slice's room goes back when its task is done in any way: a task
+                # cancelled before it started never runs its coroutine's finally.
+                task.add_done_callback(functools.partial(self._slice_done, len(items), used))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 start += len(items)
@@ -262,7 +323,6 @@ class SubQueryGate:
         service: Any,
         start: int,
         items: list[Any],
-        size: int,
         params: dict[str, Any],
         deliver: Deliver,
         failure: list[BaseException],
@@ -274,9 +334,10 @@ class SubQueryGate:
         except BaseException as exc:  # noqa: BLE001 - handed to run_batch, which raises it
             failure.append(exc)
             return
-        finally:
-            self._give(len(items), size)
         deliver(start, replies)
+
+    def _slice_done(self, items: int, size: int, _task: asyncio.Task[None]) -> None:
+        self._give(items, size)
 
     # slots ---------------------------------------------------------------------------
 
@@ -290,9 +351,21 @@ class SubQueryGate:
             return True
         limits = self.limits
         return (
-            self.in_flight + items <= limits.max_in_flight
+            self.in_flight + items <= self._window()
             and self.in_flight_bytes + size <= limits.in_flight_bytes
         )
+
+    def _window(self) -> int:
+        """``max_in_flight``, shrunk while the shared loop runs late (see module doc)."""
+        lag = _lags.get(asyncio.get_running_loop())
+        if lag is not None and lag.seq != self._lag_seen:
+            self._lag_seen = lag.seq
+            top = float(self.limits.max_in_flight)
+            if lag.lag > LAG_TARGET_S and self.in_flight > WINDOW_FLOOR:
+                self.window = max(float(WINDOW_FLOOR), min(self.window, self.in_flight) * 0.7)
+            elif lag.lag < LAG_TARGET_S / 2:
+                self.window = min(top, self.window * 1.1 + 1)
+        return max(1, int(self.window))
 
     def _free(self, items: int, size: int) -> bool:
         """Would ``_acquire`` succeed at once (room, and nobody waiting before us)?"""
@@ -313,12 +386,16 @@ class SubQueryGate:
             raise
 
     def _take(self, items: int, size: int) -> None:
+        if self.in_flight == 0 and items:
+            _loop_lag().hold()
         self.in_flight += items
         self.in_flight_bytes += size
 
     def _give(self, items: int, size: int) -> None:
         self.in_flight -= items
         self.in_flight_bytes -= size
+        if self.in_flight == 0 and items:
+            _loop_lag().let_go()
         self._grant()
 
     def _grant(self) -> None:

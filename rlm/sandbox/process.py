@@ -277,11 +277,6 @@ class _Zygote:
     def close(self) -> None:
         with self.lock:
             self._stop()
-        # The zygote removes its mount point on a clean exit; not if it was killed.
-        mountpoint = self.plan.get("mountpoint") if hasattr(self, "plan") else None
-        if mountpoint:
-            with contextlib.suppress(OSError):
-                os.rmdir(mountpoint)
 
 
 _zygote_lock = threading.Lock()

@@ -34,8 +34,10 @@ class LLMQueryError(Exception):
 SUBQUERY_PARAMS = frozenset(
     {"model", "temperature", "max_tokens", "max_completion_tokens", "top_p", "stop", "seed",
      "presence_penalty", "frequency_penalty", "response_format", "reasoning_effort",
-     "logit_bias", "n", "schema"}
+     "logit_bias", "n", "schema", "cache"}
 )  # fmt: skip
+# Parameters the host's client interprets itself rather than sending: their value type.
+CLIENT_PARAMS: dict[str, type] = {"cache": bool}
 
 FAILED_SLOT_PREFIX = "[llm_query error: "
 
@@ -76,6 +78,15 @@ def check_subquery_params(params: dict[str, Any]) -> dict[str, Any]:
         if name not in SUBQUERY_PARAMS:
             allowed = ", ".join(sorted(SUBQUERY_PARAMS))
             raise TypeError(f"llm_query got an unsupported parameter {name!r}; allowed: {allowed}")
+        if name in CLIENT_PARAMS:
+            kind = CLIENT_PARAMS[name]
+            if type(value) is not kind:
+                raise TypeError(
+                    f"llm_query parameter {name!r} must be a {kind.__name__} "
+                    f"(cache=False asks the model afresh), not {type(value).__name__}"
+                )
+            out[name] = kind(value)
+            continue
         try:
             out[name] = to_plain_data(value, max_nodes=100_000)
         except PlainDataError:

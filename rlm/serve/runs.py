@@ -10,11 +10,12 @@ trajectory events into short progress lines.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlm.cache import open_cache
 from rlm.core import RLM, RLMResult
 from rlm.errors import ConfigError
 from rlm.llm import AsyncOpenAIClient
@@ -28,8 +29,10 @@ Event = dict[str, Any]
 class UpstreamSettings:
     """The upstream model endpoint and run limits, from the same flags as ``rlm run``.
 
-    ``max_cost_usd`` and ``max_time_s`` are the server's caps: a request may ask for
-    less, never for more. ``sandbox`` None means the process sandbox where it exists.
+    ``max_cost_usd``, ``max_tokens`` and ``max_time_s`` are the server's caps per run:
+    a request may ask for less cost, never for more. ``prices`` extends the built-in
+    price table (USD per 1M input and output tokens). ``cache`` and ``cache_read`` are
+    the model-reply cache options of ``RLM`` (``rlm.cache``), shared by every request. ``sandbox`` None means the process sandbox where it exists.
     """
 
     model: str | None = None
@@ -39,7 +42,11 @@ class UpstreamSettings:
     max_iterations: int = 20
     max_depth: int = 1
     max_cost_usd: float | None = None
+    max_tokens: int | None = None
     max_time_s: float | None = None
+    prices: Mapping[str, tuple[float, float]] | None = None
+    cache: Any = None
+    cache_read: bool = True
     sandbox: str | None = None
     log_dir: str | Path | None = None
     max_concurrency: int = 64
@@ -50,8 +57,12 @@ class QueryRunner:
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
+        # One reply store for both clients, closed after them (as RLM does for its own).
+        self._cache = open_cache(settings.cache)
+        caching = {"cache": self._cache, "cache_read": settings.cache_read}
         self.client = AsyncOpenAIClient(
-            model=settings.model, api_key=settings.api_key, base_url=settings.base_url
+            model=settings.model, api_key=settings.api_key, base_url=settings.base_url,
+            prices=settings.prices, **caching,
         )
         self.recursive_model = settings.recursive_model or self.client.model
         self.sub_client = AsyncOpenAIClient(
@@ -59,6 +70,8 @@ class QueryRunner:
             api_key=settings.api_key,
             base_url=settings.base_url,
             max_concurrency=settings.max_concurrency,
+            prices=settings.prices,
+            **caching,
         )
 
     @property
@@ -98,6 +111,7 @@ class QueryRunner:
             max_depth=s.max_depth,
             sandbox=s.sandbox,
             max_cost_usd=self.budget(max_cost_usd),
+            max_tokens=s.max_tokens,
             max_time_s=s.max_time_s,
             log_dir=s.log_dir,
             on_event=on_event,
@@ -122,9 +136,11 @@ class QueryRunner:
         return await rlm.acompletion(context, query, schema=schema)
 
     async def aclose(self) -> None:
-        """Close both clients (their pools live on the engine loop)."""
+        """Close both clients (their pools live on the engine loop), then the cache."""
         await self.client.close()
         await self.sub_client.close()
+        if self._cache is not None:
+            self._cache.close()
 
 
 class RunProgress:

@@ -189,3 +189,17 @@ def test_the_host_refuses_a_huge_batch_announced_by_a_hostile_worker(
     finally:
         gate_env.close()
         run_sync(client.close())
+
+
+def test_failed_batches_give_their_slots_back(sandbox: str) -> None:
+    # Without a client every slice fails at once; slices queued behind the first one are
+    # cancelled before they start. Their room must come back, or after a few batches
+    # every later llm_query_batch of the env waits for slots forever.
+    with REPLEnv(context="c", sandbox=sandbox, timeout=10.0, max_in_flight=8) as env:
+        for _ in range(6):
+            r = env.execute(
+                "try:\n    llm_query_batch(['ECHO %d' % i for i in range(1000)])\n"
+                "except LLMQueryError as e:\n    print('refused:', e)"
+            )
+            assert r.error is None, r.error
+            assert r.stdout.startswith("refused: no model client")
