@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rlm import loop as engine
-from rlm.errors import ConfigError, OutputFileError
+from rlm.errors import ConfigError, LoopError, OutputFileError
 from rlm.jobs import output
 from rlm.jobs import tasks as inputs
 from rlm.jobs.budget import JobBudget
@@ -114,6 +114,11 @@ def run_job(rlm: Any, tasks: Iterable[Task] | str | os.PathLike[str], out: str |
     waits on the engine loop from a pool thread, and 200 tasks doing that from the
     engine loop's own pool would exhaust it and deadlock.
     """
+    if engine.in_engine_thread():
+        raise LoopError(
+            "RLM.run_job was called on rlm's engine loop thread, where it would deadlock; "
+            "use `await rlm.arun_job(...)` there"
+        )
     finished = threading.Event()
 
     async def job() -> JobSummary:
