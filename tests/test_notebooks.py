@@ -353,7 +353,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30) -> bool:
 @pytest.mark.parametrize(
     ("code", "in_flight", "raised"),
     [
-        ("r = rlm_sub.completion('ctx', 'q')", 3, "KeyboardInterrupt"),
+        ("r = rlm_sub.completion('ctx', 'q')", 3, "RunInterrupted"),  # a KeyboardInterrupt
         ("r = await rlm_sub.acompletion('ctx', 'q')", 3, "CancelledError"),
         ("r = await rlm_root.acompletion('ctx', 'q')", 1, "CancelledError"),
         ("r = await asyncio.gather(rlm_sub.acompletion('a', 'q'), rlm_root.acompletion('b', 'q'))",
