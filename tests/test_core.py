@@ -60,7 +60,9 @@ def test_needle_in_a_million_lines_through_batched_sub_queries(sandbox: str) -> 
     assert result.answer == haystack.needle
     assert result.stopped_reason == "final"
     assert result.sub_calls == 100  # 1,000,000 lines in chunks of 10,000
-    assert peak == 64  # the chunk count, capped by the sub client's limit
+    # Concurrent, and capped by the sub client's limit. Exactly 64 needs all 64 of the 475 KB
+    # prompts serialised within one latency, which a loaded machine does not always manage.
+    assert 32 <= peak <= 64
     assert result.usage["root"].calls == 3
     assert result.usage["sub"].calls == 100
 
