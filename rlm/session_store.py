@@ -173,7 +173,11 @@ def _snapshot(session: RLMSession, names: Iterable[str], max_var_chars: int
             "del rlm_session_enc_, rlm_session_out_, rlm_session_json_mod_\n"
             "try:\n    del rlm_session_json_\nexcept NameError:\n    pass\n"
         )
+    if type(raw) is not str:  # in-process, get() returns the REPL's own object
+        raise ConfigError("could not read the session's variables: the REPL did not give text")
     found = json.loads(raw)
+    if type(found) is not dict:
+        raise ConfigError("could not read the session's variables: unexpected shape")
     saved: dict[str, Any] = {}
     unsaved: dict[str, str] = {}
     for name, (status, text) in found.items():
