@@ -418,3 +418,21 @@ def test_a_failed_sub_query_is_an_error_string_in_its_slot(closing: list[RLM]) -
     assert "'ok', '[llm_query error: server error 500" in cell["stdout"]
     assert "1 of 2" in cell["stderr"]
     assert result.answer == "[llm_query error:"
+
+
+@pytest.mark.timeout(120)
+def test_many_process_sandbox_runs_started_on_the_engine_loop_all_finish() -> None:
+    """Each run parks a default-executor thread while its worker starts; the start itself
+    must not need one of those threads, or 16 runs at once would wait on each other forever."""
+    from rlm import loop as engine
+
+    with FakeLLMServer(scripts={ROOT: [repl("FINAL(str(len(context)))")]}) as srv:
+        rlm = RLM(model=ROOT, recursive_model=SUB, base_url=srv.url, api_key="k", sandbox="process")
+        try:
+            results = engine.run_sync(
+                rlm.acompletion_batch([("x" * i, "q") for i in range(1, 17)], max_concurrency=16,
+                                      progress=False)
+            )
+        finally:
+            rlm.close()
+    assert [r.answer for r in results] == [str(i) for i in range(1, 17)]

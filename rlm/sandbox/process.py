@@ -158,6 +158,34 @@ def describe_protections(executor: object) -> dict[str, bool | str]:
     return report
 
 
+# Spawning, reaping and tool calls run on pools of their own, never on the running
+# loop's default executor: callers park threads of that executor while they wait for an
+# env to start (RLM runs create envs with asyncio.to_thread), and if those threads were
+# also the only ones that could do the start, a few concurrent runs would deadlock.
+_pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(name: str, workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    with _pools_lock:
+        pool = _pools.get(name)
+        if pool is None:
+            pool = _pools[name] = concurrent.futures.ThreadPoolExecutor(
+                max_workers=workers, thread_name_prefix=f"rlm-sandbox-{name}"
+            )
+        return pool
+
+
+def _host_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Short blocking steps of the host: asking the zygote to fork, killing and reaping."""
+    return _pool("host", 16)
+
+
+def _tool_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Sync tool functions called from cells (they may block for as long as they like)."""
+    return _pool("tools", 32)
+
+
 def process_sandbox_available() -> bool:
     """True on platforms where worker processes can be forked (Linux, macOS)."""
     return os.name == "posix" and hasattr(os, "fork") and hasattr(socket, "send_fds")
@@ -896,7 +924,7 @@ class ProcessExecutor:
             raise EnvClosedError("this REPL environment is closed; create a new one")
         loop = asyncio.get_running_loop()
         kind, total, chunks = _encode_context(self._context)
-        zygote = await loop.run_in_executor(None, _get_zygote)
+        zygote = await loop.run_in_executor(_host_pool(), _get_zygote)
         self._plan = zygote.plan
         self._res.check_open()
         spec = {
@@ -908,7 +936,7 @@ class ProcessExecutor:
         }
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            pid, uid = await loop.run_in_executor(None, zygote.spawn, spec, theirs)
+            pid, uid = await loop.run_in_executor(_host_pool(), zygote.spawn, spec, theirs)
         except BaseException:
             ours.close()
             raise
@@ -1022,7 +1050,7 @@ class ProcessExecutor:
             task.cancel()
         loop = asyncio.get_running_loop()
         status = await loop.run_in_executor(
-            None, self._res.kill, link.pid, _DEATH_STATUS_WAIT_S if died else 0.0
+            _host_pool(), self._res.kill, link.pid, _DEATH_STATUS_WAIT_S if died else 0.0
         )
         link.writer.transport.close()
         link.read_task.cancel()
@@ -1218,7 +1246,7 @@ class ProcessExecutor:
         else:
             # A sync tool may block: run it off the engine loop.
             loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(None, functools.partial(tool, *args, **kwargs))
+            result = await loop.run_in_executor(_tool_pool(), functools.partial(tool, *args, **kwargs))
         try:
             return json.loads(json.dumps(result))
         except (TypeError, ValueError) as exc:
