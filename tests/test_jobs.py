@@ -352,22 +352,26 @@ def test_environment_is_not_needed_for_the_api_key(tmp_path: Path) -> None:
 # -- memory ------------------------------------------------------------------------------
 
 MEMORY_CHILD = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from rlm import RLM
 from rlm.testing import FakeLLMServer
 
 tasks_file, out = sys.argv[1], sys.argv[2]
-def rss():
+def status(key):
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
+def rss():
+    return status("VmRSS")
 with FakeLLMServer(scripts={"root": ["```repl\\nFINAL(str(len(context)))\\n```"]}) as srv:
     rlm = RLM(model="root", base_url=srv.url, api_key="k", sandbox="local")
     rlm.completion(context="warm-up", query="q")
     base = rss()
     summary = rlm.run_job(tasks_file, out, concurrency=2, progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child spawned by a
+    # big parent (a long pytest session) would report the parent's peak as its own.
+    peak = status("VmHWM")
     rlm.close()
 print(json.dumps({"base": base, "peak": peak, "done": summary.done}))
 """

@@ -83,7 +83,10 @@ def test_make_demo_on_a_fresh_clone_installs_the_runtime_only(tmp_path: Path) ->
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(REPO), str(clone)], check=True,
                    timeout=120)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "RLM_", "VIRTUAL_ENV"))}
+    # Not MAKEFLAGS/MAKELEVEL either: under `make test` the inner make would think it is a
+    # sub-make and print "Entering/Leaving directory" lines around the demo's output.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OPENAI_", "RLM_", "VIRTUAL_ENV", "MAKE", "MFLAGS"))}
     env["PYTHON"] = sys.executable
     env["COLUMNS"] = "80"
     started = time.monotonic()

@@ -14,6 +14,7 @@ the names below (all start with "_", so cell code can neither read nor rebind th
 from __future__ import annotations
 
 import ast
+import threading
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -437,6 +438,14 @@ def _syntax_error(exc: SyntaxError, filename: str, lines: tuple[str, ...]) -> Po
     return PolicyError(message, lineno=lineno, hint=_HINT_SYNTAX)
 
 
+# Some CPython releases (3.11.7 here) keep the AST converters' recursion depth per
+# interpreter, not per thread: two threads converting ASTs at once (two in-process REPLs
+# starting a cell together, when a garbage collection inside the conversion switches
+# threads) failed with "SystemError: AST constructor recursion depth mismatch". Converting
+# one tree at a time costs microseconds.
+_AST_LOCK = threading.Lock()
+
+
 def compile_cell(source: str, filename: str) -> CompiledCell:
     """Check, rewrite and compile one cell; raise PolicyError if it is refused.
 
@@ -450,7 +459,8 @@ def compile_cell(source: str, filename: str) -> CompiledCell:
         raise TypeError(f"cell source must be a str, not {type(source).__name__}")
     lines = tuple(source.splitlines())
     try:
-        tree = ast.parse(source, filename, mode="exec")
+        with _AST_LOCK:
+            tree = ast.parse(source, filename, mode="exec")
     except SyntaxError as exc:
         raise _syntax_error(exc, filename, lines) from None
     except ValueError as exc:  # source with NUL bytes
@@ -495,9 +505,10 @@ def compile_cell(source: str, filename: str) -> CompiledCell:
         tree.body[-1] = echo
     ast.fix_missing_locations(tree)
     try:
-        code = compile(
-            tree, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True
-        )
+        with _AST_LOCK:
+            code = compile(
+                tree, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True
+            )
     except SyntaxError as exc:
         raise _syntax_error(exc, filename, lines) from None
     is_async = bool(code.co_flags & 0x80)  # CO_COROUTINE: eval() returns a coroutine
