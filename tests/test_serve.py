@@ -152,6 +152,20 @@ def test_a_schema_in_extra_body_works_and_a_broken_one_is_400(client: openai.Ope
     assert "not a valid JSON Schema" in info.value.message
 
 
+@pytest.mark.parametrize("hostile", [
+    {"type": "string", "pattern": "^(a+)+$"},
+    {"type": "object", "patternProperties": {"^(a|a)*$": {"type": "string"}}},
+    {"$ref": "https://example.invalid/schema.json"},
+])
+def test_a_schema_that_would_run_client_regexes_in_the_host_is_400(
+    client: openai.OpenAI, hostile: dict[str, Any]
+) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="rlm", messages=needle_messages(),
+                                       extra_body={"rlm": {"schema": hostile}})
+    assert "not supported" in info.value.message
+
+
 def test_a_spent_budget_without_an_answer_is_402_with_the_run_metadata(client: openai.OpenAI) -> None:
     with pytest.raises(openai.APIStatusError) as info:
         client.chat.completions.create(model="rlm", messages=needle_messages(),

@@ -39,10 +39,15 @@ from aiohttp import web
 
 from rlm.core import RLMResult
 from rlm.errors import AccessDeniedError, ConfigError
-from rlm.schema import Schema
 from rlm.serve.auth import bearer_matches, check_bind
 from rlm.serve.paths import AllowedDirs
-from rlm.serve.runs import QueryRunner, RunProgress, progress_message, result_metadata
+from rlm.serve.runs import (
+    QueryRunner,
+    RunProgress,
+    check_remote_schema,
+    progress_message,
+    result_metadata,
+)
 
 __all__ = ["ServeOptions", "build_app", "serve"]
 
@@ -232,7 +237,7 @@ def _parse_request(body: Any, runner: QueryRunner, allow_dirs: AllowedDirs) -> _
         if not isinstance(schema, dict):
             raise _RequestError(400, "'rlm.schema' must be a JSON Schema object", param="rlm.schema")
         try:
-            Schema.of(schema)  # refuse a broken schema before the request queues
+            check_remote_schema(schema)  # refuse a broken schema before the request queues
         except ConfigError as exc:
             raise _RequestError(400, str(exc), param="rlm.schema") from None
     progress = options.get("progress", "field")

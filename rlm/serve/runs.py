@@ -130,8 +130,11 @@ class QueryRunner:
         """Run one query to the end; cancelling the awaiting task cancels the run.
 
         ``schema`` is a JSON Schema dict for a typed answer (``result.output``); an
-        invalid one raises ConfigError before anything is sent.
+        invalid one, or one a remote client could use against the host (regular
+        expressions, outside references), raises ConfigError before anything is sent.
         """
+        if schema is not None:
+            check_remote_schema(schema)
         rlm = self.new_rlm(model=model, max_cost_usd=max_cost_usd, on_event=on_event)
         return await rlm.acompletion(context, query, schema=schema)
 
@@ -209,3 +212,16 @@ def result_metadata(result: RLMResult) -> dict[str, Any]:
     total = result.total_usage
     data["usage"]["total"] = total.to_dict()
     return data
+
+
+def check_remote_schema(schema: Any) -> None:
+    """Refuse a schema from a server's client that the host should not run: the same rules
+    as schemas from REPL code (plain JSON data, a size cap, no ``pattern`` or
+    ``patternProperties`` whose regular expressions could stall the host, no outside
+    ``$ref``). Raises ConfigError with the reason."""
+    from rlm.structured import check_subquery_schema
+
+    try:
+        check_subquery_schema(schema)
+    except TypeError as exc:
+        raise ConfigError(str(exc).replace("llm_query's schema", "the schema")) from None
