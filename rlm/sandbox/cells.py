@@ -287,10 +287,10 @@ def wait_for_future(ns: dict[str, Any], future: concurrent.futures.Future[Any]) 
         while not woken.wait(1.0):  # a periodic recheck costs nothing and guards lost wakeups
             if ns[STOP_FLAG]:
                 break
-        if ns[STOP_FLAG] and state.running and not future.done():
-            future.cancel()
-            _make_timeout(ns)()
-        if ns[STOP_FLAG] and not state.running:
+        if ns[STOP_FLAG]:
+            # Stopped, whether or not the answer arrived meanwhile: a run's deadline stops
+            # the cell and cancels its sub-queries at once, and the cancelled batch may come
+            # back first; the cell must not go on with it.
             future.cancel()
             _make_timeout(ns)()
         return future.result()
