@@ -505,7 +505,7 @@ def _import_refusal(name: str) -> ImportError:
         return ImportError(
             f"import of {name!r} is not available here: {', '.join(DATA_MODULES)} are given only "
             "in sandbox='process' with its filesystem jail and network isolation active, and "
-            "only when installed (pip install 'rlm[data]'). Use csv, json, statistics and "
+            "only when installed (pip install 'rlm-sandbox[data]'). Use csv, json, statistics and "
             f"collections instead. Allowed modules: {allowed}"
         )
     return ImportError(
