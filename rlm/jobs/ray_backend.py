@@ -134,7 +134,7 @@ async def run_tasks_on_ray(
         from ray.exceptions import RayActorError
     except ImportError as exc:
         raise ConfigError(
-            f"the Ray backend needs ray ({exc}); install it with pip install 'rlm-repl[ray]'"
+            f"the Ray backend needs ray ({exc}); install it with pip install 'rlm-sandbox[ray]'"
         ) from exc
     settings = rlm.settings()
     started_here = False

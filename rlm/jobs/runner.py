@@ -254,7 +254,7 @@ async def arun_job(
             except ImportError as exc:
                 raise ConfigError(
                     f"the Ray backend is not available ({exc}); install it with "
-                    "pip install 'rlm-repl[ray]', or use backend='local'"
+                    "pip install 'rlm-sandbox[ray]', or use backend='local'"
                 ) from exc
 
             summary.stopped = await run_tasks_on_ray(
