@@ -32,7 +32,7 @@ from rlm.sandbox.modules import importable_modules
 from rlm.schema import Schema, SchemaIssue, format_issues
 from rlm.structured import check_subquery_schema, structured_batch, structured_query
 from rlm.trajectory import Trajectory, cap_text, prompt_text
-from rlm.usage import PRICE_HELP, BudgetLedger, Usage, check_prices
+from rlm.usage import PRICE_HELP, BudgetLedger, Usage, check_prices, outer_budget
 
 # Current frontier models take 128k tokens or more; compact well before that so the
 # reply and the next cell output still fit.
@@ -231,7 +231,8 @@ class _Run:
         if ledger.exhausted is not None or (
             ledger.deadline is not None and ledger.remaining_s() <= 0
         ):
-            ledger.exhausted = ledger.exhausted or f"max_time_s={ledger.max_time_s:g}"
+            if ledger.exhausted is None:
+                ledger.time_up()
             raise _Stopped("budget", ledger.describe())
 
 
@@ -432,7 +433,7 @@ INTERRUPT_GRACE_S = 15.0
 
 def _deadline_passed(run: _Run) -> None:
     ledger = run.ledger
-    ledger.exhaust(f"max_time_s={ledger.max_time_s:g}")
+    ledger.time_up()  # this run's deadline, or an earlier one of the job it belongs to
     run.halt("budget", ledger.describe())
 
 
@@ -974,6 +975,7 @@ class RLM:
                 max_cost_usd=self.max_cost_usd,
                 max_time_s=self.max_time_s,
                 prices={**self.client.prices, **self.sub_client.prices, **self.prices},
+                parent=outer_budget(),  # a job's ledger, when this run is one of its tasks
             )
         run = _Run(self, depth, trajectory, self._run, ledger)
         if parent is not None:
