@@ -337,6 +337,27 @@ def test_a_job_token_cap_binds_per_call_across_concurrent_tasks(tmp_path: Path) 
     assert all(r["answer"] == expected(r["id"]) for r in records if r not in cut)
 
 
+SLOW_CODE = "```repl\nprint(llm_query_batch(['ECHO a', 'ECHO b']))\n```"
+
+
+def test_the_job_deadline_stops_running_tasks_at_their_next_call(tmp_path: Path) -> None:
+    # Each task would take 20 turns of ~0.4 s (a root call, then a sub-query batch) and
+    # never answer; the job's 1.5 s deadline binds the running runs themselves.
+    out = tmp_path / "out.jsonl"
+    tasks = [{"id": f"t{i}", "query": "q", "context": f"word{i}"} for i in range(8)]
+    with FakeLLMServer(scripts={ROOT: [SLOW_CODE]}, latency=0.2) as srv:
+        rlm = make_rlm(srv, recursive_model=SUB)
+        try:
+            summary = rlm.run_job(tasks, out, concurrency=3, max_time_s=1.5, progress=False)
+        finally:
+            rlm.close()
+    records = lines_of(out)
+    assert summary.exit_code == 1 and "job max_time_s=1.5 reached" in (summary.stopped or "")
+    assert (len(records), summary.not_run) == (3, 5)  # the three running tasks, no new ones
+    assert all(r["stopped_reason"] == "budget" for r in records)
+    assert all("job max_time_s=1.5 reached" in r["error"] for r in records)
+
+
 def test_sigterm_stops_the_job_with_exit_143_and_a_valid_output(
     tmp_path: Path, srv: FakeLLMServer
 ) -> None:
@@ -467,3 +488,41 @@ def test_a_schema_gives_each_line_a_validated_output(tmp_path: Path) -> None:
                          "--sorted")
     assert result.returncode == 0, result.stderr
     assert [r["output"] for r in lines_of(out)] == [{"first": f"word{i}"} for i in range(3)]
+
+
+# -- cache -------------------------------------------------------------------------------
+
+
+def test_batch_cache_answers_a_second_job_without_asking_the_server_again(tmp_path: Path) -> None:
+    tasks_file, cache = tmp_path / "tasks.jsonl", tmp_path / "cache"
+    write_tasks(tasks_file, 6)
+    # sub-queries go to the echo responder: each reply is its own prompt
+    with FakeLLMServer(scripts={ROOT: [FAN_OUT_CODE, ANSWER_CODE]}, latency=0.005) as srv:
+        first = run_cli(srv, str(tasks_file), "--out", str(tmp_path / "first.jsonl"),
+                        "--recursive-model", SUB, "--concurrency", "3", "--cache", str(cache))
+        asked = srv.requests
+        second = run_cli(srv, str(tasks_file), "--out", str(tmp_path / "second.jsonl"),
+                         "--recursive-model", SUB, "--concurrency", "3", "--cache", str(cache))
+        asked_again = srv.requests - asked
+    assert (first.returncode, second.returncode) == (0, 0), (first.stderr, second.stderr)
+    assert asked == 6 * (2 + 16)  # two root turns and 16 sub-queries a task
+    assert asked_again == 0
+    answers = {r["id"]: r["answer"] for r in lines_of(tmp_path / "first.jsonl")}
+    again = lines_of(tmp_path / "second.jsonl")
+    assert answers == {r["id"]: r["answer"] for r in again} == {f"t{i}": f"WORD{i}" for i in range(6)}
+    for record in again:
+        assert record["usage"]["root"]["calls"] == record["usage"]["sub"]["calls"] == 0
+        assert (record["usage"]["root"]["cached_calls"], record["usage"]["sub"]["cached_calls"]) == (2, 16)
+        assert record["tokens"] == 0
+
+
+def test_batch_cache_before_the_tasks_file_is_a_usage_error(tmp_path: Path, srv: FakeLLMServer) -> None:
+    tasks_file = tmp_path / "tasks.jsonl"
+    write_tasks(tasks_file, 1)
+    result = subprocess.run(
+        [sys.executable, "-m", "rlm.cli", "batch", "--cache", str(tasks_file), "--out",
+         str(tmp_path / "out.jsonl"), "--api-key", "k", "--base-url", srv.url],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "put the tasks file before --cache" in result.stderr
