@@ -847,10 +847,11 @@ class RLM:
         "context_path"}``. Each finished task is one fsynced line of ``out``; running
         the same job again skips ids already there (``retry_failed=True`` re-runs those
         that ended in error). Options: ``query``, ``fmt``, ``encoding``,
-        ``concurrency`` (8), job caps ``max_cost_usd``/``max_tokens``/``max_time_s``,
-        ``schema`` (a typed answer per task, in each line's ``output``), ``sort_output``,
-        ``progress``, ``backend`` ("local" or "ray") and ``ray_address``. Returns a
-        ``JobSummary``; see the README's "Jobs" section.
+        ``concurrency`` (8), job caps ``max_cost_usd``/``max_tokens``/``max_time_s``
+        (binding per model call on the local backend), ``schema`` (a typed answer per
+        task, in each line's ``output``), ``sort_output``, ``progress``, ``backend``
+        ("local" or "ray") and ``ray_address``. The sub-query cache is this RLM's
+        ``cache=``. Returns a ``JobSummary``; see the README's "Jobs" section.
         """
         from rlm.jobs.runner import run_job
 
