@@ -492,6 +492,8 @@ class BudgetLedger:
         self._holds = 0
         self._largest_completion = 0
         self._waiters: list[asyncio.Future[None]] = []
+        # Guards only the waiters list, which exhaust() may swap from another thread.
+        self._waiters_lock = threading.Lock()
         self._exhausted: str | None = None
 
     @property
@@ -587,7 +589,8 @@ class BudgetLedger:
                 full.exhaust(full._over() or f"{full._prefix}max_tokens={full.max_tokens}")
             else:
                 fut = asyncio.get_running_loop().create_future()
-                full._waiters.append(fut)
+                with full._waiters_lock:
+                    full._waiters.append(fut)
                 await fut
             self.check()
 
@@ -620,7 +623,10 @@ class BudgetLedger:
             ledger._wake()
 
     def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
+        if not self._waiters:
+            return  # a waiter appended after this check waits on holds, whose drop wakes it
+        with self._waiters_lock:
+            waiters, self._waiters = self._waiters, []
         for fut in waiters:
             # exhaust() may run on another thread than the waiter's loop (a run's
             # deadline timer fires on the loop the run was started on).

@@ -33,8 +33,8 @@ class JobBudget:
 
     ``charge(cost_usd, tokens)`` adds a finished task's usage; ``stop_reason()`` is
     None while the job may start another task, else the cap that was reached.
-    ``ledger`` binds the same caps per model call for runs started in
-    ``spending_from(budget.ledger)``.
+    ``ledger`` (None without caps) binds the same caps per model call for runs started
+    in ``spending_from(budget.ledger)``.
     """
 
     def __init__(
@@ -54,8 +54,11 @@ class JobBudget:
         self.started = time.monotonic()
         self.interrupted = False
         self._lock = threading.Lock()
-        self.ledger = BudgetLedger(max_tokens=max_tokens, max_cost_usd=max_cost_usd,
-                                   max_time_s=max_time_s, name="job")
+        # Without a cap the tasks' runs need no outer ledger (and pay nothing for one).
+        self.ledger: BudgetLedger | None = None
+        if max_tokens is not None or max_cost_usd is not None or max_time_s is not None:
+            self.ledger = BudgetLedger(max_tokens=max_tokens, max_cost_usd=max_cost_usd,
+                                       max_time_s=max_time_s, name="job")
 
     def interrupt(self) -> None:
         """The job is being stopped (Ctrl-C, SIGTERM, cancellation): start nothing more."""
@@ -77,7 +80,7 @@ class JobBudget:
         """None while another task may start; otherwise which job cap was reached."""
         if self.interrupted:
             return "interrupted"
-        if self.ledger.exhausted is not None:
+        if self.ledger is not None and self.ledger.exhausted is not None:
             return self.ledger.describe()
         with self._lock:
             cost, tokens = self.cost_usd, self.tokens
