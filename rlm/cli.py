@@ -25,11 +25,13 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -330,6 +332,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from rlm.core import RLM
     from rlm.jobs import load_tasks
 
+    if args.tasks is None and isinstance(args.cache, str) and Path(args.cache).is_file():
+        # --cache takes an optional DIR, so `--cache tasks.jsonl` ate the tasks file.
+        raise UsageError(f"--cache took {args.cache} as its cache directory; put the tasks "
+                         "file before --cache, or write --cache=DIR")
     if (args.tasks is None) == (args.dir is None):
         raise UsageError("give a tasks file (JSONL or CSV) or --dir DOCS/, not both or neither")
     if args.dir is not None and not args.query:
@@ -338,7 +344,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     tasks = load_tasks(args.dir or args.tasks, query=args.query, fmt=args.context_format,
                        encoding=_check_encoding(args.encoding))
     rlm = _build_rlm(args, RLM, budget_prefix="task_", verbose=False,
-                     max_concurrency=max(64, args.concurrency * 4))
+                     max_concurrency=max(64, args.concurrency * 4), **_cache_options(args))
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         summary = rlm.run_job(
@@ -491,34 +497,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _bounded(parse: Callable[[str], Any], kind: str, ok: Callable[[Any], bool],
+             bound: str) -> Callable[[str], Any]:
+    """An argparse ``type=``: ``parse`` the text (else "expected {kind}"), then check it
+    with ``ok`` (else "must be {bound}"); both messages quote what was typed."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text.strip()}")
+        return value
+
+    return convert
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
+_positive_int = _bounded(int, "a whole number", lambda v: v >= 1, "at least 1")
+# NaN fails both comparisons; infinity is no usable limit or latency.
+_positive_float = _bounded(float, "a number", lambda v: v > 0 and v != math.inf, "a number > 0")
+_non_negative_float = _bounded(float, "a number", lambda v: v >= 0 and v != math.inf,
+                               "a number >= 0")
 
 
 def _base_url(text: str) -> str:
@@ -787,6 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a JSON Schema each answer must match; each line gets 'output', "
                             "the validated JSON (default: free-text answers)")
     batch.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    _add_cache_options(batch)
     batch.set_defaults(func=cmd_batch)
 
     demo = sub.add_parser("demo", help="offline demo: a needle in a 1,000,000-line haystack")

@@ -33,7 +33,7 @@ from rlm.sandbox.worker_pool import WorkerPool
 from rlm.schema import Schema, SchemaIssue, format_issues
 from rlm.structured import check_subquery_schema, structured_batch, structured_query
 from rlm.trajectory import Trajectory, cap_text, prompt_text
-from rlm.usage import PRICE_HELP, BudgetLedger, Usage, check_prices
+from rlm.usage import PRICE_HELP, BudgetLedger, Usage, check_prices, outer_budget
 
 # Current frontier models take 128k tokens or more; compact well before that so the
 # reply and the next cell output still fit.
@@ -232,7 +232,8 @@ class _Run:
         if ledger.exhausted is not None or (
             ledger.deadline is not None and ledger.remaining_s() <= 0
         ):
-            ledger.exhausted = ledger.exhausted or f"max_time_s={ledger.max_time_s:g}"
+            if ledger.exhausted is None:
+                ledger.time_up()
             raise _Stopped("budget", ledger.describe())
 
 
@@ -433,7 +434,7 @@ INTERRUPT_GRACE_S = 15.0
 
 def _deadline_passed(run: _Run) -> None:
     ledger = run.ledger
-    ledger.exhaust(f"max_time_s={ledger.max_time_s:g}")
+    ledger.time_up()  # this run's deadline, or an earlier one of the job it belongs to
     run.halt("budget", ledger.describe())
 
 
@@ -864,10 +865,11 @@ class RLM:
         "context_path"}``. Each finished task is one fsynced line of ``out``; running
         the same job again skips ids already there (``retry_failed=True`` re-runs those
         that ended in error). Options: ``query``, ``fmt``, ``encoding``,
-        ``concurrency`` (8), job caps ``max_cost_usd``/``max_tokens``/``max_time_s``,
-        ``schema`` (a typed answer per task, in each line's ``output``), ``sort_output``,
-        ``progress``, ``backend`` ("local" or "ray") and ``ray_address``. Returns a
-        ``JobSummary``; see the README's "Jobs" section.
+        ``concurrency`` (8), job caps ``max_cost_usd``/``max_tokens``/``max_time_s``
+        (binding per model call on the local backend), ``schema`` (a typed answer per
+        task, in each line's ``output``), ``sort_output``, ``progress``, ``backend``
+        ("local" or "ray") and ``ray_address``. The sub-query cache is this RLM's
+        ``cache=``. Returns a ``JobSummary``; see the README's "Jobs" section.
         """
         from rlm.jobs.runner import run_job
 
@@ -996,6 +998,7 @@ class RLM:
                 max_cost_usd=self.max_cost_usd,
                 max_time_s=self.max_time_s,
                 prices={**self.client.prices, **self.sub_client.prices, **self.prices},
+                parent=outer_budget(),  # a job's ledger, when this run is one of its tasks
             )
         run = _Run(self, depth, trajectory, self._run, ledger)
         if parent is not None:

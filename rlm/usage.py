@@ -9,19 +9,22 @@
   ``prices=`` mappings, merged in that order; ``parse_price`` reads ``MODEL=IN,OUT``.
 - ``BudgetLedger``: one per run (its child runs and envs share it). Every model call
   reserves a conservative estimate before it is sent and settles the real usage when
-  the reply arrives, so a spent budget stops sending, not the next step.
+  the reply arrives, so a spent budget stops sending, not the next step. A run's
+  ledger may draw from a job's (``spending_from``), so job caps bind per call too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import html
 import json
 import math
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -434,13 +437,20 @@ class Hold:
 class BudgetLedger:
     """A run's shared budget: token, cost and time limits that bind per model call.
 
-    Used on the engine loop only. ``reserve`` sets aside a conservative estimate
-    (prompt chars / 4 plus the request's ``max_tokens``, or the largest completion seen
-    so far, or 256) and waits while reservations in flight fill the budget; once the
-    settled usage reaches a limit (or the deadline passes) it raises
-    ``BudgetExhaustedError`` for every later call. ``settle`` replaces a hold by the
-    real usage; ``cancel`` drops it (the call was not answered). So the overshoot of a
-    limit is at most the calls already in flight when it ran out.
+    Used on the engine loop only (``exhaust`` and ``time_up`` excepted: a deadline may
+    fire on another loop). ``reserve`` sets aside a conservative estimate (prompt chars
+    / 4 plus the request's ``max_tokens``, or the largest completion seen so far, or
+    256) and waits while reservations in flight fill the budget; once the settled usage
+    reaches a limit (or the deadline passes) it raises ``BudgetExhaustedError`` for
+    every later call. ``settle`` replaces a hold by the real usage; ``cancel`` drops it
+    (the call was not answered). So the overshoot of a limit is at most the calls
+    already in flight when it ran out.
+
+    A ledger may draw from a ``parent`` (a job's ledger, named "job"): every hold and
+    every settled call counts in both, a call is sent only when it fits in each, the
+    earlier deadline of the two applies, and once the parent is spent the child is
+    too. ``name`` prefixes the reasons ("job max_tokens=5000"), so a run's error says
+    whose budget ran out.
     """
 
     def __init__(
@@ -451,13 +461,30 @@ class BudgetLedger:
         max_time_s: float | None = None,
         prices: Mapping[str, tuple[float, float]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        parent: BudgetLedger | None = None,
+        name: str = "",
     ) -> None:
         self.max_tokens = max_tokens
         self.max_cost_usd = max_cost_usd
         self.max_time_s = max_time_s
         self.prices = dict(prices or DEFAULT_PRICES)
+        self.parent = parent
+        self._prefix = f"{name} " if name else ""
         self._clock = clock
         self.deadline = clock() + max_time_s if max_time_s is not None else None
+        # Whose deadline binds: this ledger's or an ancestor's earlier one.
+        self._deadline_owner: BudgetLedger = self
+        if parent is not None and parent.deadline is not None and (
+            self.deadline is None or parent.deadline < self.deadline
+        ):
+            self.deadline = parent.deadline
+            self._deadline_owner = parent._deadline_owner
+        # This ledger and its ancestors; those with a token or cost limit hold for a call.
+        self._chain: tuple[BudgetLedger, ...] = (self, *(parent._chain if parent else ()))
+        self._spenders = tuple(
+            ledger for ledger in self._chain
+            if ledger.max_tokens is not None or ledger.max_cost_usd is not None
+        )
         self.spent_tokens = 0
         self.spent_cost = 0.0
         self._held_tokens = 0
@@ -465,12 +492,22 @@ class BudgetLedger:
         self._holds = 0
         self._largest_completion = 0
         self._waiters: list[asyncio.Future[None]] = []
-        self.exhausted: str | None = None
+        # Guards only the waiters list, which exhaust() may swap from another thread.
+        self._waiters_lock = threading.Lock()
+        self._exhausted: str | None = None
+
+    @property
+    def exhausted(self) -> str | None:
+        """Why nothing more may be sent (this ledger's reason, else a parent's), or None."""
+        if self._exhausted is not None or self.parent is None:
+            return self._exhausted
+        return self.parent.exhausted
 
     @property
     def limits_spending(self) -> bool:
-        """True when a token or cost limit is set (a deadline alone needs no holds)."""
-        return self.max_tokens is not None or self.max_cost_usd is not None
+        """True when a token or cost limit is set here or on a parent (a deadline alone
+        needs no holds)."""
+        return bool(self._spenders)
 
     def remaining_s(self) -> float | None:
         """Seconds left before the deadline (None: no deadline)."""
@@ -478,29 +515,40 @@ class BudgetLedger:
 
     def describe(self) -> str:
         """What ran out, with what was spent, for a run's ``error`` text."""
-        if self.exhausted is None:
-            return "within budget"
-        if self.exhausted.startswith("max_tokens"):
-            return f"{self.exhausted} reached (used {self.spent_tokens:,} tokens)"
-        if self.exhausted.startswith("max_cost_usd"):
-            return f"{self.exhausted} reached (spent ${self.spent_cost:.4f})"
-        return f"{self.exhausted} reached"
+        reason = self._exhausted
+        if reason is None:
+            parent = self.parent
+            return parent.describe() if parent is not None and parent.exhausted else "within budget"
+        kind = reason.removeprefix(self._prefix)
+        if kind.startswith("max_tokens"):
+            return f"{reason} reached (used {self.spent_tokens:,} tokens)"
+        if kind.startswith("max_cost_usd"):
+            return f"{reason} reached (spent ${self.spent_cost:.4f})"
+        return f"{reason} reached"
 
     def exhaust(self, reason: str) -> None:
         """Mark the budget spent (e.g. ``"max_time_s=2"``): every later call is refused."""
-        if self.exhausted is None:
-            self.exhausted = reason
+        if self._exhausted is None:
+            self._exhausted = reason
         self._wake()
+
+    def time_up(self) -> None:
+        """The deadline has passed: exhaust the ledger whose deadline it is."""
+        owner = self._deadline_owner
+        owner.exhaust(f"{owner._prefix}max_time_s={owner.max_time_s:g}")
 
     def check(self) -> None:
         """Raise ``BudgetExhaustedError`` if nothing more may be sent."""
         if self.exhausted is None and self.deadline is not None and self._clock() >= self.deadline:
-            self.exhaust(f"max_time_s={self.max_time_s:g}")
-        if self.exhausted is not None:
-            raise BudgetExhaustedError(f"budget exhausted ({self.exhausted})")
+            self.time_up()
+        reason = self.exhausted
+        if reason is not None:
+            raise BudgetExhaustedError(f"budget exhausted ({reason})")
 
     def _estimate(self, model: str, prompt_chars: int, max_tokens: int | None) -> Hold:
-        completion = max_tokens or self._largest_completion or DEFAULT_COMPLETION_ESTIMATE
+        # The outermost ledger has seen every reply of the tree (a job: of every task).
+        largest = self._chain[-1]._largest_completion
+        completion = max_tokens or largest or DEFAULT_COMPLETION_ESTIMATE
         prompt = prompt_chars // 4 + 1
         price = lookup_price(self.prices, model)
         cost = (prompt * price[0] + completion * price[1]) / 1_000_000 if price else 0.0
@@ -508,9 +556,9 @@ class BudgetLedger:
 
     def _over(self) -> str | None:
         if self.max_tokens is not None and self.spent_tokens >= self.max_tokens:
-            return f"max_tokens={self.max_tokens}"
+            return f"{self._prefix}max_tokens={self.max_tokens}"
         if self.max_cost_usd is not None and self.spent_cost >= self.max_cost_usd:
-            return f"max_cost_usd={self.max_cost_usd:g}"
+            return f"{self._prefix}max_cost_usd={self.max_cost_usd:g}"
         return None
 
     def _fits(self) -> bool:
@@ -524,35 +572,42 @@ class BudgetLedger:
     async def reserve(self, model: str, prompt_chars: int, max_tokens: int | None) -> Hold | None:
         """Set aside an estimate for one call before it is sent (None: nothing to hold)."""
         self.check()
-        if not self.limits_spending:
+        spenders = self._spenders
+        if not spenders:
             return None
         hold = self._estimate(model, prompt_chars, max_tokens)
         while True:
-            if self._fits():
-                self._held_tokens += hold.tokens
-                self._held_cost += hold.cost
-                self._holds += 1
+            full = next((ledger for ledger in spenders if not ledger._fits()), None)
+            if full is None:
+                for ledger in spenders:
+                    ledger._held_tokens += hold.tokens
+                    ledger._held_cost += hold.cost
+                    ledger._holds += 1
                 return hold
-            if not self._holds:
+            if not full._holds:
                 # Nothing in flight can give room back: the settled usage is the limit.
-                self.exhaust(self._over() or f"max_tokens={self.max_tokens}")
+                full.exhaust(full._over() or f"{full._prefix}max_tokens={full.max_tokens}")
             else:
                 fut = asyncio.get_running_loop().create_future()
-                self._waiters.append(fut)
+                with full._waiters_lock:
+                    full._waiters.append(fut)
                 await fut
             self.check()
 
     def settle(self, hold: Hold | None, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """Replace a hold by what the call really used."""
-        self._largest_completion = max(self._largest_completion, completion_tokens)
+        """Replace a hold by what the call really used (here and in every parent)."""
         price = lookup_price(self.prices, model)
-        self.spent_tokens += prompt_tokens + completion_tokens
-        if price:
-            self.spent_cost += (prompt_tokens * price[0] + completion_tokens * price[1]) / 1_000_000
+        tokens = prompt_tokens + completion_tokens
+        cost = (prompt_tokens * price[0] + completion_tokens * price[1]) / 1_000_000 if price else 0.0
+        for ledger in self._chain:
+            ledger._largest_completion = max(ledger._largest_completion, completion_tokens)
+            ledger.spent_tokens += tokens
+            ledger.spent_cost += cost
         self._drop(hold)
-        over = self._over()
-        if over is not None:
-            self.exhaust(over)
+        for ledger in self._spenders:
+            over = ledger._over()
+            if over is not None:
+                ledger.exhaust(over)
 
     def cancel(self, hold: Hold | None) -> None:
         """Drop a hold whose call got no reply (failed or cancelled): nothing was spent."""
@@ -561,13 +616,47 @@ class BudgetLedger:
     def _drop(self, hold: Hold | None) -> None:
         if hold is None:
             return
-        self._held_tokens -= hold.tokens
-        self._held_cost -= hold.cost
-        self._holds -= 1
-        self._wake()
+        for ledger in self._spenders:
+            ledger._held_tokens -= hold.tokens
+            ledger._held_cost -= hold.cost
+            ledger._holds -= 1
+            ledger._wake()
 
     def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
+        if not self._waiters:
+            return  # a waiter appended after this check waits on holds, whose drop wakes it
+        with self._waiters_lock:
+            waiters, self._waiters = self._waiters, []
         for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+            # exhaust() may run on another thread than the waiter's loop (a run's
+            # deadline timer fires on the loop the run was started on).
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                fut.get_loop().call_soon_threadsafe(_release, fut)
+
+
+def _release(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+# Runs started in a context where this is set also spend from it (a job's ledger): see
+# ``spending_from``. A context variable, so concurrent jobs on one loop stay apart.
+_OUTER: contextvars.ContextVar[BudgetLedger | None] = contextvars.ContextVar(
+    "rlm_outer_budget", default=None
+)
+
+
+def outer_budget() -> BudgetLedger | None:
+    """The ledger that runs started here also spend from (see ``spending_from``), or None."""
+    return _OUTER.get()
+
+
+@contextlib.contextmanager
+def spending_from(ledger: BudgetLedger | None) -> Iterator[None]:
+    """Every run started inside this block (and its children) draws from ``ledger`` as
+    well as from its own budget, per model call: how a job's caps bind its tasks."""
+    token = _OUTER.set(ledger)
+    try:
+        yield
+    finally:
+        _OUTER.reset(token)

@@ -6,8 +6,8 @@ import re
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rlm.testing import Fault
@@ -98,10 +98,15 @@ class RlmProcess:
         return self.proc.returncode
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+@contextmanager
+def rlm_server(args: list[str], ready: str) -> Iterator[str]:
+    """Run ``rlm <args>`` until the block ends; yield the URL its ``ready`` line names.
+
+    The server must then stop cleanly (exit 0); its stderr is shown if not.
+    """
+    server = RlmProcess(args, ready=ready)
+    try:
+        assert server.match is not None
+        yield server.match.group(1)
+    finally:
+        assert server.stop() == 0, "".join(server.lines)

@@ -13,12 +13,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rlm_support import ROOT, SUB, make_rlm, repl, wait_until
 
 from rlm import RLM, AsyncOpenAIClient
 from rlm.errors import RunInterrupted
@@ -26,13 +26,7 @@ from rlm.loop import run_sync
 from rlm.testing import FakeLLMServer, Fault, echo_responder, fetch_stats, spawn_fake_server
 from rlm.trajectory import read_log
 
-ROOT = "root-model"
-SUB = "sub-model"
 PAD = "x" * 200  # a sub-prompt of 205 chars: 51 prompt + 50 completion tokens on the fake
-
-
-def repl(code: str) -> str:
-    return f"Next step.\n```repl\n{code}\n```"
 
 
 class Counting:
@@ -46,24 +40,6 @@ class Counting:
     def __call__(self, messages: list[dict[str, Any]]) -> Any:
         self.sent = next(self.count) + 1
         return self.inner(messages)
-
-
-def make_rlm(srv: FakeLLMServer, *, max_concurrency: int = 64, **kw: Any) -> RLM:
-    prices = kw.pop("prices", None)
-    root = AsyncOpenAIClient(model=ROOT, api_key="k", base_url=srv.url, max_retries=0, prices=prices)
-    sub = AsyncOpenAIClient(model=SUB, api_key="k", base_url=srv.url, max_concurrency=max_concurrency,
-                            max_retries=kw.pop("sub_max_retries", 0), prices=prices)
-    kw.setdefault("sandbox", "local")
-    return RLM(model=ROOT, recursive_model=SUB, client=root, sub_client=sub, **kw)
-
-
-@pytest.fixture
-def closing() -> Iterator[list[RLM]]:
-    made: list[RLM] = []
-    yield made
-    for r in made:
-        r.client.close_sync()
-        r.sub_client.close_sync()
 
 
 FAN_OUT = repl(
@@ -118,7 +94,7 @@ def test_the_deadline_stops_a_slow_batch_and_the_cell(closing: list[RLM]) -> Non
         closing.append(rlm)
         result = rlm.completion(context="c", query="q")
         # The cancelled requests are closed on the server's side too.
-        assert wait_for(lambda: srv.in_flight == 0)
+        assert wait_until(lambda: srv.in_flight == 0)
     assert result.stopped_reason == "budget"
     assert "max_time_s=1.5" in (result.error or "")
     # 400 items at 4 in flight and 0.25 s each would be 100 rounds; it stopped after ~6
@@ -167,21 +143,12 @@ def test_retries_count_in_the_runs_usage(closing: list[RLM]) -> None:
     assert rlm.sub_client.usage.retries == 3
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def test_cancelling_acompletion_leaves_a_complete_record(tmp_path: Path) -> None:
     slow = repl("print('started')\nrs = llm_query_batch(['ECHO s%d' % i for i in range(100)])")
 
     async def cancel_mid_batch(srv: FakeLLMServer, rlm: RLM) -> None:
         task = asyncio.create_task(rlm.acompletion(context="c", query="q"))
-        assert await asyncio.to_thread(wait_for, lambda: srv.in_flight >= 4)
+        assert await asyncio.to_thread(wait_until, lambda: srv.in_flight >= 4)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -191,7 +158,7 @@ def test_cancelling_acompletion_leaves_a_complete_record(tmp_path: Path) -> None
         try:
             asyncio.run(cancel_mid_batch(srv, rlm))
             # The cancelled requests are closed on the server's side too.
-            assert wait_for(lambda: srv.in_flight == 0)
+            assert wait_until(lambda: srv.in_flight == 0)
         finally:
             rlm.client.close_sync()
             rlm.sub_client.close_sync()
@@ -212,7 +179,7 @@ def test_closing_the_rlm_during_a_run_returns_an_interrupted_result(closing: lis
         results: list[Any] = []
         worker = threading.Thread(target=lambda: results.append(rlm.completion("c", "q")))
         worker.start()
-        assert wait_for(lambda: srv.in_flight >= 4)
+        assert wait_until(lambda: srv.in_flight >= 4)
         rlm.close()
         worker.join(30)
     result = results[0]
@@ -230,7 +197,7 @@ def test_closing_a_session_during_an_ask_returns_an_interrupted_result(closing: 
         results: list[Any] = []
         worker = threading.Thread(target=lambda: results.append(session.ask("q")))
         worker.start()
-        assert wait_for(lambda: srv.in_flight >= 4)
+        assert wait_until(lambda: srv.in_flight >= 4)
         session.close()
         worker.join(30)
     result = results[0]
@@ -245,7 +212,7 @@ def test_ctrl_c_in_sync_completion_raises_with_the_recorded_result(closing: list
         closing.append(rlm)
 
         def interrupt_when_busy() -> None:
-            wait_for(lambda: srv.in_flight >= 4)
+            wait_until(lambda: srv.in_flight >= 4)
             os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does
 
         threading.Thread(target=interrupt_when_busy, daemon=True).start()
@@ -274,7 +241,7 @@ def test_rlm_run_interrupted_by_a_signal_writes_run_end_and_exits(
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
         )
         try:
-            assert wait_for(lambda: srv.in_flight > 5, 60), "the run never reached its batch"
+            assert wait_until(lambda: srv.in_flight > 5, 60), "the run never reached its batch"
             proc.send_signal(signum)
             _, err = proc.communicate(timeout=60)
         finally:

@@ -5,47 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rlm_support import ROOT, SUB, last_user, make_rlm, repl
 
-from rlm import RLM, AsyncOpenAIClient, RLMResult
+from rlm import RLM, RLMResult
 from rlm import demo as demo_task
 from rlm.errors import ConfigError
 from rlm.testing import FakeLLMServer, Fault
 from rlm.trajectory import read_log
-
-ROOT = "root-model"
-SUB = "sub-model"
-
-
-def repl(code: str, text: str = "Next step.") -> str:
-    return f"{text}\n```repl\n{code}\n```"
-
-
-def last_user(messages: list[dict[str, Any]]) -> str:
-    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
-
-
-def make_rlm(srv: FakeLLMServer, **kw: Any) -> RLM:
-    prices = kw.pop("prices", None)
-    root = AsyncOpenAIClient(model=ROOT, api_key="k", base_url=srv.url, max_retries=kw.pop("max_retries", 0),
-                             prices=prices)
-    sub = AsyncOpenAIClient(model=SUB, api_key="k", base_url=srv.url, max_concurrency=kw.pop("max_concurrency", 64),
-                            max_retries=kw.pop("sub_max_retries", 0), prices=prices)
-    kw.setdefault("sandbox", "local")
-    return RLM(model=ROOT, recursive_model=SUB, client=root, sub_client=sub, **kw)
-
-
-@pytest.fixture
-def closing() -> Iterator[list[RLM]]:
-    made: list[RLM] = []
-    yield made
-    for r in made:
-        r.client.close_sync()
-        r.sub_client.close_sync()
 
 
 @pytest.mark.parametrize("sandbox", ["local", "process"])

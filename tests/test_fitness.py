@@ -4,38 +4,15 @@ compaction for long runs, and oversized sub-prompts. Scripted roots on FakeLLMSe
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from rlm_support import ROOT, SUB, make_rlm, repl
 
-from rlm import RLM, AsyncOpenAIClient
+from rlm import RLM
 from rlm.errors import ConfigError
 from rlm.testing import FakeLLMServer, Fault
 from rlm.trajectory import read_log
-
-ROOT = "root-model"
-SUB = "sub-model"
-
-
-def repl(code: str, text: str = "Next step.") -> str:
-    return f"{text}\n```repl\n{code}\n```"
-
-
-def make_rlm(srv: FakeLLMServer, **kw: Any) -> RLM:
-    root = AsyncOpenAIClient(model=ROOT, api_key="k", base_url=srv.url, max_retries=0)
-    sub = AsyncOpenAIClient(model=SUB, api_key="k", base_url=srv.url, max_retries=0)
-    kw.setdefault("sandbox", "local")
-    return RLM(model=ROOT, recursive_model=SUB, client=root, sub_client=sub, **kw)
-
-
-@pytest.fixture
-def closing() -> Iterator[list[RLM]]:
-    made: list[RLM] = []
-    yield made
-    for r in made:
-        r.client.close_sync()
-        r.sub_client.close_sync()
 
 
 def lookup(customer_id: str, year: int = 2024) -> dict[str, str]:

@@ -265,7 +265,7 @@ def test_sorted_rewrites_the_output_in_input_order(tmp_path: Path) -> None:
 # -- job caps and exit codes -------------------------------------------------------------
 
 
-def test_a_job_token_cap_stops_new_tasks_and_a_rerun_finishes_them(
+def test_a_job_token_cap_stops_the_running_task_and_retry_failed_finishes_the_job(
     tmp_path: Path, srv: FakeLLMServer
 ) -> None:
     tasks_file, out = tmp_path / "tasks.jsonl", tmp_path / "out.jsonl"
@@ -274,16 +274,88 @@ def test_a_job_token_cap_stops_new_tasks_and_a_rerun_finishes_them(
     try:
         capped = rlm.run_job(str(tasks_file), out, concurrency=1, max_tokens=1500, progress=False)
         done = lines_of(out)
-        rest = rlm.run_job(str(tasks_file), out, progress=False)
+        rest = rlm.run_job(str(tasks_file), out, retry_failed=True, progress=False)
     finally:
         rlm.close()
     assert capped.exit_code == 1
     assert capped.stopped is not None and "job max_tokens=1500 reached" in capped.stopped
-    assert 1 <= len(done) < 20 and capped.not_run == 20 - len(done)
-    # each task uses ~600 tokens: the cap stops new tasks once reached, not before
+    assert 2 <= len(done) < 20 and capped.not_run == 20 - len(done)
+    # each task uses ~900 tokens: the tasks before the cap finished; the root turn that
+    # reached it stopped its task at once, which says whose cap it was
+    assert [r["stopped_reason"] for r in done] == ["final"] * (len(done) - 1) + ["budget"]
+    assert "job max_tokens=1500 reached" in done[-1]["error"]
     assert sum(r["tokens"] for r in done[:-1]) < 1500 <= sum(r["tokens"] for r in done)
     assert rest.exit_code == 0
-    assert sorted(r["id"] for r in lines_of(out)) == sorted(f"t{i}" for i in range(20))
+    records = lines_of(out)
+    assert sorted(r["id"] for r in records) == sorted(f"t{i}" for i in range(20))
+    assert all(r["answer"] == expected(r["id"]) for r in records)
+
+
+SUB = "sub-model"
+FAN_OUT_CODE = (
+    "```repl\nparts = llm_query_batch(['ECHO ' + context * 3 + str(i) for i in range(16)])\n"
+    "print(len(parts))\n```"
+)
+
+
+def test_a_job_token_cap_binds_per_call_across_concurrent_tasks(tmp_path: Path) -> None:
+    # 24 tasks at once, each a root turn, a fan-out of 16 sub-queries and a second root
+    # turn: ~3,700 tokens a task, ~89,000 for the job, against a job cap of 40,000.
+    # Checked only when tasks start, all 24 would start and overshoot by ~49,000.
+    # Per call, a call is sent only while the settled tokens plus the reservations in
+    # flight are under the cap, and every reservation here covers its call (prompt
+    # chars / 4 + 1 plus the largest reply seen, while the fake server counts chars / 4
+    # and the sub replies are shorter than the root's). So the job spends at most the
+    # cap plus the one reservation admitted last: the longest prompt / 4 + 1 + 256.
+    cap = 40_000
+    script = [FAN_OUT_CODE, ANSWER_CODE]
+    tasks_file, out = tmp_path / "tasks.jsonl", tmp_path / "out.jsonl"
+    tasks = write_tasks(tasks_file, 24)
+    with FakeLLMServer(lambda messages: "ok", scripts={ROOT: script}, latency=0.02) as srv:
+        result = subprocess.run(
+            [*rlm_cli(srv, str(tasks_file), "--out", str(out), "--concurrency", "24",
+                      "--max-tokens", str(cap), "--recursive-model", SUB, "--quiet")],
+            capture_output=True, text=True, timeout=120,
+        )
+        log = srv.requests_log
+        sent = srv.requests
+    assert result.returncode == 1, result.stderr
+    records = lines_of(out)
+    assert len(records) == len(tasks)  # every task ran: each was cut short or finished
+    spent = sum(r["tokens"] for r in records)
+    longest_prompt = max(sum(len(m["content"]) for m in entry["messages"]) for entry in log)
+    bound = cap + longest_prompt // 4 + 1 + 256
+    print(f"\n[job cap] 24 tasks at once: {sent} requests, {spent:,} tokens for a cap of "
+          f"{cap:,} (bound {bound:,})")
+    assert cap <= spent <= bound
+    # what the server was asked for is what the lines say was spent: nothing unaccounted
+    assert sent == len(log) == sum(r["usage"]["root"]["calls"] + r["usage"]["sub"]["calls"]
+                                   for r in records)
+    cut = [r for r in records if r["stopped_reason"] != "final"]
+    assert cut and {r["stopped_reason"] for r in cut} == {"budget"}
+    assert all(f"job max_tokens={cap}" in r["error"] for r in cut)
+    assert all(r["answer"] == expected(r["id"]) for r in records if r not in cut)
+
+
+SLOW_CODE = "```repl\nprint(llm_query_batch(['ECHO a', 'ECHO b']))\n```"
+
+
+def test_the_job_deadline_stops_running_tasks_at_their_next_call(tmp_path: Path) -> None:
+    # Each task would take 20 turns of ~0.4 s (a root call, then a sub-query batch) and
+    # never answer; the job's 1.5 s deadline binds the running runs themselves.
+    out = tmp_path / "out.jsonl"
+    tasks = [{"id": f"t{i}", "query": "q", "context": f"word{i}"} for i in range(8)]
+    with FakeLLMServer(scripts={ROOT: [SLOW_CODE]}, latency=0.2) as srv:
+        rlm = make_rlm(srv, recursive_model=SUB)
+        try:
+            summary = rlm.run_job(tasks, out, concurrency=3, max_time_s=1.5, progress=False)
+        finally:
+            rlm.close()
+    records = lines_of(out)
+    assert summary.exit_code == 1 and "job max_time_s=1.5 reached" in (summary.stopped or "")
+    assert (len(records), summary.not_run) == (3, 5)  # the three running tasks, no new ones
+    assert all(r["stopped_reason"] == "budget" for r in records)
+    assert all("job max_time_s=1.5 reached" in r["error"] for r in records)
 
 
 def test_sigterm_stops_the_job_with_exit_143_and_a_valid_output(
@@ -416,3 +488,41 @@ def test_a_schema_gives_each_line_a_validated_output(tmp_path: Path) -> None:
                          "--sorted")
     assert result.returncode == 0, result.stderr
     assert [r["output"] for r in lines_of(out)] == [{"first": f"word{i}"} for i in range(3)]
+
+
+# -- cache -------------------------------------------------------------------------------
+
+
+def test_batch_cache_answers_a_second_job_without_asking_the_server_again(tmp_path: Path) -> None:
+    tasks_file, cache = tmp_path / "tasks.jsonl", tmp_path / "cache"
+    write_tasks(tasks_file, 6)
+    # sub-queries go to the echo responder: each reply is its own prompt
+    with FakeLLMServer(scripts={ROOT: [FAN_OUT_CODE, ANSWER_CODE]}, latency=0.005) as srv:
+        first = run_cli(srv, str(tasks_file), "--out", str(tmp_path / "first.jsonl"),
+                        "--recursive-model", SUB, "--concurrency", "3", "--cache", str(cache))
+        asked = srv.requests
+        second = run_cli(srv, str(tasks_file), "--out", str(tmp_path / "second.jsonl"),
+                         "--recursive-model", SUB, "--concurrency", "3", "--cache", str(cache))
+        asked_again = srv.requests - asked
+    assert (first.returncode, second.returncode) == (0, 0), (first.stderr, second.stderr)
+    assert asked == 6 * (2 + 16)  # two root turns and 16 sub-queries a task
+    assert asked_again == 0
+    answers = {r["id"]: r["answer"] for r in lines_of(tmp_path / "first.jsonl")}
+    again = lines_of(tmp_path / "second.jsonl")
+    assert answers == {r["id"]: r["answer"] for r in again} == {f"t{i}": f"WORD{i}" for i in range(6)}
+    for record in again:
+        assert record["usage"]["root"]["calls"] == record["usage"]["sub"]["calls"] == 0
+        assert (record["usage"]["root"]["cached_calls"], record["usage"]["sub"]["cached_calls"]) == (2, 16)
+        assert record["tokens"] == 0
+
+
+def test_batch_cache_before_the_tasks_file_is_a_usage_error(tmp_path: Path, srv: FakeLLMServer) -> None:
+    tasks_file = tmp_path / "tasks.jsonl"
+    write_tasks(tasks_file, 1)
+    result = subprocess.run(
+        [sys.executable, "-m", "rlm.cli", "batch", "--cache", str(tasks_file), "--out",
+         str(tmp_path / "out.jsonl"), "--api-key", "k", "--base-url", srv.url],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "put the tasks file before --cache" in result.stderr

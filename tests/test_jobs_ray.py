@@ -17,6 +17,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="the [ray] extra is part of [dev]")
 
 from rlm import RLM  # noqa: E402
+from rlm.cache import SQLiteCache  # noqa: E402
 from rlm.testing import FakeLLMServer  # noqa: E402
 
 ROOT = "root-model"
@@ -127,3 +128,25 @@ def test_a_job_budget_holds_across_ray_workers(cluster: None, tmp_path: Path) ->
     assert summary.exit_code == 1 and summary.stopped and "max_tokens=3000" in summary.stopped
     assert 3 <= len(records) < 20  # ~900 tokens a task; in-flight ones finish, no new ones start
     assert len({r["id"] for r in records}) == len(records)
+
+
+def test_ray_workers_share_the_cache_directory(cluster: None, tmp_path: Path) -> None:
+    # The RLM's store is an object; its directory is what travels to the workers.
+    fan_out = "```repl\nprint(llm_query_batch(['ECHO 1 ' + context, 'ECHO 2 ' + context]))\n```"
+    with FakeLLMServer(scripts={ROOT: [fan_out, ANSWER_CODE]}, latency=0.01) as srv:
+        rlm = RLM(model=ROOT, recursive_model="sub-model", base_url=srv.url, api_key="k",
+                  sandbox="local", cache=SQLiteCache(tmp_path / "cache"))
+        try:
+            first = rlm.run_job(tasks(12), tmp_path / "first.jsonl", concurrency=4, progress=False,
+                                backend="ray", ray_chunk_size=4)
+            asked = srv.requests
+            second = rlm.run_job(tasks(12), tmp_path / "second.jsonl", concurrency=4,
+                                 progress=False, backend="ray", ray_chunk_size=4)
+            asked_again = srv.requests - asked
+        finally:
+            rlm.close()
+    assert (first.exit_code, second.exit_code) == (0, 0)
+    assert (asked, asked_again) == (12 * 4, 0)  # two root turns and two sub-queries a task
+    answers = {r["id"]: r["answer"] for r in lines_of(tmp_path / "second.jsonl")}
+    assert answers == {r["id"]: r["answer"] for r in lines_of(tmp_path / "first.jsonl")}
+    assert answers == {f"t{i}": f"WORD{i}" for i in range(12)}

@@ -19,6 +19,7 @@ import httpx2
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
+from rlm_support import wait_until
 from serve_support import (
     FOUND_SCHEMA,
     HANG_ROOT,
@@ -27,29 +28,13 @@ from serve_support import (
     ROOT,
     SUB,
     TYPED_ROOT,
-    RlmProcess,
     haystack,
-    scripts,
-    sub_model,
-    wait_until,
+    rlm_server,
 )
 
 from rlm.testing import FakeLLMServer
 
 KEY = "test-mcp-key"
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeLLMServer]:
-    with FakeLLMServer(sub_model, scripts=scripts()) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def allowed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("allowed")
-    (root / "log.txt").write_text(haystack(), encoding="utf-8")
-    return root
 
 
 def mcp_args(upstream: FakeLLMServer, allowed: Path, *extra: str, model: str = ROOT) -> list[str]:
@@ -192,13 +177,9 @@ async def test_cancelling_rlm_query_cancels_the_run(upstream: FakeLLMServer, all
 
 @pytest.fixture(scope="module")
 def mcp_http(upstream: FakeLLMServer, allowed: Path) -> Iterator[str]:
-    server = RlmProcess([*mcp_args(upstream, allowed, "--http", "127.0.0.1:0", "--auth-key", KEY)[2:]],
-                        ready=r"streamable HTTP on (http://\S+/mcp)")
-    try:
-        assert server.match is not None
-        yield server.match.group(1)
-    finally:
-        assert server.stop() == 0, "".join(server.lines)
+    with rlm_server([*mcp_args(upstream, allowed, "--http", "127.0.0.1:0", "--auth-key", KEY)[2:]],
+                    ready=r"streamable HTTP on (http://\S+/mcp)") as url:
+        yield url
 
 
 async def test_streamable_http_round_trip_with_the_bearer_key(mcp_http: str) -> None:

@@ -23,6 +23,7 @@ import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager, start_new_kernel
 from nbclient import NotebookClient
+from rlm_support import wait_until
 
 from rlm.testing import FakeLLMServer
 
@@ -339,15 +340,6 @@ rlm_root = RLM(model="root", recursive_model="sub", base_url={slow.url!r}, api_k
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @pytest.mark.parametrize(

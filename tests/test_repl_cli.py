@@ -12,11 +12,12 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
 import pytest
+from rlm_support import wait_until
 
 from rlm.testing import FakeLLMServer
 
@@ -65,15 +66,6 @@ class Terminal:
         """Type ``line`` at the next prompt."""
         self.expect(r"In \[\d+\]: ")
         self.child.sendline(line)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def clean_env(tmp_path: Path) -> dict[str, str]:
@@ -146,10 +138,10 @@ def test_ctrl_c_during_a_slow_batch_cancels_its_requests_and_the_shell_stays_usa
 ) -> None:
     server.latency = SLOW_S
     repl.run("replies = llm_query_batch(['ECHO slow %d' % i for i in range(8)])")
-    assert wait_until(lambda: server.in_flight == 8), server.stats()
+    assert wait_until(lambda: server.in_flight == 8, 15), server.stats()
     repl.child.sendintr()
     repl.expect(r"KeyboardInterrupt: llm_query_batch cancelled \(0 of 8 answered\); nothing is left running")
-    assert wait_until(lambda: server.in_flight == 0), f"requests still running: {server.stats()}"
+    assert wait_until(lambda: server.in_flight == 0, 15), f"requests still running: {server.stats()}"
     server.latency = 0
     repl.run("1 + 1")
     repl.expect(r"Out\[\d+\]: 2\b")
@@ -162,10 +154,10 @@ def test_ctrl_c_during_a_slow_batch_cancels_its_requests_and_the_shell_stays_usa
 def test_ctrl_c_during_an_awaited_batch_cancels_it_too(repl: Terminal, server: FakeLLMServer) -> None:
     server.latency = SLOW_S
     repl.run("replies = await llm_query_batch_async(['ECHO slow %d' % i for i in range(8)])")
-    assert wait_until(lambda: server.in_flight == 8), server.stats()
+    assert wait_until(lambda: server.in_flight == 8, 15), server.stats()
     repl.child.sendintr()
     repl.expect(r"KeyboardInterrupt: cancelled the awaited call and its requests")
-    assert wait_until(lambda: server.in_flight == 0), f"requests still running: {server.stats()}"
+    assert wait_until(lambda: server.in_flight == 0, 15), f"requests still running: {server.stats()}"
     server.latency = 0
     repl.run("await llm_query_async('ECHO after')")
     repl.expect(r"Out\[\d+\]: 'after'")

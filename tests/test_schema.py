@@ -5,22 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from pydantic import BaseModel
-from typing_extensions import TypedDict  # pydantic needs this form of TypedDict before 3.12
+from rlm_support import Counted, Totals
 
 from rlm.errors import ConfigError
 from rlm.schema import Schema, SchemaIssue, format_issues, parse_json_text
-
-
-class Counted(BaseModel):
-    count: int
-    ids: list[str]
-
-
-class Totals(TypedDict):
-    total: int
-    currency: str
-
 
 COUNTED_JSON = {
     "type": "object",

@@ -22,6 +22,7 @@ from typing import Any
 import openai
 import pytest
 from pydantic import BaseModel
+from rlm_support import wait_until
 from serve_support import (
     FOUND_SCHEMA,
     HANG_ROOT,
@@ -30,29 +31,13 @@ from serve_support import (
     ROOT,
     SUB,
     TYPED_ROOT,
-    RlmProcess,
     haystack,
-    scripts,
-    sub_model,
-    wait_until,
+    rlm_server,
 )
 
 from rlm.testing import FakeLLMServer
 
 KEY = "test-serve-key"
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeLLMServer]:
-    with FakeLLMServer(sub_model, scripts=scripts()) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def allowed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("allowed")
-    (root / "log.txt").write_text(haystack(), encoding="utf-8")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -62,18 +47,14 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def serve_url(upstream: FakeLLMServer, allowed: Path, logs: Path) -> Iterator[str]:
-    server = RlmProcess(
+    with rlm_server(
         ["serve", "--port", "0", "--auth-key", KEY, "--base-url", upstream.url, "--api-key", "upstream-key",
          "--model", ROOT, "--recursive-model", SUB, "--log-dir", str(logs), "--allow-dir", str(allowed),
          "--max-body-mb", "0.5", "--max-running", "1", "--max-queue", "0",
          "--price", f"{ROOT}=100,100", "--price", f"{SUB}=100,100"],
         ready=r"listening on (http://\S+/v1)",
-    )
-    try:
-        assert server.match is not None
-        yield server.match.group(1)
-    finally:
-        assert server.stop() == 0, "".join(server.lines)
+    ) as url:
+        yield url
 
 
 @pytest.fixture
@@ -283,12 +264,10 @@ def test_closing_a_stream_mid_run_cancels_it(client: openai.OpenAI, upstream: Fa
 
 
 def test_with_cache_a_repeated_request_sends_no_new_sub_queries(upstream: FakeLLMServer, tmp_path: Path) -> None:
-    server = RlmProcess(["serve", "--port", "0", "--base-url", upstream.url, "--api-key", "k", "--model", ROOT,
-                         "--recursive-model", SUB, "--cache", str(tmp_path / "cache")],
-                        ready=r"listening on (http://\S+/v1)")
-    try:
-        assert server.match is not None
-        with openai.OpenAI(base_url=server.match.group(1), api_key="x", max_retries=0) as c:
+    with rlm_server(["serve", "--port", "0", "--base-url", upstream.url, "--api-key", "k", "--model", ROOT,
+                     "--recursive-model", SUB, "--cache", str(tmp_path / "cache")],
+                    ready=r"listening on (http://\S+/v1)") as url:
+        with openai.OpenAI(base_url=url, api_key="x", max_retries=0) as c:
             def sub_requests() -> int:
                 return sum(1 for r in upstream.requests_log if r["model"] == SUB)
 
@@ -299,8 +278,6 @@ def test_with_cache_a_repeated_request_sends_no_new_sub_queries(upstream: FakeLL
         assert first.choices[0].message.content == second.choices[0].message.content == NEEDLE
         assert after_first == 6
         assert sub_requests() == 6  # all six came from the cache the second time
-    finally:
-        assert server.stop() == 0, "".join(server.lines)
 
 
 def test_binding_beyond_loopback_without_a_key_is_refused(upstream: FakeLLMServer) -> None:

@@ -4,58 +4,17 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
-from typing_extensions import TypedDict  # pydantic needs this form of TypedDict before 3.12
+from rlm_support import ROOT, Counted, Totals, last_user, make_rlm, repl
 
-from rlm import RLM, AsyncOpenAIClient
+from rlm import RLM
 from rlm.errors import ConfigError
 from rlm.testing import FakeLLMServer
 
-ROOT = "root-model"
-SUB = "sub-model"
 
-
-class Counted(BaseModel):
-    count: int
-    ids: list[str]
-
-
-class Totals(TypedDict):
-    total: int
-    currency: str
-
-
-def repl(code: str, text: str = "Next step.") -> str:
-    return f"{text}\n```repl\n{code}\n```"
-
-
-def last_user(messages: list[dict[str, Any]]) -> str:
-    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
-
-
-@pytest.fixture
-def rlms() -> Iterator[list[RLM]]:
-    made: list[RLM] = []
-    yield made
-    for r in made:
-        r.client.close_sync()
-        r.sub_client.close_sync()
-
-
-def make_rlm(srv: FakeLLMServer, made: list[RLM], **kw: Any) -> RLM:
-    root = AsyncOpenAIClient(model=ROOT, api_key="k", base_url=srv.url, max_retries=0)
-    sub = AsyncOpenAIClient(model=SUB, api_key="k", base_url=srv.url, max_retries=0)
-    kw.setdefault("sandbox", "local")
-    rlm = RLM(model=ROOT, recursive_model=SUB, client=root, sub_client=sub, **kw)
-    made.append(rlm)
-    return rlm
-
-
-def test_a_wrong_final_is_told_its_error_and_the_fixed_one_is_the_output(rlms: list[RLM]) -> None:
+def test_a_wrong_final_is_told_its_error_and_the_fixed_one_is_the_output(closing: list[RLM]) -> None:
     def second(messages: list[dict[str, Any]]) -> str:
         feedback = last_user(messages)
         assert "$.count: expected a valid integer" in feedback and "'many'" in feedback
@@ -63,7 +22,7 @@ def test_a_wrong_final_is_told_its_error_and_the_fixed_one_is_the_output(rlms: l
 
     script = [repl('FINAL({"count": "many", "ids": ["a", "b", "c"]})'), second]
     with FakeLLMServer(scripts={ROOT: script}) as srv:
-        result = make_rlm(srv, rlms).completion("a b c", "How many ids?", schema=Counted)
+        result = make_rlm(srv, closing).completion("a b c", "How many ids?", schema=Counted)
         system = srv.requests_log[0]["messages"][0]["content"]
     assert result.output == Counted(count=3, ids=["a", "b", "c"])
     assert result.iterations == 2
@@ -78,10 +37,10 @@ def test_a_wrong_final_is_told_its_error_and_the_fixed_one_is_the_output(rlms: l
     assert result.to_dict()["output"] == {"count": 3, "ids": ["a", "b", "c"]}
 
 
-def test_retries_running_out_ends_with_invalid_answer_keeping_the_raw_value(rlms: list[RLM]) -> None:
+def test_retries_running_out_ends_with_invalid_answer_keeping_the_raw_value(closing: list[RLM]) -> None:
     script = [repl('FINAL({"count": "many", "ids": []})')]
     with FakeLLMServer(scripts={ROOT: script}) as srv:
-        rlm = make_rlm(srv, rlms, max_answer_retries=1)
+        rlm = make_rlm(srv, closing, max_answer_retries=1)
         result = rlm.completion("x", "How many?", schema=Counted)
     assert result.stopped_reason == "invalid_answer"
     assert result.iterations == 2  # the first answer and one retry
@@ -107,28 +66,28 @@ def test_retries_running_out_ends_with_invalid_answer_keeping_the_raw_value(rlms
     ],
     ids=["list[str]", "TypedDict", "json-schema-dict", "int"],
 )
-def test_each_kind_of_schema_gives_its_output(rlms: list[RLM], schema: Any, final: str, expected: Any) -> None:
+def test_each_kind_of_schema_gives_its_output(closing: list[RLM], schema: Any, final: str, expected: Any) -> None:
     with FakeLLMServer(scripts={ROOT: [repl(final)]}) as srv:
-        result = make_rlm(srv, rlms).completion("ctx", "What is it?", schema=schema)
+        result = make_rlm(srv, closing).completion("ctx", "What is it?", schema=schema)
     assert result.stopped_reason == "final"
     assert result.output == expected
     assert json.loads(result.answer or "") == expected
 
 
-def test_an_answer_written_in_prose_is_parsed_and_validated(rlms: list[RLM]) -> None:
+def test_an_answer_written_in_prose_is_parsed_and_validated(closing: list[RLM]) -> None:
     script = ['Done.\nFINAL({"count": 1, "ids": ["z"]})']
     with FakeLLMServer(scripts={ROOT: script}) as srv:
-        result = make_rlm(srv, rlms).completion("ctx", "How many?", schema=Counted)
+        result = make_rlm(srv, closing).completion("ctx", "How many?", schema=Counted)
     assert result.output == Counted(count=1, ids=["z"])
 
 
-async def test_a_schema_for_every_task_of_a_batch_and_one_task_of_its_own(rlms: list[RLM]) -> None:
+async def test_a_schema_for_every_task_of_a_batch_and_one_task_of_its_own(closing: list[RLM]) -> None:
     def root(messages: list[dict[str, Any]]) -> str:
         query = messages[1]["content"]
         return repl("FINAL(['x'])" if "list" in query else "FINAL(len(context))")
 
     with FakeLLMServer(root) as srv:
-        results = await make_rlm(srv, rlms).acompletion_batch(
+        results = await make_rlm(srv, closing).acompletion_batch(
             [("abc", "the length"), {"context": "q", "query": "a list", "schema": list[str]}],
             progress=False,
             schema=int,
@@ -136,24 +95,24 @@ async def test_a_schema_for_every_task_of_a_batch_and_one_task_of_its_own(rlms: 
     assert [r.output for r in results] == [3, ["x"]]
 
 
-def test_a_session_ask_takes_a_schema(rlms: list[RLM]) -> None:
+def test_a_session_ask_takes_a_schema(closing: list[RLM]) -> None:
     script = [repl("FINAL(len(context))")]
     with FakeLLMServer(scripts={ROOT: script}) as srv:
-        rlm = make_rlm(srv, rlms)
+        rlm = make_rlm(srv, closing)
         with rlm.session("hello") as session:
             result = session.ask("How long?", schema=int)
     assert result.output == 5 and result.answer == "5"
 
 
-def test_something_that_is_not_a_schema_is_refused_before_any_request(rlms: list[RLM]) -> None:
+def test_something_that_is_not_a_schema_is_refused_before_any_request(closing: list[RLM]) -> None:
     with FakeLLMServer() as srv:
-        rlm = make_rlm(srv, rlms)
+        rlm = make_rlm(srv, closing)
         with pytest.raises(ConfigError, match="schema must be"):
             rlm.completion("x", "q", schema="list of str")
         assert srv.requests == 0
 
 
-def test_a_refused_answer_shows_in_the_live_view_and_the_html_page(rlms: list[RLM]) -> None:
+def test_a_refused_answer_shows_in_the_live_view_and_the_html_page(closing: list[RLM]) -> None:
     import io
 
     from rich.console import Console
@@ -162,7 +121,7 @@ def test_a_refused_answer_shows_in_the_live_view_and_the_html_page(rlms: list[RL
 
     script = [repl('FINAL({"count": "many", "ids": []})'), repl('FINAL({"count": 0, "ids": []})')]
     with FakeLLMServer(scripts={ROOT: script}) as srv:
-        result = make_rlm(srv, rlms).completion("x", "How many?", schema=Counted)
+        result = make_rlm(srv, closing).completion("x", "How many?", schema=Counted)
     console = Console(file=io.StringIO(), width=200, force_terminal=False)
     live = LiveDisplay(console=console)
     for event in result.trajectory:
@@ -223,20 +182,20 @@ def test_final_reaches_the_host_as_plain_data(sandbox: str, final: str, expected
     assert exact(result.final)
 
 
-def test_an_untyped_run_answers_plain_data_as_json(rlms: list[RLM]) -> None:
+def test_an_untyped_run_answers_plain_data_as_json(closing: list[RLM]) -> None:
     with FakeLLMServer(scripts={ROOT: [repl("FINAL({'ids': ['a', 'b'], 'ok': True})")]}) as srv:
-        result = make_rlm(srv, rlms).completion("x", "Which ids?")
+        result = make_rlm(srv, closing).completion("x", "Which ids?")
     assert result.answer == '{"ids": ["a", "b"], "ok": true}'
     assert result.output is None
 
 
-def test_the_last_turn_answer_is_validated_too(rlms: list[RLM]) -> None:
+def test_the_last_turn_answer_is_validated_too(closing: list[RLM]) -> None:
     script = [repl("print(len(context))"), 'FINAL({"count": 2, "ids": ["a", "b"]})']
     with FakeLLMServer(scripts={ROOT: script}) as srv:
-        result = make_rlm(srv, rlms, max_iterations=1).completion("ab", "How many?", schema=Counted)
+        result = make_rlm(srv, closing, max_iterations=1).completion("ab", "How many?", schema=Counted)
     assert result.stopped_reason == "max_iterations"
     assert result.output == Counted(count=2, ids=["a", "b"])
 
     with FakeLLMServer(scripts={ROOT: [repl("print(1)"), "FINAL(many)"]}) as srv:
-        result = make_rlm(srv, rlms, max_iterations=1).completion("ab", "How many?", schema=Counted)
+        result = make_rlm(srv, closing, max_iterations=1).completion("ab", "How many?", schema=Counted)
     assert result.stopped_reason == "invalid_answer" and result.raw_output == "many"

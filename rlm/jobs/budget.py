@@ -1,10 +1,20 @@
 """The job's ledger: what the whole job has spent, against its cost, token and time caps.
 
-Per-run budgets (``RLM(max_cost_usd=...)``) bound one task; these bound the job. The
-runner asks ``stop_reason()`` before it starts each task and charges each finished
-task's usage, so once a cap is reached no new task starts (tasks already running
-finish, or are cancelled when the job's time is up). The Ray backend keeps one of these
-in a small actor that every worker consults (see ``rlm.jobs.ray_backend``).
+Per-run budgets (``RLM(max_cost_usd=...)``) bound one task; these bound the job, at two
+grains:
+
+- Per model call (the local backend): ``JobBudget.ledger`` is a ``BudgetLedger`` named
+  "job" that every task's run ledger draws from (``rlm.usage.spending_from``). A call
+  is sent only when it fits in the job's caps as well as the task's, so with N tasks
+  running the job overshoots a cap by at most the calls in flight when it ran out (and
+  each by no more than its reply exceeded its reservation), never by N whole tasks.
+  Once it is spent, or its ``max_time_s`` deadline passes, every running task stops
+  at its next call or cell with ``stopped_reason="budget"`` and an error naming the
+  job cap.
+- Per task (both backends): ``stop_reason()`` is asked before each task starts and
+  each finished task's usage is ``charge``d, so no new task starts once a cap is
+  reached. The Ray backend keeps one ``JobBudget`` in a small actor that every worker
+  consults (see ``rlm.jobs.ray_backend``).
 """
 
 from __future__ import annotations
@@ -12,6 +22,8 @@ from __future__ import annotations
 import threading
 import time
 from typing import Any
+
+from rlm.usage import BudgetLedger
 
 __all__ = ["JobBudget"]
 
@@ -21,6 +33,8 @@ class JobBudget:
 
     ``charge(cost_usd, tokens)`` adds a finished task's usage; ``stop_reason()`` is
     None while the job may start another task, else the cap that was reached.
+    ``ledger`` (None without caps) binds the same caps per model call for runs started
+    in ``spending_from(budget.ledger)``.
     """
 
     def __init__(
@@ -40,6 +54,11 @@ class JobBudget:
         self.started = time.monotonic()
         self.interrupted = False
         self._lock = threading.Lock()
+        # Without a cap the tasks' runs need no outer ledger (and pay nothing for one).
+        self.ledger: BudgetLedger | None = None
+        if max_tokens is not None or max_cost_usd is not None or max_time_s is not None:
+            self.ledger = BudgetLedger(max_tokens=max_tokens, max_cost_usd=max_cost_usd,
+                                       max_time_s=max_time_s, name="job")
 
     def interrupt(self) -> None:
         """The job is being stopped (Ctrl-C, SIGTERM, cancellation): start nothing more."""
@@ -61,6 +80,8 @@ class JobBudget:
         """None while another task may start; otherwise which job cap was reached."""
         if self.interrupted:
             return "interrupted"
+        if self.ledger is not None and self.ledger.exhausted is not None:
+            return self.ledger.describe()
         with self._lock:
             cost, tokens = self.cost_usd, self.tokens
         if self.max_cost_usd is not None and cost >= self.max_cost_usd:

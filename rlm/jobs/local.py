@@ -3,6 +3,8 @@
 Every task shares the RLM's clients (one connection pool, one limiter) and runs on the
 engine loop; ``concurrency`` workers each take the next task, load its context, run it
 and drop the context, so memory holds at most ``concurrency`` contexts at a time.
+Every task's run draws from the job's ledger, so the job's caps bind per model call
+(see ``rlm.jobs.budget``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from rlm.jobs.budget import JobBudget
 from rlm.jobs.output import error_record, result_record
 from rlm.jobs.tasks import Task
+from rlm.usage import BudgetLedger, spending_from
 
 __all__ = ["run_tasks"]
 
@@ -58,9 +61,17 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-async def run_one(rlm: Any, task: Task, concurrency: int = 1, schema: Any = None) -> dict[str, Any]:
+# How long past the job's deadline running tasks get to stop by themselves (their runs
+# see the deadline through the job ledger and end with stopped_reason "budget") before
+# they are cancelled and left to a re-run.
+DEADLINE_GRACE_S = 10.0
+
+
+async def run_one(rlm: Any, task: Task, concurrency: int = 1, schema: Any = None,
+                  ledger: BudgetLedger | None = None) -> dict[str, Any]:
     """Load ``task``'s context, run it on ``rlm`` (with ``schema``, for a typed answer) and
-    return its output record; ``concurrency`` (tasks at once here) paces memory reclaiming."""
+    return its output record; ``concurrency`` (tasks at once here) paces memory reclaiming,
+    and the run also spends from ``ledger`` (the job's), per call, when one is given."""
     started = time.monotonic()
     try:
         # Reading a file must not stall the loop the other tasks run on; an inline
@@ -72,7 +83,8 @@ async def run_one(rlm: Any, task: Task, concurrency: int = 1, schema: Any = None
     except Exception as exc:  # noqa: BLE001 - a task's bad input is its own failure
         return error_record(task.id, f"context: {_short(exc)}", time.monotonic() - started)
     try:
-        result = await rlm.acompletion(context=context, query=task.query, schema=schema)
+        with spending_from(ledger):
+            result = await rlm.acompletion(context=context, query=task.query, schema=schema)
     except Exception as exc:  # noqa: BLE001 - e.g. an empty query: the task fails, not the job
         return error_record(task.id, _short(exc), time.monotonic() - started)
     finally:
@@ -87,9 +99,11 @@ async def run_tasks(
 ) -> str | None:
     """Run ``tasks`` with ``concurrency`` at a time; ``finished(record)`` as each ends.
 
-    Returns None when every task ran, or the job cap that stopped new tasks. When the
-    job's ``max_time_s`` runs out, running tasks are cancelled (their output lines are
-    never written, so a re-run does them).
+    Returns None when every task ran, or the job cap that stopped new tasks. Every run
+    spends from ``budget.ledger``, so a spent job cap or the job's ``max_time_s`` stops
+    running tasks too (their lines say ``stopped_reason="budget"``); a task still
+    running ``DEADLINE_GRACE_S`` after the deadline is cancelled (its line is never
+    written, so a re-run does it).
     """
     stop: list[str] = []
 
@@ -102,12 +116,14 @@ async def run_tasks(
             task = next(tasks, None)
             if task is None:
                 return
-            finished(await run_one(rlm, task, concurrency, schema))
+            finished(await run_one(rlm, task, concurrency, schema, budget.ledger))
 
     workers = [asyncio.create_task(worker()) for _ in range(max(1, concurrency))]
     try:
         left = budget.remaining_time()
-        done, pending = await asyncio.wait(workers, timeout=left)
+        done, pending = await asyncio.wait(
+            workers, timeout=None if left is None else left + DEADLINE_GRACE_S
+        )
         if pending:
             stop.append(budget.stop_reason() or f"job max_time_s={budget.max_time_s:g} reached")
             budget.interrupt()

@@ -11,7 +11,17 @@
 - Contexts are read here, just before a chunk is sent (at most two chunks per worker
   are in flight), so the cluster needs no shared filesystem and memory stays bounded.
 - Job budgets hold across workers: a small ledger actor counts what every worker's
-  tasks spent, and a worker asks it before starting each task.
+  tasks spent, and a worker asks it before starting each task. Here the cost and
+  token caps bind per task, not per model call as on the local backend: a call would
+  need a round trip to the actor, so once a cap is reached no task starts, and the
+  tasks already running (at most ``concurrency``) finish and may overshoot it by
+  their whole usage. The job's ``max_time_s`` does bind per call: each worker gives
+  its runs a local job ledger with the job's deadline, so at the deadline running
+  tasks stop with ``stopped_reason="budget"`` like on the local backend.
+- The sub-query cache: the workers' RLMs get the driver's ``cache=`` setting, so a
+  cache directory (or True, the per-user one) is shared by every worker on a node
+  through SQLite's WAL; workers on other nodes each use that path on their own node.
+  A custom ``Cache`` object other than ``SQLiteCache`` cannot travel: ``ConfigError``.
 - A worker that dies has the tasks of its chunk that had not reported re-queued on a
   new worker; the runner keeps one line per id, so none is duplicated.
 
@@ -30,10 +40,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from rlm.cache import Cache, SQLiteCache
 from rlm.errors import ConfigError
 from rlm.jobs.budget import JobBudget
+from rlm.jobs.local import DEADLINE_GRACE_S
 from rlm.jobs.output import error_record
 from rlm.jobs.tasks import Task
+from rlm.usage import BudgetLedger
 
 __all__ = ["run_tasks_on_ray", "worker_name_prefix"]
 
@@ -71,11 +84,15 @@ def _actor_classes() -> tuple[Any, Any]:
         """One worker process of a job: one RLM, many concurrent tasks."""
 
         def __init__(self, settings: dict[str, Any], ledger: Any, concurrency: int,
-                     schema: Any) -> None:
+                     schema: Any, time_left_s: float | None) -> None:
             from rlm.core import RLM
 
             self.rlm = RLM(**settings)
             self.ledger = ledger
+            # The job's deadline, binding every call of this worker's runs.
+            self.deadline: BudgetLedger | None = None
+            if time_left_s is not None:
+                self.deadline = BudgetLedger(max_time_s=max(time_left_s, 0.001), name="job")
             self.concurrency = max(1, concurrency)
             self.schema = schema
 
@@ -94,7 +111,8 @@ def _actor_classes() -> tuple[Any, Any]:
                         stopped = True
                         break
                     running.add(asyncio.ensure_future(
-                        run_one(self.rlm, pending.popleft(), self.concurrency, self.schema)))
+                        run_one(self.rlm, pending.popleft(), self.concurrency, self.schema,
+                                self.deadline)))
                 if not running:
                     break
                 done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -105,6 +123,20 @@ def _actor_classes() -> tuple[Any, Any]:
                     yield record
 
     return JobLedger, JobWorker
+
+
+def _portable_settings(rlm: Any) -> dict[str, Any]:
+    """``rlm.settings()`` with the cache as a path, which every worker can open."""
+    settings = rlm.settings()
+    cache = settings.get("cache")
+    if isinstance(cache, SQLiteCache):
+        settings["cache"] = str(cache.directory)
+    elif isinstance(cache, Cache):
+        raise ConfigError(
+            f"the Ray backend cannot send the cache object {cache!r} to its workers; "
+            "pass cache= a directory (or True) instead"
+        )
+    return settings
 
 
 def _load(task: Task) -> Task:
@@ -136,7 +168,7 @@ async def run_tasks_on_ray(
         raise ConfigError(
             f"the Ray backend needs ray ({exc}); install it with pip install 'rlm-sandbox[ray]'"
         ) from exc
-    settings = rlm.settings()
+    settings = _portable_settings(rlm)
     started_here = False
     if not ray.is_initialized():
         await asyncio.to_thread(ray.init, address=address, include_dashboard=False,
@@ -158,7 +190,7 @@ async def run_tasks_on_ray(
 
     def new_worker() -> Any:
         actor = worker_cls.options(name=f"{prefix}{next(names)}", namespace="rlm").remote(
-            settings, ledger, per_worker, schema)
+            settings, ledger, per_worker, schema, budget.remaining_time())
         actors.append(actor)
         return actor
 
@@ -201,7 +233,12 @@ async def run_tasks_on_ray(
         slots.extend(new_worker() for _ in range(n_workers))
         # Two chunks per worker in flight: one runs while the next one's contexts load.
         drivers = [asyncio.ensure_future(drive(i)) for i in range(n_workers) for _ in range(2)]
-        done, pending = await asyncio.wait(drivers, timeout=budget.remaining_time())
+        # Past the deadline, running tasks stop by themselves (see JobWorker); the grace
+        # lets their lines come back before anything left is cancelled.
+        left = budget.remaining_time()
+        done, pending = await asyncio.wait(
+            drivers, timeout=None if left is None else left + DEADLINE_GRACE_S
+        )
         if pending:
             stop.append(budget.stop_reason() or f"job max_time_s={budget.max_time_s:g} reached")
             budget.interrupt()

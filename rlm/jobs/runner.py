@@ -77,7 +77,9 @@ class JobSummary:
             f"{self.elapsed_s:.1f} s ({rate:.1f} tasks/s) -> {self.out}"
         )
         if self.stopped:
-            text += f"; stopped: {self.stopped} (re-run the same command to continue)"
+            # Tasks a job cap cut short have a line ("budget"): only --retry-failed redoes them.
+            again = " (and --retry-failed for the tasks that failed)" if self.failed else ""
+            text += f"; stopped: {self.stopped} (re-run the same command to continue{again})"
         return text
 
 
