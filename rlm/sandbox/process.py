@@ -736,7 +736,15 @@ async def _recycle(pool: WorkerPool, key: Any, warm: _WarmWorker, uses: int) -> 
         pool.note_refused()
         warm.discard()
         return
-    pool.give(key, warm, uses)
+    if pool.give(key, warm, uses):
+        # Weakly: a timer must not keep a dropped pool (and so its workers) alive.
+        asyncio.get_running_loop().call_later(pool.idle_s + 0.5, _expire, weakref.ref(pool))
+
+
+def _expire(pool_ref: weakref.ref[WorkerPool]) -> None:
+    pool = pool_ref()
+    if pool is not None:
+        pool.expire()
 
 
 def _schedule_recycle(pool: WorkerPool, key: Any, warm: _WarmWorker, uses: int) -> None:

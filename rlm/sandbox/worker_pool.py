@@ -23,7 +23,8 @@ What a borrowed worker carries over, and what it does not:
   the sandbox policy plus the reset (as it does between two in-process REPLs), not on
   a new process: code that escaped the policy in one task could wait for the next.
   Pools are scoped to one owner (one ``RLM``: one job, one user), a worker serves at
-  most ``max_uses`` REPLs, and idle workers are killed after ``idle_s``. Pass
+  most ``max_uses`` REPLs, and idle workers are killed after ``idle_s`` (and when the
+  pool is closed or dropped). Pass
   ``reuse_workers=False`` to ``RLM`` (``rlm batch --fresh-workers``) for a new process
   per REPL; servers that run requests of different callers do so.
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import weakref
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -84,6 +86,8 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._closed = False
         self._counts = {"started": 0, "reused": 0, "returned": 0, "retired": 0, "refused": 0}
+        # A pool dropped without close() still kills its idle workers.
+        self._finalizer = weakref.finalize(self, WorkerPool._kill_all, self._idle, self._lock)
 
     @property
     def closed(self) -> bool:
@@ -148,13 +152,33 @@ class WorkerPool:
             out["idle"] = sum(len(v) for v in self._idle.values())
         return out
 
+    def expire(self) -> None:
+        """Kill the workers idle for longer than ``idle_s`` (the executor calls this on a
+        timer after each return, so an unused pool empties by itself)."""
+        now = time.monotonic()
+        old: list[PooledWorker] = []
+        with self._lock:
+            for key, entries in list(self._idle.items()):
+                keep = [e for e in entries if now - e.since <= self.idle_s and e.worker.alive]
+                old.extend(e.worker for e in entries if e not in keep)
+                if keep:
+                    self._idle[key] = keep
+                else:
+                    del self._idle[key]
+        self._discard(old)
+
     def close(self) -> None:
         """Kill every idle worker; workers given back later are killed on arrival."""
         with self._lock:
             self._closed = True
-            idle = [e.worker for entries in self._idle.values() for e in entries]
-            self._idle.clear()
-        self._discard(idle)
+        self._finalizer()
+
+    @staticmethod
+    def _kill_all(idle: dict[Hashable, list[_Idle]], lock: threading.Lock) -> None:
+        with lock:
+            workers = [e.worker for entries in idle.values() for e in entries]
+            idle.clear()
+        WorkerPool._discard(workers)
 
     def __enter__(self) -> WorkerPool:
         return self

@@ -273,3 +273,31 @@ def test_rlm_runs_share_warm_workers_and_reuse_workers_false_does_not(tmp_path: 
                  reuse_workers=False) as rlm:
             assert rlm.worker_pool is None
             assert rlm.completion(context="four", query="q").answer == "FOUR"
+
+
+def test_idle_workers_expire_and_a_dropped_pool_kills_its_own() -> None:
+    pool = WorkerPool(idle_s=0.3)
+    ex = _executor(pool)
+    pid = ex._res.pid
+    assert pid is not None
+    ex.close()
+    assert _wait_idle(pool)["idle"] == 1
+    deadline = time.monotonic() + 5
+    while (_alive(pid) or pool.stats()["idle"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool.stats()["idle"] == 0 and not _alive(pid)
+
+    pool = WorkerPool()
+    ex = _executor(pool)
+    pid = ex._res.pid
+    assert pid is not None
+    ex.close()
+    assert _wait_idle(pool)["idle"] == 1
+    del ex, pool  # never closed
+    import gc
+
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _alive(pid)
