@@ -29,6 +29,7 @@ from rlm.llm import AsyncOpenAIClient
 from rlm.parsing import find_code_blocks, find_final_in_text
 from rlm.repl import ExecResult, REPLEnv, default_sandbox, describe_context, failed_slot
 from rlm.sandbox.modules import importable_modules
+from rlm.sandbox.worker_pool import WorkerPool
 from rlm.schema import Schema, SchemaIssue, format_issues
 from rlm.structured import check_subquery_schema, structured_batch, structured_query
 from rlm.trajectory import Trajectory, cap_text, prompt_text
@@ -498,6 +499,11 @@ class RLM:
       time, memory, network and file limits; "local" runs it in this process under the
       compile-time policy only (faster, weaker). Default: "process" on Linux and macOS,
       "local" elsewhere (the same default as ``REPLEnv``).
+    - ``reuse_workers``: with the process sandbox, a finished run's worker process is
+      reset (variables, files, loop, requests all dropped; checked) and lent to the next
+      run with the same limits, saving two forks per run (default True). Isolation
+      between runs of this RLM then rests on the policy plus the reset, not on a new
+      process; False starts a fresh worker for every run (see rlm.sandbox.worker_pool).
     - ``cell_timeout``: seconds one cell may run (default 60).
     - ``max_output_chars``: characters of a cell's output shown to the root (default
       20,000; the rest is cut to a head and a tail).
@@ -563,6 +569,7 @@ class RLM:
         cache: Any = None,
         cache_read: bool = True,
         cache_write: bool = True,
+        reuse_workers: bool = True,
     ) -> None:
         # The keywords this RLM was made with, so another process can build its twin.
         self._settings: dict[str, Any] = {k: v for k, v in locals().items() if k != "self"}
@@ -626,6 +633,11 @@ class RLM:
         self.max_depth = max_depth
         self.max_answer_retries = max_answer_retries
         self.sandbox = sandbox or default_sandbox()
+        if not isinstance(reuse_workers, bool):
+            raise ConfigError(f"reuse_workers must be True or False, got {reuse_workers!r}")
+        self.reuse_workers = reuse_workers
+        # Process-sandbox workers of finished runs, reset and lent to the next runs.
+        self._worker_pool = WorkerPool() if self.sandbox == "process" and reuse_workers else None
         self.max_output_chars = max_output_chars
         for name, value in (("max_cost_usd", max_cost_usd), ("max_tokens", max_tokens),
                             ("max_time_s", max_time_s)):
@@ -771,6 +783,12 @@ class RLM:
         return await self._run(context=context, query=query, depth=0, schema=typed, env=env,
                                history=history)
 
+    @property
+    def worker_pool(self) -> WorkerPool | None:
+        """The pool of reset process-sandbox workers this RLM's runs share (None with
+        ``sandbox="local"`` or ``reuse_workers=False``); ``stats()`` shows its counts."""
+        return self._worker_pool
+
     def new_env(self, context: Any) -> REPLEnv:
         """A REPLEnv holding ``context``, configured like this RLM's runs (sandbox, cell
         timeout, output cap, tools); pass it to ``acompletion(env=...)`` to keep
@@ -901,6 +919,8 @@ class RLM:
             await c.close()
         if self._cache is not None:
             self._cache.close()
+        if self._worker_pool is not None:
+            self._worker_pool.close()
 
     def close(self) -> None:
         """``aclose`` for sync code."""
@@ -911,6 +931,8 @@ class RLM:
             c.close_sync()
         if self._cache is not None:
             self._cache.close()
+        if self._worker_pool is not None:
+            self._worker_pool.close()
 
     def __enter__(self) -> RLM:
         return self
@@ -1091,6 +1113,7 @@ class RLM:
         return text if self.record_subcalls == "full" else cap_text(text, SUBCALL_CAP_CHARS)
 
     def _new_env(self, context: Any, sub_queries: _SubQueryService | None = None) -> REPLEnv:
+        pooled = {"worker_pool": self._worker_pool} if self._worker_pool is not None else {}
         return REPLEnv(
             context=context,
             sandbox=self.sandbox,
@@ -1098,6 +1121,7 @@ class RLM:
             max_output_chars=self.max_output_chars,
             tools=self.tools or None,
             sub_queries=sub_queries,
+            **pooled,
         )
 
     async def _root_turn(self, run: _Run, messages: list[dict[str, Any]], iteration: int,

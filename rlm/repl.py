@@ -36,7 +36,7 @@ _SANDBOXES = ("local", "process")
 _LOCAL_OPTIONS = frozenset({"grace_s"})
 _PROCESS_OPTIONS = frozenset(
     {"memory_limit_mb", "cpu_limit_s", "file_limit_mb", "disk_limit_mb", "max_open_files",
-     "max_processes", "start_timeout"}
+     "max_processes", "start_timeout", "worker_pool"}
 )  # fmt: skip
 
 
@@ -220,7 +220,9 @@ class REPLEnv:
       going past one is an error in the cell that names the option.
     - Options of the chosen sandbox (``memory_limit_mb``, ``cpu_limit_s``,
       ``disk_limit_mb``... for "process", ``grace_s`` for "local") pass through as
-      keywords.
+      keywords. ``worker_pool`` (process only, an ``rlm.sandbox.worker_pool.WorkerPool``)
+      lends this REPL a warm, reset worker and takes it back on close; ``RLM`` does this
+      for its own runs.
 
     Use ``sandbox="process"`` for untrusted input. The in-process sandbox enforces the
     same policy but shares the host process, so some things it cannot stop: a C-stack

@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -272,7 +272,13 @@ class Usage:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (for logs and ``--json`` output)."""
-        data = asdict(self)
+        # Field by field: dataclasses.asdict deep-copies recursively, a measurable cost
+        # when a job writes thousands of records.
+        data: dict[str, Any] = {name: getattr(self, name) for name in _USAGE_FIELDS}
+        data["by_model"] = {
+            model: {name: getattr(mu, name) for name in _MODEL_USAGE_FIELDS}
+            for model, mu in self.by_model.items()
+        }
         data["unpriced_models"] = self.unpriced_models
         return data
 
@@ -338,6 +344,10 @@ class Usage:
             f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
             f"<div style='opacity:.7'>{html.escape(self._footer())}</div>"
         )
+
+
+_USAGE_FIELDS = tuple(f.name for f in fields(Usage) if f.name != "by_model")
+_MODEL_USAGE_FIELDS = tuple(f.name for f in fields(ModelUsage))
 
 
 class UsageMeter:

@@ -622,7 +622,9 @@ class _Worker:
         self.uid = uid
         self.jail = jail
         self.send_lock = threading.Lock()
-        self.commands: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self.commands: queue.SimpleQueue[tuple[dict[str, Any], bytearray | None]] = (
+            queue.SimpleQueue()
+        )
         self.waiters: dict[int, tuple[str, concurrent.futures.Future[Any]]] = {}
         self.waiters_lock = threading.Lock()
         self.next_id = 0
@@ -632,6 +634,14 @@ class _Worker:
         # Replaced by the env's own caps when its init message arrives.
         self.limits = flow_limits()
         self.max_frame = MAX_JSON
+        # One deadline thread for the worker's life, whichever REPL it serves.
+        self.watchdog = _Watchdog()
+        self.session: _Session | None = None
+        # Its private root (an fd, so a reset finds it whatever a cell did) and the
+        # threads it runs by design: what a reset checks it is back to.
+        self.root_fd = -1
+        self.root_mode = 0o700
+        self.fixed_threads: set[int] = set()
 
     # channel ------------------------------------------------------------------------
     #
@@ -676,7 +686,7 @@ class _Worker:
     def _read_loop(self) -> None:
         try:
             while True:
-                msg, _ = recv_frame(self.channel)
+                msg, payload = recv_frame(self.channel)
                 op = msg.get("op")
                 if op == "reply":
                     self._resolve(msg)
@@ -685,7 +695,8 @@ class _Worker:
                 elif op == "part":
                     self._part(msg)
                 else:
-                    self.commands.put(msg)
+                    # Only an init (the next REPL on a reused worker) carries a payload.
+                    self.commands.put((msg, payload if op == "init" else None))
         except EOFError:  # the host closed the channel (or died): nothing left to do
             os._exit(0)
         except MemoryError:
@@ -830,6 +841,8 @@ class _Worker:
         ch = self.channel.fileno()
         os.closerange(3, ch)
         os.closerange(ch + 1, 1 << 16)
+        self.root_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+        self.root_mode = os.fstat(self.root_fd).st_mode & 0o7777
         os.setsid()
         if sys.platform.startswith("linux"):
             isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -896,32 +909,141 @@ class _Worker:
         init, payload = recv_frame(self.channel)
         if init.get("op") != "init":
             return
-        context = _decode_context(init.get("context_kind", "none"), payload)
-        del payload
-        self.limits = flow_limits(init.get("limits") or {})
-        from rlm.sandbox.flow import max_frame_bytes
-
-        self.max_frame = max_frame_bytes(self.limits)
         writer = threading.Thread(target=self._write_loop, name="rlm-writer", daemon=True)
         writer.start()
         reader = threading.Thread(target=self._read_loop, name="rlm-channel", daemon=True)
         reader.start()
+        self.fixed_threads = {threading.main_thread().ident or 0, writer.ident or 0, reader.ident or 0}
+        while True:
+            self._begin(init, payload)
+            del payload
+            init, payload = self._serve(init)
+
+    def _begin(self, init: dict[str, Any], payload: bytearray | None) -> None:
+        """Load one REPL: its caps, context, namespace and setup code; report ready."""
+        from rlm.sandbox.flow import max_frame_bytes
+
+        context = _decode_context(init.get("context_kind", "none"), payload or bytearray())
+        del payload
+        self.limits = flow_limits(init.get("limits") or {})
+        self.max_frame = max_frame_bytes(self.limits)
         self.session = _Session(self, init, context)
         del context
         setup_error = self.session.setup()
         self.send({"op": "ready", "protections": self.protections, "setup_error": setup_error})
+
+    def _serve(self, init: dict[str, Any]) -> tuple[dict[str, Any], bytearray | None]:
+        """Run the REPL's commands until a reset; return the next REPL's init message."""
+        session = self.session
+        assert session is not None
         while True:
-            msg = self.commands.get()
+            msg, _ = self.commands.get()
             op = msg.get("op")
             if op == "exec":
                 _set_cpu_limit(msg.get("cpu"))
-                self.send_reply(
-                    self.session.run_cell(msg["code"], msg.get("timeout"), msg["filename"])
-                )
+                self.send_reply(session.run_cell(msg["code"], msg.get("timeout"), msg["filename"]))
             elif op == "get":
-                self.send_reply(self.session.get(msg["name"]))
+                self.send_reply(session.get(msg["name"]))
             elif op == "raw" and init.get("allow_raw"):
                 self.send_reply(_run_raw(msg["code"]))
+            elif op == "reset":
+                del session
+                problems = self._reset()
+                self.send({"op": "clean", "ok": not problems, "problems": problems})
+                if problems:
+                    # The host kills a worker that is not clean; do not wait for it.
+                    time.sleep(0.5)
+                    os._exit(0)
+                nxt, payload = self.commands.get()
+                if nxt.get("op") != "init":
+                    os._exit(0)
+                return nxt, payload
+
+    # reuse --------------------------------------------------------------------------
+
+    def _reset(self) -> list[str]:
+        """Forget the REPL just served; the problems that forbid serving another.
+
+        Drops the namespace, event loop, pending requests and output, removes every file
+        from the private root, then checks the worker is back to what it was when it
+        started: its own threads only, no child process, no extra open file, an empty
+        root. Any doubt is a problem (the host then kills the worker instead).
+        """
+        problems: list[str] = []
+        session, self.session = self.session, None
+        if session is not None:
+            if session.data_imported:
+                problems.append("a data library was imported (its settings are process-wide)")
+            session.close()
+            del session
+        with self.waiters_lock:
+            pending = list(self.waiters.values())
+            self.waiters.clear()
+            self.batches.clear()
+        for _op, future in pending:
+            future.cancel()
+        gc.collect()
+        if not problems:
+            problems.extend(self._wipe_root())
+        extra_threads = [t.name for t in threading.enumerate()
+                         if t.ident not in self.fixed_threads and t is not self.watchdog.thread]
+        if extra_threads:
+            problems.append(f"threads left running: {', '.join(extra_threads)[:200]}")
+        try:
+            os.waitpid(-1, os.WNOHANG)
+            problems.append("a child process exists")
+        except ChildProcessError:
+            pass
+        fixed_fds = {0, 1, 2, self.channel.fileno(), self.root_fd}
+        nofile = int(self.spec.get("nofile") or 64)
+        for fd in range(min(nofile, 4096)):
+            if fd in fixed_fds:
+                continue
+            try:
+                os.fstat(fd)
+            except OSError:
+                continue
+            problems.append(f"file descriptor {fd} is open")
+            break
+        return problems
+
+    def _wipe_root(self) -> list[str]:
+        """Remove everything in the private root, as the worker's own uid, never
+        following a link; a tree too deep or too big to walk is a problem, not a risk."""
+        import stat
+
+        if self.root_fd < 0:
+            return []
+        budget = [20_000]
+
+        def wipe(dir_fd: int, depth: int) -> None:
+            if depth > 24:
+                raise OSError("directory tree too deep to clear")
+            for name in os.listdir(dir_fd):
+                budget[0] -= 1
+                if budget[0] < 0:
+                    raise OSError("too many files to clear")
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    # Only this thread of this process runs now, so the entry cannot be
+                    # swapped between the check and the open (O_NOFOLLOW regardless).
+                    os.chmod(name, 0o700, dir_fd=dir_fd)
+                    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+                    try:
+                        wipe(fd, depth + 1)
+                    finally:
+                        os.close(fd)
+                    os.rmdir(name, dir_fd=dir_fd)
+                else:
+                    os.unlink(name, dir_fd=dir_fd)
+
+        try:
+            os.fchmod(self.root_fd, self.root_mode)
+            wipe(self.root_fd, 0)
+            left = os.listdir(self.root_fd)
+        except OSError as exc:
+            return [f"its files could not be cleared ({exc.strerror or exc})"]
+        return [f"{len(left)} files remain in its root"] if left else []
 
 
 def _remote_error(op: str, msg: dict[str, Any]) -> Exception:
@@ -1092,7 +1214,8 @@ class _Session:
         self.streamed = 0
         self.last_flush = 0.0
         self.loop = asyncio.new_event_loop()
-        self.watchdog = _Watchdog()
+        self.watchdog = worker.watchdog
+        self.data_imported = False
         extra: dict[str, Any] = {"context": context}
         extra.update(self._llm_functions())
         extra.update(self._tool_stubs(init.get("tools") or []))
@@ -1114,7 +1237,23 @@ class _Session:
             extra=extra,
             file_access=confined,
             data_modules=data,
+            on_data_import=self._note_data_import,
         )
+
+    def _note_data_import(self, name: str) -> None:
+        self.data_imported = True
+
+    def close(self) -> None:
+        """Drop everything this REPL made: its namespace, loop and output."""
+        import asyncio
+
+        self.ns.clear()
+        with contextlib.suppress(Exception):
+            for task in asyncio.all_tasks(self.loop):
+                task.cancel()
+        with contextlib.suppress(Exception):
+            self.loop.close()
+        self.out = self.err = None  # type: ignore[assignment]
 
     # output -------------------------------------------------------------------------
 

@@ -306,6 +306,7 @@ def build_namespace(
     extra: dict[str, Any] | None = None,
     file_access: bool = False,
     data_modules: tuple[str, ...] = (),
+    on_data_import: Callable[[str], Any] | None = None,
 ) -> dict[str, Any]:
     """Build a fresh sandbox namespace whose output goes to the given writers.
 
@@ -316,7 +317,8 @@ def build_namespace(
     or deletes one it is restored when the cell ends. Builtins, guards and the import
     hook are installed here; the namespace is inert (its functions refuse to run)
     until ``run_cell`` runs a cell in it. ``file_access`` (the real ``open``) and
-    ``data_modules`` (real numpy/pandas/yaml) are for a confined worker process only.
+    ``data_modules`` (real numpy/pandas/yaml) are for a confined worker process only;
+    ``on_data_import`` is told each time one is imported.
     """
     ns: dict[str, Any] = {}
     state = _CellState(write_stdout, write_stderr)
@@ -337,6 +339,7 @@ def build_namespace(
         tasks=state.tasks,
         cell_loop=lambda: state.loop,
         data_modules=data_modules,
+        on_data_import=on_data_import,
     )
     builtins_dict = make_builtins(ns, importer, file_access=file_access)
     ns["__builtins__"] = builtins_dict

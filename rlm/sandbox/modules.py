@@ -523,12 +523,15 @@ def make_importer(
     tasks: CellTasks | None = None,
     cell_loop: Callable[[], asyncio.AbstractEventLoop | None] = lambda: None,
     data_modules: Iterable[str] = (),
+    on_data_import: Callable[[str], Any] | None = None,
 ) -> Callable[..., Any]:
     """The ``__import__`` of one namespace: allowed modules as facades, the rest refused.
 
     ``sleep`` (a deadline-aware wait) and ``write_stdout`` (the namespace's output) are
     what the per-namespace facades of time and pprint need from the namespace; ``tasks``
     (cancelled when a cell ends) and ``cell_loop`` (the loop cells run on) are asyncio's.
+    ``on_data_import`` is told the name of each data library handed out (their global
+    settings are process-wide, so a worker that gave one out is not lent again).
     """
     cell_tasks = tasks if tasks is not None else CellTasks()
     real_modules = frozenset(data_modules) & frozenset(DATA_MODULES)
@@ -558,6 +561,8 @@ def make_importer(
             raise _import_refusal(repr(name))
         name = exact_str(name)  # judged (and imported) by its real characters
         if name.split(".")[0] in real_modules:
+            if on_data_import is not None:
+                on_data_import(name)
             module = importlib.import_module(name if fromlist else name.split(".")[0])
             return DataModuleView(module)
         if name not in ALLOWED_MODULES:

@@ -101,6 +101,7 @@ from rlm.sandbox.flow import SubQueryGate, max_frame_bytes
 from rlm.sandbox.local import _short, _wrap_tools
 from rlm.sandbox.plaindata import PlainDataError, to_plain_data
 from rlm.sandbox.subqueries import LLMQueryError, check_subquery_params, check_subquery_prompt
+from rlm.sandbox.worker_pool import WorkerPool
 
 __all__ = [
     "PROTECTION_KEYS",
@@ -484,6 +485,15 @@ class _Resources:
             _close_transport(transport)
         return status
 
+    def disown(self, pid: int) -> tuple[int, int | None, _Zygote, asyncio.BaseTransport] | None:
+        """Hand worker ``pid`` over (to a pool) instead of killing it on release."""
+        with self.lock:
+            if pid != self.pid or self.zygote is None or self.transport is None:
+                return None
+            handed = (pid, self.uid, self.zygote, self.transport)
+            self.pid = self.transport = None
+            return handed
+
     def release(self) -> None:
         with self.lock:
             self.closed = True
@@ -529,7 +539,7 @@ class _Link:
     ) -> None:
         # Weak, so a running reader task does not keep an abandoned executor alive (its
         # finalizer then kills the worker).
-        self.executor = weakref.ref(executor)
+        self.executor: Callable[[], ProcessExecutor | None] = weakref.ref(executor)
         self.max_output_chars = executor.max_output_chars
         self.max_frame = max_frame_bytes(executor._sub_queries.limits)
         self.pulls: dict[Any, asyncio.Future[list[Any]]] = {}
@@ -544,6 +554,18 @@ class _Link:
         self.timed_out = False
         self.lost: _WorkerLost | None = None
         self.read_task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    def bind(self, executor: ProcessExecutor | None) -> None:
+        """Route this worker's requests to ``executor`` (None while it waits in a pool)."""
+        if executor is None:
+            self.executor = lambda: None
+            return
+        self.executor = weakref.ref(executor)
+        self.max_output_chars = executor.max_output_chars
+        self.max_frame = max_frame_bytes(executor._sub_queries.limits)
+        self.partial = {"stdout": [], "stderr": []}
+        self.partial_len = 0
+        self.timed_out = False
 
     def send(self, msg: dict[str, Any]) -> None:
         if not self.dead:
@@ -655,13 +677,101 @@ class _Link:
                 self.partial[stream].append(text[:room])
                 self.partial_len += min(len(text), room)
             return True
-        if op in ("result", "value", "raw_result", "ready"):
+        if op in ("result", "value", "raw_result", "ready", "clean"):
             fut = self.reply
             # A reply nobody waits for any more (its command was cancelled) is dropped.
             if fut is not None and not fut.done():
                 fut.set_result(msg)
             return True
         return False
+
+
+# -- warm workers ----------------------------------------------------------------------
+
+_RESET_TIMEOUT_S = 10.0
+# Recycling tasks in flight (a task nobody references may be collected mid-way).
+_recycling: set[asyncio.Task[None]] = set()
+
+
+class _WarmWorker:
+    """A reset worker waiting in a ``WorkerPool``: its channel and what kills it."""
+
+    def __init__(
+        self, link: _Link, pid: int, uid: int | None, zygote: _Zygote,
+        transport: asyncio.BaseTransport,
+    ) -> None:
+        self.link, self.pid, self.uid, self.zygote, self.transport = link, pid, uid, zygote, transport
+        self._lock = threading.Lock()
+        self._gone = False
+
+    @property
+    def alive(self) -> bool:
+        return not self._gone and not self.link.dead
+
+    def hand_over(self) -> None:
+        """An executor owns it now (and kills it when done): ``discard`` does nothing more."""
+        with self._lock:
+            self._gone = True
+
+    def discard(self) -> None:
+        """Kill it now; reap it (a blocking zygote request) off the caller's thread."""
+        with self._lock:
+            if self._gone:
+                return
+            self._gone = True
+        self.link.dead = True
+        _kill_group(self.pid)
+        _close_transport(self.transport)
+        with contextlib.suppress(RuntimeError):  # interpreter exit: the zygote reaps all
+            _host_pool().submit(self.zygote.reap, self.pid)
+
+
+async def _recycle(pool: WorkerPool, key: Any, warm: _WarmWorker, uses: int) -> None:
+    """Reset a closed REPL's worker and give it to ``pool``, or kill it."""
+    try:
+        reply = await warm.link.command({"op": "reset"}, _RESET_TIMEOUT_S)
+    except (TimeoutError, _WorkerLost, ConnectionError, OSError):
+        reply = {}
+    if reply.get("op") != "clean" or reply.get("ok") is not True:
+        pool.note_refused()
+        warm.discard()
+        return
+    if pool.give(key, warm, uses):
+        # Weakly: a timer must not keep a dropped pool (and so its workers) alive.
+        asyncio.get_running_loop().call_later(pool.idle_s + 0.5, _expire, weakref.ref(pool))
+
+
+def _expire(pool_ref: weakref.ref[WorkerPool]) -> None:
+    pool = pool_ref()
+    if pool is not None:
+        pool.expire()
+
+
+def _schedule_recycle(pool: WorkerPool, key: Any, warm: _WarmWorker, uses: int) -> None:
+    loop = warm.link.read_task.get_loop()
+    if loop.is_closed():
+        warm.discard()
+        return
+
+    def start() -> None:
+        task = loop.create_task(_recycle(pool, key, warm, uses))
+        _recycling.add(task)
+        task.add_done_callback(_recycling.discard)
+
+    try:
+        if loop is _running_loop():
+            start()
+        else:
+            loop.call_soon_threadsafe(start)
+    except RuntimeError:  # the loop is closed: nothing will reuse it
+        warm.discard()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 # -- the executor ----------------------------------------------------------------------
@@ -682,9 +792,13 @@ class ProcessExecutor:
     ``memory_limit_mb`` caps the worker's address space (the context lives there too:
     leave room for about twice its size), ``cpu_limit_s`` caps the CPU time of each cell
     (None: only the wall timeout), ``file_limit_mb`` the size of any file it writes in
-    its working directory, ``disk_limit_mb`` all its files together. A cell that kills its worker (timeout, a limit, a crash) gets
-    an error saying so; the next cell starts a fresh worker with the context, tools and
-    setup code loaded again.
+    its working directory, ``disk_limit_mb`` all its files together. A cell that kills
+    its worker (timeout, a limit, a crash) gets an error saying so; the next cell starts
+    a fresh worker with the context, tools and setup code loaded again.
+
+    ``worker_pool`` (an ``rlm.sandbox.worker_pool.WorkerPool``): borrow a reset worker
+    with the same limits from it instead of starting one, and on ``close()`` give the
+    worker back (it resets first: see that module for what is and is not carried).
     """
 
     def __init__(
@@ -702,6 +816,7 @@ class ProcessExecutor:
         max_open_files: int = 64,
         max_processes: int = 8,
         start_timeout: float = 60.0,
+        worker_pool: WorkerPool | None = None,
         _allow_raw: bool = False,
     ) -> None:
         if not process_sandbox_available():
@@ -732,6 +847,10 @@ class ProcessExecutor:
         self._max_processes = max_processes
         self._start_timeout = start_timeout
         self._allow_raw = _allow_raw
+        if worker_pool is not None and not isinstance(worker_pool, WorkerPool):
+            raise ConfigError("worker_pool must be an rlm.sandbox.worker_pool.WorkerPool or None")
+        self._pool = worker_pool
+        self._uses = 0  # REPLs the current worker has served, this one included
         self._res = _Resources()
         self._finalizer = weakref.finalize(self, _Resources.release, self._res)
         _live.add(self)
@@ -822,7 +941,13 @@ class ProcessExecutor:
         if self._closed:
             return
         self._closed = True
-        self._link = None
+        link, self._link = self._link, None
+        if self._pool is not None and link is not None and self._reusable(link):
+            handed = self._res.disown(link.pid)
+            if handed is not None:
+                link.bind(None)
+                _schedule_recycle(self._pool, self._pool_key(), _WarmWorker(link, *handed),
+                                  self._uses)
         self._finalizer()
         restart, self._restart = self._restart, None
         if restart is not None:
@@ -919,21 +1044,68 @@ class ProcessExecutor:
             await self._bury(link)
         return await self._spawn()
 
-    async def _spawn(self) -> _Link:
-        if self._closed:
-            raise EnvClosedError("this REPL environment is closed; create a new one")
-        loop = asyncio.get_running_loop()
-        kind, total, chunks = _encode_context(self._context)
-        zygote = await loop.run_in_executor(_host_pool(), _get_zygote)
-        self._plan = zygote.plan
-        self._res.check_open()
-        spec = {
+    def _spec(self) -> dict[str, Any]:
+        """The limits a worker fixes for its whole life (and so what a pooled one must match)."""
+        return {
             "disk_bytes": self._disk_limit_mb << 20,
             "as_bytes": None if self.memory_limit_mb is None else self.memory_limit_mb << 20,
             "fsize_bytes": self._file_limit_mb << 20,
             "nofile": self._max_open_files,
             "nproc": self._max_processes,
         }
+
+    def _pool_key(self) -> Any:
+        return tuple(sorted(self._spec().items()))
+
+    def _reusable(self, link: _Link) -> bool:
+        """Whether ``link``'s worker is idle and whole: no command or request in flight."""
+        busy = self._lock is not None and self._lock.locked()
+        return not (busy or link.dead or link.timed_out or link.reply is not None or link.tasks
+                    or link.pulls)
+
+    async def _spawn(self) -> _Link:
+        if self._closed:
+            raise EnvClosedError("this REPL environment is closed; create a new one")
+        if self._pool is not None:
+            while True:
+                taken = self._pool.take(self._pool_key())
+                if taken is None:
+                    self._pool.note_started()
+                    break
+                warm, uses = taken
+                assert isinstance(warm, _WarmWorker)
+                try:
+                    return await self._load_warm(warm, uses)
+                except SandboxError:
+                    continue  # it died while idle or failed to load (and is buried): next
+        self._uses = 1
+        return await self._start_fresh()
+
+    async def _load_warm(self, warm: _WarmWorker, uses: int) -> _Link:
+        """Adopt a pooled worker and load this REPL into it."""
+        try:
+            self._res.check_open()
+        except EnvClosedError:
+            warm.discard()
+            raise
+        try:
+            self._res.adopt(warm.pid, warm.uid, warm.zygote)  # closed meanwhile: killed, reaped
+        finally:
+            warm.hand_over()
+        self._res.attach(warm.transport)
+        self._plan = warm.zygote.plan
+        link = warm.link
+        link.bind(self)
+        self._link = link
+        self._uses = uses + 1
+        return await self._load(link)
+
+    async def _start_fresh(self) -> _Link:
+        loop = asyncio.get_running_loop()
+        zygote = await loop.run_in_executor(_host_pool(), _get_zygote)
+        self._plan = zygote.plan
+        self._res.check_open()
+        spec = self._spec()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             pid, uid = await loop.run_in_executor(_host_pool(), zygote.spawn, spec, theirs)
@@ -946,6 +1118,12 @@ class ProcessExecutor:
         reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
         self._res.attach(writer.transport)
         link = self._link = _Link(self, pid, reader, writer)
+        return await self._load(link)
+
+    async def _load(self, link: _Link) -> _Link:
+        """Send the REPL (context, tools, setup code, caps) to ``link``'s worker; wait ready."""
+        writer = link.writer
+        kind, total, chunks = _encode_context(self._context)
         init = {
             "op": "init",
             "context_kind": kind,

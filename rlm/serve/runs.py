@@ -115,6 +115,8 @@ class QueryRunner:
             max_time_s=s.max_time_s,
             log_dir=s.log_dir,
             on_event=on_event,
+            # Requests come from different callers: a fresh worker process for each run.
+            reuse_workers=False,
         )
 
     async def run(
