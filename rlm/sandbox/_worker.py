@@ -1247,7 +1247,9 @@ class _Session:
         """Drop everything this REPL made: its namespace, loop and output."""
         import asyncio
 
-        self.ns.clear()
+        from rlm.sandbox import cells
+
+        cells.release_namespace(self.ns)
         with contextlib.suppress(Exception):
             for task in asyncio.all_tasks(self.loop):
                 task.cancel()

@@ -413,6 +413,18 @@ def final_value(answer: Any) -> Any:
     return exact_str(str(answer))
 
 
+def release_namespace(ns: dict[str, Any]) -> None:
+    """Drop everything a namespace holds: its variables and the host values it was given
+    (the context among them). A namespace sits in reference cycles (its functions point
+    back at it), so without this they would live until the cyclic collector ran."""
+    state = ns.get(_STATE)
+    if isinstance(state, _CellState):
+        state.reserved = {}
+        state.sources = {}
+        state.final = None
+    ns.clear()
+
+
 def _restore_reserved(ns: dict[str, Any]) -> list[str]:
     state: _CellState = ns[_STATE]
     restored = []

@@ -39,6 +39,7 @@ from rlm.sandbox.cells import (
     OutputBuffer,
     build_namespace,
     format_user_error,
+    release_namespace,
     run_cell,
     take_final,
     wait_for_future,
@@ -216,10 +217,13 @@ class LocalExecutor:
         if worker is not None:
             worker.jobs.put(None)
             worker.thread.join(timeout=self.grace_s)
+        # The context goes now, not when a collection finds this executor's cycles: a job
+        # of thousands of runs must not hold contexts until the collector runs.
+        self._context = None
         ns, self._ns = self._ns, None
         if ns is not None and (worker is None or not worker.thread.is_alive()):
             # Release the context and user objects now rather than at garbage collection.
-            ns.clear()
+            release_namespace(ns)
 
     def _check_open(self) -> None:
         if self._closed:

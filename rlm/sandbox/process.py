@@ -941,6 +941,8 @@ class ProcessExecutor:
         if self._closed:
             return
         self._closed = True
+        # Released now, not when a collection finds this executor's cycles.
+        self._context = None
         link, self._link = self._link, None
         if self._pool is not None and link is not None and self._reusable(link):
             handed = self._res.disown(link.pid)
