@@ -150,3 +150,23 @@ def test_ray_workers_share_the_cache_directory(cluster: None, tmp_path: Path) ->
     answers = {r["id"]: r["answer"] for r in lines_of(tmp_path / "second.jsonl")}
     assert answers == {r["id"]: r["answer"] for r in lines_of(tmp_path / "first.jsonl")}
     assert answers == {f"t{i}": f"WORD{i}" for i in range(12)}
+
+
+def test_the_job_deadline_stops_running_tasks_on_ray_workers(cluster: None, tmp_path: Path) -> None:
+    # Each task would take 20 turns of ~1 s and never answer; at the job's deadline the
+    # tasks running on the workers stop at their next call and their lines come back.
+    slow = "```repl\nprint(llm_query_batch(['ECHO a', 'ECHO b']))\n```"
+    out = tmp_path / "out.jsonl"
+    with FakeLLMServer(scripts={ROOT: [slow]}, latency=0.5) as srv:
+        rlm = RLM(model=ROOT, recursive_model="sub-model", base_url=srv.url, api_key="k",
+                  sandbox="local")
+        try:
+            summary = rlm.run_job(tasks(16), out, concurrency=4, progress=False, backend="ray",
+                                  ray_chunk_size=2, max_time_s=8)
+        finally:
+            rlm.close()
+    records = lines_of(out)
+    assert summary.exit_code == 1 and "job max_time_s=8 reached" in (summary.stopped or "")
+    assert 1 <= len(records) <= 4 and summary.not_run == 16 - len(records)
+    assert all(r["stopped_reason"] == "budget" for r in records)
+    assert all("job max_time_s=8 reached" in r["error"] for r in records)

@@ -36,6 +36,7 @@ import asyncio
 import collections
 import itertools
 import math
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -84,16 +85,19 @@ def _actor_classes() -> tuple[Any, Any]:
         """One worker process of a job: one RLM, many concurrent tasks."""
 
         def __init__(self, settings: dict[str, Any], ledger: Any, concurrency: int,
-                     schema: Any, time_left_s: float | None) -> None:
+                     schema: Any, max_time_s: float | None, time_left_s: float | None) -> None:
             from rlm.core import RLM
 
             self.rlm = RLM(**settings)
             self.ledger = ledger
             # The job's deadline, binding every call of this worker's runs.
             self.deadline: BudgetLedger | None = None
-            if time_left_s is not None:
-                self.deadline = BudgetLedger(max_time_s=max(time_left_s, 0.001), name="job")
+            if max_time_s is not None and time_left_s is not None:
+                self.deadline = BudgetLedger(max_time_s=max_time_s, name="job")
+                # The job started earlier, on the driver: what is left of it is what binds.
+                self.deadline.deadline = time.monotonic() + time_left_s
             self.concurrency = max(1, concurrency)
+            self.gate = asyncio.Semaphore(self.concurrency)
             self.schema = schema
 
         def ready(self) -> bool:
@@ -102,25 +106,30 @@ def _actor_classes() -> tuple[Any, Any]:
         async def run_chunk(self, tasks: list[Task]) -> Any:
             from rlm.jobs.local import run_one
 
-            pending = collections.deque(tasks)
-            running: set[asyncio.Task[dict[str, Any]]] = set()
-            stopped = False
-            while pending or running:
-                while pending and not stopped and len(running) < self.concurrency:
+            async def one(task: Task) -> dict[str, Any] | None:
+                # The driver keeps two chunks in flight per worker: one gate for both
+                # keeps the worker at its share of the job's concurrency.
+                async with self.gate:
                     if await self.ledger.stop_reason.remote() is not None:
-                        stopped = True
-                        break
-                    running.add(asyncio.ensure_future(
-                        run_one(self.rlm, pending.popleft(), self.concurrency, self.schema,
-                                self.deadline)))
-                if not running:
-                    break
-                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for finished in done:
-                    record = finished.result()
-                    self.ledger.charge.remote(float(record.get("cost_usd") or 0.0),
-                                              int(record.get("tokens") or 0))
-                    yield record
+                        return None  # a job cap was reached: the task is left to a re-run
+                    return await run_one(self.rlm, task, self.concurrency, self.schema,
+                                         self.deadline)
+
+            running = {asyncio.ensure_future(one(task)) for task in tasks}
+            try:
+                while running:
+                    done, running = await asyncio.wait(running,
+                                                       return_when=asyncio.FIRST_COMPLETED)
+                    for finished in done:
+                        record = finished.result()
+                        if record is None:
+                            continue
+                        self.ledger.charge.remote(float(record.get("cost_usd") or 0.0),
+                                                  int(record.get("tokens") or 0))
+                        yield record
+            finally:
+                for task in running:
+                    task.cancel()
 
     return JobLedger, JobWorker
 
@@ -190,7 +199,7 @@ async def run_tasks_on_ray(
 
     def new_worker() -> Any:
         actor = worker_cls.options(name=f"{prefix}{next(names)}", namespace="rlm").remote(
-            settings, ledger, per_worker, schema, budget.remaining_time())
+            settings, ledger, per_worker, schema, budget.max_time_s, budget.remaining_time())
         actors.append(actor)
         return actor
 
