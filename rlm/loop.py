@@ -154,6 +154,13 @@ async def _run_hooks() -> None:
             pass
     # Let transports finish closing their sockets before the loop goes away.
     await asyncio.sleep(0)
+    # Whatever still runs (a worker channel's reader, a lag probe) is cancelled and
+    # given a moment to end, rather than destroyed pending with a warning at exit.
+    rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in rest:
+        task.cancel()
+    if rest:
+        await asyncio.wait(rest, timeout=1.0)
 
 
 def shutdown(timeout: float = 5.0) -> None:

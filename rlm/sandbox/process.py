@@ -689,7 +689,8 @@ class _Link:
 # -- warm workers ----------------------------------------------------------------------
 
 _RESET_TIMEOUT_S = 10.0
-# Recycling tasks in flight (a task nobody references may be collected mid-way).
+# Recycling tasks and ending channel readers (a task nobody references may be
+# collected mid-way).
 _recycling: set[asyncio.Task[None]] = set()
 
 
@@ -722,6 +723,7 @@ class _WarmWorker:
         self.link.dead = True
         _kill_group(self.pid)
         _close_transport(self.transport)
+        _finish_reader(self.link.read_task)
         with contextlib.suppress(RuntimeError):  # interpreter exit: the zygote reaps all
             _host_pool().submit(self.zygote.reap, self.pid)
 
@@ -765,6 +767,23 @@ def _schedule_recycle(pool: WorkerPool, key: Any, warm: _WarmWorker, uses: int) 
             loop.call_soon_threadsafe(start)
     except RuntimeError:  # the loop is closed: nothing will reuse it
         warm.discard()
+
+
+def _finish_reader(task: asyncio.Task[None]) -> None:
+    """Cancel a discarded worker's channel reader and hold it until it has ended.
+
+    Its stream protocol refers to the reader only weakly, so once nothing else holds
+    the link the pending reader would be collected mid-wait (a warning at best).
+    """
+    loop = task.get_loop()
+
+    def finish() -> None:
+        _recycling.add(task)
+        task.add_done_callback(_recycling.discard)
+        task.cancel()
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nothing runs any more
+        loop.call_soon_threadsafe(finish)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
