@@ -344,7 +344,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     tasks = load_tasks(args.dir or args.tasks, query=args.query, fmt=args.context_format,
                        encoding=_check_encoding(args.encoding))
     rlm = _build_rlm(args, RLM, budget_prefix="task_", verbose=False,
-                     max_concurrency=max(64, args.concurrency * 4), **_cache_options(args))
+                     max_concurrency=max(64, args.concurrency * 4),
+                     reuse_workers=not args.fresh_workers, **_cache_options(args))
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         summary = rlm.run_job(
@@ -787,6 +788,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a JSON Schema each answer must match; each line gets 'output', "
                             "the validated JSON (default: free-text answers)")
     batch.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    batch.add_argument("--fresh-workers", action="store_true",
+                       help="a new sandbox worker process for every task (default: a finished "
+                            "task's worker is reset and reused; see the README's security model)")
     _add_cache_options(batch)
     batch.set_defaults(func=cmd_batch)
 

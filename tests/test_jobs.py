@@ -526,3 +526,21 @@ def test_batch_cache_before_the_tasks_file_is_a_usage_error(tmp_path: Path, srv:
     )
     assert result.returncode == 2
     assert "put the tasks file before --cache" in result.stderr
+
+
+# -- sandbox workers ---------------------------------------------------------------------
+
+
+def test_batch_in_the_process_sandbox_with_warm_and_with_fresh_workers(tmp_path: Path) -> None:
+    # Each task's first cell looks for the variable every task sets: with warm workers
+    # a task's REPL must still start without the one an earlier task left.
+    turns = ["```repl\nleaked = 'mine' in dir()\nmine = context\nprint(leaked)\n```",
+             "```repl\nFINAL(context.split()[0].upper() + ('-LEAK' if leaked else ''))\n```"]
+    tasks_file = tmp_path / "tasks.jsonl"
+    write_tasks(tasks_file, 6)
+    with FakeLLMServer(scripts={ROOT: turns}) as server:
+        for flags, out in (([], "warm.jsonl"), (["--fresh-workers"], "fresh.jsonl")):
+            result = run_cli(server, str(tasks_file), "--out", str(tmp_path / out), "--sandbox",
+                             "process", "--concurrency", "2", "--sorted", *flags)
+            assert result.returncode == 0, result.stderr
+            assert [r["answer"] for r in lines_of(tmp_path / out)] == [f"WORD{i}" for i in range(6)]
