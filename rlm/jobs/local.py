@@ -49,6 +49,10 @@ class _Reclaimer:
     def released(self, context: Any, concurrency: int, held_before: int = 0) -> None:
         """A run over ``context`` ended; ``held_before`` is ``sys.getrefcount(context)``
         taken by the caller before the run (0: unknown, count it)."""
+        if held_before > _EXCLUSIVE:
+            # Held elsewhere too (the caller's task list, other tasks sharing it): a
+            # collection could not free it, so it is not watched.
+            return
         # This frame's parameter is one more reference than the caller had before.
         if held_before and sys.getrefcount(context) <= held_before + 1:
             return
@@ -61,6 +65,9 @@ class _Reclaimer:
         gc.collect()
 
 
+# References to a context only its own task holds, as sys.getrefcount counts them in
+# run_one: its variable, the call's argument and the task's inline copy.
+_EXCLUSIVE = 3
 _reclaimer = _Reclaimer()
 
 
