@@ -80,6 +80,8 @@ def test_a_reused_worker_carries_no_variable_file_or_facade_state(pool: WorkerPo
         fresh.close()
 
     a = _executor(pool, context="context of A")
+    a_protections = a.protections
+    assert a_protections["wall_timeout_kill"] is True
     assert a._run_raw("import rlm.sandbox._worker as w\nw.pool_test_mark = 'A'\nresult = 1").value == 1
     cell = (
         "secret = 'A-secret-4242'\n"
@@ -105,6 +107,7 @@ def test_a_reused_worker_carries_no_variable_file_or_facade_state(pool: WorkerPo
     try:
         assert pool.stats()["reused"] == 1
         assert b._run_raw(MARK).value == "A"  # the very same worker process
+        assert b.protections == a_protections  # every OS protection still reported
         assert _names(b) == baseline
         out = b.execute(
             "import csv, random\n"
