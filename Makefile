@@ -48,6 +48,8 @@ bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/e2e.py
 	$(BIN)/python benchmarks/vs_rlms.py
 	$(BIN)/python benchmarks/structured.py
+	$(BIN)/python benchmarks/many_tasks.py
+	$(BIN)/python benchmarks/worker_pool.py
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check rlm tests benchmarks test_true_async.py

@@ -180,6 +180,23 @@ class _KeyMaker:
 
 
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False)
+# Batches whose message texts add up to less than this are keyed on the engine loop.
+_INLINE_KEY_CHARS = 64 * 1024
+
+
+def _text_size(bodies: Sequence[Mapping[str, Any]]) -> int:
+    """About how many characters keying ``bodies`` hashes (stops counting past the cap)."""
+    total = 0
+    for body in bodies:
+        messages = body.get("messages")
+        if not isinstance(messages, list | tuple):
+            return _INLINE_KEY_CHARS + 1
+        for message in messages:
+            content = message.get("content") if isinstance(message, Mapping) else None
+            total += len(content) if isinstance(content, str) else 4096
+        if total > _INLINE_KEY_CHARS:
+            break
+    return total
 
 
 def _canonical(value: Any) -> bytes:
@@ -678,7 +695,9 @@ class RequestCache:
         of them at once. Replies received but not yet committed count as known too.
         """
         store = self.store if self.read else None
-        if store is None and len(bodies) <= 1:
+        if store is None and (len(bodies) <= 1 or _text_size(bodies) <= _INLINE_KEY_CHARS):
+            # Nothing to look up and little to hash: a trip to the cache thread would
+            # cost more than the hashing.
             make = _KeyMaker(base_url).key
             keys = [make(b) for b in bodies]
             found: dict[str, ReplyLike] = {}
