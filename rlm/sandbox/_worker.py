@@ -983,6 +983,13 @@ class _Worker:
         for _op, future in pending:
             future.cancel()
         gc.collect()
+        # A CPU limit is set per cell from the REPL's cpu_limit_s; the next REPL may have
+        # none, so none may be left in force.
+        import resource
+
+        with contextlib.suppress(OSError, ValueError):
+            hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+            resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
         if not problems:
             problems.extend(self._wipe_root())
         extra_threads = [t.name for t in threading.enumerate()

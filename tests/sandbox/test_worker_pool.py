@@ -304,3 +304,20 @@ def test_idle_workers_expire_and_a_dropped_pool_kills_its_own() -> None:
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not _alive(pid)
+
+
+def test_a_cpu_limit_of_one_repl_does_not_follow_its_worker_to_the_next(pool: WorkerPool) -> None:
+    a = _executor(pool, cpu_limit_s=1)
+    assert a.execute("x = 1", 10).error is None
+    a.close()
+    assert _wait_idle(pool)["idle"] == 1
+    b = _executor(pool)  # no cpu_limit_s
+    try:
+        assert pool.stats()["reused"] == 1
+        soft = b._run_raw("import resource\nresult = resource.getrlimit(resource.RLIMIT_CPU)[0]").value
+        assert soft == -1  # RLIM_INFINITY: nothing left from A's per-cell limit
+        # and a cell that runs longer than A's one second of CPU is not killed
+        out = b.execute("n = 0\nfor i in range(30_000_000):\n    n += i\nprint(n > 0)", 60)
+        assert out.error is None and out.stdout == "True\n", out.error
+    finally:
+        b.close()
