@@ -983,6 +983,12 @@ class _Worker:
         for _op, future in pending:
             future.cancel()
         gc.collect()
+        # decimal's context belongs to the thread cells run on (this one), and a cell may
+        # change it (getcontext().prec = 3): the next REPL starts from the default, which
+        # cells cannot change.
+        import decimal
+
+        decimal.setcontext(decimal.Context())
         # A CPU limit is set per cell from the REPL's cpu_limit_s; the next REPL may have
         # none, so none may be left in force.
         import resource

@@ -87,8 +87,10 @@ def test_a_reused_worker_carries_no_variable_file_or_facade_state(pool: WorkerPo
         "secret = 'A-secret-4242'\n"
         "def helper():\n    return secret\n"
         "class Kept:\n    pass\n"
-        "import csv, random, asyncio\n"
+        "import csv, random, asyncio, decimal\n"
         "csv.field_size_limit(5)\n"
+        "decimal.getcontext().prec = 3\n"
+        "decimal.getcontext().traps[decimal.Inexact] = True\n"
         "random.seed(7)\n"
         "seeded = random.random()\n"
         "async def forever():\n    await asyncio.sleep(3600)\n"
@@ -110,16 +112,18 @@ def test_a_reused_worker_carries_no_variable_file_or_facade_state(pool: WorkerPo
         assert b.protections == a_protections  # every OS protection still reported
         assert _names(b) == baseline
         out = b.execute(
-            "import csv, random\n"
+            "import csv, random, decimal\n"
             "print(csv.field_size_limit())\n"
             "print(context)\n"
             "random.seed(7)\n"
-            "print(random.random())\n",
+            "print(random.random())\n"
+            "print(decimal.Decimal(1) / decimal.Decimal(7))\n",
             10,
         )
         assert out.error is None, out.error
-        limit, context, rnd = out.stdout.splitlines()
+        limit, context, rnd, seventh = out.stdout.splitlines()
         assert limit == "131072" and context == "context of B"
+        assert seventh == "0.1428571428571428571428571429"  # default precision, no trap
         assert rnd + "\n" == fresh_random  # a per-REPL generator, as in a fresh worker
         assert "A-secret" not in out.stdout
         gone = b.execute("print(secret)", 10)
