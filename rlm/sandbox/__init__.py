@@ -6,8 +6,9 @@ RestrictedPython plus our rules; ``guards`` are the run-time attribute guards;
 make up what a namespace can reach; ``cells`` builds the namespace, runs a cell with
 its deadline and output capture and writes the error text; ``subqueries`` checks what
 cell code hands to llm_query. ``local`` runs cells in a worker thread of this process (fast,
-soft limits); ``process`` runs them in a worker process (hard limits from the OS).
-Both implement ``Executor`` below, so ``REPLEnv`` treats them alike and the same code
+soft limits); ``process`` runs them in a worker process (hard limits from the OS), and
+``worker_pool`` keeps reset worker processes to lend to the next REPLs of one owner.
+Both executors implement ``Executor`` below, so ``REPLEnv`` treats them alike and the same code
 behaves the same in both.
 """
 
