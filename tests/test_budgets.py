@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +205,23 @@ def test_closing_a_session_during_an_ask_returns_an_interrupted_result(closing: 
     assert result.trajectory[-1]["type"] == "run_end"
 
 
+@pytest.fixture
+def ctrl_c() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt here, even when the suite was started with SIGINT
+    ignored (a shell's background job), where Python never installs that handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _sigint_as_default() -> None:
+    # In the child, before exec: let the CLI get Ctrl-C even if this suite ignores it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.usefixtures("ctrl_c")
 def test_ctrl_c_in_sync_completion_raises_with_the_recorded_result(closing: list[RLM]) -> None:
     slow = repl("print('started')\nrs = llm_query_batch(['ECHO s%d' % i for i in range(100)])")
     with FakeLLMServer(scripts={ROOT: [slow]}, latency=0.3) as srv:
@@ -239,6 +256,7 @@ def test_rlm_run_interrupted_by_a_signal_writes_run_end_and_exits(
              "--model", ROOT, "--recursive-model", SUB, "--base-url", srv.url, "--api-key", "k",
              "--sandbox", "process", "--log-dir", str(logs)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            preexec_fn=_sigint_as_default,  # noqa: PLW1509 - a signal disposition, no threads touched
         )
         try:
             assert wait_until(lambda: srv.in_flight > 5, 60), "the run never reached its batch"
