@@ -5,6 +5,7 @@ The `closing` fixture that closes what `make_rlm` builds lives in conftest.py.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -56,6 +57,15 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
+    return True
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a zombie counts: it is not reaped yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
     return True
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rlm_support import pid_alive
 
 from rlm import AsyncOpenAIClient
 from rlm.errors import ConfigError, EnvClosedError, SandboxError
@@ -61,14 +62,6 @@ def _works(env: REPLEnv) -> None:
     assert r.stdout.startswith("42 ")
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 def _worker_pid(env: REPLEnv) -> int:
     pid = env.executor._res.pid  # type: ignore[attr-defined]
     assert isinstance(pid, int)
@@ -93,7 +86,7 @@ def test_a_single_long_c_call_is_killed_and_the_repl_restarts(env: REPLEnv) -> N
     assert r.error is not None
     assert "time limit" in r.error and "killed" in r.error
     assert "restarted" in r.error and "variables" in r.error
-    assert _gone(pid)
+    assert not pid_alive(pid)
     with pytest.raises(KeyError):
         env.get("lost")
     _works(env)
@@ -429,7 +422,7 @@ def test_a_closed_env_refuses_work_and_removes_its_directory(make_env: MakeEnv) 
     env.close()
     env.close()
     assert not root.exists()
-    assert _gone(pid)
+    assert not pid_alive(pid)
     with pytest.raises(EnvClosedError):
         env.execute("1")
 
@@ -485,7 +478,7 @@ async def test_a_cancelled_aexecute_kills_the_cell(env: REPLEnv) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert _gone(pid)
+    assert not pid_alive(pid)
     r = await env.aexecute("print(len(context))")
     assert r.stdout.strip() == "19"
 
@@ -611,5 +604,5 @@ def test_interpreter_exit_leaves_no_processes_directories_or_warnings(tmp_path: 
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert all(isinstance(pid, int) and _gone(pid) for pid in seen["pids"])
+    assert all(isinstance(pid, int) and (not pid_alive(pid)) for pid in seen["pids"])
     assert not any(Path(root).exists() for root in seen["roots"])

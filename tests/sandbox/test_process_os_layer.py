@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from rlm_support import pid_alive
 
 from rlm.sandbox import process as process_mod
 from rlm.sandbox._isolation import UID_BASE
@@ -39,14 +40,6 @@ def _root(ex: ProcessExecutor) -> Path:
 
 def _still_works(ex: ProcessExecutor) -> None:
     assert ex._run_raw("result = 6 * 7").value == 42
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_worker_environment_is_empty_even_with_a_secret_in_the_host(
@@ -201,7 +194,7 @@ def test_ignored_signals_do_not_stop_the_kill(raw: ProcessExecutor) -> None:
         timeout=1.0,
     )
     assert got.error is not None and "took too long" in got.error
-    assert pid is not None and not _alive(pid)
+    assert pid is not None and not pid_alive(pid)
     _still_works(raw)
 
 
@@ -219,7 +212,7 @@ def test_a_thread_that_outlives_the_timeout_dies_with_the_worker(raw: ProcessExe
     )
     assert got.error is not None
     # The thread's process is gone, and the next worker starts on a fresh, empty root.
-    assert pid is not None and not _alive(pid)
+    assert pid is not None and not pid_alive(pid)
     _still_works(raw)
     assert not (_root(raw) / "tick").exists()
 

@@ -9,12 +9,12 @@ second, so the second really ran in the first one's process.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from rlm_support import pid_alive, wait_until
 
 from rlm import RLM
 from rlm.sandbox.process import ProcessExecutor
@@ -54,14 +54,6 @@ def _wait_settled(pool: WorkerPool, returned: int, refused: int, timeout: float 
         if (s["returned"] + s["retired"] >= returned and s["refused"] >= refused) or time.monotonic() > deadline:
             return s
         time.sleep(0.02)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _names(ex: ProcessExecutor) -> list[str]:
@@ -181,10 +173,7 @@ def test_a_worker_that_cannot_show_it_is_clean_is_killed_not_lent(pool: WorkerPo
         a.close()
         stats = _wait_settled(pool, returned=0, refused=n)
         assert stats["refused"] == n and stats["idle"] == 0, (payload, stats)
-        deadline = time.monotonic() + 5
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not _alive(pid)
+        assert wait_until(lambda pid=pid: not pid_alive(pid), 5)
     b = _executor(pool)
     try:
         assert b._run_raw(MARK).value is None  # a fresh process
@@ -250,12 +239,9 @@ def test_closing_the_pool_kills_its_idle_workers() -> None:
     assert pid is not None
     ex.close()
     assert _wait_idle(pool)["idle"] == 1
-    assert _alive(pid)
+    assert pid_alive(pid)
     pool.close()
-    deadline = time.monotonic() + 5
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not _alive(pid)
+    assert wait_until(lambda: not pid_alive(pid), 5)
     # Given back after close: killed on arrival.
     ex2 = ProcessExecutor(context="x", worker_pool=pool)
     ex2.start()
@@ -290,9 +276,9 @@ def test_idle_workers_expire_and_a_dropped_pool_kills_its_own() -> None:
     ex.close()
     assert _wait_idle(pool)["idle"] == 1
     deadline = time.monotonic() + 5
-    while (_alive(pid) or pool.stats()["idle"]) and time.monotonic() < deadline:
+    while (pid_alive(pid) or pool.stats()["idle"]) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert pool.stats()["idle"] == 0 and not _alive(pid)
+    assert pool.stats()["idle"] == 0 and not pid_alive(pid)
 
     pool = WorkerPool()
     ex = _executor(pool)
@@ -304,10 +290,7 @@ def test_idle_workers_expire_and_a_dropped_pool_kills_its_own() -> None:
     import gc
 
     gc.collect()
-    deadline = time.monotonic() + 5
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not _alive(pid)
+    assert wait_until(lambda: not pid_alive(pid), 5)
 
 
 def test_a_cpu_limit_of_one_repl_does_not_follow_its_worker_to_the_next(pool: WorkerPool) -> None:
