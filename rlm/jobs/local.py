@@ -43,18 +43,17 @@ class _Reclaimer:
     def __init__(self, floor: int = 32 << 20) -> None:
         self.floor = floor
         self.pending = 0
-        self.in_flight = 0
         self._lock = threading.Lock()
 
-    def released(self, context: Any, concurrency: int, held_before: int = 0) -> None:
+    def released(self, context: Any, concurrency: int, held_before: int) -> None:
         """A run over ``context`` ended; ``held_before`` is ``sys.getrefcount(context)``
-        taken by the caller before the run (0: unknown, count it)."""
+        taken by the caller before the run."""
         if held_before > _EXCLUSIVE:
             # Held elsewhere too (the caller's task list, other tasks sharing it): a
             # collection could not free it, so it is not watched.
             return
         # This frame's parameter is one more reference than the caller had before.
-        if held_before and sys.getrefcount(context) <= held_before + 1:
+        if sys.getrefcount(context) <= held_before + 1:
             return
         size = len(context) if isinstance(context, str | bytes | bytearray) else 1 << 20
         with self._lock:

@@ -1257,18 +1257,13 @@ class _Session:
         self.data_imported = True
 
     def close(self) -> None:
-        """Drop everything this REPL made: its namespace, loop and output."""
-        import asyncio
-
+        """Drop everything this REPL made: its namespace (the context with it) and its
+        cell loop (tasks a cell started were cancelled when that cell ended)."""
         from rlm.sandbox import cells
 
         cells.release_namespace(self.ns)
         with contextlib.suppress(Exception):
-            for task in asyncio.all_tasks(self.loop):
-                task.cancel()
-        with contextlib.suppress(Exception):
             self.loop.close()
-        self.out = self.err = None  # type: ignore[assignment]
 
     # output -------------------------------------------------------------------------
 

@@ -756,9 +756,7 @@ def _schedule_recycle(pool: WorkerPool, key: Any, warm: _WarmWorker, uses: int) 
         return
 
     def start() -> None:
-        task = loop.create_task(_recycle(pool, key, warm, uses))
-        _recycling.add(task)
-        task.add_done_callback(_recycling.discard)
+        _hold(loop.create_task(_recycle(pool, key, warm, uses)))
 
     try:
         if loop is _running_loop():
@@ -767,6 +765,12 @@ def _schedule_recycle(pool: WorkerPool, key: Any, warm: _WarmWorker, uses: int) 
             loop.call_soon_threadsafe(start)
     except RuntimeError:  # the loop is closed: nothing will reuse it
         warm.discard()
+
+
+def _hold(task: asyncio.Task[None]) -> None:
+    """Keep ``task`` referenced until it ends (on its loop's thread)."""
+    _recycling.add(task)
+    task.add_done_callback(_recycling.discard)
 
 
 def _finish_reader(task: asyncio.Task[None]) -> None:
@@ -778,8 +782,7 @@ def _finish_reader(task: asyncio.Task[None]) -> None:
     loop = task.get_loop()
 
     def finish() -> None:
-        _recycling.add(task)
-        task.add_done_callback(_recycling.discard)
+        _hold(task)
         task.cancel()
 
     with contextlib.suppress(RuntimeError):  # the loop is closed: nothing runs any more

@@ -89,10 +89,6 @@ class WorkerPool:
         # A pool dropped without close() still kills its idle workers.
         self._finalizer = weakref.finalize(self, WorkerPool._kill_all, self._idle, self._lock)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def take(self, key: Hashable) -> tuple[PooledWorker, int] | None:
         """An idle worker made for ``key`` and how many REPLs it served, or None."""
         stale: list[PooledWorker] = []
@@ -127,10 +123,9 @@ class WorkerPool:
                 self._counts["retired"] += 1
             else:
                 self._counts["returned"] += 1
-                entries = self._idle.setdefault(key, [])
-                # Drop the ones idle too long, then the oldest beyond the cap.
-                keep = [e for e in entries if now - e.since <= self.idle_s]
-                retire.extend(e.worker for e in entries if now - e.since > self.idle_s)
+                # Drop the ones idle too long or dead, then the oldest beyond the cap.
+                keep, stale = self._split(self._idle.get(key, []), now)
+                retire.extend(stale)
                 keep.append(_Idle(worker, uses))
                 while self._count_idle(key, keep) > self.max_idle:
                     retire.append(keep.pop(0).worker)
@@ -159,8 +154,8 @@ class WorkerPool:
         old: list[PooledWorker] = []
         with self._lock:
             for key, entries in list(self._idle.items()):
-                keep = [e for e in entries if now - e.since <= self.idle_s and e.worker.alive]
-                old.extend(e.worker for e in entries if e not in keep)
+                keep, stale = self._split(entries, now)
+                old.extend(stale)
                 if keep:
                     self._idle[key] = keep
                 else:
@@ -190,6 +185,18 @@ class WorkerPool:
         s = self.stats()
         return (f"WorkerPool(idle={s['idle']}, started={s['started']}, reused={s['reused']}, "
                 f"max_uses={self.max_uses})")
+
+    def _split(self, entries: list[_Idle], now: float) -> tuple[list[_Idle], list[PooledWorker]]:
+        """``entries`` still worth lending, and the workers of the others (idle too long
+        or dead)."""
+        keep: list[_Idle] = []
+        stale: list[PooledWorker] = []
+        for entry in entries:
+            if entry.worker.alive and now - entry.since <= self.idle_s:
+                keep.append(entry)
+            else:
+                stale.append(entry.worker)
+        return keep, stale
 
     def _count_idle(self, key: Hashable, replacing: list[_Idle]) -> int:
         return sum(len(v) for k, v in self._idle.items() if k != key) + len(replacing)
