@@ -9,6 +9,7 @@ second, so the second really ran in the first one's process.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,23 +38,31 @@ def _executor(pool: WorkerPool, context: object = "ctx", **kw: object) -> Proces
     return ex
 
 
-def _wait_idle(pool: WorkerPool, n: int = 1, timeout: float = 10.0) -> dict[str, int]:
+def _wait_idle(pool: WorkerPool, n: int = 1) -> dict[str, int]:
     """Closing hands the worker back asynchronously (it resets first): wait for it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = pool.stats()
-        if stats["idle"] >= n or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.02)
+    wait_until(lambda: pool.stats()["idle"] >= n, 10)
+    return pool.stats()
 
 
-def _wait_settled(pool: WorkerPool, returned: int, refused: int, timeout: float = 10.0) -> dict[str, int]:
-    deadline = time.monotonic() + timeout
-    while True:
+def _wait_settled(pool: WorkerPool, returned: int, refused: int) -> dict[str, int]:
+    """Wait until ``returned`` workers came back (kept or retired) and ``refused`` failed."""
+
+    def settled() -> bool:
         s = pool.stats()
-        if (s["returned"] + s["retired"] >= returned and s["refused"] >= refused) or time.monotonic() > deadline:
-            return s
-        time.sleep(0.02)
+        return s["returned"] + s["retired"] >= returned and s["refused"] >= refused
+
+    wait_until(settled, 10)
+    return pool.stats()
+
+
+def _park_one(pool: WorkerPool) -> int:
+    """Start a REPL on ``pool``, close it and wait until its worker idles there; its pid."""
+    ex = _executor(pool)
+    pid = ex._res.pid
+    assert pid is not None
+    ex.close()
+    assert _wait_idle(pool)["idle"] == 1
+    return pid
 
 
 def _names(ex: ProcessExecutor) -> list[str]:
@@ -234,11 +243,7 @@ def test_a_worker_serves_at_most_max_uses_repls() -> None:
 
 def test_closing_the_pool_kills_its_idle_workers() -> None:
     pool = WorkerPool()
-    ex = _executor(pool)
-    pid = ex._res.pid
-    assert pid is not None
-    ex.close()
-    assert _wait_idle(pool)["idle"] == 1
+    pid = _park_one(pool)
     assert pid_alive(pid)
     pool.close()
     assert wait_until(lambda: not pid_alive(pid), 5)
@@ -270,25 +275,13 @@ def test_rlm_runs_share_warm_workers_and_reuse_workers_false_does_not(tmp_path: 
 
 def test_idle_workers_expire_and_a_dropped_pool_kills_its_own() -> None:
     pool = WorkerPool(idle_s=0.3)
-    ex = _executor(pool)
-    pid = ex._res.pid
-    assert pid is not None
-    ex.close()
-    assert _wait_idle(pool)["idle"] == 1
-    deadline = time.monotonic() + 5
-    while (pid_alive(pid) or pool.stats()["idle"]) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    pid = _park_one(pool)
+    wait_until(lambda: not pid_alive(pid) and not pool.stats()["idle"], 5)
     assert pool.stats()["idle"] == 0 and not pid_alive(pid)
 
-    pool = WorkerPool()
-    ex = _executor(pool)
-    pid = ex._res.pid
-    assert pid is not None
-    ex.close()
-    assert _wait_idle(pool)["idle"] == 1
-    del ex, pool  # never closed
-    import gc
-
+    dropped = WorkerPool()
+    pid = _park_one(dropped)
+    del dropped  # never closed
     gc.collect()
     assert wait_until(lambda: not pid_alive(pid), 5)
 
