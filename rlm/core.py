@@ -917,10 +917,7 @@ class RLM:
             await asyncio.to_thread(self._wait_idle, INTERRUPT_GRACE_S)
         for c in self._owned:
             await c.close()
-        if self._cache is not None:
-            self._cache.close()
-        if self._worker_pool is not None:
-            self._worker_pool.close()
+        self._close_stores()
 
     def close(self) -> None:
         """``aclose`` for sync code."""
@@ -929,6 +926,11 @@ class RLM:
             self._wait_idle(INTERRUPT_GRACE_S)
         for c in self._owned:
             c.close_sync()
+        self._close_stores()
+
+    def _close_stores(self) -> None:
+        # What close and aclose release alike after the clients: the cache and the idle
+        # sandbox workers.
         if self._cache is not None:
             self._cache.close()
         if self._worker_pool is not None:

@@ -371,9 +371,7 @@ class UsageMeter:
         if price:
             cost = (prompt_tokens * price[0] + completion_tokens * price[1]) / 1_000_000
         with self._lock:
-            row = self._models.get(model)
-            if row is None:
-                row = self._models[model] = [0, 0, 0, 0.0, price is not None, 0, 0, 0.0]
+            row = self._row(model, price)
             row[0] += 1
             row[1] += prompt_tokens
             row[2] += completion_tokens
@@ -387,12 +385,18 @@ class UsageMeter:
         if price:
             saved = (prompt_tokens * price[0] + completion_tokens * price[1]) / 1_000_000
         with self._lock:
-            row = self._models.get(model)
-            if row is None:
-                row = self._models[model] = [0, 0, 0, 0.0, price is not None, 0, 0, 0.0]
+            row = self._row(model, price)
             row[5] += calls
             row[6] += prompt_tokens + completion_tokens
             row[7] += saved
+
+    def _row(self, model: str, price: tuple[float, float] | None) -> list[Any]:
+        # calls, prompt, completion, cost, priced, cached calls, saved tokens, saved USD;
+        # the caller holds the lock.
+        row = self._models.get(model)
+        if row is None:
+            row = self._models[model] = [0, 0, 0, 0.0, price is not None, 0, 0, 0.0]
+        return row
 
     def failed(self) -> None:
         """Count one call that failed for good."""
