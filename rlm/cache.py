@@ -179,6 +179,26 @@ class _KeyMaker:
         return digest.hexdigest()
 
 
+def _set_wal(conn: sqlite3.Connection, patience_s: float) -> None:
+    """Put the database in WAL mode, waiting out another process doing the same.
+
+    Changing the journal mode needs the database to itself, and SQLite reports "database
+    is locked" for it at once rather than through the busy handler, so two processes
+    opening a new cache together could fail: retry until ``patience_s`` has passed.
+    """
+    deadline = time.monotonic() + patience_s
+    pause = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
+
+
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False)
 # Batches whose message texts add up to less than this are keyed on the engine loop.
 _INLINE_KEY_CHARS = 64 * 1024
@@ -445,7 +465,7 @@ class SQLiteCache(Cache):
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            _set_wal(conn, self._busy_ms / 1000)
             conn.execute("PRAGMA synchronous = NORMAL")
             with _transaction(conn):
                 for statement in _statements(_SCHEMA):

@@ -225,6 +225,42 @@ WRITER = textwrap.dedent(
 )
 
 
+OPENER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from rlm.cache import CachedReply, SQLiteCache
+    go = Path(sys.argv[2])
+    while not go.exists():
+        time.sleep(0.0005)
+    store = SQLiteCache(Path(sys.argv[1]))
+    store.put_many({sys.argv[3]: CachedReply("t", "m", 1, 1)})
+    store.close()
+    """
+)
+
+
+def test_processes_opening_a_new_cache_at_the_same_moment_all_succeed(tmp_path: Path) -> None:
+    # Switching a new database to WAL needs it to itself, and SQLite refuses that at once
+    # ("database is locked", no busy wait) while another process does the same: without
+    # a retry, some of eight processes starting together failed in most rounds.
+    for round_ in range(8):
+        go = tmp_path / f"go{round_}"
+        where = tmp_path / f"c{round_}"
+        procs = [
+            subprocess.Popen([sys.executable, "-c", OPENER, str(where), str(go), f"k{i}"],
+                             stderr=subprocess.PIPE, text=True)
+            for i in range(8)
+        ]
+        time.sleep(0.5)  # every process is up and polling for the go file
+        go.touch()
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0] * 8, errors
+        store = SQLiteCache(where)
+        assert set(store.get_many([f"k{i}" for i in range(8)])) == {f"k{i}" for i in range(8)}
+        store.close()
+
+
 def test_two_processes_share_one_directory_concurrently(tmp_path: Path) -> None:
     go = tmp_path / "go"
     procs = [
