@@ -1,4 +1,4 @@
-"""The ``rlm`` command: run, batch, demo, view, repl, cache, serve and mcp.
+"""The ``rlm`` command: run, batch, demo, view, repl, cache, serve, mcp and bench.
 
 Exit codes:
 
@@ -18,6 +18,7 @@ view, the progress line, warnings) goes to stderr, so ``rlm run ... > out`` and
 
 ``rlm batch`` exits 0 when every task succeeded, 1 when some failed or were not run, 2
 for bad usage (a duplicate task id too), 130/143 when interrupted (the output stays valid).
+``rlm bench run`` exits the same way, counting (task, length, method, seed) cells.
 """
 
 from __future__ import annotations
@@ -430,6 +431,103 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if outcome.correct or (args.base_url and result.answer) else EXIT_FAILED
 
 
+def cmd_bench_generate(args: argparse.Namespace) -> int:
+    from rlm.bench.generators import generate
+
+    out = _check_output_file("--out", args.out)
+    count = 0
+    with out.open("w", encoding="utf-8") as fh:
+        for task in generate(args.task, args.length, args.n, args.seed):
+            fh.write(json.dumps(task.to_json(), ensure_ascii=False) + "\n")
+            count += 1
+    print(f"wrote {count} {args.task} task(s) of {args.length} tokens to {args.out}",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def _bench_prompt(choice: str, sub_window_chars: int) -> tuple[str | None, str]:
+    """The root system prompt for ``--prompt`` (None: the built-in one) and its label."""
+    from rlm import prompts
+
+    if choice == "default":
+        return None, "default"
+    if choice == "paper":
+        return prompts.paper_system_prompt(sub_window_chars), "paper"
+    path = Path(choice)
+    if not path.is_file():
+        raise UsageError(f"--prompt {choice}: not 'paper', 'default' or a readable file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--prompt {choice}: cannot read it as UTF-8 text ({exc})") from None
+    if not text.strip():
+        raise UsageError(f"--prompt {choice}: the file is empty")
+    return text, f"file {choice}"
+
+
+def _split_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def cmd_bench_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from rlm.bench.runner import BenchPlan, arun_bench
+    from rlm.core import DEFAULT_SUB_WINDOW_CHARS, RLM
+    from rlm.usage import PRICE_HELP
+
+    plan = BenchPlan(tasks=_split_list(args.tasks), lengths=_split_list(args.lengths), n=args.n,
+                     seed=args.seed, methods=_split_list(args.methods))
+    plan.check()
+    _check_log_dir(args.log_dir)
+    system_prompt, prompt_label = _bench_prompt(args.prompt, DEFAULT_SUB_WINDOW_CHARS)
+    rlm = _build_rlm(args, RLM, budget_prefix="task_", verbose=False,
+                     max_concurrency=max(64, args.concurrency * 16), system_prompt=system_prompt,
+                     **_cache_options(args))
+    try:
+        if args.max_cost_usd is not None:
+            # An unpriced model would count as $0 and the cap would never bind.
+            for client, model in ((rlm.client, rlm.model), (rlm.sub_client, rlm.recursive_model)):
+                if client.price(model) is None:
+                    raise UsageError(f"--max-cost-usd needs a price for {model!r}; "
+                                     + PRICE_HELP.format(model=model))
+        summary = asyncio.run(arun_bench(
+            rlm, plan, args.out, concurrency=args.concurrency, max_cost_usd=args.max_cost_usd,
+            max_time_s=args.max_time_s, window=args.window_tokens, rlms_python=args.rlms_python,
+            api_key=_require_key(args.api_key), retry_failed=args.retry_failed,
+            progress=not args.quiet, meta={"prompt": prompt_label},
+        ))
+    except KeyboardInterrupt:
+        print(f"rlm: interrupted; {args.out}/results.jsonl holds every cell that finished "
+              "(re-run to resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        rlm.close()
+    _print_bench_table(args.out)
+    return summary.exit_code
+
+
+def _print_bench_table(out: str) -> None:
+    from rich.console import Console
+
+    from rlm.bench.report import rich_table
+
+    data = json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))
+    Console(soft_wrap=True).print(rich_table(data["rows"], title=f"rlm bench: {out}"))
+    print(f"report: {Path(out) / 'report.html'}", file=sys.stderr)
+
+
+def cmd_bench_score(args: argparse.Namespace) -> int:
+    from rlm.bench.runner import rescore
+
+    directory = Path(args.dir)
+    if not directory.is_dir():
+        raise UsageError(f"{args.dir}: not a directory; give the --out directory of a rlm bench run")
+    rescore(directory)
+    _print_bench_table(args.dir)
+    return EXIT_OK
+
+
 def _read_trajectory(log: str) -> list[dict[str, Any]]:
     from rlm.trajectory import is_trajectory, read_log
 
@@ -725,6 +823,89 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_bench_parser(sub: Any) -> None:
+    from rlm.bench.generators import FAMILIES
+
+    bench = sub.add_parser(
+        "bench", help="measure answer quality and cost: RLM vs a direct call, on generated tasks",
+        description="Generate long-context tasks offline (RULER- and OOLONG-style), run them "
+                    "with this project's RLM, one direct call and the official rlms package, "
+                    "and compare scores and costs.",
+    )
+    bsub = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
+    families = ", ".join(FAMILIES)
+
+    gen = bsub.add_parser("generate", help="write generated tasks as JSONL (rlm batch reads it)",
+                          description="Write N tasks of one family and length to a JSONL file "
+                                      "with id, query, context, expected, task and length.")
+    gen.add_argument("--task", required=True, choices=FAMILIES, metavar="TASK",
+                     help=f"task family: {families}")
+    gen.add_argument("--length", required=True, type=_bench_length,
+                     help="context length in tokens: 8k, 32k, 128k, 1m (k = 1024)")
+    gen.add_argument("--n", type=_positive_int, default=5, help="tasks to write (default: 5)")
+    gen.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
+    gen.add_argument("--out", required=True, help="tasks JSONL to write")
+    gen.set_defaults(func=cmd_bench_generate)
+
+    run = bsub.add_parser(
+        "run", help="run every (task, length, method, seed) cell; resumable",
+        description="Run each task family at each length with each method and write "
+                    "tasks.jsonl, results.jsonl, summary.json and report.html to --out. "
+                    "Re-running the same command skips cells already done. Exit codes: 0 "
+                    "every cell has a result, 1 some failed or were not run (cost cap), 2 "
+                    "usage error, 130 interrupted.",
+    )
+    run.add_argument("--tasks", default="niah,oolong",
+                     help=f"comma-separated task families (default: niah,oolong); of {families}")
+    run.add_argument("--lengths", default="8k,32k",
+                     help="comma-separated context lengths in tokens (default: 8k,32k)")
+    run.add_argument("--n", type=_positive_int, default=5, help="tasks per family and length (default: 5)")
+    run.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
+    run.add_argument("--methods", default="rlm,direct",
+                     help="comma-separated methods (default: rlm,direct); of rlm, direct, rlms")
+    run.add_argument("--out", required=True, help="output directory (created; resumed)")
+    _add_model_flags(run)
+    _add_budget_flags(run, "", "the whole benchmark", tokens=False)
+    _add_budget_flags(run, "task-", "each RLM run", tokens=False)
+    run.add_argument("--concurrency", type=_positive_int, default=4,
+                     help="cells run at once (default: 4)")
+    run.add_argument("--prompt", default="default",
+                     help="root system prompt: default (this project's), paper (written after "
+                          "the RLM paper's), or a text file (default: default)")
+    run.add_argument("--window-tokens", type=_positive_int, default=None,
+                     help="the direct method's context window; longer prompts are recorded as "
+                          "over window (default: the model's known window, else 128000)")
+    run.add_argument("--rlms-python", default=None,
+                     help="python of a virtualenv with the official rlms package, for the rlms "
+                          "method (default: $RLM_BENCH_RLMS_PYTHON)")
+    run.add_argument("--retry-failed", action="store_true", help="run cells whose line has an error again")
+    run.add_argument("--log-dir", default=None, help="write each RLM trajectory as JSONL here (default: no logs)")
+    run.add_argument("--prices", action="append", metavar="FILE.json",
+                     help="model prices file, repeatable (default: the built-in table)")
+    run.add_argument("--price", action="append", metavar="MODEL=IN,OUT",
+                     help="one model's price in USD per 1M input and output tokens, repeatable")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary line")
+    _add_cache_options(run)
+    run.set_defaults(func=cmd_bench_run)
+
+    score = bsub.add_parser("score", help="grade a run's results.jsonl again and rewrite the reports",
+                            description="Re-score every line of DIR/results.jsonl with the current "
+                                        "scorers, then rewrite summary.json and report.html.")
+    score.add_argument("dir", help="the --out directory of a rlm bench run")
+    score.set_defaults(func=cmd_bench_score)
+
+
+def _bench_length(text: str) -> str:
+    from rlm.bench.generators import parse_length
+    from rlm.errors import ConfigError
+
+    try:
+        parse_length(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``rlm`` argument parser (one sub-parser per command)."""
     parser = _Parser(
@@ -863,6 +1044,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cache directory (default: RLM_CACHE_DIR or the per-user cache dir)")
     cache.add_argument("--json", action="store_true", help="info as JSON")
     cache.set_defaults(func=cmd_cache)
+    _add_bench_parser(sub)
     return parser
 
 
