@@ -513,7 +513,9 @@ def _print_bench_table(out: str) -> None:
     from rlm.bench.report import rich_table
 
     data = json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))
-    Console(soft_wrap=True).print(rich_table(data["rows"], title=f"rlm bench: {out}"))
+    # Piped or redirected output gets the width of the whole table, not 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    console.print(rich_table(data["rows"], title=f"rlm bench: {out}"))
     print(f"report: {Path(out) / 'report.html'}", file=sys.stderr)
 
 
@@ -832,7 +834,8 @@ def _add_bench_parser(sub: Any) -> None:
                     "with this project's RLM, one direct call and the official rlms package, "
                     "and compare scores and costs.",
     )
-    bsub = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
+    bsub = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser,
+                                help="generate tasks, run the cells, or score a run again")
     families = ", ".join(FAMILIES)
 
     gen = bsub.add_parser("generate", help="write generated tasks as JSONL (rlm batch reads it)",
@@ -883,7 +886,8 @@ def _add_bench_parser(sub: Any) -> None:
     run.add_argument("--prices", action="append", metavar="FILE.json",
                      help="model prices file, repeatable (default: the built-in table)")
     run.add_argument("--price", action="append", metavar="MODEL=IN,OUT",
-                     help="one model's price in USD per 1M input and output tokens, repeatable")
+                     help="one model's price in USD per 1M input and output tokens, repeatable "
+                          "(default: none)")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary line")
     _add_cache_options(run)
     run.set_defaults(func=cmd_bench_run)
