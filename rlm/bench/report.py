@@ -24,7 +24,8 @@ __all__ = ["plots_svg", "rich_table", "summarize", "write_html", "write_summary"
 # One colour per method, kept across every plot and the table.
 _COLOURS = {"rlm": "#1f6feb", "direct": "#d1242f", "rlms": "#8250df"}
 # Lines that lie on top of each other (equal scores) must stay visible.
-_STYLES = {"rlm": ("o", "-"), "direct": ("s", "--"), "rlms": ("^", ":")}
+_STYLES = {"rlm": ("o", "-", 7, True), "direct": ("s", "--", 11, False),
+           "rlms": ("^", ":", 13, False)}
 
 
 def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -127,9 +128,11 @@ def plots_svg(rows: Sequence[Mapping[str, Any]]) -> str | None:
             for method in dict.fromkeys(r["method"] for r in mine):
                 pts = sorted((r["tokens"], r[key] * (100 if key == "score" else 1))
                              for r in mine if r["method"] == method)
-                marker, line = _STYLES.get(method, ("D", "-."))
+                marker, line, size, filled = _STYLES.get(method, ("D", "-.", 9, False))
+                colour = _COLOURS.get(method)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle=line,
-                        linewidth=2, markersize=7, label=method, color=_COLOURS.get(method))
+                        linewidth=2, markersize=size, label=method, color=colour,
+                        markerfacecolor=colour if filled else "none", markeredgewidth=2)
             ax.set_xscale("log", base=2)
             ax.set_xticks([t for t, _ in ticks], [lab for _, lab in ticks])
             ax.minorticks_off()
@@ -138,7 +141,8 @@ def plots_svg(rows: Sequence[Mapping[str, Any]]) -> str | None:
                 ax.set_ylim(-3, 103)
                 ax.set_title(task)
             else:
-                ax.set_ylim(bottom=0)
+                top = max((r["cost_usd"] for r in mine), default=0.0)
+                ax.set_ylim(0, top * 1.15 if top > 0 else 1.0)
                 ax.set_xlabel("input context length (tokens)")
             if col == 0:
                 ax.set_ylabel(label)
