@@ -44,7 +44,8 @@ class UsageError(Exception):
     """Bad input on the command line: printed, exit code 2."""
 
 
-def _version() -> str:
+def package_version() -> str:
+    """The installed package's version (the source tree's when it was never installed)."""
     from importlib import metadata
 
     try:
@@ -733,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 answer, 1 failed run, 2 bad usage, 3 iteration limit hit "
                "(last-turn answer), 130 interrupted",
     )
-    parser.add_argument("--version", action="version", version=f"rlm {_version()}")
+    parser.add_argument("--version", action="version", version=f"rlm {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser(

@@ -13,6 +13,9 @@ from typing import Any
 from rlm.testing import Fault
 
 ROOT, HANG_ROOT, TYPED_ROOT, SUB = "root", "root-hang", "root-typed", "sub"
+# Roots that never call FINAL in their 20 turns: the last turn replies with code, or
+# with a FINAL written as text.
+LOOP_ROOT, LOOP_FINAL_ROOT = "root-loop", "root-loop-final"
 NEEDLE = "TANGO-4242-LIMA"
 QUERY = "What is the secret passphrase?"
 
@@ -39,11 +42,14 @@ FOUND_SCHEMA = {
     "additionalProperties": False,
 }
 HANG_SCRIPT = ["Waiting.\n```repl\nr = llm_query_batch(['HANG 1', 'HANG 2', 'HANG 3'])\n```"]
+LOOP_CODE = "Still looking.\n```repl\nprint(len(context))\n```"
+LOOP_FINAL_SCRIPT = [LOOP_CODE] * 20 + ["FINAL(my best guess)"]
 
 
 def scripts() -> dict[str, list[str]]:
     """The upstream's root-model scripts, by model name."""
-    return {ROOT: NEEDLE_SCRIPT, HANG_ROOT: HANG_SCRIPT, TYPED_ROOT: TYPED_SCRIPT}
+    return {ROOT: NEEDLE_SCRIPT, HANG_ROOT: HANG_SCRIPT, TYPED_ROOT: TYPED_SCRIPT,
+            LOOP_ROOT: [LOOP_CODE], LOOP_FINAL_ROOT: LOOP_FINAL_SCRIPT}
 
 
 def haystack(lines: int = 3000) -> str:
