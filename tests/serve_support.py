@@ -58,6 +58,11 @@ def haystack(lines: int = 3000) -> str:
     return "\n".join(rows)
 
 
+def needle_messages() -> list[Any]:
+    """A chat whose system message is the haystack and whose user message asks for the needle."""
+    return [{"role": "system", "content": haystack()}, {"role": "user", "content": QUERY}]
+
+
 def sub_model(messages: list[dict[str, Any]]) -> str | Fault:
     text = messages[-1]["content"]
     if text.startswith("HANG"):
@@ -116,3 +121,15 @@ def rlm_server(args: list[str], ready: str) -> Iterator[str]:
         yield server.match.group(1)
     finally:
         assert server.stop() == 0, "".join(server.lines)
+
+
+@contextmanager
+def serve_process(upstream_url: str, key: str, *extra: str) -> Iterator[str]:
+    """``rlm serve`` on a free port with ``key``, over the scripted upstream at
+    ``upstream_url`` (ROOT and SUB), plus ``extra`` flags; yields its base URL."""
+    with rlm_server(
+        ["serve", "--port", "0", "--auth-key", key, "--base-url", upstream_url, "--api-key", "upstream-key",
+         "--model", ROOT, "--recursive-model", SUB, *extra],
+        ready=r"listening on (http://\S+/v1)",
+    ) as url:
+        yield url

@@ -17,10 +17,10 @@ from typing import Any
 import anyio
 import httpx2
 import pytest
+from jsonschema import Draft202012Validator
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from rlm_support import wait_until
-from jsonschema import Draft202012Validator
 from serve_support import (
     FOUND_SCHEMA,
     HANG_ROOT,

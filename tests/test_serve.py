@@ -33,8 +33,9 @@ from serve_support import (
     ROOT,
     SUB,
     TYPED_ROOT,
-    haystack,
+    needle_messages,
     rlm_server,
+    serve_process,
 )
 
 from rlm.testing import FakeLLMServer
@@ -49,13 +50,9 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def serve_url(upstream: FakeLLMServer, allowed: Path, logs: Path) -> Iterator[str]:
-    with rlm_server(
-        ["serve", "--port", "0", "--auth-key", KEY, "--base-url", upstream.url, "--api-key", "upstream-key",
-         "--model", ROOT, "--recursive-model", SUB, "--log-dir", str(logs), "--allow-dir", str(allowed),
-         "--max-body-mb", "0.5", "--max-running", "1", "--max-queue", "0",
-         "--price", f"{ROOT}=100,100", "--price", f"{SUB}=100,100"],
-        ready=r"listening on (http://\S+/v1)",
-    ) as url:
+    with serve_process(upstream.url, KEY, "--log-dir", str(logs), "--allow-dir", str(allowed),
+                       "--max-body-mb", "0.5", "--max-running", "1", "--max-queue", "0",
+                       "--price", f"{ROOT}=100,100", "--price", f"{SUB}=100,100") as url:
         yield url
 
 
@@ -63,10 +60,6 @@ def serve_url(upstream: FakeLLMServer, allowed: Path, logs: Path) -> Iterator[st
 def client(serve_url: str) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=serve_url, api_key=KEY, max_retries=0, timeout=60) as c:
         yield c
-
-
-def needle_messages() -> list[Any]:
-    return [{"role": "system", "content": haystack()}, {"role": "user", "content": QUERY}]
 
 
 def test_needle_answered_through_the_openai_sdk(client: openai.OpenAI, upstream: FakeLLMServer,

@@ -39,6 +39,7 @@ import gc
 import json
 import logging
 import math
+import os
 import secrets
 import signal
 import sys
@@ -592,7 +593,13 @@ async def serve(runner: QueryRunner, options: ServeOptions, on_ready: Callable[[
             loop.add_signal_handler(sig, stop.set)
     try:
         site = web.TCPSite(app_runner, options.host, options.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            # aiohttp words a busy port at length; the OS's own words are enough.
+            reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
+            raise ConfigError(f"cannot listen on {options.host}:{options.port}: {reason}; check --host, "
+                              "or pick another --port (0 picks a free one)") from None
         sockets = app_runner.addresses
         port = sockets[0][1] if sockets else options.port
         host = f"[{options.host}]" if ":" in options.host else options.host
