@@ -22,7 +22,7 @@ from rlm import prompts
 from rlm.cache import open_cache
 from rlm.errors import ConfigError, RunInterrupted
 from rlm.jobs import runner as job_runner
-from rlm.jobs.runner import JobSummary
+from rlm.jobs.runner import JobSummary, JobTasks
 from rlm.llm import AsyncOpenAIClient
 from rlm.repl import REPLEnv, default_sandbox
 from rlm.result import RLMResult
@@ -445,25 +445,80 @@ class RLM:
             if bar is not None:
                 bar.stop()
 
-    def run_job(self, tasks: Any, out: str | Path, **options: Any) -> JobSummary:
+    def run_job(
+        self,
+        tasks: JobTasks,
+        out: str | os.PathLike[str],
+        *,
+        query: str | None = None,
+        fmt: str = "auto",
+        encoding: str = "utf-8",
+        concurrency: int = 8,
+        max_cost_usd: float | None = None,
+        max_tokens: int | None = None,
+        max_time_s: float | None = None,
+        retry_failed: bool = False,
+        sort_output: bool = False,
+        progress: bool = True,
+        backend: str = "local",
+        ray_address: str | None = None,
+        ray_chunk_size: int = 16,
+        ray_workers: int | None = None,
+        schema: Any = None,
+    ) -> JobSummary:
         """Run a many-document job: every task not yet in ``out`` is run and appended to it.
 
-        ``tasks`` is a JSONL or CSV file, a directory of documents (with ``query=``), or
-        an iterable of ``rlm.jobs.Task`` or mappings ``{"id", "query", "context" |
-        "context_path"}``. Each finished task is one fsynced line of ``out``; running
-        the same job again skips ids already there (``retry_failed=True`` re-runs those
-        that ended in error). Options: ``query``, ``fmt``, ``encoding``,
-        ``concurrency`` (8), job caps ``max_cost_usd``/``max_tokens``/``max_time_s``
-        (binding per model call on the local backend), ``schema`` (a typed answer per
-        task, in each line's ``output``), ``sort_output``, ``progress``, ``backend``
-        ("local" or "ray") and ``ray_address``. The sub-query cache is this RLM's
-        ``cache=``. Returns a ``JobSummary``; see the README's "Jobs" section.
+        ``tasks`` is a JSONL or CSV file, a directory of documents (with ``query=``, the
+        query for all of them), or an iterable of ``rlm.jobs.Task`` or mappings
+        ``{"id", "query", "context" | "context_path"}``; ``fmt`` ("auto", "text",
+        "json", "jsonl") and ``encoding`` say how context files are read. Each finished task is one
+        fsynced line of ``out``; running the same job again skips ids already there
+        (``retry_failed=True`` re-runs those that ended in error). ``concurrency``
+        tasks run at once; the job caps ``max_cost_usd``/``max_tokens``/``max_time_s``
+        bind per model call on the local backend. ``schema`` asks for a typed answer
+        per task (in each line's ``output``); ``sort_output`` rewrites ``out`` in input
+        order at the end; ``progress`` shows a bar on stderr. ``backend`` is "local"
+        or "ray" (with ``ray_address``, ``ray_chunk_size`` tasks per chunk and
+        ``ray_workers`` workers). The sub-query cache is this RLM's ``cache=``.
+        Returns a ``JobSummary``; see the README's "Jobs" section.
         """
-        return job_runner.run_job(self, tasks, out, **options)
+        return job_runner.run_job(
+            self, tasks, out, query=query, fmt=fmt, encoding=encoding, concurrency=concurrency,
+            max_cost_usd=max_cost_usd, max_tokens=max_tokens, max_time_s=max_time_s,
+            retry_failed=retry_failed, sort_output=sort_output, progress=progress,
+            backend=backend, ray_address=ray_address, ray_chunk_size=ray_chunk_size,
+            ray_workers=ray_workers, schema=schema,
+        )
 
-    async def arun_job(self, tasks: Any, out: str | Path, **options: Any) -> JobSummary:
+    async def arun_job(
+        self,
+        tasks: JobTasks,
+        out: str | os.PathLike[str],
+        *,
+        query: str | None = None,
+        fmt: str = "auto",
+        encoding: str = "utf-8",
+        concurrency: int = 8,
+        max_cost_usd: float | None = None,
+        max_tokens: int | None = None,
+        max_time_s: float | None = None,
+        retry_failed: bool = False,
+        sort_output: bool = False,
+        progress: bool = True,
+        backend: str = "local",
+        ray_address: str | None = None,
+        ray_chunk_size: int = 16,
+        ray_workers: int | None = None,
+        schema: Any = None,
+    ) -> JobSummary:
         """``run_job`` for async code: the job's tasks run on the caller's event loop."""
-        return await job_runner.arun_job(self, tasks, out, **options)
+        return await job_runner.arun_job(
+            self, tasks, out, query=query, fmt=fmt, encoding=encoding, concurrency=concurrency,
+            max_cost_usd=max_cost_usd, max_tokens=max_tokens, max_time_s=max_time_s,
+            retry_failed=retry_failed, sort_output=sort_output, progress=progress,
+            backend=backend, ray_address=ray_address, ray_chunk_size=ray_chunk_size,
+            ray_workers=ray_workers, schema=schema,
+        )
 
     def load_session(self, path: str | Path, context: Any) -> RLMSession:
         """A session over ``context`` that continues one saved with ``RLMSession.save``:
