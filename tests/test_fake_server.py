@@ -518,7 +518,7 @@ def test_shutdown_leaves_no_pending_tasks_closed_loop_errors_or_resource_warning
         def open_hung_request(server):
             sock = socket.create_connection(("127.0.0.1", server.port))
             body = json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode()
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body) + body)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body) + body)
             return sock
 
         server = FakeLLMServer(latency=5).start()

@@ -1,0 +1,84 @@
+"""FakeLLMServer: a real model server on loopback, for offline tests and benchmarks.
+
+It is the only stand-in in the project: everything talks to it over real sockets, the
+way it would talk to a remote model, and the official SDKs work against it.
+
+What it speaks
+    ``POST /v1/chat/completions`` (JSON, or SSE with ``"stream": true``; a forced
+    ``tool_choice`` function is answered as a ``tool_calls`` message) and
+    ``GET /v1/models[/{id}]``, each also without the ``/v1`` prefix. ``GET /stats`` and
+    ``POST /stats/reset`` read and zero the counters from any process
+    (:func:`fetch_stats`, :func:`reset_stats`). Any other path is a 404 in OpenAI's error
+    shape.
+
+Who answers (:class:`FakeLLMServer` arguments)
+    ``responder(messages)`` answers every request (default :func:`echo_responder`:
+    ``"ECHO x"`` gives ``"x"``); ``scripts={model: [turn, ...]}`` answers a model from a
+    script by assistant-turn count; ``json_responder(messages, response_format)``
+    answers structured requests, and ``response_format=False`` refuses them with a 400.
+    A responder returns a str, a JSON value (sent as JSON text) or a :class:`Fault`.
+    ``reasoning={model: n}`` reports ``n`` reasoning tokens per reply of that model.
+    :func:`random_faults` and :func:`token_bucket` wrap a responder with load-shaped
+    failures.
+
+Faults (:class:`Fault`, :meth:`FakeLLMServer.inject`)
+    ``429``, ``500``, ``503``, ``529``, ``hang``, ``drop``, ``malformed``,
+    ``context_length``, ``cut`` (a stream cut after its first chunk), ``no_usage``,
+    ``detail`` (a FastAPI ``{"detail": ...}`` body), ``stream_error`` (an error event in a
+    200 stream); any of them may carry extra ``headers``.
+
+Latency and counters
+    ``latency`` (seconds, or a ``(lo, hi)`` range) is waited with a timer, so N
+    concurrent requests take about one latency in all. ``requests``, ``in_flight``,
+    ``peak_in_flight``, ``streams``, ``faults_served``, ``connections``,
+    ``open_connections`` and ``stats()`` (with per-model rows) prove concurrency and
+    connection reuse; ``requests_log`` keeps the last 1000 requests (URL and auth header
+    shape included, never a key's value).
+
+How to run it
+    In-process: ``with FakeLLMServer() as server:`` serves on a background thread,
+    ``async with FakeLLMServer() as server:`` on the caller's loop; ``server.url`` is the
+    OpenAI SDK's base URL. As its own process: ``python -m rlm.testing --port 0
+    --latency 0.5`` prints ``READY http://127.0.0.1:PORT/v1`` once listening
+    (:func:`spawn_fake_server` runs it and yields the URL). Its options: ``--host``,
+    ``--port``, ``--latency``, ``--latency-max``, ``--model``, ``--fault-rate`` (0 to 1),
+    ``--fault-kinds``, ``--retry-after``, ``--retry-after-on``, ``--rate-limit`` (req/s),
+    ``--burst``, ``--seed``; bad values print one line and exit 2.
+
+The HTTP layer is ``aiohttp.web`` (its C parser), in a module apart from each protocol's
+shapes (``openai_api``), the shared request pipeline and counters (``hub``), what the
+model says (``model``, ``responders``) and faults (``faults``).
+"""
+
+from __future__ import annotations
+
+from rlm.testing.cli import main
+from rlm.testing.faults import FAULT_KINDS, Fault
+from rlm.testing.launcher import fetch_stats, reset_stats, spawn_fake_server
+from rlm.testing.limits import Limit
+from rlm.testing.responders import (
+    JSONResponder,
+    Reply,
+    Responder,
+    echo_responder,
+    random_faults,
+    token_bucket,
+)
+from rlm.testing.server import FakeLLMServer
+
+__all__ = [
+    "FAULT_KINDS",
+    "FakeLLMServer",
+    "Fault",
+    "JSONResponder",
+    "Limit",
+    "Reply",
+    "Responder",
+    "echo_responder",
+    "fetch_stats",
+    "main",
+    "random_faults",
+    "reset_stats",
+    "spawn_fake_server",
+    "token_bucket",
+]
