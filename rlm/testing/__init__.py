@@ -6,7 +6,8 @@ way it would talk to a remote model, and the official SDKs work against it.
 What it speaks
     ``POST /v1/chat/completions`` (JSON, or SSE with ``"stream": true``; a forced
     ``tool_choice`` function is answered as a ``tool_calls`` message) and
-    ``GET /v1/models[/{id}]``, each also without the ``/v1`` prefix. ``GET /stats`` and
+    ``GET /v1/models[/{id}]``, each also without the ``/v1`` prefix; Anthropic's
+    ``POST /v1/messages`` (and ``/v1/messages/count_tokens``). ``GET /stats`` and
     ``POST /stats/reset`` read and zero the counters from any process
     (:func:`fetch_stats`, :func:`reset_stats`). Any other path is a 404 in OpenAI's error
     shape.
@@ -18,6 +19,10 @@ Who answers (:class:`FakeLLMServer` arguments)
     answers structured requests, and ``response_format=False`` refuses them with a 400.
     A responder returns a str, a JSON value (sent as JSON text) or a :class:`Fault`.
     ``reasoning={model: n}`` reports ``n`` reasoning tokens per reply of that model.
+    :func:`rlm_responder` is a scripted RLM for offline runs: a root turn (recognised by
+    the root's system prompt) gets code that cuts any context into excerpts and fans out
+    ``llm_query_batch``, then ``FINAL`` with what came back; a sub-query gets the
+    excerpt's sentences sharing most words with the question; ``ECHO x`` gives ``x``.
     :func:`random_faults` and :func:`token_bucket` wrap a responder with load-shaped
     failures.
 
@@ -41,9 +46,13 @@ How to run it
     OpenAI SDK's base URL. As its own process: ``python -m rlm.testing --port 0
     --latency 0.5`` prints ``READY http://127.0.0.1:PORT/v1`` once listening
     (:func:`spawn_fake_server` runs it and yields the URL). Its options: ``--host``,
-    ``--port``, ``--latency``, ``--latency-max``, ``--model``, ``--fault-rate`` (0 to 1),
-    ``--fault-kinds``, ``--retry-after``, ``--retry-after-on``, ``--rate-limit`` (req/s),
-    ``--burst``, ``--seed``; bad values print one line and exit 2.
+    ``--port``, ``--latency``, ``--latency-max``, ``--model``, ``--responder rlm|echo``
+    (default ``rlm``: :func:`rlm_responder`, so ``rlm run --base-url URL --api-key x
+    --context FILE --query ...`` works offline), ``--fault-rate`` (0 to 1),
+    ``--fault-kinds``, ``--retry-after``, ``--retry-after-on``, ``--rate-limit`` (req/s)
+    and ``--burst`` (the :func:`token_bucket` responder), ``--limit MODEL:KEY=VALUE,...``
+    (per-model limits, repeatable), ``--reasoning MODEL=TOKENS``, ``--no-prefix-cache``,
+    ``--seed``; bad values print one line and exit 2.
 
 The HTTP layer is ``aiohttp.web`` (its C parser), in a module apart from each protocol's
 shapes (``openai_api``), the shared request pipeline and counters (``hub``), what the
@@ -64,6 +73,7 @@ from rlm.testing.responders import (
     random_faults,
     token_bucket,
 )
+from rlm.testing.scripted import rlm_responder
 from rlm.testing.server import FakeLLMServer
 
 __all__ = [
@@ -79,6 +89,7 @@ __all__ = [
     "main",
     "random_faults",
     "reset_stats",
+    "rlm_responder",
     "spawn_fake_server",
     "token_bucket",
 ]

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from rlm.testing.faults import FAULT_KINDS
 from rlm.testing.limits import Limit
 from rlm.testing.responders import Responder, echo_responder, random_faults, token_bucket
+from rlm.testing.scripted import rlm_responder
 from rlm.testing.server import FakeLLMServer
 
 __all__ = ["main"]
@@ -64,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
         "--latency-max", type=float, default=None, help="draw latency uniformly up to this"
     )
     parser.add_argument("--model", default="fake-model")
+    parser.add_argument(
+        "--responder", choices=["rlm", "echo"], default="rlm",
+        help="rlm (default): a scripted RLM root that chunks any context and fans out, with "
+        "extractive sub-answers and ECHO prompts echoed; echo: the echo responder only",
+    )
     parser.add_argument("--fault-rate", type=float, default=0.0,
                         help="answer this random share of requests (0 to 1) with a fault")
     parser.add_argument("--fault-kinds", default="429,503",
@@ -171,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # server's CPU per request by about a quarter here.
     gc.collect()
     gc.freeze()
-    responder: Responder = echo_responder
+    responder: Responder = rlm_responder if args.responder == "rlm" else echo_responder
     if args.fault_rate:
         responder = random_faults(
             args.fault_rate,
@@ -179,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             retry_after=args.retry_after,
             retry_after_on=retry_after_on,
             seed=args.seed,
+            inner=responder,
         )
     if args.rate_limit:
         responder = token_bucket(args.rate_limit, burst=args.burst, inner=responder)
