@@ -7,7 +7,15 @@ What it speaks
     ``POST /v1/chat/completions`` (JSON, or SSE with ``"stream": true``; a forced
     ``tool_choice`` function is answered as a ``tool_calls`` message) and
     ``GET /v1/models[/{id}]``, each also without the ``/v1`` prefix; Anthropic's
-    ``POST /v1/messages`` (and ``/v1/messages/count_tokens``). ``GET /stats`` and
+    ``POST /v1/messages`` (and ``/v1/messages/count_tokens``); the Batch APIs: OpenAI's
+    ``POST/GET /v1/files``, ``GET/DELETE /v1/files/{id}``, ``GET /v1/files/{id}/content``,
+    ``POST/GET /v1/batches``, ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``
+    and Anthropic's ``POST/GET /v1/messages/batches``, ``GET/DELETE
+    /v1/messages/batches/{id}``, ``.../cancel`` and ``.../results`` (JSONL at the batch's
+    ``results_url``). OpenAI batches are validated as OpenAI does (JSON lines with a
+    unique ``custom_id``, ``POST`` to the batch's endpoint, one model per file, at most
+    50,000 requests and 200 MB; a bad file fails the batch with ``errors``), and their
+    output comes shuffled, failed lines in the error file. ``GET /stats`` and
     ``POST /stats/reset`` read and zero the counters from any process
     (:func:`fetch_stats`, :func:`reset_stats`). Any other path is a 404 in OpenAI's error
     shape.
@@ -32,6 +40,14 @@ Faults (:class:`Fault`, :meth:`FakeLLMServer.inject`)
     ``detail`` (a FastAPI ``{"detail": ...}`` body), ``stream_error`` (an error event in a
     200 stream); any of them may carry extra ``headers``.
 
+Batches (:class:`BatchOptions`, ``FakeLLMServer(batches=...)``)
+    ``delay`` seconds until a batch completes, a ``failure_rate`` share of lines failing,
+    ``expire_after`` seconds for the window (done lines kept, the rest
+    ``batch_expired``), ``seed``. A batch advances with the clock and is settled by the
+    first request that looks at it once due. Lines are answered by the same responders;
+    ``stats()`` counts ``batch_lines`` (per model too), ``batches_created`` and
+    ``files_created`` apart from live ``requests``.
+
 Latency and counters
     ``latency`` (seconds, or a ``(lo, hi)`` range) is waited with a timer, so N
     concurrent requests take about one latency in all. ``requests``, ``in_flight``,
@@ -52,15 +68,19 @@ How to run it
     ``--fault-kinds``, ``--retry-after``, ``--retry-after-on``, ``--rate-limit`` (req/s)
     and ``--burst`` (the :func:`token_bucket` responder), ``--limit MODEL:KEY=VALUE,...``
     (per-model limits, repeatable), ``--reasoning MODEL=TOKENS``, ``--no-prefix-cache``,
-    ``--seed``; bad values print one line and exit 2.
+    ``--batch-delay``, ``--batch-failure-rate``, ``--batch-expire-after``, ``--seed``;
+    bad values print one line and exit 2.
 
 The HTTP layer is ``aiohttp.web`` (its C parser), in a module apart from each protocol's
 shapes (``openai_api``), the shared request pipeline and counters (``hub``), what the
-model says (``model``, ``responders``) and faults (``faults``).
+model says (``model``, ``responders``, ``scripted``), faults (``faults``), rate limits
+(``limits``), prompt caching (``caching``), the Batch APIs (``batches``), the Anthropic
+protocol (``anthropic_api``), the launcher and the command line.
 """
 
 from __future__ import annotations
 
+from rlm.testing.batches import BatchOptions
 from rlm.testing.cli import main
 from rlm.testing.faults import FAULT_KINDS, Fault
 from rlm.testing.launcher import fetch_stats, reset_stats, spawn_fake_server
@@ -78,6 +98,7 @@ from rlm.testing.server import FakeLLMServer
 
 __all__ = [
     "FAULT_KINDS",
+    "BatchOptions",
     "FakeLLMServer",
     "Fault",
     "JSONResponder",

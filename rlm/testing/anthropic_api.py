@@ -26,7 +26,15 @@ from rlm.testing.limits import Admission, rfc3339_in
 from rlm.testing.model import Answer, ChatCall, Refusal, tokens
 from rlm.testing.wire import SSE_TYPE, Payload, json_payload, protocol_free_fault, respond
 
-__all__ = ["AnthropicWire", "check_headers", "error_payload", "message_body", "parse_messages"]
+__all__ = [
+    "AnthropicWire",
+    "check_headers",
+    "error_body",
+    "error_payload",
+    "message_body",
+    "messages_call",
+    "parse_messages",
+]
 
 _ENC = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -42,16 +50,20 @@ _TYPES = {
 }
 
 
-def error_payload(
-    status: int, message: str, type_: str | None = None, headers: dict[str, str] | None = None
-) -> Payload:
-    """An Anthropic error reply: ``{"type": "error", "error": {"type", "message"}}``."""
-    body = {
+def error_body(status: int, message: str, type_: str | None = None) -> dict[str, Any]:
+    """Anthropic's error object: ``{"type": "error", "error": {"type", "message"}}``."""
+    return {
         "type": "error",
         "error": {"type": type_ or _TYPES.get(status, "api_error"), "message": message},
         "request_id": "req_fake",
     }
-    return json_payload(status, body, headers)
+
+
+def error_payload(
+    status: int, message: str, type_: str | None = None, headers: dict[str, str] | None = None
+) -> Payload:
+    """An Anthropic error reply."""
+    return json_payload(status, error_body(status, message, type_), headers)
 
 
 def check_headers(request: web.Request) -> Payload | None:
@@ -96,6 +108,11 @@ def parse_messages(body: bytes) -> ChatCall | Payload:
         request = json.loads(body)
     except ValueError as exc:
         return error_payload(400, f"There was an error parsing the body: {exc}")
+    return messages_call(request)
+
+
+def messages_call(request: Any) -> ChatCall | Payload:
+    """A decoded Messages body as a :class:`ChatCall`, or the 400 it deserves."""
     if not isinstance(request, dict):
         return error_payload(400, "The body must be a JSON object")
     model = request.get("model")
@@ -216,17 +233,25 @@ class AnthropicWire:
         self._next_id = ids
         self._cache = cache
 
+    def cache_usage(self, call: ChatCall, answer: Answer) -> dict[str, Any]:
+        """The usage object for ``answer``, with the prompt cache's reads and writes."""
+        read = created = 0
+        if self._cache is not None and call.cache_blocks:
+            read, created = self._cache.anthropic_usage(call.model, call.cache_blocks)
+        return usage_of(answer, read, created)
+
+    def message(self, call: ChatCall, answer: Answer) -> dict[str, Any]:
+        """The ``message`` object for ``answer``, its usage counted."""
+        ident = f"msg_fake{self._next_id()}"
+        return message_body(call, answer, ident, self.cache_usage(call, answer))
+
     def answer(self, call: ChatCall, answer: Answer, fault: Fault | None) -> Payload:
         """A ``message`` (or its SSE events); ``fault`` shapes it wrongly."""
         kind = fault.kind if fault is not None else None
         headers = {"request-id": f"req_fake{self._next_id()}"}
         if fault is not None:
             headers.update(fault.retry_headers())
-        read = created = 0
-        blocks = call.cache_blocks
-        if self._cache is not None and blocks:
-            read, created = self._cache.anthropic_usage(call.model, blocks)
-        usage = None if kind == "no_usage" else usage_of(answer, read, created)
+        usage = None if kind == "no_usage" else self.cache_usage(call, answer)
         ident = f"msg_fake{self._next_id()}"
         if not call.stream:
             if kind == "stream_error":

@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from rlm.testing.batches import BatchOptions
 from rlm.testing.faults import FAULT_KINDS
 from rlm.testing.limits import Limit
 from rlm.testing.responders import Responder, echo_responder, random_faults, token_bucket
@@ -94,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="never report cached prompt tokens")
+    parser.add_argument("--batch-delay", type=float, default=0.0,
+                        help="seconds a batch takes to complete (default: 0)")
+    parser.add_argument("--batch-failure-rate", type=float, default=0.0,
+                        help="share of batch lines that fail (0 to 1)")
+    parser.add_argument("--batch-expire-after", type=float, default=None,
+                        help="seconds after which a batch still running expires")
     return parser
 
 
@@ -166,6 +173,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     retry_after_on = _kinds(parser, "--retry-after-on", args.retry_after_on)
     if args.retry_after is not None and not set(retry_after_on) <= {"429", "503", "529"}:
         parser.error("--retry-after-on: only 429, 503 and 529 faults carry Retry-After")
+    try:
+        batch_options = BatchOptions(
+            delay=args.batch_delay,
+            failure_rate=args.batch_failure_rate,
+            expire_after=args.batch_expire_after,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
     limits = _limits(parser, args.limit)
     reasoning = _reasoning(parser, args.reasoning)
     latency: float | tuple[float, float] = args.latency
@@ -198,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         limits=limits,
         reasoning=reasoning,
         prefix_cache=not args.no_prefix_cache,
+        batches=batch_options,
     )
     try:
         asyncio.run(_serve_forever(server))

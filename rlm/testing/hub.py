@@ -29,6 +29,8 @@ from rlm.testing.wire import Payload, deliver
 __all__ = ["AUTH_HEADERS", "Hub", "Wire"]
 
 LOG_SIZE = 1000
+# Counters beyond the core ones that stats() always shows, zero until counted.
+LISTED_COUNTERS = ("batch_lines", "batches_created", "files_created")
 # Headers whose presence (never their value) the request log records.
 AUTH_HEADERS = ("authorization", "api-key", "x-api-key", "x-goog-api-key")
 
@@ -86,7 +88,9 @@ class Hub:
         self.faults_served = 0
         self.connections = 0
         self.by_model: dict[str, dict[str, int]] = collections.defaultdict(_new_model_row)
-        self.extra_counters: dict[str, int] = collections.Counter()
+        self.extra_counters: collections.Counter[str] = collections.Counter(
+            dict.fromkeys(LISTED_COUNTERS, 0)
+        )
         self.stopping = asyncio.Event()
         self.set_latency(latency)
 
@@ -150,7 +154,7 @@ class Hub:
             self.faults_served = 0
             self.connections = 0
             self.by_model.clear()
-            self.extra_counters.clear()
+            self.extra_counters = collections.Counter(dict.fromkeys(LISTED_COUNTERS, 0))
             self.log.clear()
 
     def queue_faults(self, fault: Fault, count: int) -> None:

@@ -25,7 +25,7 @@ from rlm.testing.model import Answer, ChatCall, Refusal
 from rlm.testing.responders import text_of
 from rlm.testing.wire import SSE_TYPE, Payload, json_payload, protocol_free_fault, respond
 
-__all__ = ["OpenAIWire", "error_payload", "parse_chat", "usage_of"]
+__all__ = ["OpenAIWire", "chat_call", "error_body", "error_payload", "parse_chat", "usage_of"]
 
 _ENC = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -120,6 +120,11 @@ def parse_chat(body: bytes, default_model: str | None) -> ChatCall | Payload:
         request = json.loads(body)
     except ValueError as exc:
         return error_payload(400, f"We could not parse the JSON body of your request: {exc}")
+    return chat_call(request, default_model)
+
+
+def chat_call(request: Any, default_model: str | None) -> ChatCall | Payload:
+    """A decoded chat completions body as a :class:`ChatCall`, or the 400 it deserves."""
     messages = request.get("messages") if isinstance(request, dict) else None
     model = request.get("model", default_model) if isinstance(request, dict) else None
     if not isinstance(messages, list) or not isinstance(model, str):
@@ -178,10 +183,8 @@ class OpenAIWire:
 
     # -- answers --------------------------------------------------------------------
 
-    def answer(self, call: ChatCall, answer: Answer, fault: Fault | None) -> Payload:
-        """A ``chat.completion`` (or its SSE stream); ``fault`` shapes it wrongly."""
-        kind = fault.kind if fault is not None else None
-        headers = fault.retry_headers() if fault is not None else {}
+    def count_cached(self, call: ChatCall, answer: Answer) -> None:
+        """Set ``answer.cached_tokens`` by the prefix rule (and remember the prompt)."""
         if self._cache is not None and call.prompt_chars >= OPENAI_MIN_CHARS:
             parts = [
                 (str(m.get("role")), text_of(m.get("content")))
@@ -189,9 +192,14 @@ class OpenAIWire:
                 if isinstance(m, dict)
             ]
             answer.cached_tokens = self._cache.openai_cached_tokens(call.model, parts)
-        usage = None if kind == "no_usage" else usage_of(answer)
+
+    def completion(
+        self, call: ChatCall, answer: Answer, *, usage: bool = True
+    ) -> dict[str, Any]:
+        """The ``chat.completion`` object for ``answer`` (a ``tool_calls`` message for a
+        forced function), cached tokens counted."""
+        self.count_cached(call, answer)
         ident = f"chatcmpl-fake{self._next_id()}"
-        created = int(time.time())
         message: dict[str, Any] = {"role": "assistant", "content": answer.text, "refusal": None}
         finish = "stop"
         if answer.tool_input is not None:
@@ -208,24 +216,35 @@ class OpenAIWire:
                 ],
             }
             finish = "tool_calls"
+        body: dict[str, Any] = {
+            "id": ident,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": call.model,
+            "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            ],
+        }
+        if usage:
+            body["usage"] = usage_of(answer)
+        return body
+
+    def answer(self, call: ChatCall, answer: Answer, fault: Fault | None) -> Payload:
+        """A ``chat.completion`` (or its SSE stream); ``fault`` shapes it wrongly."""
+        kind = fault.kind if fault is not None else None
+        headers = fault.retry_headers() if fault is not None else {}
         if not call.stream:
             if kind == "stream_error":
                 return json_payload(200, self._stream_error(call, fault), headers)
-            body: dict[str, Any] = {
-                "id": ident,
-                "object": "chat.completion",
-                "created": created,
-                "model": call.model,
-                "choices": [
-                    {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-                ],
-            }
-            if usage is not None:
-                body["usage"] = usage
+            body = self.completion(call, answer, usage=kind != "no_usage")
             payload = Payload(200, _ENC(body).encode(), headers=headers)
             if kind == "cut":
                 payload.action = "truncate"
             return payload
+        self.count_cached(call, answer)
+        usage = None if kind == "no_usage" else usage_of(answer)
+        ident = f"chatcmpl-fake{self._next_id()}"
+        created = int(time.time())
         return self._stream(call, answer, ident, created, usage, fault, headers)
 
     def _stream(

@@ -17,7 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
-from rlm.testing import anthropic_api, openai_api
+from rlm.testing import anthropic_api, batches, openai_api
+from rlm.testing.batches import BatchOptions, BatchStore
 from rlm.testing.caching import PromptCache
 from rlm.testing.faults import Fault
 from rlm.testing.hub import Hub
@@ -62,7 +63,17 @@ class FakeLLMServer:
     provider's error body; ``stats()["models"][name]["rate_limited"]`` counts them.
     ``prefix_cache`` (default on) reports ``prompt_tokens_details.cached_tokens`` for a
     prompt of at least 1,024 tokens whose prefix an earlier request to the same model
-    shared, in 128-token steps, as OpenAI does. ``start()``/
+    shared, in 128-token steps, as OpenAI does; on Anthropic's routes it reports
+    ``cache_creation_input_tokens`` the first time a prefix up to a ``cache_control``
+    breakpoint is seen and ``cache_read_input_tokens`` later (per model; prefixes shorter
+    than ``anthropic_cache_min_tokens`` are not cached).
+
+    ``batches=BatchOptions(delay=..., failure_rate=..., expire_after=..., seed=...)``
+    shapes the Batch APIs (OpenAI's ``/v1/files`` and ``/v1/batches``, Anthropic's
+    ``/v1/messages/batches``): see :class:`BatchOptions`. Batch lines are answered by
+    the same responders and counted apart from live requests (``stats()``:
+    ``batch_lines`` per model and in all, ``batches_created``, ``files_created``).
+    ``start()``/
     ``with`` serve on a background thread (responders then run on that thread);
     ``astart()``/``async with`` serve on the caller's running loop. ``url`` is the base
     URL for the OpenAI SDK.
@@ -82,6 +93,8 @@ class FakeLLMServer:
         reasoning: Mapping[str, int] | None = None,
         limits: Mapping[str, Limit | Mapping[str, Any]] | None = None,
         prefix_cache: bool = True,
+        anthropic_cache_min_tokens: int = 1024,
+        batches: BatchOptions | None = None,
     ) -> None:
         self._model = FakeModel(
             responder,
@@ -94,8 +107,9 @@ class FakeLLMServer:
             self._model,
             latency,
             limits=RateLimits(limits),
-            cache=PromptCache() if prefix_cache else None,
+            cache=PromptCache(anthropic_cache_min_tokens) if prefix_cache else None,
         )
+        self._batches = BatchStore(self._hub, batches or BatchOptions(), lambda: self.root_url)
         self.host = host
         self.model = model
         self._requested_port = port
@@ -388,6 +402,7 @@ class FakeLLMServer:
         app = web.Application(client_max_size=_MAX_BODY)
         openai_api.add_routes(app, self._hub, self.model_names)
         anthropic_api.add_routes(app, self._hub)
+        batches.add_routes(app, self._batches)
         for prefix in ("", "/v1"):
             app.router.add_route("*", f"{prefix}/stats", self._stats_route)
             app.router.add_route("*", f"{prefix}/stats/reset", self._reset_route)
