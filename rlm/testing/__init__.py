@@ -15,7 +15,12 @@ What it speaks
     ``results_url``). OpenAI batches are validated as OpenAI does (JSON lines with a
     unique ``custom_id``, ``POST`` to the batch's endpoint, one model per file, at most
     50,000 requests and 200 MB; a bad file fails the batch with ``errors``), and their
-    output comes shuffled, failed lines in the error file. ``GET /stats`` and
+    output comes shuffled, failed lines in the error file. Azure OpenAI's
+    ``/openai/deployments/{deployment}/chat/completions?api-version=...`` (an ``api-key``
+    header or a Bearer token; the deployment names the model; 404 without
+    ``api-version``) and ``/openai/v1/chat/completions``, and Gemini's OpenAI-compatible
+    ``/v1beta/openai/chat/completions`` (a Bearer key; its streams carry the running
+    usage on every chunk) and ``/v1beta/openai/models``. ``GET /stats`` and
     ``POST /stats/reset`` read and zero the counters from any process
     (:func:`fetch_stats`, :func:`reset_stats`). Any other path is a 404 in OpenAI's error
     shape.
@@ -75,7 +80,8 @@ The HTTP layer is ``aiohttp.web`` (its C parser), in a module apart from each pr
 shapes (``openai_api``), the shared request pipeline and counters (``hub``), what the
 model says (``model``, ``responders``, ``scripted``), faults (``faults``), rate limits
 (``limits``), prompt caching (``caching``), the Batch APIs (``batches``), the Anthropic
-protocol (``anthropic_api``), the launcher and the command line.
+protocol (``anthropic_api``), Azure's and Gemini's addresses (``openai_dialects``), the
+launcher and the command line.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from rlm.testing.caching import OPENAI_MIN_CHARS, PromptCache
 from rlm.testing.faults import Fault
 from rlm.testing.hub import Hub
 from rlm.testing.limits import Admission, format_duration
-from rlm.testing.model import Answer, ChatCall, Refusal
+from rlm.testing.model import Answer, ChatCall, Refusal, tokens
 from rlm.testing.responders import text_of
 from rlm.testing.wire import SSE_TYPE, Payload, json_payload, protocol_free_fault, respond
 
@@ -112,7 +112,9 @@ def rate_limited_payload(call: ChatCall, admission: Admission) -> Payload:
     return error_payload(429, message, type_, "rate_limit_exceeded", headers=headers)
 
 
-def parse_chat(body: bytes, default_model: str | None) -> ChatCall | Payload:
+def parse_chat(
+    body: bytes, default_model: str | None, protocol: str = "openai"
+) -> ChatCall | Payload:
     """A chat completions body as a :class:`ChatCall`, or the 400 reply it deserves. A
     forced function call (``tool_choice`` naming one function) becomes a structured call
     for that function's parameter schema."""
@@ -120,11 +122,14 @@ def parse_chat(body: bytes, default_model: str | None) -> ChatCall | Payload:
         request = json.loads(body)
     except ValueError as exc:
         return error_payload(400, f"We could not parse the JSON body of your request: {exc}")
-    return chat_call(request, default_model)
+    return chat_call(request, default_model, protocol)
 
 
-def chat_call(request: Any, default_model: str | None) -> ChatCall | Payload:
-    """A decoded chat completions body as a :class:`ChatCall`, or the 400 it deserves."""
+def chat_call(
+    request: Any, default_model: str | None, protocol: str = "openai"
+) -> ChatCall | Payload:
+    """A decoded chat completions body as a :class:`ChatCall` (``protocol`` names the
+    dialect it came in), or the 400 it deserves."""
     messages = request.get("messages") if isinstance(request, dict) else None
     model = request.get("model", default_model) if isinstance(request, dict) else None
     if not isinstance(messages, list) or not isinstance(model, str):
@@ -141,7 +146,7 @@ def chat_call(request: Any, default_model: str | None) -> ChatCall | Payload:
         response_format = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
     max_tokens = request.get("max_completion_tokens", request.get("max_tokens"))
     return ChatCall(
-        protocol="openai",
+        protocol=protocol,
         model=model,
         messages=messages,
         stream=request.get("stream") is True,
@@ -169,9 +174,19 @@ def _forced_function(request: dict[str, Any]) -> tuple[str, dict[str, Any]] | No
 class OpenAIWire:
     """Renders the pipeline's outcomes as OpenAI chat completions."""
 
-    def __init__(self, ids: Callable[[], int], cache: PromptCache | None = None) -> None:
+    def __init__(
+        self,
+        ids: Callable[[], int],
+        cache: PromptCache | None = None,
+        *,
+        protocol: str = "openai",
+        cumulative_usage: bool = False,
+    ) -> None:
         self._next_id = ids
         self._cache = cache
+        self.protocol = protocol
+        # Gemini's OpenAI-compatible streams put the running usage on every chunk.
+        self._cumulative = cumulative_usage
 
     def limit_headers(self, admission: Admission) -> dict[str, str]:
         """OpenAI's rate-limit headers."""
@@ -268,7 +283,7 @@ class OpenAIWire:
             {"id": ident, "object": "chat.completion.chunk", "created": created,
              "model": call.model}
         )[:-1]
-        tail = ',"usage":null}' if include_usage else "}"
+        tail = ',"usage":null}' if include_usage and not self._cumulative else "}"
         text = answer.text
         # A handful of pieces is enough to exercise a client's reassembly.
         size = max(1, -(-len(text) // 4))
@@ -291,10 +306,21 @@ class OpenAIWire:
             deltas = ['{"role":"assistant","content":""}']
             deltas += [_ENC({"content": text[i : i + size]}) for i in range(0, len(text), size)]
             finish = "stop"
+        tails = [tail] * len(deltas)
+        if self._cumulative and usage is not None:
+            # The first delta only opens the message; each later one adds a piece.
+            sent = [0] + [min(len(text), size * i) for i in range(1, len(deltas))]
+            tails = [
+                ',"usage":' + _ENC({**usage, "completion_tokens": tokens(chars),
+                                   "total_tokens": usage["prompt_tokens"] + tokens(chars)}) + "}"
+                for chars in sent
+            ]
+            tail = ',"usage":' + _ENC(usage) + "}"
+            include_usage = False
         events = [
             f'{envelope},"choices":[{{"index":0,"delta":{delta},"logprobs":null,'
-            f'"finish_reason":null}}]{tail}'
-            for delta in deltas
+            f'"finish_reason":null}}]{piece_tail}'
+            for delta, piece_tail in zip(deltas, tails, strict=True)
         ]
         if kind == "cut":
             events = events[:2]

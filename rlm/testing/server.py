@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from rlm.testing import anthropic_api, batches, openai_api
+from rlm.testing import anthropic_api, batches, openai_api, openai_dialects
 from rlm.testing.batches import BatchOptions, BatchStore
 from rlm.testing.caching import PromptCache
 from rlm.testing.faults import Fault
@@ -402,6 +402,7 @@ class FakeLLMServer:
         app = web.Application(client_max_size=_MAX_BODY)
         openai_api.add_routes(app, self._hub, self.model_names)
         anthropic_api.add_routes(app, self._hub)
+        openai_dialects.add_routes(app, self._hub, self.model_names)
         batches.add_routes(app, self._batches)
         for prefix in ("", "/v1"):
             app.router.add_route("*", f"{prefix}/stats", self._stats_route)
