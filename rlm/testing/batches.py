@@ -20,7 +20,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,52 +157,53 @@ class BatchStore:
         rate = self.options.failure_rate
         return rate > 0 and self._rng.random() < rate
 
-    def openai_line(self, custom_id: str, body: dict[str, Any]) -> tuple[Any, ...]:
-        """What one OpenAI batch line becomes: ``("ok", completion)`` or
-        ``("error", status, error body)``."""
-        call = openai_api.chat_call(body, None)
+    def _line(
+        self,
+        call: ChatCall | Payload,
+        wire: openai_api.OpenAIWire | anthropic_api.AnthropicWire,
+        failure: dict[str, Any],
+        refused: Callable[[Refusal], dict[str, Any]],
+    ) -> tuple[Any, ...]:
+        # What one line becomes: ("ok", reply body) or ("error", status, error body);
+        # ``failure`` is the error body of a simulated line failure.
         if isinstance(call, Payload):
             return ("error", call.status, json.loads(call.body))
         if self._fails():
-            return ("error", 500, openai_api.error_body(
-                "The server had an error processing this request (simulated batch line "
-                "failure).", "server_error", "internal_error"))
+            return ("error", 500, failure)
         result = self._answer(call)
         if isinstance(result, Refusal):
-            return ("error", result.status, openai_api.error_body(
-                result.message, result.type, result.code, result.param))
+            return ("error", result.status, refused(result))
         if isinstance(result, Fault):
-            payload = self.openai_wire.fault(call, result)
-            status = payload.status if payload.action == "send" else 500
+            payload = wire.fault(call, result)
             try:
                 error = json.loads(payload.body)
-            except ValueError:
-                error = openai_api.error_body(f"fault {result.kind}", "server_error")
-            return ("error", status, error)
-        return ("ok", self.openai_wire.completion(call, result))
+            except ValueError:  # a hang, a drop or a malformed body: a failed line
+                error = failure
+            return ("error", payload.status if payload.action == "send" else 500, error)
+        if isinstance(wire, openai_api.OpenAIWire):
+            return ("ok", wire.completion(call, result))
+        return ("ok", wire.message(call, result))
+
+    def openai_line(self, body: dict[str, Any]) -> tuple[Any, ...]:
+        """What one OpenAI batch line becomes."""
+        return self._line(
+            openai_api.chat_call(body, None),
+            self.openai_wire,
+            openai_api.error_body(
+                "The server had an error processing this request (simulated batch line "
+                "failure).", "server_error", "internal_error"),
+            lambda r: openai_api.error_body(r.message, r.type, r.code, r.param),
+        )
 
     def anthropic_line(self, params: Any) -> tuple[Any, ...]:
-        """What one Anthropic batch request becomes: ``("ok", message)`` or
-        ``("error", status, error body)``."""
-        call = anthropic_api.messages_call(params)
-        if isinstance(call, Payload):
-            return ("error", call.status, json.loads(call.body))
-        if self._fails():
-            return ("error", 500, anthropic_api.error_body(
-                500, "Internal server error (simulated batch line failure)."))
-        result = self._answer(call)
-        if isinstance(result, Refusal):
-            return ("error", result.status, anthropic_api.error_body(result.status,
-                                                                      result.message))
-        if isinstance(result, Fault):
-            payload = self.anthropic_wire.fault(call, result)
-            status = payload.status if payload.action == "send" else 500
-            try:
-                error = json.loads(payload.body)
-            except ValueError:
-                error = anthropic_api.error_body(500, f"fault {result.kind}")
-            return ("error", status, error)
-        return ("ok", self.anthropic_wire.message(call, result))
+        """What one Anthropic batch request becomes."""
+        return self._line(
+            anthropic_api.messages_call(params),
+            self.anthropic_wire,
+            anthropic_api.error_body(500, "Internal server error (simulated batch line "
+                                          "failure)."),
+            lambda r: anthropic_api.error_body(r.status, r.message),
+        )
 
     # -- the clock ---------------------------------------------------------------------
 
@@ -238,7 +239,7 @@ class BatchStore:
         for index in order:
             custom_id, body = batch.lines[index]
             if index in done:
-                line = (self.openai_line(custom_id, body) if batch.protocol == "openai"
+                line = (self.openai_line(body) if batch.protocol == "openai"
                         else self.anthropic_line(body))
             else:
                 line = (missing,)
