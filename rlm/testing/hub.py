@@ -167,17 +167,28 @@ class Hub:
     def log_entry(
         self, request: web.Request, call: ChatCall, raw_messages: list[Any]
     ) -> dict[str, Any]:
+        """The request log's record of ``call`` as it came through aiohttp."""
+        return self.entry(call, raw_messages, request.path, request.query, request.headers)
+
+    @staticmethod
+    def entry(
+        call: ChatCall,
+        raw_messages: list[Any],
+        path: str,
+        query: Mapping[str, str],
+        headers: Mapping[str, str],
+    ) -> dict[str, Any]:
         """The request log's record of ``call``: what was asked and the URL and auth shape
-        it came with (auth header names only, never their values)."""
-        headers = request.headers
+        it came with (auth header names only, never their values); ``headers`` must look
+        names up case-insensitively or hold them in lower case."""
         return {
             "model": call.model,
             "messages": raw_messages,
             "params": call.params,
-            "has_authorization": "Authorization" in headers,
+            "has_authorization": "authorization" in headers,
             "protocol": call.protocol,
-            "path": request.path,
-            "query": dict(request.query),
+            "path": path,
+            "query": dict(query),
             "auth_headers": [name for name in AUTH_HEADERS if name in headers],
         }
 
@@ -225,18 +236,14 @@ class Hub:
         with self.lock:
             self.faults_served += 1
 
-    async def exchange(
-        self,
-        request: web.Request,
-        call: ChatCall,
-        wire: Wire,
-        entry: dict[str, Any],
-        headers: Mapping[str, str] | None = None,
-    ) -> web.StreamResponse:
-        """Answer ``call`` on ``request``: count and log it, then play a queued fault, or
-        the 429 its model's rate limits give (at once, as a provider's gateway answers),
-        or the model's reply rendered by ``wire``, after the latency. Every reply to a
-        model with limits carries their headers; ``headers`` are added to any reply."""
+    def prepare(
+        self, call: ChatCall, wire: Wire, entry: dict[str, Any]
+    ) -> tuple[Payload, float]:
+        """Count and log ``call``, then decide its reply and when it goes out: a queued
+        fault, or the 429 its model's rate limits give (at once, as a provider's gateway
+        answers), or the model's reply rendered by ``wire`` after the latency. Every reply
+        to a model with limits carries their headers. The caller must call :meth:`end`
+        once the reply is out (or the client gone)."""
         queued = self.begin(call, entry)
         try:
             admission = None
@@ -251,8 +258,17 @@ class Hub:
                 payload = self.outcome(call, queued, wire)
             if admission is not None:
                 payload.headers.update(wire.limit_headers(admission))
-            if headers:
-                payload.headers.update(headers)
+            return payload, delay
+        except BaseException:
+            self.end()
+            raise
+
+    async def exchange(
+        self, request: web.Request, call: ChatCall, wire: Wire, entry: dict[str, Any]
+    ) -> web.StreamResponse:
+        """Answer ``call`` on ``request`` as :meth:`prepare` decides."""
+        payload, delay = self.prepare(call, wire, entry)
+        try:
             return await deliver(request, payload, delay, self.stopping)
         finally:
             self.end()
