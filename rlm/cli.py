@@ -38,6 +38,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
+from rlm.version import package_version
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MAX_ITERATIONS = 0, 1, 2, 3
 # 128 + the signal's number, as shells report it.
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
@@ -45,18 +47,6 @@ EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 class UsageError(Exception):
     """Bad input on the command line: printed, exit code 2."""
-
-
-def package_version() -> str:
-    """The installed package's version (the source tree's when it was never installed)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("rlm-sandbox")
-    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        from rlm import __version__
-
-        return __version__
 
 
 def self_command() -> str:

@@ -41,7 +41,6 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, WithJsonSchema
 
-from rlm.cli import package_version
 from rlm.errors import AccessDeniedError, ConfigError, SessionError
 from rlm.serve.auth import bearer_matches, check_bind
 from rlm.serve.paths import AllowedDirs
@@ -54,6 +53,7 @@ from rlm.serve.runs import (
     served_answer,
 )
 from rlm.serve.sessions import SessionManager
+from rlm.version import package_version
 
 __all__ = ["McpOptions", "build_server", "run_mcp"]
 
