@@ -34,13 +34,18 @@ class LLMError(RLMError):
     """A model call failed after the retries it was allowed.
 
     ``status`` is the HTTP status when there was one, ``attempts`` how many requests
-    were sent in all.
+    were sent in all, ``retry_after`` the seconds the server asked to wait before the
+    next try (None: it did not say).
     """
 
-    def __init__(self, message: str, *, status: int | None = None, attempts: int = 1) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, attempts: int = 1,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.attempts = attempts
+        self.retry_after = retry_after
 
 
 class LLMTimeoutError(LLMError):
@@ -49,6 +54,10 @@ class LLMTimeoutError(LLMError):
 
 class RateLimitError(LLMError):
     """The endpoint kept answering 429 until the retries ran out."""
+
+
+class LLMConnectionError(LLMError):
+    """The endpoint could not be reached, or dropped the connection, on every attempt."""
 
 
 class ResponseError(LLMError):

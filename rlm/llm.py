@@ -6,28 +6,25 @@ every batch, and a sync caller blocked inside a running loop (a Jupyter cell) ne
 starves the loop that does the I/O. Awaiting from another loop costs one thread-safe
 hand-off per call (per batch for ``completion_batch``), not per request.
 
-The hot path posts to ``/chat/completions`` through the SDK's low-level ``post`` and
-reads raw JSON, so auth, base URL and the SDK's error types are kept while the per
-request pydantic model building is skipped. The SDK's own retries are off: retries and
-rate-limit back-off live here, in one layer.
+What goes on the wire is a provider adapter's business (``rlm.providers``: it builds
+the HTTP request and parses replies, errors, streams and rate-limit headers); this
+module is the one layer every provider shares: the aiohttp session, the limiter,
+retries and back-off, the cache in front and usage behind. Errors are ``rlm.errors``
+types throughout; the openai SDK is not on the request path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import gc
 import json
 import os
 import random
-import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import openai
 from pydantic import BaseModel
 
 from rlm import loop as engine
@@ -37,12 +34,14 @@ from rlm.errors import (
     BudgetExhaustedError,
     ClientClosedError,
     ConfigError,
+    LLMConnectionError,
     LLMError,
     LLMTimeoutError,
     RateLimitError,
     ResponseError,
 )
 from rlm.limiter import OK, OTHER, REJECTED, AdaptiveLimiter
+from rlm.providers import DEFAULT_PROVIDER, Adapter, HTTPRequest, Reply, Request, adapter_class
 from rlm.usage import (
     DEFAULT_PRICES,
     BudgetLedger,
@@ -76,75 +75,6 @@ RETRYABLE_STATUS = frozenset({408, 409, 429})
 REJECTION_STATUS = frozenset({429, 503})
 
 
-@dataclass(slots=True)
-class Request:
-    """One chat completion to send: its JSON body. Built by ``AsyncOpenAIClient.request``.
-
-    Package-internal interface (core, repl and the cache use it): the body is what goes
-    on the wire, so it is also what a cache keys on.
-    """
-
-    body: dict[str, Any]
-    # False: neither read from nor written to the sub-query cache, never joined with an
-    # identical request in flight (for code that wants a fresh sample).
-    cache: bool = True
-
-    @property
-    def model(self) -> str:
-        """The model the request names."""
-        return str(self.body.get("model", ""))
-
-    @property
-    def max_tokens(self) -> int | None:
-        """The request's completion cap, if it sets one (budgets reserve that much)."""
-        value = self.body.get("max_tokens") or self.body.get("max_completion_tokens")
-        return value if isinstance(value, int) else None
-
-    def prompt_chars(self) -> int:
-        """Characters of message text, for the conservative token estimate of budgets."""
-        total = 0
-        for message in self.body.get("messages", ()):
-            content = message.get("content") if isinstance(message, Mapping) else None
-            if isinstance(content, str):
-                total += len(content)
-            elif isinstance(content, list):
-                total += sum(len(str(part.get("text", ""))) for part in content
-                             if isinstance(part, Mapping))
-        return total
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """What one successful call returned: the text, the answering model and its tokens."""
-
-    text: str
-    model: str
-    prompt_tokens: int
-    completion_tokens: int
-
-
-def _retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
-    """Seconds the server asked us to wait (retry-after-ms, Retry-After seconds or date)."""
-    if not headers:
-        return None
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        parsed = email.utils.parsedate_tz(value)
-        if parsed is None:
-            return None
-        return max(0.0, email.utils.mktime_tz(parsed) - time.time())
-
-
 def _messages(prompt: Prompt) -> list[Mapping[str, Any]]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
@@ -156,79 +86,88 @@ def _messages(prompt: Prompt) -> list[Mapping[str, Any]]:
     )
 
 
-def _text_of(data: Any) -> tuple[str, Mapping[str, Any]]:
-    """The reply text and usage of a chat completion body, or a clear ResponseError."""
-    try:
-        choice = data["choices"][0]
-        content = choice["message"].get("content")
-    except (KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise ResponseError(
-            f"the endpoint's reply is not a chat completion (no choices[0].message): "
-            f"{str(data)[:200]}"
-        ) from exc
-    usage = data.get("usage") or {}
-    return content or "", usage
+class _Transport:
+    """The client's one aiohttp session: pooled keep-alive connections, typed failures.
 
-
-class _HotPath:
-    """Chat completions straight over the SDK's own aiohttp session.
-
-    The SDK's ``post`` costs about 0.8 ms of CPU per request here (option copies,
-    header merging, the httpx shim); this sends the same request, with the SDK's auth
-    and default headers and its base URL, on the same pooled aiohttp session, and turns
-    failures into the SDK's own error types (``openai.RateLimitError``,
-    ``openai.APITimeoutError``...) so callers and the retry layer see one vocabulary.
+    Created on the engine loop. Timeouts become ``LLMTimeoutError`` and failures to
+    connect or dropped connections ``LLMConnectionError``, so the retry layer sees the
+    same vocabulary whichever provider is on the other end.
     """
 
-    def __init__(self, sdk: openai.AsyncOpenAI, timeout: float) -> None:
+    def __init__(self, timeout: float) -> None:
         import aiohttp
 
-        self._sdk = sdk
-        self.url = str(sdk.base_url).rstrip("/") + "/chat/completions"
-        headers = {
-            k: v for k, v in {**sdk.default_headers, **sdk.auth_headers}.items()
-            if isinstance(v, str)
-        }
-        headers["Content-Type"] = "application/json"
-        self.headers = headers
-        self.timeout = aiohttp.ClientTimeout(total=timeout)
-        # Share the SDK transport's session, so there is one pool for both paths.
-        transport = sdk._client._transport  # noqa: SLF001
-        session = transport.get_client()
-        transport.client = session
-        self.session = session
         self._aiohttp = aiohttp
+        self._timeout_s = timeout
+        # Keep idle connections for a minute: a root model often thinks for more than a
+        # few seconds between two batches, and re-opening thousands of connections costs
+        # seconds (measured in benchmarks/fanout.py). No connector limit: the limiter
+        # bounds what is in flight.
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
+        )
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        # A stream may run longer than one timeout in all, but never that long silent.
+        self.stream_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=timeout, sock_read=timeout
+        )
 
-    def _request(self) -> Any:
-        import httpx2
+    def _failure(self, exc: BaseException) -> LLMError:
+        if isinstance(exc, TimeoutError | self._aiohttp.ServerTimeoutError):
+            return LLMTimeoutError(f"no answer within {self._timeout_s:g} s")
+        return LLMConnectionError(f"{type(exc).__name__}: {exc}")
 
-        return httpx2.Request("POST", self.url)
-
-    async def post(self, body: dict[str, Any]) -> Any:
-        aiohttp = self._aiohttp
+    async def post(self, http: HTTPRequest) -> tuple[int, Mapping[str, str], bytes]:
+        """POST ``http`` and read the whole answer: (status, headers, body)."""
         try:
             async with self.session.post(
-                self.url, data=json.dumps(body).encode(), headers=self.headers,
-                timeout=self.timeout,
+                http.url, data=http.body, headers=http.headers, timeout=self.timeout
             ) as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    raise self._status_error(resp.status, resp.headers, raw)
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise openai.APITimeoutError(request=self._request()) from exc
-        except aiohttp.ClientError as exc:
-            raise openai.APIConnectionError(
-                message=f"{type(exc).__name__}: {exc}", request=self._request()
-            ) from exc
-        return json.loads(raw)
+                return resp.status, resp.headers, await resp.read()
+        except (TimeoutError, self._aiohttp.ClientError) as exc:
+            raise self._failure(exc) from exc
 
-    def _status_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> Exception:
-        import httpx2
+    @contextlib.asynccontextmanager
+    async def stream(self, http: HTTPRequest) -> AsyncIterator[Any]:
+        """POST ``http`` and hold the open response (its status and headers are read)."""
+        try:
+            async with self.session.post(
+                http.url, data=http.body, headers=http.headers, timeout=self.stream_timeout
+            ) as resp:
+                yield resp
+        except (TimeoutError, self._aiohttp.ClientError) as exc:
+            raise self._failure(exc) from exc
 
-        response = httpx2.Response(
-            status, headers=list(headers.items()), content=raw, request=self._request()
-        )
-        return self._sdk._make_status_error_from_response(response)  # noqa: SLF001
+    async def events(self, resp: Any) -> AsyncIterator[tuple[str, str]]:
+        """The server-sent events of an open response: (event name, joined data lines)."""
+        name, data = "", []
+        pending = bytearray()
+        try:
+            async for chunk in resp.content.iter_any():
+                pending += chunk
+                start = 0
+                while (end := pending.find(b"\n", start)) >= 0:
+                    line = pending[start:end].decode("utf-8", "replace").rstrip("\r")
+                    start = end + 1
+                    if not line:
+                        if data:
+                            yield name, "\n".join(data)
+                        name, data = "", []
+                        continue
+                    field, _, value = line.partition(":")
+                    value = value[1:] if value.startswith(" ") else value
+                    if field == "data":
+                        data.append(value)
+                    elif field == "event":
+                        name = value
+                del pending[:start]
+        except (TimeoutError, self._aiohttp.ClientError) as exc:
+            raise self._failure(exc) from exc
+        if data:
+            yield name, "\n".join(data)
+
+    async def close(self) -> None:
+        await self.session.close()
 
 
 def _first_of_each(
@@ -297,9 +236,9 @@ engine.on_shutdown(_close_all_clients)
 class AsyncOpenAIClient:
     """An OpenAI-compatible chat client built for fan-out.
 
-    One ``openai.AsyncOpenAI`` on the aiohttp transport, with a connection pool sized
-    to ``max_concurrency``, created lazily on rlm's engine loop (the constructor does
-    no network I/O). Parameters:
+    One pooled aiohttp session, created lazily on rlm's engine loop (the constructor
+    does no network I/O), speaking one provider's wire format through its adapter
+    (``rlm.providers``). Parameters:
 
     - ``model``: the model name sent with each request unless a call overrides it
       (default: $RLM_MODEL, else gpt-4o-mini).
@@ -308,8 +247,8 @@ class AsyncOpenAIClient:
       that needs none takes any value.
     - ``base_url``: an OpenAI-compatible endpoint such as http://localhost:8000/v1
       (default: $OPENAI_BASE_URL, else OpenAI).
-    - ``max_concurrency``: requests in flight at once, and the connection pool's size
-      (default 64); the limiter lowers it for a while after 429s.
+    - ``max_concurrency``: requests in flight at once (default 64); the limiter lowers
+      it for a while after 429s.
     - ``timeout``: seconds one HTTP attempt may take before it is retried (default 120).
     - ``max_retries``: retries of one call after 408, 409, 429, 5xx, timeouts and
       dropped connections, with jittered exponential backoff honouring Retry-After
@@ -322,6 +261,9 @@ class AsyncOpenAIClient:
       rlm.cache); ``cache=False`` on a call opts that call out.
     - ``cache_read`` / ``cache_write``: False sends everything (identical requests in
       flight included) / stores nothing.
+    - ``provider``: the wire format, a name from ``rlm.providers.provider_names()``
+      (default "openai": OpenAI-compatible chat completions); it also picks the
+      environment variables of the key and the endpoint.
 
     Use it as ``async with AsyncOpenAIClient(...) as client`` or call ``await
     client.close()``; from sync code use ``rlm.loop.run_sync(client....)``.
@@ -343,6 +285,7 @@ class AsyncOpenAIClient:
         cache: Any = None,
         cache_read: bool = True,
         cache_write: bool = True,
+        provider: str | None = None,
     ) -> None:
         if not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ConfigError(f"max_concurrency must be a positive int, got {max_concurrency!r}")
@@ -350,16 +293,18 @@ class AsyncOpenAIClient:
             raise ConfigError(f"max_retries must be an int >= 0, got {max_retries!r}")
         if not timeout or timeout <= 0:
             raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self._adapter_cls = adapter_class(provider or DEFAULT_PROVIDER)
+        env = self._adapter_cls.base_url_env
         self.model: str = model or os.environ.get("RLM_MODEL") or DEFAULT_MODEL
-        self.base_url: str | None = base_url or os.environ.get("OPENAI_BASE_URL") or None
-        self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
+        self.base_url: str | None = base_url or (os.environ.get(env) if env else None) or None
+        self._api_key = api_key or os.environ.get(self._adapter_cls.key_env) or None
         self.max_concurrency = max_concurrency
         self.timeout = float(timeout)
         self.max_retries = max_retries
         self._meter = UsageMeter(resolve_prices(prices))
         self._limiter = AdaptiveLimiter(max_concurrency)
-        self._oai: openai.AsyncOpenAI | None = None
-        self._hot: _HotPath | None = None
+        self._adapter: Adapter | None = None
+        self._transport: _Transport | None = None
         self._closed = False
         store = open_cache(cache)
         # No store and no reuse: nothing to do per request, so no cache layer at all.
@@ -370,7 +315,7 @@ class AsyncOpenAIClient:
         )
 
     def __repr__(self) -> str:
-        where = self.base_url or "https://api.openai.com/v1"
+        where = self.base_url or self._adapter_cls.default_base_url
         return (
             f"AsyncOpenAIClient(model={self.model!r}, base_url={where!r}, "
             f"max_concurrency={self.max_concurrency})"
@@ -406,7 +351,8 @@ class AsyncOpenAIClient:
         """
         if not self._api_key:
             raise ConfigError(
-                "no API key: set the OPENAI_API_KEY environment variable or pass api_key= "
+                f"no API key: set the {self._adapter_cls.key_env} environment variable or pass "
+                "api_key= "
                 "(for a local OpenAI-compatible server that needs none, pass any value, "
                 "e.g. api_key='local')"
             )
@@ -523,12 +469,10 @@ class AsyncOpenAIClient:
 
     async def completion_stream(self, prompt: Prompt, **params: Any) -> AsyncIterator[str]:
         """Stream the reply as text pieces; usage is recorded from the final chunk."""
-        body = self.request(prompt, **params).body
-        body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
+        request = self.request(prompt, **params)
         loop = engine.engine_loop()
         if asyncio.get_running_loop() is loop:
-            async for piece in self._stream(body):
+            async for piece in self._stream(request):
                 yield piece
             return
         # Pump the stream on the engine loop into a queue on the caller's loop.
@@ -537,7 +481,7 @@ class AsyncOpenAIClient:
 
         async def pump() -> None:
             try:
-                async for piece in self._stream(body):
+                async for piece in self._stream(request):
                     here.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
                 here.call_soon_threadsafe(queue.put_nowait, ("error", exc))
@@ -614,61 +558,51 @@ class AsyncOpenAIClient:
         with engine.waking():
             return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
 
-    def _sdk(self) -> openai.AsyncOpenAI:
+    def _ready(self) -> tuple[Adapter, _Transport]:
+        """The adapter and the transport, made on first use (on the engine loop)."""
         if self._closed:
             raise ClientClosedError("this AsyncOpenAIClient is closed; create a new one")
-        if self._oai is not None:
-            return self._oai
-        self.check_key()
-        import httpx2
-
-        # Keep idle connections for a minute: a root model often thinks for more than the
-        # 5 s default between two batches, and re-opening thousands of connections costs
-        # seconds (measured in benchmarks/fanout.py).
-        limits = httpx2.Limits(
-            max_connections=self.max_concurrency,
-            max_keepalive_connections=self.max_concurrency,
-            keepalive_expiry=KEEPALIVE_S,
-        )
-        self._oai = openai.AsyncOpenAI(
-            api_key=self._api_key,
-            base_url=self.base_url,
-            max_retries=0,
-            timeout=self.timeout,
-            http_client=openai.DefaultAioHttpClient(limits=limits, timeout=self.timeout),
-        )
-        _open_clients.add(self)
-        return self._oai
+        adapter, transport = self._adapter, self._transport
+        if adapter is None or transport is None:
+            self.check_key()
+            assert self._api_key is not None
+            adapter = self._adapter = self._adapter_cls(self.base_url, self._api_key)
+            transport = self._transport = _Transport(self.timeout)
+            _open_clients.add(self)
+        return adapter, transport
 
     async def _aclose_on_engine(self) -> None:
         if self._replies is not None:
             await self._replies.aclose()
-        oai, self._oai, self._hot = self._oai, None, None
+        transport, self._transport = self._transport, None
         _open_clients.discard(self)
-        if oai is not None:
-            await oai.close()
+        if transport is not None:
+            await transport.close()
 
     def _final_error(self, exc: BaseException, attempts: int) -> LLMError:
+        """The error a call ends with: what failed, after how many retries, and the
+        server's own words."""
         retries = attempts - 1
         tail = f"after {retries} retr{'y' if retries == 1 else 'ies'}" if retries else "(no retry)"
-        if isinstance(exc, LLMError):
-            return exc
-        if isinstance(exc, openai.APITimeoutError):
-            return LLMTimeoutError(
-                f"no answer within {self.timeout:g} s {tail}", attempts=attempts
-            )
-        if isinstance(exc, openai.APIStatusError):
-            status = exc.status_code
-            if status == 429:
-                return RateLimitError(f"rate limited {tail}", status=429, attempts=attempts)
-            message = exc.message
+        if isinstance(exc, LLMTimeoutError):
+            return LLMTimeoutError(f"no answer within {self.timeout:g} s {tail}", attempts=attempts)
+        if isinstance(exc, LLMConnectionError):
+            return LLMConnectionError(f"connection failed {tail}: {exc}", attempts=attempts)
+        if isinstance(exc, LLMError) and exc.status is not None and not isinstance(
+            exc, ResponseError
+        ):
+            status, after = exc.status, exc.retry_after
+            if status == 429 or isinstance(exc, RateLimitError):
+                return RateLimitError(f"rate limited {tail}: {exc}", status=status,
+                                      attempts=attempts, retry_after=after)
             if status >= 500:
-                return LLMError(f"server error {status} {tail}: {message}", status=status,
-                                attempts=attempts)
-            return LLMError(f"request rejected ({status}): {message}", status=status,
+                return LLMError(f"server error {status} {tail}: {exc}", status=status,
+                                attempts=attempts, retry_after=after)
+            return LLMError(f"request rejected ({status}): {exc}", status=status,
                             attempts=attempts)
-        if isinstance(exc, openai.APIConnectionError):
-            return LLMError(f"connection failed {tail}: {exc.__cause__ or exc}", attempts=attempts)
+        if isinstance(exc, LLMError):
+            exc.attempts = attempts
+            return exc
         if isinstance(exc, ValueError):  # JSON decoding
             return ResponseError(f"the endpoint's reply is not valid JSON: {exc}",
                                  attempts=attempts)
@@ -679,22 +613,21 @@ class AsyncOpenAIClient:
         if attempt > self.max_retries:
             return None
         retry_after = None
-        if isinstance(exc, openai.APIStatusError):
-            status = exc.status_code
+        if isinstance(exc, LLMTimeoutError | LLMConnectionError):
+            pass
+        elif isinstance(exc, LLMError) and exc.status is not None and not isinstance(
+            exc, ResponseError
+        ):
+            status = exc.status
             if status not in RETRYABLE_STATUS and status < 500:
                 return None
-            retry_after = _retry_after_seconds(exc.response.headers)
-        elif not isinstance(exc, openai.APITimeoutError | openai.APIConnectionError):
+            retry_after = exc.retry_after
+        else:
             return None
         if retry_after is not None and retry_after <= 60:
             return retry_after
         base = min(8.0, 0.5 * 2 ** (attempt - 1))
         return base * random.uniform(0.75, 1.25)
-
-    def _hot_path(self) -> _HotPath:
-        if self._hot is None:
-            self._hot = _HotPath(self._sdk(), self.timeout)
-        return self._hot
 
     async def _text(
         self, request: Request, meter: UsageMeter | None, ledger: BudgetLedger | None,
@@ -753,7 +686,7 @@ class AsyncOpenAIClient:
         never reaches the ledger.
         """
         if ledger is None:
-            return self._exchange(request.body, meter)
+            return self._exchange(request, meter)
         return self._budgeted(request, meter, ledger)
 
     async def _budgeted(
@@ -761,15 +694,18 @@ class AsyncOpenAIClient:
     ) -> Reply:
         hold = await ledger.reserve(request.model, request.prompt_chars(), request.max_tokens)
         try:
-            reply = await self._exchange(request.body, meter)
+            reply = await self._exchange(request, meter)
         except BaseException:
             ledger.cancel(hold)
             raise
         ledger.settle(hold, reply.model, reply.prompt_tokens, reply.completion_tokens)
         return reply
 
-    async def _exchange(self, body: dict[str, Any], meter: UsageMeter | None) -> Reply:
-        hot = self._hot or self._hot_path()
+    async def _exchange(self, request: Request, meter: UsageMeter | None) -> Reply:
+        adapter, transport = (self._adapter, self._transport)
+        if adapter is None or transport is None:
+            adapter, transport = self._ready()
+        http = adapter.build(request)
         limiter = self._limiter
         attempt = 0
         while True:
@@ -777,14 +713,16 @@ class AsyncOpenAIClient:
             epoch = await limiter.acquire()
             outcome, retry_after, error = OTHER, None, None
             try:
-                data = await hot.post(body)
-                text, usage = _text_of(data)
+                status, headers, raw = await transport.post(http)
+                if status != 200:
+                    raise adapter.parse_error(status, headers, raw)
+                reply = adapter.parse_reply(json.loads(raw), request)
                 outcome = OK
             except Exception as exc:  # noqa: BLE001 - classified below
                 error = exc
-                if isinstance(exc, openai.APIStatusError) and exc.status_code in REJECTION_STATUS:
+                if isinstance(exc, LLMError) and exc.status in REJECTION_STATUS:
                     outcome = REJECTED
-                    retry_after = _retry_after_seconds(exc.response.headers)
+                    retry_after = exc.retry_after
             finally:
                 # Whatever happened (a reply, an error, a cancellation, a KeyboardInterrupt
                 # on this thread), the slot goes back and the next waiter is woken.
@@ -804,13 +742,10 @@ class AsyncOpenAIClient:
                     meter.retried()
                 await asyncio.sleep(delay)
                 continue
-            model = data.get("model") or body["model"]
-            prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            completion_tokens = int(usage.get("completion_tokens") or 0)
-            self._meter.record(model, prompt_tokens, completion_tokens)
+            self._meter.record(reply.model, reply.prompt_tokens, reply.completion_tokens)
             if meter is not None:
-                meter.record(model, prompt_tokens, completion_tokens)
-            return Reply(text, model, prompt_tokens, completion_tokens)
+                meter.record(reply.model, reply.prompt_tokens, reply.completion_tokens)
+            return reply
 
     async def _many(
         self,
@@ -849,7 +784,7 @@ class AsyncOpenAIClient:
             if not todo:
                 return results
             order, twins = _first_of_each(todo, keys)
-        self._sdk()  # a missing key is one ConfigError, not one per item
+        self._ready()  # a missing key is one ConfigError, not one per item
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[None] = loop.create_future()
         live: dict[int, asyncio.Task[None]] = {}
@@ -967,46 +902,53 @@ class AsyncOpenAIClient:
             self._count_cached(meter, model, prompt_tokens, completion_tokens, calls)
         return keys, todo
 
-    async def _stream(self, body: dict[str, Any]) -> AsyncIterator[str]:
-        sdk = self._sdk()
+    async def _stream(self, request: Request) -> AsyncIterator[str]:
+        adapter, transport = self._ready()
+        http = adapter.build(request, stream=True)
         limiter = self._limiter
         attempt = 0
+        yielded = False
         while True:
             attempt += 1
+            model = request.model
+            prompt_tokens = completion_tokens = 0
             epoch = await limiter.acquire()
+            outcome, retry_after, error = OTHER, None, None
             try:
-                stream = await sdk.chat.completions.create(**body)
-            except BaseException as exc:
-                rejected = (isinstance(exc, openai.APIStatusError)
-                            and exc.status_code in REJECTION_STATUS)
-                limiter.release(epoch, REJECTED if rejected else OTHER)
-                if not isinstance(exc, Exception):
-                    raise
-                delay = self._backoff(attempt, exc)
+                async with transport.stream(http) as resp:
+                    if resp.status != 200:
+                        raise adapter.parse_error(resp.status, resp.headers, await resp.read())
+                    async for name, data in transport.events(resp):
+                        event = adapter.parse_stream_event(name, data)
+                        if event is None:
+                            continue
+                        if event.error is not None:
+                            raise event.error
+                        model = event.model or model
+                        if event.usage is not None:
+                            prompt_tokens, completion_tokens = event.usage
+                        if event.text:
+                            yielded = True
+                            yield event.text
+                        if event.done:
+                            break
+                outcome = OK
+            except Exception as exc:  # noqa: BLE001 - classified below
+                error = exc
+                if isinstance(exc, LLMError) and exc.status in REJECTION_STATUS:
+                    outcome = REJECTED
+                    retry_after = exc.retry_after
+            finally:
+                limiter.release(epoch, outcome, retry_after)
+            if error is not None:
+                # Once pieces were handed out, a retry would repeat them: only a stream
+                # that failed before its first piece is sent again.
+                delay = None if yielded else self._backoff(attempt, error)
                 if delay is None:
                     self._meter.failed()
-                    raise self._final_error(exc, attempt) from exc
+                    raise self._final_error(error, attempt) from error
                 self._meter.retried()
                 await asyncio.sleep(delay)
                 continue
-            break
-        prompt_tokens = completion_tokens = 0
-        model = body["model"]
-        outcome = OTHER
-        try:
-            async for chunk in stream:
-                if chunk.usage is not None:
-                    prompt_tokens = chunk.usage.prompt_tokens
-                    completion_tokens = chunk.usage.completion_tokens
-                model = chunk.model or model
-                for choice in chunk.choices:
-                    if choice.delta and choice.delta.content:
-                        yield choice.delta.content
-            outcome = OK
-        except Exception as exc:
-            self._meter.failed()
-            raise self._final_error(exc, attempt) from exc
-        finally:
-            limiter.release(epoch, outcome)
-            await stream.close()
-        self._meter.record(model, prompt_tokens, completion_tokens)
+            self._meter.record(model, prompt_tokens, completion_tokens)
+            return
