@@ -44,7 +44,7 @@ from rlm.serve.paths import AllowedDirs
 from rlm.serve.runs import (
     QueryRunner,
     RunProgress,
-    check_remote_schema,
+    accept_remote_schema,
     progress_message,
     result_metadata,
 )
@@ -233,13 +233,8 @@ def _parse_request(body: Any, runner: QueryRunner, allow_dirs: AllowedDirs) -> _
         if not isinstance(schema, dict):
             raise _RequestError(400, "response_format.json_schema.schema must be a JSON Schema object",
                                 param="response_format")
-    if schema is not None:
-        if not isinstance(schema, dict):
-            raise _RequestError(400, "'rlm.schema' must be a JSON Schema object", param="rlm.schema")
-        try:
-            check_remote_schema(schema)  # refuse a broken schema before the request queues
-        except ConfigError as exc:
-            raise _RequestError(400, str(exc), param="rlm.schema") from None
+    if schema is not None and not isinstance(schema, dict):
+        raise _RequestError(400, "'rlm.schema' must be a JSON Schema object", param="rlm.schema")
     progress = options.get("progress", "field")
     if progress not in ("field", "content"):
         raise _RequestError(400, "'rlm.progress' must be 'field' or 'content'", param="rlm.progress")
@@ -339,6 +334,13 @@ class _ChatServer:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise _RequestError(400, f"the request body is not valid JSON: {exc}") from None
         chat = _parse_request(body, self.runner, self.options.allow_dirs)
+        if chat.schema is not None:
+            # Refused before the request queues; accepting a large schema takes a moment,
+            # in a validation thread, so other requests are served meanwhile.
+            try:
+                chat.schema = await accept_remote_schema(chat.schema)
+            except ConfigError as exc:
+                raise _RequestError(400, str(exc), param="rlm.schema") from None
         async with self.admission.slot():
             if chat.stream:
                 return await self._stream(request, chat)
