@@ -31,7 +31,7 @@ from rlm.repl import ExecResult, REPLEnv, default_sandbox, describe_context, fai
 from rlm.sandbox.modules import importable_modules
 from rlm.sandbox.worker_pool import WorkerPool
 from rlm.schema import Schema, SchemaIssue, format_issues
-from rlm.structured import check_subquery_schema, structured_batch, structured_query
+from rlm.structured import acheck_subquery_schema, structured_batch, structured_query
 from rlm.trajectory import Trajectory, cap_text, prompt_text
 from rlm.usage import PRICE_HELP, BudgetLedger, Usage, check_prices, outer_budget
 
@@ -282,7 +282,7 @@ class _SubQueryService:
         run = self._run
         run.sub_calls += 1
         params = dict(params)
-        schema = check_subquery_schema(params.pop("schema")) if "schema" in params else None
+        schema = await acheck_subquery_schema(params.pop("schema")) if "schema" in params else None
         oversized = self._oversized(prompt)
         if oversized is not None:
             raise oversized
@@ -346,7 +346,7 @@ class _SubQueryService:
         run = self._run
         total = len(prompts)
         params = dict(params)
-        schema = check_subquery_schema(params.pop("schema")) if "schema" in params else None
+        schema = await acheck_subquery_schema(params.pop("schema")) if "schema" in params else None
         if run.depth + 1 < run.rlm.max_depth:
             results = await asyncio.gather(
                 *(self._child(p, schema) for p in prompts), return_exceptions=True
@@ -1181,7 +1181,7 @@ class RLM:
             if not blocks:
                 final = await self._final_from_text(run, env, reply)
                 if final is not None:
-                    verdict, feedback = self._judge(run, typed, final, iteration)
+                    verdict, feedback = await self._judge(run, typed, final, iteration)
                     if verdict == "answer":
                         return _answer_text(final, typed), "final", iteration
                     if verdict == "invalid":
@@ -1198,7 +1198,7 @@ class RLM:
                 feedback = ""
                 if result.final is not None:
                     run.trajectory.emit("final", answer=result.final, source="code")
-                    verdict, feedback = self._judge(run, typed, result.final, iteration)
+                    verdict, feedback = await self._judge(run, typed, result.final, iteration)
                     if verdict == "answer":
                         return _answer_text(result.final, typed), "final", iteration
                     if verdict == "invalid":
@@ -1228,17 +1228,17 @@ class RLM:
             run.trajectory.emit("final", answer=final, source="last_turn")
         if typed is not None:
             # No turn is left to fix a mismatch: it ends the run.
-            if self._judge(run, typed, final, self.max_iterations + 1, last=True)[0] != "answer":
+            if (await self._judge(run, typed, final, self.max_iterations + 1, last=True))[0] != "answer":
                 return None, "invalid_answer", self.max_iterations
             return typed.answer, "max_iterations", self.max_iterations
         return _answer_text(final, None), "max_iterations", self.max_iterations
 
-    def _judge(
+    async def _judge(
         self, run: _Run, typed: _TypedAnswer | None, value: Any, iteration: int, last: bool = False
     ) -> tuple[str, str]:
         """What a FINAL value means for the run: ("answer", ""), ("retry", the feedback
         for the root) or ("invalid", "") when no retry is left."""
-        if typed is None or typed.accept(value):
+        if typed is None or await typed.accept(value):
             return "answer", ""
         left = 0 if last else typed.retries_left()
         run.trajectory.emit(
@@ -1345,10 +1345,11 @@ class _TypedAnswer:
         self.answer: str | None = None
         self.issues: tuple[SchemaIssue, ...] = ()
 
-    def accept(self, value: Any) -> bool:
-        """Validate a FINAL value; on success keep the output and its answer text."""
+    async def accept(self, value: Any) -> bool:
+        """Validate a FINAL value (in a validation thread: the loop stays free); on
+        success keep the output and its answer text."""
         self.raw = value
-        verdict = self.schema.validate_answer(value)
+        verdict = await self.schema.avalidate_answer(value)
         if verdict.ok:
             self.output = verdict.output
             self.answer = verdict.output if isinstance(verdict.output, str) else self.schema.dumps(verdict.output)

@@ -28,7 +28,7 @@ from rlm.errors import ConfigError, EnvClosedError, LLMError, LoopError
 from rlm.sandbox import CellOutcome, Executor, SubQueries
 from rlm.sandbox.flow import SubQueryGate, SubQueryLimits
 from rlm.sandbox.subqueries import FAILED_SLOT_PREFIX, LLMQueryError
-from rlm.structured import check_subquery_schema, structured_batch, structured_query
+from rlm.structured import acheck_subquery_schema, structured_batch, structured_query
 
 __all__ = ["ClientSubQueries", "ExecResult", "REPLEnv", "describe_context"]
 
@@ -116,7 +116,7 @@ class ClientSubQueries:
         """One completion through the client."""
         if "schema" in params:
             params = dict(params)
-            schema = check_subquery_schema(params.pop("schema"))
+            schema = await acheck_subquery_schema(params.pop("schema"))
             return await structured_query(self._send, prompt, schema, params, self._client)
         return await self._client.completion(prompt, **params)
 
@@ -124,7 +124,7 @@ class ClientSubQueries:
         """Many completions, concurrently through the client's limiter, in order."""
         if "schema" in params:
             params = dict(params)
-            schema = check_subquery_schema(params.pop("schema"))
+            schema = await acheck_subquery_schema(params.pop("schema"))
             results = await structured_batch(
                 self._send, self._send_many, prompts, schema, params, self._client
             )

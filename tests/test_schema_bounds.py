@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
-from rlm_support import wait_until
+from rlm_support import ROOT, make_rlm, repl, wait_until
 
 import rlm.schema
-from rlm import AsyncOpenAIClient, REPLEnv
+from rlm import RLM, AsyncOpenAIClient, REPLEnv
 from rlm import loop as engine
 from rlm.errors import ConfigError
 from rlm.schema import Schema
-from rlm.structured import check_subquery_schema
+from rlm.structured import acheck_subquery_schema, check_subquery_schema
 from rlm.testing import FakeLLMServer
 
 # The reproduction: 82 bytes, cost doubling with each level of the value.
@@ -181,3 +181,46 @@ def test_a_slow_structured_reply_does_not_hold_another_repls_sub_queries(short_b
             client.close_sync()
     assert outcome and outcome[0].error is None and outcome[0].stdout == "[1]\n"
     assert replies >= 3
+
+
+def test_a_slow_typed_answer_check_does_not_hold_other_calls(short_budget: None, closing: list[RLM]) -> None:
+    # The root's FINAL value is checked on the loop the run uses (the engine loop here).
+    big = repl("FINAL(list(range(200_000)))")
+    with FakeLLMServer(scripts={ROOT: [big, repl("FINAL([1])")]}) as srv:
+        events: list[dict[str, Any]] = []
+        rlm = make_rlm(srv, closing, on_event=events.append)
+        outcome: list[Any] = []
+        run = threading.Thread(target=lambda: outcome.append(
+            rlm.completion("ctx", "List the numbers.", schema=SLOW_ITEMS)))
+        run.start()
+        # The check starts once the cell's FINAL is recorded.
+        assert wait_until(lambda: any(e["type"] == "final" for e in events))
+        replies = 0
+        while srv.requests - replies < 2:  # until the root is told its answer did not pass
+            text = engine.run_sync(rlm.sub_client.completion(f"ECHO beside {replies}"))
+            assert text == f"beside {replies}"
+            replies += 1
+        run.join(60)
+    assert outcome and outcome[0].output == [1]
+    assert replies >= 3
+
+
+def test_accepting_a_large_sub_query_schema_leaves_the_engine_loop_to_other_calls(server: FakeLLMServer) -> None:
+    # Checking a schema against its metaschema costs about 25 us per byte.
+    large = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(1_800)}}
+    client = AsyncOpenAIClient(api_key="k", base_url=server.url, max_retries=0)
+
+    async def main() -> tuple[int, Schema]:
+        accepting = asyncio.ensure_future(acheck_subquery_schema(large))
+        replies = 0
+        while not accepting.done():
+            assert await client.completion(f"ECHO beside {replies}") == f"beside {replies}"
+            replies += 1
+        return replies, await accepting
+
+    try:
+        replies, schema = engine.run_sync(main())
+    finally:
+        client.close_sync()
+    assert replies >= 3
+    assert schema.validate({"field_7": "x"}).ok
