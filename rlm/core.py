@@ -33,7 +33,7 @@ from rlm.sandbox.worker_pool import WorkerPool
 from rlm.schema import Schema, SchemaIssue, format_issues
 from rlm.structured import acheck_subquery_schema, structured_batch, structured_query
 from rlm.trajectory import Trajectory, cap_text, prompt_text
-from rlm.usage import PRICE_HELP, BudgetLedger, Usage, check_prices, outer_budget
+from rlm.usage import PRICE_HELP, BudgetLedger, Usage, check_budgetable, check_prices, outer_budget
 
 # Current frontier models take 128k tokens or more; compact well before that so the
 # reply and the next cell output still fit.
@@ -282,6 +282,7 @@ class _SubQueryService:
         run = self._run
         run.sub_calls += 1
         params = dict(params)
+        check_budgetable(params)
         schema = await acheck_subquery_schema(params.pop("schema")) if "schema" in params else None
         oversized = self._oversized(prompt)
         if oversized is not None:
@@ -346,6 +347,7 @@ class _SubQueryService:
         run = self._run
         total = len(prompts)
         params = dict(params)
+        check_budgetable(params)
         schema = await acheck_subquery_schema(params.pop("schema")) if "schema" in params else None
         if run.depth + 1 < run.rlm.max_depth:
             results = await asyncio.gather(

@@ -94,6 +94,21 @@ async def test_a_reply_naming_an_unknown_model_is_charged_at_the_requested_price
     assert ledger.spent_cost == pytest.approx(3.0)
 
 
+@pytest.mark.parametrize(("call", "message"), [
+    ("llm_query('ECHO hi', n=64, max_tokens=100)", "n=1 only"),
+    ("llm_query_batch(['ECHO a'], n=2)", "n=1 only"),
+    ("llm_query('ECHO hi', max_tokens=1, max_completion_tokens=20000)", "not both"),
+    ("llm_query('ECHO hi', max_tokens=20000.5)", "positive int"),
+])
+def test_sub_query_parameters_a_reservation_cannot_see_are_refused(closing: list[RLM], call: str,
+                                                                   message: str) -> None:
+    with FakeLLMServer(scripts={ROOT: [repl(call), "FINAL('done')"]}) as srv:
+        result = run_cell(srv, closing, call, max_tokens=100_000)
+        subs = [r for r in srv.requests_log if r["model"] == SUB]
+    assert message in result["error"]
+    assert subs == []
+
+
 def test_rlm_serve_refuses_an_unpriced_per_call_model_under_its_cost_cap() -> None:
     code = ("try:\n    llm_query('ECHO hi', model='unpriced-x', max_tokens=20000)\n"
             "except Exception as e:\n    FINAL(str(e))")
