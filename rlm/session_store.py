@@ -18,7 +18,9 @@ assignments, parsed with ``ast``, never executed here).
 from __future__ import annotations
 
 import ast
+import builtins
 import json
+import keyword
 import math
 import os
 import time
@@ -112,9 +114,16 @@ def assigned_names(code: str) -> set[str]:
             and n not in _PROVIDED and not n.startswith(_HELPER)}
 
 
-def _decode(value: Any) -> Any:
+# Deepest value a session file may hold: the encoder stops at depth 40.
+_MAX_DEPTH = 64
+
+
+def _decode(value: Any, depth: int = 0) -> Any:
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"a value nested deeper than {_MAX_DEPTH} levels")
+    depth += 1
     if isinstance(value, list):
-        return [_decode(x) for x in value]
+        return [_decode(x, depth) for x in value]
     if isinstance(value, dict):
         if len(value) != 1:
             raise ValueError("not a tagged value")
@@ -124,13 +133,13 @@ def _decode(value: Any) -> Any:
                 raise ValueError(f"bad float {inner!r}")
             return float(inner)
         if tag == "$t":
-            return tuple(_decode(x) for x in inner)
+            return tuple(_decode(x, depth) for x in inner)
         if tag == "$s":
-            return {_decode(x) for x in inner}
+            return {_decode(x, depth) for x in inner}
         if tag == "$fs":
-            return frozenset(_decode(x) for x in inner)
+            return frozenset(_decode(x, depth) for x in inner)
         if tag == "$d":
-            return {_decode(k): _decode(v) for k, v in inner}
+            return {_decode(k, depth): _decode(v, depth) for k, v in inner}
         raise ValueError(f"unknown tag {tag!r}")
     if value is None or isinstance(value, bool | int | float | str):
         return value
@@ -193,7 +202,11 @@ def _snapshot(session: RLMSession, names: Iterable[str], max_var_chars: int
 def save_session(session: RLMSession, path: str | os.PathLike[str], *,
                  max_var_chars: int = MAX_VAR_CHARS) -> Path:
     """Write ``session`` to ``path`` as JSON (atomically); see the module docstring."""
-    saved, unsaved = _snapshot(session, session.variable_names, max_var_chars)
+    # A cell's own `sum = 0` hides a builtin for that session only: loading refuses such
+    # names, so they are listed as not saved rather than breaking the file.
+    hiding = session.variable_names & _reserved_names(session.rlm)
+    saved, unsaved = _snapshot(session, session.variable_names - hiding, max_var_chars)
+    unsaved.update({name: "it hides the REPL's own name" for name in sorted(hiding)})
     data = {
         "format": FORMAT,
         "version": VERSION,
@@ -223,6 +236,12 @@ def _usage(data: Any) -> Usage:
     return Usage(**fields, by_model=by_model)
 
 
+def _reserved_names(rlm: RLM) -> frozenset[str]:
+    """Names a restored variable may not take: what the REPL provides (its functions,
+    the context, the builtins cells see) and the RLM's tools."""
+    return frozenset({*_PROVIDED, *dir(builtins), "LLMQueryError", *rlm.tools})
+
+
 def load_session(rlm: RLM, path: str | os.PathLike[str], context: Any) -> RLMSession:
     """A new session of ``rlm`` over ``context`` with the saved history, usage and plain
     variables of ``path`` restored; raises ``ConfigError`` for a file that is not one."""
@@ -234,6 +253,8 @@ def load_session(rlm: RLM, path: str | os.PathLike[str], context: Any) -> RLMSes
         raise ConfigError(f"session file not found: {path}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not a saved session (not JSON: {exc})") from exc
+    except RecursionError:
+        raise ConfigError(f"{path} is not a saved session (its JSON is nested too deeply)") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a saved rlm session (no format: {FORMAT!r})")
     if data.get("version") != VERSION:
@@ -246,9 +267,17 @@ def load_session(rlm: RLM, path: str | os.PathLike[str], context: Any) -> RLMSes
         values = {str(name): _decode(value) for name, value in variables.items()}
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path} holds a malformed session: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"{path} holds a malformed session: a value nested too deeply") from None
+    reserved = _reserved_names(rlm)
     for name in values:
-        if not name.isidentifier() or name in _PROVIDED or name.startswith(("_", _HELPER)):
+        if not name.isidentifier() or keyword.iskeyword(name) or name.startswith(("_", _HELPER)):
             raise ConfigError(f"{path} holds a variable named {name!r}, which cannot be restored")
+        if name in reserved:
+            raise ConfigError(
+                f"{path} holds a variable named {name!r}, which would hide the REPL's own "
+                f"{name!r}; rename it in the file (or delete it) to load the session"
+            )
     session = RLMSession(rlm, context)
     try:
         session.history.extend(pairs)
