@@ -9,7 +9,6 @@ request log proves what was (and was not) sent.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,37 +29,32 @@ def cell_results(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in events if e["type"] == "cell_result"]
 
 
-def run_cell(srv: FakeLLMServer, closing: list[RLM], code: str, **budget: Any) -> dict[str, Any]:
-    """Run one root turn whose cell is ``code``; its cell_result event."""
+def run_cell(closing: list[RLM], code: str, **budget: Any) -> tuple[dict[str, Any], list[str]]:
+    """Run one root turn whose cell is ``code``: its cell_result event, and the models
+    the server was asked for."""
     events: list[dict[str, Any]] = []
-    rlm = make_rlm(srv, closing, prices=PRICES, on_event=events.append, max_iterations=1, **budget)
-    rlm.completion("ctx", "Go.")
-    return cell_results(events)[0]
+    with FakeLLMServer(scripts={ROOT: [repl(code), "FINAL('done')"]}) as srv:
+        rlm = make_rlm(srv, closing, prices=PRICES, on_event=events.append, max_iterations=1, **budget)
+        rlm.completion("ctx", "Go.")
+        return cell_results(events)[0], [r["model"] for r in srv.requests_log]
 
 
 def test_an_unpriced_per_call_model_is_refused_under_a_cost_cap(closing: list[RLM]) -> None:
-    code = "llm_query('ECHO hi', model='unpriced-x', max_tokens=20000)"
-    with FakeLLMServer(scripts={ROOT: [repl(code), "FINAL('done')"]}) as srv:
-        result = run_cell(srv, closing, code, max_cost_usd=0.01)
-        sent = [r["model"] for r in srv.requests_log]
+    result, sent = run_cell(closing, "llm_query('ECHO hi', model='unpriced-x', max_tokens=20000)",
+                            max_cost_usd=0.01)
     assert "has no price" in result["error"]
     assert "unpriced-x" not in sent
 
 
 def test_an_unpriced_per_call_model_fills_error_slots_in_a_batch(closing: list[RLM]) -> None:
-    code = "print(llm_query_batch(['ECHO a', 'ECHO b'], model='unpriced-x'))"
-    with FakeLLMServer(scripts={ROOT: [repl(code), "FINAL('done')"]}) as srv:
-        result = run_cell(srv, closing, code, max_cost_usd=0.01)
-        sent = [r["model"] for r in srv.requests_log]
+    result, sent = run_cell(closing, "print(llm_query_batch(['ECHO a', 'ECHO b'], model='unpriced-x'))",
+                            max_cost_usd=0.01)
     assert result["stdout"].count("[llm_query error: model 'unpriced-x' has no price") == 2
     assert "unpriced-x" not in sent
 
 
 def test_without_a_cost_cap_an_unpriced_per_call_model_is_sent(closing: list[RLM]) -> None:
-    code = "print(llm_query('ECHO hi', model='unpriced-x'))"
-    with FakeLLMServer(scripts={ROOT: [repl(code), "FINAL('done')"]}) as srv:
-        result = run_cell(srv, closing, code, max_tokens=100_000)
-        sent = [r["model"] for r in srv.requests_log]
+    result, sent = run_cell(closing, "print(llm_query('ECHO hi', model='unpriced-x'))", max_tokens=100_000)
     assert result["stdout"] == "hi\n"
     assert "unpriced-x" in sent
 
@@ -102,11 +96,9 @@ async def test_a_reply_naming_an_unknown_model_is_charged_at_the_requested_price
 ])
 def test_sub_query_parameters_a_reservation_cannot_see_are_refused(closing: list[RLM], call: str,
                                                                    message: str) -> None:
-    with FakeLLMServer(scripts={ROOT: [repl(call), "FINAL('done')"]}) as srv:
-        result = run_cell(srv, closing, call, max_tokens=100_000)
-        subs = [r for r in srv.requests_log if r["model"] == SUB]
+    result, sent = run_cell(closing, call, max_tokens=100_000)
     assert message in result["error"]
-    assert subs == []
+    assert SUB not in sent
 
 
 def test_rlm_serve_refuses_an_unpriced_per_call_model_under_its_cost_cap() -> None:
@@ -126,31 +118,30 @@ def test_rlm_serve_refuses_an_unpriced_per_call_model_under_its_cost_cap() -> No
     assert "unpriced-x" not in sent
 
 
-def mcp_client(upstream: FakeLLMServer, *extra: str) -> Client:
-    args = ["-m", "rlm.cli", "mcp", "--base-url", upstream.url, "--api-key", "k", "--model", ROOT,
-            "--recursive-model", SUB, "--price", f"{ROOT}=1,1", "--price", f"{SUB}=1,1", *extra]
-    return Client(StdioServerParameters(command=sys.executable, args=args))
-
-
-async def test_mcp_repl_sessions_spend_within_max_tokens(tmp_path: Path) -> None:
-    code = "rs = llm_query_batch([f'ECHO {i} ' + 'x' * 200 for i in range(40)])\nprint(rs[-1][:60])"
+async def mcp_session_cell(code: str, *flags: str) -> tuple[str, int]:
+    """Run ``code`` in a REPL session of ``rlm mcp FLAGS`` (stdio); its stdout, and how
+    many requests reached the upstream."""
     with FakeLLMServer() as upstream:
-        async with mcp_client(upstream, "--max-tokens", "1000") as client:
+        args = ["-m", "rlm.cli", "mcp", "--base-url", upstream.url, "--api-key", "k", "--model", ROOT,
+                "--recursive-model", SUB, "--price", f"{ROOT}=1,1", "--price", f"{SUB}=1,1", *flags]
+        async with Client(StdioServerParameters(command=sys.executable, args=args)) as client:
             sid = (await client.call_tool("repl_open", {"context": "z"})).structured_content["session_id"]
             ran = await client.call_tool("repl_exec", {"session_id": sid, "code": code})
-        sent = upstream.requests
-    assert ran.structured_content["stdout"].startswith("[llm_query error: budget exhausted (session max_tokens=1000)")
+        return ran.structured_content["stdout"], upstream.requests
+
+
+async def test_mcp_repl_sessions_spend_within_max_tokens() -> None:
+    stdout, sent = await mcp_session_cell(
+        "rs = llm_query_batch([f'ECHO {i} ' + 'x' * 200 for i in range(40)])\nprint(rs[-1][:60])",
+        "--max-tokens", "1000")
+    assert stdout.startswith("[llm_query error: budget exhausted (session max_tokens=1000)")
     assert sent < 40
 
 
 async def test_mcp_repl_sessions_refuse_an_unpriced_model_under_max_cost_usd() -> None:
-    code = "print(llm_query_batch(['ECHO a'], model='unpriced-x')[0][:60])"
-    with FakeLLMServer() as upstream:
-        async with mcp_client(upstream, "--max-cost-usd", "0.01") as client:
-            sid = (await client.call_tool("repl_open", {"context": "z"})).structured_content["session_id"]
-            ran = await client.call_tool("repl_exec", {"session_id": sid, "code": code})
-        sent = upstream.requests
-    assert ran.structured_content["stdout"].startswith("[llm_query error: model 'unpriced-x' has no price")
+    stdout, sent = await mcp_session_cell("print(llm_query_batch(['ECHO a'], model='unpriced-x')[0][:60])",
+                                          "--max-cost-usd", "0.01")
+    assert stdout.startswith("[llm_query error: model 'unpriced-x' has no price")
     assert sent == 0
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import openai
 import pytest
-from serve_support import NEEDLE, QUERY, ROOT, SUB, haystack, rlm_server, sub_model
+from serve_support import NEEDLE, QUERY, ROOT, SUB, rlm_server, sub_model
 
 from rlm.errors import ConfigError
 from rlm.serve.auth import HostRule, is_json_content_type
@@ -44,13 +44,6 @@ def guarded_upstream() -> Iterator[FakeLLMServer]:
         yield srv
 
 
-@pytest.fixture(scope="module")
-def secrets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("notes")
-    (root / "notes.txt").write_text(haystack(), encoding="utf-8")
-    return root
-
-
 def serve_args(upstream: FakeLLMServer, allowed: Path, *extra: str) -> list[str]:
     return ["serve", "--port", "0", "--base-url", upstream.url, "--api-key", "upstream-key",
             "--model", ROOT, "--recursive-model", SUB, "--allow-dir", str(allowed),
@@ -58,8 +51,8 @@ def serve_args(upstream: FakeLLMServer, allowed: Path, *extra: str) -> list[str]
 
 
 @pytest.fixture(scope="module")
-def url(guarded_upstream: FakeLLMServer, secrets_dir: Path) -> Iterator[str]:
-    with rlm_server(serve_args(guarded_upstream, secrets_dir), ready=READY) as base:
+def url(guarded_upstream: FakeLLMServer, allowed: Path) -> Iterator[str]:
+    with rlm_server(serve_args(guarded_upstream, allowed), ready=READY) as base:
         yield base
 
 
@@ -90,7 +83,7 @@ def test_the_rebinding_reproduction_gets_421_and_reads_nothing(url: str, guarded
     host = f"rebind.attacker.example:{port_of(url)}"
     status, body = raw(url, "POST", "/v1/chat/completions",
                        {"Host": host, "Origin": f"http://{host}", "Content-Type": "text/plain"},
-                       chat_body(context_path="notes.txt"))
+                       chat_body(context_path="log.txt"))
     assert status == 421
     assert NEEDLE not in json.dumps(body)
     assert guarded_upstream.requests == before
@@ -104,7 +97,7 @@ def test_a_rebound_host_cannot_read_the_model_list_either(url: str) -> None:
 def test_a_rebound_host_gets_421_even_with_a_json_body(url: str) -> None:
     status, _ = raw(url, "POST", "/v1/chat/completions",
                     {"Host": f"evil.example:{port_of(url)}", "Content-Type": "application/json"},
-                    chat_body(context_path="notes.txt"))
+                    chat_body(context_path="log.txt"))
     assert status == 421
 
 
@@ -125,7 +118,7 @@ def test_a_post_not_declared_as_json_gets_415(url: str, guarded_upstream: FakeLL
                                               content_type: str | None) -> None:
     before = guarded_upstream.requests
     headers = {"Content-Type": content_type} if content_type else {}
-    status, body = raw(url, "POST", "/v1/chat/completions", headers, chat_body(context_path="notes.txt"))
+    status, body = raw(url, "POST", "/v1/chat/completions", headers, chat_body(context_path="log.txt"))
     assert status == 415
     assert "application/json" in body["error"]["message"]
     assert guarded_upstream.requests == before
@@ -142,13 +135,13 @@ def test_the_openai_sdk_still_gets_answers(url: str) -> None:
     with openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60) as client:
         reply = client.chat.completions.create(
             model="rlm", messages=[{"role": "user", "content": QUERY}],
-            extra_body={"rlm": {"context_path": "notes.txt"}})
+            extra_body={"rlm": {"context_path": "log.txt"}})
     assert reply.choices[0].message.content == NEEDLE
 
 
 def test_an_allowed_host_flag_admits_that_host_and_its_pages(guarded_upstream: FakeLLMServer,
-                                                             secrets_dir: Path) -> None:
-    args = serve_args(guarded_upstream, secrets_dir, "--allowed-host", "rlm.internal")
+                                                             allowed: Path) -> None:
+    args = serve_args(guarded_upstream, allowed, "--allowed-host", "rlm.internal")
     with rlm_server(args, ready=READY) as base:
         assert raw(base, "GET", "/v1/models", {"Host": "rlm.internal:8080",
                                                 "Origin": "https://rlm.internal"})[0] == 200
