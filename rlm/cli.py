@@ -824,6 +824,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_running=args.max_running,
         max_queue=args.max_queue,
         allow_dirs=_allowed_dirs(args),
+        allowed_hosts=tuple(args.allowed_host),
     )
     runner = QueryRunner(_upstream_settings(args))
     try:
@@ -1097,6 +1098,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-mb", type=_positive_float, default=64.0, help="largest request body, in MB; 413 beyond (default: 64)")
     srv.add_argument("--max-running", type=_positive_int, default=8, help="RLM runs at once (default: 8)")
     srv.add_argument("--max-queue", type=int, default=32, help="requests waiting for a run slot; 429 beyond (default: 32)")
+    srv.add_argument("--allowed-host", action="append", default=[], metavar="HOST[:PORT]",
+                     help="also answer requests whose Host (or browser Origin) is HOST, repeatable; "
+                          "'*' for any (default: loopback names and the --host address; 421 otherwise)")
     _add_upstream_args(srv)
     _add_cost_flags(srv)
     _add_cache_options(srv)
