@@ -200,7 +200,11 @@ def _print_result(result: Any, args: argparse.Namespace, *, view_shown_answer: b
         print(result.answer)
     # A run sets `error` only when it ends without an answer (see RLM._run).
     if result.answer is None:
-        print(f"rlm: run failed ({result.stopped_reason}): {result.error}", file=sys.stderr)
+        from rlm.display.formatting import clean_text
+
+        # The error can quote a model reply or the document: shown inert on the terminal.
+        print(f"rlm: run failed ({result.stopped_reason}): {clean_text(result.error)}",
+              file=sys.stderr)
         return EXIT_FAILED
     if result.stopped_reason == "max_iterations":
         print(
@@ -474,7 +478,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     outcome = demo.summarize(result, haystack, wall, latency)
     verdict = "[green]correct[/]" if outcome.correct else f"[red]wrong[/] (expected {outcome.expected})"
     console.print()
-    console.print(f"answer:       [bold]{outcome.answer}[/]  {verdict}")
+    from rich.markup import escape
+
+    from rlm.display.formatting import clean_text
+
+    # The answer is the model's text: escaped for rich markup and made inert for the terminal.
+    console.print(f"answer:       [bold]{escape(clean_text(outcome.answer))}[/]  {verdict}")
     console.print(f"needle:       line {haystack.needle_line:,} of {haystack.lines:,}")
     console.print(f"iterations:   {outcome.iterations}")
     console.print(f"sub-queries:  {outcome.sub_calls}")
