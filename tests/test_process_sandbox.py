@@ -27,7 +27,7 @@ from rlm_support import pid_alive
 from rlm import AsyncOpenAIClient
 from rlm.errors import ConfigError, EnvClosedError, SandboxError
 from rlm.repl import REPLEnv
-from rlm.sandbox import process as process_mod
+from rlm.sandbox import zygote_client
 from rlm.testing import FakeLLMServer
 
 CANARY_KEY = "sk-canary-process-sandbox-7f3a9c"
@@ -243,7 +243,7 @@ def test_the_host_environment_and_api_key_are_invisible(
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", CANARY_KEY)
     # A template process started while the secret is in the host's environment.
-    process_mod._shutdown_zygote()
+    zygote_client.shutdown_zygote()
     env = make_env("ctx")
     outputs = []
     for code in (
@@ -580,13 +580,13 @@ def test_interpreter_exit_leaves_no_processes_directories_or_warnings(tmp_path: 
         """
         import json, sys
         from rlm import REPLEnv
-        from rlm.sandbox import process
+        from rlm.sandbox import zygote_client
         kept = [REPLEnv("ctx", sandbox="process", timeout=1) for _ in range(3)]
         kept[0].execute("x = 1")
         kept[1].execute("10**10**8")  # killed and restarted in the background
         closed = REPLEnv("ctx", sandbox="process")
         closed.close()
-        pids = [e.executor._res.pid for e in kept] + [process._get_zygote().proc.pid]
+        pids = [e.executor._res.pid for e in kept] + [zygote_client.get_zygote().proc.pid]
         # Each worker's root is a tmpfs in its own mount namespace (nothing on disk) or a
         # directory per worker start, removed when that worker is reaped.
         roots = [f"/proc/{pid}/root/" for pid in pids[:-1]]

@@ -1,6 +1,6 @@
 """Kernel isolation for the process sandbox: namespaces, the jail's file system, worker uids.
 
-Used only by the zygote and the processes it forks (see ``_worker``). Everything here
+Used only by the zygote and the processes it forks (see ``zygote``). Everything here
 assumes the code in a worker is fully hostile once it runs: it may have escaped the
 policy and make any system call as the worker's uid. So:
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from rlm_support import pid_alive
 
-from rlm.sandbox import process as process_mod
+from rlm.sandbox import zygote_client
 from rlm.sandbox._isolation import UID_BASE
 from rlm.sandbox.process import ProcessExecutor
 from rlm.testing import FakeLLMServer
@@ -47,12 +47,12 @@ def test_worker_environment_is_empty_even_with_a_secret_in_the_host(
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-canary-os-layer-12345")
     # A fresh template process, started while the canary is in the host's environment.
-    process_mod._shutdown_zygote()
+    zygote_client.shutdown_zygote()
     with ProcessExecutor(_allow_raw=True) as ex:
         got = ex._run_raw("import os; result = dict(os.environ)")
         assert got.value == {}
         assert ex.protections["empty_environment"] is True
-        zygote = process_mod._get_zygote()
+        zygote = zygote_client.get_zygote()
         # The template's own environment, as the kernel recorded it at exec time.
         assert Path(f"/proc/{zygote.proc.pid}/environ").read_bytes() == b""
         scan = ex._run_raw("import os\nresult = [k for k in os.environ if 'KEY' in k]\n")
@@ -464,8 +464,8 @@ def test_a_total_disk_limit_stops_a_cell_writing_many_files() -> None:
 # Raw code finds the worker's own channel to the host and writes a frame nobody checked.
 _NESTED_FRAME = (
     "import gc, os, struct, threading, time\n"
-    "worker = next(o for o in gc.get_objects() if type(o).__name__ == '_Worker')\n"
-    "fd = worker.channel.fileno()\n"
+    "worker = next(o for o in gc.get_objects() if type(o).__name__ == 'WorkerChannel')\n"
+    "fd = worker.fileno()\n"
     "body = b'[' * 200000 + b']' * 200000\n"
     "frame = struct.pack('!IQ', len(body), 0) + body\n"
     "def later():\n"
@@ -492,11 +492,11 @@ def test_a_frame_larger_than_the_cap_is_refused_before_it_is_read() -> None:
     with ProcessExecutor(_allow_raw=True) as ex:
         got = ex._run_raw(
             "import gc, os, struct, threading, time\n"
-            "worker = next(o for o in gc.get_objects() if type(o).__name__ == '_Worker')\n"
+            "worker = next(o for o in gc.get_objects() if type(o).__name__ == 'WorkerChannel')\n"
             "def later():\n"
             "    time.sleep(0.3)\n"
             "    with worker.send_lock:\n"
-            "        os.write(worker.channel.fileno(), struct.pack('!IQ', 1 << 31, 0))\n"
+            "        os.write(worker.fileno(), struct.pack('!IQ', 1 << 31, 0))\n"
             "threading.Thread(target=later).start()\n"
             "result = 'armed'\n"
         )
