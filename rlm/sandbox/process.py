@@ -309,12 +309,15 @@ class ProcessExecutor:
         # Released now, not when a collection finds this executor's cycles.
         self._context = None
         link, self._link = self._link, None
-        if self._pool is not None and link is not None and self._reusable(link):
-            handed = self._res.disown(link.pid)
-            if handed is not None:
-                link.bind(None)
-                schedule_recycle(self._pool, self._pool_key(), WarmWorker(link, *handed),
-                                  self._uses)
+        if self._pool is not None and link is not None:
+            if self._reusable(link):
+                handed = self._res.disown(link.pid)
+                if handed is not None:
+                    link.bind(None)
+                    schedule_recycle(self._pool, self._pool_key(), WarmWorker(link, *handed),
+                                     self._uses)
+            elif link.tainted and not link.dead:
+                self._pool.note_refused()
         self._finalizer()
         restart, self._restart = self._restart, None
         if restart is not None:
@@ -425,10 +428,12 @@ class ProcessExecutor:
         return tuple(sorted(self._spec().items()))
 
     def _reusable(self, link: WorkerLink) -> bool:
-        """Whether ``link``'s worker is idle and whole: no command or request in flight."""
+        """Whether ``link``'s worker may be offered to another REPL, judged only from what
+        the host saw: never asked to hand out a data library, never timed out or dead,
+        and idle (no command or request in flight)."""
         busy = self._lock is not None and self._lock.locked()
-        return not (busy or link.dead or link.timed_out or link.reply is not None or link.tasks
-                    or link.pulls)
+        return not (busy or link.tainted or link.dead or link.timed_out or link.reply is not None
+                    or link.tasks or link.pulls)
 
     async def _spawn(self) -> WorkerLink:
         if self._closed:
@@ -509,7 +514,7 @@ class ProcessExecutor:
             for chunk in chunks:
                 writer.write(chunk)
                 await writer.drain()
-            ready = await self._await_ready(link)
+            ready = await link.answer("ready", self._start_timeout)
         except (TimeoutError, WorkerLost, ConnectionError) as exc:
             status = await self._bury(link)
             if isinstance(exc, TimeoutError):
@@ -528,18 +533,11 @@ class ProcessExecutor:
                 why = _describe_status(status)
             raise SandboxError(f"the sandbox worker did not start: {why}") from exc
         self.setup_error = ready.get("setup_error")
-        self._protections = summarise(ready.get("protections") or {}, self._plan, self.cpu_limit_s)
+        # Only what the worker reported before any user code ran in it: on a reused
+        # worker, what it says now would be a claim.
+        self._protections = summarise(link.hello or {}, self._plan, self.cpu_limit_s)
         return link
 
-    async def _await_ready(self, link: WorkerLink) -> dict[str, Any]:
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        link.reply = fut
-        if link.dead:
-            raise link.lost or WorkerLost(None)
-        try:
-            return await asyncio.wait_for(fut, self._start_timeout)
-        finally:
-            link.reply = None
 
     async def _bury(self, link: WorkerLink) -> int | None:
         """Make sure ``link``'s worker is dead and reaped; return its wait status."""

@@ -16,12 +16,14 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 import threading
 import time
 from typing import Any
 
 from rlm.sandbox.confine import confine_worker
 from rlm.sandbox.context_codec import decode_context
+from rlm.sandbox.modules import DATA_MODULES
 from rlm.sandbox.watchdog import Watchdog
 from rlm.sandbox.wire import recv_frame
 from rlm.sandbox.worker_channel import WorkerChannel
@@ -54,6 +56,8 @@ class Worker:
         self.watchdog = Watchdog()
         self.session: Session | None = None
         self.baseline = Baseline(nofile=int(spec.get("nofile") or 64))
+        self.file_access = False
+        self.data_modules: tuple[str, ...] = ()
 
     def run(self) -> None:
         """Confine this process, then serve REPLs until the host closes the channel."""
@@ -64,6 +68,19 @@ class Worker:
         self.baseline.root_fd = confined.root_fd
         self.baseline.root_mode = confined.root_mode
         self.baseline.fds = {0, 1, 2, self.channel.fileno(), confined.root_fd}
+        # Files and the data libraries only where the OS, not the policy, bounds them: a
+        # private root, no network, no privileges. They are reported with the protections.
+        prot = self.protections
+        self.file_access = bool(
+            prot.get("filesystem_jail") and prot.get("network_namespace")
+            and prot.get("capabilities_dropped")
+        )
+        self.data_modules = tuple(m for m in DATA_MODULES if self.file_access and m in sys.modules)
+        prot["file_access"] = self.file_access
+        prot["data_modules"] = ", ".join(self.data_modules)
+        # The one report the host believes, sent before any user code can exist here: a
+        # reused worker's later words about itself are claims (see rlm.sandbox.process).
+        self.channel.send_now({"op": "hello", "protections": prot})
         init, payload = recv_frame(self.channel.sock)
         if init.get("op") != "init":
             return
@@ -79,12 +96,13 @@ class Worker:
         context = decode_context(init.get("context_kind", "none"), payload or bytearray())
         del payload
         self.channel.set_limits(init.get("limits") or {})
-        self.session = Session(self.channel, self.watchdog, self.protections, init, context)
+        self.session = Session(
+            self.channel, self.watchdog, init, context,
+            file_access=self.file_access, data_modules=self.data_modules,
+        )
         del context
         setup_error = self.session.setup()
-        self.channel.send(
-            {"op": "ready", "protections": self.protections, "setup_error": setup_error}
-        )
+        self.channel.send({"op": "ready", "setup_error": setup_error})
 
     def _serve(self, init: dict[str, Any]) -> tuple[dict[str, Any], bytearray | None]:
         """Run the REPL's commands until a reset; return the next REPL's init message."""

@@ -21,10 +21,13 @@ from rlm.sandbox.subqueries import LLMQueryError
 from rlm.sandbox.wire import HEADER, pack
 from rlm.sandbox.worker_requests import RequestServer
 
-__all__ = ["WorkerLink", "WorkerLost"]
+__all__ = ["ANSWERS", "WorkerLink", "WorkerLost"]
 
 # Bytes queued for a worker that does not read them, past which its requests wait.
 _WRITE_BUFFER_HIGH = 8 << 20
+
+# The answer each command waits for (any other answer is dropped).
+ANSWERS = {"init": "ready", "exec": "result", "get": "value", "raw": "raw_result", "reset": "clean"}
 
 
 class WorkerLost(Exception):
@@ -63,6 +66,12 @@ class WorkerLink:
         self.dead = False
         self.timed_out = False
         self.lost: WorkerLost | None = None
+        # The answer op the pending command waits for (see ANSWERS).
+        self.expect: str | None = None
+        # Set for good once the worker asked to hand out a data library.
+        self.tainted = False
+        # The worker's first report of its protections (sent before any user code ran).
+        self.hello: dict[str, Any] | None = None
         self.read_task = asyncio.get_running_loop().create_task(self._read_loop())
 
     def bind(self, server: RequestServer | None, max_output_chars: int = 0) -> None:
@@ -95,15 +104,23 @@ class WorkerLink:
 
     async def command(self, msg: dict[str, Any], limit: float | None) -> dict[str, Any]:
         """Send one command and wait for its answer; raises WorkerLost or TimeoutError."""
+        return await self.answer(ANSWERS[msg["op"]], limit, msg)
+
+    async def answer(
+        self, expect: str, limit: float | None, msg: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Wait for the worker's next ``expect`` message (sending ``msg`` first, if any);
+        raises WorkerLost or TimeoutError."""
         if self.dead:
             raise self.lost or WorkerLost(None)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.reply = fut
+        self.reply, self.expect = fut, expect
         try:
-            self.send(msg)
+            if msg is not None:
+                self.send(msg)
             return await asyncio.wait_for(fut, limit)
         finally:
-            self.reply = None
+            self.reply = self.expect = None
 
     async def _read_loop(self) -> None:
         reason = ""
@@ -189,8 +206,26 @@ class WorkerLink:
             return True
         if op in ("result", "value", "raw_result", "ready", "clean"):
             fut = self.reply
-            # A reply nobody waits for any more (its command was cancelled) is dropped.
-            if fut is not None and not fut.done():
+            # A reply nobody waits for any more (its command was cancelled), or not the
+            # kind the command waits for, is dropped.
+            if fut is not None and not fut.done() and op == self.expect:
                 fut.set_result(msg)
+            return True
+        if op == "data":
+            # The worker is about to hand out a data library, which runs arbitrary code by
+            # design: it is marked before the answer leaves, so whatever the worker does
+            # or says afterwards, this process is never lent to another REPL.
+            rid = msg.get("id")
+            if not isinstance(rid, int):
+                return False
+            self.tainted = True
+            self.send({"op": "reply", "id": rid, "ok": True, "result": None})
+            return True
+        if op == "hello":
+            # What a fresh worker reports of its confinement before any user code exists;
+            # the first report is the only one believed.
+            prot = msg.get("protections")
+            if self.hello is None and isinstance(prot, dict):
+                self.hello = prot
             return True
         return False

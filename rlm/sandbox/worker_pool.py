@@ -19,9 +19,17 @@ What a borrowed worker carries over, and what it does not:
   asyncio facade...), exactly as a fresh worker would.
 - The OS layer does not change: the same confinement (namespaces, jail, uid, rlimits)
   applies for the worker's whole life, and ``protections`` reports it as before.
+- The host decides reuse from what it saw itself; anything a worker says about itself
+  once a cell ran in it is a claim. A reset's "clean" can only forbid reuse, never
+  prove it; ``protections`` is what the worker reported when fresh, before any user
+  code; a kill stays armed until the host sees the worker quiet. A worker must ask the
+  host before it first hands out numpy, pandas or yaml (while its code is still the
+  sandbox's own), and the host then never lends it again: those libraries run
+  arbitrary code by design (yaml.unsafe_load, pickles), so such a worker is assumed
+  fully compromised. Nor is a worker lent that timed out, died or was still busy.
 - What stays is the worker process itself. Between tasks, isolation therefore rests on
   the sandbox policy plus the reset (as it does between two in-process REPLs), not on
-  a new process: code that escaped the policy in one task could wait for the next.
+  a new process: code that escaped the policy itself in one task could wait for the next.
   Pools are scoped to one owner (one ``RLM``: one job, one user), a worker serves at
   most ``max_uses`` REPLs, and idle workers are killed after ``idle_s`` (and when the
   pool is closed or dropped). Pass
@@ -145,13 +153,15 @@ class WorkerPool:
         return kept
 
     def note_refused(self) -> None:
-        """Count a worker that failed its reset (it was killed instead of kept)."""
+        """Count a worker killed instead of kept: it failed its reset, or the host would
+        not offer it at all (it handed out a data library)."""
         with self._lock:
             self._counts["refused"] += 1
 
     def stats(self) -> dict[str, int]:
         """Counts so far: workers ``started`` fresh, ``reused``, ``returned`` after a reset,
-        ``retired`` (worn out, pool closed), ``refused`` (failed the reset), ``idle`` now."""
+        ``retired`` (worn out, pool closed), ``refused`` (failed the reset, or never offered:
+        it handed out a data library), ``idle`` now."""
         with self._lock:
             out = dict(self._counts)
             out["idle"] = sum(len(v) for v in self._idle.values())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -41,9 +40,11 @@ class Session:
         self,
         channel: WorkerChannel,
         watchdog: Watchdog,
-        protections: dict[str, Any],
         init: dict[str, Any],
         context: Any,
+        *,
+        file_access: bool,
+        data_modules: tuple[str, ...],
     ) -> None:
         import asyncio
 
@@ -64,28 +65,29 @@ class Session:
         extra: dict[str, Any] = {"context": context}
         extra.update(self._llm_functions())
         extra.update(self._tool_stubs(init.get("tools") or []))
-        # Files and the data libraries only where the OS, not the policy, bounds them: a
-        # private root, no network, no privileges. They are reported with the protections.
-        prot = protections
-        confined = bool(
-            prot.get("filesystem_jail") and prot.get("network_namespace")
-            and prot.get("capabilities_dropped")
-        )
-        from rlm.sandbox.modules import DATA_MODULES
-
-        data = tuple(m for m in DATA_MODULES if confined and m in sys.modules)
-        prot["file_access"] = confined
-        prot["data_modules"] = ", ".join(data)
         self.ns = cells.build_namespace(
             write_stdout=lambda text: self._write("stdout", text),
             write_stderr=lambda text: self._write("stderr", text),
             extra=extra,
-            file_access=confined,
-            data_modules=data,
-            on_data_import=self._note_data_import,
+            file_access=file_access,
+            data_modules=data_modules,
+            on_data_import=self._before_data_import,
         )
 
-    def _note_data_import(self, name: str) -> None:
+    def _before_data_import(self, name: str) -> None:
+        """Tell the host before a data library is first handed out, and wait until it has
+        heard: from then on it never lends this worker to another REPL. Those libraries
+        run arbitrary code by design (yaml.unsafe_load, pickles), so nothing the worker
+        says after this import can be trusted, which is why the host must know first."""
+        if self.data_imported:
+            return
+        from rlm.sandbox import cells
+
+        future = self.channel.submit("data", name=name)
+        try:
+            cells.wait_for_future(self.ns, future)
+        except Exception as exc:
+            raise ImportError(f"import of {name!r} failed: the host did not answer ({exc})") from None
         self.data_imported = True
 
     def close(self) -> None:
