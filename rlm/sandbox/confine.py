@@ -23,7 +23,18 @@ from typing import Any
 
 from rlm.sandbox import _isolation as isolation
 
-__all__ = ["Confinement", "confine_worker", "enter_namespaces", "plan_isolation"]
+__all__ = [
+    "CHANNEL_FD",
+    "Confinement",
+    "confine_worker",
+    "enter_namespaces",
+    "place_channel",
+    "plan_isolation",
+]
+
+# Where a worker keeps its channel: far above every descriptor its cells can create
+# (RLIMIT_NOFILE is ``spec["nofile"]``, 64 by default), so none of theirs is ever it.
+CHANNEL_FD = 1000
 
 
 def _write_file(path: str, text: str) -> None:
@@ -97,6 +108,25 @@ def plan_isolation(plan: dict[str, Any]) -> None:
         if isolation.probe_private_tmpfs(mountpoint):
             plan["tmpfs"] = True
             plan["mountpoint"] = mountpoint
+
+
+def place_channel(fd: int, nofile: int) -> int:
+    """Move the channel descriptor ``fd`` out of the range a cell's own files use (to
+    ``CHANNEL_FD``, above the descriptor limit set later), close-on-exec; the new number.
+
+    Cells reach files by name only (``jail_files``); this keeps the channel clear of
+    the descriptors they do get, and of the numbers code counting from 3 would guess.
+    """
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    target = CHANNEL_FD if soft == resource.RLIM_INFINITY else min(CHANNEL_FD, soft - 1)
+    if target <= max(fd, nofile):
+        os.set_inheritable(fd, False)
+        return fd
+    os.dup2(fd, target, inheritable=False)
+    os.close(fd)
+    return target
 
 
 @dataclass

@@ -9,7 +9,10 @@ messages); what the process adds is what no in-process policy can give:
 - a wall-clock limit enforced from outside: the policy's deadline stops a Python loop
   first (the REPL keeps its variables); if the cell is still running ``KILL_GRACE_S``
   later (one long C call), this process SIGKILLs the worker's init, which nothing
-  inside (threads, signal handlers, blocking calls, double forks) can resist;
+  inside (threads, signal handlers, blocking calls, double forks) can resist. The
+  worker's ``result`` does not disarm the kill: the host does, once it sees the
+  worker's process tree quiet (``cell_watch``), and it kills a worker that uses CPU
+  while no cell runs;
 - its own PID namespace where the kernel allows it: the worker runs under a tiny init
   whose death makes the kernel kill every process in the namespace, so nothing the
   worker starts outlives it (else every process of the worker's own uid is swept);
@@ -39,7 +42,10 @@ Decisions:
   die with the zygote (which dies with the host).
 - Data only crosses the boundary as JSON frames (see ``wire``); nothing the worker
   sends is unpickled or imported here, and every request is checked again with the
-  policy's own checks. The context is sent once per worker start: a str as raw UTF-8
+  policy's own checks. What a worker says about itself once a cell ran in it is a
+  claim: reuse (``worker_pool``), ``protections`` and the end of a cell are decided
+  from what the host saw. Cells open files by name only (``jail_files``), and the
+  channel sits above every descriptor they can get. The context is sent once per worker start: a str as raw UTF-8
   bytes (ASCII in slices, so the host never holds a second full copy), bytes as is,
   anything else as JSON (tuples arrive as lists, dict keys as str).
 - Tools cannot cross a process boundary: a tool runs here, in the host, and the worker
@@ -69,6 +75,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import functools
 import inspect
 import os
 import signal
@@ -81,7 +88,8 @@ from typing import Any
 
 from rlm import loop as engine
 from rlm.errors import ConfigError, EnvClosedError, SandboxError
-from rlm.sandbox import CellOutcome, SubQueries, deadlines
+from rlm.sandbox import CellOutcome, SubQueries
+from rlm.sandbox.cell_watch import CellWatch
 from rlm.sandbox.context_codec import encode_context
 from rlm.sandbox.flow import SubQueryGate
 from rlm.sandbox.host_threads import host_pool
@@ -220,6 +228,7 @@ class ProcessExecutor:
         self._finalizer = weakref.finalize(self, WorkerResources.release, self._res)
         _live.add(self)
         self._link: WorkerLink | None = None
+        self._watch: CellWatch | None = None
         self._restart: asyncio.Task[WorkerLink] | None = None
         self._lock: asyncio.Lock | None = None
         self._closed = False
@@ -309,6 +318,8 @@ class ProcessExecutor:
         # Released now, not when a collection finds this executor's cycles.
         self._context = None
         link, self._link = self._link, None
+        if self._watch is not None:
+            self._watch.stop()
         if self._pool is not None and link is not None:
             if self._reusable(link):
                 handed = self._res.disown(link.pid)
@@ -432,8 +443,8 @@ class ProcessExecutor:
         the host saw: never asked to hand out a data library, never timed out or dead,
         and idle (no command or request in flight)."""
         busy = self._lock is not None and self._lock.locked()
-        return not (busy or link.tainted or link.dead or link.timed_out or link.reply is not None
-                    or link.tasks or link.pulls)
+        return not (busy or link.tainted or link.dead or link.timed_out or link.killed_by_host
+                    or link.reply is not None or link.tasks or link.pulls)
 
     async def _spawn(self) -> WorkerLink:
         if self._closed:
@@ -494,6 +505,7 @@ class ProcessExecutor:
 
     async def _load(self, link: WorkerLink) -> WorkerLink:
         """Send the REPL (context, tools, setup code, caps) to ``link``'s worker; wait ready."""
+        self._watch = CellWatch(link.pid, functools.partial(_host_kill, self._res, link))
         writer = link.writer
         kind, total, chunks = encode_context(self._context)
         init = {
@@ -543,9 +555,12 @@ class ProcessExecutor:
         """Make sure ``link``'s worker is dead and reaped; return its wait status."""
         if self._link is link:
             self._link = None
+        if self._watch is not None and self._watch.pid == link.pid:
+            self._watch.stop()
         # A channel that simply closed means the worker died on its own: wait a moment
         # for its real wait status (the words the cell gets) before killing the rest.
-        died = link.lost is not None and not link.lost.reason and not link.timed_out
+        died = (link.lost is not None and not link.lost.reason and not link.timed_out
+                and not link.killed_by_host)
         link.dead = True
         for task in link.tasks.values():
             task.cancel()
@@ -562,8 +577,14 @@ class ProcessExecutor:
     async def _command(self, msg: dict[str, Any], limit: float | None = 60.0) -> dict[str, Any]:
         async with self._the_lock():
             link = await self._ensure_worker()
+            watch = self._watch
+            if watch is not None:
+                watch.pause()  # what the command makes the worker do is not idleness
             try:
-                return await link.command(msg, limit)
+                answer = await link.command(msg, limit)
+                if watch is not None:
+                    watch.resume()
+                return answer
             except (TimeoutError, WorkerLost) as exc:
                 status = await self._bury(link)
                 self._schedule_restart()
@@ -579,6 +600,16 @@ class ProcessExecutor:
 
     async def _execute(self, code: str, timeout: float | None) -> CellOutcome:
         async with self._the_lock():
+            stale = self._link
+            if stale is not None and stale.killed_by_host:
+                await self._bury(stale)
+                self._schedule_restart()
+                return self._died(
+                    stale,
+                    f"this cell did not run: the worker process was killed because "
+                    f"{stale.killed_by_host}",
+                    cell_output=False,
+                )
             try:
                 link = await self._ensure_worker()
             except SandboxError as exc:
@@ -596,11 +627,21 @@ class ProcessExecutor:
             }
             limit = None if timeout is None else timeout + KILL_GRACE_S
             # The kill is armed on the deadline thread, not only on this loop: a loop
-            # busy with other envs' traffic must not make the kill late.
-            token = None if limit is None else deadlines.arm(limit, self._deadline_kill, link)
+            # busy with other envs' traffic must not make the kill late. The worker's
+            # result does not disarm it; the host does, once it sees the worker quiet.
+            watch = self._watch
+            assert watch is not None and watch.pid == link.pid
+            watch.arm(limit)
             try:
                 reply = await link.command(msg, None if limit is None else limit + 1.0)
+                watch.result_arrived()
             except (TimeoutError, WorkerLost) as exc:
+                if isinstance(exc, WorkerLost) and link.killed_by_host:
+                    await self._bury(link)
+                    self._schedule_restart()
+                    return self._died(
+                        link, f"the cell's worker process was killed because {link.killed_by_host}"
+                    )
                 if isinstance(exc, WorkerLost) and not link.timed_out:
                     status = await self._bury(link)
                     self._schedule_restart()
@@ -617,20 +658,12 @@ class ProcessExecutor:
             except asyncio.CancelledError:
                 await asyncio.shield(self._bury(link))
                 raise
-            finally:
-                if token is not None:
-                    deadlines.cancel(token)
             return self._outcome(reply)
 
-    def _deadline_kill(self, link: WorkerLink) -> None:
-        """On the deadline thread: SIGKILL the cell's worker, whatever the loop is doing."""
-        link.timed_out = True
-        self._res.kill_now(link.pid)
-
-    def _died(self, link: WorkerLink, what: str) -> CellOutcome:
+    def _died(self, link: WorkerLink, what: str, cell_output: bool = True) -> CellOutcome:
         return CellOutcome(
-            stdout="".join(link.partial["stdout"]),
-            stderr="".join(link.partial["stderr"]),
+            stdout="".join(link.partial["stdout"]) if cell_output else "",
+            stderr="".join(link.partial["stderr"]) if cell_output else "",
             error=(
                 f"{what}; the REPL was restarted: all variables from earlier cells are lost "
                 "(context, tools and setup code are loaded again)"
@@ -690,6 +723,19 @@ class ProcessExecutor:
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+def _host_kill(res: WorkerResources, link: WorkerLink, reason: str) -> None:
+    """On the deadline thread: SIGKILL ``link``'s worker, whatever the loop is doing.
+
+    ``reason`` is empty for a cell past its deadline, else why a worker that said its
+    cell was over was killed (the next cell says so).
+    """
+    if reason:
+        link.killed_by_host = reason
+    else:
+        link.timed_out = True
+    res.kill_now(link.pid)
 
 
 def _check_code(code: Any) -> None:

@@ -22,6 +22,7 @@ import sys
 from typing import Any
 
 from rlm.sandbox import _isolation as isolation
+from rlm.sandbox.confine import place_channel
 from rlm.sandbox.wire import EXIT_BROKEN, EXIT_OUT_OF_MEMORY
 from rlm.sandbox.worker import Worker
 
@@ -77,7 +78,8 @@ class Init:
             status = EXIT_BROKEN
             try:
                 os.close(self.status_w)
-                channel = socket.socket(fileno=self.channel_fd)
+                fd = place_channel(self.channel_fd, int(spec.get("nofile") or 64))
+                channel = socket.socket(fileno=fd)
                 Worker(channel, spec, plan, init_pid, self.uid, jail).run()
                 status = 0
             except EOFError:

@@ -70,6 +70,8 @@ class WorkerLink:
         self.expect: str | None = None
         # Set for good once the worker asked to hand out a data library.
         self.tainted = False
+        # Why the host killed a worker that said its cell was over (see cell_watch).
+        self.killed_by_host = ""
         # The worker's first report of its protections (sent before any user code ran).
         self.hello: dict[str, Any] | None = None
         self.read_task = asyncio.get_running_loop().create_task(self._read_loop())

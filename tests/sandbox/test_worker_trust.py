@@ -60,41 +60,31 @@ def _via_yaml_in_a_nested_function(code: str) -> str:
     )
 
 
-def _via_a_submodule(code: str) -> str:
-    return (
-        f"open('frame.pkl', 'wb').write({_pickle_running(code)!r})\n"
-        "from pandas.io.pickle import read_pickle\n"
-        "read_pickle('frame.pkl')\n"
-    )
+def _via_pickle(loader: str) -> Callable[[str], str]:
+    """A route that writes a pickle running the code to a file, then has ``loader`` load
+    the file ``data.pkl``."""
+
+    def route(code: str) -> str:
+        return f"open('data.pkl', 'wb').write({_pickle_running(code)!r})\n{loader}"
+
+    return route
 
 
 def _via_from_import(code: str) -> str:
     return f"from yaml import unsafe_load\nunsafe_load({_yaml_exec(code)})\n"
 
 
-def _via_numpy_allow_pickle(code: str) -> str:
-    return (
-        f"open('data.npy', 'wb').write({_pickle_running(code)!r})\n"
-        "import numpy as np\n"
-        "np.load('data.npy', allow_pickle=True)\n"
-    )
-
-
-def _via_pandas_read_pickle(code: str) -> str:
-    return (
-        f"open('frame.pkl', 'wb').write({_pickle_running(code)!r})\n"
-        "import pandas\n"
-        "pandas.read_pickle('frame.pkl')\n"
-    )
-
-
 ROUTES: dict[str, Callable[[str], str]] = {
     "yaml.unsafe_load": _via_yaml,
     "yaml imported in a nested function": _via_yaml_in_a_nested_function,
-    "from pandas.io.pickle import read_pickle": _via_a_submodule,
     "from yaml import unsafe_load": _via_from_import,
-    "numpy.load(allow_pickle=True)": _via_numpy_allow_pickle,
-    "pandas.read_pickle": _via_pandas_read_pickle,
+    "numpy.load(allow_pickle=True)": _via_pickle(
+        "import numpy as np\nnp.load('data.pkl', allow_pickle=True)\n"
+    ),
+    "pandas.read_pickle": _via_pickle("import pandas\npandas.read_pickle('data.pkl')\n"),
+    "from pandas.io.pickle import read_pickle": _via_pickle(
+        "from pandas.io.pickle import read_pickle\nread_pickle('data.pkl')\n"
+    ),
 }
 
 READ_STOLEN = (
@@ -209,3 +199,155 @@ def test_protections_of_a_reused_worker_are_the_ones_it_reported_when_fresh(
         assert pool.stats()["reused"] == 1
     finally:
         b.close()
+
+
+# -- finding C: a cell cannot stop its own wall timeout ---------------------------------
+
+FORGED = json.dumps(
+    {"op": "result", "stdout": "forged", "stderr": "", "error": None, "final": None,
+     "truncated": False}
+)
+
+
+@pytest.fixture
+def confined() -> Iterator[ProcessExecutor]:
+    ex = ProcessExecutor(context="ctx")
+    ex.start()
+    yield ex
+    ex.close()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "open(3, 'wb', buffering=0, closefd=False)",
+        "open(1000, 'wb', buffering=0, closefd=False)",
+        "open(0)",
+        "open(b'notes.txt', 'w')",
+        "open('notes.txt', 'w', closefd=False)",
+        "open('notes.txt', 'w', opener=print)",
+        "type(open('raw.bin', 'wb', buffering=0))(3, 'wb')",
+        "type(open('text.txt', 'w').buffer.raw)(3, 'wb', closefd=False)",
+    ],
+)
+def test_open_takes_a_file_name_and_nothing_that_reaches_a_descriptor(
+    confined: ProcessExecutor, call: str
+) -> None:
+    out = confined.execute(f"f = {call}\nprint('opened')", 10)
+    assert out.stdout == ""
+    assert out.error is not None
+    if confined.protections["file_access"]:
+        assert "TypeError" in out.error
+    else:
+        assert "open() is not available" in out.error
+
+
+def test_open_by_name_keeps_its_modes(confined: ProcessExecutor) -> None:
+    if not confined.protections["file_access"]:
+        return
+    out = confined.execute(
+        "with open('a.txt', 'w', encoding='utf-8', newline='') as f:\n"
+        "    f.write('héllo\\r\\n')\n"
+        "with open('a.txt', 'a') as f:\n"
+        "    f.write('more')\n"
+        "with open('a.txt', 'r+b') as f:\n"
+        "    f.seek(0)\n"
+        "    head = f.read(2)\n"
+        "with open('b.bin', 'xb', buffering=0) as f:\n"
+        "    f.write(b'raw')\n"
+        "print(open('a.txt', encoding='utf-8', newline='').read().encode(), head,\n"
+        "      open('b.bin', 'rb').read(), open('a.txt').mode, open('b.bin', 'rb').mode)\n",
+        10,
+    )
+    assert out.error is None, out.error
+    assert out.stdout == "b'h\\xc3\\xa9llo\\r\\nmore' b'h\\xc3' b'raw' r rb\n"
+
+
+def test_the_forged_frame_of_the_report_is_refused_on_every_descriptor(
+    confined: ProcessExecutor,
+) -> None:
+    out = confined.execute(
+        f"body = {FORGED!r}.encode()\n"
+        "frame = len(body).to_bytes(4, 'big') + bytes(8) + body\n"
+        "refused = 0\n"
+        "for n in list(range(0, 70)) + [999, 1000, 1001]:\n"
+        "    try:\n"
+        "        open(n, 'wb', buffering=0, closefd=False).write(frame)\n"
+        "    except (TypeError, NameError):\n"
+        "        refused += 1\n"
+        "print('honest', refused)\n",
+        10,
+    )
+    assert out.error is None, out.error
+    assert out.stdout == "honest 73\n"
+
+
+# Outside the policy (through a data library), the channel is whatever the process
+# holds: the escape writes a "result" frame to every socket among its descriptors, then
+# keeps the cell running. What the host does with that claim is the point.
+_FIND_CHANNEL = (
+    "import os, stat, threading\n"
+    f"body = {FORGED!r}.encode()\n"
+    "frame = len(body).to_bytes(4, 'big') + bytes(8) + body\n"
+    "sockets = [n for n in range(4096) if _is_socket(n)]\n"
+)
+_IS_SOCKET = (
+    "def _is_socket(n):\n"
+    "    try:\n"
+    "        return stat.S_ISSOCK(os.fstat(n).st_mode)\n"
+    "    except OSError:\n"
+    "        return False\n"
+)
+FORGE_AND_SPIN = {
+    "os.write on the channel": "for n in sockets:\n    os.write(n, frame)\n",
+    "os.write on a dup of the channel": "for n in sockets:\n    os.write(os.dup(n), frame)\n",
+}
+
+
+@pytest.mark.parametrize("forge", list(FORGE_AND_SPIN))
+def test_a_forged_result_does_not_disarm_the_kill(confined: ProcessExecutor, forge: str) -> None:
+    if not confined.protections["data_modules"]:
+        return  # no data library here, so no route outside the policy to forge from
+    code = _IS_SOCKET + _FIND_CHANNEL + FORGE_AND_SPIN[forge] + "while True:\n    pass\n"
+    link = confined._link
+    out = confined.execute(_via_yaml(code), 1.0)
+    assert out.stdout == "forged"  # the host took the claim as the cell's answer...
+    # ...but not as proof the cell ended: the worker kept running, and is killed.
+    assert link is not None and wait_until(lambda: link.dead, 30)
+    after = confined.execute("print(1)", 10)
+    assert after.error is not None
+    assert "kept running after it reported its cell had ended" in after.error
+    assert "restarted" in after.error
+    assert confined.execute("print(6 * 7)", 10).stdout == "42\n"
+
+
+def test_a_worker_busy_while_no_cell_runs_is_killed(confined: ProcessExecutor) -> None:
+    if not confined.protections["data_modules"]:
+        return
+    # The cell ends for real; a thread it left behind starts burning CPU later.
+    code = (
+        "import threading, time\n"
+        "def burn():\n"
+        "    time.sleep(1.0)\n"
+        "    while True:\n"
+        "        pass\n"
+        "threading.Thread(target=burn, daemon=True).start()\n"
+    )
+    link = confined._link
+    out = confined.execute(_via_yaml(code) + "print('done')", 5.0)
+    assert out.error is None and out.stdout == "done\n"
+    assert link is not None and wait_until(lambda: link.dead, 30)
+    after = confined.execute("print(1)", 10)
+    assert after.error is not None and "used CPU while no cell was running" in after.error
+    assert confined.execute("print(6 * 7)", 10).stdout == "42\n"
+
+
+def test_the_channel_sits_above_every_descriptor_a_cell_can_get() -> None:
+    with ProcessExecutor(context="ctx", _allow_raw=True, max_open_files=64) as ex:
+        got = ex._run_raw(
+            "import gc, resource\n"
+            "channel = next(o for o in gc.get_objects() if type(o).__name__ == 'WorkerChannel')\n"
+            "result = [channel.fileno(), resource.getrlimit(resource.RLIMIT_NOFILE)[0]]\n"
+        )
+        fd, nofile = got.value
+        assert nofile == 64 and fd >= nofile
