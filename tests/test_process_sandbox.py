@@ -432,8 +432,9 @@ def test_protections_are_reported(env: REPLEnv) -> None:
     assert prot["wall_timeout_kill"] is True
     assert prot["empty_environment"] is True
     assert prot["private_cwd"] is True
-    for key in ("network_namespace", "filesystem_jail", "uid_drop", "rlimit_as", "rlimit_nproc"):
+    for key in ("ipc_namespace", "filesystem_jail", "uid_drop", "rlimit_as", "rlimit_nproc"):
         assert isinstance(prot[key], bool)
+    assert prot["network_namespace"] in ("own", "shared", False)
     if os.geteuid() == 0 and not prot["uid_drop"]:
         assert "RLIMIT_NPROC" in str(prot["notes"])
 

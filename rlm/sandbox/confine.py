@@ -1,8 +1,9 @@
 """How the process sandbox confines code: the zygote's namespace plan, a worker's own steps.
 
 Two moments, one concept. Once, in the zygote (template process): enter the namespaces
-every worker inherits (``enter_namespaces``) and find out which per-worker isolation
-this machine grants (``plan_isolation``); the resulting *plan* travels with every spawn.
+every worker starts from (``enter_namespaces``) and find out which per-worker isolation
+this machine grants (``plan_isolation``); the resulting *plan* travels with every spawn
+(each worker's init then enters namespaces of the worker's own: see ``worker_init``).
 Then, in each worker, before a byte of user code exists (``confine_worker``): drop every
 descriptor but the channel, set the resource limits, leave root, set no_new_privs, and
 record what actually took effect as the worker's protections.
@@ -43,7 +44,8 @@ def _write_file(path: str, text: str) -> None:
 
 
 def enter_namespaces() -> dict[str, Any]:
-    """Put the zygote (and so every worker) in a network namespace with no interfaces up.
+    """Put the zygote in a network namespace with no interfaces up (every worker then
+    gets one of its own where the kernel allows, else keeps this one).
 
     As root a plain network namespace is enough, and workers later drop to their own uid.
     Otherwise an unprivileged user namespace (plus a mount namespace, so workers may
@@ -145,12 +147,12 @@ def confine_worker(
     plan: dict[str, Any],
     init_pid: int,
     uid: int | None,
-    jail: dict[str, bool],
+    jail: dict[str, bool | str],
 ) -> Confinement:
     """Apply every OS protection this machine allows, before any user code exists.
 
-    The init already made the private root and chrooted into it (``jail`` says what of
-    that holds); here the worker drops every descriptor but its channel, sets its
+    The init already made the private root, chrooted into it and entered the worker's
+    own namespaces (``jail`` says what of that holds); here the worker drops every descriptor but its channel, sets its
     limits and leaves root. Exits the process if its init is already gone.
     """
     import resource
@@ -216,6 +218,5 @@ def confine_worker(
     # namespace it is in; it bounds a worker only under a non-root kernel uid.
     kernel_root = os.geteuid() == 0 if not plan["userns"] else plan.get("host_uid") == 0
     prot["rlimit_nproc"] = prot["rlimit_nproc"] and not kernel_root
-    prot["network_namespace"] = plan["netns"]
     prot["empty_environment"] = not os.environ
     return done

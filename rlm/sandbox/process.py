@@ -19,7 +19,9 @@ messages); what the process adds is what no in-process policy can give:
 - ``RLIMIT_AS`` (``memory_limit_mb``: a MemoryError the cell can report, or death),
   ``RLIMIT_CPU`` per cell (``cpu_limit_s``), ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``,
   ``RLIMIT_NPROC`` and no core dumps;
-- no network: the zygote lives in its own network namespace (a loopback left down);
+- no network: each worker has a network namespace of its own (a loopback left down;
+  where the kernel refuses, the zygote's, shared by its workers), and an IPC namespace
+  of its own (System V shared memory and queues die with it);
 - no secrets: the zygote starts with an empty environment, so the API key never exists
   in any worker;
 - a private root: a fresh tmpfs of ``disk_limit_mb`` (all files together) in the
@@ -62,8 +64,8 @@ Decisions:
 
 Known gaps: no seccomp filter (the kernel's syscall surface stays reachable to code
 that escaped the policy; namespaces, uid, rlimits and the jail are the second layer);
-workers of one host share a network namespace (abstract Unix sockets could connect two
-escaped workers); a non-root host gets no per-worker PID namespace (the kernel refuses
+where the kernel refuses per-worker network or IPC namespaces, workers share the
+zygote's (``protections`` and its notes say so); a non-root host gets no per-worker PID namespace (the kernel refuses
 to switch back to the host's one) and so no uid of its own; in the jail the local time
 zone is UTC; macOS gets the rlimits it enforces and a jail only as root, no
 namespaces; Windows has no process sandbox (ConfigError: use sandbox="local").
@@ -244,14 +246,17 @@ class ProcessExecutor:
     def protections(self) -> dict[str, bool | str]:
         """Which OS protections the worker actually runs under on this machine.
 
-        Starts the worker if it has not started yet. Keys: ``wall_timeout_kill``,
-        ``network_namespace``, ``filesystem_jail``, ``uid_drop`` (a leased uid of its
-        own), ``pid_namespace``, ``disk_limit`` (a private tmpfs of ``disk_limit_mb``),
-        ``capabilities_dropped``, ``empty_environment``, ``private_cwd``, ``rlimit_as``,
-        ``rlimit_cpu``, ``rlimit_fsize``, ``rlimit_nofile``, ``rlimit_nproc``,
-        ``rlimit_core`` (booleans), ``kill_scope`` (what a kill reaches:
-        ``"pid_namespace"``, ``"uid"`` or ``"process_group"``) and ``notes`` (why
-        something is missing).
+        Starts the worker if it has not started yet. ``network_namespace`` is ``"own"``
+        (one per worker, loopback down), ``"shared"`` (the template's, shared by its
+        workers, still without network) or False. Booleans: ``wall_timeout_kill``,
+        ``ipc_namespace`` (System V IPC of its own), ``filesystem_jail``, ``uid_drop`` (a
+        leased uid of its own), ``pid_namespace``, ``disk_limit`` (a private tmpfs of
+        ``disk_limit_mb``), ``capabilities_dropped``, ``empty_environment``,
+        ``private_cwd``, ``rlimit_as``, ``rlimit_cpu``, ``rlimit_fsize``,
+        ``rlimit_nofile``, ``rlimit_nproc``, ``rlimit_core``. Also ``kill_scope`` (what a
+        kill reaches: ``"pid_namespace"``, ``"uid"`` or ``"process_group"``),
+        ``file_access``, ``data_modules`` and ``notes`` (why something is missing). It
+        is what the worker reported when it was fresh, before any user code ran in it.
         """
         if not self._protections:
             self.start()

@@ -15,6 +15,7 @@ __all__ = ["PROTECTION_KEYS", "local_report", "summarise"]
 PROTECTION_KEYS = (
     "wall_timeout_kill",
     "network_namespace",
+    "ipc_namespace",
     "filesystem_jail",
     "uid_drop",
     "pid_namespace",
@@ -50,6 +51,10 @@ def summarise(
     """The report of a process-sandbox REPL: what its worker ``reported`` of its
     confinement, the zygote's ``plan`` (for its note) and the REPL's CPU limit."""
     prot: dict[str, bool | str] = {key: bool(reported.get(key)) for key in PROTECTION_KEYS}
+    # "own": a network namespace per worker; "shared": the zygote's, shared by its
+    # workers (still no network); False: none.
+    net = reported.get("network_namespace")
+    prot["network_namespace"] = net if net in ("own", "shared") else False
     prot["wall_timeout_kill"] = True
     prot["rlimit_cpu"] = cpu_limit_s is not None and bool(reported.get("rlimit_as"))
     if prot["pid_namespace"]:
@@ -75,6 +80,16 @@ def summarise(
         notes.append(
             "no PID namespace and no own uid: a process that leaves the worker's group "
             "(double fork plus setsid) can outlive close()"
+        )
+    if prot["network_namespace"] == "shared":
+        notes.append(
+            "no network namespace per worker: workers share one without network, so two "
+            "escaped workers could reach each other (abstract Unix sockets)"
+        )
+    if not prot["ipc_namespace"]:
+        notes.append(
+            "no IPC namespace: System V shared memory and message queues made after an "
+            "escape are shared with the host and can outlive the worker"
         )
     if not prot["disk_limit"]:
         notes.append(

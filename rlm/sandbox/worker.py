@@ -43,7 +43,7 @@ class Worker:
         plan: dict[str, Any],
         init_pid: int,
         uid: int | None,
-        jail: dict[str, bool],
+        jail: dict[str, bool | str],
     ) -> None:
         self.channel = WorkerChannel(channel)
         self.spec = spec

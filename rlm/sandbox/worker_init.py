@@ -1,8 +1,9 @@
 """The first process of a worker (its init): private root, then the worker, then waiting.
 
 The zygote forks an init per worker (pid 1 of a new PID namespace where the kernel
-allows). The init, still privileged, gives the worker its private root (a fresh tmpfs
-in a new mount namespace, or a fresh directory) and chroots into it, forks the worker
+allows). The init, still privileged, enters an IPC and a network namespace of the
+worker's own, gives the worker its private root (a fresh tmpfs in a new mount
+namespace, or a fresh directory) and chroots into it, forks the worker
 itself, closes every descriptor it does not need and then only waits. When the worker
 dies it relays the worker's wait status to the zygote and exits, which (in a PID
 namespace) makes the kernel kill whatever the worker left behind.
@@ -56,7 +57,18 @@ class Init:
         os.setsid()
         if sys.platform.startswith("linux"):
             isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
-        jail = {"private_cwd": False, "filesystem_jail": False, "disk_limit": False}
+        jail: dict[str, bool | str] = {
+            "private_cwd": False, "filesystem_jail": False, "disk_limit": False,
+        }
+        # Its own System V IPC objects and its own network namespace (a loopback left
+        # down): what it makes there is seen by no other worker and not by the host, and
+        # it is gone with the worker. Where the kernel refuses, the worker keeps the
+        # zygote's network namespace (still no network, but shared with other workers).
+        jail["ipc_namespace"] = isolation.try_unshare(isolation.CLONE_NEWIPC)
+        if isolation.try_unshare(isolation.CLONE_NEWNET):
+            jail["network_namespace"] = "own"
+        else:
+            jail["network_namespace"] = "shared" if plan["netns"] else False
         if plan["tmpfs"]:
             isolation.mount_private_tmpfs(plan["mountpoint"], spec["disk_bytes"], self.uid)
             os.chdir(plan["mountpoint"])

@@ -315,9 +315,13 @@ def test_a_forged_result_does_not_disarm_the_kill(confined: ProcessExecutor, for
     # ...but not as proof the cell ended: the worker kept running, and is killed.
     assert link is not None and wait_until(lambda: link.dead, 30)
     after = confined.execute("print(1)", 10)
-    assert after.error is not None
-    assert "kept running after it reported its cell had ended" in after.error
-    assert "restarted" in after.error
+    assert after.error is not None and "restarted" in after.error
+    # Seen busy at once, or (a spinning worker on a loaded machine may get too little
+    # CPU to tell within the first check) by the idle watch that follows.
+    assert (
+        "kept running after it reported its cell had ended" in after.error
+        or "used CPU while no cell was running" in after.error
+    ), after.error
     assert confined.execute("print(6 * 7)", 10).stdout == "42\n"
 
 
