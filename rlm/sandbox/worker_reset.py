@@ -91,6 +91,8 @@ def forget_process_state() -> None:
     with contextlib.suppress(OSError, ValueError):
         hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
         resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
+    # The stdlib caches a cell can write to (re, _strptime, typing, functools...) are
+    # cleared here, by the policy's own function for that, once it exists.
 
 
 def wipe_root(root_fd: int, root_mode: int) -> list[str]:
