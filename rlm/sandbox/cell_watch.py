@@ -1,13 +1,14 @@
 """The host's own judgement of when a worker's cell is over: a kill a frame cannot disarm.
 
 A worker's ``result`` frame only *says* the cell ended; code that escaped the policy can
-send one and keep running. So a ``CellWatch`` keeps the wall-clock kill armed past the
-result until the host sees the worker quiet: from the result on, it samples the CPU
-time of the worker's process tree (``activity``, read from the kernel) every
-``SETTLE_S``. Quiet (at most ``QUIET_SLACK_S`` plus ``QUIET_SHARE`` of the time passed)
-means the cell is over, and the watch turns into an idle watch that checks the same
-every ``IDLE_CHECK_S`` until the next command. Busy past the cell's kill deadline, or
-busy while idle, means the worker is killed, whatever it says.
+send one and keep running. So a ``CellWatch`` leaves the wall-clock kill armed when the
+result arrives. At the kill's deadline, a worker with no result is killed as before; one
+that reported its result is checked instead: the host samples the CPU time of its
+process tree (``activity``, read from the kernel) over ``SETTLE_S`` and kills it if it
+is busy (more than ``QUIET_SLACK_S`` plus ``QUIET_SHARE`` of the time passed). A quiet
+worker is then checked the same way every ``IDLE_CHECK_S`` until its next command, so
+one that starts working later, while no cell runs, is killed too. A new cell re-arms
+the watch, so a REPL that keeps its worker busy with cells costs no /proc reads at all.
 
 Every check runs on the deadline thread (``deadlines``), never on the engine loop. Where
 the kernel cannot say (no ``/proc``), the result frame is all there is to go on, as
@@ -40,8 +41,9 @@ class CellWatch:
     """The kill of one worker's cells, disarmed only when the host sees the worker quiet.
 
     ``kill(reason)`` is called on the deadline thread: ``reason`` is "" for a cell that
-    ran past its deadline, else why a worker that claimed to be done was killed.
-    Thread-safe; ``stop`` ends every check (the worker is gone or handed over).
+    ran past its deadline without a result, else why a worker that claimed to be done
+    was killed. Thread-safe; ``stop`` ends every check (the worker is gone or handed
+    over).
     """
 
     def __init__(self, pid: int, kill: Callable[[str], None]) -> None:
@@ -50,30 +52,25 @@ class CellWatch:
         self.lock = threading.Lock()
         self.generation = 0
         self.token: int | None = None
-        self.deadline: float | None = None
+        self.result_seen = False
         self.sample: tuple[float, float] | None = None
         # Set by a cell with a time limit: from then on idleness is checked between
         # commands too (without a limit nothing is enforced, as during the cell).
         self.enforcing = False
 
     def arm(self, limit: float | None) -> None:
-        """A cell starts: kill the worker ``limit`` seconds from now unless it is seen over
-        (None: no limit, no watch)."""
+        """A cell starts: at ``limit`` seconds from now, kill the worker unless it reported
+        its result and is seen quiet (None: no limit, no watch)."""
         with self.lock:
-            self._reset_locked()
+            generation = self._reset_locked()
             self.enforcing = limit is not None
-            if limit is None:
-                return
-            self.deadline = time.monotonic() + limit
-            self._schedule_locked(limit, self._expired, self.generation)
+            if limit is not None:
+                self._schedule_locked(limit, self._due, generation)
 
     def result_arrived(self) -> None:
-        """The worker says the cell ended: judge that from its CPU use from now on."""
+        """The worker says the cell ended: noted, and judged when the kill is due."""
         with self.lock:
-            if self.deadline is None or self.token is None:
-                return
-            generation = self._reset_locked(keep_deadline=True)
-            self._schedule_locked(0.0, self._first_sample, generation)
+            self.result_seen = True
 
     def pause(self) -> None:
         """A command other than a cell runs (its work is not idleness): no checks until
@@ -87,7 +84,7 @@ class CellWatch:
         with self.lock:
             generation = self._reset_locked()
             if self.enforcing:
-                self._schedule_locked(0.0, self._first_idle_sample, generation)
+                self._schedule_locked(SETTLE_S, self._first_idle_sample, generation)
 
     def stop(self) -> None:
         """End every check for good (the worker is buried or handed to a pool)."""
@@ -97,14 +94,19 @@ class CellWatch:
 
     # on the deadline thread ---------------------------------------------------------
 
-    def _expired(self, generation: int) -> None:
+    def _due(self, generation: int) -> None:
+        """The kill's deadline: no result yet means a kill; a result, a look first."""
         with self.lock:
             if generation != self.generation:
                 return
-            self._reset_locked()
-        self.kill("")
-
-    def _first_sample(self, generation: int) -> None:
+            if not self.result_seen:
+                self._reset_locked()
+                kill = True
+            else:
+                kill = False
+        if kill:
+            self.kill("")
+            return
         cpu = tree_cpu_seconds(self.pid)
         with self.lock:
             if generation != self.generation:
@@ -117,27 +119,7 @@ class CellWatch:
             self._schedule_locked(SETTLE_S, self._settle, generation)
 
     def _settle(self, generation: int) -> None:
-        cpu = tree_cpu_seconds(self.pid)
-        kill = False
-        with self.lock:
-            if generation != self.generation or self.sample is None:
-                return
-            now = time.monotonic()
-            if cpu is None:
-                self._reset_locked()  # gone: nothing left to kill
-                return
-            if _quiet(self.sample, now, cpu):
-                self.sample = (now, cpu)
-                self._schedule_locked(IDLE_CHECK_S, self._idle_check, generation)
-                return
-            self.sample = (now, cpu)
-            if self.deadline is not None and now < self.deadline:
-                self._schedule_locked(min(SETTLE_S, self.deadline - now), self._settle, generation)
-            else:
-                self._reset_locked()
-                kill = True
-        if kill:
-            self.kill(BUSY_AFTER_RESULT)
+        self._check(generation, BUSY_AFTER_RESULT)
 
     def _first_idle_sample(self, generation: int) -> None:
         cpu = tree_cpu_seconds(self.pid)
@@ -148,6 +130,10 @@ class CellWatch:
             self._schedule_locked(IDLE_CHECK_S, self._idle_check, generation)
 
     def _idle_check(self, generation: int) -> None:
+        self._check(generation, BUSY_WHILE_IDLE)
+
+    def _check(self, generation: int, reason: str) -> None:
+        """Kill the worker if it was busy since the last sample, else look again later."""
         cpu = tree_cpu_seconds(self.pid)
         with self.lock:
             if generation != self.generation or self.sample is None or cpu is None:
@@ -158,17 +144,16 @@ class CellWatch:
                 self._schedule_locked(IDLE_CHECK_S, self._idle_check, generation)
                 return
             self._reset_locked()
-        self.kill(BUSY_WHILE_IDLE)
+        self.kill(reason)
 
     # helpers (under the lock) -------------------------------------------------------
 
-    def _reset_locked(self, keep_deadline: bool = False) -> int:
+    def _reset_locked(self) -> int:
         if self.token is not None:
             deadlines.cancel(self.token)
             self.token = None
         self.sample = None
-        if not keep_deadline:
-            self.deadline = None
+        self.result_seen = False
         self.generation += 1
         return self.generation
 

@@ -736,11 +736,14 @@ def _host_kill(res: WorkerResources, link: WorkerLink, reason: str) -> None:
     ``reason`` is empty for a cell past its deadline, else why a worker that said its
     cell was over was killed (the next cell says so).
     """
-    if reason:
-        link.killed_by_host = reason
-    else:
-        link.timed_out = True
-    res.kill_now(link.pid)
+
+    def mark() -> None:
+        if reason:
+            link.killed_by_host = reason
+        else:
+            link.timed_out = True
+
+    res.kill_now(link.pid, mark)
 
 
 def _check_code(code: Any) -> None:

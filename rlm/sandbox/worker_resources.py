@@ -15,6 +15,7 @@ import contextlib
 import os
 import signal
 import threading
+from collections.abc import Callable
 
 from rlm import loop as engine
 from rlm.errors import EnvClosedError
@@ -64,10 +65,14 @@ class WorkerResources:
         transport.close()
         raise EnvClosedError("this REPL environment is closed; create a new one")
 
-    def kill_now(self, pid: int) -> None:
-        """SIGKILL ``pid`` if it is still this env's worker (not yet reaped); any thread."""
+    def kill_now(self, pid: int, mark: Callable[[], None] | None = None) -> None:
+        """SIGKILL ``pid`` if it is still this env's worker (not yet reaped or handed to a
+        pool); any thread. ``mark`` runs first, under the same condition, so whoever sees
+        the worker die also sees why."""
         with self.lock:
             if pid == self.pid:
+                if mark is not None:
+                    mark()
                 kill_group(pid)
 
     def kill(self, pid: int | None = None, grace: float = 0.0) -> int | None:

@@ -328,17 +328,18 @@ def test_a_forged_result_does_not_disarm_the_kill(confined: ProcessExecutor, for
 def test_a_worker_busy_while_no_cell_runs_is_killed(confined: ProcessExecutor) -> None:
     if not confined.protections["data_modules"]:
         return
-    # The cell ends for real; a thread it left behind starts burning CPU later.
+    # The cell ends for real; a thread it left behind starts burning CPU later, once
+    # the host has seen the worker quiet at the cell's kill deadline (1 s + 1 s grace).
     code = (
         "import threading, time\n"
         "def burn():\n"
-        "    time.sleep(1.0)\n"
+        "    time.sleep(3.0)\n"
         "    while True:\n"
         "        pass\n"
         "threading.Thread(target=burn, daemon=True).start()\n"
     )
     link = confined._link
-    out = confined.execute(_via_yaml(code) + "print('done')", 5.0)
+    out = confined.execute(_via_yaml(code) + "print('done')", 1.0)
     assert out.error is None and out.stdout == "done\n"
     assert link is not None and wait_until(lambda: link.dead, 30)
     after = confined.execute("print(1)", 10)
