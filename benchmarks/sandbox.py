@@ -46,9 +46,9 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def worker_start(repeats: int) -> dict[str, Any]:
     """Cold start (template process included) once, then warm starts."""
-    from rlm.sandbox import process
+    from rlm.sandbox import zygote_client
 
-    process._shutdown_zygote()
+    zygote_client.shutdown_zygote()
     cold, env = _timed(lambda: REPLEnv("ctx", sandbox="process"))
     env.close()
     warm = []

@@ -27,7 +27,7 @@ from rlm_support import pid_alive
 from rlm import AsyncOpenAIClient
 from rlm.errors import ConfigError, EnvClosedError, SandboxError
 from rlm.repl import REPLEnv
-from rlm.sandbox import process as process_mod
+from rlm.sandbox import zygote_client
 from rlm.testing import FakeLLMServer
 
 CANARY_KEY = "sk-canary-process-sandbox-7f3a9c"
@@ -243,7 +243,7 @@ def test_the_host_environment_and_api_key_are_invisible(
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", CANARY_KEY)
     # A template process started while the secret is in the host's environment.
-    process_mod._shutdown_zygote()
+    zygote_client.shutdown_zygote()
     env = make_env("ctx")
     outputs = []
     for code in (
@@ -432,8 +432,9 @@ def test_protections_are_reported(env: REPLEnv) -> None:
     assert prot["wall_timeout_kill"] is True
     assert prot["empty_environment"] is True
     assert prot["private_cwd"] is True
-    for key in ("network_namespace", "filesystem_jail", "uid_drop", "rlimit_as", "rlimit_nproc"):
+    for key in ("ipc_namespace", "filesystem_jail", "uid_drop", "rlimit_as", "rlimit_nproc"):
         assert isinstance(prot[key], bool)
+    assert prot["network_namespace"] in ("own", "shared", False)
     if os.geteuid() == 0 and not prot["uid_drop"]:
         assert "RLIMIT_NPROC" in str(prot["notes"])
 
@@ -580,13 +581,13 @@ def test_interpreter_exit_leaves_no_processes_directories_or_warnings(tmp_path: 
         """
         import json, sys
         from rlm import REPLEnv
-        from rlm.sandbox import process
+        from rlm.sandbox import zygote_client
         kept = [REPLEnv("ctx", sandbox="process", timeout=1) for _ in range(3)]
         kept[0].execute("x = 1")
         kept[1].execute("10**10**8")  # killed and restarted in the background
         closed = REPLEnv("ctx", sandbox="process")
         closed.close()
-        pids = [e.executor._res.pid for e in kept] + [process._get_zygote().proc.pid]
+        pids = [e.executor._res.pid for e in kept] + [zygote_client.get_zygote().proc.pid]
         # Each worker's root is a tmpfs in its own mount namespace (nothing on disk) or a
         # directory per worker start, removed when that worker is reaped.
         roots = [f"/proc/{pid}/root/" for pid in pids[:-1]]

@@ -1,6 +1,6 @@
 """Kernel isolation for the process sandbox: namespaces, the jail's file system, worker uids.
 
-Used only by the zygote and the processes it forks (see ``_worker``). Everything here
+Used only by the zygote and the processes it forks (see ``zygote``). Everything here
 assumes the code in a worker is fully hostile once it runs: it may have escaped the
 policy and make any system call as the worker's uid. So:
 
@@ -37,6 +37,7 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWIPC = 0x08000000
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -73,6 +74,18 @@ def unshare(flags: int) -> None:
         os.unshare(flags)
         return
     _check(libc().unshare(flags))
+
+
+def try_unshare(flags: int) -> bool:
+    """unshare(2) where the kernel allows it: True if this process now has the new
+    namespaces, False if it refused (no privileges, no support, not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        unshare(flags)
+    except OSError:
+        return False
+    return True
 
 
 def setns(fd: int, nstype: int) -> None:

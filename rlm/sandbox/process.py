@@ -9,14 +9,19 @@ messages); what the process adds is what no in-process policy can give:
 - a wall-clock limit enforced from outside: the policy's deadline stops a Python loop
   first (the REPL keeps its variables); if the cell is still running ``KILL_GRACE_S``
   later (one long C call), this process SIGKILLs the worker's init, which nothing
-  inside (threads, signal handlers, blocking calls, double forks) can resist;
+  inside (threads, signal handlers, blocking calls, double forks) can resist. The
+  worker's ``result`` does not disarm the kill: the host does, once it sees the
+  worker's process tree quiet (``cell_watch``), and it kills a worker that uses CPU
+  while no cell runs;
 - its own PID namespace where the kernel allows it: the worker runs under a tiny init
   whose death makes the kernel kill every process in the namespace, so nothing the
   worker starts outlives it (else every process of the worker's own uid is swept);
 - ``RLIMIT_AS`` (``memory_limit_mb``: a MemoryError the cell can report, or death),
   ``RLIMIT_CPU`` per cell (``cpu_limit_s``), ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``,
   ``RLIMIT_NPROC`` and no core dumps;
-- no network: the zygote lives in its own network namespace (a loopback left down);
+- no network: each worker has a network namespace of its own (a loopback left down;
+  where the kernel refuses, the zygote's, shared by its workers), and an IPC namespace
+  of its own (System V shared memory and queues die with it);
 - no secrets: the zygote starts with an empty environment, so the API key never exists
   in any worker;
 - a private root: a fresh tmpfs of ``disk_limit_mb`` (all files together) in the
@@ -37,9 +42,12 @@ Decisions:
   own namespaces, chroots, then drops them all;
   ``RLIMIT_NPROC`` then counts against the host user. Workers also set no_new_privs and
   die with the zygote (which dies with the host).
-- Data only crosses the boundary as JSON frames (see ``_worker``); nothing the worker
+- Data only crosses the boundary as JSON frames (see ``wire``); nothing the worker
   sends is unpickled or imported here, and every request is checked again with the
-  policy's own checks. The context is sent once per worker start: a str as raw UTF-8
+  policy's own checks. What a worker says about itself once a cell ran in it is a
+  claim: reuse (``worker_pool``), ``protections`` and the end of a cell are decided
+  from what the host saw. Cells open files by name only (``jail_files``), and the
+  channel sits above every descriptor they can get. The context is sent once per worker start: a str as raw UTF-8
   bytes (ASCII in slices, so the host never holds a second full copy), bytes as is,
   anything else as JSON (tuples arrive as lists, dict keys as str).
 - Tools cannot cross a process boundary: a tool runs here, in the host, and the worker
@@ -56,8 +64,8 @@ Decisions:
 
 Known gaps: no seccomp filter (the kernel's syscall surface stays reachable to code
 that escaped the policy; namespaces, uid, rlimits and the jail are the second layer);
-workers of one host share a network namespace (abstract Unix sockets could connect two
-escaped workers); a non-root host gets no per-worker PID namespace (the kernel refuses
+where the kernel refuses per-worker network or IPC namespaces, workers share the
+zygote's (``protections`` and its notes say so); a non-root host gets no per-worker PID namespace (the kernel refuses
 to switch back to the host's one) and so no uid of its own; in the jail the local time
 zone is UTC; macOS gets the rlimits it enforces and a jail only as root, no
 namespaces; Windows has no process sandbox (ConfigError: use sandbox="local").
@@ -70,38 +78,32 @@ import atexit
 import concurrent.futures
 import contextlib
 import functools
-import heapq
 import inspect
-import json
 import os
 import signal
 import socket
-import subprocess
 import sys
-import tempfile
-import threading
-import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from rlm import loop as engine
 from rlm.errors import ConfigError, EnvClosedError, SandboxError
 from rlm.sandbox import CellOutcome, SubQueries
-from rlm.sandbox._worker import (
-    EXIT_OUT_OF_MEMORY,
-    HEADER,
-    control_recv,
-    control_send,
-    pack,
-)
-from rlm.sandbox.flow import SubQueryGate, max_frame_bytes
-from rlm.sandbox.local import _short, _wrap_tools
+from rlm.sandbox.cell_watch import CellWatch
+from rlm.sandbox.context_codec import encode_context
+from rlm.sandbox.flow import SubQueryGate
+from rlm.sandbox.host_threads import host_pool
+from rlm.sandbox.local import _wrap_tools
 from rlm.sandbox.plaindata import PlainDataError, to_plain_data
-from rlm.sandbox.subqueries import LLMQueryError, check_subquery_params, check_subquery_prompt
-from rlm.sandbox.worker_pool import WorkerPool
+from rlm.sandbox.protections import PROTECTION_KEYS, local_report, summarise
+from rlm.sandbox.wire import EXIT_OUT_OF_MEMORY, pack
+from rlm.sandbox.worker_link import WorkerLink, WorkerLost
+from rlm.sandbox.worker_pool import WarmWorker, WorkerPool, schedule_recycle
+from rlm.sandbox.worker_requests import RequestServer
+from rlm.sandbox.worker_resources import WorkerResources
+from rlm.sandbox.zygote_client import get_zygote, shutdown_zygote
 
 __all__ = [
     "PROTECTION_KEYS",
@@ -114,30 +116,7 @@ __all__ = [
 # deadline normally stops a Python loop first (keeping the REPL's variables); the kill is
 # for what it cannot stop (one long C call, a wedged interpreter).
 KILL_GRACE_S = 1.0
-_ZYGOTE_START_TIMEOUT_S = 60.0
-_CONTROL_TIMEOUT_S = 30.0
-_CONTEXT_CHUNK = 8 * 1024 * 1024
 _DEATH_STATUS_WAIT_S = 0.2
-_WRITE_BUFFER_HIGH = 8 << 20
-
-
-PROTECTION_KEYS = (
-    "wall_timeout_kill",
-    "network_namespace",
-    "filesystem_jail",
-    "uid_drop",
-    "pid_namespace",
-    "disk_limit",
-    "capabilities_dropped",
-    "empty_environment",
-    "private_cwd",
-    "rlimit_as",
-    "rlimit_cpu",
-    "rlimit_fsize",
-    "rlimit_nofile",
-    "rlimit_nproc",
-    "rlimit_core",
-)
 
 
 def describe_protections(executor: object) -> dict[str, bool | str]:
@@ -148,188 +127,12 @@ def describe_protections(executor: object) -> dict[str, bool | str]:
     """
     if isinstance(executor, ProcessExecutor):
         return executor.protections
-    report: dict[str, bool | str] = dict.fromkeys(PROTECTION_KEYS, False)
-    report["kill_scope"] = "none"
-    report["file_access"] = False
-    report["data_modules"] = ""
-    report["notes"] = (
-        "sandbox='local' runs cells in this process: only the policy and its soft time "
-        "limit apply; use sandbox='process' for OS-enforced limits"
-    )
-    return report
-
-
-# Spawning, reaping and tool calls run on pools of their own, never on the running
-# loop's default executor: callers park threads of that executor while they wait for an
-# env to start (RLM runs create envs with asyncio.to_thread), and if those threads were
-# also the only ones that could do the start, a few concurrent runs would deadlock.
-_pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
-_pools_lock = threading.Lock()
-
-
-def _pool(name: str, workers: int) -> concurrent.futures.ThreadPoolExecutor:
-    with _pools_lock:
-        pool = _pools.get(name)
-        if pool is None:
-            pool = _pools[name] = concurrent.futures.ThreadPoolExecutor(
-                max_workers=workers, thread_name_prefix=f"rlm-sandbox-{name}"
-            )
-        return pool
-
-
-def _host_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """Short blocking steps of the host: asking the zygote to fork, killing and reaping."""
-    return _pool("host", 16)
-
-
-def _tool_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """Sync tool functions called from cells (they may block for as long as they like)."""
-    return _pool("tools", 32)
+    return local_report()
 
 
 def process_sandbox_available() -> bool:
     """True on platforms where worker processes can be forked (Linux, macOS)."""
     return os.name == "posix" and hasattr(os, "fork") and hasattr(socket, "send_fds")
-
-
-# -- the zygote ------------------------------------------------------------------------
-
-# The zygote registers a bare ``rlm`` package instead of running ``rlm/__init__.py``: that
-# would import the HTTP client stack (openai, ~1 s and tens of MB) into every worker,
-# which needs only ``rlm.sandbox``.
-_BOOT = (
-    "import sys, json, types\n"
-    "sys.path[:0] = json.loads(sys.argv[2])\n"
-    "pkg = types.ModuleType('rlm')\n"
-    "pkg.__path__ = [sys.argv[3]]\n"
-    "sys.modules['rlm'] = pkg\n"
-    "from rlm.sandbox._worker import zygote_main\n"
-    "zygote_main(int(sys.argv[1]))\n"
-)
-
-
-class _Zygote:
-    """Host-side handle of the template process; thread-safe, blocking request/reply."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.owner_pid = os.getpid()
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        package_dir = Path(__file__).resolve().parents[1]
-        package_root = str(package_dir.parent)
-        # The host's own import path (minus its cwd), so the zygote loads the same rlm and
-        # RestrictedPython; -I keeps PYTHON* variables and the user site out.
-        path = [package_root] + [p for p in sys.path if p and os.path.isabs(p)]
-        with tempfile.TemporaryFile() as errors:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-I",
-                    "-c",
-                    _BOOT,
-                    str(child.fileno()),
-                    json.dumps(path),
-                    str(package_dir),
-                ],
-                pass_fds=[child.fileno()],
-                env={},
-                cwd="/",
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=errors,
-            )
-            child.close()
-            self.sock = parent
-            try:
-                parent.settimeout(_ZYGOTE_START_TIMEOUT_S)
-                ready, _ = control_recv(parent)
-            except (OSError, ValueError):
-                ready = None
-            if ready is None:
-                self._stop()
-                errors.seek(0)
-                detail = errors.read().decode(errors="replace")[-3000:]
-                raise SandboxError(
-                    "the process sandbox's template process failed to start; use "
-                    f"sandbox='local' or fix the error below:\n{detail}"
-                )
-        parent.settimeout(_CONTROL_TIMEOUT_S)
-        self.plan: dict[str, Any] = ready["plan"]
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None and self.sock.fileno() != -1
-
-    def _request(self, msg: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
-        with self.lock:
-            try:
-                control_send(self.sock, msg, fds)
-                answer, _ = control_recv(self.sock)
-            except (OSError, ValueError) as exc:
-                # A timed-out or broken exchange leaves the channel out of step: retire
-                # this zygote (it then kills its workers); the next request starts anew.
-                self.sock.close()
-                raise SandboxError(f"the sandbox template process is gone ({exc})") from exc
-        if answer is None:
-            raise SandboxError("the sandbox template process is gone")
-        if not answer.get("ok"):
-            raise SandboxError(f"the sandbox template process refused: {answer.get('error')}")
-        return answer
-
-    def spawn(self, spec: dict[str, Any], channel: socket.socket) -> tuple[int, int | None]:
-        """Fork a worker that confines itself per ``spec`` and serves ``channel``.
-
-        Returns the pid of the worker's init (what the host kills) and its leased uid.
-        """
-        answer = self._request({"op": "spawn", "spec": spec}, [channel.fileno()])
-        uid = answer.get("uid")
-        return int(answer["pid"]), None if uid is None else int(uid)
-
-    def reap(self, pid: int, grace: float = 0.0) -> int | None:
-        """Kill (again) and reap worker ``pid``; its wait status, or None if unknown yet."""
-        try:
-            status = self._request({"op": "reap", "pid": pid, "grace": grace})["status"]
-        except SandboxError:
-            return None
-        return None if status is None else int(status)
-
-    def _stop(self) -> None:
-        # Closing the control socket tells the zygote to kill every worker and exit.
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def close(self) -> None:
-        with self.lock:
-            self._stop()
-
-
-_zygote_lock = threading.Lock()
-_zygote: _Zygote | None = None
-
-
-def _get_zygote() -> _Zygote:
-    """The zygote of this host process, started on first use (and again if it died)."""
-    global _zygote
-    with _zygote_lock:
-        z = _zygote
-        if z is None or z.owner_pid != os.getpid() or not z.alive:
-            if z is not None and z.owner_pid == os.getpid():
-                z.close()
-            z = _zygote = _Zygote()
-        return z
-
-
-def _shutdown_zygote() -> None:
-    global _zygote
-    with _zygote_lock:
-        z, _zygote = _zygote, None
-    if z is not None and z.owner_pid == os.getpid():
-        z.close()
 
 
 # Every executor not yet closed. At exit they are closed before the engine loop stops
@@ -342,465 +145,14 @@ def _at_exit() -> None:
     for executor in list(_live):
         with contextlib.suppress(Exception):
             executor.close()
-    _shutdown_zygote()
+    shutdown_zygote()
 
 
 atexit.register(_at_exit)
 
 
-# -- kill deadlines ----------------------------------------------------------------------
-
-
-class _Deadlines:
-    """One daemon thread that fires every env's kill deadline on time.
-
-    The engine loop also times each cell, but a loop saturated by other envs' traffic
-    runs its timers late; this thread does nothing else, so a kill lands when due.
-    """
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.heap: list[tuple[float, int]] = []
-        self.armed: dict[int, tuple[Callable[..., None], tuple[Any, ...]]] = {}
-        self.seq = 0
-        self.thread: threading.Thread | None = None
-
-    def arm(self, delay: float, action: Callable[..., None], *args: Any) -> int:
-        """Call ``action(*args)`` on this thread ``delay`` seconds from now; a token."""
-        with self.cond:
-            self.seq += 1
-            token = self.seq
-            self.armed[token] = (action, args)
-            heapq.heappush(self.heap, (time.monotonic() + delay, token))
-            if self.thread is None or not self.thread.is_alive():
-                self.thread = threading.Thread(target=self._run, name="rlm-deadlines", daemon=True)
-                self.thread.start()
-            self.cond.notify()
-        return token
-
-    def cancel(self, token: int) -> None:
-        with self.cond:
-            self.armed.pop(token, None)
-
-    def _run(self) -> None:
-        while True:
-            with self.cond:
-                while True:
-                    while self.heap and self.heap[0][1] not in self.armed:
-                        heapq.heappop(self.heap)
-                    if not self.heap:
-                        self.cond.wait()
-                        continue
-                    wait = self.heap[0][0] - time.monotonic()
-                    if wait <= 0:
-                        break
-                    self.cond.wait(wait)
-                _, token = heapq.heappop(self.heap)
-                entry = self.armed.pop(token, None)
-            if entry is not None:
-                action, args = entry
-                with contextlib.suppress(Exception):
-                    action(*args)
-
-
-_deadlines = _Deadlines()
-
-
-# -- one worker, host side --------------------------------------------------------------
-
-
-class _WorkerLost(Exception):
-    """The worker's channel closed (it died or was killed); ``status`` is its wait status."""
-
-    def __init__(self, status: int | None, reason: str = "") -> None:
-        super().__init__(reason or "worker lost")
-        self.status = status
-        self.reason = reason
-
-
-class _Resources:
-    """What must be released however the executor ends (close, GC or interpreter exit).
-
-    Shared by the engine loop (which starts and buries workers) and whichever thread
-    closes the executor, so every change happens under one lock, and a worker started
-    after the executor closed is killed on arrival instead of leaking.
-    """
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.closed = False
-        self.pid: int | None = None
-        self.uid: int | None = None
-        self.zygote: _Zygote | None = None
-        self.transport: asyncio.BaseTransport | None = None
-
-    def check_open(self) -> None:
-        with self.lock:
-            if self.closed:
-                raise EnvClosedError("this REPL environment is closed; create a new one")
-
-    def adopt(self, pid: int, uid: int | None, zygote: _Zygote) -> None:
-        with self.lock:
-            if not self.closed:
-                self.pid, self.uid, self.zygote = pid, uid, zygote
-                return
-        _kill_group(pid)
-        zygote.reap(pid)
-        raise EnvClosedError("this REPL environment is closed; create a new one")
-
-    def attach(self, transport: asyncio.BaseTransport) -> None:
-        with self.lock:
-            if not self.closed:
-                self.transport = transport
-                return
-        transport.close()
-        raise EnvClosedError("this REPL environment is closed; create a new one")
-
-    def kill_now(self, pid: int) -> None:
-        """SIGKILL ``pid`` if it is still this env's worker (not yet reaped); any thread."""
-        with self.lock:
-            if pid == self.pid:
-                _kill_group(pid)
-
-    def kill(self, pid: int | None = None, grace: float = 0.0) -> int | None:
-        """SIGKILL worker ``pid`` (default: the current one) and everything it made; reap it.
-
-        ``grace`` > 0 is for a worker that died on its own: its wait status (the reason
-        the cell reports) is given that long to arrive before the kill. Returns the wait
-        status, or None if unknown (or already reaped before).
-        """
-        with self.lock:
-            if pid is None or pid == self.pid:
-                pid, zygote, transport = self.pid, self.zygote, self.transport
-                self.pid = self.transport = None
-            else:
-                return None  # not the current worker: buried already
-        status = None
-        if pid is not None:
-            if grace <= 0:
-                _kill_group(pid)
-            if zygote is not None:
-                status = zygote.reap(pid, grace)
-        if transport is not None:
-            _close_transport(transport)
-        return status
-
-    def disown(self, pid: int) -> tuple[int, int | None, _Zygote, asyncio.BaseTransport] | None:
-        """Hand worker ``pid`` over (to a pool) instead of killing it on release."""
-        with self.lock:
-            if pid != self.pid or self.zygote is None or self.transport is None:
-                return None
-            handed = (pid, self.uid, self.zygote, self.transport)
-            self.pid = self.transport = None
-            return handed
-
-    def release(self) -> None:
-        with self.lock:
-            self.closed = True
-        self.kill()
-
-
-def _kill_group(pid: int) -> None:
-    # ``pid`` is the worker's init: with a PID namespace its death takes every process
-    # in it; without, the zygote sweeps the worker's uid after reaping. The zygote reaps
-    # only on our request, so the pid cannot have been reused meanwhile.
-    for kill in (os.killpg, os.kill):
-        with contextlib.suppress(OSError):
-            kill(pid, signal.SIGKILL)
-
-
-def _close_transport(transport: asyncio.BaseTransport) -> None:
-    loop = getattr(transport, "_loop", None)
-    if loop is None or loop.is_closed():
-        return
-    if engine.in_engine_thread() or not loop.is_running():
-        transport.close()
-        return
-    done = threading.Event()
-
-    def close() -> None:
-        transport.close()
-        done.set()
-
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(close)
-        done.wait(2.0)
-
-
-class _Link:
-    """The engine-loop side of one worker's channel: a reader task and request routing."""
-
-    def __init__(
-        self,
-        executor: ProcessExecutor,
-        pid: int,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        # Weak, so a running reader task does not keep an abandoned executor alive (its
-        # finalizer then kills the worker).
-        self.executor: Callable[[], ProcessExecutor | None] = weakref.ref(executor)
-        self.max_output_chars = executor.max_output_chars
-        self.max_frame = max_frame_bytes(executor._sub_queries.limits)
-        self.pulls: dict[Any, asyncio.Future[list[Any]]] = {}
-        self.pid = pid
-        self.reader = reader
-        self.writer = writer
-        self.reply: asyncio.Future[dict[str, Any]] | None = None
-        self.partial: dict[str, list[str]] = {"stdout": [], "stderr": []}
-        self.partial_len = 0
-        self.tasks: dict[Any, asyncio.Task[None]] = {}
-        self.dead = False
-        self.timed_out = False
-        self.lost: _WorkerLost | None = None
-        self.read_task = asyncio.get_running_loop().create_task(self._read_loop())
-
-    def bind(self, executor: ProcessExecutor | None) -> None:
-        """Route this worker's requests to ``executor`` (None while it waits in a pool)."""
-        if executor is None:
-            self.executor = lambda: None
-            return
-        self.executor = weakref.ref(executor)
-        self.max_output_chars = executor.max_output_chars
-        self.max_frame = max_frame_bytes(executor._sub_queries.limits)
-        self.partial = {"stdout": [], "stderr": []}
-        self.partial_len = 0
-        self.timed_out = False
-
-    def send(self, msg: dict[str, Any]) -> None:
-        if not self.dead:
-            self.writer.write(pack(msg))
-
-    async def pull(self, rid: Any, start: int, count: int, budget: int) -> list[Any]:
-        """Ask the worker for up to ``count`` prompts of batch ``rid`` from ``start``."""
-        if self.dead or rid in self.pulls:
-            raise LLMQueryError("llm_query_batch: the worker is gone")
-        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self.pulls[rid] = fut
-        try:
-            self.send({"op": "pull", "id": rid, "start": start, "count": count, "max_bytes": budget})
-            return await fut
-        finally:
-            self.pulls.pop(rid, None)
-
-    async def command(self, msg: dict[str, Any], limit: float | None) -> dict[str, Any]:
-        """Send one command and wait for its answer; raises _WorkerLost or TimeoutError."""
-        if self.dead:
-            raise self.lost or _WorkerLost(None)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.reply = fut
-        try:
-            self.send(msg)
-            return await asyncio.wait_for(fut, limit)
-        finally:
-            self.reply = None
-
-    async def _read_loop(self) -> None:
-        reason = ""
-        try:
-            while True:
-                head = await self.reader.readexactly(HEADER.size)
-                json_len, payload_len = HEADER.unpack(head)
-                if json_len > self.max_frame or payload_len:
-                    # Refused before a byte of it is read: a worker cannot make the host
-                    # allocate more than one frame's worth.
-                    reason = (
-                        f"it sent a message of {json_len:,} bytes, more than the "
-                        f"{self.max_frame:,} the sandbox accepts"
-                    )
-                    break
-                body = await self.reader.readexactly(json_len)
-                try:
-                    msg = json.loads(body)
-                    del body
-                    ok = isinstance(msg, dict) and self._dispatch(msg)
-                except Exception:  # noqa: BLE001 - deep nesting, bad UTF-8, odd types...
-                    ok = False
-                if not ok:
-                    reason = "it sent a malformed message"
-                    break
-                if self.writer.transport.get_write_buffer_size() > _WRITE_BUFFER_HIGH:
-                    # The worker is not reading its replies: stop reading its requests.
-                    await self.writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        except asyncio.CancelledError:
-            reason = "closed"
-        except Exception:  # noqa: BLE001 - whatever breaks the reader, the worker goes
-            reason = "its channel broke"
-        self.dead = True
-        # EOF leaves a stream transport half-open; close it now, whoever buries us later.
-        self.writer.close()
-        self.lost = _WorkerLost(None, reason)
-        for task in self.tasks.values():
-            task.cancel()
-        for pull in self.pulls.values():
-            if not pull.done():
-                pull.set_exception(self.lost)
-        fut = self.reply
-        if fut is not None and not fut.done():
-            fut.set_exception(self.lost)
-
-    def _dispatch(self, msg: dict[str, Any]) -> bool:
-        op = msg.get("op")
-        if op in ("query", "batch", "tool"):
-            rid = msg.get("id")
-            if not isinstance(rid, int) or rid in self.tasks:
-                return False
-            executor = self.executor()
-            if executor is None:
-                return False
-            task = asyncio.get_running_loop().create_task(executor._serve(self, msg))
-            self.tasks[rid] = task
-            task.add_done_callback(lambda _t: self.tasks.pop(rid, None))
-            return True
-        if op == "items":
-            fut = self.pulls.get(msg.get("id"))
-            prompts = msg.get("prompts")
-            if fut is None or fut.done() or not isinstance(prompts, list):
-                return False
-            fut.set_result(prompts)
-            return True
-        if op == "cancel":
-            # The cell stopped waiting (deadline, cancelled await): drop the request.
-            task = self.tasks.pop(msg.get("id"), None)
-            if task is not None:
-                task.cancel()
-            return True
-        if op == "out":
-            text, stream = msg.get("text"), msg.get("stream")
-            if not isinstance(text, str) or stream not in self.partial:
-                return False
-            # Kept only for a cell that dies before it can report; bounded like output.
-            room = self.max_output_chars - self.partial_len
-            if room > 0:
-                self.partial[stream].append(text[:room])
-                self.partial_len += min(len(text), room)
-            return True
-        if op in ("result", "value", "raw_result", "ready", "clean"):
-            fut = self.reply
-            # A reply nobody waits for any more (its command was cancelled) is dropped.
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
-            return True
-        return False
-
-
-# -- warm workers ----------------------------------------------------------------------
-
-_RESET_TIMEOUT_S = 10.0
-# Recycling tasks and ending channel readers (a task nobody references may be
-# collected mid-way).
-_recycling: set[asyncio.Task[None]] = set()
-
-
-class _WarmWorker:
-    """A reset worker waiting in a ``WorkerPool``: its channel and what kills it."""
-
-    def __init__(
-        self, link: _Link, pid: int, uid: int | None, zygote: _Zygote,
-        transport: asyncio.BaseTransport,
-    ) -> None:
-        self.link, self.pid, self.uid, self.zygote, self.transport = link, pid, uid, zygote, transport
-        self._lock = threading.Lock()
-        self._gone = False
-
-    @property
-    def alive(self) -> bool:
-        return not self._gone and not self.link.dead
-
-    def hand_over(self) -> None:
-        """An executor owns it now (and kills it when done): ``discard`` does nothing more."""
-        with self._lock:
-            self._gone = True
-
-    def discard(self) -> None:
-        """Kill it now; reap it (a blocking zygote request) off the caller's thread."""
-        with self._lock:
-            if self._gone:
-                return
-            self._gone = True
-        self.link.dead = True
-        _kill_group(self.pid)
-        _close_transport(self.transport)
-        _finish_reader(self.link.read_task)
-        with contextlib.suppress(RuntimeError):  # interpreter exit: the zygote reaps all
-            _host_pool().submit(self.zygote.reap, self.pid)
-
-
-async def _recycle(pool: WorkerPool, key: Any, warm: _WarmWorker, uses: int) -> None:
-    """Reset a closed REPL's worker and give it to ``pool``, or kill it."""
-    try:
-        reply = await warm.link.command({"op": "reset"}, _RESET_TIMEOUT_S)
-    except (TimeoutError, _WorkerLost, ConnectionError, OSError):
-        reply = {}
-    if reply.get("op") != "clean" or reply.get("ok") is not True:
-        pool.note_refused()
-        warm.discard()
-        return
-    if pool.give(key, warm, uses):
-        # Weakly: a timer must not keep a dropped pool (and so its workers) alive.
-        asyncio.get_running_loop().call_later(pool.idle_s + 0.5, _expire, weakref.ref(pool))
-
-
-def _expire(pool_ref: weakref.ref[WorkerPool]) -> None:
-    pool = pool_ref()
-    if pool is not None:
-        pool.expire()
-
-
-def _schedule_recycle(pool: WorkerPool, key: Any, warm: _WarmWorker, uses: int) -> None:
-    loop = warm.link.read_task.get_loop()
-    if loop.is_closed():
-        warm.discard()
-        return
-
-    def start() -> None:
-        _hold(loop.create_task(_recycle(pool, key, warm, uses)))
-
-    try:
-        if loop is _running_loop():
-            start()
-        else:
-            loop.call_soon_threadsafe(start)
-    except RuntimeError:  # the loop is closed: nothing will reuse it
-        warm.discard()
-
-
-def _hold(task: asyncio.Task[None]) -> None:
-    """Keep ``task`` referenced until it ends (on its loop's thread)."""
-    _recycling.add(task)
-    task.add_done_callback(_recycling.discard)
-
-
-def _finish_reader(task: asyncio.Task[None]) -> None:
-    """Cancel a discarded worker's channel reader and hold it until it has ended.
-
-    Its stream protocol refers to the reader only weakly, so once nothing else holds
-    the link the pending reader would be collected mid-wait (a warning at best).
-    """
-    loop = task.get_loop()
-
-    def finish() -> None:
-        _hold(task)
-        task.cancel()
-
-    with contextlib.suppress(RuntimeError):  # the loop is closed: nothing runs any more
-        loop.call_soon_threadsafe(finish)
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-# -- the executor ----------------------------------------------------------------------
-
-
 @dataclass
-class _RawResult:
+class RawResult:
     """Outcome of the test-only raw hook: the JSON value of ``result``, or an error."""
 
     value: Any = None
@@ -858,6 +210,7 @@ class ProcessExecutor:
         self._setup_code = setup_code
         # Validated and wrapped exactly as the local executor does; they run here.
         self._tools: dict[str, Callable[..., Any]] = _wrap_tools(tools)
+        self._server = RequestServer(self._sub_queries, self._tools)
         self.max_output_chars = max_output_chars
         self.memory_limit_mb = memory_limit_mb
         self.cpu_limit_s = cpu_limit_s
@@ -873,11 +226,12 @@ class ProcessExecutor:
             raise ConfigError("worker_pool must be an rlm.sandbox.worker_pool.WorkerPool or None")
         self._pool = worker_pool
         self._uses = 0  # REPLs the current worker has served, this one included
-        self._res = _Resources()
-        self._finalizer = weakref.finalize(self, _Resources.release, self._res)
+        self._res = WorkerResources()
+        self._finalizer = weakref.finalize(self, WorkerResources.release, self._res)
         _live.add(self)
-        self._link: _Link | None = None
-        self._restart: asyncio.Task[_Link] | None = None
+        self._link: WorkerLink | None = None
+        self._watch: CellWatch | None = None
+        self._restart: asyncio.Task[WorkerLink] | None = None
         self._lock: asyncio.Lock | None = None
         self._closed = False
         self._protections: dict[str, bool | str] = {}
@@ -892,14 +246,17 @@ class ProcessExecutor:
     def protections(self) -> dict[str, bool | str]:
         """Which OS protections the worker actually runs under on this machine.
 
-        Starts the worker if it has not started yet. Keys: ``wall_timeout_kill``,
-        ``network_namespace``, ``filesystem_jail``, ``uid_drop`` (a leased uid of its
-        own), ``pid_namespace``, ``disk_limit`` (a private tmpfs of ``disk_limit_mb``),
-        ``capabilities_dropped``, ``empty_environment``, ``private_cwd``, ``rlimit_as``,
-        ``rlimit_cpu``, ``rlimit_fsize``, ``rlimit_nofile``, ``rlimit_nproc``,
-        ``rlimit_core`` (booleans), ``kill_scope`` (what a kill reaches:
-        ``"pid_namespace"``, ``"uid"`` or ``"process_group"``) and ``notes`` (why
-        something is missing).
+        Starts the worker if it has not started yet. ``network_namespace`` is ``"own"``
+        (one per worker, loopback down), ``"shared"`` (the template's, shared by its
+        workers, still without network) or False. Booleans: ``wall_timeout_kill``,
+        ``ipc_namespace`` (System V IPC of its own), ``filesystem_jail``, ``uid_drop`` (a
+        leased uid of its own), ``pid_namespace``, ``disk_limit`` (a private tmpfs of
+        ``disk_limit_mb``), ``capabilities_dropped``, ``empty_environment``,
+        ``private_cwd``, ``rlimit_as``, ``rlimit_cpu``, ``rlimit_fsize``,
+        ``rlimit_nofile``, ``rlimit_nproc``, ``rlimit_core``. Also ``kill_scope`` (what a
+        kill reaches: ``"pid_namespace"``, ``"uid"`` or ``"process_group"``),
+        ``file_access``, ``data_modules`` and ``notes`` (why something is missing). It
+        is what the worker reported when it was fresh, before any user code ran in it.
         """
         if not self._protections:
             self.start()
@@ -953,7 +310,7 @@ class ProcessExecutor:
         def lose() -> None:
             fut = link.reply
             if fut is not None and not fut.done():
-                fut.set_exception(_WorkerLost(None, reason))
+                fut.set_exception(WorkerLost(None, reason))
 
         with contextlib.suppress(RuntimeError):  # the engine loop is already gone
             engine.engine_loop().call_soon_threadsafe(lose)
@@ -966,12 +323,17 @@ class ProcessExecutor:
         # Released now, not when a collection finds this executor's cycles.
         self._context = None
         link, self._link = self._link, None
-        if self._pool is not None and link is not None and self._reusable(link):
-            handed = self._res.disown(link.pid)
-            if handed is not None:
-                link.bind(None)
-                _schedule_recycle(self._pool, self._pool_key(), _WarmWorker(link, *handed),
-                                  self._uses)
+        if self._watch is not None:
+            self._watch.stop()
+        if self._pool is not None and link is not None:
+            if self._reusable(link):
+                handed = self._res.disown(link.pid)
+                if handed is not None:
+                    link.bind(None)
+                    schedule_recycle(self._pool, self._pool_key(), WarmWorker(link, *handed),
+                                     self._uses)
+            elif link.tainted and not link.dead:
+                self._pool.note_refused()
         self._finalizer()
         restart, self._restart = self._restart, None
         if restart is not None:
@@ -986,7 +348,7 @@ class ProcessExecutor:
 
     # test hook -----------------------------------------------------------------------
 
-    def _run_raw(self, code: str, timeout: float = 10.0) -> _RawResult:
+    def _run_raw(self, code: str, timeout: float = 10.0) -> RawResult:
         """Run unrestricted Python in the worker (tests only: needs ``_allow_raw=True``).
 
         It bypasses the policy to show that each OS protection holds on its own; the
@@ -999,10 +361,10 @@ class ProcessExecutor:
             self._on_engine(self._command({"op": "raw", "code": code}, limit=timeout))
         )
         if msg.get("op") == "lost":
-            return _RawResult(error=msg["error"])
+            return RawResult(error=msg["error"])
         if not msg.get("ok"):
-            return _RawResult(error=msg.get("error"))
-        return _RawResult(value=msg.get("value"), repr=msg.get("repr"))
+            return RawResult(error=msg.get("error"))
+        return RawResult(value=msg.get("value"), repr=msg.get("repr"))
 
     # engine-loop internals -----------------------------------------------------------
 
@@ -1056,7 +418,7 @@ class ProcessExecutor:
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._restart = task
 
-    async def _ensure_worker(self) -> _Link:
+    async def _ensure_worker(self) -> WorkerLink:
         restart, self._restart = self._restart, None
         if restart is not None:
             with contextlib.suppress(Exception):
@@ -1081,13 +443,15 @@ class ProcessExecutor:
     def _pool_key(self) -> Any:
         return tuple(sorted(self._spec().items()))
 
-    def _reusable(self, link: _Link) -> bool:
-        """Whether ``link``'s worker is idle and whole: no command or request in flight."""
+    def _reusable(self, link: WorkerLink) -> bool:
+        """Whether ``link``'s worker may be offered to another REPL, judged only from what
+        the host saw: never asked to hand out a data library, never timed out or dead,
+        and idle (no command or request in flight)."""
         busy = self._lock is not None and self._lock.locked()
-        return not (busy or link.dead or link.timed_out or link.reply is not None or link.tasks
-                    or link.pulls)
+        return not (busy or link.tainted or link.dead or link.timed_out or link.killed_by_host
+                    or link.reply is not None or link.tasks or link.pulls)
 
-    async def _spawn(self) -> _Link:
+    async def _spawn(self) -> WorkerLink:
         if self._closed:
             raise EnvClosedError("this REPL environment is closed; create a new one")
         if self._pool is not None:
@@ -1097,7 +461,7 @@ class ProcessExecutor:
                     self._pool.note_started()
                     break
                 warm, uses = taken
-                assert isinstance(warm, _WarmWorker)
+                assert isinstance(warm, WarmWorker)
                 try:
                     return await self._load_warm(warm, uses)
                 except SandboxError:
@@ -1105,7 +469,7 @@ class ProcessExecutor:
         self._uses = 1
         return await self._start_fresh()
 
-    async def _load_warm(self, warm: _WarmWorker, uses: int) -> _Link:
+    async def _load_warm(self, warm: WarmWorker, uses: int) -> WorkerLink:
         """Adopt a pooled worker and load this REPL into it."""
         try:
             self._res.check_open()
@@ -1119,20 +483,20 @@ class ProcessExecutor:
         self._res.attach(warm.transport)
         self._plan = warm.zygote.plan
         link = warm.link
-        link.bind(self)
+        link.bind(self._server, self.max_output_chars)
         self._link = link
         self._uses = uses + 1
         return await self._load(link)
 
-    async def _start_fresh(self) -> _Link:
+    async def _start_fresh(self) -> WorkerLink:
         loop = asyncio.get_running_loop()
-        zygote = await loop.run_in_executor(_host_pool(), _get_zygote)
+        zygote = await loop.run_in_executor(host_pool(), get_zygote)
         self._plan = zygote.plan
         self._res.check_open()
         spec = self._spec()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            pid, uid = await loop.run_in_executor(_host_pool(), zygote.spawn, spec, theirs)
+            pid, uid = await loop.run_in_executor(host_pool(), zygote.spawn, spec, theirs)
         except BaseException:
             ours.close()
             raise
@@ -1141,13 +505,14 @@ class ProcessExecutor:
         self._res.adopt(pid, uid, zygote)
         reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
         self._res.attach(writer.transport)
-        link = self._link = _Link(self, pid, reader, writer)
+        link = self._link = WorkerLink(self._server, self.max_output_chars, pid, reader, writer)
         return await self._load(link)
 
-    async def _load(self, link: _Link) -> _Link:
+    async def _load(self, link: WorkerLink) -> WorkerLink:
         """Send the REPL (context, tools, setup code, caps) to ``link``'s worker; wait ready."""
+        self._watch = CellWatch(link.pid, functools.partial(_host_kill, self._res, link))
         writer = link.writer
-        kind, total, chunks = _encode_context(self._context)
+        kind, total, chunks = encode_context(self._context)
         init = {
             "op": "init",
             "context_kind": kind,
@@ -1166,8 +531,8 @@ class ProcessExecutor:
             for chunk in chunks:
                 writer.write(chunk)
                 await writer.drain()
-            ready = await self._await_ready(link)
-        except (TimeoutError, _WorkerLost, ConnectionError) as exc:
+            ready = await link.answer("ready", self._start_timeout)
+        except (TimeoutError, WorkerLost, ConnectionError) as exc:
             status = await self._bury(link)
             if isinstance(exc, TimeoutError):
                 why = f"its setup code ran longer than start_timeout={self._start_timeout:g} s"
@@ -1185,74 +550,28 @@ class ProcessExecutor:
                 why = _describe_status(status)
             raise SandboxError(f"the sandbox worker did not start: {why}") from exc
         self.setup_error = ready.get("setup_error")
-        self._protections = self._summarise(ready.get("protections") or {})
+        # Only what the worker reported before any user code ran in it: on a reused
+        # worker, what it says now would be a claim.
+        self._protections = summarise(link.hello or {}, self._plan, self.cpu_limit_s)
         return link
 
-    async def _await_ready(self, link: _Link) -> dict[str, Any]:
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        link.reply = fut
-        if link.dead:
-            raise link.lost or _WorkerLost(None)
-        try:
-            return await asyncio.wait_for(fut, self._start_timeout)
-        finally:
-            link.reply = None
 
-    def _summarise(self, reported: dict[str, Any]) -> dict[str, bool | str]:
-        prot: dict[str, bool | str] = {key: bool(reported.get(key)) for key in PROTECTION_KEYS}
-        prot["wall_timeout_kill"] = True
-        prot["rlimit_cpu"] = self.cpu_limit_s is not None and bool(reported.get("rlimit_as"))
-        if prot["pid_namespace"]:
-            scope = "pid_namespace"
-        elif prot["uid_drop"]:
-            scope = "uid"
-        else:
-            scope = "process_group"
-        prot["kill_scope"] = scope
-        # What cells may do because of the OS layer: open() in the private root, and the
-        # data libraries (names, comma-separated; empty when none).
-        prot["file_access"] = bool(reported.get("file_access"))
-        data = reported.get("data_modules")
-        prot["data_modules"] = data if isinstance(data, str) else ""
-        notes = []
-        if self._plan.get("note"):
-            notes.append(str(self._plan["note"]))
-        if scope == "uid":
-            notes.append(
-                "no PID namespace: on close every process of the worker's own uid is killed"
-            )
-        elif scope == "process_group":
-            notes.append(
-                "no PID namespace and no own uid: a process that leaves the worker's group "
-                "(double fork plus setsid) can outlive close()"
-            )
-        if not prot["disk_limit"]:
-            notes.append(
-                "no private tmpfs: disk use is bounded per file (file_limit_mb), not in total"
-            )
-        if not prot["rlimit_nproc"]:
-            notes.append(
-                "RLIMIT_NPROC is not in force: the worker could not leave the kernel's root "
-                "uid, for which the limit is ignored"
-            )
-        if self.cpu_limit_s is None:
-            notes.append("no CPU limit (cpu_limit_s=None): the wall timeout bounds each cell")
-        prot["notes"] = "; ".join(notes)
-        return prot
-
-    async def _bury(self, link: _Link) -> int | None:
+    async def _bury(self, link: WorkerLink) -> int | None:
         """Make sure ``link``'s worker is dead and reaped; return its wait status."""
         if self._link is link:
             self._link = None
+        if self._watch is not None and self._watch.pid == link.pid:
+            self._watch.stop()
         # A channel that simply closed means the worker died on its own: wait a moment
         # for its real wait status (the words the cell gets) before killing the rest.
-        died = link.lost is not None and not link.lost.reason and not link.timed_out
+        died = (link.lost is not None and not link.lost.reason and not link.timed_out
+                and not link.killed_by_host)
         link.dead = True
         for task in link.tasks.values():
             task.cancel()
         loop = asyncio.get_running_loop()
         status = await loop.run_in_executor(
-            _host_pool(), self._res.kill, link.pid, _DEATH_STATUS_WAIT_S if died else 0.0
+            host_pool(), self._res.kill, link.pid, _DEATH_STATUS_WAIT_S if died else 0.0
         )
         link.writer.transport.close()
         link.read_task.cancel()
@@ -1263,9 +582,15 @@ class ProcessExecutor:
     async def _command(self, msg: dict[str, Any], limit: float | None = 60.0) -> dict[str, Any]:
         async with self._the_lock():
             link = await self._ensure_worker()
+            watch = self._watch
+            if watch is not None:
+                watch.pause()  # what the command makes the worker do is not idleness
             try:
-                return await link.command(msg, limit)
-            except (TimeoutError, _WorkerLost) as exc:
+                answer = await link.command(msg, limit)
+                if watch is not None:
+                    watch.resume()
+                return answer
+            except (TimeoutError, WorkerLost) as exc:
                 status = await self._bury(link)
                 self._schedule_restart()
                 what = (
@@ -1280,6 +605,16 @@ class ProcessExecutor:
 
     async def _execute(self, code: str, timeout: float | None) -> CellOutcome:
         async with self._the_lock():
+            stale = self._link
+            if stale is not None and stale.killed_by_host:
+                await self._bury(stale)
+                self._schedule_restart()
+                return self._died(
+                    stale,
+                    f"this cell did not run: the worker process was killed because "
+                    f"{stale.killed_by_host}",
+                    cell_output=False,
+                )
             try:
                 link = await self._ensure_worker()
             except SandboxError as exc:
@@ -1297,12 +632,22 @@ class ProcessExecutor:
             }
             limit = None if timeout is None else timeout + KILL_GRACE_S
             # The kill is armed on the deadline thread, not only on this loop: a loop
-            # busy with other envs' traffic must not make the kill late.
-            token = None if limit is None else _deadlines.arm(limit, self._deadline_kill, link)
+            # busy with other envs' traffic must not make the kill late. The worker's
+            # result does not disarm it; the host does, once it sees the worker quiet.
+            watch = self._watch
+            assert watch is not None and watch.pid == link.pid
+            watch.arm(limit)
             try:
                 reply = await link.command(msg, None if limit is None else limit + 1.0)
-            except (TimeoutError, _WorkerLost) as exc:
-                if isinstance(exc, _WorkerLost) and not link.timed_out:
+                watch.result_arrived()
+            except (TimeoutError, WorkerLost) as exc:
+                if isinstance(exc, WorkerLost) and link.killed_by_host:
+                    await self._bury(link)
+                    self._schedule_restart()
+                    return self._died(
+                        link, f"the cell's worker process was killed because {link.killed_by_host}"
+                    )
+                if isinstance(exc, WorkerLost) and not link.timed_out:
                     status = await self._bury(link)
                     self._schedule_restart()
                     return self._died(link, self._death_words(status, exc.reason))
@@ -1318,20 +663,12 @@ class ProcessExecutor:
             except asyncio.CancelledError:
                 await asyncio.shield(self._bury(link))
                 raise
-            finally:
-                if token is not None:
-                    _deadlines.cancel(token)
             return self._outcome(reply)
 
-    def _deadline_kill(self, link: _Link) -> None:
-        """On the deadline thread: SIGKILL the cell's worker, whatever the loop is doing."""
-        link.timed_out = True
-        self._res.kill_now(link.pid)
-
-    def _died(self, link: _Link, what: str) -> CellOutcome:
+    def _died(self, link: WorkerLink, what: str, cell_output: bool = True) -> CellOutcome:
         return CellOutcome(
-            stdout="".join(link.partial["stdout"]),
-            stderr="".join(link.partial["stderr"]),
+            stdout="".join(link.partial["stdout"]) if cell_output else "",
+            stderr="".join(link.partial["stderr"]) if cell_output else "",
             error=(
                 f"{what}; the REPL was restarted: all variables from earlier cells are lost "
                 "(context, tools and setup code are loaded again)"
@@ -1389,120 +726,24 @@ class ProcessExecutor:
             truncated=bool(reply.get("truncated")),
         )
 
-    async def _serve(self, link: _Link, msg: dict[str, Any]) -> None:
-        """Answer one request from the worker (a sub-query, a batch or a tool call)."""
-        rid = msg.get("id")
-        try:
-            if msg["op"] == "batch":
-                result = await self._serve_batch(link, msg)
-            else:
-                result = await self._handle(msg)
-            data = pack({"op": "reply", "id": rid, "ok": True, "result": result})
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every failure goes back to the cell
-            text = _short(exc) if msg["op"] != "tool" else _describe(exc)
-            data = pack(
-                {"op": "reply", "id": rid, "ok": False, "error": text, "type": type(exc).__name__}
-            )
-        if not link.dead:
-            link.writer.write(data)
-
-    async def _handle(self, msg: dict[str, Any]) -> Any:
-        # The worker is not trusted: everything it asks for is checked again here with the
-        # policy's own checks, so even a subverted worker can only make ordinary requests.
-        op = msg["op"]
-        if op == "tool":
-            return await self._call_tool(msg.get("name"), msg.get("args"), msg.get("kwargs"))
-        params = _params(msg)
-        prompt = msg.get("prompt")
-        check_subquery_prompt(prompt)
-        return await self._sub_queries.query(prompt, params)
-
-    async def _serve_batch(self, link: _Link, msg: dict[str, Any]) -> None:
-        """Run a batch the worker announced, pulling its prompts as this env's slots free.
-
-        The gate asks for one slice at a time; each slice's replies go back to the
-        worker as soon as they are in, so the host never holds the whole batch, in
-        either direction.
-        """
-        params = _params(msg)
-        rid, n = msg.get("id"), msg.get("n")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise TypeError("llm_query_batch takes a list of prompts")
-
-        async def fetch(start: int, count: int, budget: int) -> list[Any]:
-            return await link.pull(rid, start, count, budget)
-
-        def deliver(start: int, replies: list[Any]) -> None:
-            link.send({"op": "part", "id": rid, "start": start, "results": replies})
-
-        await self._sub_queries.run_batch(n, fetch, deliver, params)
-
-    async def _call_tool(self, name: Any, args: Any, kwargs: Any) -> Any:
-        tool = self._tools.get(name) if isinstance(name, str) else None
-        if tool is None or not isinstance(args, list) or not isinstance(kwargs, dict):
-            raise TypeError(f"no tool named {name!r}")
-        if inspect.iscoroutinefunction(tool):
-            result = await tool(*args, **kwargs)
-        else:
-            # A sync tool may block: run it off the engine loop.
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(_tool_pool(), functools.partial(tool, *args, **kwargs))
-        try:
-            return json.loads(json.dumps(result))
-        except (TypeError, ValueError) as exc:
-            raise TypeError(
-                f"tool {name!r} returned a {type(result).__name__}, which cannot be sent to "
-                "the process sandbox (only JSON-like values can)"
-            ) from exc
-
 
 # -- helpers ---------------------------------------------------------------------------
 
 
-def _encode_context(context: Any) -> tuple[str, int, Iterator[bytes | memoryview]]:
-    """How to send ``context``: its kind, its byte length, and chunks produced lazily."""
-    if context is None:
-        return "none", 0, iter(())
-    if isinstance(context, str):
-        if context.isascii():
-            # An ASCII str's length is its UTF-8 length: encode slice by slice, so the
-            # host never holds a second full copy.
-            n = len(context)
-            return (
-                "str",
-                n,
-                (
-                    context[i : i + _CONTEXT_CHUNK].encode("ascii")
-                    for i in range(0, n, _CONTEXT_CHUNK)
-                ),
-            )
-        return "str", *_chunks(context.encode("utf-8", "surrogatepass"))
-    if isinstance(context, (bytes, bytearray, memoryview)):
-        return "bytes", *_chunks(bytes(context) if isinstance(context, memoryview) else context)
-    try:
-        data = json.dumps(context, ensure_ascii=False).encode("utf-8", "surrogatepass")
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"the process sandbox sends the context to its worker as JSON, and a "
-            f"{type(context).__name__} is not JSON-like ({exc}); pass a str, bytes, list "
-            "or dict, or use sandbox='local'"
-        ) from exc
-    return "json", *_chunks(data)
+def _host_kill(res: WorkerResources, link: WorkerLink, reason: str) -> None:
+    """On the deadline thread: SIGKILL ``link``'s worker, whatever the loop is doing.
 
+    ``reason`` is empty for a cell past its deadline, else why a worker that said its
+    cell was over was killed (the next cell says so).
+    """
 
-def _chunks(data: bytes | bytearray) -> tuple[int, Iterator[memoryview]]:
-    view = memoryview(data)
-    return len(data), (view[i : i + _CONTEXT_CHUNK] for i in range(0, len(data), _CONTEXT_CHUNK))
+    def mark() -> None:
+        if reason:
+            link.killed_by_host = reason
+        else:
+            link.timed_out = True
 
-
-def _params(msg: dict[str, Any]) -> dict[str, Any]:
-    params = msg.get("params")
-    if not isinstance(params, dict):
-        raise TypeError("llm_query parameters must be keyword arguments")
-    check_subquery_params(params)
-    return params
+    res.kill_now(link.pid, mark)
 
 
 def _check_code(code: Any) -> None:
@@ -1512,11 +753,6 @@ def _check_code(code: Any) -> None:
 
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return text if text else type(exc).__name__
 
 
 def _signal_name(sig: int) -> str:

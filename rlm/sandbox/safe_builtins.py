@@ -30,6 +30,7 @@ from rlm.sandbox.guards import (
     guarded_hasattr,
     guarded_setattr,
 )
+from rlm.sandbox.jail_files import jail_open
 from rlm.sandbox.subqueries import LLMQueryError
 
 __all__ = ["builtin_standins", "checked_iter", "chunks", "make_builtins"]
@@ -267,7 +268,7 @@ _PLAIN_BUILTINS = [
 def make_builtins(
     ns: dict[str, Any], importer: Callable[..., Any], *, file_access: bool = False
 ) -> dict[str, Any]:
-    """The builtins of one namespace. ``file_access`` gives cells the real ``open``: only
+    """The builtins of one namespace. ``file_access`` gives cells ``open`` by file name: only
     for a worker process confined to a private directory (its jail, not the policy, is
     what bounds the files it can reach)."""
     b: dict[str, Any] = {name: getattr(builtins, name) for name in _PLAIN_BUILTINS}
@@ -278,7 +279,8 @@ def make_builtins(
     for name, why in _ABSENT.items():
         b[name] = _unavailable(name, why)
     if file_access:
-        b["open"] = builtins.open
+        # File names only: a descriptor number could reach the worker's own channel.
+        b["open"] = jail_open
 
     views: dict[type, Any] = {}
     for real in (list, tuple, set, frozenset, dict):

@@ -19,21 +19,34 @@ What a borrowed worker carries over, and what it does not:
   asyncio facade...), exactly as a fresh worker would.
 - The OS layer does not change: the same confinement (namespaces, jail, uid, rlimits)
   applies for the worker's whole life, and ``protections`` reports it as before.
+- The host decides reuse from what it saw itself; anything a worker says about itself
+  once a cell ran in it is a claim. A reset's "clean" can only forbid reuse, never
+  prove it; ``protections`` is what the worker reported when fresh, before any user
+  code; a kill stays armed until the host sees the worker quiet. A worker must ask the
+  host before it first hands out numpy, pandas or yaml (while its code is still the
+  sandbox's own), and the host then never lends it again: those libraries run
+  arbitrary code by design (yaml.unsafe_load, pickles), so such a worker is assumed
+  fully compromised. Nor is a worker lent that timed out, died or was still busy.
 - What stays is the worker process itself. Between tasks, isolation therefore rests on
   the sandbox policy plus the reset (as it does between two in-process REPLs), not on
-  a new process: code that escaped the policy in one task could wait for the next.
+  a new process: code that escaped the policy itself in one task could wait for the next.
   Pools are scoped to one owner (one ``RLM``: one job, one user), a worker serves at
   most ``max_uses`` REPLs, and idle workers are killed after ``idle_s`` (and when the
   pool is closed or dropped). Pass
   ``reuse_workers=False`` to ``RLM`` (``rlm batch --fresh-workers``) for a new process
   per REPL; servers that run requests of different callers do so.
 
-The pool holds opaque entries (``PooledWorker``); the process executor makes them and
-performs the reset handshake, so this module only keeps, lends and retires them.
+The pool itself (``WorkerPool``) holds opaque entries (``PooledWorker``) and only keeps,
+lends and retires them. The process executor's entries are ``WarmWorker``s: a worker's
+channel and what kills it, handed over by an executor that closed, reset here
+(``schedule_recycle``) and given to the pool only if the reset's reply says clean.
+This module does not decide whether a worker may be offered at all: the executor does,
+from what the host itself saw of it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -43,15 +56,20 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from rlm.errors import ConfigError
+from rlm.sandbox.host_threads import host_pool
+from rlm.sandbox.worker_link import WorkerLink, WorkerLost
+from rlm.sandbox.worker_resources import close_transport, kill_group
+from rlm.sandbox.zygote_client import ZygoteClient
 
-__all__ = ["PooledWorker", "WorkerPool"]
+__all__ = ["PooledWorker", "WarmWorker", "WorkerPool", "schedule_recycle"]
 
 
 class PooledWorker(Protocol):
     """What the pool needs of a worker it keeps: whether it still lives, and a way to end it."""
 
     @property
-    def alive(self) -> bool: ...
+    def alive(self) -> bool:
+        """False once the worker died or was discarded."""
 
     def discard(self) -> None:
         """Kill the worker and release what it holds; safe from any thread, idempotent."""
@@ -135,13 +153,15 @@ class WorkerPool:
         return kept
 
     def note_refused(self) -> None:
-        """Count a worker that failed its reset (it was killed instead of kept)."""
+        """Count a worker killed instead of kept: it failed its reset, or the host would
+        not offer it at all (it handed out a data library)."""
         with self._lock:
             self._counts["refused"] += 1
 
     def stats(self) -> dict[str, int]:
         """Counts so far: workers ``started`` fresh, ``reused``, ``returned`` after a reset,
-        ``retired`` (worn out, pool closed), ``refused`` (failed the reset), ``idle`` now."""
+        ``retired`` (worn out, pool closed), ``refused`` (failed the reset, or never offered:
+        it handed out a data library), ``idle`` now."""
         with self._lock:
             out = dict(self._counts)
             out["idle"] = sum(len(v) for v in self._idle.values())
@@ -206,3 +226,115 @@ class WorkerPool:
         for worker in workers:
             with contextlib.suppress(Exception):
                 worker.discard()
+
+
+# -- the process executor's warm workers -------------------------------------------
+
+_RESET_TIMEOUT_S = 10.0
+# Recycling tasks and ending channel readers (a task nobody references may be
+# collected mid-way).
+_recycling: set[asyncio.Task[None]] = set()
+
+
+class WarmWorker:
+    """A reset worker waiting in a ``WorkerPool``: its channel and what kills it."""
+
+    def __init__(
+        self, link: WorkerLink, pid: int, uid: int | None, zygote: ZygoteClient,
+        transport: asyncio.BaseTransport,
+    ) -> None:
+        self.link, self.pid, self.uid, self.zygote, self.transport = link, pid, uid, zygote, transport
+        self._lock = threading.Lock()
+        self._gone = False
+
+    @property
+    def alive(self) -> bool:
+        """False once it was handed over or discarded, or its channel closed."""
+        return not self._gone and not self.link.dead
+
+    def hand_over(self) -> None:
+        """An executor owns it now (and kills it when done): ``discard`` does nothing more."""
+        with self._lock:
+            self._gone = True
+
+    def discard(self) -> None:
+        """Kill it now; reap it (a blocking zygote request) off the caller's thread."""
+        with self._lock:
+            if self._gone:
+                return
+            self._gone = True
+        self.link.dead = True
+        kill_group(self.pid)
+        close_transport(self.transport)
+        _finish_reader(self.link.read_task)
+        with contextlib.suppress(RuntimeError):  # interpreter exit: the zygote reaps all
+            host_pool().submit(self.zygote.reap, self.pid)
+
+
+async def _recycle(pool: WorkerPool, key: Any, warm: WarmWorker, uses: int) -> None:
+    """Reset a closed REPL's worker and give it to ``pool``, or kill it."""
+    try:
+        reply = await warm.link.command({"op": "reset"}, _RESET_TIMEOUT_S)
+    except (TimeoutError, WorkerLost, ConnectionError, OSError):
+        reply = {}
+    if reply.get("op") != "clean" or reply.get("ok") is not True:
+        pool.note_refused()
+        warm.discard()
+        return
+    if pool.give(key, warm, uses):
+        # Weakly: a timer must not keep a dropped pool (and so its workers) alive.
+        asyncio.get_running_loop().call_later(pool.idle_s + 0.5, _expire, weakref.ref(pool))
+
+
+def _expire(pool_ref: weakref.ref[WorkerPool]) -> None:
+    pool = pool_ref()
+    if pool is not None:
+        pool.expire()
+
+
+def schedule_recycle(pool: WorkerPool, key: Any, warm: WarmWorker, uses: int) -> None:
+    """From any thread: reset ``warm`` on its channel's loop, then give it to ``pool``."""
+    loop = warm.link.read_task.get_loop()
+    if loop.is_closed():
+        warm.discard()
+        return
+
+    def start() -> None:
+        _hold(loop.create_task(_recycle(pool, key, warm, uses)))
+
+    try:
+        if loop is _running_loop():
+            start()
+        else:
+            loop.call_soon_threadsafe(start)
+    except RuntimeError:  # the loop is closed: nothing will reuse it
+        warm.discard()
+
+
+def _hold(task: asyncio.Task[None]) -> None:
+    """Keep ``task`` referenced until it ends (on its loop's thread)."""
+    _recycling.add(task)
+    task.add_done_callback(_recycling.discard)
+
+
+def _finish_reader(task: asyncio.Task[None]) -> None:
+    """Cancel a discarded worker's channel reader and hold it until it has ended.
+
+    Its stream protocol refers to the reader only weakly, so once nothing else holds
+    the link the pending reader would be collected mid-wait (a warning at best).
+    """
+    loop = task.get_loop()
+
+    def finish() -> None:
+        _hold(task)
+        task.cancel()
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nothing runs any more
+        loop.call_soon_threadsafe(finish)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -10,6 +10,7 @@ protection, the test checks that ``protections`` says so instead.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 from rlm_support import pid_alive
 
-from rlm.sandbox import process as process_mod
+from rlm.sandbox import zygote_client
 from rlm.sandbox._isolation import UID_BASE
 from rlm.sandbox.process import ProcessExecutor
 from rlm.testing import FakeLLMServer
@@ -47,12 +48,12 @@ def test_worker_environment_is_empty_even_with_a_secret_in_the_host(
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-canary-os-layer-12345")
     # A fresh template process, started while the canary is in the host's environment.
-    process_mod._shutdown_zygote()
+    zygote_client.shutdown_zygote()
     with ProcessExecutor(_allow_raw=True) as ex:
         got = ex._run_raw("import os; result = dict(os.environ)")
         assert got.value == {}
         assert ex.protections["empty_environment"] is True
-        zygote = process_mod._get_zygote()
+        zygote = zygote_client.get_zygote()
         # The template's own environment, as the kernel recorded it at exec time.
         assert Path(f"/proc/{zygote.proc.pid}/environ").read_bytes() == b""
         scan = ex._run_raw("import os\nresult = [k for k in os.environ if 'KEY' in k]\n")
@@ -267,7 +268,7 @@ def test_protections_report_every_layer(raw: ProcessExecutor) -> None:
     prot = raw.protections
     for key in (
         "wall_timeout_kill",
-        "network_namespace",
+        "ipc_namespace",
         "filesystem_jail",
         "uid_drop",
         "capabilities_dropped",
@@ -281,6 +282,7 @@ def test_protections_report_every_layer(raw: ProcessExecutor) -> None:
         "rlimit_core",
     ):
         assert isinstance(prot[key], bool), key
+    assert prot["network_namespace"] in ("own", "shared", False)
     assert prot["wall_timeout_kill"] is True
     assert prot["empty_environment"] is True
     assert prot["private_cwd"] is True
@@ -464,8 +466,8 @@ def test_a_total_disk_limit_stops_a_cell_writing_many_files() -> None:
 # Raw code finds the worker's own channel to the host and writes a frame nobody checked.
 _NESTED_FRAME = (
     "import gc, os, struct, threading, time\n"
-    "worker = next(o for o in gc.get_objects() if type(o).__name__ == '_Worker')\n"
-    "fd = worker.channel.fileno()\n"
+    "worker = next(o for o in gc.get_objects() if type(o).__name__ == 'WorkerChannel')\n"
+    "fd = worker.fileno()\n"
     "body = b'[' * 200000 + b']' * 200000\n"
     "frame = struct.pack('!IQ', len(body), 0) + body\n"
     "def later():\n"
@@ -492,11 +494,11 @@ def test_a_frame_larger_than_the_cap_is_refused_before_it_is_read() -> None:
     with ProcessExecutor(_allow_raw=True) as ex:
         got = ex._run_raw(
             "import gc, os, struct, threading, time\n"
-            "worker = next(o for o in gc.get_objects() if type(o).__name__ == '_Worker')\n"
+            "worker = next(o for o in gc.get_objects() if type(o).__name__ == 'WorkerChannel')\n"
             "def later():\n"
             "    time.sleep(0.3)\n"
             "    with worker.send_lock:\n"
-            "        os.write(worker.channel.fileno(), struct.pack('!IQ', 1 << 31, 0))\n"
+            "        os.write(worker.fileno(), struct.pack('!IQ', 1 << 31, 0))\n"
             "threading.Thread(target=later).start()\n"
             "result = 'armed'\n"
         )
@@ -523,3 +525,86 @@ def test_cells_that_may_open_files_are_held_to_the_total_disk_limit() -> None:
         )
         assert outcome.error is not None and "No space left on device" in outcome.error
         assert ex.execute("print(written <= 8)", 30.0).stdout == "True\n"
+
+
+# -- finding D: System V IPC and sockets after an escape ---------------------------------
+
+_SYSV = (
+    "import ctypes\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "IPC_CREAT = 0o1000\n"
+    "KEY = 0x524C4D44\n"
+)
+
+
+def _sysv_keys(kind: str) -> set[int]:
+    """Keys of the host's System V ``shm`` segments or ``msg`` queues (its own namespace)."""
+    lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]
+    return {int(line.split()[0]) for line in lines}
+
+
+def _remove_sysv(key: int) -> None:
+    """Remove the host's segment and queue of ``key``, if any (they must not outlive a test)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    shm, msg = libc.shmget(key, 0, 0), libc.msgget(key, 0)
+    if shm >= 0:
+        libc.shmctl(shm, 0, None)  # IPC_RMID
+    if msg >= 0:
+        libc.msgctl(msg, 0, None)
+
+
+@pytest.fixture
+def sysv_key() -> Iterator[int]:
+    key = 0x524C4D44
+    yield key
+    _remove_sysv(key)
+
+
+def test_system_v_ipc_made_after_an_escape_stays_in_its_worker(sysv_key: int) -> None:
+    key = sysv_key
+    with ProcessExecutor(_allow_raw=True) as a, ProcessExecutor(_allow_raw=True) as b:
+        made = a._run_raw(
+            _SYSV + "shm = libc.shmget(KEY, 4 << 20, IPC_CREAT | 0o666)\n"
+            "msg = libc.msgget(KEY, IPC_CREAT | 0o666)\n"
+            "result = [shm >= 0, msg >= 0]\n"
+        )
+        assert made.value == [True, True], made
+        if not a.protections["ipc_namespace"]:
+            assert "IPC namespace" in str(a.protections["notes"])
+            return
+        # Neither the host nor another worker sees them...
+        assert key not in _sysv_keys("shm") and key not in _sysv_keys("msg")
+        seen = b._run_raw(_SYSV + "result = [libc.shmget(KEY, 0, 0), libc.msgget(KEY, 0)]\n")
+        assert seen.value == [-1, -1]
+        # ...and they end with their worker: its next incarnation starts without them.
+        a._run_raw("import os\nos._exit(0)")
+        again = a._run_raw(_SYSV + "result = [libc.shmget(KEY, 0, 0), libc.msgget(KEY, 0)]\n")
+        assert again.value == [-1, -1]
+        assert key not in _sysv_keys("shm") and key not in _sysv_keys("msg")
+
+
+def test_two_workers_cannot_meet_on_an_abstract_unix_socket() -> None:
+    name = "\0rlm-sandbox-test-meeting-point"  # abstract: a leading NUL
+    with ProcessExecutor(_allow_raw=True) as a, ProcessExecutor(_allow_raw=True) as b:
+        listening = a._run_raw(
+            "import socket, sys\n"
+            "server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+            f"server.bind({name!r})\n"
+            "server.listen()\n"
+            "sys.modules['rlm.sandbox.worker'].kept_server = server\n"
+            "probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+            f"probe.connect({name!r})\n"  # it does listen, for its own process
+            "result = 'listening'\n"
+        )
+        assert listening.value == "listening", listening
+        reached = b._run_raw(
+            "import socket\n"
+            "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+            f"s.connect({name!r})\n"
+            "result = 'connected'\n"
+        )
+        if a.protections["network_namespace"] != "own":
+            assert "abstract Unix sockets" in str(a.protections["notes"])
+            return
+        assert reached.value is None and reached.error is not None
+        assert "ConnectionRefusedError" in reached.error or "FileNotFoundError" in reached.error

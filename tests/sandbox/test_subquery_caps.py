@@ -174,7 +174,7 @@ def test_the_host_refuses_a_huge_batch_announced_by_a_hostile_worker(
         try:
             got = raw._run_raw(
                 "import gc\n"
-                "worker = next(o for o in gc.get_objects() if type(o).__name__ == '_Worker')\n"
+                "worker = next(o for o in gc.get_objects() if type(o).__name__ == 'WorkerChannel')\n"
                 "future = worker._submit('batch', None, {'n': 10**6, 'params': {}})\n"
                 "try:\n"
                 "    future.result(timeout=20)\n"

@@ -22,7 +22,7 @@ from rlm.sandbox.process import ProcessExecutor
 from rlm.sandbox.worker_pool import WorkerPool
 from rlm.testing import FakeLLMServer
 
-MARK = "import rlm.sandbox._worker as w\nresult = getattr(w, 'pool_test_mark', None)\n"
+MARK = "import rlm.sandbox.worker as w\nresult = getattr(w, 'pool_test_mark', None)\n"
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def test_a_reused_worker_carries_no_variable_file_or_facade_state(pool: WorkerPo
     a = _executor(pool, context="context of A")
     a_protections = a.protections
     assert a_protections["wall_timeout_kill"] is True
-    assert a._run_raw("import rlm.sandbox._worker as w\nw.pool_test_mark = 'A'\nresult = 1").value == 1
+    assert a._run_raw("import rlm.sandbox.worker as w\nw.pool_test_mark = 'A'\nresult = 1").value == 1
     cell = (
         "secret = 'A-secret-4242'\n"
         "def helper():\n    return secret\n"
@@ -155,7 +155,7 @@ def test_files_left_in_any_shape_are_cleared_before_reuse(pool: WorkerPool) -> N
         "result = sorted(os.listdir('.'))\n"
     )
     assert planted.value == ["d1", "fifo", "link-dir", "link-out"], planted
-    a._run_raw("import rlm.sandbox._worker as w\nw.pool_test_mark = 'planted'\nresult = 1")
+    a._run_raw("import rlm.sandbox.worker as w\nw.pool_test_mark = 'planted'\nresult = 1")
     a.close()
     assert _wait_idle(pool)["idle"] == 1
     b = _executor(pool)
@@ -172,7 +172,7 @@ def test_a_worker_that_cannot_show_it_is_clean_is_killed_not_lent(pool: WorkerPo
     payloads = [
         "import os\nfor i in range(40):\n    os.mkdir('d')\n    os.chdir('d')\nos.chdir('/')\nresult = 1",
         "import threading, time\nthreading.Thread(target=time.sleep, args=(60,), daemon=True).start()\nresult = 1",
-        "import os\nglobal_fd = os.open('.', os.O_RDONLY)\nimport rlm.sandbox._worker as w\nw.kept = global_fd\nresult = 1",
+        "import os\nglobal_fd = os.open('.', os.O_RDONLY)\nimport rlm.sandbox.worker as w\nw.kept = global_fd\nresult = 1",
     ]
     for n, payload in enumerate(payloads, start=1):
         a = _executor(pool)
@@ -234,7 +234,7 @@ def test_a_worker_serves_at_most_max_uses_repls() -> None:
         for i in range(3):
             ex = _executor(pool)
             marks.append(ex._run_raw(MARK).value)
-            ex._run_raw(f"import rlm.sandbox._worker as w\nw.pool_test_mark = {i}\nresult = 1")
+            ex._run_raw(f"import rlm.sandbox.worker as w\nw.pool_test_mark = {i}\nresult = 1")
             ex.close()
             _wait_settled(pool, returned=i + 1, refused=0)
         assert marks == [None, 0, None]  # the third REPL got a new process
