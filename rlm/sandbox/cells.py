@@ -41,14 +41,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-from rlm.sandbox.asyncio_facade import CellTasks
+from rlm.sandbox.asyncio_facade import CellTasks, deferring
 from rlm.sandbox.boundary import guard_host_function
 from rlm.sandbox.compiler import (
+    ASYNC_DEF_HOOK,
     AUGATTR_HOOK,
     ECHO_SLOT,
     GETATTR_HOOK,
@@ -350,6 +352,7 @@ def build_namespace(
     ns[GETATTR_HOOK] = getattr_guard
     ns[WRITE_HOOK] = write_guard
     ns[AUGATTR_HOOK] = augattr_guard
+    ns[ASYNC_DEF_HOOK] = _defer_coroutine_function
     ns[PRINT_HOOK] = _Printer(lambda text: state.write_stdout(text))
 
     def FINAL(answer: Any) -> None:  # noqa: N802 - the name the prompts use
@@ -392,6 +395,14 @@ def build_namespace(
     ns.update(reserved)
     state.reserved = reserved
     return ns
+
+
+def _defer_coroutine_function(fn: Any) -> Any:
+    # The cell's own async def: its calls return coroutines made when awaited (see
+    # asyncio_facade.deferred). Still the cell's function: attributes may be set on it.
+    if not inspect.iscoroutinefunction(fn):
+        return fn
+    return deferring(fn, module=CELL_MODULE)
 
 
 def final_value(answer: Any) -> Any:
