@@ -75,6 +75,7 @@ from rlm.sandbox.guards import (
 from rlm.sandbox.modules import make_importer
 from rlm.sandbox.plaindata import PlainDataError, exact_str, to_plain_data
 from rlm.sandbox.safe_builtins import builtin_standins, make_builtins
+from rlm.sandbox.shared_state import clear_shared_state
 
 __all__ = [
     "CellStop",
@@ -426,14 +427,17 @@ def final_value(answer: Any) -> Any:
 
 def release_namespace(ns: dict[str, Any]) -> None:
     """Drop everything a namespace holds: its variables and the host values it was given
-    (the context among them). A namespace sits in reference cycles (its functions point
-    back at it), so without this they would live until the cyclic collector ran."""
+    (the context among them), and what its cells left in the stdlib's caches
+    (``shared_state.clear_shared_state``). A namespace sits in reference cycles (its
+    functions point back at it), so without this they would live until the cyclic
+    collector ran."""
     state = ns.get(_STATE)
     if isinstance(state, _CellState):
         state.reserved = {}
         state.sources = {}
         state.final = None
     ns.clear()
+    clear_shared_state()
 
 
 def _restore_reserved(ns: dict[str, Any]) -> list[str]:
