@@ -34,7 +34,7 @@ from typing import Any
 from rlm import loop as engine
 from rlm.errors import ConfigError, EnvClosedError, LLMError
 from rlm.sandbox import CellOutcome, SubQueries
-from rlm.sandbox.asyncio_facade import deferred
+from rlm.sandbox.asyncio_facade import deferred, deferring
 from rlm.sandbox.cells import (
     CellStop,
     CellTimeout,
@@ -181,7 +181,12 @@ class LocalExecutor:
             self._worker = _Worker(self, f"rlm-repl-{self._id}")
             extra: dict[str, Any] = {"context": self._context}
             extra.update(_llm_functions(self))
-            extra.update(self._tools)
+            # Async tools hand cells deferred coroutines (made when awaited: one never
+            # awaited leaves no warning on the host).
+            extra.update(
+                {name: deferring(tool) if inspect.iscoroutinefunction(tool) else tool
+                 for name, tool in self._tools.items()}
+            )
             self._ns = build_namespace(
                 write_stdout=lambda text: self._out.write(text),
                 write_stderr=lambda text: self._err.write(text),
@@ -437,8 +442,8 @@ def _wrap_tools(tools: Mapping[str, Any] | None) -> dict[str, Any]:
 def _wrap_tool(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     if inspect.iscoroutinefunction(fn):
 
-        def async_tool(*args: Any, **kwargs: Any) -> Any:
-            return deferred(fn, *args, **kwargs)  # made when awaited (see asyncio_facade)
+        async def async_tool(*args: Any, **kwargs: Any) -> Any:
+            return await fn(*args, **kwargs)
 
         async_tool.__name__ = async_tool.__qualname__ = name
         async_tool.__doc__ = getattr(fn, "__doc__", None)
