@@ -239,8 +239,8 @@ def _private_getattr(obj: Any, name: str) -> Any:
         if _cell_defines(obj, name):
             return getattr(obj, name)
         raise AttributeError(
-            f"attribute {name!r} belongs to a class of the host: '_' attributes are accessible "
-            "only where code in the REPL defined them"
+            f"attribute {name!r} was not defined by code in the REPL: '_' attributes that "
+            "come from the host's classes are not accessible in the sandbox"
         )
     raise AttributeError(
         f"attribute {name!r} is private: '_' attributes are accessible only on objects "

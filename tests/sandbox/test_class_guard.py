@@ -199,7 +199,7 @@ def test_host_private_methods_stay_out_of_reach_of_cell_subclasses(
         "import textwrap\nclass W(textwrap.TextWrapper):\n    pass\nW()._split('a b')",
     ):
         r = env.execute(code)
-        assert r.error is not None and "belongs to a class of the host" in r.error, r.error
+        assert r.error is not None and "was not defined by code in the REPL" in r.error, r.error
     out = run(env, (
         "class Acc:\n    def __init__(self):\n        self._total = 0\n"
         "    def add(self, n):\n        self._total += n\n        return self\n"
