@@ -483,7 +483,8 @@ def check_cell_class(cls: type) -> type:
     because re, _strptime, typing and functools caches key on such values and a forged
     hash with a lying ``__eq__`` would answer for another key, for every REPL and the
     host. A class whose hash a cell made (a frozen dataclass) keeps the ``__eq__`` the
-    dataclass decorator wrote, for the same reason. Anything else raises TypeError.
+    dataclass decorator wrote, for the same reason. A class breaking either rule raises
+    TypeError (and is never bound to its name).
     """
     value = _value_base(cls)
     for name in _KEY_HOOKS:
@@ -573,6 +574,7 @@ def enum_from_names(
         pairs: list[tuple[Any, Any]] = []
         last: list[Any] = []
         for count, member in enumerate(names):
+            member = exact_str(member, "enum member name")  # the host's rule below reads it
             made = base._generate_next_value_(member, start, count, last[:])  # noqa: SLF001 - the host's own rule
             last.append(made)
             pairs.append((member, made))
