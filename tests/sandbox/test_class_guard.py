@@ -64,6 +64,8 @@ ROUTES = {
     "type-three-arguments": "K = type('K', (str,), {'__eq__': lambda s, o: True})\n",
     "metaclass-of-a-str-subclass": "class S(str):\n    pass\nK = type(S)('K', (S,), {})\n",
     "setattr-after-creation": "class K(str):\n    pass\nsetattr(K, '__eq__', lambda s, o: True)\n",
+    "types-new-class": "import types\nK = types.new_class('K', (str,), exec_body=lambda ns: ns)\n",
+    "int-enum-eq": "import enum\nclass K(enum.IntEnum):\n    A = 1\n" + EQ,
     "make-dataclass": (
         "import dataclasses\nK = dataclasses.make_dataclass('K', ['a'], bases=(str,), unsafe_hash=True)\n"
     ),
