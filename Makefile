@@ -3,13 +3,16 @@
 # adds [dev], `make notebooks` adds [notebooks]; each re-installs when pyproject.toml changes.
 # PYTHON picks the interpreter: `make test PYTHON=python3.13` takes a command on PATH or,
 # when that does not run (a pyenv shim of a version not selected), the newest
-# ~/.pyenv/versions/3.13*. Each Python other than the default gets its own venv
-# (.venv-3.13 ...), so several coexist beside .venv.
+# ~/.pyenv/versions/3.13*. Given on the command line for another version than python3's,
+# it gets its own venv (.venv-3.13 ...), so several coexist beside .venv; PYTHON from the
+# environment keeps .venv (what `make demo` prints and scripts expect).
 PYTHON ?= python3
 PY := $(shell $(PYTHON) -c 'import sys' >/dev/null 2>&1 && command -v $(PYTHON) || \
 	ls -d $(HOME)/.pyenv/versions/$(patsubst python%,%,$(notdir $(PYTHON)))*/bin/python 2>/dev/null | sort -V | tail -1)
-PYVER := $(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
-VENV ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-$(PYVER))
+version = $(shell $(1) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+PYVER := $(call version,$(PY))
+OWN_VENV := $(and $(filter command line,$(origin PYTHON)),$(filter-out $(call version,python3),$(PYVER)))
+VENV ?= $(if $(OWN_VENV),.venv-$(PYVER),.venv)
 BIN := $(VENV)/bin
 # Extra pytest arguments, e.g. PYTEST_ARGS="-n 2" (pytest-xdist, in [dev]) or a test path.
 PYTEST_ARGS ?=
