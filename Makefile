@@ -1,9 +1,21 @@
 # Every target creates or refreshes .venv by itself, so a fresh clone needs only `make demo` / `make test`.
 # Separate stamps: `make demo` installs the runtime package only (no test tools), `make test`
 # adds [dev], `make notebooks` adds [notebooks]; each re-installs when pyproject.toml changes.
+# PYTHON picks the interpreter: `make test PYTHON=python3.13` takes a command on PATH or,
+# when that does not run (a pyenv shim of a version not selected), the newest
+# ~/.pyenv/versions/3.13*. Given on the command line for another version than python3's,
+# it gets its own venv (.venv-3.13 ...), so several coexist beside .venv; PYTHON from the
+# environment keeps .venv (what `make demo` prints and scripts expect).
 PYTHON ?= python3
-VENV := .venv
+PY := $(shell $(PYTHON) -c 'import sys' >/dev/null 2>&1 && command -v $(PYTHON) || \
+	ls -d $(HOME)/.pyenv/versions/$(patsubst python%,%,$(notdir $(PYTHON)))*/bin/python 2>/dev/null | sort -V | tail -1)
+version = $(shell $(1) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+PYVER := $(call version,$(PY))
+OWN_VENV := $(and $(filter command line,$(origin PYTHON)),$(filter-out $(call version,python3),$(PYVER)))
+VENV ?= $(if $(OWN_VENV),.venv-$(PYVER),.venv)
 BIN := $(VENV)/bin
+# Extra pytest arguments, e.g. PYTEST_ARGS="-n 2" (pytest-xdist, in [dev]) or a test path.
+PYTEST_ARGS ?=
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 DEV_STAMP := $(VENV)/.installed-dev
 NOTEBOOKS_STAMP := $(VENV)/.installed-notebooks
@@ -11,7 +23,8 @@ NOTEBOOKS_STAMP := $(VENV)/.installed-notebooks
 .PHONY: demo test bench lint venv notebooks clean
 
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+	@test -n "$(PY)" || { echo "no Python found for PYTHON=$(PYTHON)" >&2; exit 1; }
+	$(PY) -m venv $(VENV)
 
 # --no-compile: byte-compiling every file of the dependencies (openai alone has thousands)
 # took most of the install on a loaded 2-core machine; Python compiles what it imports.
@@ -42,7 +55,7 @@ notebooks: $(NOTEBOOKS_STAMP)
 
 test: $(DEV_STAMP)
 	$(BIN)/ruff check rlm tests benchmarks test_true_async.py
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/fanout.py

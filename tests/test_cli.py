@@ -422,16 +422,16 @@ def test_a_schema_file_that_is_not_a_json_schema_is_a_usage_error(tmp_path: Path
 
 
 def test_a_run_on_a_terminal_shows_a_progress_line_that_goes_away(ctx_file: Path) -> None:
-    import pexpect
+    from pty_terminal import spawn
 
     script = ["```repl\nprint(llm_query('ECHO hi'))\n```", "```repl\nFINAL('done')\n```"]
     with FakeLLMServer(scripts={ROOT: script}, latency=0.4) as srv:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "RLM_"))}
-        child = pexpect.spawn(
+        child = spawn(
             sys.executable,
             ["-m", "rlm", "run", "--context", str(ctx_file), "--query", "q", "--model", ROOT,
              "--base-url", srv.url, "--api-key", "k", "--sandbox", "local"],
-            env={**env, "TERM": "xterm"}, encoding="utf-8", dimensions=(24, 100), timeout=60,
+            env={**env, "TERM": "xterm"}, dimensions=(24, 100), timeout=60,
         )
         screen = child.read()
         child.close()

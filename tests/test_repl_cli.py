@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from pty_terminal import PtyChild, spawn
 from rlm_support import wait_until
 
 from rlm.testing import FakeLLMServer
@@ -31,7 +32,7 @@ SLOW_S = 120.0
 class Terminal:
     """An `rlm repl` process on a pseudo-terminal, read as plain text."""
 
-    def __init__(self, child: pexpect.spawn) -> None:
+    def __init__(self, child: PtyChild) -> None:
         self.child = child
         self.raw = ""
         self.pos = 0
@@ -85,11 +86,11 @@ def context_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def repl(tmp_path: Path, context_file: Path, server: FakeLLMServer) -> Iterator[Terminal]:
     """`rlm repl --context FILE --base-url URL --api-key k --model m` on a pty."""
-    child = pexpect.spawn(
+    child = spawn(
         sys.executable,
         ["-m", "rlm.cli", "repl", "--context", str(context_file), "--base-url", server.url,
          "--api-key", "k", "--model", "m"],
-        env=clean_env(tmp_path), encoding="utf-8", dimensions=(50, 200), timeout=30,
+        env=clean_env(tmp_path), dimensions=(50, 200), timeout=30,
     )
     term = Terminal(child)
     try:

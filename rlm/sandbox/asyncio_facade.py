@@ -7,22 +7,75 @@ processes and open sockets. So this facade offers coroutine functions and small 
 of its own, and every task runs on the cell's private loop (never the engine loop or the
 caller's). Tasks do not outlive their cell: when a cell ends (normally, by error or at
 its deadline) the tasks it started and did not await are cancelled.
+
+Every coroutine a cell is handed (these functions', the llm_query family's, its own
+``async def``'s) is made only when it is first awaited (``deferred``): one a cell makes
+and never awaits then leaves nothing behind, where a real coroutine would print
+"coroutine ... was never awaited" on the host's stderr when collected.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 from rlm.sandbox.boundary import SandboxCoroutine
 
-__all__ = ["CellTasks", "asyncio_exports"]
+__all__ = ["CellTasks", "asyncio_exports", "deferred", "deferring"]
 
 _NO_LOOP = (
     "{what} needs a running event loop: use it in a cell with top-level await "
     "(`await asyncio.gather(...)`), or inside `asyncio.run(main())`"
 )
+
+
+class _Deferred:
+    """An awaitable that makes its coroutine when awaited (and can be awaited once)."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._call: tuple[Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]] | None = (
+            fn, args, kwargs,
+        )
+
+    def __await__(self) -> Any:
+        call, self._call = self._call, None
+        if call is None:
+            raise RuntimeError("cannot reuse already awaited coroutine")
+        fn, args, kwargs = call
+        return fn(*args, **kwargs).__await__()
+
+
+def deferred(fn: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any) -> SandboxCoroutine:
+    """What a cell gets for the coroutine ``fn(*args, **kwargs)``: it is made when first awaited.
+
+    Until then only the function and its arguments are held, so a cell that never awaits
+    it leaves no coroutine to warn about; once awaited it behaves as the coroutine does.
+    """
+    return SandboxCoroutine(_Deferred(fn, args, kwargs))
+
+
+def deferring(fn: Callable[..., Awaitable[Any]], *, module: str | None = None) -> Callable[..., Any]:
+    """The coroutine function ``fn`` as a plain function whose calls return ``deferred`` ones.
+
+    The arguments are bound at call time (a wrong call raises TypeError there, as a real
+    coroutine function's does); ``module`` sets the ``__module__`` the function shows.
+    """
+    signature = inspect.signature(fn)
+
+    def call(*args: Any, **kwargs: Any) -> SandboxCoroutine:
+        signature.bind(*args, **kwargs)
+        return deferred(fn, *args, **kwargs)
+
+    call.__name__ = fn.__name__
+    call.__qualname__ = fn.__qualname__
+    call.__doc__ = fn.__doc__
+    if module is not None:
+        call.__module__ = module
+    return call
 
 
 class CellTasks:
@@ -111,7 +164,7 @@ class _AsCompleted:
             raise StopIteration
         self._left -= 1
         # Wrapped: the coroutine's frame (this module's globals) must stay out of reach.
-        return SandboxCoroutine(self._next_done())
+        return deferred(self._next_done)
 
     async def _next_done(self) -> Any:
         if self._deadline is None:
@@ -198,9 +251,9 @@ def asyncio_exports(
             tasks.cancel_all(loop)
 
     return {
-        "sleep": sleep,
-        "gather": gather,
-        "wait_for": wait_for,
+        "sleep": deferring(sleep),
+        "gather": deferring(gather),
+        "wait_for": deferring(wait_for),
         "as_completed": as_completed,
         "create_task": create_task,
         "run": run,

@@ -41,14 +41,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-from rlm.sandbox.asyncio_facade import CellTasks
+from rlm.sandbox.asyncio_facade import CellTasks, deferring
 from rlm.sandbox.boundary import guard_host_function
 from rlm.sandbox.compiler import (
+    ASYNC_DEF_HOOK,
     AUGATTR_HOOK,
     ECHO_SLOT,
     GETATTR_HOOK,
@@ -73,6 +75,7 @@ from rlm.sandbox.guards import (
 from rlm.sandbox.modules import make_importer
 from rlm.sandbox.plaindata import PlainDataError, exact_str, to_plain_data
 from rlm.sandbox.safe_builtins import builtin_standins, make_builtins
+from rlm.sandbox.shared_state import clear_shared_state
 
 __all__ = [
     "CellStop",
@@ -350,6 +353,7 @@ def build_namespace(
     ns[GETATTR_HOOK] = getattr_guard
     ns[WRITE_HOOK] = write_guard
     ns[AUGATTR_HOOK] = augattr_guard
+    ns[ASYNC_DEF_HOOK] = _defer_coroutine_function
     ns[PRINT_HOOK] = _Printer(lambda text: state.write_stdout(text))
 
     def FINAL(answer: Any) -> None:  # noqa: N802 - the name the prompts use
@@ -394,6 +398,14 @@ def build_namespace(
     return ns
 
 
+def _defer_coroutine_function(fn: Any) -> Any:
+    # The cell's own async def: its calls return coroutines made when awaited (see
+    # asyncio_facade.deferred). Still the cell's function: attributes may be set on it.
+    if not inspect.iscoroutinefunction(fn):
+        return fn
+    return deferring(fn, module=CELL_MODULE)
+
+
 def final_value(answer: Any) -> Any:
     """What FINAL stores: plain data the host can keep and validate without running cell code.
 
@@ -415,14 +427,17 @@ def final_value(answer: Any) -> Any:
 
 def release_namespace(ns: dict[str, Any]) -> None:
     """Drop everything a namespace holds: its variables and the host values it was given
-    (the context among them). A namespace sits in reference cycles (its functions point
-    back at it), so without this they would live until the cyclic collector ran."""
+    (the context among them), and what its cells left in the stdlib's caches
+    (``shared_state.clear_shared_state``). A namespace sits in reference cycles (its
+    functions point back at it), so without this they would live until the cyclic
+    collector ran."""
     state = ns.get(_STATE)
     if isinstance(state, _CellState):
         state.reserved = {}
         state.sources = {}
         state.final = None
     ns.clear()
+    clear_shared_state()
 
 
 def _restore_reserved(ns: dict[str, Any]) -> list[str]:

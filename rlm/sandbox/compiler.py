@@ -24,6 +24,7 @@ from RestrictedPython.transformer import IOPERATOR_TO_STR, RestrictingNodeTransf
 from rlm.sandbox.guards import is_blocked_attr
 
 __all__ = [
+    "ASYNC_DEF_HOOK",
     "AUGATTR_HOOK",
     "ECHO_SLOT",
     "GETATTR_HOOK",
@@ -47,6 +48,7 @@ GETATTR_HOOK = "_getattr_"  # every ``a.b`` read
 WRITE_HOOK = "_write_"  # every ``a.b = v`` / ``del a.b``
 PRINT_HOOK = "_print"  # ``print(...)`` compiles to ``_print._call_print(...)``
 MATCH_CLASS_HOOK = "_rlm_match_class_"  # the class of every class pattern goes through it
+ASYNC_DEF_HOOK = "_rlm_async_"  # decorates every coroutine function (``async def`` without yield)
 _MATCH_TEMP = "_rlm_mc{}_"  # where a match statement keeps its guarded pattern classes
 
 
@@ -119,7 +121,13 @@ class _CellTransformer(RestrictingNodeTransformer):
     def visit_AsyncFunctionDef(self, node: ast.AsyncFunctionDef) -> Any:
         self.check_name(node, node.name, allow_magic_methods=True)
         self.check_function_argument_names(node)
-        return self.node_contents_visit(node)
+        node = self.node_contents_visit(node)
+        if not _yields(node):
+            # Innermost decorator: calls return coroutines made only when awaited, so one
+            # never awaited leaves no "was never awaited" warning on the host.
+            hook = ast.copy_location(ast.Name(ASYNC_DEF_HOOK, ast.Load()), node)
+            node.decorator_list.append(hook)
+        return node
 
     def visit_FunctionDef(self, node: ast.FunctionDef) -> Any:
         self.check_name(node, node.name, allow_magic_methods=True)
@@ -393,6 +401,19 @@ class _DeadlineInjector(ast.NodeTransformer):
         ast.copy_location(check, node.iter)
         node.ifs.insert(0, ast.fix_missing_locations(check))
         return node
+
+
+def _yields(function: ast.AsyncFunctionDef) -> bool:
+    """True for an async generator: a yield in the function's own scope (not a nested one)."""
+    todo: list[ast.AST] = list(function.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.Yield, ast.YieldFrom)):
+            return True
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+    return False
 
 
 def _hint_for(message: str) -> str:

@@ -7,8 +7,14 @@ everyday methods, ``write_guard`` before every ``a.b = v``, and ``augattr_guard`
 rules. The name rules (``is_blocked_attr``) are shared with the compile-time check.
 
 Objects defined in a cell carry ``CELL_MODULE`` as ``__module__``: that is how the
-guards tell user objects (private attributes readable, attributes writable) from the
-host's shared ones.
+guards tell user objects (their own private attributes readable, attributes writable)
+from the host's shared ones.
+
+Class creation has one guard, ``check_cell_class``, that every route by which a cell
+makes a class ends in (class statements through ``build_class``, the dataclass
+decorator, namedtuple, the Enum functional API): a class deriving from a value type
+cannot define how it hashes or compares equal, so no cell value can pass for another
+in the host's caches and dicts.
 """
 
 from __future__ import annotations
@@ -17,13 +23,16 @@ import _string  # type: ignore[import-not-found]  # C helpers behind str.format'
 import abc
 import asyncio
 import concurrent.futures
+import dataclasses
 import decimal
+import enum
 import operator
 import string as string_module
 import textwrap
 import threading
 import types
 import typing
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +48,9 @@ __all__ = [
     "attr_writable",
     "augattr_guard",
     "build_class",
+    "check_cell_class",
+    "dataclass_for_cell",
+    "enum_from_names",
     "getattr_guard",
     "guarded_delattr",
     "guarded_getattr",
@@ -224,11 +236,51 @@ def _private_getattr(obj: Any, name: str) -> Any:
         # The class's own dict: a copy, so item writes cannot change a shared class.
         return dict(value) if name == "_field_defaults" else value
     if _is_user_object(obj):
-        return getattr(obj, name)
+        if _cell_defines(obj, name):
+            return getattr(obj, name)
+        raise AttributeError(
+            f"attribute {name!r} was not defined by code in the REPL: '_' attributes that "
+            "come from the host's classes are not accessible in the sandbox"
+        )
     raise AttributeError(
         f"attribute {name!r} is private: '_' attributes are accessible only on objects "
         "defined in the REPL"
     )
+
+
+def _owner(cls: type, name: str) -> type | None:
+    """The class in ``cls``'s MRO whose own dict defines ``name``, or None."""
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            return klass
+    return None
+
+
+def _cell_defines(obj: Any, name: str) -> bool:
+    """True if the private ``name`` of a cell object is one cell code put there.
+
+    A cell class inherits the private methods of its host bases and metaclass too
+    (``EnumType._convert_`` writes into any module's globals, ``ABCMeta._dump_registry``
+    prints to the host's stdout): those stay out of reach. An instance's own values are
+    its own, unless a host class's data descriptor of that name takes precedence.
+    """
+    if isinstance(obj, type):
+        owner = _owner(obj, name)
+        return owner is not None and _is_user_class(owner)  # None: the metaclass's
+    if type(obj) is types.FunctionType:
+        return True  # a cell function's attribute dict holds only what the cell set
+    owner = _owner(type(obj), name)
+    if owner is not None:
+        if _is_user_class(owner):
+            return True
+        kind = type(vars(owner)[name])
+        if hasattr(kind, "__set__") or hasattr(kind, "__delete__"):
+            return False
+    try:
+        own = object.__getattribute__(obj, "__dict__")
+    except AttributeError:
+        return False
+    return name in own
 
 
 def _special_getattr(obj: Any, name: str) -> Any:
@@ -397,7 +449,152 @@ def _allowed_metaclasses() -> frozenset[type]:
     # typing.Protocol, and the bases that typing.NamedTuple and TypedDict substitute.
     named = typing.NamedTuple.__mro_entries__((typing.NamedTuple,))[0]  # type: ignore[attr-defined]
     typed = typing.TypedDict.__mro_entries__((typing.TypedDict,))[0]  # type: ignore[attr-defined]
-    return frozenset({type, abc.ABCMeta, type(typing.Protocol), type(named), type(typed)})
+    return frozenset(
+        {type, abc.ABCMeta, type(typing.Protocol), type(named), type(typed), _CellEnumType}
+    )
+
+
+# The methods a dict, a set or an lru_cache consults to decide that two keys are one.
+# Ordering hooks (__lt__ ...) are left to cells: no cache a cell can reach orders its
+# keys, so they only change the sorts, heaps and bisects a cell runs on its own data.
+_KEY_HOOKS = ("__eq__", "__ne__", "__hash__")
+
+# The __eq__ methods the dataclass decorator wrote for cell classes: they compare two
+# instances of the same class field by field and nothing else, so a hashable dataclass
+# may keep them. Weak: they go when their class goes.
+_GENERATED_EQ: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _value_base(cls: type) -> type | None:
+    """The first host class in ``cls``'s MRO that hashes by value (str, int, tuple, Enum ...)."""
+    for klass in cls.__mro__:
+        if klass is not object and not _is_user_class(klass) and vars(klass).get("__hash__") is not None:
+            return klass
+    return None
+
+
+def check_cell_class(cls: type) -> type:
+    """The class-creation guard: ``cls`` if its instances cannot pass for other values as keys.
+
+    Two rules, judged on the finished class (whatever made it: a class statement, a
+    decorator, namedtuple, the Enum functional API). A class deriving from a host type
+    that hashes by value (str, int, float, complex, bytes, tuple, frozenset, Enum,
+    Decimal, date ...) takes ``__eq__``, ``__ne__`` and ``__hash__`` from the host,
+    because re, _strptime, typing and functools caches key on such values and a forged
+    hash with a lying ``__eq__`` would answer for another key, for every REPL and the
+    host. A class whose hash a cell made (a frozen dataclass) keeps the ``__eq__`` the
+    dataclass decorator wrote, for the same reason. A class breaking either rule raises
+    TypeError (and is never bound to its name).
+    """
+    value = _value_base(cls)
+    for name in _KEY_HOOKS:
+        owner = _owner(cls, name)
+        if owner is None or not _is_user_class(owner):
+            continue
+        if value is not None:
+            raise TypeError(
+                f"class {cls.__name__}: a subclass of {value.__name__} cannot define its own "
+                f"{name} in the sandbox (not allowed: its values could pass for others in "
+                "caches shared with the host); hold the value in an attribute of an ordinary "
+                "class instead"
+            )
+        if name != "__hash__" and _hashes_by_cell(cls) and vars(owner)[name] not in _GENERATED_EQ:
+            raise TypeError(
+                f"class {cls.__name__}: a hashable class cannot define its own {name} in the "
+                "sandbox (not allowed: with a hash of its choosing it could pass for another "
+                "key in caches shared with the host); let @dataclass(frozen=True) write "
+                "__eq__, or leave the class unhashable"
+            )
+    return cls
+
+
+def _hashes_by_cell(cls: type) -> bool:
+    owner = _owner(cls, "__hash__")
+    return owner is not None and _is_user_class(owner) and vars(owner)["__hash__"] is not None
+
+
+def dataclass_for_cell(cls: type, kwargs: dict[str, Any]) -> type:
+    """``dataclasses.dataclass(cls, **kwargs)`` for a cell's class, then the class-creation guard.
+
+    ``unsafe_hash=True`` is refused (it hashes a class whatever its equality says); the
+    ``__eq__`` the decorator writes is recorded as one a hashable class may keep.
+    """
+    if kwargs.get("unsafe_hash"):
+        raise TypeError(
+            "dataclass(unsafe_hash=True) is not allowed in the sandbox; use "
+            "@dataclass(frozen=True) for a hashable dataclass"
+        )
+    before = vars(cls).get("__eq__")
+    made = dataclasses.dataclass(cls, **kwargs)
+    written = vars(made).get("__eq__")
+    if written is not None and written is not before:
+        _GENERATED_EQ.add(written)
+    return check_cell_class(made)
+
+
+class _CellEnumType(enum.EnumType):
+    """The metaclass of every enum made in a cell (in place of ``enum.EnumType``).
+
+    Its functional API (``Color("Shade", "LIGHT DARK")`` on an enum without members)
+    builds the class through ``enum_from_names`` and so through the class-creation
+    guard; a lookup (``Color("red")``) is the usual one.
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        functional = len(args) > 1 or bool(kwargs.keys() & _ENUM_CREATE_ARGS)
+        if cls._member_map_ or not functional:
+            return super().__call__(*args, **kwargs)
+        return enum_from_names(cls, *args, **kwargs)
+
+
+_ENUM_CREATE_ARGS = frozenset({"names", "module", "qualname", "type", "start", "boundary"})
+
+
+def enum_from_names(
+    base: type, value: Any, names: Any = None, *values: Any, module: Any = None,
+    qualname: Any = None, type: Any = None, start: int = 1, boundary: Any = None,  # noqa: A002
+) -> type:
+    """The Enum functional API (``Enum("Color", "RED GREEN")``) as a cell may use it.
+
+    The members become the body of a class statement made by ``build_class``, so the
+    class passes the same guard; member names are exact strs not starting with "_"
+    (no member can be a dunder method), and the class belongs to the cell (``module``
+    cannot name another).
+    """
+    if values:
+        raise TypeError("enum functional API: give the members as one argument")
+    if module is not None and module != CELL_MODULE:
+        raise TypeError("enum functional API: module= is not available in the sandbox")
+    class_name = exact_str(value, "enum name")
+    if names is None:
+        names = ()
+    if isinstance(names, str):
+        names = exact_str(names).replace(",", " ").split()
+    if isinstance(names, (tuple, list)) and names and isinstance(names[0], str):
+        pairs: list[tuple[Any, Any]] = []
+        last: list[Any] = []
+        for count, member in enumerate(names):
+            member = exact_str(member, "enum member name")  # the host's rule below reads it
+            made = base._generate_next_value_(member, start, count, last[:])  # noqa: SLF001 - the host's own rule
+            last.append(made)
+            pairs.append((member, made))
+    elif isinstance(names, dict):
+        pairs = list(names.items())
+    else:
+        pairs = [tuple(item) for item in names]
+    body: dict[str, Any] = {
+        "__module__": CELL_MODULE,
+        "__qualname__": class_name if qualname is None else exact_str(qualname, "qualname"),
+    }
+    for item in pairs:
+        member, member_value = item
+        member = exact_str(member, "enum member name")
+        if member.startswith("_"):
+            raise ValueError(f"enum member {member!r}: names starting with '_' are not available in the sandbox")
+        body[member] = member_value
+    bases = types.resolve_bases((base,) if type is None else (type, base))
+    extra = {} if boundary is None else {"boundary": boundary}
+    return build_class(class_name, bases, body, **extra)
 
 
 _METACLASSES = _allowed_metaclasses()
@@ -410,7 +607,8 @@ def build_class(name: str, bases: tuple[Any, ...], namespace: dict[str, Any], **
     ``__prepare__`` of anyone's). It sees the bases after ``__mro_entries__`` resolved
     them (``typing.Type[int]`` resolves to ``type`` itself) and refuses a metaclass as
     a base, then creates the class with the metaclass its bases call for, if that is
-    one of the host's known metaclasses.
+    one of the host's known metaclasses (an enum gets ``_CellEnumType``, and its body is
+    replayed into the enum's own namespace), and hands it to ``check_cell_class``.
     """
     meta: type = type
     for base in bases:
@@ -428,12 +626,21 @@ def build_class(name: str, bases: tuple[Any, ...], namespace: dict[str, Any], **
             meta = kind
         elif not issubclass(meta, kind):
             raise TypeError(f"class {name}: the metaclasses of its bases conflict")
+    if meta is enum.EnumType:
+        meta = _CellEnumType
     if meta not in _METACLASSES:
         raise TypeError(
             f"class {name}: its bases use the metaclass {meta.__name__!r}, which the sandbox "
             "does not allow; define an ordinary class"
         )
-    return meta(name, bases, namespace, **kwargs)
+    if meta is _CellEnumType:
+        # What the body would have done in the enum's own namespace, in the same order
+        # (members, auto() values, aliases are decided as each name is set).
+        replayed = meta.__prepare__(name, bases, **kwargs)
+        for key, value in namespace.items():
+            replayed[key] = value
+        namespace = replayed
+    return check_cell_class(meta(name, bases, namespace, **kwargs))
 
 
 # -- match statements: class patterns read attributes of the subject.

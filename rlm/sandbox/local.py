@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ctypes
+import inspect
 import itertools
 import queue
 import threading
@@ -33,6 +34,7 @@ from typing import Any
 from rlm import loop as engine
 from rlm.errors import ConfigError, EnvClosedError, LLMError
 from rlm.sandbox import CellOutcome, SubQueries
+from rlm.sandbox.asyncio_facade import deferred, deferring
 from rlm.sandbox.cells import (
     CellStop,
     CellTimeout,
@@ -179,7 +181,12 @@ class LocalExecutor:
             self._worker = _Worker(self, f"rlm-repl-{self._id}")
             extra: dict[str, Any] = {"context": self._context}
             extra.update(_llm_functions(self))
-            extra.update(self._tools)
+            # Async tools hand cells deferred coroutines (made when awaited: one never
+            # awaited leaves no warning on the host).
+            extra.update(
+                {name: deferring(tool) if inspect.iscoroutinefunction(tool) else tool
+                 for name, tool in self._tools.items()}
+            )
             self._ns = build_namespace(
                 write_stdout=lambda text: self._out.write(text),
                 write_stderr=lambda text: self._err.write(text),
@@ -433,7 +440,7 @@ def _wrap_tools(tools: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _wrap_tool(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    if asyncio.iscoroutinefunction(fn):
+    if inspect.iscoroutinefunction(fn):
 
         async def async_tool(*args: Any, **kwargs: Any) -> Any:
             return await fn(*args, **kwargs)
@@ -507,29 +514,37 @@ def _llm_functions(executor: LocalExecutor) -> dict[str, Any]:
         note_failures(results)
         return results
 
-    async def llm_query_async(prompt: Any, **params: Any) -> str:
-        """Async form of llm_query: ``await llm_query_async(prompt)``."""
-        check_subquery_prompt(prompt)
-        check_subquery_params(params)
+    async def query_async(prompt: Any, params: dict[str, Any]) -> str:
         sq = service()
         try:
-            return await asyncio.wrap_future(engine.submit(sq.query(prompt, dict(params))))
+            return await asyncio.wrap_future(engine.submit(sq.query(prompt, params)))
         except (LLMError, Exception) as exc:
             raise LLMQueryError(_short(exc)) from None
 
-    async def llm_query_batch_async(prompts: Any, **params: Any) -> list[str]:
-        """Async form of llm_query_batch: ``await llm_query_batch_async(prompts)``."""
-        items = _prompt_list(prompts)
-        check_subquery_params(params)
+    async def batch_async(items: list[Any], params: dict[str, Any]) -> list[str]:
         if not items:
             return []
         sq = service()
         try:
-            results = await asyncio.wrap_future(engine.submit(sq.batch(items, dict(params))))
+            results = await asyncio.wrap_future(engine.submit(sq.batch(items, params)))
         except (LLMError, Exception) as exc:
             raise LLMQueryError(_short(exc)) from None
         note_failures(results)
         return results
+
+    # Plain functions returning deferred coroutines (made when awaited: one never
+    # awaited leaves no warning behind); the arguments are checked at the call.
+    def llm_query_async(prompt: Any, **params: Any) -> Any:
+        """Async form of llm_query: ``await llm_query_async(prompt)``."""
+        check_subquery_prompt(prompt)
+        check_subquery_params(params)
+        return deferred(query_async, prompt, dict(params))
+
+    def llm_query_batch_async(prompts: Any, **params: Any) -> Any:
+        """Async form of llm_query_batch: ``await llm_query_batch_async(prompts)``."""
+        items = _prompt_list(prompts)
+        check_subquery_params(params)
+        return deferred(batch_async, items, dict(params))
 
     return {
         "llm_query": llm_query,

@@ -6,9 +6,11 @@ holds three harmless values; ``io`` only the in-memory files; ``asyncio`` is
 ``asyncio_facade``), and no shared mutable
 container (classes holding one are replaced by subclasses with read-only copies).
 A few functions are replaced by guarded versions (operator.attrgetter/methodcaller,
-dataclasses.dataclass, functools.wraps). random, time, pprint, itertools, functools,
-csv and asyncio get one facade per namespace, because their functions need its RNG,
-deadline, output, CSV field limit or loop; the others are built once per process and shared.
+dataclasses.dataclass, collections.namedtuple, functools.wraps), and the Enum classes by
+stand-ins whose functional API makes classes through the class-creation guard. random,
+time, pprint, itertools, functools, csv, difflib and asyncio get one facade per
+namespace, because their functions need its RNG, deadline, output, CSV field limit,
+HtmlDiff counter or loop; the others are built once per process and shared.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import builtins
 import collections
 import csv
 import dataclasses
+import difflib
+import enum
 import functools
 import importlib
 import io
@@ -36,9 +40,14 @@ from typing import Any
 from rlm.sandbox.asyncio_facade import CellTasks, asyncio_exports
 from rlm.sandbox.boundary import guard_host_function
 from rlm.sandbox.guards import (
+    CELL_MODULE,
     MISSING,
     SafeFormatter,
     attr_writable,
+    check_cell_class,
+    dataclass_for_cell,
+    enum_from_names,
+    getattr_guard,
     guarded_getattr,
     is_blocked_attr,
     refuse_attr,
@@ -46,7 +55,14 @@ from rlm.sandbox.guards import (
 from rlm.sandbox.plaindata import exact_str
 from rlm.sandbox.safe_builtins import checked_iter, chunks
 
-__all__ = ["ALLOWED_MODULES", "ModuleFacade", "importable_modules", "make_importer"]
+__all__ = [
+    "ALLOWED_MODULES",
+    "C_IMPORTS",
+    "EnumBase",
+    "ModuleFacade",
+    "importable_modules",
+    "make_importer",
+]
 
 
 class ModuleFacade:
@@ -92,7 +108,7 @@ class ModuleFacade:
 
 ALLOWED_MODULES = (
     "asyncio", "base64", "bisect", "collections", "collections.abc", "copy", "csv",
-    "dataclasses", "datetime", "decimal", "difflib", "fractions", "functools", "hashlib",
+    "dataclasses", "datetime", "decimal", "difflib", "enum", "fractions", "functools", "hashlib",
     "heapq", "html", "io", "itertools", "json", "math", "operator", "pprint", "random", "re",
     "statistics", "string", "sys", "textwrap", "time", "typing", "unicodedata", "__future__",
 )  # fmt: skip
@@ -241,9 +257,68 @@ def _user_class_only(what: str, cls: Any) -> None:
 def _safe_dataclass(cls: Any = None, /, **kwargs: Any) -> Any:
     def wrap(c: Any) -> Any:
         _user_class_only("dataclass", c)
-        return dataclasses.dataclass(c, **kwargs)
+        return dataclass_for_cell(c, kwargs)
 
     return wrap if cls is None else wrap(cls)
+
+
+def _safe_namedtuple(
+    typename: str, field_names: Any, *, rename: bool = False, defaults: Any = None, module: Any = None
+) -> type:
+    # The class belongs to the cell (module= could name a host module and so pass the
+    # class off as the host's), and it passes the class-creation guard like any other.
+    if module is not None and module != CELL_MODULE:
+        raise TypeError("namedtuple(module=...) is not available in the sandbox")
+    made = collections.namedtuple(
+        typename, field_names, rename=rename, defaults=defaults, module=CELL_MODULE
+    )
+    return check_cell_class(made)
+
+
+class EnumBase:
+    """Stands in for ``enum.Enum`` (and IntEnum, StrEnum, Flag, IntFlag) in the sandbox.
+
+    Deriving from it derives from the real class (``__mro_entries__``), so ``class
+    Color(str, Enum)`` is an ordinary class statement; isinstance and issubclass answer
+    for the real class; calling it is the functional API, which makes the class through
+    the class-creation guard instead of ``EnumType.__call__``.
+    """
+
+    __slots__ = ("_real",)
+
+    def __init__(self, real: type) -> None:
+        self._real = real
+
+    def __call__(self, *args: Any, **kwargs: Any) -> type:
+        return enum_from_names(self._real, *args, **kwargs)
+
+    def __mro_entries__(self, bases: tuple[Any, ...]) -> tuple[type, ...]:
+        return (self._real,)
+
+    def __instancecheck__(self, obj: Any) -> bool:
+        return isinstance(obj, self._real)
+
+    def __subclasscheck__(self, cls: Any) -> bool:
+        return issubclass(cls, self._real)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("__name__", "__qualname__"):
+            return getattr(self._real, name)
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr_guard(self._real, name)
+
+    def __eq__(self, other: Any) -> bool:
+        return other is self or other is self._real
+
+    def __hash__(self) -> int:
+        return hash(self._real)
+
+    def __repr__(self) -> str:
+        return repr(self._real)
+
+
+_ENUM_CLASSES = ("Enum", "IntEnum", "StrEnum", "Flag", "IntFlag")
 
 
 def _safe_total_ordering(cls: Any) -> Any:
@@ -317,6 +392,10 @@ def _static_facade(name: str) -> ModuleFacade:
     elif name == "collections":
         attrs = _exports(collections, name)
         attrs["abc"] = _static_facade("collections.abc")
+        attrs["namedtuple"] = _safe_namedtuple
+    elif name == "enum":
+        attrs = {n: EnumBase(getattr(enum, n)) for n in _ENUM_CLASSES if hasattr(enum, n)}
+        attrs.update(auto=enum.auto, unique=enum.unique)
     elif name == "operator":
         attrs = _exports(operator, name)
         attrs.update(attrgetter=_safe_attrgetter, methodcaller=_safe_methodcaller)
@@ -416,6 +495,10 @@ def _env_facade(
             update_wrapper=_safe_update_wrapper, wraps=_safe_wraps,
         )
         return ModuleFacade(name, attrs)
+    if name == "difflib":
+        attrs = _exports(difflib, name)
+        attrs["HtmlDiff"] = _html_diff_class()
+        return ModuleFacade(name, attrs)
     if name == "csv":
         attrs = _exports(csv, name)
         limit = [_CSV_DEFAULT_FIELD_LIMIT]
@@ -443,6 +526,24 @@ def _env_facade(
     raise KeyError(name)
 
 
+def _html_diff_class() -> type:
+    """An HtmlDiff whose anchor counter belongs to one namespace.
+
+    The real one numbers the tables it makes with a process-wide class counter, so one
+    REPL's anchors would tell how many tables other REPLs (and the host) had made.
+    """
+    made = [0]
+
+    class HtmlDiff(difflib.HtmlDiff):
+        def _make_prefix(self) -> None:
+            self._prefix = [f"from{made[0]}_", f"to{made[0]}_"]
+            made[0] += 1
+
+    HtmlDiff.__module__ = difflib.HtmlDiff.__module__
+    HtmlDiff.__qualname__ = difflib.HtmlDiff.__qualname__
+    return HtmlDiff
+
+
 # CPython's default, what each REPL starts with whatever other REPLs asked for.
 _CSV_DEFAULT_FIELD_LIMIT = 128 * 1024
 
@@ -451,11 +552,13 @@ def _csv_process_limit() -> int:
     return csv.field_size_limit()  # no argument: reads the limit, changes nothing
 
 
-_PER_NAMESPACE = frozenset({"random", "time", "pprint", "itertools", "functools", "csv", "asyncio"})
+_PER_NAMESPACE = frozenset(
+    {"random", "time", "pprint", "itertools", "functools", "csv", "asyncio", "difflib"}
+)
 
 
 # Modules that C functions of allowed modules import lazily while a cell runs.
-_C_IMPORTS = frozenset({"_strptime"})
+C_IMPORTS = frozenset({"_strptime"})
 
 
 # Data libraries that cannot be made into facades (numpy reaches ctypes, pandas reads
@@ -550,7 +653,7 @@ def make_importer(
     def __import__(  # noqa: N807 - this is the import hook
         name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0
     ) -> ModuleFacade:
-        if type(fromlist) is list and name in _C_IMPORTS:
+        if type(fromlist) is list and name in C_IMPORTS:
             # C code of an allowed module importing its helper (datetime.strptime needs
             # _strptime) through the current builtins. Import statements in cells pass a
             # tuple or None, never a list, so only C callers get the real module.

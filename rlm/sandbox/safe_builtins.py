@@ -20,7 +20,7 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from rlm.sandbox.boundary import SandboxCoroutine
+from rlm.sandbox.asyncio_facade import deferred
 from rlm.sandbox.compiler import STOP_FLAG, TIMEOUT_HOOK
 from rlm.sandbox.guards import (
     MISSING,
@@ -360,7 +360,7 @@ def make_builtins(
                 return await builtins.anext(iterator, *default)
             return await builtins.anext(iterator)
 
-        return SandboxCoroutine(step())
+        return deferred(step)
 
     def dir(*args: Any) -> list[str]:  # noqa: A001
         if not args:
