@@ -22,28 +22,13 @@ PACKAGE_DIR = Path(rlm.__file__).resolve().parent
 # Private modules other modules may import, with the reason. A private module is one
 # that nothing outside its package should depend on; these are imported from inside
 # their own package only.
-PRIVATE_MODULE_EXCEPTIONS = {
-    # The worker process's entry point (the host starts it with
-    # ``from rlm.sandbox._worker import zygote_main``); the host side of the sandbox
-    # shares its framing until that moves to a module of its own.
-    "rlm.sandbox._worker": "rlm.sandbox",
-}
+PRIVATE_MODULE_EXCEPTIONS: dict[str, str] = {}
 
-# Imports of private names (or private modules) that existed when this test was
-# written, in modules it could not change then: (importer, imported module, name).
-# Each one is to be removed by giving the name a public home; the test fails on any
-# import not listed here, and on an entry that no longer occurs, so the list only
-# shrinks.
-KNOWN_PRIVATE_IMPORTS = {
-    # The worker's namespace and isolation set-up, imported by the entry point.
-    ("rlm.sandbox._worker", "rlm.sandbox._isolation", ""),
-    # Helpers of the in-process executor that the worker and the host side reuse.
-    ("rlm.sandbox._worker", "rlm.sandbox.local", "_prompt_list"),
-    ("rlm.sandbox._worker", "rlm.sandbox.local", "_short"),
-    ("rlm.sandbox._worker", "rlm.sandbox.local", "_timeout_reason"),
-    ("rlm.sandbox.process", "rlm.sandbox.local", "_short"),
-    ("rlm.sandbox.process", "rlm.sandbox.local", "_wrap_tools"),
-}
+# Imports of private names (or private modules) that are allowed: (importer, imported
+# module, name). The test fails on any import not listed here, and on an entry that no
+# longer occurs, so the list only shrinks. It is empty: every name that crosses a module
+# boundary has a public home.
+KNOWN_PRIVATE_IMPORTS: set[tuple[str, str, str]] = set()
 
 
 @dataclass(frozen=True)

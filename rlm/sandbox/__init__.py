@@ -2,16 +2,31 @@
 
 The policy, one module per concept: ``compiler`` checks and rewrites a cell under
 RestrictedPython plus our rules; ``guards`` are the run-time attribute guards;
-``safe_builtins`` and ``modules`` (the import allowlist and read-only module facades)
-make up what a namespace can reach; ``cells`` builds the namespace, runs a cell with
-its deadline and output capture and writes the error text; ``subqueries`` checks what
-cell code hands to llm_query. ``local`` runs cells in a worker thread of this process (fast,
-soft limits); ``process`` runs them in a worker process (hard limits from the OS), and
-``worker_pool`` keeps reset worker processes to lend to the next REPLs of one owner.
-Both executors implement ``Executor`` below, so ``REPLEnv`` treats them alike and the same code
-behaves the same in both.
-"""
+``safe_builtins``, ``jail_files`` (``open()`` by file name only) and ``modules`` (the
+import allowlist and read-only module facades) make up what a namespace can reach;
+``shared_state`` is the judged list of stdlib state cells can write and its clearing;
+``cells`` builds the namespace, runs a cell with its deadline and output capture and
+writes the error text; ``subqueries`` checks what cell code hands to llm_query;
+``tools`` wraps the user's tools.
 
+``local`` runs cells in a worker thread of this process (fast, soft limits); ``process``
+runs them in a worker process (hard limits from the OS). The process sandbox, by side:
+
+- shared by host and worker: ``wire`` (frames and control messages), ``context_codec``;
+- worker side (nothing host-only imported): ``zygote`` (the template process that forks
+  workers), ``preload``, ``isolation`` and ``confine`` (kernel primitives and the
+  per-worker namespaces, limits and uid), ``worker_init`` (the worker's init process),
+  ``worker`` (its request loop), ``worker_channel``, ``worker_session``, ``worker_reset``,
+  ``watchdog``;
+- host side: ``zygote_client``, ``worker_link`` and ``worker_requests`` (the channel and
+  what a worker may ask), ``deadlines``, ``cell_watch`` and ``activity`` (the host decides
+  when a cell is over, from what it sees), ``protections``, ``worker_resources``,
+  ``host_threads``, and ``worker_pool`` (reset workers lent to the next REPLs of one owner,
+  only those the host saw stay trustworthy).
+
+Both executors implement ``Executor`` below, so ``REPLEnv`` treats them alike and the same
+code behaves the same in both.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -86,6 +86,7 @@ __all__ = [
     "run_cell",
     "stop_requested",
     "take_final",
+    "timeout_reason",
     "wait_for_future",
 ]
 
@@ -100,6 +101,11 @@ class CellTimeout(BaseException):
     stop flag stays set until the cell ends, so even ``except BaseException`` only
     delays it to the next loop iteration or function call.
     """
+
+
+def timeout_reason(timeout: float | None) -> str:
+    """Why a cell was stopped, as its error says: its time limit, or a stop request."""
+    return f"the cell ran longer than its {timeout:g} s time limit" if timeout else "the cell was stopped"
 
 
 

@@ -8,7 +8,7 @@ Then, in each worker, before a byte of user code exists (``confine_worker``): dr
 descriptor but the channel, set the resource limits, leave root, set no_new_privs, and
 record what actually took effect as the worker's protections.
 
-It uses the kernel primitives of ``_isolation`` and holds no process management (see
+It uses the kernel primitives of ``isolation`` and holds no process management (see
 ``zygote`` and ``worker_init``) and nothing of the request loop (see ``worker``).
 """
 
@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlm.sandbox import _isolation as isolation
+from rlm.sandbox import isolation
 
 __all__ = [
     "CHANNEL_FD",

@@ -28,11 +28,11 @@ import inspect
 import itertools
 import queue
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from rlm import loop as engine
-from rlm.errors import ConfigError, EnvClosedError, LLMError
+from rlm.errors import EnvClosedError, LLMError
 from rlm.sandbox import CellOutcome, SubQueries
 from rlm.sandbox.asyncio_facade import deferred, deferring
 from rlm.sandbox.cells import (
@@ -44,6 +44,7 @@ from rlm.sandbox.cells import (
     release_namespace,
     run_cell,
     take_final,
+    timeout_reason,
     wait_for_future,
 )
 from rlm.sandbox.compiler import PolicyError, compile_cell
@@ -52,7 +53,10 @@ from rlm.sandbox.subqueries import (
     check_subquery_params,
     check_subquery_prompt,
     count_failed_slots,
+    prompt_list,
+    query_error_text,
 )
+from rlm.sandbox.tools import wrap_tools
 
 # Seconds a cell gets after its deadline to notice the stop flag before its thread is
 # given up on (the flag is checked every loop iteration, so real code needs far less).
@@ -154,7 +158,7 @@ class LocalExecutor:
         self._context = context
         self._sub_queries = sub_queries
         self._setup_code = setup_code
-        self._tools = _wrap_tools(tools)
+        self._tools = wrap_tools(tools)
         self.max_output_chars = int(max_output_chars)
         self.grace_s = float(grace_s)
         self.setup_error: str | None = None
@@ -317,7 +321,7 @@ class LocalExecutor:
                 return job.done.result(timeout)
             except concurrent.futures.TimeoutError:
                 pass
-            stop(_timeout_reason(timeout))
+            stop(timeout_reason(timeout))
             try:
                 return job.done.result(self.grace_s)
             except concurrent.futures.TimeoutError:
@@ -343,7 +347,7 @@ class LocalExecutor:
                 return await asyncio.wait_for(asyncio.wrap_future(job.done), timeout)
             except TimeoutError:
                 pass
-            stop(_timeout_reason(timeout))
+            stop(timeout_reason(timeout))
             try:
                 return await asyncio.wait_for(asyncio.wrap_future(job.done), self.grace_s)
             except TimeoutError:
@@ -420,43 +424,6 @@ def _resolve(future: concurrent.futures.Future[Any], value: Any) -> None:
         future.set_result(value)
 
 
-def _timeout_reason(timeout: float | None) -> str:
-    return f"the cell ran longer than its {timeout:g} s time limit" if timeout else "the cell was stopped"
-
-
-def _wrap_tools(tools: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Each tool becomes a plain closure, so code cannot reach its ``__self__``/``func``."""
-    out: dict[str, Any] = {}
-    for name, tool in (tools or {}).items():
-        if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
-            raise ConfigError(f"tool name {name!r} must be a public Python identifier")
-        if name in ("context", "llm_query", "llm_query_batch", "llm_query_async",
-                    "llm_query_batch_async", "FINAL", "FINAL_VAR"):  # fmt: skip
-            raise ConfigError(f"tool name {name!r} is reserved in the REPL; pick another name")
-        if not callable(tool):
-            raise ConfigError(f"tool {name!r} must be callable (a function)")
-        out[name] = _wrap_tool(name, tool)
-    return out
-
-
-def _wrap_tool(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    if inspect.iscoroutinefunction(fn):
-
-        async def async_tool(*args: Any, **kwargs: Any) -> Any:
-            return await fn(*args, **kwargs)
-
-        async_tool.__name__ = async_tool.__qualname__ = name
-        async_tool.__doc__ = getattr(fn, "__doc__", None)
-        return async_tool
-
-    def tool(*args: Any, **kwargs: Any) -> Any:
-        return fn(*args, **kwargs)
-
-    tool.__name__ = tool.__qualname__ = name
-    tool.__doc__ = getattr(fn, "__doc__", None)
-    return tool
-
-
 def _llm_functions(executor: LocalExecutor) -> dict[str, Any]:
     """The llm_query family for one env: plain closures over the executor's sub-queries.
 
@@ -496,11 +463,11 @@ def _llm_functions(executor: LocalExecutor) -> dict[str, Any]:
         try:
             return wait_for_future(ns, future)
         except (LLMError, Exception) as exc:
-            raise LLMQueryError(_short(exc)) from None
+            raise LLMQueryError(query_error_text(exc)) from None
 
     def llm_query_batch(prompts: Any, **params: Any) -> list[str]:
         """Ask a sub-model many prompts concurrently; replies in order, failures as error strings."""
-        items = _prompt_list(prompts)
+        items = prompt_list(prompts)
         check_subquery_params(params)
         if not items:
             return []
@@ -510,7 +477,7 @@ def _llm_functions(executor: LocalExecutor) -> dict[str, Any]:
         try:
             results = wait_for_future(ns, future)
         except (LLMError, Exception) as exc:
-            raise LLMQueryError(_short(exc)) from None
+            raise LLMQueryError(query_error_text(exc)) from None
         note_failures(results)
         return results
 
@@ -519,7 +486,7 @@ def _llm_functions(executor: LocalExecutor) -> dict[str, Any]:
         try:
             return await asyncio.wrap_future(engine.submit(sq.query(prompt, params)))
         except (LLMError, Exception) as exc:
-            raise LLMQueryError(_short(exc)) from None
+            raise LLMQueryError(query_error_text(exc)) from None
 
     async def batch_async(items: list[Any], params: dict[str, Any]) -> list[str]:
         if not items:
@@ -528,7 +495,7 @@ def _llm_functions(executor: LocalExecutor) -> dict[str, Any]:
         try:
             results = await asyncio.wrap_future(engine.submit(sq.batch(items, params)))
         except (LLMError, Exception) as exc:
-            raise LLMQueryError(_short(exc)) from None
+            raise LLMQueryError(query_error_text(exc)) from None
         note_failures(results)
         return results
 
@@ -542,7 +509,7 @@ def _llm_functions(executor: LocalExecutor) -> dict[str, Any]:
 
     def llm_query_batch_async(prompts: Any, **params: Any) -> Any:
         """Async form of llm_query_batch: ``await llm_query_batch_async(prompts)``."""
-        items = _prompt_list(prompts)
+        items = prompt_list(prompts)
         check_subquery_params(params)
         return deferred(batch_async, items, dict(params))
 
@@ -552,22 +519,3 @@ def _llm_functions(executor: LocalExecutor) -> dict[str, Any]:
         "llm_query_async": llm_query_async,
         "llm_query_batch_async": llm_query_batch_async,
     }
-
-
-def _prompt_list(prompts: Any) -> list[Any]:
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
-        raise TypeError("llm_query_batch takes a list of prompts (str), e.g. llm_query_batch([a, b])")
-    items = list(prompts)
-    for p in items:
-        check_subquery_prompt(p)
-    return items
-
-
-def _short(exc: BaseException) -> str:
-    if isinstance(exc, LLMQueryError):
-        text = str(exc)
-    elif isinstance(exc, LLMError):
-        text = str(exc) or type(exc).__name__
-    else:
-        text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= 300 else text[:297] + "..."

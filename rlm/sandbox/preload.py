@@ -122,7 +122,7 @@ def _warm_policy() -> None:
     """
     import asyncio
 
-    from rlm.sandbox import cells, compiler, local, modules
+    from rlm.sandbox import cells, compiler, modules
 
     allowed = [m for m in modules.ALLOWED_MODULES if m != "__future__"]
     source = "".join(f"import {m}\n" for m in allowed) + (
@@ -145,6 +145,6 @@ def _warm_policy() -> None:
             cells.format_user_error(exc, cell, ns)
         with contextlib.suppress(compiler.PolicyError):
             compiler.compile_cell("def f(:\n", "<warm-up>")
-        local._timeout_reason(1.0)
+        cells.timeout_reason(1.0)
     finally:
         loop.close()

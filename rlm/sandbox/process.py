@@ -34,7 +34,7 @@ messages); what the process adds is what no in-process policy can give:
 Decisions:
 
 - Identity. With a root host, each worker switches to its own uid, leased from a
-  machine-wide pool (``_isolation.UidPool``) and never reused while a process may still
+  machine-wide pool (``isolation.UidPool``) and never reused while a process may still
   hold it: root-owned files are out of reach, no two workers can signal each other, and
   ``RLIMIT_NPROC`` (which the kernel ignores for root) bounds each worker's processes.
   A non-root host instead puts the zygote in an unprivileged user namespace (plus mount
@@ -95,9 +95,9 @@ from rlm.sandbox.cell_watch import CellWatch
 from rlm.sandbox.context_codec import encode_context
 from rlm.sandbox.flow import SubQueryGate
 from rlm.sandbox.host_threads import host_pool
-from rlm.sandbox.local import _wrap_tools
 from rlm.sandbox.plaindata import PlainDataError, to_plain_data
 from rlm.sandbox.protections import PROTECTION_KEYS, local_report, summarise
+from rlm.sandbox.tools import wrap_tools
 from rlm.sandbox.wire import EXIT_OUT_OF_MEMORY, pack
 from rlm.sandbox.worker_link import WorkerLink, WorkerLost
 from rlm.sandbox.worker_pool import WarmWorker, WorkerPool, schedule_recycle
@@ -209,7 +209,7 @@ class ProcessExecutor:
         )
         self._setup_code = setup_code
         # Validated and wrapped exactly as the local executor does; they run here.
-        self._tools: dict[str, Callable[..., Any]] = _wrap_tools(tools)
+        self._tools: dict[str, Callable[..., Any]] = wrap_tools(tools)
         self._server = RequestServer(self._sub_queries, self._tools)
         self.max_output_chars = max_output_chars
         self.memory_limit_mb = memory_limit_mb

@@ -8,8 +8,10 @@ name cell code can catch) for a failed single query.
 from __future__ import annotations
 
 import builtins
+from collections.abc import Iterable
 from typing import Any
 
+from rlm.errors import LLMError
 from rlm.sandbox.plaindata import PlainDataError, exact_str, to_plain_data
 
 __all__ = [
@@ -19,6 +21,8 @@ __all__ = [
     "check_subquery_params",
     "check_subquery_prompt",
     "count_failed_slots",
+    "prompt_list",
+    "query_error_text",
 ]
 
 
@@ -102,3 +106,25 @@ def count_failed_slots(results: list[Any]) -> int:
         1 for r in results if isinstance(r, str) and r.startswith(FAILED_SLOT_PREFIX)
     )
 
+
+def prompt_list(prompts: Any) -> list[Any]:
+    """The prompts of an ``llm_query_batch`` call as a list, each checked; a lone str or
+    a non-iterable raises ``TypeError`` with the call's right shape."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
+        raise TypeError("llm_query_batch takes a list of prompts (str), e.g. llm_query_batch([a, b])")
+    items = list(prompts)
+    for p in items:
+        check_subquery_prompt(p)
+    return items
+
+
+def query_error_text(exc: BaseException) -> str:
+    """What a cell's ``LLMQueryError`` says about a failed sub-query: the error's own
+    text, capped at 300 characters."""
+    if isinstance(exc, LLMQueryError):
+        text = str(exc)
+    elif isinstance(exc, LLMError):
+        text = str(exc) or type(exc).__name__
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -22,7 +22,7 @@ import struct
 import sys
 from typing import Any
 
-from rlm.sandbox import _isolation as isolation
+from rlm.sandbox import isolation
 from rlm.sandbox.confine import place_channel
 from rlm.sandbox.wire import EXIT_BROKEN, EXIT_OUT_OF_MEMORY
 from rlm.sandbox.worker import Worker

@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlm.sandbox.flow import SubQueryGate, SubQueryLimits
 from rlm.sandbox.host_threads import tool_pool
-from rlm.sandbox.local import _short
-from rlm.sandbox.subqueries import check_subquery_params, check_subquery_prompt
+from rlm.sandbox.subqueries import check_subquery_params, check_subquery_prompt, query_error_text
 from rlm.sandbox.wire import pack
 
 if TYPE_CHECKING:
@@ -55,7 +54,7 @@ class RequestServer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure goes back to the cell
-            text = _short(exc) if msg["op"] != "tool" else _describe(exc)
+            text = query_error_text(exc) if msg["op"] != "tool" else _describe(exc)
             data = pack(
                 {"op": "reply", "id": rid, "ok": False, "error": text, "type": type(exc).__name__}
             )

@@ -75,8 +75,8 @@ def reset(channel: WorkerChannel, baseline: Baseline, *, wipe: bool = True) -> l
 def forget_process_state() -> None:
     """Put process-wide state a cell may have changed back to what a fresh worker has.
 
-    This is the one place a reset clears state shared by every REPL of the process:
-    stdlib caches a cell can write to belong here too, called from this function.
+    This is the one place a reset clears state shared by every REPL of the process,
+    the stdlib caches a cell can write to among it (``shared_state``).
     """
     # decimal's context belongs to the thread cells run on (this one), and a cell may
     # change it (getcontext().prec = 3): the next REPL starts from the default, which
@@ -91,8 +91,11 @@ def forget_process_state() -> None:
     with contextlib.suppress(OSError, ValueError):
         hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
         resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
-    # The stdlib caches a cell can write to (re, _strptime, typing, functools...) are
-    # cleared here, by the policy's own function for that, once it exists.
+    # The stdlib caches a cell can write to (re, _strptime, typing, functools...): the
+    # namespace's release clears them too; a reset does it again whatever the session did.
+    from rlm.sandbox.shared_state import clear_shared_state
+
+    clear_shared_state()
 
 
 def wipe_root(root_fd: int, root_mode: int) -> list[str]:

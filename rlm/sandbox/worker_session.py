@@ -130,7 +130,7 @@ class Session:
 
     def _run(self, code: str, timeout: float | None, filename: str) -> dict[str, Any]:
         from rlm.sandbox import cells, compiler
-        from rlm.sandbox.local import _timeout_reason
+        from rlm.sandbox.cells import timeout_reason
 
         self.out = cells.OutputBuffer(self.limit)
         self.err = cells.OutputBuffer(self.limit)
@@ -144,7 +144,7 @@ class Session:
             except compiler.PolicyError as exc:
                 error = str(exc)
             else:
-                reason = _timeout_reason(timeout)
+                reason = timeout_reason(timeout)
                 try:
                     cells.run_cell(
                         cell,
@@ -188,7 +188,7 @@ class Session:
         import asyncio
 
         from rlm.sandbox import cells, subqueries
-        from rlm.sandbox.local import _prompt_list, _short
+        from rlm.sandbox.subqueries import prompt_list, query_error_text
 
         channel = self.channel
         LLMQueryError = subqueries.LLMQueryError  # noqa: N806 - the class, under its own name
@@ -211,11 +211,11 @@ class Session:
             try:
                 return cells.wait_for_future(self.ns, future)
             except Exception as exc:
-                raise LLMQueryError(_short(exc)) from None
+                raise LLMQueryError(query_error_text(exc)) from None
 
         def llm_query_batch(prompts: Any, **params: Any) -> list[str]:
             """Ask a sub-model many prompts concurrently; replies in order, failures as error strings."""
-            items = _prompt_list(prompts)
+            items = prompt_list(prompts)
             subqueries.check_subquery_params(params)
             if not items:
                 return []
@@ -223,7 +223,7 @@ class Session:
             try:
                 results = cells.wait_for_future(self.ns, future)
             except Exception as exc:
-                raise LLMQueryError(_short(exc)) from None
+                raise LLMQueryError(query_error_text(exc)) from None
             note_failures(results)
             return results
 
@@ -236,11 +236,11 @@ class Session:
             try:
                 return await asyncio.wrap_future(future)
             except Exception as exc:
-                raise LLMQueryError(_short(exc)) from None
+                raise LLMQueryError(query_error_text(exc)) from None
 
         async def llm_query_batch_async(prompts: Any, **params: Any) -> list[str]:
             """Async form of llm_query_batch: ``await llm_query_batch_async(prompts)``."""
-            items = _prompt_list(prompts)
+            items = prompt_list(prompts)
             subqueries.check_subquery_params(params)
             if not items:
                 return []
@@ -248,7 +248,7 @@ class Session:
             try:
                 results = await asyncio.wrap_future(future)
             except Exception as exc:
-                raise LLMQueryError(_short(exc)) from None
+                raise LLMQueryError(query_error_text(exc)) from None
             note_failures(results)
             return results
 

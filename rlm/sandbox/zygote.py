@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from rlm.sandbox import _isolation as isolation
+from rlm.sandbox import isolation
 from rlm.sandbox.confine import enter_namespaces, plan_isolation
 from rlm.sandbox.preload import preload
 from rlm.sandbox.wire import EXIT_BROKEN, control_recv, control_send

@@ -21,7 +21,7 @@ import pytest
 from rlm_support import pid_alive
 
 from rlm.sandbox import zygote_client
-from rlm.sandbox._isolation import UID_BASE
+from rlm.sandbox.isolation import UID_BASE
 from rlm.sandbox.process import ProcessExecutor
 from rlm.testing import FakeLLMServer
 
@@ -401,14 +401,14 @@ def test_worker_uids_are_distinct_across_many_starts() -> None:
 def test_a_leased_uid_is_never_handed_out_by_another_process() -> None:
     if os.geteuid() != 0:
         pytest.skip("uid leases exist only for a root host")
-    from rlm.sandbox._isolation import UidPool
+    from rlm.sandbox.isolation import UidPool
 
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import sys\n"
-            "from rlm.sandbox._isolation import UidPool\n"
+            "from rlm.sandbox.isolation import UidPool\n"
             "pool = UidPool(check_processes=False)\n"
             "print(pool.acquire(), flush=True)\n"
             "sys.stdin.read()\n",
