@@ -15,19 +15,19 @@ from typing import Any
 OPTIONAL = frozenset({"guides/tracing.md", "guides/providers.md", "guides/batch-api.md"})
 
 
-def _present(entry: Any, docs: Path) -> Any:
+def present_nav(entry: Any, docs: Path) -> Any:
     """The nav entry without its missing optional pages (None if nothing is left)."""
     if isinstance(entry, str):
         return None if entry in OPTIONAL and not (docs / entry).is_file() else entry
     if isinstance(entry, dict):
         kept = {}
         for title, value in entry.items():
-            value = _present(value, docs)
+            value = present_nav(value, docs)
             if value is not None:
                 kept[title] = value
         return kept or None
     if isinstance(entry, list):
-        items = [_present(item, docs) for item in entry]
+        items = [present_nav(item, docs) for item in entry]
         return [item for item in items if item is not None]
     return entry
 
@@ -35,5 +35,5 @@ def _present(entry: Any, docs: Path) -> Any:
 def on_config(config: Any) -> Any:
     """Drop the nav entries of optional pages whose file is not in the docs directory."""
     if config.get("nav"):
-        config["nav"] = _present(config["nav"], Path(config["docs_dir"]))
+        config["nav"] = present_nav(config["nav"], Path(config["docs_dir"]))
     return config
