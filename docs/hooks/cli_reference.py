@@ -17,7 +17,7 @@ from typing import Any
 
 MARKER = "<!-- cli-reference -->"
 PAGE = "reference/cli.md"
-_WIDTH = "88"
+_WIDTH = "74"
 
 
 def _text(value: str) -> str:
