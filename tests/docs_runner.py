@@ -31,6 +31,9 @@ import types
 from pathlib import Path
 from typing import Any
 
+# Where each process group this runner starts is written down, so the test can end them
+# even when it had to kill the runner itself (a unit past its timeout).
+GROUPS_FILE = "DOCS_EXAMPLE_GROUPS"
 _PORT = re.compile(r"--port[ =](\d+)|--http[ =][\w.\[\]:]*?:(\d+)\b")
 
 
@@ -50,6 +53,14 @@ def _port_of(text: str) -> int | None:
     if not found:
         return None
     return int(found.group(1) or found.group(2))
+
+
+def _started(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    path = os.environ.get(GROUPS_FILE)
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{proc.pid}\n")
+    return proc
 
 
 def _listening(port: int) -> bool:
@@ -128,9 +139,9 @@ class Runner:
 
     def run_shell(self, block: dict[str, Any]) -> None:
         with tempfile.TemporaryFile() as log:
-            proc = subprocess.Popen(["bash", "-e", "-o", "pipefail", "-c", block["text"]],
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    start_new_session=True)
+            proc = _started(subprocess.Popen(
+                ["bash", "-e", "-o", "pipefail", "-c", block["text"]],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True))
             code = proc.wait()
             # Whatever the block left running in the background ends with it.
             try:
@@ -147,8 +158,8 @@ class Runner:
         if port is None:
             raise ExampleFailed(_where(block), "a background block must name its --port")
         log = tempfile.TemporaryFile()
-        proc = subprocess.Popen(["bash", "-c", block["text"]], stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=log, start_new_session=True)
+        proc = _started(subprocess.Popen(["bash", "-c", block["text"]], stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=log, start_new_session=True))
         self.background.append((proc, log))
         deadline = time.monotonic() + 60
         while not _listening(port):

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from docs_runner import GROUPS_FILE
 from docs_support import (
     RUN_LANGUAGES,
     SHOWN_LANGUAGES,
@@ -38,6 +39,7 @@ from docs_support import (
     parse_blocks,
     units_of,
 )
+from rlm_support import wait_until
 
 from rlm.testing import spawn_fake_server
 
@@ -144,6 +146,17 @@ def _spec(unit: Unit) -> list[dict[str, object]]:
     return spec
 
 
+def _end_groups(groups: Path) -> None:
+    """Kill every process group a runner recorded (servers and shell blocks it started)."""
+    if not groups.exists():
+        return
+    for line in groups.read_text(encoding="utf-8").split():
+        try:
+            os.killpg(int(line), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def _environment(base_url: str, home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("OPENAI_", "RLM_", "ANTHROPIC_", "AZURE_", "GEMINI_"))}
@@ -173,10 +186,12 @@ def run_unit(unit: Unit, base_url: str, workspace: Path) -> tuple[int, str]:
         shutil.copy(work / "server.log", home / "docs" / "server.log")
         spec = Path(tmp) / "unit.json"
         spec.write_text(json.dumps(_spec(unit)), encoding="utf-8")
+        groups = Path(tmp) / "groups"
+        env = {**_environment(base_url, home), GROUPS_FILE: str(groups)}
         with tempfile.TemporaryFile() as out:
-            proc = subprocess.Popen([sys.executable, str(RUNNER), str(spec)], cwd=work,
-                                    env=_environment(base_url, home), stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen([sys.executable, str(RUNNER), str(spec)], cwd=work, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 code = proc.wait(timeout=unit.timeout)
             except subprocess.TimeoutExpired:
@@ -188,6 +203,7 @@ def run_unit(unit: Unit, base_url: str, workspace: Path) -> tuple[int, str]:
                 except ProcessLookupError:
                     pass
                 proc.wait()
+                _end_groups(groups)
             out.seek(0)
             text = out.read().decode(errors="replace")
         if code == -1:
@@ -286,3 +302,26 @@ def test_a_session_shares_variables_and_a_top_level_await(fake_url: str,
     (unit,) = units_of(parse_blocks(text, "docs/s.md"))
     code, output = run_unit(unit, fake_url, workspace)
     assert code == 0, output
+
+
+def _running(marker: str) -> bool:
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_a_unit_past_its_timeout_is_reported_and_leaves_no_process(fake_url: str,
+                                                                   workspace: Path) -> None:
+    text = ("<!-- example: session t, background -->\n```bash\n"
+            "python -m rlm.testing --port 8100 --seed 60417\n```\n"
+            "<!-- example: session t, timeout 3 -->\n```bash\nsleep 60418 & sleep 60419\n```\n")
+    (unit,) = units_of(parse_blocks(text, "docs/slow.md"))
+    code, output = run_unit(unit, fake_url, workspace)
+    assert code == -1
+    assert "EXAMPLE FAILED docs/slow.md:3 [t]: did not finish in 3 s" in output
+    assert wait_until(lambda: not any(map(_running, ("--seed 60417", "sleep 60418",
+                                                     "sleep 60419"))))
