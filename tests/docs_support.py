@@ -146,19 +146,21 @@ def parse_blocks(text: str, path: str) -> list[Block]:
 
 
 def units_of(blocks: list[Block]) -> list[Unit]:
-    """The runnable blocks grouped into units: a session's blocks together (placed where its
-    first block is), every other block alone; skipped and shown-only blocks are left out."""
+    """The runnable blocks grouped into units: a page's session's blocks together (placed
+    where its first block is), every other block alone; skipped and shown-only blocks are
+    left out."""
     units: list[Unit] = []
-    sessions: dict[str, Unit] = {}
+    sessions: dict[tuple[str, str], Unit] = {}
     for block in blocks:
         if block.kind is None or block.skip is not None:
             continue
         if block.session is None:
             units.append(Unit([block]))
             continue
-        unit = sessions.get(block.session)
+        # A session belongs to its page: two pages may use the same name.
+        unit = sessions.get((block.path, block.session))
         if unit is None:
-            unit = sessions[block.session] = Unit()
+            unit = sessions[(block.path, block.session)] = Unit()
             units.append(unit)
         unit.blocks.append(block)
     return units

@@ -78,7 +78,7 @@ def _log_lines(n: int) -> list[str]:
         level = "ERROR" if i % 53 == 0 else "INFO"
         lines.append(f"2025-03-{1 + i % 28:02d}T{i % 24:02d}:{i % 60:02d}:00 {level} "
                      f"{services[i % 5]} complaint={i % 7 == 0} customer={customer} "
-                     f"request {i} took {(i * 13) % 900} ms")
+                     f"request {i} took {(i * 13) % 900} ms.")
     lines.insert(n // 2, "2025-03-14T09:26:53 INFO auth The secret passphrase is "
                          "'amber falcon'. Keep it safe.")
     return lines
@@ -274,6 +274,12 @@ def test_blocks_of_one_session_run_as_one_unit_in_order() -> None:
             "<!-- example: session a -->\n```python\nprint(x)\n```\n")
     units = units_of(parse_blocks(text, "x.md"))
     assert [[b.line for b in u.blocks] for u in units] == [[3, 12], [7]]
+
+
+def test_sessions_of_the_same_name_on_two_pages_stay_apart() -> None:
+    text = "<!-- example: session a -->\n```python\nx = 1\n```\n"
+    blocks = parse_blocks(text, "one.md") + parse_blocks(text, "two.md")
+    assert [[b.path for b in u.blocks] for u in units_of(blocks)] == [["one.md"], ["two.md"]]
 
 
 def test_a_failing_python_block_names_its_file_and_line(fake_url: str, workspace: Path) -> None:
