@@ -282,10 +282,15 @@ def test_sessions_of_the_same_name_on_two_pages_stay_apart() -> None:
     assert [[b.path for b in u.blocks] for u in units_of(blocks)] == [["one.md"], ["two.md"]]
 
 
+def run_page(text: str, path: str, base_url: str, workspace: Path) -> tuple[int, str]:
+    """Run a Markdown page that holds one unit of examples, as the docs' own run."""
+    (unit,) = units_of(parse_blocks(text, path))
+    return run_unit(unit, base_url, workspace)
+
+
 def test_a_failing_python_block_names_its_file_and_line(fake_url: str, workspace: Path) -> None:
     text = "Intro.\n\n```python\nx = 1\nraise ValueError('broken example')\n```\n"
-    (unit,) = units_of(parse_blocks(text, "docs/broken.md"))
-    code, output = run_unit(unit, fake_url, workspace)
+    code, output = run_page(text, "docs/broken.md", fake_url, workspace)
     assert code == 1
     assert "EXAMPLE FAILED docs/broken.md:4" in output
     assert 'File "docs/broken.md", line 5' in output
@@ -293,8 +298,7 @@ def test_a_failing_python_block_names_its_file_and_line(fake_url: str, workspace
 
 def test_a_failing_shell_block_names_its_file_and_line(fake_url: str, workspace: Path) -> None:
     text = "```bash\ntrue\nrlm view no-such-log.jsonl\n```\n"
-    (unit,) = units_of(parse_blocks(text, "docs/broken.md"))
-    code, output = run_unit(unit, fake_url, workspace)
+    code, output = run_page(text, "docs/broken.md", fake_url, workspace)
     assert code == 1
     assert "EXAMPLE FAILED docs/broken.md:2: exited 2" in output
     assert "log file not found" in output
@@ -305,8 +309,7 @@ def test_a_session_shares_variables_and_a_top_level_await(fake_url: str,
     text = ("<!-- example: session s -->\n```python\nimport asyncio\nx = 41\n```\n"
             "<!-- example: session s -->\n```python\nawait asyncio.sleep(0)\n"
             "assert x + 1 == 42\n```\n")
-    (unit,) = units_of(parse_blocks(text, "docs/s.md"))
-    code, output = run_unit(unit, fake_url, workspace)
+    code, output = run_page(text, "docs/s.md", fake_url, workspace)
     assert code == 0, output
 
 
@@ -325,8 +328,7 @@ def test_a_unit_past_its_timeout_is_reported_and_leaves_no_process(fake_url: str
     text = ("<!-- example: session t, background -->\n```bash\n"
             "python -m rlm.testing --port 8100 --seed 60417\n```\n"
             "<!-- example: session t, timeout 3 -->\n```bash\nsleep 60418 & sleep 60419\n```\n")
-    (unit,) = units_of(parse_blocks(text, "docs/slow.md"))
-    code, output = run_unit(unit, fake_url, workspace)
+    code, output = run_page(text, "docs/slow.md", fake_url, workspace)
     assert code == -1
     assert "EXAMPLE FAILED docs/slow.md:3 [t]: did not finish in 3 s" in output
     assert wait_until(lambda: not any(map(_running, ("--seed 60417", "sleep 60418",
