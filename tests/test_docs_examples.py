@@ -276,6 +276,11 @@ def test_blocks_of_one_session_run_as_one_unit_in_order() -> None:
     assert [[b.line for b in u.blocks] for u in units] == [[3, 12], [7]]
 
 
+def test_a_console_block_runs_its_prompted_lines_only() -> None:
+    text = "$ rlm --version\nrlm 0.1.0\n$ rlm cache info \\\n    --json\n{...}\n"
+    assert console_commands(text) == "rlm --version\nrlm cache info \\\n    --json\n"
+
+
 def test_sessions_of_the_same_name_on_two_pages_stay_apart() -> None:
     text = "<!-- example: session a -->\n```python\nx = 1\n```\n"
     blocks = parse_blocks(text, "one.md") + parse_blocks(text, "two.md")
