@@ -19,8 +19,9 @@ PYTEST_ARGS ?=
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 DEV_STAMP := $(VENV)/.installed-dev
 NOTEBOOKS_STAMP := $(VENV)/.installed-notebooks
+DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: demo test bench lint venv notebooks clean
+.PHONY: demo test bench lint venv notebooks docs docs-build clean
 
 $(BIN)/python:
 	@test -n "$(PY)" || { echo "no Python found for PYTHON=$(PYTHON)" >&2; exit 1; }
@@ -40,6 +41,10 @@ $(NOTEBOOKS_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[notebooks]'
 	touch $(NOTEBOOKS_STAMP) $(RUNTIME_STAMP)
 
+$(DOCS_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[docs]'
+	touch $(DOCS_STAMP) $(RUNTIME_STAMP)
+
 venv: $(DEV_STAMP)
 
 DEMO_ARGS ?=
@@ -52,6 +57,14 @@ NOTEBOOK_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 notebooks: $(NOTEBOOKS_STAMP)
 	$(BIN)/jupyter lab $(NOTEBOOK_ARGS) notebooks/
+
+# The documentation site: `make docs` serves it with live reload, `make docs-build` builds
+# it strictly into build/site/ (a broken link, reference or docstring fails the build).
+docs: $(DOCS_STAMP)
+	$(BIN)/mkdocs serve
+
+docs-build: $(DOCS_STAMP)
+	$(BIN)/mkdocs build --strict
 
 test: $(DEV_STAMP)
 	$(BIN)/ruff check rlm tests benchmarks test_true_async.py
