@@ -196,7 +196,11 @@ def test_long_context_rlm_run_gets_the_exact_counts(executed: Callable[[str], An
     answer = re.search(r"answer: +(.*)", out).group(1)
     assert re.search(r"expected: +(.*)", out).group(1) == answer
     assert re.fullmatch(r"billing \d+, shipping \d+, login \d+, bug \d+", answer)
-    assert "correct: True; 40 sub-queries, peak in flight 40" in out
+    check = re.search(r"correct: (\w+); (\d+) sub-queries, peak in flight (\d+)", out)
+    assert check.group(1, 2) == ("True", "40")
+    # The 40 sub-queries went out together (a loaded machine may start the last few
+    # after the first came back, so not exactly 40; sequential would be 1).
+    assert int(check.group(3)) >= 20
     assert answer in html(nb, "rlm")
 
 

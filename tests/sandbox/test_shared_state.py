@@ -340,7 +340,7 @@ class Fmt(str):
     def __eq__(self, other):
         return True
 datetime.datetime.strptime('2024-04-03', Fmt('%Y-%d-%m'))
-import rlm.sandbox._worker as w
+import rlm.sandbox.worker as w
 w.pool_test_mark = 'planted'
 result = [re.findall(r'(\d+) USD', '5 USD and 7 USD'), datetime.datetime.strptime('2024-03-04', '%Y-%m-%d').month]
 """
@@ -354,7 +354,7 @@ def test_a_warm_worker_resets_poisoned_caches_before_the_next_repl(pool: WorkerP
     wait_until(lambda: pool.stats()["idle"] >= 1, 10)
     b = _pooled(pool)
     try:
-        assert b._run_raw("import rlm.sandbox._worker as w\nresult = w.pool_test_mark").value == "planted"
+        assert b._run_raw("import rlm.sandbox.worker as w\nresult = w.pool_test_mark").value == "planted"
         out = b.execute(CHECK, 10)
         assert out.error is None, out.error
         assert out.stdout == "['5', '7'] 3\n"
