@@ -10,6 +10,7 @@ checked against its task; the root and sub models differ, as their batch files m
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -202,6 +203,17 @@ def test_a_batch_past_the_fallback_time_is_cancelled_and_finished_live(
     assert stats["requests"] == summary.batch["live"] == 20
 
 
+def test_a_job_cost_cap_stops_submitting_in_batch_mode(tmp_path: Path, closing: list[RLM]) -> None:
+    with batch_server() as srv:
+        summary = run_job(srv, tmp_path / "out.jsonl", 40, closing, batch_api=FAST,
+                          max_cost_usd=0.001)
+        stats = srv.stats()
+    assert summary.stopped is not None and "max_cost_usd" in summary.stopped
+    assert summary.done < 40
+    # Spent calls settle at the batch price, so the job stops near its cap, not at twice it.
+    assert summary.batch["lines"] < 160 and stats["requests"] == 0
+
+
 # -- replays -------------------------------------------------------------------------------
 
 
@@ -360,3 +372,12 @@ async def test_completion_batch_with_batch_api_answers_from_the_cache_next_time(
     assert first == again == ["x", "y"]
     assert stats["batch_lines"] == 2 and stats["requests"] == 0
 
+
+def test_batch_api_guide_examples_run_as_written(tmp_path: Path) -> None:
+    guide = Path(__file__).resolve().parent.parent / "docs" / "guides" / "batch-api.md"
+    blocks = re.findall(r"```python\n(.*?)```\n", guide.read_text(encoding="utf-8"), re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        done = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr

@@ -25,6 +25,7 @@ This module must not hold which task waits on what, replays or accounting
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import uuid
@@ -46,6 +47,9 @@ log = logging.getLogger("rlm.batchapi")
 
 # Line statuses worth submitting again (the provider's hiccup, not the request's fault).
 _RETRYABLE = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+# Answered calls whose replies stay in memory for replays; older ones are read back
+# from the job's reply store.
+MEMORY_REPLIES = 50_000
 # Full lines in a file are only this share of the provider's byte limit: the JSONL
 # framing and the upload's multipart envelope need some room.
 _BYTES_MARGIN = 0.98
@@ -144,8 +148,19 @@ class Collector:
             ("batches", "lines", "answered", "retried", "failed", "live", "cancelled"), 0)
         self._turnarounds: list[float] = []
         self._ids: list[str] = []
+        self._pending = 0
+        # Answered entries, oldest first: past MEMORY_REPLIES the oldest are forgotten
+        # (``forget``), their replies being in the job's store by then.
+        self._answered: collections.deque[str] = collections.deque()
 
     # -- asking ----------------------------------------------------------------------
+
+    def _track(self, entry: Entry) -> None:
+        self._pending += 1
+        entry.future.add_done_callback(self._settled)
+
+    def _settled(self, future: asyncio.Future[tuple[Reply, str]]) -> None:
+        self._pending -= 1
 
     def get(self, key: str) -> Entry | None:
         """The entry of ``key`` if it was asked and is pending, answered or failed."""
@@ -161,6 +176,7 @@ class Collector:
         loop = asyncio.get_running_loop()
         entry = Entry(key, request.model, loop.create_future(), task)
         self.entries[key] = entry
+        self._track(entry)
         tries = self._tries.get(key)
         if tries is None:
             tries = self._tries[key] = _Tries()
@@ -192,6 +208,7 @@ class Collector:
                 continue
             entry = Entry(key, model, loop.create_future(), tasks[i] if tasks else None, batch_id)
             self.entries[key] = entry
+            self._track(entry)
             self._tries.setdefault(key, _Tries(count=1, first=submitted))
             lines[key] = entry
         batch = _OpenBatch(batch_id, model, lines, submitted)
@@ -219,7 +236,18 @@ class Collector:
     @property
     def pending(self) -> int:
         """Calls asked and not yet answered or failed."""
-        return sum(1 for e in self.entries.values() if not e.future.done())
+        return self._pending
+
+    def forget(self, keys: list[str]) -> None:
+        """These calls' replies are stored: past ``MEMORY_REPLIES`` answered calls held
+        here, the oldest are dropped (a later ask finds them in the store)."""
+        answered = self._answered
+        answered.extend(keys)
+        while len(answered) > MEMORY_REPLIES:
+            key = answered.popleft()
+            entry = self.entries.get(key)
+            if entry is not None and entry.future.done() and entry.future.exception() is None:
+                del self.entries[key]
 
     @property
     def open_batches(self) -> int:
@@ -228,9 +256,8 @@ class Collector:
 
     def oldest_open_s(self) -> float | None:
         """Age of the oldest batch still open, in seconds (None: none is open)."""
-        if not self._batches:
-            return None
-        return time.time() - min(b.submitted for b in self._batches.values())
+        submitted = [b.submitted for b in list(self._batches.values())]
+        return time.time() - min(submitted) if submitted else None
 
     def typical_turnaround_s(self) -> float | None:
         """The median time from submission to results of the batches collected so far."""
@@ -239,8 +266,9 @@ class Collector:
 
     def counts(self) -> dict[str, int]:
         """What this collector did: batches and lines submitted, lines answered, retried,
-        failed and sent live, batches cancelled, and what is open now."""
-        return {**self.stats, "open_batches": self.open_batches, "pending": self.pending}
+        failed and sent live, batches cancelled, and what is open now (safe to call from
+        any thread)."""
+        return {**self.stats, "open_batches": len(self._batches), "pending": self._pending}
 
     # -- files -----------------------------------------------------------------------
 

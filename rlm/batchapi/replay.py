@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -55,6 +56,11 @@ if TYPE_CHECKING:
 
 __all__ = ["Answer", "Attempt", "BatchPending", "BatchService", "ClientRoute"]
 
+log = logging.getLogger("rlm.batchapi")
+
+# A new call still waiting for room in the job's budget after this long flushes the
+# open files (their calls hold the room).
+_ROOM_WAIT_S = 0.05
 # The job's own reply store never evicts: a reply the job paid for must be there when
 # its task is replayed.
 _JOB_STORE_BYTES = 1 << 42
@@ -209,6 +215,7 @@ class _Recorder:
     def __init__(self, service: BatchService, endpoint: str) -> None:
         self.service = service
         self.endpoint = endpoint
+        self.collector: Collector  # set once the collector exists
 
     async def submitting(self, token: str, model: str, keys: list[str],
                          tasks: list[str | None]) -> None:
@@ -220,8 +227,13 @@ class _Recorder:
 
     async def collected(self, batch_id: str, replies: Mapping[str, Reply]) -> None:
         service = self.service
-        await asyncio.to_thread(service.store_replies, replies)
+        try:
+            await asyncio.to_thread(service.store_replies, replies)
+        except Exception as exc:  # noqa: BLE001 - kept in memory; collected again on a re-run
+            log.warning("rlm batch: storing the replies of batch %s failed: %s", batch_id, exc)
+            return
         await asyncio.to_thread(service.journal.collected, batch_id)
+        self.collector.forget(list(replies))
 
     async def sent_live(self, replies: Mapping[str, Reply]) -> None:
         service = self.service
@@ -273,8 +285,9 @@ class BatchService:
             endpoint = _endpoint(adapter)
             collector = by_endpoint.get(endpoint)
             if collector is None:
-                collector = by_endpoint[endpoint] = Collector(
-                    client, wire_for(adapter), self.settings, _Recorder(self, endpoint))
+                recorder = _Recorder(self, endpoint)
+                collector = by_endpoint[endpoint] = recorder.collector = Collector(
+                    client, wire_for(adapter), self.settings, recorder)
             self.routes.append(ClientRoute(self, client, collector))
             cache = client.reply_cache
             if cache is not None and cache.store is not None and all(
@@ -405,11 +418,20 @@ class BatchService:
                     continue
 
     async def reserve(self, request: Request) -> Any:
-        """Hold the job's budget for one new call (None: the job has no cap)."""
+        """Hold the job's budget for one new call (None: the job has no cap).
+
+        A call that has to wait for room submits the open files at once: the room comes
+        back only when the calls holding it are answered.
+        """
         ledger = self.job_ledger
         if ledger is None:
             return None
-        return await ledger.reserve(request.model, request.prompt_chars(), request.max_tokens)
+        hold = asyncio.ensure_future(
+            ledger.reserve(request.model, request.prompt_chars(), request.max_tokens))
+        done, _ = await asyncio.wait([hold], timeout=_ROOM_WAIT_S)
+        if not done:
+            self.flush()
+        return await hold
 
     def watch(self, entry: Entry, hold: Any) -> None:
         """Settle the job's budget and note what was paid once ``entry`` has an outcome."""

@@ -36,6 +36,7 @@ from rlm.jobs.budget import JobBudget
 from rlm.jobs.local import DEADLINE_GRACE_S, run_one
 from rlm.jobs.progress import JobProgress
 from rlm.jobs.tasks import Task
+from rlm.usage import BudgetLedger
 
 __all__ = ["BatchRunner", "seed_prelude"]
 
@@ -65,8 +66,14 @@ class BatchRunner:
         self.concurrency = concurrency
         self.schema = schema
         self.bar = bar
+        # New calls reserve against the job's caps when they join a batch and settle when
+        # their line comes back, priced like the RLM's runs price them.
+        ledger = None
+        if budget.ledger is not None:
+            ledger = BudgetLedger(prices={**rlm.client.prices, **rlm.sub_client.prices,
+                                          **rlm.prices}, parent=budget.ledger)
         self.service = BatchService(settings, state_dir, [rlm.client, rlm.sub_client],
-                                    job_ledger=budget.ledger)
+                                    job_ledger=ledger)
         self.tries = 0
         self.live_tasks = 0
         self.waiting = 0
@@ -90,7 +97,11 @@ class BatchRunner:
 
     async def run(self, tasks: list[Task], finished: Finished) -> str | None:
         """Run ``tasks``; ``finished(record)`` as each ends."""
-        await on_engine(self.service.start())
+        try:
+            await on_engine(self.service.start())
+        except BaseException:
+            await asyncio.shield(on_engine(self.service.close()))
+            raise
         if self.bar is not None:
             self.bar.status = self.status_text
         drivers = [asyncio.create_task(self._drive(task, finished)) for task in tasks]
