@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rlm.batchapi.settings import BatchSettings
 from rlm.batchapi.wire import BatchStatus, BatchWire, LineOutcome, line_error
@@ -64,8 +64,9 @@ class Recorder(Protocol):
     """What a collector reports, so a job can keep its crash state and its cache."""
 
     async def submitting(self, token: str, model: str, keys: list[str],
-                         tasks: list[str | None]) -> None:
-        """A file is about to be submitted under ``token`` (written before the create)."""
+                         tasks: list[str | None], params: list[dict[str, Any] | None]) -> None:
+        """A file is about to be submitted under ``token`` (written before the create):
+        its calls' keys, the task that asked each, and each one's ``Entry.params``."""
 
     async def submitted(self, token: str, batch_id: str) -> None:
         """The provider accepted ``token``'s file as batch ``batch_id``."""
@@ -82,7 +83,9 @@ class Entry:
     """One call in the collector: its key (its custom_id too), model and future.
 
     The future holds ``(reply, paid)`` with ``paid`` "batch" or "live", or an error:
-    ``LineRetry`` (ask again) or the call's final ``LLMError``.
+    ``LineRetry`` (ask again) or the call's final ``LLMError``. ``params`` are the
+    request's body without its messages (what reading a reply may need, such as a
+    response format), so a waiting call does not hold its prompt.
     """
 
     key: str
@@ -90,6 +93,11 @@ class Entry:
     future: asyncio.Future[tuple[Reply, str]]
     task: str | None = None
     batch: str | None = None
+    params: dict[str, Any] | None = None
+
+    def parse_request(self) -> Request:
+        """A request to read this call's reply against (its parameters, no prompt)."""
+        return Request(self.params if self.params is not None else {"model": self.model})
 
 
 @dataclass
@@ -174,7 +182,8 @@ class Collector:
         error.
         """
         loop = asyncio.get_running_loop()
-        entry = Entry(key, request.model, loop.create_future(), task)
+        params = {k: v for k, v in request.body.items() if k != "messages"}
+        entry = Entry(key, request.model, loop.create_future(), task, params=params)
         self.entries[key] = entry
         self._track(entry)
         tries = self._tries.get(key)
@@ -198,7 +207,8 @@ class Collector:
         return entry
 
     def adopt(self, batch_id: str, model: str, keys: list[str], submitted: float,
-              tasks: list[str | None] | None = None) -> None:
+              tasks: list[str | None] | None = None,
+              params: list[dict[str, Any] | None] | None = None) -> None:
         """Poll and collect batch ``batch_id`` (submitted at wall time ``submitted`` by an
         earlier process), its calls pending here from now on."""
         loop = asyncio.get_running_loop()
@@ -206,7 +216,8 @@ class Collector:
         for i, key in enumerate(keys):
             if key in self.entries:
                 continue
-            entry = Entry(key, model, loop.create_future(), tasks[i] if tasks else None, batch_id)
+            entry = Entry(key, model, loop.create_future(), tasks[i] if tasks else None, batch_id,
+                          params[i] if params else None)
             self.entries[key] = entry
             self._track(entry)
             self._tries.setdefault(key, _Tries(count=1, first=submitted))
@@ -303,7 +314,8 @@ class Collector:
         try:
             if self.recorder is not None:
                 await self.recorder.submitting(token, file.model, keys,
-                                               [e.task for e in file.entries])
+                                               [e.task for e in file.entries],
+                                               [e.params for e in file.entries])
             batch_id = await self.wire.submit(file.lines, token)
         except asyncio.CancelledError:
             for entry in file.entries:
@@ -396,7 +408,7 @@ class Collector:
                 continue
             if outcome.kind == "ok":
                 try:
-                    reply = adapter.parse_reply(outcome.body, Request({"model": entry.model}))
+                    reply = adapter.parse_reply(outcome.body, entry.parse_request())
                 except LLMError as exc:
                     self._fail(entry, exc)
                     continue

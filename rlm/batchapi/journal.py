@@ -4,7 +4,9 @@ The journal is an append-only JSONL file (``STATE_DIR/state.jsonl``), one fsynce
 per event, so a job killed at any moment (even ``kill -9``) leaves a readable record:
 
 - ``submitting``: a file is about to be submitted: its token, endpoint, model, the keys
-  of its calls (their custom_ids) and the task that first asked each one;
+  of its calls (their custom_ids), the task that first asked each one and, when some
+  call has parameters beyond its model (a response format...), each call's parameters
+  (stored once per distinct set), which reading its reply may need;
 - ``submitted``: the provider accepted the token's file as batch ``batch``;
 - ``collected``: the batch ended and its replies are in the reply store;
 - ``live``: calls answered by the live fallback (their replies are in the store too).
@@ -44,6 +46,7 @@ class Submission:
     at: float
     batch: str | None = None
     collected: bool = False
+    params: list[dict[str, Any] | None] | None = None
 
 
 @dataclass
@@ -93,10 +96,13 @@ class Journal:
                 continue  # a line torn by a crash: its event never completed
             kind = event.get("t")
             if kind == "submitting":
+                distinct, which = event.get("params"), event.get("param_index")
+                params = ([distinct[i] for i in which]
+                          if isinstance(distinct, list) and isinstance(which, list) else None)
                 state.submissions[event["token"]] = Submission(
                     event["token"], event.get("endpoint", ""), event["model"],
                     list(event["keys"]), list(event.get("tasks") or [None] * len(event["keys"])),
-                    float(event.get("at") or 0.0))
+                    float(event.get("at") or 0.0), params=params)
             elif kind == "submitted":
                 sub = state.submissions.get(event["token"])
                 if sub is not None:
@@ -110,10 +116,18 @@ class Journal:
         return state
 
     def submitting(self, token: str, endpoint: str, model: str, keys: list[str],
-                   tasks: list[str | None]) -> None:
+                   tasks: list[str | None],
+                   params: list[dict[str, Any] | None] | None = None) -> None:
         """Record a file about to be submitted (before the provider's create)."""
-        self._write({"t": "submitting", "token": token, "endpoint": endpoint, "model": model,
-                     "keys": keys, "tasks": tasks, "at": time.time()})
+        event: dict[str, Any] = {"t": "submitting", "token": token, "endpoint": endpoint,
+                                 "model": model, "keys": keys, "tasks": tasks, "at": time.time()}
+        if params and any(p and set(p) - {"model"} for p in params):
+            distinct: dict[str, int] = {}
+            for p in params:
+                distinct.setdefault(json.dumps(p, sort_keys=True), len(distinct))
+            event["params"] = [json.loads(text) for text in distinct]
+            event["param_index"] = [distinct[json.dumps(p, sort_keys=True)] for p in params]
+        self._write(event)
 
     def submitted(self, token: str, batch_id: str) -> None:
         """Record the batch id the provider gave the token's file."""

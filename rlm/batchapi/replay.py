@@ -47,7 +47,7 @@ from rlm.batchapi.journal import Journal
 from rlm.batchapi.settings import BatchSettings
 from rlm.batchapi.wire import wire_for
 from rlm.cache import Cache, ReplyLike, SQLiteCache, request_key
-from rlm.errors import LLMError
+from rlm.errors import ConfigError, LLMError
 from rlm.providers import Adapter, Reply, Request
 from rlm.usage import BudgetLedger
 
@@ -218,9 +218,9 @@ class _Recorder:
         self.collector: Collector  # set once the collector exists
 
     async def submitting(self, token: str, model: str, keys: list[str],
-                         tasks: list[str | None]) -> None:
+                         tasks: list[str | None], params: list[dict[str, Any] | None]) -> None:
         await asyncio.to_thread(self.service.journal.submitting, token, self.endpoint, model,
-                                keys, tasks)
+                                keys, tasks, params)
 
     async def submitted(self, token: str, batch_id: str) -> None:
         await asyncio.to_thread(self.service.journal.submitted, token, batch_id)
@@ -273,6 +273,9 @@ class BatchService:
 
     async def start(self) -> None:
         """Open the stores and the journal, take over open batches, install the routes."""
+        if any(client.batch_route is not None for client in self.clients):
+            raise ConfigError("another batch-mode job is running on this RLM's clients; run "
+                              "one batch-mode job at a time per RLM")
         state = await asyncio.to_thread(self.journal.load)
         self._job_store = await asyncio.to_thread(
             SQLiteCache, self.state_dir / "cache", max_bytes=_JOB_STORE_BYTES)
@@ -305,7 +308,8 @@ class BatchService:
         for sub in state.open_batches():
             collector = by_endpoint.get(sub.endpoint)
             if collector is not None:
-                collector.adopt(sub.batch or "", sub.model, sub.keys, sub.at, sub.tasks)
+                collector.adopt(sub.batch or "", sub.model, sub.keys, sub.at, sub.tasks,
+                                sub.params)
                 self.resumed += 1
         for route in self.routes:
             route.client.route_batches(route)
