@@ -200,7 +200,11 @@ def _print_result(result: Any, args: argparse.Namespace, *, view_shown_answer: b
         print(result.answer)
     # A run sets `error` only when it ends without an answer (see RLM._run).
     if result.answer is None:
-        print(f"rlm: run failed ({result.stopped_reason}): {result.error}", file=sys.stderr)
+        from rlm.display.formatting import clean_text
+
+        # The error can quote a model reply or the document: shown inert on the terminal.
+        print(f"rlm: run failed ({result.stopped_reason}): {clean_text(result.error)}",
+              file=sys.stderr)
         return EXIT_FAILED
     if result.stopped_reason == "max_iterations":
         print(
@@ -497,7 +501,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     outcome = demo.summarize(result, haystack, wall, latency)
     verdict = "[green]correct[/]" if outcome.correct else f"[red]wrong[/] (expected {outcome.expected})"
     console.print()
-    console.print(f"answer:       [bold]{outcome.answer}[/]  {verdict}")
+    from rich.markup import escape
+
+    from rlm.display.formatting import clean_text
+
+    # The answer is the model's text: escaped for rich markup and made inert for the terminal.
+    console.print(f"answer:       [bold]{escape(clean_text(outcome.answer))}[/]  {verdict}")
     console.print(f"needle:       line {haystack.needle_line:,} of {haystack.lines:,}")
     console.print(f"iterations:   {outcome.iterations}")
     console.print(f"sub-queries:  {outcome.sub_calls}")
@@ -847,6 +856,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_running=args.max_running,
         max_queue=args.max_queue,
         allow_dirs=_allowed_dirs(args),
+        allowed_hosts=tuple(args.allowed_host),
     )
     runner = QueryRunner(_upstream_settings(args))
     try:
@@ -1138,6 +1148,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-mb", type=_positive_float, default=64.0, help="largest request body, in MB; 413 beyond (default: 64)")
     srv.add_argument("--max-running", type=_positive_int, default=8, help="RLM runs at once (default: 8)")
     srv.add_argument("--max-queue", type=int, default=32, help="requests waiting for a run slot; 429 beyond (default: 32)")
+    srv.add_argument("--allowed-host", action="append", default=[], metavar="HOST[:PORT]",
+                     help="also answer requests whose Host (or browser Origin) is HOST, repeatable; "
+                          "'*' for any (default: loopback names and the --host address; 421 otherwise)")
     _add_upstream_args(srv)
     _add_cost_flags(srv)
     _add_cache_options(srv)

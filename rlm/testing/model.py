@@ -81,7 +81,6 @@ class Answer:
     tool_input: dict[str, Any] | None = None
     cached_tokens: int = 0
     reasoning_tokens: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
