@@ -138,6 +138,16 @@ def test_state_file_lists_every_batch_with_its_calls_and_tasks(batch_job: dict[s
     assert all(e["token"] in submitted for e in submitting)
 
 
+def test_running_a_finished_batch_job_again_sends_nothing(tmp_path: Path,
+                                                          closing: list[RLM]) -> None:
+    with batch_server() as srv:
+        run_job(srv, tmp_path / "out.jsonl", 3, closing, batch_api=FAST)
+        again = run_job(srv, tmp_path / "out.jsonl", 3, closing, batch_api=FAST)
+        stats = srv.stats()
+    assert again.skipped == 3 and again.done == 0 and again.exit_code == 0
+    assert stats["batch_lines"] == 12
+
+
 # -- retries, expiry and the live fallback -----------------------------------------------
 
 

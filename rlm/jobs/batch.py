@@ -110,7 +110,8 @@ class BatchRunner:
         try:
             left = self.budget.remaining_time()
             done, pending = await asyncio.wait(
-                drivers, timeout=None if left is None else left + DEADLINE_GRACE_S)
+                drivers, timeout=None if left is None else left + DEADLINE_GRACE_S
+            ) if drivers else (set(), set())
             if pending:
                 self._stop.append(self.budget.stop_reason()
                                   or f"job max_time_s={self.budget.max_time_s:g} reached")
