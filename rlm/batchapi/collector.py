@@ -151,7 +151,6 @@ class Collector:
         self._submitting: set[asyncio.Task[None]] = set()
         self._live_queue: list[tuple[Entry, Request]] = []
         self._live_tasks: set[asyncio.Task[None]] = set()
-        self._closed = False
         self.stats: dict[str, int] = dict.fromkeys(
             ("batches", "lines", "answered", "retried", "failed", "live", "cancelled"), 0)
         self._turnarounds: list[float] = []
@@ -522,7 +521,6 @@ class Collector:
 
     async def aclose(self) -> None:
         """Stop polling and submitting (open batches stay open at the provider)."""
-        self._closed = True
         for file in self._open.values():
             if file.timer is not None:
                 file.timer.cancel()
