@@ -105,8 +105,10 @@ async def run_one(rlm: Any, task: Task, concurrency: int = 1, schema: Any = None
             if prelude is not None:
                 env = await asyncio.to_thread(rlm.new_env, context)
                 await env.aexecute(prelude)
+            # Only a prelude needs its own env (other runners take no env= at all).
+            extra = {"env": env} if env is not None else {}
             result = await rlm.acompletion(context=context, query=task.query, schema=schema,
-                                           env=env)
+                                           **extra)
     except Exception as exc:  # noqa: BLE001 - e.g. an empty query: the task fails, not the job
         return error_record(task.id, _short(exc), time.monotonic() - started)
     finally:
