@@ -365,6 +365,27 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise _Terminated
 
 
+def _batch_settings(args: argparse.Namespace) -> Any:
+    """The --batch-* flags as BatchSettings (False without --batch-api)."""
+    given = [flag for flag, value, default in (
+        ("--batch-window-s", args.batch_window_s, 10.0),
+        ("--batch-fallback-after-s", args.batch_fallback_after_s, None),
+        ("--batch-max-tries", args.batch_max_tries, 3),
+        ("--batch-poll-s", args.batch_poll_s, 1.0)) if value != default]
+    if not args.batch_api:
+        if given:
+            raise UsageError(f"{given[0]} needs --batch-api")
+        return False
+    if args.backend == "ray":
+        raise UsageError("--batch-api runs on the local backend; leave out --backend ray")
+    from rlm.batchapi import BatchSettings
+
+    return BatchSettings(window_s=args.batch_window_s,
+                         fallback_after_s=args.batch_fallback_after_s,
+                         max_tries=args.batch_max_tries, poll_min_s=args.batch_poll_s,
+                         poll_max_s=max(60.0, args.batch_poll_s))
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     import signal
 
@@ -382,6 +403,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.dir is not None and not Path(args.dir).is_dir():
         raise UsageError(f"--dir {args.dir}: " + ("not a directory" if Path(args.dir).exists()
                                                    else "directory not found"))
+    batch_api = _batch_settings(args)
     if args.backend == "ray" and (args.ray_address or "").startswith("ray://"):
         _check_ray_client(args.ray_address)
     schema = _read_schema(args.schema) if args.schema else None
@@ -399,6 +421,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens, max_time_s=args.max_time_s,
             retry_failed=args.retry_failed, sort_output=args.sorted, progress=not args.quiet,
             backend=args.backend, ray_address=args.ray_address, schema=schema,
+            batch_api=batch_api,
         )
     except ConnectionError as exc:
         if args.backend != "ray":
@@ -1066,6 +1089,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run tasks whose context file is empty (by default they fail, as "
                             "rlm run refuses an empty --context)")
     batch.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    batch.add_argument("--batch-api", action="store_true",
+                       help="send every model call through the provider's Batch API: half the "
+                            "price, results in minutes to 24 h; the job's state is kept next "
+                            "to --out, so re-running the command after a crash resumes it")
+    batch.add_argument("--batch-window-s", type=_non_negative_float, default=10.0,
+                       help="with --batch-api: submit a batch file at most this long after its "
+                            "first call (default: 10; it goes at once when every task waits)")
+    batch.add_argument("--batch-fallback-after-s", type=_non_negative_float, default=None,
+                       help="with --batch-api: send what a batch has not answered after this "
+                            "long (or after its retries) to the live API at list price "
+                            "(default: wait for the provider)")
+    batch.add_argument("--batch-max-tries", type=_positive_int, default=3,
+                       help="with --batch-api: submissions of one call before it fails or "
+                            "goes live (default: 3)")
+    batch.add_argument("--batch-poll-s", type=_positive_float, default=1.0,
+                       help="with --batch-api: the shortest wait between two looks at a "
+                            "batch (default: 1; later looks come about every tenth of its age, "
+                            "at most every 60 s)")
     batch.add_argument("--fresh-workers", action="store_true",
                        help="a new sandbox worker process for every task (default: a finished "
                             "task's worker is reset and reused; see the README's security model)")

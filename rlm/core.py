@@ -19,6 +19,7 @@ from typing import Any
 
 from rlm import loop as engine
 from rlm import prompts
+from rlm.batchapi.settings import BatchSettings
 from rlm.cache import open_cache
 from rlm.errors import ConfigError, RunInterrupted
 from rlm.jobs import runner as job_runner
@@ -465,6 +466,7 @@ class RLM:
         ray_chunk_size: int = 16,
         ray_workers: int | None = None,
         schema: Any = None,
+        batch_api: bool | BatchSettings = False,
     ) -> JobSummary:
         """Run a many-document job: every task not yet in ``out`` is run and appended to it.
 
@@ -480,14 +482,19 @@ class RLM:
         order at the end; ``progress`` shows a bar on stderr. ``backend`` is "local"
         or "ray" (with ``ray_address``, ``ray_chunk_size`` tasks per chunk and
         ``ray_workers`` workers). The sub-query cache is this RLM's ``cache=``.
-        Returns a ``JobSummary``; see the README's "Jobs" section.
+        ``batch_api=True`` (or an ``rlm.batchapi.BatchSettings``) sends every model call
+        of the job through the provider's Batch API at half the price: tasks wait for
+        batches holding no sandbox, the job's state next to ``out`` survives a crash, and
+        ``concurrency`` bounds the tasks running between two waits (see the README's
+        "Half price with the Batch API"). Returns a ``JobSummary``; see the README's
+        "Jobs" section.
         """
         return job_runner.run_job(
             self, tasks, out, query=query, fmt=fmt, encoding=encoding, concurrency=concurrency,
             max_cost_usd=max_cost_usd, max_tokens=max_tokens, max_time_s=max_time_s,
             retry_failed=retry_failed, sort_output=sort_output, progress=progress,
             backend=backend, ray_address=ray_address, ray_chunk_size=ray_chunk_size,
-            ray_workers=ray_workers, schema=schema,
+            ray_workers=ray_workers, schema=schema, batch_api=batch_api,
         )
 
     async def arun_job(
@@ -510,6 +517,7 @@ class RLM:
         ray_chunk_size: int = 16,
         ray_workers: int | None = None,
         schema: Any = None,
+        batch_api: bool | BatchSettings = False,
     ) -> JobSummary:
         """``run_job`` for async code: the job's tasks run on the caller's event loop."""
         return await job_runner.arun_job(
@@ -517,7 +525,7 @@ class RLM:
             max_cost_usd=max_cost_usd, max_tokens=max_tokens, max_time_s=max_time_s,
             retry_failed=retry_failed, sort_output=sort_output, progress=progress,
             backend=backend, ray_address=ray_address, ray_chunk_size=ray_chunk_size,
-            ray_workers=ray_workers, schema=schema,
+            ray_workers=ray_workers, schema=schema, batch_api=batch_api,
         )
 
     def load_session(self, path: str | Path, context: Any) -> RLMSession:

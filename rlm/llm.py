@@ -23,7 +23,7 @@ import os
 import random
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel
 
@@ -73,6 +73,23 @@ LARGE_BATCH = 1000
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 # Statuses that mean "not now" (rate limited, overloaded): the limiter learns from them.
 REJECTION_STATUS = frozenset({429, 503})
+
+
+class BatchRoute(Protocol):
+    """The Batch API hook a batch-mode job installs on a client (``rlm.batchapi``).
+
+    ``claims(ledger)``: the call belongs to one of the job's tries. ``answer`` returns an
+    object with ``reply``, ``paid`` ("batch", "live" or None for a stored reply) and
+    ``first`` (count it in this client's usage), raises (the call's error, or
+    ``BatchPending``), or returns None to send the call live as usual. ``handed_back``
+    is told what the caller's code got.
+    """
+
+    def claims(self, ledger: BudgetLedger) -> bool: ...
+
+    async def answer(self, request: Request, ledger: BudgetLedger) -> Any: ...
+
+    def handed_back(self, ledger: BudgetLedger, results: Sequence[Any]) -> None: ...
 
 
 def _messages(prompt: Prompt) -> list[Mapping[str, Any]]:
@@ -306,6 +323,7 @@ class AsyncOpenAIClient:
         self._adapter: Adapter | None = None
         self._transport: _Transport | None = None
         self._closed = False
+        self._batch_route: BatchRoute | None = None
         store = open_cache(cache)
         # No store and no reuse: nothing to do per request, so no cache layer at all.
         self._replies: RequestCache | None = (
@@ -370,6 +388,17 @@ class AsyncOpenAIClient:
     def price(self, model: str) -> tuple[float, float] | None:
         """USD per 1M (input, output) tokens this client charges ``model`` at; None: unpriced."""
         return lookup_price(self._meter.prices, model)
+
+    def count_call(self, reply: Any, *, batch: bool = False) -> None:
+        """Count one call answered outside the live path (a Batch API result, ``batch``:
+        at the batch price) in this client's ``usage``."""
+        self._meter.record(reply.model, reply.prompt_tokens, reply.completion_tokens,
+                           batch=batch)
+
+    @property
+    def reply_cache(self) -> RequestCache | None:
+        """This client's reply cache (its ``store``, ``read`` and ``write``); None: none."""
+        return self._replies
 
     # -- the package-internal interface (core, repl, cache) --------------------------
 
@@ -446,6 +475,7 @@ class AsyncOpenAIClient:
         on_item_done: Callable[[int, int], None] | None = None,
         *,
         cache: bool = True,
+        batch_api: bool = False,
         **params: Any,
     ) -> list[Any]:
         """Run many completions concurrently (up to the limiter) and keep their order.
@@ -455,17 +485,43 @@ class AsyncOpenAIClient:
         with ``True`` each failed slot holds its exception. ``on_item_done(done, total)``
         is called on the engine loop as items finish (for progress displays).
         Identical prompts are sent once; ``cache=False`` sends every one.
+        ``batch_api=True`` sends what the cache does not have through the provider's
+        Batch API instead (half the price; minutes to 24 h; see ``submit_batch``).
         """
         if isinstance(prompts, str | bytes):
             raise TypeError("completion_batch takes a list of prompts, not a single str")
         requests = [self.request(p, cache=cache, **params) for p in prompts]
-        results = await self._on_engine(self._many(requests, None, None, on_item_done))
+        if batch_api:
+            from rlm.batchapi.handle import complete_through_batches
+
+            results = await self._on_engine(complete_through_batches(self, requests, on_item_done))
+        else:
+            results = await self._on_engine(self._many(requests, None, None, on_item_done))
         if not return_exceptions:
             errors = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
             if errors:
                 raise BatchError([None if i in errors else r for i, r in enumerate(results)],
                                  errors)
         return results
+
+    async def submit_batch(self, prompts: Sequence[Prompt | Request], *, settings: Any = None,
+                           **params: Any) -> Any:
+        """Submit ``prompts`` (or ``Request``s) to the provider's Batch API; returns a handle.
+
+        The requests are grouped into batch files (one model per file, split at the
+        provider's limits) and submitted now; ``params`` go into every request body.
+        ``await handle.results()`` waits for them (polling with backoff), submits lines
+        that failed for a reason worth retrying again, and returns the replies in
+        order; ``handle.status()``, ``handle.cancel()`` and ``handle.ids`` are there too.
+        ``settings`` (an ``rlm.batchapi.BatchSettings``) tunes polling, retries and the
+        live fallback. See ``rlm.batchapi.BatchHandle``.
+        """
+        from rlm.batchapi.handle import BatchHandle
+
+        if isinstance(prompts, str | bytes):
+            raise TypeError("submit_batch takes a list of prompts, not a single str")
+        requests = [p if isinstance(p, Request) else self.request(p, **params) for p in prompts]
+        return await self._on_engine(BatchHandle.open(self, requests, settings))
 
     async def completion_stream(self, prompt: Prompt, **params: Any) -> AsyncIterator[str]:
         """Stream the reply as text pieces; usage is recorded from the final chunk."""
@@ -571,6 +627,57 @@ class AsyncOpenAIClient:
             _open_clients.add(self)
         return adapter, transport
 
+    def provider_adapter(self) -> Adapter:
+        """This client's provider adapter, made on first use (call on rlm's engine loop)."""
+        return self._ready()[0]
+
+    # -- the Batch API hook (rlm.batchapi) ------------------------------------------------
+
+    @property
+    def batch_route(self) -> BatchRoute | None:
+        """The Batch API route installed by a running batch-mode job, if any."""
+        return self._batch_route
+
+    def route_batches(self, route: BatchRoute | None) -> None:
+        """Send the calls ``route`` claims through it instead of the live API (None: stop).
+
+        A claimed call skips this client's cache (the route answers replays itself) and
+        counts as the route says it was paid: at the batch price, at list price, or not
+        at all (a stored reply). Calls it does not claim are untouched.
+        """
+        self._batch_route = route
+
+    def _routed(self, ledger: BudgetLedger | None) -> BatchRoute | None:
+        route = self._batch_route
+        if route is None or ledger is None or not route.claims(ledger):
+            return None
+        return route
+
+    async def _via_route(self, route: BatchRoute, request: Request, meter: UsageMeter | None,
+                         ledger: BudgetLedger) -> Reply:
+        hold = await ledger.reserve(request.model, request.prompt_chars(), request.max_tokens)
+        try:
+            answer = await route.answer(request, ledger)
+        except BaseException:
+            ledger.cancel(hold)
+            raise
+        if answer is None:
+            ledger.cancel(hold)
+            return await self._budgeted(request, meter, ledger)
+        reply = answer.reply
+        if answer.paid is None:
+            ledger.cancel(hold)
+            self._count_cached(meter, reply.model, reply.prompt_tokens, reply.completion_tokens)
+            return reply  # type: ignore[no-any-return]  # a stored reply reads like a Reply
+        batch = answer.paid == "batch"
+        if answer.first:
+            self._meter.record(reply.model, reply.prompt_tokens, reply.completion_tokens,
+                               batch=batch)
+        if meter is not None:
+            meter.record(reply.model, reply.prompt_tokens, reply.completion_tokens, batch=batch)
+        ledger.settle(hold, reply.model, reply.prompt_tokens, reply.completion_tokens, batch=batch)
+        return reply  # type: ignore[no-any-return]
+
     async def _aclose_on_engine(self) -> None:
         if self._replies is not None:
             await self._replies.aclose()
@@ -640,6 +747,14 @@ class AsyncOpenAIClient:
         cached: list[bool] | None = None,
     ) -> Reply:
         """One call on the engine loop: the cache first, then the network (``_fresh``)."""
+        route = self._routed(ledger)
+        if route is not None:
+            assert ledger is not None
+            try:
+                return await self._via_route(route, request, meter, ledger)
+            except BaseException as exc:
+                route.handed_back(ledger, [exc])
+                raise
         replies = self._replies
         if replies is None or not request.cache:
             return await self._fresh(request, meter, ledger)
@@ -687,6 +802,9 @@ class AsyncOpenAIClient:
         """
         if ledger is None:
             return self._exchange(request, meter)
+        route = self._routed(ledger)
+        if route is not None:
+            return self._via_route(route, request, meter, ledger)
         return self._budgeted(request, meter, ledger)
 
     async def _budgeted(
@@ -770,7 +888,9 @@ class AsyncOpenAIClient:
                 except Exception:  # noqa: BLE001, S110 - a progress display must not stop work
                     pass
 
-        replies = self._replies
+        route = self._routed(ledger)
+        # A routed batch skips the cache: the route answers replays itself.
+        replies = self._replies if route is None else None
         keys: list[str | None] = []
         order: Sequence[int] = range(total)
         # Items identical to an earlier one of this batch (same key): they wait for it
@@ -856,6 +976,9 @@ class AsyncOpenAIClient:
             # Let them give their slots and holds back before the caller moves on.
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        if route is not None:
+            assert ledger is not None
+            route.handed_back(ledger, results)
         return results
 
     async def _from_cache(

@@ -334,8 +334,9 @@ async def run_rlm(
             error = typed.error_text()
     except _Stopped as exc:
         stopped, error = exc.kind, str(exc)
-    except BudgetExhaustedError:
-        stopped, error = "budget", ledger.describe()
+    except BudgetExhaustedError as exc:
+        # Another ledger may have refused the call (a batch-mode job's): say whose.
+        stopped, error = "budget", ledger.describe() if ledger.exhausted else str(exc)
     except asyncio.CancelledError:
         # Cancelled from outside (task.cancel, Ctrl-C through run_sync): write the
         # record, then let the cancellation go on.

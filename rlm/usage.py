@@ -60,6 +60,11 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
 # Decimal places of USD amounts in JSON output: a millionth of a dollar.
 COST_DECIMALS = 6
 
+# The share of list price taken off calls answered through a provider's Batch API
+# (OpenAI's and Anthropic's both halve it), for every model until the price table says
+# otherwise per model.
+BATCH_DISCOUNT = 0.5
+
 PRICE_HELP = (
     "give it a price: RLM(prices={{{model!r}: (usd_per_1M_in, usd_per_1M_out)}}), "
     "rlm run --price {model}=IN,OUT or --prices FILE.json, or a prices file named by "
@@ -394,12 +399,16 @@ class UsageMeter:
         """The price this meter uses for ``model`` (None: unpriced)."""
         return lookup_price(self.prices, model)
 
-    def record(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """Count one call that returned, with its tokens (and cost, when priced)."""
+    def record(self, model: str, prompt_tokens: int, completion_tokens: int, *,
+               batch: bool = False) -> None:
+        """Count one call that returned, with its tokens (and cost, when priced);
+        ``batch``: it was answered through a Batch API, at ``BATCH_DISCOUNT`` off."""
         price = self.price(model)
         cost = 0.0
         if price:
             cost = (prompt_tokens * price[0] + completion_tokens * price[1]) / 1_000_000
+            if batch:
+                cost *= 1.0 - BATCH_DISCOUNT
         with self._lock:
             row = self._row(model, price)
             row[0] += 1
@@ -673,12 +682,16 @@ class BudgetLedger:
                 await fut
             self.check()
 
-    def settle(self, hold: Hold | None, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+    def settle(self, hold: Hold | None, model: str, prompt_tokens: int, completion_tokens: int,
+               *, batch: bool = False) -> None:
         """Replace a hold by what the call really used (here and in every parent); a reply
-        naming a model without a price is charged at the requested model's price."""
+        naming a model without a price is charged at the requested model's price;
+        ``batch``: it was answered through a Batch API, at ``BATCH_DISCOUNT`` off."""
         price = lookup_price(self.prices, model) or (hold.price if hold is not None else None)
         tokens = prompt_tokens + completion_tokens
         cost = (prompt_tokens * price[0] + completion_tokens * price[1]) / 1_000_000 if price else 0.0
+        if batch:
+            cost *= 1.0 - BATCH_DISCOUNT
         for ledger in self._chain:
             ledger._largest_completion = max(ledger._largest_completion, completion_tokens)
             ledger.spent_tokens += tokens

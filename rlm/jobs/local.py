@@ -82,10 +82,12 @@ DEADLINE_GRACE_S = 10.0
 
 
 async def run_one(rlm: Any, task: Task, concurrency: int = 1, schema: Any = None,
-                  ledger: BudgetLedger | None = None) -> dict[str, Any]:
+                  ledger: BudgetLedger | None = None, prelude: str | None = None) -> dict[str, Any]:
     """Load ``task``'s context, run it on ``rlm`` (with ``schema``, for a typed answer) and
     return its output record; ``concurrency`` (tasks at once here) paces memory reclaiming,
-    and the run also spends from ``ledger`` (the job's), per call, when one is given."""
+    and the run also spends from ``ledger`` (the job's), per call, when one is given.
+    ``prelude`` is code run in the task's REPL before the run (unrecorded; batch mode
+    seeds ``random`` with it)."""
     started = time.monotonic()
     try:
         # Reading a file must not stall the loop the other tasks run on; an inline
@@ -97,14 +99,23 @@ async def run_one(rlm: Any, task: Task, concurrency: int = 1, schema: Any = None
     except Exception as exc:  # noqa: BLE001 - a task's bad input is its own failure
         return error_record(task.id, f"context: {_short(exc)}", time.monotonic() - started)
     held = sys.getrefcount(context)
+    env = None
     try:
         with spending_from(ledger):
-            result = await rlm.acompletion(context=context, query=task.query, schema=schema)
+            if prelude is not None:
+                env = await asyncio.to_thread(rlm.new_env, context)
+                await env.aexecute(prelude)
+            # Only a prelude needs its own env (other runners take no env= at all).
+            extra = {"env": env} if env is not None else {}
+            result = await rlm.acompletion(context=context, query=task.query, schema=schema,
+                                           **extra)
     except Exception as exc:  # noqa: BLE001 - e.g. an empty query: the task fails, not the job
         return error_record(task.id, _short(exc), time.monotonic() - started)
     finally:
+        if env is not None:
+            await asyncio.to_thread(env.close)
         _reclaimer.released(context, concurrency, held)
-        del context
+        del context, env
     return result_record(task.id, result)
 
 

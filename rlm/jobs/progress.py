@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 __all__ = ["JobProgress"]
@@ -28,6 +29,8 @@ class JobProgress:
 
     def __init__(self, total: int, *, skipped: int = 0, enabled: bool = True,
                  stream: TextIO | None = None, every_s: float = 5.0) -> None:
+        # A callable giving more status for the line (batch mode: batches and waits).
+        self.status: Callable[[], str] | None = None
         self.total = total
         self.skipped = skipped
         self.done = 0
@@ -65,8 +68,16 @@ class JobProgress:
         rate = self.rate()
         left = self.total - self.done - self.failed
         eta = left / rate if rate > 0 else None
-        return (f"failed {self.failed}  ${self.cost_usd:.4f}  {rate:.1f} tasks/s  "
+        text = (f"failed {self.failed}  ${self.cost_usd:.4f}  {rate:.1f} tasks/s  "
                 f"ETA {_eta(eta)}")
+        if self.status is not None:
+            try:
+                extra = self.status()
+            except Exception:  # noqa: BLE001 - a status line must not stop the job
+                extra = ""
+            if extra:
+                text += f"  {extra}"
+        return text
 
     def advance(self, ok: bool, cost_usd: float) -> None:
         """Count one finished task."""
@@ -76,16 +87,25 @@ class JobProgress:
             else:
                 self.failed += 1
             self.cost_usd += cost_usd
-            if not self.enabled:
-                return
-            if self._live is not None:
-                self._live.update(self._task, completed=self.done + self.failed, stats=self._stats())
-                return
-            now = time.monotonic()
-            if now - self._last_print >= self.every_s:
-                self._last_print = now
-                print(f"rlm batch: {self.done + self.failed}/{self.total}  {self._stats()}",
-                      file=self.stream, flush=True)
+            self._show()
+
+    def refresh(self) -> None:
+        """Show the line again with the latest status (nothing finished meanwhile)."""
+        with self._lock:
+            self._show()
+
+    def _show(self) -> None:
+        # The caller holds the lock.
+        if not self.enabled:
+            return
+        if self._live is not None:
+            self._live.update(self._task, completed=self.done + self.failed, stats=self._stats())
+            return
+        now = time.monotonic()
+        if now - self._last_print >= self.every_s:
+            self._last_print = now
+            print(f"rlm batch: {self.done + self.failed}/{self.total}  {self._stats()}",
+                  file=self.stream, flush=True)
 
     def close(self) -> None:
         """Remove the live bar (the summary line is printed by the caller)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rlm import loop as engine
+from rlm.batchapi.settings import BatchSettings
 from rlm.errors import ConfigError, LoopError, OutputFileError
 from rlm.jobs import output
 from rlm.jobs import tasks as inputs
@@ -56,6 +57,7 @@ class JobSummary:
     elapsed_s: float = 0.0
     stopped: str | None = None
     interrupted: bool = False
+    batch: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -79,6 +81,14 @@ class JobSummary:
             f"{self.not_run} not run of {self.total}; ${self.cost_usd:.4f}, {self.tokens:,} tokens, "
             f"{self.elapsed_s:.1f} s ({rate:.1f} tasks/s) -> {self.out}"
         )
+        if self.batch is not None:
+            b = self.batch
+            text += (f"; Batch API: {b.get('batches', 0)} batches, {b.get('lines', 0):,} lines "
+                     f"({b.get('retried', 0):,} retried), {b.get('live', 0):,} calls sent live")
+            if b.get("live_tasks"):
+                text += f", {b['live_tasks']} tasks finished live"
+            if b.get("resumed"):
+                text += f", {b['resumed']} batches resumed"
         if self.stopped:
             # Tasks a job cap cut short have a line ("budget"): only --retry-failed redoes them.
             again = " (and --retry-failed for the tasks that failed)" if self.failed else ""
@@ -129,6 +139,7 @@ def run_job(
     ray_chunk_size: int = 16,
     ray_workers: int | None = None,
     schema: Any = None,
+    batch_api: bool | BatchSettings = False,
 ) -> JobSummary:
     """Sync form of ``arun_job`` (blocks; Ctrl-C stops the job with its output valid).
 
@@ -153,6 +164,7 @@ def run_job(
                 max_time_s=max_time_s, retry_failed=retry_failed, sort_output=sort_output,
                 progress=progress, backend=backend, ray_address=ray_address,
                 ray_chunk_size=ray_chunk_size, ray_workers=ray_workers, schema=schema,
+                batch_api=batch_api,
             )
         finally:
             finished.set()
@@ -176,6 +188,20 @@ def run_job(
     finally:
         if own_loop is not None:
             own_loop.call_soon_threadsafe(own_loop.stop)
+
+
+def _batch_settings(batch_api: Any, backend: str) -> BatchSettings | None:
+    """The batch-mode settings ``batch_api`` asks for (None: the live API)."""
+    if batch_api is False or batch_api is None:
+        return None
+    if backend != "local":
+        raise ConfigError("batch_api runs on the local backend; leave out backend='ray'")
+    if batch_api is True:
+        return BatchSettings()
+    if isinstance(batch_api, BatchSettings):
+        return batch_api
+    raise ConfigError(
+        f"batch_api must be True, False or an rlm.batchapi.BatchSettings, not {batch_api!r}")
 
 
 def _serve_loop(loop: asyncio.AbstractEventLoop) -> None:
@@ -207,6 +233,7 @@ async def arun_job(
     ray_chunk_size: int = 16,
     ray_workers: int | None = None,
     schema: Any = None,
+    batch_api: bool | BatchSettings = False,
 ) -> JobSummary:
     """Run every task not yet in ``out`` and append one line per finished task to it.
 
@@ -224,6 +251,7 @@ async def arun_job(
         from rlm.schema import Schema
 
         Schema.of(schema)  # a broken schema is one ConfigError now, not one per task
+    settings = _batch_settings(batch_api, backend)
     task_list = (
         tasks if isinstance(tasks, list) and all(isinstance(t, Task) for t in tasks)
         else await asyncio.to_thread(load_tasks, tasks, query=query, fmt=fmt, encoding=encoding)
@@ -272,8 +300,15 @@ async def arun_job(
         else:
             summary.done += 1
 
+    runner = None
     try:
-        if backend == "local":
+        if settings is not None:
+            from rlm.jobs.batch import BatchRunner
+
+            state_dir = settings.state_dir or str(out_path) + ".batch"
+            runner = BatchRunner(rlm, settings, state_dir, budget, concurrency, schema, bar)
+            summary.stopped = await runner.run(todo, finished)
+        elif backend == "local":
             from rlm.jobs.local import run_tasks
 
             summary.stopped = await run_tasks(rlm, iter(todo), finished, budget, concurrency,
@@ -301,6 +336,8 @@ async def arun_job(
         bar.close()
         spent = budget.snapshot()
         summary.cost_usd, summary.tokens = spent["cost_usd"], spent["tokens"]
+        if runner is not None:
+            summary.batch = runner.counts()
         summary.not_run = len(todo) - summary.done - summary.failed
         summary.elapsed_s = time.monotonic() - started
         if progress:
