@@ -21,7 +21,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
-from rlm.sandbox.boundary import SandboxCoroutine
+from rlm.sandbox.boundary import SandboxCoroutine, deferred
 
 __all__ = ["CellTasks", "asyncio_exports", "deferred", "deferring"]
 
@@ -29,33 +29,6 @@ _NO_LOOP = (
     "{what} needs a running event loop: use it in a cell with top-level await "
     "(`await asyncio.gather(...)`), or inside `asyncio.run(main())`"
 )
-
-
-class _Deferred:
-    """An awaitable that makes its coroutine when awaited (and can be awaited once)."""
-
-    __slots__ = ("_call",)
-
-    def __init__(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self._call: tuple[Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]] | None = (
-            fn, args, kwargs,
-        )
-
-    def __await__(self) -> Any:
-        call, self._call = self._call, None
-        if call is None:
-            raise RuntimeError("cannot reuse already awaited coroutine")
-        fn, args, kwargs = call
-        return fn(*args, **kwargs).__await__()
-
-
-def deferred(fn: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any) -> SandboxCoroutine:
-    """What a cell gets for the coroutine ``fn(*args, **kwargs)``: it is made when first awaited.
-
-    Until then only the function and its arguments are held, so a cell that never awaits
-    it leaves no coroutine to warn about; once awaited it behaves as the coroutine does.
-    """
-    return SandboxCoroutine(_Deferred(fn, args, kwargs))
 
 
 def deferring(fn: Callable[..., Awaitable[Any]], *, module: str | None = None) -> Callable[..., Any]:

@@ -8,7 +8,8 @@ Each is wrapped here before cell code can reach it:
   cell's deadline applies, so none of the cell's objects (a ``dict`` subclass with a
   slow ``items()``, a ``str`` subclass with lying methods) ever reaches the sub-query
   service or the engine thread.
-- An async host function returns a ``SandboxCoroutine`` instead of its coroutine. The
+- An async host function returns a ``SandboxCoroutine`` instead of its coroutine, made
+  only when the cell awaits it (``deferred``: one never awaited leaves no warning). The
   coroutine's frame (its locals, the host module's globals) is what ``cr_frame`` would
   reach; the wrapper only lets ``await`` drive it and has no attribute leading inside.
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 from rlm.sandbox.subqueries import check_subquery_params, check_subquery_prompt
 
-__all__ = ["LLM_FUNCTIONS", "SandboxCoroutine", "guard_host_function"]
+__all__ = ["LLM_FUNCTIONS", "SandboxCoroutine", "deferred", "guard_host_function"]
 
 # Names of the functions whose arguments are prompts and request parameters.
 _SINGLE = frozenset({"llm_query", "llm_query_async"})
@@ -50,6 +51,33 @@ class SandboxCoroutine:
         return "<coroutine (sandboxed)>"
 
 
+class _Deferred:
+    """An awaitable that makes its coroutine when awaited (and can be awaited once)."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._call: tuple[Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]] | None = (
+            fn, args, kwargs,
+        )
+
+    def __await__(self) -> Any:
+        call, self._call = self._call, None
+        if call is None:
+            raise RuntimeError("cannot reuse already awaited coroutine")
+        fn, args, kwargs = call
+        return fn(*args, **kwargs).__await__()
+
+
+def deferred(fn: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any) -> SandboxCoroutine:
+    """What a cell gets for the coroutine ``fn(*args, **kwargs)``: it is made when first awaited.
+
+    Until then only the function and its arguments are held, so a cell that never awaits
+    it leaves no coroutine to warn about; once awaited it behaves as the coroutine does.
+    """
+    return SandboxCoroutine(_Deferred(fn, args, kwargs))
+
+
 def guard_host_function(
     name: str, fn: Callable[..., Any], drain: Callable[[Iterable[Any]], list[Any]] = list
 ) -> Callable[..., Any]:
@@ -63,25 +91,28 @@ def guard_host_function(
     if not callable(fn):
         return fn
     is_async = inspect.iscoroutinefunction(fn)
+    # The arguments are checked at the call; an async function's coroutine is made only
+    # when the cell awaits it (``deferred``), so one never awaited leaves no warning.
     call: Callable[..., Any]
     if name in _SINGLE:
 
         def call(prompt: Any, **params: Any) -> Any:
-            return fn(check_subquery_prompt(prompt), **check_subquery_params(params))
+            prompt, params = check_subquery_prompt(prompt), check_subquery_params(params)
+            return deferred(fn, prompt, **params) if is_async else fn(prompt, **params)
 
     elif name in _BATCH:
 
         def call(prompts: Any, **params: Any) -> Any:
-            return fn(_plain_prompts(prompts, drain), **check_subquery_params(params))
+            prompts, params = _plain_prompts(prompts, drain), check_subquery_params(params)
+            return deferred(fn, prompts, **params) if is_async else fn(prompts, **params)
+
+    elif is_async:
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return deferred(fn, *args, **kwargs)
 
     else:
         call = fn
-    if is_async:
-        inner = call
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return SandboxCoroutine(inner(*args, **kwargs))
-
     if call is fn:
         return fn
 

@@ -13,6 +13,8 @@ import sys
 import textwrap
 from collections.abc import Callable
 
+import pytest
+
 from rlm import REPLEnv
 
 # Run with every warning an error: an unawaited coroutine collected anywhere in the
@@ -26,7 +28,7 @@ HOST = textwrap.dedent(
     async def tool(x):
         return x
 
-    env = REPLEnv(context="c", sandbox="local", timeout=10, tools={"lookup": tool})
+    env = REPLEnv(context="c", sandbox=sys.argv[1], timeout=10, tools={"lookup": tool})
     cells = [
         # kept in the namespace until it is cleared
         "import asyncio\\nasync def f():\\n    return 1\\n"
@@ -49,9 +51,11 @@ HOST = textwrap.dedent(
 )
 
 
-def test_unawaited_coroutines_leave_no_warning_on_the_hosts_stderr() -> None:
+@pytest.mark.parametrize("sandbox", ["local", "process"])
+def test_unawaited_coroutines_leave_no_warning_on_the_hosts_stderr(sandbox: str) -> None:
+    # In the process sandbox the worker's own stderr is the host's too.
     proc = subprocess.run(
-        [sys.executable, "-W", "error", "-c", HOST],
+        [sys.executable, "-W", "error", "-c", HOST, sandbox],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
