@@ -484,15 +484,6 @@ def test_mcp_http_on_a_port_out_of_range_is_a_usage_error() -> None:
     assert_usage_error(proc, "--http 127.0.0.1:99999", "from 0 to 65535")
 
 
-def test_batch_on_ray_auto_without_a_cluster_ends_in_one_line(tasks_file: Path, tmp_path: Path) -> None:
-    proc = rlm_cmd("batch", str(tasks_file), "--out", str(tmp_path / "o.jsonl"), "--api-key", "k",
-                   "--backend", "ray", "--ray-address", "auto", "-q")
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("rlm: --ray-address auto:") and "ray start --head" in last
-
-
 def test_batch_on_a_ray_client_address_without_ray_client_says_what_to_install(
     tasks_file: Path, tmp_path: Path
 ) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -52,6 +54,24 @@ def cluster() -> Iterator[None]:
         else:
             os.environ["RAY_AUTH_MODE"] = previous
         shutil.rmtree(temp, ignore_errors=True)
+
+
+# First in the module, before its cluster starts: `--ray-address auto` joins any Ray
+# cluster running on the machine, so this runs where no other test has one up (CI runs
+# this file on its own).
+def test_batch_on_ray_auto_without_a_cluster_ends_in_one_line(tmp_path: Path) -> None:
+    tasks_file = tmp_path / "tasks.jsonl"
+    tasks_file.write_text('{"id": "a", "query": "q", "context": "c"}\n', encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "RLM_", "RAY_ADDRESS"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlm.cli", "batch", str(tasks_file), "--out", str(tmp_path / "o.jsonl"),
+         "--api-key", "k", "--backend", "ray", "--ray-address", "auto", "-q"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("rlm: --ray-address auto:") and "ray start --head" in last
 
 
 def tasks(n: int) -> list[dict[str, Any]]:
