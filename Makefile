@@ -34,8 +34,11 @@ DEMO_ARGS ?=
 demo: $(RUNTIME_STAMP)
 	$(BIN)/rlm demo $(DEMO_ARGS)
 
+# Jupyter refuses to start as root without --allow-root (containers and CI often run as root).
+NOTEBOOK_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 notebooks: $(NOTEBOOKS_STAMP)
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab $(NOTEBOOK_ARGS) notebooks/
 
 test: $(DEV_STAMP)
 	$(BIN)/ruff check rlm tests benchmarks test_true_async.py

@@ -11,10 +11,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from rlm.core import RLM, RLMResult, RLMSession
+    from rlm.core import RLM
     from rlm.errors import BatchError, ConfigError, LLMError, RLMError
     from rlm.llm import AsyncOpenAIClient
     from rlm.repl import ExecResult, REPLEnv
+    from rlm.result import RLMResult
+    from rlm.session import RLMSession
+    from rlm.testing import FakeLLMServer
     from rlm.usage import Usage
 
 __all__ = [
@@ -23,6 +26,7 @@ __all__ = [
     "BatchError",
     "ConfigError",
     "ExecResult",
+    "FakeLLMServer",
     "LLMError",
     "REPLEnv",
     "RLMError",
@@ -37,8 +41,8 @@ __version__ = "0.1.0"
 # is read, then cached in this module's globals.
 _LAZY = {
     "RLM": "rlm.core",
-    "RLMResult": "rlm.core",
-    "RLMSession": "rlm.core",
+    "RLMResult": "rlm.result",
+    "RLMSession": "rlm.session",
     "BatchError": "rlm.errors",
     "ConfigError": "rlm.errors",
     "LLMError": "rlm.errors",
@@ -47,6 +51,7 @@ _LAZY = {
     "Usage": "rlm.usage",
     "ExecResult": "rlm.repl",
     "REPLEnv": "rlm.repl",
+    "FakeLLMServer": "rlm.testing",
 }
 
 
@@ -60,7 +65,9 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    # The public names and the module's own dunders; not the helpers this file imports.
+    dunders = {name for name in globals() if name.startswith("__") and name.endswith("__")}
+    return sorted(dunders | set(__all__))
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -1,4 +1,4 @@
-"""The ``rlm`` command: run, batch, demo, view, repl, cache, serve and mcp.
+"""The ``rlm`` command: run, batch, demo, view, repl, cache, serve, mcp and bench.
 
 Exit codes:
 
@@ -18,12 +18,15 @@ view, the progress line, warnings) goes to stderr, so ``rlm run ... > out`` and
 
 ``rlm batch`` exits 0 when every task succeeded, 1 when some failed or were not run, 2
 for bad usage (a duplicate task id too), 130/143 when interrupted (the output stays valid).
+``rlm bench run`` exits the same way, counting (task, length, method, seed) cells.
 """
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -31,7 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -44,7 +47,8 @@ class UsageError(Exception):
     """Bad input on the command line: printed, exit code 2."""
 
 
-def _version() -> str:
+def package_version() -> str:
+    """The installed package's version (the source tree's when it was never installed)."""
     from importlib import metadata
 
     try:
@@ -95,17 +99,21 @@ def _check_encoding(encoding: str) -> str:
 
 def _check_log_dir(log_dir: str | None) -> None:
     """Fail before the context is loaded (it may be large) when the log dir is unusable."""
-    if log_dir is None:
-        return
-    path = Path(log_dir)
+    if log_dir is not None:
+        _check_writable_dir("--log-dir", log_dir)
+
+
+def _check_writable_dir(flag: str, directory: str) -> None:
+    """Create ``directory`` if needed and prove it writable, or say why not in one line."""
+    path = Path(directory).expanduser()
     if path.exists() and not path.is_dir():
-        raise UsageError(f"--log-dir {log_dir}: exists and is not a directory")
+        raise UsageError(f"{flag} {directory}: exists and is not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
-        raise UsageError(f"--log-dir {log_dir}: cannot write there ({exc.strerror or exc})") from None
+        raise UsageError(f"{flag} {directory}: cannot write there ({exc.strerror or exc})") from None
 
 
 def _check_output_file(flag: str, out: str) -> Path:
@@ -191,7 +199,10 @@ def _read_schema(source: str) -> dict[str, Any]:
 def _print_result(result: Any, args: argparse.Namespace, *, view_shown_answer: bool,
                   typed: bool = False) -> int:
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        data = result.to_dict()
+        # The sum of root and sub, as the servers' replies carry it.
+        data["usage"]["total"] = result.total_usage.to_dict()
+        print(json.dumps(data, indent=2, ensure_ascii=False))
     elif typed and result.answer is not None:
         # The validated output as JSON (a str output too, quoted), so it pipes into jq.
         print(json.dumps(result.to_dict()["output"], indent=2, ensure_ascii=False))
@@ -211,6 +222,36 @@ def _print_result(result: Any, args: argparse.Namespace, *, view_shown_answer: b
     return EXIT_OK
 
 
+@contextlib.contextmanager
+def _priced_for_budget(args: argparse.Namespace, flag: str) -> Iterator[None]:
+    """Say in flags why the cost budget ``flag`` was refused: a model without a price.
+
+    The library refuses ``max_cost_usd`` over an unpriced model in the words of its
+    Python API; on the command line the fix is ``--price`` or ``--prices``. Any other
+    ConfigError passes through as it is.
+    """
+    from rlm.errors import ConfigError
+
+    try:
+        yield
+    except ConfigError:
+        if getattr(args, flag.removeprefix("--").replace("-", "_"), None) is None:
+            raise
+        from rlm.llm import DEFAULT_MODEL
+        from rlm.usage import lookup_price, resolve_prices
+
+        table = resolve_prices(_prices(args))
+        root = args.model or os.environ.get("RLM_MODEL") or DEFAULT_MODEL
+        for role, model in (("root", root), ("sub", args.recursive_model or root)):
+            if lookup_price(table, model) is None:
+                raise UsageError(
+                    f"{flag} needs a price for the {role} model {model!r} (without one its cost "
+                    f"would count as $0): pass --price {model}=IN,OUT (USD per 1M input and "
+                    "output tokens) or --prices FILE.json"
+                ) from None
+        raise
+
+
 def _build_rlm(args: argparse.Namespace, rlm_class: Any, *, budget_prefix: str, verbose: bool,
                **extra: Any) -> Any:
     # One place turns the shared model/endpoint/budget flags into an RLM (run and batch).
@@ -218,7 +259,13 @@ def _build_rlm(args: argparse.Namespace, rlm_class: Any, *, budget_prefix: str, 
         name: getattr(args, budget_prefix + name, None)
         for name in ("max_cost_usd", "max_tokens", "max_time_s")
     }
-    return rlm_class(
+    flag = "--" + (budget_prefix + "max_cost_usd").replace("_", "-")
+    with _priced_for_budget(args, flag):
+        return rlm_class(**_rlm_options(args, verbose), **budgets, **extra)
+
+
+def _rlm_options(args: argparse.Namespace, verbose: bool) -> dict[str, Any]:
+    return dict(
         model=args.model,
         recursive_model=args.recursive_model,
         base_url=args.base_url,
@@ -229,8 +276,6 @@ def _build_rlm(args: argparse.Namespace, rlm_class: Any, *, budget_prefix: str, 
         log_dir=args.log_dir,
         verbose=verbose,
         prices=_prices(args),
-        **budgets,
-        **extra,
     )
 
 
@@ -340,9 +385,16 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise UsageError("give a tasks file (JSONL or CSV) or --dir DOCS/, not both or neither")
     if args.dir is not None and not args.query:
         raise UsageError("--dir needs --query (the question to ask of every document)")
+    if args.dir is not None and not Path(args.dir).is_dir():
+        raise UsageError(f"--dir {args.dir}: " + ("not a directory" if Path(args.dir).exists()
+                                                   else "directory not found"))
+    if args.backend == "ray" and (args.ray_address or "").startswith("ray://"):
+        _check_ray_client(args.ray_address)
     schema = _read_schema(args.schema) if args.schema else None
     tasks = load_tasks(args.dir or args.tasks, query=args.query, fmt=args.context_format,
                        encoding=_check_encoding(args.encoding))
+    if args.allow_empty:
+        tasks = [dataclasses.replace(task, allow_empty=True) for task in tasks]
     rlm = _build_rlm(args, RLM, budget_prefix="task_", verbose=False,
                      max_concurrency=max(64, args.concurrency * 4),
                      reuse_workers=not args.fresh_workers, **_cache_options(args))
@@ -354,6 +406,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
             retry_failed=args.retry_failed, sort_output=args.sorted, progress=not args.quiet,
             backend=args.backend, ray_address=args.ray_address, schema=schema,
         )
+    except ConnectionError as exc:
+        if args.backend != "ray":
+            raise
+        # Ray found no cluster at --ray-address (its own words name its flags, not ours).
+        reason = str(exc).split(". ")[0].rstrip(".")
+        where = f"--ray-address {args.ray_address}" if args.ray_address else "--backend ray"
+        raise UsageError(f"{where}: {reason}; start one with `ray start --head`, or leave out "
+                         "--ray-address to start a local one") from None
     except KeyboardInterrupt:
         print(f"rlm: interrupted; {args.out} holds every task that finished (re-run to resume)",
               file=sys.stderr)
@@ -366,6 +426,17 @@ def cmd_batch(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
         rlm.close()
     return summary.exit_code
+
+
+def _check_ray_client(address: str) -> None:
+    """A ray:// address needs Ray Client (grpcio), which a plain ``pip install ray`` lacks."""
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            f"--ray-address {address} needs Ray Client, which is not installed: pip install "
+            "'rlm-sandbox[ray]' (or 'ray[client]')"
+        ) from None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -428,6 +499,105 @@ def cmd_demo(args: argparse.Namespace) -> int:
         console.print(f"trajectory:   {result.log_path}")
         console.print(f"view it with: {self_command()} view {result.log_path}", highlight=False)
     return EXIT_OK if outcome.correct or (args.base_url and result.answer) else EXIT_FAILED
+
+
+def cmd_bench_generate(args: argparse.Namespace) -> int:
+    from rlm.bench.generators import generate
+
+    out = _check_output_file("--out", args.out)
+    count = 0
+    with out.open("w", encoding="utf-8") as fh:
+        for task in generate(args.task, args.length, args.n, args.seed):
+            fh.write(json.dumps(task.to_json(), ensure_ascii=False) + "\n")
+            count += 1
+    print(f"wrote {count} {args.task} task(s) of {args.length} tokens to {args.out}",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def _bench_prompt(choice: str, sub_window_chars: int) -> tuple[str | None, str]:
+    """The root system prompt for ``--prompt`` (None: the built-in one) and its label."""
+    from rlm import prompts
+
+    if choice == "default":
+        return None, "default"
+    if choice == "paper":
+        return prompts.paper_system_prompt(sub_window_chars), "paper"
+    path = Path(choice)
+    if not path.is_file():
+        raise UsageError(f"--prompt {choice}: not 'paper', 'default' or a readable file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--prompt {choice}: cannot read it as UTF-8 text ({exc})") from None
+    if not text.strip():
+        raise UsageError(f"--prompt {choice}: the file is empty")
+    return text, f"file {choice}"
+
+
+def _split_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def cmd_bench_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from rlm.bench.runner import BenchPlan, arun_bench
+    from rlm.core import DEFAULT_SUB_WINDOW_CHARS, RLM
+    from rlm.usage import PRICE_HELP
+
+    plan = BenchPlan(tasks=_split_list(args.tasks), lengths=_split_list(args.lengths), n=args.n,
+                     seed=args.seed, methods=_split_list(args.methods))
+    plan.check()
+    _check_log_dir(args.log_dir)
+    system_prompt, prompt_label = _bench_prompt(args.prompt, DEFAULT_SUB_WINDOW_CHARS)
+    rlm = _build_rlm(args, RLM, budget_prefix="task_", verbose=False,
+                     max_concurrency=max(64, args.concurrency * 16), system_prompt=system_prompt,
+                     **_cache_options(args))
+    try:
+        if args.max_cost_usd is not None:
+            # An unpriced model would count as $0 and the cap would never bind.
+            for client, model in ((rlm.client, rlm.model), (rlm.sub_client, rlm.recursive_model)):
+                if client.price(model) is None:
+                    raise UsageError(f"--max-cost-usd needs a price for {model!r}; "
+                                     + PRICE_HELP.format(model=model))
+        summary = asyncio.run(arun_bench(
+            rlm, plan, args.out, concurrency=args.concurrency, max_cost_usd=args.max_cost_usd,
+            max_time_s=args.max_time_s, window=args.window_tokens, rlms_python=args.rlms_python,
+            api_key=_require_key(args.api_key), retry_failed=args.retry_failed,
+            progress=not args.quiet, meta={"prompt": prompt_label},
+        ))
+    except KeyboardInterrupt:
+        print(f"rlm: interrupted; {args.out}/results.jsonl holds every cell that finished "
+              "(re-run to resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        rlm.close()
+    _print_bench_table(args.out)
+    return summary.exit_code
+
+
+def _print_bench_table(out: str) -> None:
+    from rich.console import Console
+
+    from rlm.bench.report import rich_table
+
+    data = json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))
+    # Piped or redirected output gets the width of the whole table, not 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    console.print(rich_table(data["rows"], title=f"rlm bench: {out}"))
+    print(f"report: {Path(out) / 'report.html'}", file=sys.stderr)
+
+
+def cmd_bench_score(args: argparse.Namespace) -> int:
+    from rlm.bench.runner import rescore
+
+    directory = Path(args.dir)
+    if not directory.is_dir():
+        raise UsageError(f"{args.dir}: not a directory; give the --out directory of a rlm bench run")
+    rescore(directory)
+    _print_bench_table(args.dir)
+    return EXIT_OK
 
 
 def _read_trajectory(log: str) -> list[dict[str, Any]]:
@@ -520,6 +690,7 @@ _positive_int = _bounded(int, "a whole number", lambda v: v >= 1, "at least 1")
 _positive_float = _bounded(float, "a number", lambda v: v > 0 and v != math.inf, "a number > 0")
 _non_negative_float = _bounded(float, "a number", lambda v: v >= 0 and v != math.inf,
                                "a number >= 0")
+_port = _bounded(int, "a whole number", lambda v: 0 <= v <= 65535, "a port from 0 to 65535")
 
 
 def _base_url(text: str) -> str:
@@ -665,6 +836,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow_dirs=_allowed_dirs(args),
     )
     runner = QueryRunner(_upstream_settings(args))
+    try:
+        with _priced_for_budget(args, "--max-cost-usd"):
+            runner.new_rlm()  # the settings every request's RLM gets, checked before listening
+    except BaseException:
+        asyncio.run(runner.aclose())
+        raise
     asyncio.run(serve(runner, options, on_ready=lambda url: print_ready(url, runner)))
     return EXIT_OK
 
@@ -684,6 +861,8 @@ def cmd_mcp(args: argparse.Namespace) -> int:
         if not host or not port_text.isdigit():
             raise UsageError(f"--http wants HOST:PORT (e.g. 127.0.0.1:8765), got {args.http!r}")
         host, port = host.strip("[]"), int(port_text)
+        if port > 65535:
+            raise UsageError(f"--http {args.http}: the port must be from 0 to 65535 (0 picks a free one)")
     options = McpOptions(
         http_host=host,
         http_port=port,
@@ -694,7 +873,8 @@ def cmd_mcp(args: argparse.Namespace) -> int:
         max_output_chars=args.max_output_chars,
         cell_timeout_s=args.cell_timeout_s,
     )
-    run_mcp(_upstream_settings(args), options)
+    with _priced_for_budget(args, "--max-cost-usd"):
+        run_mcp(_upstream_settings(args), options)
     return EXIT_OK
 
 
@@ -710,12 +890,22 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
 def _cache_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.no_cache:
         return {"cache": None, "cache_read": False}
+    if args.cache is not None:
+        from rlm.cache import default_cache_dir
+
+        where = args.cache if isinstance(args.cache, str) else str(default_cache_dir())
+        _check_writable_dir("--cache", where)
     return {"cache": args.cache}
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from rlm.cache import cache_info, clear_cache
 
+    if args.dir is not None and not Path(args.dir).expanduser().is_dir():
+        # The library reports a directory without a cache as empty; a named one that is
+        # missing (or a file) is a typo here.
+        raise UsageError(f"{args.dir} is a file, not a cache directory" if Path(args.dir).exists()
+                         else f"cache directory not found: {args.dir}")
     if args.action == "info":
         info = cache_info(args.dir)
         print(json.dumps(info.to_dict(), indent=2) if args.json else info.summary())
@@ -723,6 +913,91 @@ def cmd_cache(args: argparse.Namespace) -> int:
         removed = clear_cache(args.dir)
         print(f"cleared {removed.path}: {removed.entries:,} entries removed")
     return EXIT_OK
+
+
+def _add_bench_parser(sub: Any) -> None:
+    from rlm.bench.generators import FAMILIES
+
+    bench = sub.add_parser(
+        "bench", help="measure answer quality and cost: RLM vs a direct call, on generated tasks",
+        description="Generate long-context tasks offline (RULER- and OOLONG-style), run them "
+                    "with this project's RLM, one direct call and the official rlms package, "
+                    "and compare scores and costs.",
+    )
+    bsub = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser,
+                                help="generate tasks, run the cells, or score a run again")
+    families = ", ".join(FAMILIES)
+
+    gen = bsub.add_parser("generate", help="write generated tasks as JSONL (rlm batch reads it)",
+                          description="Write N tasks of one family and length to a JSONL file "
+                                      "with id, query, context, expected, task and length.")
+    gen.add_argument("--task", required=True, choices=FAMILIES, metavar="TASK",
+                     help=f"task family: {families}")
+    gen.add_argument("--length", required=True, type=_bench_length,
+                     help="context length in tokens: 8k, 32k, 128k, 1m (k = 1024)")
+    gen.add_argument("--n", type=_positive_int, default=5, help="tasks to write (default: 5)")
+    gen.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
+    gen.add_argument("--out", required=True, help="tasks JSONL to write")
+    gen.set_defaults(func=cmd_bench_generate)
+
+    run = bsub.add_parser(
+        "run", help="run every (task, length, method, seed) cell; resumable",
+        description="Run each task family at each length with each method and write "
+                    "tasks.jsonl, results.jsonl, summary.json and report.html to --out. "
+                    "Re-running the same command skips cells already done. Exit codes: 0 "
+                    "every cell has a result, 1 some failed or were not run (cost cap), 2 "
+                    "usage error, 130 interrupted.",
+    )
+    run.add_argument("--tasks", default="niah,oolong",
+                     help=f"comma-separated task families (default: niah,oolong); of {families}")
+    run.add_argument("--lengths", default="8k,32k",
+                     help="comma-separated context lengths in tokens (default: 8k,32k)")
+    run.add_argument("--n", type=_positive_int, default=5, help="tasks per family and length (default: 5)")
+    run.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
+    run.add_argument("--methods", default="rlm,direct",
+                     help="comma-separated methods (default: rlm,direct); of rlm, direct, rlms")
+    run.add_argument("--out", required=True, help="output directory (created; resumed)")
+    _add_model_flags(run)
+    _add_budget_flags(run, "", "the whole benchmark", tokens=False)
+    _add_budget_flags(run, "task-", "each RLM run", tokens=False)
+    run.add_argument("--concurrency", type=_positive_int, default=4,
+                     help="cells run at once (default: 4)")
+    run.add_argument("--prompt", default="default",
+                     help="root system prompt: default (this project's), paper (written after "
+                          "the RLM paper's), or a text file (default: default)")
+    run.add_argument("--window-tokens", type=_positive_int, default=None,
+                     help="the direct method's context window; longer prompts are recorded as "
+                          "over window (default: the model's known window, else 128000)")
+    run.add_argument("--rlms-python", default=None,
+                     help="python of a virtualenv with the official rlms package, for the rlms "
+                          "method (default: $RLM_BENCH_RLMS_PYTHON)")
+    run.add_argument("--retry-failed", action="store_true", help="run cells whose line has an error again")
+    run.add_argument("--log-dir", default=None, help="write each RLM trajectory as JSONL here (default: no logs)")
+    run.add_argument("--prices", action="append", metavar="FILE.json",
+                     help="model prices file, repeatable (default: the built-in table)")
+    run.add_argument("--price", action="append", metavar="MODEL=IN,OUT",
+                     help="one model's price in USD per 1M input and output tokens, repeatable "
+                          "(default: none)")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary line")
+    _add_cache_options(run)
+    run.set_defaults(func=cmd_bench_run)
+
+    score = bsub.add_parser("score", help="grade a run's results.jsonl again and rewrite the reports",
+                            description="Re-score every line of DIR/results.jsonl with the current "
+                                        "scorers, then rewrite summary.json and report.html.")
+    score.add_argument("dir", help="the --out directory of a rlm bench run")
+    score.set_defaults(func=cmd_bench_score)
+
+
+def _bench_length(text: str) -> str:
+    from rlm.bench.generators import parse_length
+    from rlm.errors import ConfigError
+
+    try:
+        parse_length(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -733,7 +1008,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 answer, 1 failed run, 2 bad usage, 3 iteration limit hit "
                "(last-turn answer), 130 interrupted",
     )
-    parser.add_argument("--version", action="version", version=f"rlm {_version()}")
+    parser.add_argument("--version", action="version", version=f"rlm {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser(
@@ -787,6 +1062,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--schema", metavar="FILE.json",
                        help="a JSON Schema each answer must match; each line gets 'output', "
                             "the validated JSON (default: free-text answers)")
+    batch.add_argument("--allow-empty", action="store_true",
+                       help="run tasks whose context file is empty (by default they fail, as "
+                            "rlm run refuses an empty --context)")
     batch.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     batch.add_argument("--fresh-workers", action="store_true",
                        help="a new sandbox worker process for every task (default: a finished "
@@ -794,7 +1072,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_options(batch)
     batch.set_defaults(func=cmd_batch)
 
-    demo = sub.add_parser("demo", help="offline demo: a needle in a 1,000,000-line haystack")
+    demo = sub.add_parser(
+        "demo", help="offline demo: a needle in a 1,000,000-line haystack",
+        description="Find one hidden line in a generated haystack, offline: the bundled fake "
+                    "server plays the root model and a sub-model that reads each chunk, with "
+                    "simulated latency, so the concurrent fan-out shows. --base-url runs the "
+                    "same task against a real model instead.",
+    )
     demo.add_argument("--base-url", type=_base_url, help="run against a real OpenAI-compatible server instead (default: offline, "
                            "against the bundled fake server)")
     demo.add_argument("--model", help="root model for --base-url (default: $RLM_MODEL)")
@@ -809,9 +1093,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", "-q", action="store_true", help="no live trajectory")
     demo.set_defaults(func=cmd_demo)
 
-    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server whose model is an RLM")
+    srv = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server whose model is an RLM",
+        description="Serve POST /v1/chat/completions and GET /v1/models: the last user message "
+                    "is the query, the earlier messages are the context, and each request runs "
+                    "one RLM (streaming, structured output and forced tool calls included). "
+                    "The model flags name the upstream; the budget flags cap every run.",
+    )
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on; beyond loopback needs --auth-key (default: 127.0.0.1)")
-    srv.add_argument("--port", type=int, default=8000, help="port to listen on, 0 for any free port (default: 8000)")
+    srv.add_argument("--port", type=_port, default=8000, help="port to listen on, 0 for any free port (default: 8000)")
     srv.add_argument("--auth-key", default=None,
                      help="bearer key clients must send (default: RLM_SERVE_AUTH_KEY; none on loopback)")
     srv.add_argument("--max-body-mb", type=_positive_float, default=64.0, help="largest request body, in MB; 413 beyond (default: 64)")
@@ -823,7 +1113,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_args(srv)
     srv.set_defaults(func=cmd_serve)
 
-    mcp = sub.add_parser("mcp", help="an MCP server: rlm_query and a sandboxed REPL for agents")
+    mcp = sub.add_parser(
+        "mcp", help="an MCP server: rlm_query and a sandboxed REPL for agents",
+        description="Serve the MCP tools rlm_query (a whole RLM run, with progress "
+                    "notifications) and repl_open/repl_exec/repl_close (the sandboxed REPL, "
+                    "with the agent as the root model), over stdio or, with --http, streamable "
+                    "HTTP at /mcp with a bearer key.",
+    )
     mcp.add_argument("--http", metavar="HOST:PORT", default=None,
                      help="serve streamable HTTP at http://HOST:PORT/mcp (default: stdio)")
     mcp.add_argument("--auth-key", default=None,
@@ -840,13 +1136,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_args(mcp)
     mcp.set_defaults(func=cmd_mcp)
 
-    view = sub.add_parser("view", help="render a JSONL trajectory log")
+    view = sub.add_parser(
+        "view", help="render a JSONL trajectory log",
+        description="Show a run's trajectory (written with --log-dir) in the terminal: each "
+                    "iteration's code, output, sub-queries and the answer; or write it as one "
+                    "self-contained HTML page with --html.",
+    )
     view.add_argument("log", help="a .jsonl log written by a run with --log-dir")
     view.add_argument("--html", metavar="OUT", help="write one self-contained HTML page there instead (default: render in the "
                            "terminal)")
     view.set_defaults(func=cmd_view)
 
-    rp = sub.add_parser("repl", help="explore a context by hand in IPython with llm_query & co.")
+    rp = sub.add_parser(
+        "repl", help="explore a context by hand in IPython with llm_query & co.",
+        description="Open IPython with the context file loaded as `context` and llm_query, "
+                    "llm_query_batch and their async forms bound to the model: be the root "
+                    "model yourself.",
+    )
     _add_context_args(rp)
     rp.add_argument("--model", help="sub-model for llm_query (default: $RLM_MODEL, else gpt-4o-mini)")
     rp.add_argument("--base-url", type=_base_url, help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL)")
@@ -856,13 +1162,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_options(rp)
     rp.set_defaults(func=cmd_repl)
 
-    cache = sub.add_parser("cache", help="inspect or empty the sub-query cache")
+    cache = sub.add_parser(
+        "cache", help="inspect or empty the sub-query cache",
+        description="info: how many replies the cache directory holds, their size and hits; "
+                    "clear: remove every entry.",
+    )
     cache.add_argument("action", choices=["info", "clear"],
                        help="info: entries, size and hits; clear: remove every entry")
     cache.add_argument("dir", nargs="?", default=None,
                        help="cache directory (default: RLM_CACHE_DIR or the per-user cache dir)")
     cache.add_argument("--json", action="store_true", help="info as JSON")
     cache.set_defaults(func=cmd_cache)
+    _add_bench_parser(sub)
     return parser
 
 

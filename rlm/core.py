@@ -1,463 +1,48 @@
-"""RLM: the root loop, budgets, recursion, sessions and many tasks at once.
+"""The RLM facade: a Recursive Language Model's configuration and public faces.
 
-The root model never sees the context: it sees a description of it and drives a
-REPLEnv where the context is a variable. Each iteration is one root completion; its
-```repl blocks run in order and their (cut) outputs go back as the next user message.
-The loop is sequential; the fan-out happens inside cells, through the sub-query
-service below, which every env of a run (and every child run) shares with one client
-and one limiter.
+``RLM`` checks and keeps its settings, builds (or takes) the root and sub clients, and
+offers the ways in: ``completion``/``acompletion``, ``acompletion_batch``, sessions,
+jobs, ``interrupt`` and ``close``. It must not hold the work itself: one run's state and
+root loop are ``rlm.run``, the sub-query service ``rlm.subqueries``, the result
+``rlm.result``, sessions ``rlm.session``, jobs ``rlm.jobs``. Those never import this
+module, so every import here points down and none comes back.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
 import threading
-import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rlm import loop as engine
 from rlm import prompts
 from rlm.cache import open_cache
-from rlm.errors import BudgetExhaustedError, ConfigError, LLMError, RLMError, RunInterrupted
+from rlm.errors import ConfigError, RunInterrupted
+from rlm.jobs import runner as job_runner
+from rlm.jobs.runner import JobSummary, JobTasks
 from rlm.llm import AsyncOpenAIClient
-from rlm.parsing import find_code_blocks, find_final_in_text
-from rlm.repl import ExecResult, REPLEnv, default_sandbox, describe_context, failed_slot
+from rlm.repl import REPLEnv, default_sandbox
+from rlm.result import RLMResult
+from rlm.run import (
+    DEFAULT_ROOT_WINDOW_TOKENS,
+    INTERRUPT_GRACE_S,
+    ActiveRuns,
+    new_env,
+    run_rlm,
+    short_error,
+)
 from rlm.sandbox.modules import importable_modules
 from rlm.sandbox.worker_pool import WorkerPool
-from rlm.schema import Schema, SchemaIssue, format_issues
-from rlm.structured import check_subquery_schema, structured_batch, structured_query
-from rlm.trajectory import Trajectory, cap_text, prompt_text
-from rlm.usage import PRICE_HELP, BudgetLedger, Usage, check_prices, outer_budget
+from rlm.schema import Schema
+from rlm.session import RLMSession, load_session
+from rlm.subqueries import DEFAULT_SUB_WINDOW_CHARS, SUBCALL_RECORDING
+from rlm.usage import PRICE_HELP, check_prices
 
-# Current frontier models take 128k tokens or more; compact well before that so the
-# reply and the next cell output still fit.
-DEFAULT_ROOT_WINDOW_TOKENS = 100_000
-# What a sub-model reads at once, in characters: about 125k tokens, the window of
-# gpt-4o-mini and most current models. Longer sub-prompts are refused before sending.
-DEFAULT_SUB_WINDOW_CHARS = 500_000
-# Compaction keeps the system prompt, the first user message and this many latest
-# messages (the last reply and the output it produced) verbatim.
-_KEEP_RECENT = 2
-# What a trajectory keeps of each sub-query (RLM(record_subcalls=...)), and the cap.
-SUBCALL_RECORDING = ("capped", "full", "none")
-SUBCALL_CAP_CHARS = 2_000
-
-if TYPE_CHECKING:
-    from rlm.jobs.runner import JobSummary
-
-
-@dataclass
-class RLMResult:
-    """The outcome of one run.
-
-    ``stopped_reason`` is "final" (the code called FINAL/FINAL_VAR, or the root wrote
-    one), "max_iterations" (the last-turn answer), "budget" (a cost, token or time
-    budget ran out: ``error`` says which), "invalid_answer" (a run with ``schema=``
-    whose answer still did not match after ``max_answer_retries``) or "error"
-    (``error`` says what failed). ``usage`` has "root" and "sub" ``Usage`` snapshots of
-    this run alone.
-
-    With ``schema=``, ``output`` is the validated object (a model instance, list, dict,
-    number...) and ``answer`` its JSON text (a str output is the answer as is). After
-    "invalid_answer", ``raw_output`` keeps the last value given to FINAL and
-    ``validation_errors`` what was wrong with it (dicts of path, expected, received).
-    """
-
-    answer: str | None
-    iterations: int = 0
-    elapsed_s: float = 0.0
-    usage: dict[str, Usage] = field(default_factory=lambda: {"root": Usage(), "sub": Usage()})
-    sub_calls: int = 0
-    stopped_reason: str = "final"
-    error: str | None = None
-    trajectory: list[dict[str, Any]] = field(default_factory=list)
-    log_path: str | None = None
-    output: Any = None
-    raw_output: Any = None
-    validation_errors: list[dict[str, str]] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        """True when the run produced an answer without an error."""
-        return self.answer is not None and self.error is None
-
-    @property
-    def total_usage(self) -> Usage:
-        """Root and sub-model usage added up."""
-        return self.usage["root"] + self.usage["sub"]
-
-    def __repr__(self) -> str:
-        answer = self.answer if self.answer is None or len(self.answer) <= 80 else self.answer[:77] + "..."
-        total = self.total_usage
-        extra = f", error={self.error!r}" if self.error else ""
-        return (
-            f"RLMResult(answer={answer!r}, stopped_reason={self.stopped_reason!r}, "
-            f"iterations={self.iterations}, sub_calls={self.sub_calls}, "
-            f"tokens={total.total_tokens}, cost={total.cost_text}, "
-            f"elapsed_s={self.elapsed_s:.2f}{extra})"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (the trajectory is left out; it is in ``log_path``).
-
-        ``output`` is the validated output as JSON data (null without a schema);
-        ``raw_output`` and ``validation_errors`` appear after an invalid answer.
-        """
-        from pydantic_core import to_jsonable_python
-
-        data: dict[str, Any] = {
-            "answer": self.answer,
-            "output": to_jsonable_python(self.output),
-            "stopped_reason": self.stopped_reason,
-            "error": self.error,
-            "iterations": self.iterations,
-            "sub_calls": self.sub_calls,
-            "elapsed_s": round(self.elapsed_s, 3),
-            "usage": {k: v.to_dict() for k, v in self.usage.items()},
-            "log_path": self.log_path,
-        }
-        if self.stopped_reason == "invalid_answer":
-            data["raw_output"] = to_jsonable_python(self.raw_output, fallback=repr)
-            data["validation_errors"] = self.validation_errors
-        return data
-
-    def _repr_html_(self) -> str:
-        from rlm.display import result_html
-
-        return result_html(self)
-
-    def __rich__(self) -> Any:
-        from rlm.display import result_rich
-
-        return result_rich(self)
-
-
-class _Stopped(RLMError):
-    """Ends a run early: ``kind`` is its stopped_reason ("budget" or "interrupted")."""
-
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(reason)
-        self.kind = kind
-
-
-class _Run:
-    """State of one root-loop run: its meters, counters, trajectory, budget and stop switch.
-
-    Every run of one tree (a root run, its child runs, every env they own) shares one
-    ``BudgetLedger``. ``halt`` stops the run from any thread: the running cell is
-    interrupted (it returns what it printed), in-flight sub-queries are cancelled, and
-    the loop ends at the end of that cell with the halt's reason.
-    """
-
-    def __init__(
-        self,
-        rlm: RLM,
-        depth: int,
-        trajectory: Trajectory,
-        run_child: Callable[..., Coroutine[Any, Any, RLMResult]],
-        ledger: BudgetLedger,
-    ) -> None:
-        self.rlm = rlm
-        self.depth = depth
-        # Starts a child run (RLM._run) for recursive sub-queries.
-        self.run_child = run_child
-        self.trajectory = trajectory
-        self.ledger = ledger
-        self.root_meter = rlm.client.new_meter()
-        self.sub_meter = rlm.sub_client.new_meter()
-        self.sub_calls = 0
-        self.iterations = 0
-        self.started = time.monotonic()
-        self.children: list[_Run] = []
-        self.env: REPLEnv | None = None
-        self.halted: _Stopped | None = None
-        # Sub-query tasks in flight (on the engine loop), cancelled by halt().
-        self._tasks: dict[asyncio.Task[Any], asyncio.AbstractEventLoop] = {}
-        self._lock = threading.Lock()
-
-    def usage(self) -> dict[str, Usage]:
-        root, sub = self.root_meter.snapshot(), self.sub_meter.snapshot()
-        for child in self.children:
-            child_usage = child.usage()
-            # A child's root and sub calls are all sub-work from this run's view.
-            sub = sub + child_usage["root"] + child_usage["sub"]
-        return {"root": root, "sub": sub}
-
-    def total_sub_calls(self) -> int:
-        return self.sub_calls + sum(c.total_sub_calls() for c in self.children)
-
-    @contextlib.contextmanager
-    def tracking(self) -> Any:
-        """Register the current task as one of this run's sub-queries while it runs."""
-        task = asyncio.current_task()
-        if task is None:
-            yield
-            return
-        with self._lock:
-            self._tasks[task] = asyncio.get_running_loop()
-        try:
-            if self.halted is not None:
-                raise BudgetExhaustedError(f"the run was stopped ({self.halted})")
-            yield
-        finally:
-            with self._lock:
-                self._tasks.pop(task, None)
-
-    def halt(self, kind: str, reason: str) -> None:
-        """Stop the run now (any thread): interrupt its cell, cancel its sub-queries."""
-        if self.halted is None:
-            self.halted = _Stopped(kind, reason)
-        env = self.env
-        if env is not None:
-            env.interrupt(reason)
-        with self._lock:
-            tasks = list(self._tasks.items())
-        for task, loop in tasks:
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nothing runs there
-                loop.call_soon_threadsafe(task.cancel)
-        for child in list(self.children):
-            child.halt(kind, reason)
-
-    def check_stop(self) -> None:
-        """Raise ``_Stopped`` if the run was halted or its budget is spent."""
-        if self.halted is not None:
-            raise self.halted
-        ledger = self.ledger
-        if ledger.exhausted is not None or (
-            ledger.deadline is not None and ledger.remaining_s() <= 0
-        ):
-            if ledger.exhausted is None:
-                ledger.time_up()
-            raise _Stopped("budget", ledger.describe())
-
-
-class _SubQueryService:
-    """What ``llm_query`` and friends call, for one run: counts, meters, progress, recursion.
-
-    At depth < max_depth a sub-query is a child RLM run on the prompt (its own REPLEnv,
-    the same clients and limiter); at the last depth it is a plain model call.
-    """
-
-    def __init__(self, run: _Run) -> None:
-        self._run = run
-
-    def _record(self, prompts_: Sequence[Any], replies: Sequence[Any],
-                cached: Sequence[bool] = ()) -> None:
-        """Put the sub-queries' prompts and replies in the trajectory (one event per
-        call of llm_query or llm_query_batch, so a 10,000-item batch is one line).
-        A call the cache answered is marked ``"cached": true``."""
-        mode = self._run.rlm.record_subcalls
-        if mode == "none":
-            return
-        limit = SUBCALL_CAP_CHARS if mode == "capped" else None
-
-        def keep(text: str) -> str:
-            return text if limit is None else cap_text(text, limit)
-
-        calls = [{"prompt": keep(prompt_text(p)), "reply": keep(_reply_text(r))}
-                 for p, r in zip(prompts_, replies, strict=True)]
-        for call, hit in zip(calls, cached, strict=False):
-            if hit:
-                call["cached"] = True
-        self._run.trajectory.emit("sub_queries", iteration=self._run.iterations, calls=calls)
-
-    async def query(self, prompt: str, params: dict[str, Any]) -> Any:
-        cached = [False]
-        with self._run.tracking():
-            try:
-                reply = await self._query(prompt, params, cached)
-            except LLMError as exc:
-                self._record([prompt], [failed_slot(exc)])
-                raise
-        self._record([prompt], [reply], cached)
-        return reply
-
-    async def _query(self, prompt: str, params: dict[str, Any], cached: list[bool]) -> Any:
-        run = self._run
-        run.sub_calls += 1
-        params = dict(params)
-        schema = check_subquery_schema(params.pop("schema")) if "schema" in params else None
-        oversized = self._oversized(prompt)
-        if oversized is not None:
-            raise oversized
-        if run.depth + 1 < run.rlm.max_depth:
-            return await self._child(prompt, schema)
-        if schema is not None:
-            return await structured_query(self._send, prompt, schema, params, run.rlm.sub_client)
-        return await self._send(prompt, params, cached)
-
-    async def _send(self, prompt: Any, params: dict[str, Any],
-                    cached: list[bool] | None = None) -> str:
-        run = self._run
-        client = run.rlm.sub_client
-        request = client.request(prompt, **{"model": run.rlm.recursive_model, **params})
-        try:
-            return await client.send(request, meter=run.sub_meter, ledger=run.ledger,
-                                     cached=cached)
-        except LLMError as exc:
-            raise self._window_error(prompt, exc) from exc
-
-    def _oversized(self, prompt: Any) -> LLMError | None:
-        """The error for a prompt larger than the sub-model's window (never sent)."""
-        window = self._run.rlm.sub_window_chars
-        chars = _prompt_chars(prompt)
-        if chars <= window:
-            return None
-        return LLMError(prompts.sub_window_error(chars, window))
-
-    def _window_error(self, prompt: Any, exc: LLMError) -> LLMError:
-        """A server's context-length refusal, said the way the prompt promises."""
-        if not _is_context_length_error(exc):
-            return exc
-        return LLMError(prompts.sub_window_error(_prompt_chars(prompt), self._run.rlm.sub_window_chars),
-                        status=exc.status, attempts=exc.attempts)
-
-    async def batch(self, prompts: list[str], params: dict[str, Any]) -> list[Any]:
-        cached = [False] * len(prompts)
-        with self._run.tracking():
-            replies = await self._batch(prompts, params, cached)
-        self._record(prompts, replies, cached)
-        return replies
-
-    async def _batch(self, prompts: list[str], params: dict[str, Any],
-                     cached: list[bool]) -> list[Any]:
-        run = self._run
-        run.sub_calls += len(prompts)
-        # Oversized prompts are answered here and never sent; the rest go out as one batch.
-        refused = {i: err for i, p in enumerate(prompts) if (err := self._oversized(p)) is not None}
-        if refused:
-            kept = [i for i in range(len(prompts)) if i not in refused]
-            marks = [False] * len(kept)
-            sendable = [prompts[i] for i in kept]
-            sent = iter(await self._send_batch(sendable, params, marks) if sendable else [])
-            for i, hit in zip(kept, marks, strict=True):
-                cached[i] = hit
-            return [failed_slot(refused[i]) if i in refused else next(sent) for i in range(len(prompts))]
-        return await self._send_batch(prompts, params, cached)
-
-    async def _send_batch(self, prompts: list[str], params: dict[str, Any],
-                          cached: list[bool]) -> list[str]:
-        run = self._run
-        total = len(prompts)
-        params = dict(params)
-        schema = check_subquery_schema(params.pop("schema")) if "schema" in params else None
-        if run.depth + 1 < run.rlm.max_depth:
-            results = await asyncio.gather(
-                *(self._child(p, schema) for p in prompts), return_exceptions=True
-            )
-        elif schema is not None:
-            results = await structured_batch(
-                self._send, self._send_many, prompts, schema, params, run.rlm.sub_client,
-                self._progress(total),
-            )
-        else:
-            results = await self._send_many(prompts, params, self._progress(total), cached)
-        return [
-            failed_slot(self._window_error(p, r) if isinstance(r, LLMError) else r)
-            for p, r in zip(prompts, results, strict=True)
-        ]
-
-    async def _send_many(self, prompts: list[Any], params: dict[str, Any],
-                         on_item_done: Callable[[int, int], None],
-                         cached: list[bool] | None = None) -> list[Any]:
-        run = self._run
-        client = run.rlm.sub_client
-        params = {"model": run.rlm.recursive_model, **params}
-        requests = [client.request(p, **params) for p in prompts]
-        return await client.send_many(
-            requests, meter=run.sub_meter, ledger=run.ledger, on_item_done=on_item_done,
-            cached=cached,
-        )
-
-    def _progress(self, total: int) -> Callable[[int, int], None]:
-        step = max(1, total // 50)
-        emit = self._run.trajectory.emit
-
-        def progress(done: int, total_: int) -> None:
-            if done == total_ or done % step == 0:
-                emit("subcalls", done=done, total=total_)
-
-        return progress
-
-    async def _child(self, prompt: str, schema: Schema | None = None) -> Any:
-        run = self._run
-        child = await run.run_child(
-            context=prompt, query=prompts.CHILD_QUERY, depth=run.depth + 1, parent=run,
-            schema=schema,
-        )
-        if child.answer is None:
-            raise LLMError(f"the child RLM found no answer ({child.error or child.stopped_reason})")
-        return child.answer if schema is None else schema.to_json(child.output)
-
-
-def _prompt_chars(prompt: Any) -> int:
-    if isinstance(prompt, str):
-        return len(prompt)
-    total = 0
-    for message in prompt if isinstance(prompt, list) else ():
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            total += len(content)
-        elif isinstance(content, list):
-            total += sum(len(str(part.get("text", ""))) for part in content if isinstance(part, dict))
-    return total
-
-
-def _is_context_length_error(exc: BaseException) -> bool:
-    # Servers word it differently: OpenAI "context_length_exceeded" / "maximum context
-    # length", vLLM "longer than the maximum model length", llama.cpp "exceeds the
-    # available context size".
-    if not isinstance(exc, LLMError) or exc.status not in (400, 413, 422):
-        return False
-    text = str(exc).lower()
-    return any(
-        marker in text
-        for marker in ("context length", "context_length", "context window", "maximum model length",
-                       "context size", "too many tokens", "prompt is too long")
-    )
-
-
-def _estimate_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
-    # About 4 characters a token for English text and code; a few tokens per message.
-    return sum(len(str(m.get("content") or "")) for m in messages) // 4 + 4 * len(messages)
-
-
-# How long an interrupted run may take to stop its cell and write its record.
-INTERRUPT_GRACE_S = 15.0
-
-
-def _deadline_passed(run: _Run) -> None:
-    ledger = run.ledger
-    ledger.time_up()  # this run's deadline, or an earlier one of the job it belongs to
-    run.halt("budget", ledger.describe())
-
-
-def _emit_cell_result(run: _Run, iteration: int, index: int, result: ExecResult,
-                      cached_sub_calls: int = 0) -> None:
-    run.trajectory.emit(
-        "cell_result",
-        iteration=iteration,
-        index=index,
-        stdout=result.stdout,
-        stderr=result.stderr,
-        error=result.error,
-        final=result.final,
-        duration_s=round(result.duration_s, 4),
-        sub_calls=result.sub_calls,
-        cached_sub_calls=cached_sub_calls,
-        truncated=result.truncated,
-    )
-
-
-def _short_error(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+# RLMResult and RLMSession are documented here too (``rlm.core.RLMResult``).
+__all__ = ["RLM", "RLMResult", "RLMSession"]
 
 
 class RLM:
@@ -648,8 +233,7 @@ class RLM:
         self.max_tokens = max_tokens
         self.max_time_s = max_time_s
         self.prices = dict(prices or {})
-        self._active: set[_Run] = set()
-        self._active_lock = threading.Lock()
+        self._active = ActiveRuns()
         if max_cost_usd is not None:
             self._check_priced()
         self.log_dir = log_dir
@@ -705,7 +289,10 @@ class RLM:
             ),
         )
 
-    def _system_prompt_for(self, env: REPLEnv) -> str:
+    def system_prompt_for(self, env: REPLEnv) -> str:
+        """The system prompt a run in ``env`` starts from: ``system_prompt=`` if one was
+        given, else the built-in one, which names open() and the data libraries when the
+        env's protections offer them."""
         if self._custom_system_prompt:
             return self.system_prompt
         protections = env.protections
@@ -744,8 +331,8 @@ class RLM:
 
         async def run() -> RLMResult:
             try:
-                return await self._run(context=context, query=query, depth=0, schema=typed,
-                                       on_end=ended.append)
+                return await run_rlm(self, context=context, query=query, depth=0, schema=typed,
+                                     on_end=ended.append, active=self._active)
             finally:
                 finished.set()
 
@@ -780,8 +367,8 @@ class RLM:
         """
         _check_query(query)
         typed = Schema.of(schema) if schema is not None else None
-        return await self._run(context=context, query=query, depth=0, schema=typed, env=env,
-                               history=history)
+        return await run_rlm(self, context=context, query=query, depth=0, schema=typed, env=env,
+                             history=history, active=self._active)
 
     @property
     def worker_pool(self) -> WorkerPool | None:
@@ -793,7 +380,7 @@ class RLM:
         """A REPLEnv holding ``context``, configured like this RLM's runs (sandbox, cell
         timeout, output cap, tools); pass it to ``acompletion(env=...)`` to keep
         variables across runs. The caller closes it."""
-        return self._new_env(context)
+        return new_env(self, context)
 
     async def acompletion_batch(
         self,
@@ -844,9 +431,10 @@ class RLM:
                     _check_query(query)
                     if typed is not None and not isinstance(typed, Schema):
                         typed = Schema.of(typed)  # a bad per-task schema fails that task only
-                    result = await self._run(context=context, query=query, depth=0, schema=typed)
+                    result = await run_rlm(self, context=context, query=query, depth=0,
+                                           schema=typed, active=self._active)
                 except Exception as exc:  # noqa: BLE001 - one task's failure is its own
-                    result = RLMResult(answer=None, stopped_reason="error", error=_short_error(exc))
+                    result = RLMResult(answer=None, stopped_reason="error", error=short_error(exc))
             if bar is not None:
                 bar.advance(result.error is None)
             return result
@@ -857,35 +445,84 @@ class RLM:
             if bar is not None:
                 bar.stop()
 
-    def run_job(self, tasks: Any, out: str | Path, **options: Any) -> JobSummary:
+    def run_job(
+        self,
+        tasks: JobTasks,
+        out: str | os.PathLike[str],
+        *,
+        query: str | None = None,
+        fmt: str = "auto",
+        encoding: str = "utf-8",
+        concurrency: int = 8,
+        max_cost_usd: float | None = None,
+        max_tokens: int | None = None,
+        max_time_s: float | None = None,
+        retry_failed: bool = False,
+        sort_output: bool = False,
+        progress: bool = True,
+        backend: str = "local",
+        ray_address: str | None = None,
+        ray_chunk_size: int = 16,
+        ray_workers: int | None = None,
+        schema: Any = None,
+    ) -> JobSummary:
         """Run a many-document job: every task not yet in ``out`` is run and appended to it.
 
-        ``tasks`` is a JSONL or CSV file, a directory of documents (with ``query=``), or
-        an iterable of ``rlm.jobs.Task`` or mappings ``{"id", "query", "context" |
-        "context_path"}``. Each finished task is one fsynced line of ``out``; running
-        the same job again skips ids already there (``retry_failed=True`` re-runs those
-        that ended in error). Options: ``query``, ``fmt``, ``encoding``,
-        ``concurrency`` (8), job caps ``max_cost_usd``/``max_tokens``/``max_time_s``
-        (binding per model call on the local backend), ``schema`` (a typed answer per
-        task, in each line's ``output``), ``sort_output``, ``progress``, ``backend``
-        ("local" or "ray") and ``ray_address``. The sub-query cache is this RLM's
-        ``cache=``. Returns a ``JobSummary``; see the README's "Jobs" section.
+        ``tasks`` is a JSONL or CSV file, a directory of documents (with ``query=``, the
+        query for all of them), or an iterable of ``rlm.jobs.Task`` or mappings
+        ``{"id", "query", "context" | "context_path"}``; ``fmt`` ("auto", "text",
+        "json", "jsonl") and ``encoding`` say how context files are read. Each finished task is one
+        fsynced line of ``out``; running the same job again skips ids already there
+        (``retry_failed=True`` re-runs those that ended in error). ``concurrency``
+        tasks run at once; the job caps ``max_cost_usd``/``max_tokens``/``max_time_s``
+        bind per model call on the local backend. ``schema`` asks for a typed answer
+        per task (in each line's ``output``); ``sort_output`` rewrites ``out`` in input
+        order at the end; ``progress`` shows a bar on stderr. ``backend`` is "local"
+        or "ray" (with ``ray_address``, ``ray_chunk_size`` tasks per chunk and
+        ``ray_workers`` workers). The sub-query cache is this RLM's ``cache=``.
+        Returns a ``JobSummary``; see the README's "Jobs" section.
         """
-        from rlm.jobs.runner import run_job
+        return job_runner.run_job(
+            self, tasks, out, query=query, fmt=fmt, encoding=encoding, concurrency=concurrency,
+            max_cost_usd=max_cost_usd, max_tokens=max_tokens, max_time_s=max_time_s,
+            retry_failed=retry_failed, sort_output=sort_output, progress=progress,
+            backend=backend, ray_address=ray_address, ray_chunk_size=ray_chunk_size,
+            ray_workers=ray_workers, schema=schema,
+        )
 
-        return run_job(self, tasks, out, **options)
-
-    async def arun_job(self, tasks: Any, out: str | Path, **options: Any) -> JobSummary:
+    async def arun_job(
+        self,
+        tasks: JobTasks,
+        out: str | os.PathLike[str],
+        *,
+        query: str | None = None,
+        fmt: str = "auto",
+        encoding: str = "utf-8",
+        concurrency: int = 8,
+        max_cost_usd: float | None = None,
+        max_tokens: int | None = None,
+        max_time_s: float | None = None,
+        retry_failed: bool = False,
+        sort_output: bool = False,
+        progress: bool = True,
+        backend: str = "local",
+        ray_address: str | None = None,
+        ray_chunk_size: int = 16,
+        ray_workers: int | None = None,
+        schema: Any = None,
+    ) -> JobSummary:
         """``run_job`` for async code: the job's tasks run on the caller's event loop."""
-        from rlm.jobs.runner import arun_job
-
-        return await arun_job(self, tasks, out, **options)
+        return await job_runner.arun_job(
+            self, tasks, out, query=query, fmt=fmt, encoding=encoding, concurrency=concurrency,
+            max_cost_usd=max_cost_usd, max_tokens=max_tokens, max_time_s=max_time_s,
+            retry_failed=retry_failed, sort_output=sort_output, progress=progress,
+            backend=backend, ray_address=ray_address, ray_chunk_size=ray_chunk_size,
+            ray_workers=ray_workers, schema=schema,
+        )
 
     def load_session(self, path: str | Path, context: Any) -> RLMSession:
         """A session over ``context`` that continues one saved with ``RLMSession.save``:
         the questions and answers, the usage so far and the saved variables are back."""
-        from rlm.session_store import load_session
-
         return load_session(self, path, context)
 
     def session(self, context: Any) -> RLMSession:
@@ -899,22 +536,14 @@ class RLM:
         are cancelled, and each run returns with ``stopped_reason="interrupted"`` and a
         complete record (``cell_result`` and ``run_end`` in its log).
         """
-        with self._active_lock:
-            runs = list(self._active)
-        for run in runs:
-            run.halt("interrupted", reason)
-
-    def _wait_idle(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self._active and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self._active.halt_all("interrupted", reason)
 
     async def aclose(self) -> None:
         """Interrupt runs still going (they end "interrupted"), then close the clients this
         RLM created (not ones passed in)."""
         self.interrupt("the RLM was closed")
         if self._active:
-            await asyncio.to_thread(self._wait_idle, INTERRUPT_GRACE_S)
+            await asyncio.to_thread(self._active.wait_idle, INTERRUPT_GRACE_S)
         for c in self._owned:
             await c.close()
         self._close_stores()
@@ -923,7 +552,7 @@ class RLM:
         """``aclose`` for sync code."""
         self.interrupt("the RLM was closed")
         if not engine.in_engine_thread():
-            self._wait_idle(INTERRUPT_GRACE_S)
+            self._active.wait_idle(INTERRUPT_GRACE_S)
         for c in self._owned:
             c.close_sync()
         self._close_stores()
@@ -948,508 +577,6 @@ class RLM:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    # -- the loop ---------------------------------------------------------------------
-
-    def _trajectory(self, depth: int, parent: _Run | None) -> Trajectory:
-        sinks: list[Callable[[dict[str, Any]], None]] = []
-        if parent is not None:
-            sinks = list(parent.trajectory.sinks)
-        else:
-            if self.verbose:
-                from rlm.display import LiveDisplay
-
-                sinks.append(LiveDisplay())
-            if self.on_event is not None:
-                sinks.append(self.on_event)
-        log_dir = self.log_dir if depth == 0 else None
-        trajectory = Trajectory(log_dir=log_dir, depth=depth, sinks=sinks)
-        if parent is not None:
-            # A child's events also land in the parent's log, so one file tells all.
-            parent_traj = parent.trajectory
-
-            def forward(event: dict[str, Any]) -> None:
-                fields = {
-                    k: v for k, v in event.items() if k not in ("type", "t", "run_id", "child_run")
-                }
-                # A grandchild's event already names its run: keep the deepest one.
-                parent_traj.emit(
-                    event["type"], child_run=event.get("child_run") or event["run_id"], **fields
-                )
-
-            trajectory.sinks = [forward]
-        return trajectory
-
-    async def _run(
-        self,
-        *,
-        context: Any,
-        query: str,
-        depth: int,
-        parent: _Run | None = None,
-        env: REPLEnv | None = None,
-        history: Sequence[tuple[str, str]] = (),
-        schema: Schema | None = None,
-        on_end: Callable[[RLMResult], None] | None = None,
-    ) -> RLMResult:
-        trajectory = self._trajectory(depth, parent)
-        if parent is not None:
-            ledger = parent.ledger  # children spend from what is left
-        else:
-            ledger = BudgetLedger(
-                max_tokens=self.max_tokens,
-                max_cost_usd=self.max_cost_usd,
-                max_time_s=self.max_time_s,
-                prices={**self.client.prices, **self.sub_client.prices, **self.prices},
-                parent=outer_budget(),  # a job's ledger, when this run is one of its tasks
-            )
-        run = _Run(self, depth, trajectory, self._run, ledger)
-        if parent is not None:
-            parent.children.append(run)
-        own_env = env is None
-        answer: str | None = None
-        stopped = "error"
-        error: str | None = None
-        iterations = 0
-        cancelled = False
-        typed = _TypedAnswer(schema, self.max_answer_retries) if schema is not None else None
-        timer: asyncio.TimerHandle | None = None
-        if parent is None:
-            with self._active_lock:
-                self._active.add(run)
-            remaining = ledger.remaining_s()
-            if remaining is not None:
-                timer = asyncio.get_running_loop().call_later(
-                    max(0.0, remaining), _deadline_passed, run
-                )
-        try:
-            description = describe_context(context)
-            trajectory.emit(
-                "run_start",
-                query=query,
-                context=description,
-                model=self.model,
-                recursive_model=self.recursive_model,
-                sandbox=self.sandbox,
-                # A child's context is the prompt its parent sent: show that, not the
-                # generic child instruction in ``query``.
-                **({"prompt": self._recorded(prompt_text(context))}
-                   if depth and self.record_subcalls != "none" else {}),
-                max_iterations=self.max_iterations,
-                max_depth=self.max_depth,
-                schema=schema.json_schema if schema is not None else None,
-                tools=sorted(self.tools),
-            )
-            if env is None:
-                # Starting (and closing) an env may block on a worker; keep the loop free.
-                env = await asyncio.to_thread(self._new_env, context, _SubQueryService(run))
-            else:
-                env.set_sub_queries(_SubQueryService(run))
-            run.env = env
-            run.check_stop()
-            answer, stopped, iterations = await self._loop(run, env, description, query, history, typed)
-            if stopped == "invalid_answer" and typed is not None:
-                error = typed.error_text()
-        except _Stopped as exc:
-            stopped, error = exc.kind, str(exc)
-        except BudgetExhaustedError:
-            stopped, error = "budget", ledger.describe()
-        except asyncio.CancelledError:
-            # Cancelled from outside (task.cancel, Ctrl-C through run_sync): write the
-            # record, then let the cancellation go on.
-            cancelled = True
-            run.halt("interrupted", "the run was interrupted")
-            assert run.halted is not None
-            stopped, error = run.halted.kind, str(run.halted)
-        except Exception as exc:  # noqa: BLE001 - a run never raises; the result says why
-            if run.halted is not None:  # e.g. the client closed under a halted run
-                stopped, error = run.halted.kind, str(run.halted)
-            else:
-                stopped, error = "error", _short_error(exc)
-        finally:
-            if timer is not None:
-                timer.cancel()
-            if own_env and env is not None:
-                await asyncio.to_thread(env.close)
-        if stopped in ("budget", "interrupted"):
-            trajectory.emit(stopped, reason=error)
-        elif stopped == "error":
-            trajectory.emit("error", message=error)
-        usage = run.usage()
-        result = RLMResult(
-            answer=answer,
-            iterations=iterations or run.iterations,
-            elapsed_s=time.monotonic() - run.started,
-            usage=usage,
-            sub_calls=run.total_sub_calls(),
-            stopped_reason=stopped,
-            error=error,
-            trajectory=trajectory.events,
-            log_path=str(trajectory.log_path) if trajectory.log_path else None,
-        )
-        if typed is not None:
-            result.output = typed.output if answer is not None else None
-            if stopped == "invalid_answer":
-                result.raw_output = typed.raw
-                result.validation_errors = [i.to_dict() for i in typed.issues]
-        trajectory.emit(
-            "run_end",
-            answer=answer,
-            stopped_reason=stopped,
-            iterations=result.iterations,
-            elapsed_s=round(result.elapsed_s, 3),
-            sub_calls=result.sub_calls,
-            usage={k: v.to_dict() for k, v in usage.items()},
-            error=error,
-        )
-        trajectory.close()
-        if parent is None:
-            with self._active_lock:
-                self._active.discard(run)
-        if on_end is not None:
-            on_end(result)
-        if cancelled:
-            raise asyncio.CancelledError
-        return result
-
-    def _recorded(self, text: str) -> str:
-        return text if self.record_subcalls == "full" else cap_text(text, SUBCALL_CAP_CHARS)
-
-    def _new_env(self, context: Any, sub_queries: _SubQueryService | None = None) -> REPLEnv:
-        pooled = {"worker_pool": self._worker_pool} if self._worker_pool is not None else {}
-        return REPLEnv(
-            context=context,
-            sandbox=self.sandbox,
-            timeout=self.cell_timeout,
-            max_output_chars=self.max_output_chars,
-            tools=self.tools or None,
-            sub_queries=sub_queries,
-            **pooled,
-        )
-
-    async def _root_turn(self, run: _Run, messages: list[dict[str, Any]], iteration: int,
-                         new: list[dict[str, Any]]) -> str:
-        run.trajectory.emit("root_request", iteration=iteration, messages=new)
-        before = run.root_meter.snapshot()
-        started = time.monotonic()
-        client = self.client
-        reply = await client.send(client.request(messages, model=self.model), meter=run.root_meter,
-                                  ledger=run.ledger)
-        turn = run.root_meter.snapshot() - before
-        run.trajectory.emit(
-            "root_reply",
-            iteration=iteration,
-            content=reply,
-            usage={
-                "prompt_tokens": turn.prompt_tokens,
-                "completion_tokens": turn.completion_tokens,
-                "cost_usd": turn.cost_usd if not turn.unpriced_models else "unpriced",
-            },
-            elapsed_s=round(time.monotonic() - started, 3),
-            cached=turn.cached_calls > 0,
-        )
-        return reply
-
-    async def _loop(
-        self,
-        run: _Run,
-        env: REPLEnv,
-        description: str,
-        query: str,
-        history: Sequence[tuple[str, str]],
-        typed: _TypedAnswer | None = None,
-    ) -> tuple[str | None, str, int]:
-        first = prompts.FIRST_USER_TEMPLATE.format(description=description, query=query)
-        if history:
-            lines = "\n".join(f"- Q: {q}\n  A: {a}" for q, a in history)
-            first = prompts.HISTORY_TEMPLATE.format(history=lines) + "\n" + first
-        system = self._system_prompt_for(env)
-        if typed is not None:
-            system += prompts.SCHEMA_SECTION.format(schema=typed.schema.prompt_text())
-        messages: list[dict[str, Any]] = [
-            {"role": "system", "content": system},
-            {"role": "user", "content": first},
-        ]
-        new = messages[:]
-        for iteration in range(1, self.max_iterations + 1):
-            run.iterations = iteration
-            run.check_stop()
-            messages = await self._maybe_compact(run, messages, iteration)
-            reply = await self._root_turn(run, messages, iteration, new)
-            messages.append({"role": "assistant", "content": reply})
-            run.check_stop()
-            blocks = find_code_blocks(reply)
-            if not blocks:
-                final = await self._final_from_text(run, env, reply)
-                if final is not None:
-                    verdict, feedback = self._judge(run, typed, final, iteration)
-                    if verdict == "answer":
-                        return _answer_text(final, typed), "final", iteration
-                    if verdict == "invalid":
-                        return None, "invalid_answer", iteration
-                    new = [{"role": "user", "content": feedback}]
-                    messages.extend(new)
-                    continue
-                new = [{"role": "user", "content": prompts.NO_CODE_TEMPLATE}]
-                messages.extend(new)
-                continue
-            outputs: list[str] = []
-            for index, code in enumerate(blocks):
-                result = await self._cell(run, env, iteration, index, code)
-                feedback = ""
-                if result.final is not None:
-                    run.trajectory.emit("final", answer=result.final, source="code")
-                    verdict, feedback = self._judge(run, typed, result.final, iteration)
-                    if verdict == "answer":
-                        return _answer_text(result.final, typed), "final", iteration
-                    if verdict == "invalid":
-                        return None, "invalid_answer", iteration
-                outputs.append(
-                    prompts.format_cell_output(
-                        index, result.stdout, result.stderr, result.error, self.max_output_chars
-                    )
-                )
-                run.check_stop()
-                if feedback:
-                    # The rest of this reply was written for an answer that was refused.
-                    outputs.append(feedback)
-                    break
-            new = [
-                {"role": "user", "content": prompts.NEXT_USER_TEMPLATE.format(outputs="\n\n".join(outputs))}
-            ]
-            messages.extend(new)
-        # Out of iterations: one last turn asks for the answer.
-        new = [{"role": "user", "content": prompts.LAST_TURN_PROMPT}]
-        messages.extend(new)
-        run.check_stop()
-        reply = await self._root_turn(run, messages, self.max_iterations + 1, new)
-        final = await self._final_from_text(run, env, reply)
-        if final is None:
-            final = reply.strip()
-            run.trajectory.emit("final", answer=final, source="last_turn")
-        if typed is not None:
-            # No turn is left to fix a mismatch: it ends the run.
-            if self._judge(run, typed, final, self.max_iterations + 1, last=True)[0] != "answer":
-                return None, "invalid_answer", self.max_iterations
-            return typed.answer, "max_iterations", self.max_iterations
-        return _answer_text(final, None), "max_iterations", self.max_iterations
-
-    def _judge(
-        self, run: _Run, typed: _TypedAnswer | None, value: Any, iteration: int, last: bool = False
-    ) -> tuple[str, str]:
-        """What a FINAL value means for the run: ("answer", ""), ("retry", the feedback
-        for the root) or ("invalid", "") when no retry is left."""
-        if typed is None or typed.accept(value):
-            return "answer", ""
-        left = 0 if last else typed.retries_left()
-        run.trajectory.emit(
-            "answer_invalid",
-            iteration=iteration,
-            attempt=typed.failures,
-            retries_left=left,
-            errors=[i.to_dict() for i in typed.issues],
-        )
-        if left <= 0:
-            return "invalid", ""
-        return "retry", prompts.INVALID_ANSWER_TEMPLATE.format(
-            issues=format_issues(typed.issues), left=left, plural="s" if left != 1 else ""
-        )
-
-    async def _maybe_compact(
-        self, run: _Run, messages: list[dict[str, Any]], iteration: int
-    ) -> list[dict[str, Any]]:
-        """Replace older turns by a root-written summary once the conversation is too long.
-
-        The system prompt, the first user message (description and query) and the last
-        reply with its output stay verbatim; the summary joins the first user message so
-        roles still alternate. The REPL is untouched, so variables named in the summary
-        still hold their values.
-        """
-        limit = self.root_window_tokens
-        if limit is None or len(messages) <= 2 + _KEEP_RECENT:
-            return messages
-        before = _estimate_tokens(messages)
-        if before <= limit:
-            return messages
-        head, recent = messages[:2], messages[-_KEEP_RECENT:]
-        request = [*messages[:-_KEEP_RECENT], {"role": "user", "content": prompts.COMPACTION_PROMPT}]
-        usage_before = run.root_meter.snapshot()
-        client = self.client
-        summary = await client.send(client.request(request, model=self.model), meter=run.root_meter,
-                                    ledger=run.ledger)
-        spent = run.root_meter.snapshot() - usage_before
-        first = dict(head[1])
-        first["content"] = (
-            f"{head[1]['content']}\n\n{prompts.COMPACTED_TEMPLATE.format(summary=summary.strip())}"
-        )
-        compacted = [head[0], first, *recent]
-        run.trajectory.emit(
-            "compaction",
-            iteration=iteration,
-            messages_before=len(messages),
-            messages_after=len(compacted),
-            tokens_before=before,
-            tokens_after=_estimate_tokens(compacted),
-            summary=summary,
-            usage={
-                "prompt_tokens": spent.prompt_tokens,
-                "completion_tokens": spent.completion_tokens,
-                "cost_usd": spent.cost_usd if not spent.unpriced_models else "unpriced",
-            },
-        )
-        return compacted
-
-    async def _cell(self, run: _Run, env: REPLEnv, iteration: int, index: int,
-                    code: str) -> ExecResult:
-        """Run one cell and record it; an interruption still records what it printed."""
-        run.trajectory.emit("cell", iteration=iteration, index=index, code=code)
-        cached_before = run.sub_meter.snapshot().cached_calls
-        # Shielded, so a cancelled run can stop the cell and still read its output.
-        task = asyncio.ensure_future(env.aexecute(code))
-        try:
-            result = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            run.halt("interrupted", "the run was interrupted")
-            with contextlib.suppress(BaseException):
-                _emit_cell_result(run, iteration, index,
-                                  await asyncio.wait_for(asyncio.shield(task), INTERRUPT_GRACE_S))
-            raise
-        _emit_cell_result(run, iteration, index, result,
-                          run.sub_meter.snapshot().cached_calls - cached_before)
-        if env.closed:
-            raise _Stopped("interrupted", "the REPL was closed during the run")
-        return result
-
-    async def _final_from_text(self, run: _Run, env: REPLEnv, reply: str) -> Any:
-        found = find_final_in_text(reply)
-        if found is None:
-            return None
-        if found.kind == "FINAL":
-            run.trajectory.emit("final", answer=found.value, source="text")
-            return found.value
-        result = await env.aexecute(f"FINAL_VAR({found.value!r})")
-        if result.final is not None:
-            run.trajectory.emit("final", answer=result.final, source="text FINAL_VAR")
-            return result.final
-        return None
-
-
-class _TypedAnswer:
-    """One run's typed answer: the schema, the attempts so far and the last verdict."""
-
-    def __init__(self, schema: Schema, max_retries: int) -> None:
-        self.schema = schema
-        self.max_retries = max_retries
-        self.failures = 0
-        self.raw: Any = None
-        self.output: Any = None
-        self.answer: str | None = None
-        self.issues: tuple[SchemaIssue, ...] = ()
-
-    def accept(self, value: Any) -> bool:
-        """Validate a FINAL value; on success keep the output and its answer text."""
-        self.raw = value
-        verdict = self.schema.validate_answer(value)
-        if verdict.ok:
-            self.output = verdict.output
-            self.answer = verdict.output if isinstance(verdict.output, str) else self.schema.dumps(verdict.output)
-            self.issues = ()
-            return True
-        self.failures += 1
-        self.issues = verdict.issues
-        return False
-
-    def retries_left(self) -> int:
-        return self.max_retries - self.failures + 1
-
-    def error_text(self) -> str:
-        first = str(self.issues[0]) if self.issues else "no value"
-        tries = self.failures
-        return (
-            f"the answer did not match the schema after {tries} attempt{'s' if tries != 1 else ''} "
-            f"({first}); the last value is in raw_output, the issues in validation_errors"
-        )
-
-
-class RLMSession:
-    """Multi-turn work over one context: one REPLEnv kept across ``ask`` calls.
-
-    Each ask is a fresh root conversation that is told the earlier questions and
-    answers; the REPL keeps every variable, so later asks build on earlier work.
-    """
-
-    def __init__(self, rlm: RLM, context: Any) -> None:
-        self.rlm = rlm
-        self.context = context
-        self.history: list[tuple[str, str]] = []
-        # Usage of every ask so far (kept across save/load), and the names the session's
-        # cells assigned: what ``save`` looks for in the REPL.
-        self.usage: dict[str, Usage] = {"root": Usage(), "sub": Usage()}
-        self.variable_names: set[str] = set()
-        # Each ask gives the env that run's sub-query service.
-        self.env = rlm.new_env(context)
-
-    def ask(self, query: str, schema: Any = None) -> RLMResult:
-        """Ask the next question (sync; works inside a running loop too); ``schema`` as
-        for ``RLM.completion``."""
-        return engine.run_sync(self.aask(query, schema=schema))
-
-    async def aask(self, query: str, schema: Any = None) -> RLMResult:
-        """Ask the next question; ``schema`` asks for a typed answer."""
-        _check_query(query)
-        result = await self.rlm.acompletion(
-            self.context, query, schema, env=self.env, history=self.history
-        )
-        if result.answer is not None:
-            self.history.append((query, result.answer))
-        self.usage = {k: self.usage[k] + result.usage[k] for k in ("root", "sub")}
-        from rlm.session_store import assigned_names
-
-        for event in result.trajectory:
-            if event.get("type") == "cell" and "child_run" not in event:
-                self.variable_names |= assigned_names(event.get("code") or "")
-        return result
-
-    def save(self, path: str | Path) -> Path:
-        """Save the history, the usage and the plain-data REPL variables to ``path`` (JSON).
-
-        Variables that are not plain data (str, numbers, bool, None and lists, tuples,
-        dicts and sets of them, each within 1,000,000 characters of JSON) are listed in
-        the file's ``not_saved`` with the reason. ``RLM.load_session`` reads it back.
-        """
-        from rlm.session_store import save_session
-
-        return save_session(self, path)
-
-    def close(self) -> None:
-        """Close the session's REPL."""
-        self.env.close()
-
-    def __enter__(self) -> RLMSession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _answer_text(value: Any, typed: _TypedAnswer | None) -> str:
-    """RLMResult.answer for a FINAL value: the validated output's text with a schema;
-    without one, a str as is and other plain data as JSON."""
-    if typed is not None:
-        assert typed.answer is not None
-        return typed.answer
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False)
-
-
-def _reply_text(reply: Any) -> str:
-    # A typed sub-query's reply is the parsed value; the log keeps it as JSON text.
-    if isinstance(reply, str):
-        return reply
-    try:
-        return json.dumps(reply, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        return repr(reply)
 
 
 def _task_fields(task: Any) -> tuple[Any, Any]:

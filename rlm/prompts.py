@@ -54,6 +54,73 @@ Keep each turn small: one step, look at its output, then the next step. Never pr
 whole context.\
 """
 
+# A root prompt in the style of the RLM paper's (Zhang, Kraska and Khattab, 2025,
+# "Recursive Language Models", appendix C), written here from its description rather than
+# copied: one sub-LLM call at a time, heavy use of sub-calls, buffers in variables, and
+# worked examples of chunking. `rlm bench --prompt paper` uses it, so a user can compare
+# it with SYSTEM_PROMPT on their own model.
+PAPER_SYSTEM_PROMPT = """\
+Your job is to answer a query about a context that you reach only through a Python REPL. \
+The REPL can call sub-LLMs for you, and you should lean on them heavily. You will be \
+prompted turn after turn until you give a final answer.
+
+The REPL starts with:
+1. `context`: a variable holding the information the query is about. Inspect it to learn \
+its shape, and make sure your work covers all of it before you answer.
+2. `llm_query(prompt)`: sends a prompt to a sub-LLM that can read about {sub_window} \
+characters and returns its reply as a string.
+3. `print(...)`: shows you values. You only ever see a cut-down copy of what is printed, \
+so hand large pieces of text to `llm_query` instead of printing them, and keep \
+intermediate results in variables that serve as buffers for your final answer.
+
+A sub-LLM is strong and its window is large: give it big pieces (for instance ten \
+documents per call) rather than many tiny ones, and check whether a handful of calls can \
+cover the whole context.
+
+Run code by writing it in a fenced block labelled repl. For example, to ask about the \
+start of a long string:
+```repl
+part = context[:20000]
+print(llm_query(f"Is a magic number mentioned here? Quote it if so.\\n\\n{{part}}"))
+```
+
+To read a long document piece by piece while carrying what you have learned so far:
+```repl
+question = "the query, restated"
+notes = ""
+for i, section in enumerate(sections):
+    notes = llm_query(f"Notes so far: {{notes}}\\nUpdate them for the question {{question!r}} "
+                      f"using section {{i + 1}} of {{len(sections)}}:\\n{{section}}")
+print(notes)
+```
+
+To ask the same question of every chunk and then combine the replies:
+```repl
+size = len(context) // 8 + 1
+replies = [llm_query(f"{{question}}\\nAnswer only from this part, or say NOT FOUND:\\n"
+                     f"{{context[i:i + size]}}") for i in range(0, len(context), size)]
+answer = llm_query("Combine these partial answers into one answer to: " + question + "\\n"
+                   + "\\n".join(replies))
+```
+
+Structure helps: if the context has headings, records or one item per line, split on \
+them, summarise or label each part with `llm_query`, and keep the results in a list.
+
+When you are done, and only then, finish inside a repl block with `FINAL(answer)` for a \
+literal answer or `FINAL_VAR("name")` to return the value of a variable you built. Put \
+nothing but the answer itself in FINAL.
+
+Think the task through, make a plan, and carry it out right away in code: do not just \
+announce what you will do. Use the REPL and the sub-LLMs as much as you can, and make \
+sure your final answer responds to the original query.\
+"""
+
+
+def paper_system_prompt(sub_window_chars: int) -> str:
+    """The paper-style root prompt (``PAPER_SYSTEM_PROMPT``) for a sub-model window."""
+    return PAPER_SYSTEM_PROMPT.format(sub_window=f"{sub_window_chars:,}")
+
+
 FIRST_USER_TEMPLATE = """\
 The context variable holds:
 {description}

@@ -1,4 +1,4 @@
-"""Sessions that survive the process: save an RLMSession to JSON and load it back.
+"""Sessions that survive the process: an RLMSession's file, written and read back.
 
 What is kept: the questions and answers, the usage so far, and the REPL variables
 that are plain data (str, int, float, bool, None, and lists, tuples, dicts, sets and
@@ -13,6 +13,10 @@ imports anything: loading parses JSON, rebuilds the plain values and assigns the
 the new session's REPL through cells made only of Python literals it wrote itself.
 Which names to look at comes from the cells the session ran (their top-level
 assignments, parsed with ``ast``, never executed here).
+
+This module holds the file format and the encoding of variables; it must not hold the
+session itself or open one (``rlm.session`` does, through ``read_session``), so saved
+sessions depend on sessions and never the reverse.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import math
 import os
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,9 +35,10 @@ from rlm.errors import ConfigError
 from rlm.usage import ModelUsage, Usage
 
 if TYPE_CHECKING:
-    from rlm.core import RLM, RLMSession
+    # Annotations only: sessions hand themselves in; this module never imports them.
+    from rlm.session import RLMSession
 
-__all__ = ["FORMAT", "assigned_names", "load_session", "save_session"]
+__all__ = ["FORMAT", "SavedSession", "assigned_names", "read_session", "save_session"]
 
 FORMAT = "rlm-session"
 VERSION = 1
@@ -223,11 +229,30 @@ def _usage(data: Any) -> Usage:
     return Usage(**fields, by_model=by_model)
 
 
-def load_session(rlm: RLM, path: str | os.PathLike[str], context: Any) -> RLMSession:
-    """A new session of ``rlm`` over ``context`` with the saved history, usage and plain
-    variables of ``path`` restored; raises ``ConfigError`` for a file that is not one."""
-    from rlm.core import RLMSession
+@dataclass
+class SavedSession:
+    """A session file's contents, checked and decoded: ready to restore into a session."""
 
+    history: list[tuple[str, str]]
+    usage: dict[str, Usage]
+    variables: dict[str, Any]
+
+    def restore(self, session: RLMSession) -> None:
+        """Give a new ``session`` the saved history, usage and variables; each variable is
+        assigned in its REPL by a cell of Python literals written here."""
+        session.history.extend(self.history)
+        session.usage = dict(self.usage)
+        for name, value in self.variables.items():
+            result = session.env.execute(f"{name} = {_literal(value)}\n")
+            if result.error:
+                raise ConfigError(f"could not restore variable {name!r}: {result.error}")
+            session.variable_names.add(name)
+
+
+def read_session(path: str | os.PathLike[str]) -> SavedSession:
+    """The checked contents of the session file ``path``; raises ``ConfigError`` for a
+    file that is not one (missing, not JSON, another format or version, a malformed
+    value or a variable that cannot be restored)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -249,17 +274,9 @@ def load_session(rlm: RLM, path: str | os.PathLike[str], context: Any) -> RLMSes
     for name in values:
         if not name.isidentifier() or name in _PROVIDED or name.startswith(("_", _HELPER)):
             raise ConfigError(f"{path} holds a variable named {name!r}, which cannot be restored")
-    session = RLMSession(rlm, context)
-    try:
-        session.history.extend(pairs)
-        usage = data.get("usage") or {}
-        session.usage = {"root": _usage(usage.get("root")), "sub": _usage(usage.get("sub"))}
-        for name, value in values.items():
-            result = session.env.execute(f"{name} = {_literal(value)}\n")
-            if result.error:
-                raise ConfigError(f"could not restore variable {name!r}: {result.error}")
-            session.variable_names.add(name)
-    except BaseException:
-        session.close()
-        raise
-    return session
+    usage = data.get("usage") or {}
+    return SavedSession(
+        history=pairs,
+        usage={"root": _usage(usage.get("root")), "sub": _usage(usage.get("sub"))},
+        variables=values,
+    )

@@ -49,6 +49,9 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
     "o4-mini": (1.10, 4.40),
 }
 
+# Decimal places of USD amounts in JSON output: a millionth of a dollar.
+COST_DECIMALS = 6
+
 PRICE_HELP = (
     "give it a price: RLM(prices={{{model!r}: (usd_per_1M_in, usd_per_1M_out)}}), "
     "rlm run --price {model}=IN,OUT or --prices FILE.json, or a prices file named by "
@@ -194,14 +197,22 @@ class ModelUsage:
 class Usage:
     """A snapshot of usage: totals, failures, retries and a per-model split.
 
+    Fields: ``calls`` (model calls that returned), ``prompt_tokens``,
+    ``completion_tokens`` and ``total_tokens`` (their tokens), ``cost_usd`` (their cost
+    in USD, priced models only), ``failed_calls`` (calls that failed after their
+    retries), ``retries`` (attempts repeated after a transient error), ``by_model``
+    (a ``ModelUsage`` per model name), ``cached_calls`` (calls the sub-query cache
+    answered, or that joined an identical request in flight: not in ``calls`` or the
+    tokens), ``saved_tokens`` and ``saved_usd`` (what those would have cost;
+    ``saved_usd`` for priced models only), ``rate_limit_hits`` (refusals, 429 and 503,
+    drawn), ``rate_limit_wait_s`` (seconds calls spent held back by rate limits:
+    pacing, and the waits refusals asked for, summed over calls) and
+    ``estimated_calls`` (calls that came back without usage: their tokens are the
+    estimate made before sending).
+
     Snapshots add up (``root.usage + sub.usage``), so a run can report root and
     sub-model usage separately and together. ``cost_text`` says "unpriced" for models
-    without a price instead of a misleading $0. ``cached_calls`` are calls the
-    sub-query cache answered (not in ``calls``); ``saved_tokens`` and ``saved_usd``
-    (priced models only) are what they would have cost. ``rate_limit_hits`` counts the
-    refusals (429, 503) drawn, ``rate_limit_wait_s`` the seconds calls spent held back
-    by rate limits (pacing, and waits a refusal asked for), summed over calls;
-    ``estimated_calls`` came back without usage, so their tokens are estimates.
+    without a price instead of a misleading $0; ``unpriced_models`` names them.
     """
 
     calls: int = 0
@@ -287,7 +298,8 @@ class Usage:
         return _cost_text(self.cost_usd, self.unpriced_models)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (for logs and ``--json`` output)."""
+        """Plain JSON-ready dict (for logs and ``--json`` output); USD amounts are rounded
+        to ``COST_DECIMALS`` places, so sums print as 0.0113688, not 0.011368799999999998."""
         # Field by field: dataclasses.asdict deep-copies recursively, a measurable cost
         # when a job writes thousands of records.
         data: dict[str, Any] = {name: getattr(self, name) for name in _USAGE_FIELDS}
@@ -295,6 +307,9 @@ class Usage:
             model: {name: getattr(mu, name) for name in _MODEL_USAGE_FIELDS}
             for model, mu in self.by_model.items()
         }
+        for row in (data, *data["by_model"].values()):
+            row["cost_usd"] = round(row["cost_usd"], COST_DECIMALS)
+            row["saved_usd"] = round(row["saved_usd"], COST_DECIMALS)
         data["unpriced_models"] = self.unpriced_models
         return data
 

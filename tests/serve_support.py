@@ -13,6 +13,9 @@ from typing import Any
 from rlm.testing import Fault
 
 ROOT, HANG_ROOT, TYPED_ROOT, SUB = "root", "root-hang", "root-typed", "sub"
+# Roots that never call FINAL in their 20 turns: the last turn replies with code, or
+# with a FINAL written as text.
+LOOP_ROOT, LOOP_FINAL_ROOT = "root-loop", "root-loop-final"
 NEEDLE = "TANGO-4242-LIMA"
 QUERY = "What is the secret passphrase?"
 
@@ -39,17 +42,25 @@ FOUND_SCHEMA = {
     "additionalProperties": False,
 }
 HANG_SCRIPT = ["Waiting.\n```repl\nr = llm_query_batch(['HANG 1', 'HANG 2', 'HANG 3'])\n```"]
+LOOP_CODE = "Still looking.\n```repl\nprint(len(context))\n```"
+LOOP_FINAL_SCRIPT = [LOOP_CODE] * 20 + ["FINAL(my best guess)"]
 
 
 def scripts() -> dict[str, list[str]]:
     """The upstream's root-model scripts, by model name."""
-    return {ROOT: NEEDLE_SCRIPT, HANG_ROOT: HANG_SCRIPT, TYPED_ROOT: TYPED_SCRIPT}
+    return {ROOT: NEEDLE_SCRIPT, HANG_ROOT: HANG_SCRIPT, TYPED_ROOT: TYPED_SCRIPT,
+            LOOP_ROOT: [LOOP_CODE], LOOP_FINAL_ROOT: LOOP_FINAL_SCRIPT}
 
 
 def haystack(lines: int = 3000) -> str:
     rows = [f"{i:05d} INFO nothing to see on line {i}" for i in range(lines)]
     rows[lines * 2 // 3] = f"{lines * 2 // 3:05d} WARN the secret passphrase is: {NEEDLE}"
     return "\n".join(rows)
+
+
+def needle_messages() -> list[Any]:
+    """A chat whose system message is the haystack and whose user message asks for the needle."""
+    return [{"role": "system", "content": haystack()}, {"role": "user", "content": QUERY}]
 
 
 def sub_model(messages: list[dict[str, Any]]) -> str | Fault:
@@ -110,3 +121,15 @@ def rlm_server(args: list[str], ready: str) -> Iterator[str]:
         yield server.match.group(1)
     finally:
         assert server.stop() == 0, "".join(server.lines)
+
+
+@contextmanager
+def serve_process(upstream_url: str, key: str, *extra: str) -> Iterator[str]:
+    """``rlm serve`` on a free port with ``key``, over the scripted upstream at
+    ``upstream_url`` (ROOT and SUB), plus ``extra`` flags; yields its base URL."""
+    with rlm_server(
+        ["serve", "--port", "0", "--auth-key", key, "--base-url", upstream_url, "--api-key", "upstream-key",
+         "--model", ROOT, "--recursive-model", SUB, *extra],
+        ready=r"listening on (http://\S+/v1)",
+    ) as url:
+        yield url

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -436,3 +438,236 @@ def test_a_run_on_a_terminal_shows_a_progress_line_that_goes_away(ctx_file: Path
     assert child.exitstatus == 0, screen
     assert "rlm · iteration 1/20 · waiting for the root model" in screen
     assert screen.rstrip().endswith("done")  # the answer, after the line was taken down
+
+
+# -- bad places and busy ports: one line, exit 2 ---------------------------------------
+
+
+@pytest.fixture
+def tasks_file(tmp_path: Path) -> Path:
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"id": "a", "query": "q", "context": "x"}\n')
+    return tasks
+
+
+@pytest.mark.parametrize(("out", "needle"), [
+    ("file/x.jsonl", "is a file, not a directory"),
+    (".", "is a directory; give a file name"),
+    ("/proc/x.jsonl", "cannot be written"),
+    ("/sys/x.jsonl", "cannot be written"),
+])
+def test_batch_out_where_no_file_can_be_written_is_a_usage_error(tasks_file: Path, out: str,
+                                                                   needle: str) -> None:
+    (tasks_file.parent / "file").write_text("not a directory")
+    target = out if out.startswith("/") else str(tasks_file.parent / out)
+    proc = rlm_cmd("batch", str(tasks_file), "--out", target, "--api-key", "k", "-q")
+    assert_usage_error(proc, needle)
+
+
+def test_serve_on_a_busy_port_is_a_usage_error() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        proc = rlm_cmd("serve", "--port", str(port), "--api-key", "k")
+    assert_usage_error(proc, f"cannot listen on 127.0.0.1:{port}", "--port")
+
+
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_serve_on_a_port_out_of_range_is_a_usage_error(port: str) -> None:
+    assert_usage_error(rlm_cmd("serve", "--port", port, "--api-key", "k"), "argument --port",
+                       "from 0 to 65535")
+
+
+def test_mcp_http_on_a_port_out_of_range_is_a_usage_error() -> None:
+    proc = rlm_cmd("mcp", "--http", "127.0.0.1:99999", "--api-key", "k")
+    assert_usage_error(proc, "--http 127.0.0.1:99999", "from 0 to 65535")
+
+
+def test_batch_on_ray_auto_without_a_cluster_ends_in_one_line(tasks_file: Path, tmp_path: Path) -> None:
+    proc = rlm_cmd("batch", str(tasks_file), "--out", str(tmp_path / "o.jsonl"), "--api-key", "k",
+                   "--backend", "ray", "--ray-address", "auto", "-q")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("rlm: --ray-address auto:") and "ray start --head" in last
+
+
+def test_batch_on_a_ray_client_address_without_ray_client_says_what_to_install(
+    tasks_file: Path, tmp_path: Path
+) -> None:
+    # Ray Client is grpcio: a grpc package that cannot be imported stands for its absence.
+    shadow = tmp_path / "shadow" / "grpc"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('no grpc here')\n")
+    proc = rlm_cmd("batch", str(tasks_file), "--out", str(tmp_path / "o.jsonl"), "--api-key", "k",
+                   "--backend", "ray", "--ray-address", "ray://127.0.0.1:10001",
+                   env={"PYTHONPATH": str(shadow.parent)})
+    assert_usage_error(proc, "--ray-address ray://127.0.0.1:10001", "rlm-sandbox[ray]")
+
+
+# -- consistency -----------------------------------------------------------------------
+
+
+def test_run_json_has_the_usage_total(ctx_file: Path, root_server: FakeLLMServer) -> None:
+    proc = rlm_cmd("run", "--context", str(ctx_file), "--query", "q", "--model", ROOT, "--base-url",
+                   root_server.url, "--api-key", "k", "--sandbox", "local", "--json")
+    assert proc.returncode == 0, proc.stderr
+    usage = json.loads(proc.stdout)["usage"]
+    assert usage["total"]["calls"] == usage["root"]["calls"] + usage["sub"]["calls"] == 2
+    assert usage["total"]["total_tokens"] == usage["root"]["total_tokens"] + usage["sub"]["total_tokens"]
+
+
+def _costs(data: object) -> list[float]:
+    if isinstance(data, dict):
+        return [v for k, v in data.items() if k.endswith("_usd") and isinstance(v, float)] + [
+            c for v in data.values() for c in _costs(v)]
+    if isinstance(data, list):
+        return [c for v in data for c in _costs(v)]
+    return []
+
+
+def test_costs_in_json_are_rounded_to_a_millionth_of_a_dollar(ctx_file: Path,
+                                                               root_server: FakeLLMServer) -> None:
+    proc = rlm_cmd("run", "--context", str(ctx_file), "--query", "q", "--model", ROOT, "--base-url",
+                   root_server.url, "--api-key", "k", "--sandbox", "local", "--json",
+                   "--price", f"{ROOT}=1.1,3.3")
+    assert proc.returncode == 0, proc.stderr
+    costs = _costs(json.loads(proc.stdout))
+    assert any(c > 0 for c in costs)
+    assert all(round(c, 6) == c for c in costs), costs
+
+
+@pytest.mark.parametrize("where", ["file", "missing"])
+def test_cache_info_of_a_file_or_a_missing_directory_is_a_usage_error(tmp_path: Path, where: str) -> None:
+    target = tmp_path / where
+    if where == "file":
+        target.write_text("x")
+    needle = "is a file, not a cache directory" if where == "file" else "cache directory not found"
+    assert_usage_error(rlm_cmd("cache", "info", str(target)), needle)
+
+
+def test_batch_on_an_empty_tasks_file_is_a_usage_error(tmp_path: Path) -> None:
+    empty = tmp_path / "tasks.jsonl"
+    empty.write_text("\n")
+    proc = rlm_cmd("batch", str(empty), "--out", str(tmp_path / "o.jsonl"), "--api-key", "k")
+    assert_usage_error(proc, "holds no tasks")
+
+
+def test_batch_dir_that_does_not_exist_says_directory_not_found(tmp_path: Path) -> None:
+    proc = rlm_cmd("batch", "--dir", str(tmp_path / "missing"), "--query", "q", "--out",
+                   str(tmp_path / "o.jsonl"), "--api-key", "k")
+    assert_usage_error(proc, "directory not found")
+
+
+def test_batch_dir_with_an_empty_file_fails_that_task_unless_allowed(tmp_path: Path,
+                                                                      root_server: FakeLLMServer) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "empty.txt").write_text(" \n")
+    (docs / "full.txt").write_text("a\nb\n")
+    out = tmp_path / "o.jsonl"
+    common = ("batch", "--dir", str(docs), "--query", "how many lines?", "--out", str(out), "--model",
+              ROOT, "--base-url", root_server.url, "--api-key", "k", "--sandbox", "local", "-q")
+    first = rlm_cmd(*common)
+    assert first.returncode == 1, first.stderr
+    records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert records["full.txt"]["answer"] == "2 lines"
+    assert records["empty.txt"]["answer"] is None
+    assert "is empty" in records["empty.txt"]["error"] and "--allow-empty" in records["empty.txt"]["error"]
+    again = rlm_cmd(*common, "--allow-empty", "--retry-failed")
+    assert again.returncode == 0, again.stderr
+    records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert records["empty.txt"]["answer"] == "1 lines"
+
+
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_a_cost_budget_over_an_unpriced_model_is_refused_in_flag_words(ctx_file: Path,
+                                                                        command: str) -> None:
+    extra = ("--context", str(ctx_file), "--query", "q") if command == "run" else ("--port", "0")
+    proc = rlm_cmd(command, *extra, "--api-key", "k", "--model", "mystery-model", "--max-cost-usd", "1")
+    assert_usage_error(proc, "--max-cost-usd", "--price mystery-model=IN,OUT")
+    assert "RLM(" not in proc.stderr and "max_cost_usd" not in proc.stderr
+
+
+def test_an_unusable_cache_directory_names_the_flag(ctx_file: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    proc = rlm_cmd("run", "--context", str(ctx_file), "--query", "q", "--api-key", "k",
+                   "--cache", str(blocker / "cache"))
+    assert_usage_error(proc, f"--cache {blocker / 'cache'}")
+    assert "cache=False" not in proc.stderr
+
+
+def test_every_subcommand_has_a_description_in_its_help() -> None:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        assert sub.description, f"rlm {name} --help has no description"
+
+
+def test_dir_of_the_package_shows_only_public_names() -> None:
+    import rlm
+
+    names = dir(rlm)
+    assert "RLM" in names and "__version__" in names
+    assert not {"Any", "TYPE_CHECKING", "importlib", "annotations"} & set(names)
+
+
+def test_the_package_metadata_names_its_authors_and_urls() -> None:
+    from importlib import metadata
+
+    meta = metadata.metadata("rlm-sandbox")
+    assert meta.get_all("Author") or meta.get_all("Author-email")
+    urls = meta.get_all("Project-URL") or []
+    assert any("arxiv.org" in url for url in urls), urls
+
+
+def test_make_notebooks_passes_allow_root_only_to_root() -> None:
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(["make", "-n", "-W", "pyproject.toml", "notebooks"], cwd=repo,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lab = next(line for line in proc.stdout.splitlines() if "jupyter lab" in line)
+    assert ("--allow-root" in lab) == (os.getuid() == 0)
+
+
+def test_without_a_terminal_a_batch_prints_one_progress_line_when_done(ctx_file: Path) -> None:
+    script = ["```repl\nr = llm_query_batch([f'ECHO {i}' for i in range(100)])\nprint(len(r))\n```",
+              "```repl\nFINAL('ok')\n```"]
+    with FakeLLMServer(scripts={ROOT: script}) as srv:
+        proc = rlm_cmd("run", "--context", str(ctx_file), "--query", "q", "--model", ROOT, "--base-url",
+                       srv.url, "--api-key", "k", "--sandbox", "local", "-v")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("sub-queries")]
+    assert len(lines) == 1 and lines[0].startswith("sub-queries 100/100"), lines
+
+
+def test_the_html_page_opens_the_final_iteration(ctx_file: Path, tmp_path: Path) -> None:
+    script = ["```repl\nprint(1)\n```"] * 3 + ["```repl\nFINAL('done')\n```"]
+    with FakeLLMServer(scripts={ROOT: script}) as srv:
+        proc = rlm_cmd("run", "--context", str(ctx_file), "--query", "q", "--model", ROOT, "--base-url",
+                       srv.url, "--api-key", "k", "--sandbox", "local", "--log-dir", str(tmp_path / "logs"))
+    assert proc.returncode == 0, proc.stderr
+    page = tmp_path / "run.html"
+    html = rlm_cmd("view", str(next((tmp_path / "logs").glob("*.jsonl"))), "--html", str(page))
+    assert html.returncode == 0, html.stderr
+    opened = {int(n): bool(flag) for flag, n in
+              re.findall(r"<details( open)?[^>]*><summary[^>]*>Iteration (\d+)", page.read_text())}
+    assert opened == {1: True, 2: True, 3: False, 4: True}
+
+
+def test_the_view_of_an_interrupted_run_says_unpriced_for_an_unpriced_model(tmp_path: Path) -> None:
+    base = {"run_id": "r", "depth": 0}
+    events = [
+        {"type": "run_start", "t": 0, **base, "query": "q", "model": "mystery", "recursive_model": "mystery"},
+        {"type": "root_reply", "t": 0.5, **base, "iteration": 1, "content": "```repl\nprint(1)\n```",
+         "usage": {"prompt_tokens": 100, "completion_tokens": 10, "cost_usd": "unpriced"}},
+        {"type": "cell", "t": 0.6, **base, "iteration": 1, "index": 0, "code": "print(1)"},
+    ]
+    log = tmp_path / "killed.jsonl"
+    log.write_text("".join(json.dumps(e) + "\n" for e in events))
+    proc = rlm_cmd("view", str(log))
+    assert proc.returncode == 0, proc.stderr
+    assert "$0.0000" not in proc.stdout
+    assert re.search(r"Total cost\s+unpriced", proc.stdout), proc.stdout

@@ -124,10 +124,9 @@ def test_live_view_shows_sub_query_progress_numbers(tmp_path: Path) -> None:
     console = plain_console()
     emit_run(Trajectory(log_dir=tmp_path, sinks=[LiveDisplay(console)]))
     out = text_of(console)
-    assert "sub-queries 0/10" in out
     assert "sub-queries 10/10" in out
-    # A plain file gets the start and the end of a batch, not a line per update.
-    assert "4/10" not in out and "8/10" not in out
+    # A plain file gets one line per batch, when it is done: no start, no line per update.
+    assert "sub-queries 0/10" not in out and "4/10" not in out and "8/10" not in out
 
 
 def test_live_view_ends_with_the_answer_panel_and_key_numbers(tmp_path: Path) -> None:
@@ -686,13 +685,14 @@ def test_html_without_sub_queries_has_no_script(logged_run: tuple[Trajectory, li
     assert "<script" not in trajectory_html(events).lower()
 
 
-def test_html_opens_the_first_iterations_and_is_titled_with_the_query(tmp_path: Path) -> None:
+def test_html_opens_the_first_and_the_final_iterations_and_is_titled_with_the_query(tmp_path: Path) -> None:
     tr = Trajectory()
     emit_run_with_sub_queries(tr)
     page = trajectory_html(tr.events)
     assert "<title>Which chunk mentions the walrus? · RLM trajectory</title>" in page
     iterations = re.findall(r"<details( open)?[^>]*><summary[^>]*>Iteration (\d)", page)
-    assert iterations == [(" open", "1"), (" open", "2"), ("", "3")]
+    # Three iterations: the first two and the last (the answer) are all open.
+    assert iterations == [(" open", "1"), (" open", "2"), (" open", "3")]
 
 
 def test_html_of_a_failed_run_shows_its_error_once(tmp_path: Path) -> None:

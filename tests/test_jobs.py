@@ -544,3 +544,20 @@ def test_batch_in_the_process_sandbox_with_warm_and_with_fresh_workers(tmp_path:
                              "process", "--concurrency", "2", "--sorted", *flags)
             assert result.returncode == 0, result.stderr
             assert [r["answer"] for r in lines_of(tmp_path / out)] == [f"WORD{i}" for i in range(6)]
+
+
+def test_run_job_and_arun_job_name_every_option_with_the_jobs_defaults() -> None:
+    # What an IDE shows for RLM.run_job is its signature: every option by name, with
+    # the defaults the job itself applies.
+    import inspect
+
+    from rlm.jobs import arun_job as job
+
+    options = {n: p for n, p in inspect.signature(job).parameters.items() if n != "rlm"}
+    for method in (RLM.run_job, RLM.arun_job):
+        params = {n: p for n, p in inspect.signature(method).parameters.items() if n != "self"}
+        assert list(params) == list(options)
+        assert all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in params.values())
+        assert {n: p.default for n, p in params.items()} == {
+            n: p.default for n, p in options.items()
+        }

@@ -17,12 +17,14 @@ from typing import Any
 import anyio
 import httpx2
 import pytest
+from jsonschema import Draft202012Validator
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from rlm_support import wait_until
 from serve_support import (
     FOUND_SCHEMA,
     HANG_ROOT,
+    LOOP_ROOT,
     NEEDLE,
     QUERY,
     ROOT,
@@ -32,6 +34,7 @@ from serve_support import (
     rlm_server,
 )
 
+from rlm.cli import package_version
 from rlm.testing import FakeLLMServer
 
 KEY = "test-mcp-key"
@@ -60,6 +63,60 @@ async def test_tools_are_listed_with_their_arguments(upstream: FakeLLMServer, al
     assert tools["rlm_query"].input_schema["required"] == ["query"]
     assert "answer" in tools["rlm_query"].output_schema["properties"]
     assert set(tools["repl_exec"].input_schema["required"]) == {"session_id", "code"}
+
+
+# What makes a schema say something: an empty one ({}, or only title, description and
+# default) draws warnings from strict checkers such as the MCP Inspector's --strict mode.
+_KEYWORDS = {"type", "anyOf", "oneOf", "allOf", "$ref", "enum", "const", "not"}
+
+
+def _subschemas(schema: Any, where: str) -> Iterator[tuple[str, Any]]:
+    yield where, schema
+    if not isinstance(schema, dict):
+        return
+    for key in ("properties", "$defs", "patternProperties"):
+        for name, sub in (schema.get(key) or {}).items():
+            yield from _subschemas(sub, f"{where}.{key}.{name}")
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(schema.get(key), dict):
+            yield from _subschemas(schema[key], f"{where}.{key}")
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        for i, sub in enumerate(schema.get(key) or []):
+            yield from _subschemas(sub, f"{where}.{key}[{i}]")
+
+
+async def test_tool_schemas_are_valid_json_schemas_with_a_keyword_in_every_part(
+    upstream: FakeLLMServer, allowed: Path
+) -> None:
+    async with stdio(upstream, allowed) as client:
+        tools = (await client.list_tools()).tools
+    for tool in tools:
+        for kind, schema in (("input", tool.input_schema), ("output", tool.output_schema)):
+            Draft202012Validator.check_schema(schema)
+            for where, sub in _subschemas(schema, f"{tool.name} {kind}"):
+                assert isinstance(sub, bool) or _KEYWORDS & set(sub), where
+
+
+async def test_the_server_reports_the_package_version_and_dedented_descriptions(
+    upstream: FakeLLMServer, allowed: Path
+) -> None:
+    async with stdio(upstream, allowed) as client:
+        info = client.server_info
+        tools = (await client.list_tools()).tools
+    assert info.name == "rlm" and info.version == package_version()
+    for tool in tools:
+        assert tool.description and tool.description == tool.description.strip()
+        assert "\n " not in tool.description, tool.name
+
+
+async def test_rlm_query_at_the_iteration_limit_returns_no_answer(upstream: FakeLLMServer,
+                                                                  allowed: Path) -> None:
+    async with stdio(upstream, allowed, "--max-iterations", "2", model=LOOP_ROOT) as client:
+        result = await client.call_tool("rlm_query", {"query": QUERY, "context": "x"})
+    assert result.is_error
+    assert "iteration limit" in text_of(result) and "print(" not in text_of(result)
+    assert result.structured_content["answer"] is None
+    assert result.structured_content["stopped_reason"] == "max_iterations"
 
 
 async def test_rlm_query_answers_with_structured_content_and_progress(upstream: FakeLLMServer,
@@ -190,8 +247,28 @@ async def test_streamable_http_round_trip_with_the_bearer_key(mcp_http: str) -> 
     assert result.structured_content["sub_calls"] == 6
 
 
-async def test_streamable_http_without_the_key_gets_401(mcp_http: str) -> None:
+async def test_streamable_http_without_the_key_gets_401_with_a_plain_bearer_challenge(mcp_http: str) -> None:
     async with httpx2.AsyncClient(timeout=30) as http:
         response = await http.post(mcp_http, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+        wrong = await http.post(mcp_http, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                                headers={"Authorization": "Bearer nope"})
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "invalid_api_key"
+    # No resource_metadata: nothing points a client at an OAuth server that is not there.
+    assert response.headers["www-authenticate"] == 'Bearer realm="rlm mcp"'
+    assert wrong.status_code == 401
+    assert wrong.headers["www-authenticate"] == 'Bearer realm="rlm mcp", error="invalid_token"'
+
+
+@pytest.mark.parametrize("path", [
+    "/.well-known/oauth-protected-resource",
+    "/.well-known/oauth-protected-resource/mcp",
+    "/.well-known/oauth-authorization-server",
+    "/register",
+])
+async def test_oauth_discovery_finds_nothing_over_http(mcp_http: str, path: str) -> None:
+    base = mcp_http.removesuffix("/mcp")
+    async with httpx2.AsyncClient(timeout=30) as http:
+        response = await (http.post if path == "/register" else http.get)(base + path)
+    assert response.status_code == 404
+    assert "Authorization: Bearer" in response.json()["error"]["message"]

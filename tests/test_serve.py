@@ -26,13 +26,16 @@ from rlm_support import wait_until
 from serve_support import (
     FOUND_SCHEMA,
     HANG_ROOT,
+    LOOP_FINAL_ROOT,
+    LOOP_ROOT,
     NEEDLE,
     QUERY,
     ROOT,
     SUB,
     TYPED_ROOT,
-    haystack,
+    needle_messages,
     rlm_server,
+    serve_process,
 )
 
 from rlm.testing import FakeLLMServer
@@ -47,13 +50,9 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def serve_url(upstream: FakeLLMServer, allowed: Path, logs: Path) -> Iterator[str]:
-    with rlm_server(
-        ["serve", "--port", "0", "--auth-key", KEY, "--base-url", upstream.url, "--api-key", "upstream-key",
-         "--model", ROOT, "--recursive-model", SUB, "--log-dir", str(logs), "--allow-dir", str(allowed),
-         "--max-body-mb", "0.5", "--max-running", "1", "--max-queue", "0",
-         "--price", f"{ROOT}=100,100", "--price", f"{SUB}=100,100"],
-        ready=r"listening on (http://\S+/v1)",
-    ) as url:
+    with serve_process(upstream.url, KEY, "--log-dir", str(logs), "--allow-dir", str(allowed),
+                       "--max-body-mb", "0.5", "--max-running", "1", "--max-queue", "0",
+                       "--price", f"{ROOT}=100,100", "--price", f"{SUB}=100,100") as url:
         yield url
 
 
@@ -61,10 +60,6 @@ def serve_url(upstream: FakeLLMServer, allowed: Path, logs: Path) -> Iterator[st
 def client(serve_url: str) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=serve_url, api_key=KEY, max_retries=0, timeout=60) as c:
         yield c
-
-
-def needle_messages() -> list[Any]:
-    return [{"role": "system", "content": haystack()}, {"role": "user", "content": QUERY}]
 
 
 def test_needle_answered_through_the_openai_sdk(client: openai.OpenAI, upstream: FakeLLMServer,
@@ -87,20 +82,38 @@ def test_needle_answered_through_the_openai_sdk(client: openai.OpenAI, upstream:
     assert "nothing to see on line 2999" not in root_prompts and "3,000 lines" in root_prompts
 
 
-def test_needle_streamed_with_progress_then_answer_then_usage(client: openai.OpenAI) -> None:
+def test_needle_streamed_with_progress_then_answer_then_finish(client: openai.OpenAI) -> None:
     chunks = list(client.chat.completions.create(model="rlm", messages=needle_messages(), stream=True))
-    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert content == NEEDLE
-    progress = [c.model_extra["rlm"] for c in chunks[:-2] if c.model_extra.get("rlm")]
+    progress = [c.model_extra["rlm"] for c in chunks[:-1] if c.model_extra.get("rlm")]
     kinds = [p["event"] for p in progress]
     assert "root_reply" in kinds and "cell_result" in kinds
     assert any(p["event"] == "subcalls" and p["done"] == p["total"] == 6 for p in progress)
-    answer_at = next(i for i, c in enumerate(chunks) if c.choices and c.choices[0].delta.content == NEEDLE)
+    answer_at = next(i for i, c in enumerate(chunks) if c.choices[0].delta.content == NEEDLE)
     assert all(c.model_extra.get("rlm", {}).get("event") is None for c in chunks[answer_at:])
-    finish, usage = chunks[-2], chunks[-1]
+    finish = chunks[-1]
     assert finish.choices[0].finish_reason == "stop"
     assert finish.model_extra["rlm"]["sub_calls"] == 6
-    assert usage.choices == [] and usage.usage is not None and usage.usage.total_tokens > 0
+
+
+def test_the_plain_streaming_loop_reads_choice_zero_of_every_chunk(client: openai.OpenAI) -> None:
+    # The loop most code copies from the OpenAI docs: without stream_options it must never
+    # meet a chunk with no choices (OpenAI sends that usage chunk only when asked).
+    pieces = []
+    for ch in client.chat.completions.create(model="rlm", messages=needle_messages(), stream=True):
+        pieces.append(ch.choices[0].delta.content)
+    assert "".join(p for p in pieces if p) == NEEDLE
+
+
+def test_include_usage_ends_the_stream_with_a_usage_chunk(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model="rlm", messages=needle_messages(), stream=True,
+                                                 stream_options={"include_usage": True}))
+    finish, usage = chunks[-2], chunks[-1]
+    assert finish.choices[0].finish_reason == "stop"
+    assert usage.choices == [] and usage.usage is not None
+    meta = finish.model_extra["rlm"]["usage"]
+    assert usage.usage.total_tokens == meta["total"]["total_tokens"] > 0
 
 
 def test_progress_can_ride_in_the_content_for_chat_front_ends(client: openai.OpenAI) -> None:
@@ -121,6 +134,81 @@ def test_response_format_gets_a_validated_typed_answer(client: openai.OpenAI) ->
                                           response_format=Found)
     assert reply.choices[0].message.parsed == Found(passphrase=NEEDLE, chunks=6)
     assert reply.model_extra["rlm"]["output"] == {"passphrase": NEEDLE, "chunks": 6}
+
+
+def test_json_object_response_format_answers_with_a_json_object(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model=f"rlm:{TYPED_ROOT}", messages=needle_messages(),
+                                           response_format={"type": "json_object"})
+    assert json.loads(reply.choices[0].message.content or "") == {"passphrase": NEEDLE, "chunks": 6}
+
+
+FIND_TOOL = {"type": "function", "function": {"name": "report_found", "description": "Report it.",
+                                               "parameters": FOUND_SCHEMA}}
+OTHER_TOOL = {"type": "function", "function": {"name": "give_up", "parameters": {"type": "object"}}}
+FORCED = {"type": "function", "function": {"name": "report_found"}}
+
+
+def test_a_forced_tool_choice_is_answered_with_that_tool_call(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model=f"rlm:{TYPED_ROOT}", messages=needle_messages(),
+                                           tools=[OTHER_TOOL, FIND_TOOL], tool_choice=FORCED)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    [call] = choice.message.tool_calls or []
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "report_found"
+    assert json.loads(call.function.arguments) == {"passphrase": NEEDLE, "chunks": 6}
+
+
+def test_a_forced_tool_call_streams_as_a_tool_call_delta(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model=f"rlm:{TYPED_ROOT}", messages=needle_messages(),
+                                                 stream=True, tools=[FIND_TOOL], tool_choice="required"))
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [(tc.index, tc.function.name) for tc in calls] == [(0, "report_found")]
+    assert json.loads(calls[0].function.arguments or "") == {"passphrase": NEEDLE, "chunks": 6}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize(("tools", "choice", "needle"), [
+    ([FIND_TOOL], "auto", "names one function"),
+    ([FIND_TOOL], None, "names one function"),
+    ([FIND_TOOL, OTHER_TOOL], "required", "names one function"),
+    ([FIND_TOOL], {"type": "function", "function": {"name": "missing"}}, "not in 'tools'"),
+    ([{"type": "function"}], FORCED, "'tools' must be a list"),
+])
+def test_tool_use_an_rlm_cannot_serve_is_a_400(client: openai.OpenAI, tools: list[Any], choice: Any,
+                                                needle: str) -> None:
+    extra = {} if choice is None else {"tool_choice": choice}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="rlm", messages=needle_messages(), tools=tools, **extra)
+    assert needle in info.value.message
+
+
+def test_a_forced_tool_and_a_response_format_together_are_a_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="rlm", messages=needle_messages(), tools=[FIND_TOOL],
+                                       tool_choice=FORCED, response_format={"type": "json_object"})
+    assert "one answer format" in info.value.message
+
+
+def test_the_iteration_limit_never_serves_the_root_models_code_as_the_answer(
+    client: openai.OpenAI,
+) -> None:
+    reply = client.chat.completions.create(model=f"rlm:{LOOP_ROOT}", messages=needle_messages())
+    assert reply.choices[0].message.content == ""
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.model_extra["rlm"]["stopped_reason"] == "max_iterations"
+    chunks = list(client.chat.completions.create(model=f"rlm:{LOOP_ROOT}", messages=needle_messages(),
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_the_iteration_limit_serves_a_final_given_in_the_last_turn(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model=f"rlm:{LOOP_FINAL_ROOT}", messages=needle_messages())
+    assert reply.choices[0].message.content == "my best guess"
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.model_extra["rlm"]["stopped_reason"] == "max_iterations"
 
 
 def test_a_schema_in_extra_body_works_and_a_broken_one_is_400(client: openai.OpenAI) -> None:
@@ -166,6 +254,21 @@ def test_context_path_under_allow_dir_overrides_the_messages(client: openai.Open
         model=f"rlm:{ROOT}", messages=[{"role": "user", "content": QUERY}],
         extra_body={"rlm": {"context_path": str(allowed / "log.txt")}})
     assert reply.choices[0].message.content == NEEDLE
+
+
+def test_a_relative_context_path_is_read_under_the_first_allow_dir(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=f"rlm:{ROOT}", messages=[{"role": "user", "content": QUERY}],
+        extra_body={"rlm": {"context_path": "log.txt"}})
+    assert reply.choices[0].message.content == NEEDLE
+
+
+def test_a_missing_context_path_is_404_not_found(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="rlm", messages=[{"role": "user", "content": "q"}],
+                                       extra_body={"rlm": {"context_path": "missing.txt"}})
+    assert info.value.code == "not_found"
+    assert "does not exist" in info.value.message
 
 
 def test_context_path_outside_allow_dir_is_refused(client: openai.OpenAI, allowed: Path, tmp_path: Path) -> None:

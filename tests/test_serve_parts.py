@@ -75,7 +75,7 @@ def test_only_regular_utf8_files_within_the_size_limit_are_read(tree: tuple[Path
         dirs.read_text("big.txt")
     with pytest.raises(AccessDeniedError, match="not UTF-8"):
         dirs.read_text("bin.dat")
-    with pytest.raises(AccessDeniedError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         dirs.read_text("nope.txt")
 
 

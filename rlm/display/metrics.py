@@ -163,6 +163,7 @@ def metrics_from_events(events: list[Event], key: str | None = None) -> Metrics:
     m = Metrics()
     root_prompt = root_completion = root_calls = sub_calls = cached = 0
     root_cost = 0.0
+    unpriced = False
     for e in own:
         kind = e.get("type")
         if kind == "run_start":
@@ -175,6 +176,8 @@ def metrics_from_events(events: list[Event], key: str | None = None) -> Metrics:
             root_prompt += as_int(field_of(usage, "prompt_tokens")) or 0
             root_completion += as_int(field_of(usage, "completion_tokens")) or 0
             root_cost += as_num(field_of(usage, "cost_usd")) or 0.0
+            # A turn of a model without a price: the sum is unknown, never a plain $0.
+            unpriced = unpriced or field_of(usage, "cost_usd") == "unpriced"
             cached += 1 if e.get("cached") else 0
         elif kind == "cell_result":
             sub_calls += as_int(e.get("sub_calls")) or 0
@@ -189,6 +192,7 @@ def metrics_from_events(events: list[Event], key: str | None = None) -> Metrics:
     m.cached_calls = cached or None
     m.root_prompt_tokens, m.root_completion_tokens = root_prompt, root_completion
     m.root_tokens, m.root_cost = root_prompt + root_completion, root_cost
+    m.root_unpriced = unpriced
     m.elapsed_s = as_num(own[-1].get("t")) if own else None
     m.stopped_reason = "incomplete (no run_end)" if own else None
     ends = [e for e in own if e.get("type") == "run_end"]

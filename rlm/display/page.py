@@ -184,8 +184,11 @@ def _run_html(run: Run, metrics: Metrics | None = None, title: str | None = None
     context = start.get("context")
     if context:
         parts.append(details_html("context", pre_html(as_text(context), "pre")))
-    # The first iterations open, so the first screen shows code; later ones stay folded.
-    parts.extend(_iteration_html(it, open_=i < OPEN_ITERATIONS) for i, it in enumerate(run.iterations))
+    # The first iterations open, so the first screen shows code, and so does the last,
+    # where the answer was given (or the run stopped); the ones between stay folded.
+    last = len(run.iterations) - 1
+    parts.extend(_iteration_html(it, open_=i < OPEN_ITERATIONS or i == last)
+                 for i, it in enumerate(run.iterations))
     parts.extend(_note_html(n) for n in run.notes if not _repeats_error(n, m))
     return f'<div style="{STYLE["root"]}">{"".join(parts)}</div>'
 

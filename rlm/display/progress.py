@@ -32,7 +32,7 @@ NOTEBOOK_REFRESH_S = 0.5
 
 class SubqueryProgress:
     """Sub-query progress lines for a console: a rich bar in a terminal, one updating
-    output in a notebook, and a start and an end line in a plain file (a CI log)."""
+    output in a notebook, and one line per finished batch in a plain file (a CI log)."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
@@ -60,9 +60,12 @@ class SubqueryProgress:
             if key not in self._tasks:
                 self._tasks[key] = self._bar.add_task(label, total=total or None, failed="")
             self._bar.update(self._tasks[key], completed=done, total=total or None)
-        elif first or finished:
-            # A file gets no redraws: a line per update would fill a CI log.
-            self.console.print(Text(progress_text(label, done, total, 0, None, None), style="dim"))
+        elif finished:
+            # A file gets no redraws: one line per batch, when it is done. A start line
+            # would read "1/50" while nothing is done yet, and batches running at once in
+            # one run share a line here, so their starts and ends would interleave.
+            elapsed = time.monotonic() - self._started[key]
+            self.console.print(Text(progress_text(label, done, total, 0, elapsed, None), style="dim"))
         if finished:
             self.finish(key)
 

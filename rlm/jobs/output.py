@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rlm.errors import OutputFileError
+from rlm.usage import COST_DECIMALS
 
 __all__ = [
     "ResultsWriter",
@@ -83,7 +84,10 @@ def read_results(path: str | os.PathLike[str], *, repair: bool = True) -> dict[s
     p = Path(path)
     if not p.exists():
         return {}
-    data = p.read_bytes()
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise _unusable(p, exc) from None
     records: dict[str, dict[str, Any]] = {}
     lines = data.split(b"\n")  # the piece after the last newline is b"" or a torn line
     numbered = [(n, raw) for n, raw in enumerate(lines, 1) if raw.strip()]
@@ -142,7 +146,7 @@ def _replace(path: Path, records: list[dict[str, Any]]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
         for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            fh.write(_json_line(record).decode("utf-8"))
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -162,6 +166,26 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _json_line(record: dict[str, Any]) -> bytes:
+    # The cost as written is rounded; the record itself keeps the exact sum, which the
+    # job's budget charges.
+    cost = record.get("cost_usd")
+    if isinstance(cost, float):
+        record = {**record, "cost_usd": round(cost, COST_DECIMALS)}
+    return json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def _unusable(path: Path, exc: OSError) -> OutputFileError:
+    """The one-line error for an output path that cannot be read or created."""
+    if path.is_dir():
+        return OutputFileError(f"the output {path} is a directory; give a file name (e.g. {path}/results.jsonl)")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            return OutputFileError(f"the output {path} cannot be created: {parent} is a file, not a directory")
+    reason = exc.strerror or str(exc)
+    return OutputFileError(f"the output {path} cannot be written ({reason}); give a file in a writable directory")
+
+
 _STOP = object()
 
 
@@ -176,8 +200,11 @@ class ResultsWriter:
 
     def __init__(self, path: str | os.PathLike[str], on_durable: Any = None) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("ab")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = self.path.open("ab")
+        except OSError as exc:
+            raise _unusable(self.path, exc) from None
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._on_durable = on_durable
         self.error: BaseException | None = None
@@ -208,9 +235,7 @@ class ResultsWriter:
             if not records:
                 continue
             try:
-                data = b"".join(
-                    json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n" for r in records
-                )
+                data = b"".join(_json_line(r) for r in records)
                 self._fh.write(data)
                 self._fh.flush()
                 os.fsync(self._fh.fileno())

@@ -1,10 +1,10 @@
 """The Ray backend: the job's tasks run on a Ray cluster, results stream back here.
 
 - Workers: one actor per worker process, each holding one RLM (its own engine loop,
-  client, sandbox and workers) built from ``RLM.settings()``. A worker gets a chunk of
-  tasks, runs up to its share of ``concurrency`` of them at once and yields each
-  output record as its task ends (a streaming generator), so results arrive while the
-  chunk is still running.
+  client, sandbox and workers) built by the driver's RLM class from ``RLM.settings()``.
+  A worker gets a chunk of tasks, runs up to its share of ``concurrency`` of them at
+  once and yields each output record as its task ends (a streaming generator), so
+  results arrive while the chunk is still running.
 - The driver (this process) is the only writer of the output: records come back to
   the runner's ``finished`` callback, exactly as with the local backend, so resume
   works the same.
@@ -84,11 +84,13 @@ def _actor_classes() -> tuple[Any, Any]:
     class JobWorker:
         """One worker process of a job: one RLM, many concurrent tasks."""
 
-        def __init__(self, settings: dict[str, Any], ledger: Any, concurrency: int,
-                     schema: Any, max_time_s: float | None, time_left_s: float | None) -> None:
-            from rlm.core import RLM
-
-            self.rlm = RLM(**settings)
+        def __init__(self, rlm_class: type, settings: dict[str, Any], ledger: Any,
+                     concurrency: int, schema: Any, max_time_s: float | None,
+                     time_left_s: float | None) -> None:
+            # The driver's RLM class travels by reference (Ray pickles an importable class
+            # by its module and name), so this module never imports the facade that
+            # offers jobs, and a subclass of RLM stays that subclass on the workers.
+            self.rlm = rlm_class(**settings)
             self.ledger = ledger
             # The job's deadline, binding every call of this worker's runs.
             self.deadline: BudgetLedger | None = None
@@ -199,7 +201,8 @@ async def run_tasks_on_ray(
 
     def new_worker() -> Any:
         actor = worker_cls.options(name=f"{prefix}{next(names)}", namespace="rlm").remote(
-            settings, ledger, per_worker, schema, budget.max_time_s, budget.remaining_time())
+            type(rlm), settings, ledger, per_worker, schema, budget.max_time_s,
+            budget.remaining_time())
         actors.append(actor)
         return actor
 

@@ -26,9 +26,12 @@ from rlm.jobs.budget import JobBudget
 from rlm.jobs.progress import JobProgress
 from rlm.jobs.tasks import Task
 
-__all__ = ["JobSummary", "load_tasks", "run_job", "arun_job"]
+__all__ = ["JobSummary", "JobTasks", "load_tasks", "run_job", "arun_job"]
 
 BACKENDS = ("local", "ray")
+# What a job's tasks may be given as: a JSONL or CSV file, a directory of documents, or
+# the tasks themselves (Task objects or mappings with the JSONL keys).
+JobTasks = str | os.PathLike[str] | Iterable[Task | Mapping[str, Any]]
 
 
 @dataclass
@@ -84,7 +87,7 @@ class JobSummary:
 
 
 def load_tasks(
-    source: str | os.PathLike[str] | Iterable[Task | Mapping[str, Any]],
+    source: JobTasks,
     *,
     query: str | None = None,
     fmt: str = "auto",
@@ -106,8 +109,27 @@ def load_tasks(
     return inputs.tasks_from(source, query=query, fmt=fmt, encoding=encoding)
 
 
-def run_job(rlm: Any, tasks: Iterable[Task] | str | os.PathLike[str], out: str | os.PathLike[str],
-            **options: Any) -> JobSummary:
+def run_job(
+    rlm: Any,
+    tasks: JobTasks,
+    out: str | os.PathLike[str],
+    *,
+    query: str | None = None,
+    fmt: str = "auto",
+    encoding: str = "utf-8",
+    concurrency: int = 8,
+    max_cost_usd: float | None = None,
+    max_tokens: int | None = None,
+    max_time_s: float | None = None,
+    retry_failed: bool = False,
+    sort_output: bool = False,
+    progress: bool = True,
+    backend: str = "local",
+    ray_address: str | None = None,
+    ray_chunk_size: int = 16,
+    ray_workers: int | None = None,
+    schema: Any = None,
+) -> JobSummary:
     """Sync form of ``arun_job`` (blocks; Ctrl-C stops the job with its output valid).
 
     With the in-process sandbox the job runs on the engine loop itself, where the model
@@ -125,12 +147,18 @@ def run_job(rlm: Any, tasks: Iterable[Task] | str | os.PathLike[str], out: str |
 
     async def job() -> JobSummary:
         try:
-            return await arun_job(rlm, tasks, out, **options)
+            return await arun_job(
+                rlm, tasks, out, query=query, fmt=fmt, encoding=encoding,
+                concurrency=concurrency, max_cost_usd=max_cost_usd, max_tokens=max_tokens,
+                max_time_s=max_time_s, retry_failed=retry_failed, sort_output=sort_output,
+                progress=progress, backend=backend, ray_address=ray_address,
+                ray_chunk_size=ray_chunk_size, ray_workers=ray_workers, schema=schema,
+            )
         finally:
             finished.set()
 
     own_loop: asyncio.AbstractEventLoop | None = None
-    if getattr(rlm, "sandbox", None) == "local" and options.get("backend", "local") == "local":
+    if getattr(rlm, "sandbox", None) == "local" and backend == "local":
         loop = engine.engine_loop()
     else:
         loop = own_loop = asyncio.new_event_loop()
@@ -161,7 +189,7 @@ def _serve_loop(loop: asyncio.AbstractEventLoop) -> None:
 
 async def arun_job(
     rlm: Any,
-    tasks: Iterable[Task] | str | os.PathLike[str],
+    tasks: JobTasks,
     out: str | os.PathLike[str],
     *,
     query: str | None = None,

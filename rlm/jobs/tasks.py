@@ -11,7 +11,10 @@ read when its task starts (``Task.load_context``) and dropped when it ends:
   ``context_path`` column for large documents).
 
 Ids are unique per job (a duplicate is a ``TaskInputError``); ids from JSON may be
-strings or integers and are written back as given.
+strings or integers and are written back as given. An input that holds no task at all
+is a ``TaskInputError``. As ``rlm run`` refuses an empty ``--context`` file, a context
+file that is empty (or only whitespace) fails its task unless the task has
+``allow_empty``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Task:
     Exactly one of ``context`` (the value itself), ``context_path`` (a file read with
     ``fmt``/``encoding``) or ``line_ref`` (``(jsonl_path, byte_offset)`` of a JSONL line
     holding ``"context"``) is used; with none of them the context is None.
+    ``allow_empty`` lets an empty context file run (refused by default, as by ``rlm run``).
     """
 
     id: TaskId
@@ -49,6 +53,7 @@ class Task:
     line_ref: tuple[str, int] | None = None
     fmt: str = "auto"
     encoding: str = "utf-8"
+    allow_empty: bool = False
 
     @property
     def key(self) -> str:
@@ -58,7 +63,7 @@ class Task:
     def load_context(self) -> Any:
         """Read this task's context now (from its file or JSONL line, or as given)."""
         if self.context_path is not None:
-            return load_context_file(self.context_path, self.fmt, self.encoding)
+            return load_context_file(self.context_path, self.fmt, self.encoding, allow_empty=self.allow_empty)
         if self.line_ref is not None:
             path, offset = self.line_ref
             with open(path, "rb") as fh:
@@ -68,11 +73,13 @@ class Task:
         return self.context
 
 
-def load_context_file(path: str | os.PathLike[str], fmt: str = "auto", encoding: str = "utf-8") -> Any:
+def load_context_file(path: str | os.PathLike[str], fmt: str = "auto", encoding: str = "utf-8",
+                      *, allow_empty: bool = False) -> Any:
     """Read a context file as ``rlm run --context`` does: text, JSON or JSONL by ``fmt``.
 
     ``fmt="auto"`` picks by extension (.json, .jsonl, otherwise text). Raises
-    ``TaskInputError`` naming the file when it is missing, undecodable or malformed.
+    ``TaskInputError`` naming the file when it is missing, undecodable or malformed, or
+    empty (only whitespace) unless ``allow_empty``.
     """
     p = Path(path)
     try:
@@ -89,6 +96,10 @@ def load_context_file(path: str | os.PathLike[str], fmt: str = "auto", encoding:
             f"{exc.start}); convert it to text first or pass --encoding (e.g. latin-1)"
         ) from exc
     del raw
+    if not allow_empty and not text.strip():
+        raise TaskInputError(
+            f"{path} is empty: there is nothing to answer over (pass --allow-empty to run it anyway)"
+        )
     if fmt == "auto":
         fmt = {".json": "json", ".jsonl": "jsonl"}.get(p.suffix.lower(), "text")
     try:
@@ -164,6 +175,9 @@ def read_jsonl(
             else:
                 tasks.append(Task(task_id, task_query))
             del item
+    if not tasks:
+        raise TaskInputError(f"{path} holds no tasks: give one JSON object per line, with 'id', "
+                             "'query' and 'context' or 'context_path'")
     return check_unique(tasks, str(path))
 
 
@@ -174,7 +188,8 @@ def read_dir(
     sorted order; the id is the file's path relative to ``directory`` (with ``/``)."""
     root = Path(directory)
     if not root.is_dir():
-        raise TaskInputError(f"--dir needs a directory: {directory}")
+        raise TaskInputError(f"{directory} is a file, not a directory" if root.exists()
+                             else f"directory not found: {directory}")
     task_query = _check_query(None, query, f"--dir {directory}")
     tasks = []
     for p in sorted(root.rglob("*")):
@@ -215,6 +230,8 @@ def read_csv(
                                   fmt=fmt, encoding=encoding))
             else:
                 tasks.append(Task(task_id, task_query, context=row.get("context")))
+    if not tasks:
+        raise TaskInputError(f"{path} holds no tasks: its header is followed by no rows")
     return check_unique(tasks, str(path))
 
 

@@ -10,9 +10,16 @@ Tools:
   ``repl_close(session_id)`` let the agent itself be the root model, with
   ``llm_query_batch`` fanning out through the server's client.
 
+A run stopped at its iteration limit without a ``FINAL`` in its last turn has no
+answer (``answer`` null, ``stopped_reason`` "max_iterations", an error result): the
+root model's raw last reply is often REPL code and is never presented as the answer.
+
 stdio by default; ``--http HOST:PORT`` serves streamable HTTP at ``/mcp`` (with a bearer
-key, required beyond loopback as for ``rlm serve``). Nothing but the protocol may be
-written to stdout in stdio mode: notices go to stderr.
+key, required beyond loopback as for ``rlm serve``). The key is a plain bearer token,
+not OAuth: a request without it gets a 401 whose challenge names no authorization
+server, and every other path (the OAuth discovery documents included) is a 404, so an
+MCP client reports the missing header instead of starting an OAuth flow. Nothing but
+the protocol may be written to stdout in stdio mode: notices go to stderr.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import json
 import signal
 import socket
@@ -31,8 +39,9 @@ from typing import Annotated, Any
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, WithJsonSchema
 
+from rlm.cli import package_version
 from rlm.errors import AccessDeniedError, ConfigError, SessionError
 from rlm.serve.auth import bearer_matches, check_bind
 from rlm.serve.paths import AllowedDirs
@@ -42,12 +51,19 @@ from rlm.serve.runs import (
     UpstreamSettings,
     progress_message,
     result_metadata,
+    served_answer,
 )
 from rlm.serve.sessions import SessionManager
 
 __all__ = ["McpOptions", "build_server", "run_mcp"]
 
-JSONContext = str | list[Any] | dict[str, Any] | None
+# Any JSON value, spelled out: an empty schema ({}) has no keyword, which strict schema
+# checkers (the MCP Inspector's --strict mode) warn about; one type per branch, because
+# they refuse a list of types as well.
+JSONValue = Annotated[Any, WithJsonSchema(
+    {"anyOf": [{"type": kind} for kind in ("string", "number", "boolean", "object", "array", "null")]})]
+JSONContext = str | list[JSONValue] | dict[str, Any] | None
+MCP_PATH = "/mcp"
 # Inline contexts travel in the request over HTTP: allow big ones (as rlm serve does).
 MAX_HTTP_BODY_BYTES = 64 * 1024 * 1024
 
@@ -70,7 +86,7 @@ class QueryOutput(BaseModel):
     """Structured content of ``rlm_query``."""
 
     answer: str | None = Field(description="the answer (JSON text with a schema), or null when the run ended without one")
-    output: Any = Field(default=None, description="with a schema: the validated answer as JSON data")
+    output: JSONValue = Field(default=None, description="with a schema: the validated answer as JSON data")
     stopped_reason: str = Field(description="final | max_iterations | budget | invalid_answer | error")
     error: str | None = None
     iterations: int
@@ -78,7 +94,7 @@ class QueryOutput(BaseModel):
     elapsed_s: float
     usage: dict[str, Any] = Field(description="root, sub and total: calls, tokens, cost_usd")
     log_path: str | None = Field(default=None, description="the run's JSONL trajectory, with --log-dir")
-    raw_output: Any = Field(default=None, description="after invalid_answer: the last value given to FINAL")
+    raw_output: JSONValue = Field(default=None, description="after invalid_answer: the last value given to FINAL")
     validation_errors: list[dict[str, str]] | None = Field(
         default=None, description="after invalid_answer: what did not match the schema")
 
@@ -118,7 +134,7 @@ def _context_from(context: JSONContext, context_path: str | None, allow_dirs: Al
     if context_path is not None:
         try:
             return allow_dirs.read_text(context_path)
-        except AccessDeniedError as exc:
+        except (AccessDeniedError, FileNotFoundError) as exc:
             raise ToolError(str(exc)) from None
     if context is None and required:
         raise ToolError("give the context (text or JSON) or a context_path")
@@ -175,6 +191,7 @@ def build_server(runner: QueryRunner, sessions: SessionManager, options: McpOpti
     """The MCP server with the rlm_query and repl_* tools over ``runner`` and ``sessions``."""
     server: MCPServer = MCPServer(
         "rlm",
+        version=package_version(),
         instructions=(
             "rlm answers questions over contexts far larger than your window. rlm_query runs a "
             "whole Recursive Language Model (a root model writing code over the context, fanning "
@@ -198,8 +215,10 @@ def build_server(runner: QueryRunner, sessions: SessionManager, options: McpOpti
         Pass the context inline (text, or JSON such as a list of documents) or as
         `context_path`, a file under one of the server's --allow-dir directories.
         `schema` (a JSON Schema) asks for a typed answer: it is validated, and returned
-        as `output` in the structured content. `max_cost_usd` lowers the server's cost budget for this run. Progress arrives as
-        progress notifications; cancelling the call cancels the run.
+        as `output` in the structured content. `max_cost_usd` lowers the server's cost
+        budget for this run. Progress arrives as progress notifications; cancelling the
+        call cancels the run. A run stopped at the iteration limit without a final
+        answer returns no answer (stopped_reason "max_iterations").
         """
         if not query.strip():
             raise ToolError("query must be a non-empty question")
@@ -210,12 +229,18 @@ def build_server(runner: QueryRunner, sessions: SessionManager, options: McpOpti
                                           max_cost_usd=max_cost_usd, on_event=progress.sink)
         except ConfigError as exc:
             raise ToolError(str(exc)) from None
+        answer = served_answer(result) or None
         meta = result_metadata(result)
-        structured = QueryOutput(answer=result.answer, **meta).model_dump(mode="json")
-        text = result.answer if result.answer is not None else (
-            f"the run ended without an answer ({result.stopped_reason}): {result.error}")
+        structured = QueryOutput(answer=answer, **meta).model_dump(mode="json")
+        if answer is not None:
+            text = answer
+        elif result.stopped_reason == "max_iterations":
+            text = (f"the run reached the iteration limit ({result.iterations} turns) without a "
+                    "final answer")
+        else:
+            text = f"the run ended without an answer ({result.stopped_reason}): {result.error}"
         return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=structured,
-                              is_error=result.answer is None)
+                              is_error=answer is None)
 
     async def repl_open(context: JSONContext = None,
                         context_path: str | None = None) -> Annotated[CallToolResult, OpenOutput]:
@@ -268,18 +293,22 @@ def build_server(runner: QueryRunner, sessions: SessionManager, options: McpOpti
         return CallToolResult(content=[TextContent(type="text", text=f"closed {session_id}")],
                               structured_content=CloseOutput(session_id=session_id, closed=True).model_dump())
 
-    server.add_tool(rlm_query, annotations=ToolAnnotations(title="Ask an RLM", read_only_hint=True,
-                                                           open_world_hint=True))
-    server.add_tool(repl_open, annotations=ToolAnnotations(title="Open a REPL session"))
-    server.add_tool(repl_exec, annotations=ToolAnnotations(title="Run code in a REPL session",
-                                                           open_world_hint=True))
-    server.add_tool(repl_close, annotations=ToolAnnotations(title="Close a REPL session",
-                                                            destructive_hint=True, idempotent_hint=True))
+    def add(tool: Any, annotations: ToolAnnotations) -> None:
+        # Dedented: clients show the description as it comes, indentation and all.
+        server.add_tool(tool, description=inspect.cleandoc(tool.__doc__ or ""), annotations=annotations)
+
+    add(rlm_query, ToolAnnotations(title="Ask an RLM", read_only_hint=True, open_world_hint=True))
+    add(repl_open, ToolAnnotations(title="Open a REPL session"))
+    add(repl_exec, ToolAnnotations(title="Run code in a REPL session", open_world_hint=True))
+    add(repl_close, ToolAnnotations(title="Close a REPL session", destructive_hint=True,
+                                    idempotent_hint=True))
     return server
 
 
 class _BearerGate:
-    """ASGI wrapper: HTTP requests without ``Authorization: Bearer <key>`` get a 401."""
+    """ASGI wrapper: only the MCP endpoint exists (404 elsewhere, OAuth discovery paths
+    included), and without ``Authorization: Bearer <key>`` it answers 401 with a plain
+    Bearer challenge (RFC 6750, no ``resource_metadata``: there is no OAuth server)."""
 
     def __init__(self, app: Any, auth_key: str | None) -> None:
         self.app = app
@@ -287,24 +316,39 @@ class _BearerGate:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
+            if scope.get("path", "").rstrip("/") != MCP_PATH:
+                await _send_json(send, 404, {"error": {
+                    "message": f"not found: rlm mcp serves MCP at {MCP_PATH} only, with no OAuth; "
+                               "send the key as Authorization: Bearer <key>",
+                    "type": "invalid_request_error", "code": "not_found"}})
+                return
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-            if not bearer_matches(headers.get("authorization"), self.auth_key):
-                body = (b'{"error": {"message": "missing or wrong bearer key: send Authorization: Bearer '
-                        b'<the key rlm mcp was started with>", "type": "invalid_request_error", '
-                        b'"code": "invalid_api_key"}}')
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"www-authenticate", b"Bearer")]})
-                await send({"type": "http.response.body", "body": body})
+            sent = headers.get("authorization")
+            if not bearer_matches(sent, self.auth_key):
+                # A wrong key is an invalid token; a missing one gets the bare challenge.
+                challenge = 'Bearer realm="rlm mcp"' + (', error="invalid_token"' if sent else "")
+                await _send_json(send, 401, {"error": {
+                    "message": "missing or wrong bearer key: send Authorization: Bearer <the key "
+                               "rlm mcp was started with (--auth-key or RLM_SERVE_AUTH_KEY)>",
+                    "type": "invalid_request_error", "code": "invalid_api_key"}},
+                    [(b"www-authenticate", challenge.encode())])
                 return
         await self.app(scope, receive, send)
+
+
+async def _send_json(send: Any, status: int, body: dict[str, Any],
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), *(headers or [])]})
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
 
 async def _serve_http(server: MCPServer, options: McpOptions) -> None:
     import uvicorn
 
     host, port = options.http_host or "127.0.0.1", options.http_port or 0
-    app = _BearerGate(server.streamable_http_app(host=host, max_request_body_size=MAX_HTTP_BODY_BYTES),
+    app = _BearerGate(server.streamable_http_app(streamable_http_path=MCP_PATH, host=host,
+                                                 max_request_body_size=MAX_HTTP_BODY_BYTES),
                       options.auth_key)
     # Bind here, not in uvicorn, so the ready line can name the real port (with port 0).
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -315,7 +359,8 @@ async def _serve_http(server: MCPServer, options: McpOptions) -> None:
         sock.listen(128)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another "
+                          "--http HOST:PORT (port 0 picks a free one)") from None
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     config = uvicorn.Config(app, log_level="warning", lifespan="on")

@@ -3,16 +3,28 @@
 ``POST /v1/chat/completions`` runs one RLM per request: the last user message is the
 query, the text of every earlier message is the context, and ``"rlm": {...}`` in the
 body (``extra_body`` in the OpenAI SDK) may override the context, read it from a file
-under ``--allow-dir``, lower the cost budget or ask for a schema (as does a standard
-``response_format`` of type ``json_schema``: the answer is then the validated JSON). ``GET /v1/models``
-lists ``rlm`` and ``rlm:<root-model>``.
+under ``--allow-dir`` (a relative path is taken under the first one), lower the cost
+budget or ask for a schema. The standard ways to ask for structured output work too:
+``response_format`` of type ``json_schema`` (the answer is the validated JSON) or
+``json_object`` (served as the schema ``{"type": "object"}``), and ``tools`` with a
+``tool_choice`` that names one function (or ``"required"`` with one tool): the
+function's parameters are the schema and the answer comes back as that tool call
+(``finish_reason: "tool_calls"``, the arguments as JSON text). An RLM cannot choose
+between tools or answer in free text instead of calling one, so any other use of
+tools is a 400. ``GET /v1/models`` lists ``rlm`` and ``rlm:<root-model>``.
+
+A run that reaches its iteration limit answers 200 with ``finish_reason: "length"`` and
+``rlm.stopped_reason: "max_iterations"``; the content is the answer the root model gave
+with ``FINAL`` in its last turn, or empty when it gave none: its raw last reply (often
+REPL code) is never presented as an answer.
 
 Streaming (``"stream": true``) sends progress as it happens in chunks whose choice has
 an empty delta and whose extra ``rlm`` field carries the event (strict clients such as
 the openai SDK read them as empty chunks; ``"rlm": {"progress": "content"}`` puts the
 progress lines into the content instead, for chat front-ends that only show content),
-then the answer, a finish chunk with the run's ``rlm`` metadata, a usage chunk with no
-choices, and ``[DONE]``.
+then the answer, a finish chunk with the run's ``rlm`` metadata, and ``[DONE]``; as
+OpenAI does, a usage chunk with no choices comes before ``[DONE]`` only when the
+request has ``"stream_options": {"include_usage": true}``.
 
 The HTTP stack is aiohttp: it is already installed (the client's transport), it runs on
 our own event loop, it cancels a handler when its client disconnects (which cancels the
@@ -27,6 +39,7 @@ import gc
 import json
 import logging
 import math
+import os
 import secrets
 import signal
 import sys
@@ -47,6 +60,7 @@ from rlm.serve.runs import (
     check_remote_schema,
     progress_message,
     result_metadata,
+    served_answer,
 )
 
 __all__ = ["ServeOptions", "build_app", "serve"]
@@ -170,6 +184,74 @@ class _ChatRequest:
     max_cost_usd: float | None
     schema: Any
     progress_in_content: bool
+    # The function a forced tool_choice names: the answer is sent as a call to it.
+    tool: str | None = None
+    include_usage: bool = False
+
+
+def _forced_tool(body: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(name, parameter schema) of the one function the request forces, or None when it
+    uses no tools; any tool use an RLM cannot serve is a 400."""
+    if body.get("functions") is not None or body.get("function_call") is not None:
+        raise _RequestError(400, "the legacy 'functions' parameters are not supported: use 'tools' "
+                            "with a 'tool_choice' that names one function", param="functions")
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if not tools:
+        if choice not in (None, "none", "auto"):
+            raise _RequestError(400, "'tool_choice' needs 'tools'", param="tool_choice")
+        return None
+    if choice == "none":
+        return None  # the client asks for a plain answer: the tools are not used
+    if not isinstance(tools, list) or not all(
+        isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+        and isinstance(t["function"].get("name"), str) for t in tools
+    ):
+        raise _RequestError(400, "'tools' must be a list of {\"type\": \"function\", \"function\": "
+                            "{\"name\", \"parameters\"}} objects", param="tools")
+    functions = {t["function"]["name"]: t["function"] for t in tools}
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in functions:
+            raise _RequestError(400, f"'tool_choice' names {name!r}, which is not in 'tools'",
+                                param="tool_choice")
+    elif choice == "required" and len(functions) == 1:
+        name = next(iter(functions))
+    else:
+        raise _RequestError(
+            400,
+            "rlm serve answers with a tool call only when 'tool_choice' names one function "
+            "({\"type\": \"function\", \"function\": {\"name\": ...}}, or \"required\" with one tool): "
+            "an RLM cannot choose between tools or decide whether to call one",
+            code="unsupported_tool_choice",
+            param="tool_choice",
+        )
+    parameters = functions[name].get("parameters", {"type": "object", "properties": {}})
+    if not isinstance(parameters, dict):
+        raise _RequestError(400, f"the parameters of tool {name!r} must be a JSON Schema object",
+                            param="tools")
+    return name, parameters
+
+
+def _response_format_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The schema a standard ``response_format`` asks for, or None for plain text."""
+    response_format = body.get("response_format")
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        # The standard way to ask for structured output (the SDK's .parse() sends it).
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise _RequestError(400, "response_format.json_schema.schema must be a JSON Schema object",
+                                param="response_format")
+        return schema
+    raise _RequestError(400, "response_format.type must be 'text', 'json_object' or 'json_schema'",
+                        param="response_format")
 
 
 def _parse_request(body: Any, runner: QueryRunner, allow_dirs: AllowedDirs) -> _ChatRequest:
@@ -222,17 +304,17 @@ def _parse_request(body: Any, runner: QueryRunner, allow_dirs: AllowedDirs) -> _
     elif options.get("context_path") is not None:
         try:
             context = allow_dirs.read_text(options["context_path"])
+        except FileNotFoundError as exc:
+            raise _RequestError(404, str(exc), code="not_found", param="rlm.context_path") from None
         except AccessDeniedError as exc:
             raise _RequestError(403, str(exc), type_="permission_error", param="rlm.context_path") from None
-    schema = options.get("schema")
-    response_format = body.get("response_format")
-    if schema is None and isinstance(response_format, dict) and response_format.get("type") == "json_schema":
-        # The standard way to ask for structured output (the SDK's .parse() sends it).
-        spec = response_format.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise _RequestError(400, "response_format.json_schema.schema must be a JSON Schema object",
-                                param="response_format")
+    tool = _forced_tool(body)
+    formats = (("'rlm.schema'", options.get("schema")), ("'response_format'", _response_format_schema(body)),
+               ("a forced tool call", tool[1] if tool else None))
+    asked = [(where, value) for where, value in formats if value is not None]
+    if len(asked) > 1:
+        raise _RequestError(400, f"ask for one answer format, not {' and '.join(w for w, _ in asked)}")
+    schema = asked[0][1] if asked else None
     if schema is not None:
         if not isinstance(schema, dict):
             raise _RequestError(400, "'rlm.schema' must be a JSON Schema object", param="rlm.schema")
@@ -256,7 +338,14 @@ def _parse_request(body: Any, runner: QueryRunner, allow_dirs: AllowedDirs) -> _
         max_cost_usd=max_cost,
         schema=schema,
         progress_in_content=progress == "content",
+        tool=tool[0] if tool else None,
+        include_usage=_include_usage(body),
     )
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def _usage(result: RLMResult) -> dict[str, int]:
@@ -288,8 +377,19 @@ def _failure(result: RLMResult) -> _RequestError:
     )
 
 
-def _finish_reason(result: RLMResult) -> str:
-    return "stop" if result.stopped_reason == "final" else "length"
+def _finish_reason(result: RLMResult, chat: _ChatRequest) -> str:
+    if result.stopped_reason != "final":
+        return "length"
+    return "tool_calls" if chat.tool is not None else "stop"
+
+
+def _answer_fields(answer: str, chat: _ChatRequest) -> dict[str, Any]:
+    """The answer as message (or delta) fields: content, or the forced tool's call."""
+    if chat.tool is None or not answer:
+        return {"content": answer}
+    call = {"id": "call_" + secrets.token_hex(12), "type": "function",
+            "function": {"name": chat.tool, "arguments": answer}}
+    return {"content": None, "tool_calls": [call]}
 
 
 class _ChatServer:
@@ -343,7 +443,8 @@ class _ChatServer:
             if chat.stream:
                 return await self._stream(request, chat)
             result = await self._run(chat, None)
-        if result.answer is None:
+        answer = served_answer(result)
+        if answer is None:
             raise _failure(result)
         return web.json_response(
             {
@@ -354,8 +455,8 @@ class _ChatServer:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": result.answer},
-                        "finish_reason": _finish_reason(result),
+                        "message": {"role": "assistant", **_answer_fields(answer, chat)},
+                        "finish_reason": _finish_reason(result, chat),
                     }
                 ],
                 "usage": _usage(result),
@@ -432,13 +533,20 @@ class _ChatServer:
                 await send(_RequestError(500, f"the run failed: {exc}", type_="server_error").body())
                 await send("[DONE]")
                 return response
-            if result.answer is None:
+            answer = served_answer(result)
+            if answer is None:
                 await send(_failure(result).body())
             else:
-                lead = "\n" if chat.progress_in_content else ""
-                await send(chunk({"content": lead + result.answer}))
-                await send(chunk({}, _finish_reason(result), rlm=result_metadata(result)))
-                await send({**chunk({}), "choices": [], "usage": _usage(result)})
+                fields = _answer_fields(answer, chat)
+                if fields.get("tool_calls"):
+                    fields = {"tool_calls": [{"index": 0, **fields["tool_calls"][0]}]}
+                elif answer and chat.progress_in_content:
+                    fields = {"content": "\n" + answer}
+                if answer:
+                    await send(chunk(fields))
+                await send(chunk({}, _finish_reason(result, chat), rlm=result_metadata(result)))
+                if chat.include_usage:
+                    await send({**chunk({}), "choices": [], "usage": _usage(result)})
             await send("[DONE]")
             await response.write_eof()
             return response
@@ -485,7 +593,13 @@ async def serve(runner: QueryRunner, options: ServeOptions, on_ready: Callable[[
             loop.add_signal_handler(sig, stop.set)
     try:
         site = web.TCPSite(app_runner, options.host, options.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            # aiohttp words a busy port at length; the OS's own words are enough.
+            reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
+            raise ConfigError(f"cannot listen on {options.host}:{options.port}: {reason}; check --host, "
+                              "or pick another --port (0 picks a free one)") from None
         sockets = app_runner.addresses
         port = sockets[0][1] if sockets else options.port
         host = f"[{options.host}]" if ":" in options.host else options.host

@@ -51,8 +51,9 @@ class AllowedDirs:
         """The real path of ``requested`` if it lies under an allowed directory.
 
         Raises ``AccessDeniedError`` (with a message fit to send back to the client)
-        when reading files is disabled, the path lies outside, a symlink leads outside,
-        or the file does not exist.
+        when reading files is disabled, the path lies outside or a symlink leads
+        outside, and ``FileNotFoundError`` (a message as well) when a path inside does
+        not exist: servers answer that one as "not found", not as a refusal.
         """
         if not self.roots:
             raise AccessDeniedError(
@@ -70,7 +71,10 @@ class AllowedDirs:
         try:
             real = lexical.resolve(strict=True)
         except (FileNotFoundError, NotADirectoryError):
-            raise AccessDeniedError(f"context_path {requested!r} does not exist") from None
+            raise FileNotFoundError(
+                f"context_path {requested!r} does not exist (a relative path is taken under "
+                f"{self.roots[0]})"
+            ) from None
         except (OSError, RuntimeError) as exc:  # a symlink loop, a permission problem
             raise AccessDeniedError(f"context_path {requested!r} cannot be resolved: {exc}") from None
         if not self._inside(real):
@@ -80,7 +84,8 @@ class AllowedDirs:
         return real
 
     def read_text(self, requested: str) -> str:
-        """Read the allowed file ``requested`` as UTF-8 text; see ``resolve`` for the checks."""
+        """Read the allowed file ``requested`` as UTF-8 text; see ``resolve`` for the checks
+        and errors."""
         real = self.resolve(requested)
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
         try:

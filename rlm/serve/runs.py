@@ -20,7 +20,14 @@ from rlm.core import RLM, RLMResult
 from rlm.errors import ConfigError
 from rlm.llm import AsyncOpenAIClient
 
-__all__ = ["QueryRunner", "RunProgress", "UpstreamSettings", "progress_message", "result_metadata"]
+__all__ = [
+    "QueryRunner",
+    "RunProgress",
+    "UpstreamSettings",
+    "progress_message",
+    "result_metadata",
+    "served_answer",
+]
 
 Event = dict[str, Any]
 
@@ -214,6 +221,20 @@ def result_metadata(result: RLMResult) -> dict[str, Any]:
     total = result.total_usage
     data["usage"]["total"] = total.to_dict()
     return data
+
+
+def served_answer(result: RLMResult) -> str | None:
+    """What a server may present as the answer of a finished run: None without one.
+
+    A run stopped at its iteration limit answers with the root model's last-turn reply;
+    unless that reply gave its answer with ``FINAL``, it is raw text that is often REPL
+    code, so it is served as "" (no answer; ``stopped_reason`` says why) rather than
+    shown to a client as the answer.
+    """
+    if result.answer is None or result.stopped_reason != "max_iterations":
+        return result.answer
+    last = next((e for e in reversed(result.trajectory) if e.get("type") == "final"), None)
+    return result.answer if last is not None and last.get("source") != "last_turn" else ""
 
 
 def check_remote_schema(schema: Any) -> None:
