@@ -164,7 +164,10 @@ class _Transport:
     def _failure(self, exc: BaseException) -> LLMError:
         if isinstance(exc, TimeoutError | self._aiohttp.ServerTimeoutError):
             return LLMTimeoutError(f"no answer within {self._timeout_s:g} s")
-        return LLMConnectionError(f"{type(exc).__name__}: {exc}")
+        # No connection at all (nothing listening, an unknown host) is "refused": a
+        # server that is not running does not start because we retry.
+        refused = isinstance(exc, self._aiohttp.ClientConnectorError)
+        return LLMConnectionError(f"{type(exc).__name__}: {exc}", refused=refused)
 
     async def post(self, http: HTTPRequest) -> tuple[int, Mapping[str, str], bytes]:
         """POST ``http`` and read the whole answer: (status, headers, body)."""
