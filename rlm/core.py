@@ -24,6 +24,7 @@ from rlm.errors import ConfigError, RunInterrupted
 from rlm.jobs import runner as job_runner
 from rlm.jobs.runner import JobSummary, JobTasks
 from rlm.llm import AsyncOpenAIClient
+from rlm.pacing import check_limits
 from rlm.repl import REPLEnv, default_sandbox
 from rlm.result import RLMResult
 from rlm.run import (
@@ -63,6 +64,9 @@ class RLM:
     - ``prices``: model name to USD per 1M (input, output) tokens for the clients this
       RLM builds, so costs and ``max_cost_usd`` work for models the built-in table
       does not know (default: the built-in table and $RLM_PRICES).
+    - ``limits``: requests and tokens per minute per model for the clients this RLM
+      builds, ``{"gpt-5-mini": {"rpm": 5000, "tpm": 2_000_000}}``; calls are paced to
+      them (default: learned from the provider's rate-limit headers and refusals).
 
     The loop and its limits:
 
@@ -155,6 +159,7 @@ class RLM:
         cache_read: bool = True,
         cache_write: bool = True,
         reuse_workers: bool = True,
+        limits: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         # The keywords this RLM was made with, so another process can build its twin.
         self._settings: dict[str, Any] = {k: v for k, v in locals().items() if k != "self"}
@@ -182,6 +187,11 @@ class RLM:
             )
         if prices is not None:
             prices = check_prices(prices)
+        if limits is not None:
+            if client is not None or sub_client is not None:
+                raise ConfigError("limits= applies to the clients RLM creates; pass limits= "
+                                  "to the AsyncOpenAIClient(s) you pass in instead")
+            limits = check_limits(limits)
         if (cache not in (None, False) or not cache_read or not cache_write) and (
             client is not None or sub_client is not None
         ):
@@ -191,7 +201,8 @@ class RLM:
             )
         # One store for both clients this RLM creates; it is closed after them.
         self._cache = open_cache(cache)
-        caching = {"cache": self._cache, "cache_read": cache_read, "cache_write": cache_write}
+        caching = {"cache": self._cache, "cache_read": cache_read, "cache_write": cache_write,
+                   "limits": limits}
         self._owned: list[AsyncOpenAIClient] = []
         if client is None:
             client = AsyncOpenAIClient(model=model, api_key=api_key, base_url=base_url,

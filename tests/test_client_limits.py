@@ -407,3 +407,16 @@ async def test_a_refused_connection_fails_fast_naming_the_url() -> None:
     assert "\n" not in message
     # Retried for a moment only: the waits it scheduled add up to under two seconds.
     assert sum(n.wait_s for n in notices) < 2.0
+
+
+def test_rlm_limits_pace_the_clients_it_builds() -> None:
+    from rlm import RLM
+
+    rlm = RLM(model="root-m", recursive_model="sub-m", api_key="k", base_url="http://127.0.0.1:9/v1",
+              limits={"sub-m": {"rpm": 60, "tpm": 90_000}, "root-m": {"rpm": 5}})
+    try:
+        sub, root = rlm.sub_client.limiter.pacer.state(), rlm.client.limiter.pacer.state()
+    finally:
+        rlm.close()
+    assert (sub.rpm, sub.tpm, sub.rpm_from) == (60, 90_000, "given")
+    assert (root.rpm, root.tpm) == (5, None)
