@@ -45,6 +45,9 @@ from rlm.usage import PRICE_HELP, check_prices
 # RLMResult and RLMSession are documented here too (``rlm.core.RLMResult``).
 __all__ = ["RLM", "RLMResult", "RLMSession"]
 
+# Sub-queries in flight per concurrent run a batch or job sizes the sub client for.
+SUB_WIDTH_PER_TASK = 16
+
 
 class RLM:
     """A Recursive Language Model: a root model driving a sandboxed REPL over the context.
@@ -59,8 +62,9 @@ class RLM:
       constructor raises ``ConfigError``; a local server that needs none takes any value.
     - ``client`` / ``sub_client``: ready ``AsyncOpenAIClient``s to use (and share
       between RLMs) instead of building them; they are not closed by ``close()``.
-    - ``max_concurrency``: sub-queries in flight at once on the sub client this RLM
-      builds (default 64; ignored when ``sub_client`` is given).
+    - ``max_concurrency``: sub-queries in flight at once per model on the sub client
+      this RLM builds (default 64, raised by ``acompletion_batch`` and jobs to what
+      their tasks can use; given, it stays; ignored when ``sub_client`` is given).
     - ``prices``: model name to USD per 1M (input, output) tokens for the clients this
       RLM builds, so costs and ``max_cost_usd`` work for models the built-in table
       does not know (default: the built-in table and $RLM_PRICES).
@@ -151,7 +155,7 @@ class RLM:
         root_window_tokens: int | None = DEFAULT_ROOT_WINDOW_TOKENS,
         client: AsyncOpenAIClient | None = None,
         sub_client: AsyncOpenAIClient | None = None,
-        max_concurrency: int = 64,
+        max_concurrency: int | None = None,
         cell_timeout: float = 60.0,
         sub_window_chars: int = DEFAULT_SUB_WINDOW_CHARS,
         prices: Mapping[str, tuple[float, float]] | None = None,
@@ -263,6 +267,13 @@ class RLM:
         self._custom_system_prompt = system_prompt is not None
         self.system_prompt = system_prompt or self._default_system_prompt({})
         self.cell_timeout = cell_timeout
+
+    def size_clients(self, tasks: int) -> None:
+        """Let this RLM's clients carry what ``tasks`` runs at once can use: a root call
+        each on the root client, ``SUB_WIDTH_PER_TASK`` sub-queries each on the sub
+        client. A client whose ``max_concurrency`` was given keeps it."""
+        self.client.widen(tasks)
+        self.sub_client.widen(tasks * SUB_WIDTH_PER_TASK)
 
     def settings(self) -> dict[str, Any]:
         """The constructor keywords that build an equivalent RLM in another process.
@@ -423,6 +434,7 @@ class RLM:
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ConfigError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
         default = Schema.of(schema) if schema is not None else None
+        self.size_clients(max_concurrency)
         items: list[tuple[Any, Any, Any]] = []
         for task in tasks:
             context, query = _task_fields(task)

@@ -420,3 +420,19 @@ def test_rlm_limits_pace_the_clients_it_builds() -> None:
         rlm.close()
     assert (sub.rpm, sub.tpm, sub.rpm_from) == (60, 90_000, "given")
     assert (root.rpm, root.tpm) == (5, None)
+
+
+async def test_a_batch_of_200_tasks_puts_more_than_two_default_widths_in_flight() -> None:
+    from rlm import RLM
+
+    def root(messages: list[dict[str, Any]]) -> str:
+        return "```repl\nFINAL(llm_query('ECHO done'))\n```"
+
+    with FakeLLMServer(root, latency=0.3) as srv:
+        async with RLM(model="m", api_key="k", base_url=srv.url, sandbox="local") as rlm:
+            results = await rlm.acompletion_batch([("ctx", f"q{i}") for i in range(200)],
+                                                  max_concurrency=200, progress=False)
+        peak = srv.peak_in_flight
+    assert all(r.error is None for r in results)
+    # Two clients at their default 64 each would cap the server at 128.
+    assert peak > 128
