@@ -56,6 +56,26 @@ def check_limits(limits: Mapping[str, Mapping[str, float]] | None, rpm: float | 
     return table
 
 
+def parse_limit(spec: str) -> tuple[str, dict[str, float]]:
+    """Parse ``MODEL=rpm:N,tpm:N`` (either part may be left out) into a limits entry."""
+    model, sep, rest = spec.rpartition("=")
+    pair: dict[str, float | None] = {}
+    try:
+        for part in rest.split(","):
+            key, colon, value = part.strip().partition(":")
+            if not colon:
+                raise ValueError(part)
+            pair[key.strip()] = float(value.replace("_", ""))
+    except ValueError:
+        pair = {}
+    if not sep or not model or not pair:
+        raise ConfigError(
+            f"a limit is MODEL=rpm:N,tpm:N (requests and tokens per minute; either may be "
+            f"left out), e.g. gpt-5-mini=rpm:5000,tpm:2000000, not {spec!r}"
+        )
+    return model, _check_pair(model, pair)
+
+
 def _check_pair(model: str, pair: Mapping[str, float | None]) -> dict[str, float]:
     unknown = set(pair) - {"rpm", "tpm"}
     if unknown:

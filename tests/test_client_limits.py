@@ -436,3 +436,33 @@ async def test_a_batch_of_200_tasks_puts_more_than_two_default_widths_in_flight(
     assert all(r.error is None for r in results)
     # Two clients at their default 64 each would cap the server at 128.
     assert peak > 128
+
+
+def _rlm_cli(*argv: str) -> Any:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "rlm.cli", *argv], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_limit_flags_reach_the_clients(tmp_path: Any) -> None:
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("some context")
+    with FakeLLMServer() as srv:
+        proc = _rlm_cli("run", "--context", str(ctx), "--query", "q", "--base-url", srv.url,
+                        "--api-key", "k", "--sandbox", "local", "--model", "m", "--tpm", "50")
+        requests = srv.requests
+    # The root's first prompt alone is far over 50 tokens a minute: refused before sending.
+    assert proc.returncode == 1
+    assert "limit of 50 tokens per minute" in proc.stderr
+    assert requests == 0
+
+
+def test_cli_a_malformed_limit_is_a_usage_error(tmp_path: Any) -> None:
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("x")
+    proc = _rlm_cli("run", "--context", str(ctx), "--query", "q", "--api-key", "k",
+                    "--limit", "gpt-5-mini=5000")
+    assert proc.returncode == 2
+    assert "a limit is MODEL=rpm:N,tpm:N" in proc.stderr and "Traceback" not in proc.stderr
