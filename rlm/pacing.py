@@ -156,6 +156,12 @@ class PacingState:
     rpm_from: str | None
     tpm_from: str | None
 
+    def to_dict(self) -> dict[str, float | str | None]:
+        """Plain JSON-ready dict (for trajectories)."""
+        rate = None if self.rate_per_s is None else round(self.rate_per_s, 3)
+        return {"rpm": self.rpm, "tpm": self.tpm, "rate_per_s": rate,
+                "rpm_from": self.rpm_from, "tpm_from": self.tpm_from}
+
 
 class Pacer:
     """Request and token budgets plus a learned request rate, for one lane.

@@ -466,3 +466,33 @@ def test_cli_a_malformed_limit_is_a_usage_error(tmp_path: Any) -> None:
                     "--limit", "gpt-5-mini=5000")
     assert proc.returncode == 2
     assert "a limit is MODEL=rpm:N,tpm:N" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_run_held_back_by_rate_limits_says_so_in_its_trajectory_and_live(closing: Any) -> None:
+    from rlm_support import ROOT, make_rlm, repl
+
+    from rlm.testing import Fault
+
+    refused = 0
+
+    def sub(messages: list[dict[str, Any]]) -> Any:
+        nonlocal refused
+        if refused < 3:
+            refused += 1
+            return Fault("429", retry_after_ms=50)
+        return "ok"
+
+    live: list[dict[str, Any]] = []
+    code = "out = llm_query_batch(['a', 'b'])\nFINAL(out[0] + out[1])"
+    with FakeLLMServer(sub, scripts={ROOT: [repl(code)]}) as srv:
+        rlm = make_rlm(srv, closing, on_event=live.append)
+        result = rlm.completion(context="x", query="q")
+    assert result.answer == "okok"
+    logged = [e for e in result.trajectory if e["type"] == "rate_limited"]
+    assert len(logged) == 1
+    assert logged[0]["role"] == "sub" and logged[0]["refusals"] == 3
+    assert logged[0]["waited_s"] >= 0.15
+    # Each retry was shown live as it happened, and kept out of the log.
+    retries = [e for e in live if e["type"] == "retry"]
+    assert len(retries) == 3 and all(e["refusal"] for e in retries)
+    assert not any(e["type"] == "retry" for e in result.trajectory)
