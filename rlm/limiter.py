@@ -331,7 +331,8 @@ class AdaptiveLimiter:
             # What the server had not counted when it answered: requests sent after this
             # one and still out (those already back were counted, or refused).
             self.pacer.learn(limits, min(self._seq - ticket.seq, self.in_flight),
-                             min(self._tokens_seq - ticket.tokens_seq, self._tokens_out), now)
+                             min(self._tokens_seq - ticket.tokens_seq, self._tokens_out), now,
+                             now - ticket.sent_at)
             self.cold = False  # the server said where its limits stand
         rejected = outcome == REJECTED
         if rejected:

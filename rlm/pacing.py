@@ -237,19 +237,21 @@ class Pacer:
         return self.tokens is not None and cost > self.tokens.capacity
 
     def learn(self, limits: RateLimits, sent_after: int, tokens_after: float,
-              now: float) -> None:
-        """Follow what a reply's rate-limit headers say. ``sent_after`` requests and
-        ``tokens_after`` tokens were sent after that request, so the server had not
-        counted them when it answered."""
+              now: float, age: float = 0.0) -> None:
+        """Follow what a reply's rate-limit headers say. The server counted them when the
+        request arrived, ``age`` seconds ago (it has refilled since), and before the
+        ``sent_after`` requests and ``tokens_after`` tokens sent after it (it is spending
+        those now)."""
         if limits.limit_requests:
             self.requests = self._budget(self.requests, limits.limit_requests,
                                          self._given_rpm, now)
         if limits.limit_tokens:
             self.tokens = self._budget(self.tokens, limits.limit_tokens, self._given_tpm, now)
-        if self.requests is not None and limits.remaining_requests is not None:
-            self.requests.sync(limits.remaining_requests - sent_after, now)
-        if self.tokens is not None and limits.remaining_tokens is not None:
-            self.tokens.sync(limits.remaining_tokens - tokens_after, now)
+        requests, tokens = self.requests, self.tokens
+        if requests is not None and limits.remaining_requests is not None:
+            requests.sync(limits.remaining_requests + requests.rate * age - sent_after, now)
+        if tokens is not None and limits.remaining_tokens is not None:
+            tokens.sync(limits.remaining_tokens + tokens.rate * age - tokens_after, now)
 
     @staticmethod
     def _budget(budget: Budget | None, limit: float, given: float | None,
