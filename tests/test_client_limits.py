@@ -292,18 +292,23 @@ async def test_a_litellm_proxys_llm_provider_retry_after_is_honoured() -> None:
 # -- streams -------------------------------------------------------------------------------
 
 
-async def test_a_rate_limit_inside_a_200_stream_is_retried_like_a_429() -> None:
+def first_then(first: list[Any], then: list[Any]) -> Handler:
+    """A streaming handler: the first request gets the events ``first`` and no [DONE],
+    every later one the events ``then`` and [DONE]."""
     calls = 0
 
     async def handler(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         nonlocal calls
         calls += 1
-        if calls == 1:
-            error = {"error": {"message": "Rate limit reached for m", "type": "requests",
-                               "code": "rate_limit_exceeded"}}
-            return await sse(request, [error], done=False)
-        return await sse(request, [chunk("hello "), chunk("world"), chunk(None, "stop")])
+        return await (sse(request, first, done=False) if calls == 1 else sse(request, then))
 
+    return handler
+
+
+async def test_a_rate_limit_inside_a_200_stream_is_retried_like_a_429() -> None:
+    error = {"error": {"message": "Rate limit reached for m", "type": "requests",
+                       "code": "rate_limit_exceeded"}}
+    handler = first_then([error], [chunk("hello "), chunk("world"), chunk(None, "stop")])
     async with scripted(handler) as url, client_for(url) as client:
         pieces = [p async for p in client.completion_stream("hi")]
         usage = client.usage
@@ -312,15 +317,8 @@ async def test_a_rate_limit_inside_a_200_stream_is_retried_like_a_429() -> None:
 
 
 async def test_a_stream_cut_before_any_text_is_asked_again() -> None:
-    calls = 0
-
-    async def handler(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            return await sse(request, [chunk("")], done=False)  # no finish reason, no [DONE]
-        return await sse(request, [chunk("whole"), chunk(None, "stop")])
-
+    # The first answer stops after an empty piece: no finish reason, no [DONE].
+    handler = first_then([chunk("")], [chunk("whole"), chunk(None, "stop")])
     async with scripted(handler) as url, client_for(url) as client:
         pieces = [p async for p in client.completion_stream("hi")]
         usage = client.usage
