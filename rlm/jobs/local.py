@@ -133,7 +133,6 @@ async def run_tasks(
                 return
             finished(await run_one(rlm, task, concurrency, schema, budget.ledger))
 
-    rlm.size_clients(concurrency)
     workers = [asyncio.create_task(worker()) for _ in range(max(1, concurrency))]
     try:
         left = budget.remaining_time()
