@@ -5,7 +5,9 @@ Two layers, one concept (never ask the model the same thing twice):
 - ``Cache`` is a store of replies by request key. ``SQLiteCache``, the default, is one
   SQLite file in WAL mode, so two notebooks or a job's workers can read and write one
   directory at once; it has a size limit (least recently used entries go first) and
-  an optional TTL, and it records hits for ``rlm cache info``.
+  an optional TTL, and it records hits for ``rlm cache info``. Its replies quote the
+  documents they were asked about, so the directory it creates is private to its user
+  (0700) and the database, with its WAL and shared-memory files, is 0600.
 - ``RequestCache`` is what a client holds on the engine loop. It joins identical
   requests that are in flight at the same moment (single-flight, with or without a
   store), looks a batch up in the store with a handful of ``IN (...)`` queries, and
@@ -179,6 +181,18 @@ class _KeyMaker:
         return digest.hexdigest()
 
 
+def _make_private(db: Path) -> None:
+    """Create the database file 0600 before SQLite does (it would make it 0644, and its
+    WAL and shared-memory files take the database's mode), and narrow the files of a
+    database this user made earlier with the wider mode."""
+    os.close(os.open(db, os.O_RDWR | os.O_CREAT, 0o600))
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            info = path.stat()
+            if info.st_uid == os.getuid() and info.st_mode & 0o077:
+                path.chmod(info.st_mode & 0o700)
+
+
 def _set_wal(conn: sqlite3.Connection, patience_s: float) -> None:
     """Put the database in WAL mode, waiting out another process doing the same.
 
@@ -333,7 +347,7 @@ class SQLiteCache(Cache):
                 f"{DB_NAME})"
             )
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(
                 f"cannot create the cache directory {str(self.directory)!r}: {exc}; pass "
@@ -457,6 +471,7 @@ class SQLiteCache(Cache):
     def _connect(self) -> sqlite3.Connection:
         if self._conn is not None:
             return self._conn
+        _make_private(self.path)
         # Autocommit mode: transactions are explicit BEGIN IMMEDIATE, so a writer takes
         # the lock up front and waits for it, instead of failing on a lock upgrade.
         conn = sqlite3.connect(

@@ -38,6 +38,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
+from rlm.version import package_version
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MAX_ITERATIONS = 0, 1, 2, 3
 # 128 + the signal's number, as shells report it.
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
@@ -45,18 +47,6 @@ EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 class UsageError(Exception):
     """Bad input on the command line: printed, exit code 2."""
-
-
-def package_version() -> str:
-    """The installed package's version (the source tree's when it was never installed)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("rlm-sandbox")
-    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        from rlm import __version__
-
-        return __version__
 
 
 def self_command() -> str:
@@ -210,7 +200,11 @@ def _print_result(result: Any, args: argparse.Namespace, *, view_shown_answer: b
         print(result.answer)
     # A run sets `error` only when it ends without an answer (see RLM._run).
     if result.answer is None:
-        print(f"rlm: run failed ({result.stopped_reason}): {result.error}", file=sys.stderr)
+        from rlm.display.formatting import clean_text
+
+        # The error can quote a model reply or the document: shown inert on the terminal.
+        print(f"rlm: run failed ({result.stopped_reason}): {clean_text(result.error)}",
+              file=sys.stderr)
         return EXIT_FAILED
     if result.stopped_reason == "max_iterations":
         print(
@@ -508,7 +502,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     outcome = demo.summarize(result, haystack, wall, latency)
     verdict = "[green]correct[/]" if outcome.correct else f"[red]wrong[/] (expected {outcome.expected})"
     console.print()
-    console.print(f"answer:       [bold]{outcome.answer}[/]  {verdict}")
+    from rich.markup import escape
+
+    from rlm.display.formatting import clean_text
+
+    # The answer is the model's text: escaped for rich markup and made inert for the terminal.
+    console.print(f"answer:       [bold]{escape(clean_text(outcome.answer))}[/]  {verdict}")
     console.print(f"needle:       line {haystack.needle_line:,} of {haystack.lines:,}")
     console.print(f"iterations:   {outcome.iterations}")
     console.print(f"sub-queries:  {outcome.sub_calls}")
@@ -871,6 +870,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_running=args.max_running,
         max_queue=args.max_queue,
         allow_dirs=_allowed_dirs(args),
+        allowed_hosts=tuple(args.allowed_host),
     )
     runner = QueryRunner(_upstream_settings(args))
     try:
@@ -1146,6 +1146,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-mb", type=_positive_float, default=64.0, help="largest request body, in MB; 413 beyond (default: 64)")
     srv.add_argument("--max-running", type=_positive_int, default=8, help="RLM runs at once (default: 8)")
     srv.add_argument("--max-queue", type=int, default=32, help="requests waiting for a run slot; 429 beyond (default: 32)")
+    srv.add_argument("--allowed-host", action="append", default=[], metavar="HOST[:PORT]",
+                     help="also answer requests whose Host (or browser Origin) is HOST, repeatable; "
+                          "'*' for any (default: loopback names and the --host address; 421 otherwise)")
     _add_upstream_args(srv)
     _add_cost_flags(srv)
     _add_cache_options(srv)

@@ -85,6 +85,11 @@ class BudgetExhaustedError(LLMError):
     """
 
 
+class UnpricedModelError(BudgetExhaustedError):
+    """A model call was not sent because a cost budget is set and its model has no price,
+    so its cost could not be counted against the budget."""
+
+
 class RunInterrupted(KeyboardInterrupt):
     """A sync ``RLM.completion`` was interrupted (Ctrl-C, or SIGTERM in ``rlm run``).
 

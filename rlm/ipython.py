@@ -6,7 +6,10 @@ because all I/O happens on rlm's engine loop; nothing patches asyncio.
 
 ``rlm repl`` is a terminal IPython shell with the root model's tools bound to one
 client. Ctrl-C there cancels the requests in flight (sync calls and top-level awaits
-alike) and waits for the cancellation to land, so the prompt comes back clean.
+alike) and waits for the cancellation to land, so the prompt comes back clean. What a
+cell writes (a print of the context or of a reply, a traceback quoting either) reaches
+the terminal through ``clean_text``: a document cannot write the clipboard, retitle the
+window or hide text there.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import concurrent.futures
 import os
 import shlex
+import sys
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from rlm import loop as engine
 from rlm.cache import parse_cache_option
+from rlm.display.formatting import clean_text
 from rlm.errors import ConfigError, LLMError
 from rlm.llm import AsyncOpenAIClient
 from rlm.repl import ClientSubQueries, failed_slot
@@ -400,10 +405,10 @@ def _short_interrupts(runner: _CancellingRunner) -> Callable[..., None]:
         # IPython ignores what a handler returns for exceptions raised by a cell, so
         # it prints; a full traceback through the loop machinery would only confuse.
         if isinstance(value, _Interrupted):
-            print(f"KeyboardInterrupt: {value}")
+            print(f"KeyboardInterrupt: {clean_text(value)}")
         elif isinstance(value, ReplArgumentError | LLMError):
             # The person's mistake or the server's refusal: the message says it all.
-            print(f"{type(value).__name__}: {value}")
+            print(f"{type(value).__name__}: {clean_text(value)}")
         elif isinstance(value, asyncio.CancelledError) and runner.interrupted:
             print("KeyboardInterrupt: cancelled the awaited call and its requests")
         else:
@@ -411,6 +416,41 @@ def _short_interrupts(runner: _CancellingRunner) -> Callable[..., None]:
             shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
 
     return handler
+
+
+class _CleanStream:
+    """A text stream that passes what is written through ``clean_text``. It says it is
+    no terminal, so rich and IPython write plain text to it, not escape sequences it
+    would show escaped."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(clean_text(text))
+        return len(text)
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _clean_cell_output(shell: Any) -> None:
+    """While each cell runs, its stdout and stderr go through ``_CleanStream``."""
+    saved: list[tuple[Any, Any]] = []
+
+    def before(_info: Any) -> None:
+        saved.append((sys.stdout, sys.stderr))
+        sys.stdout, sys.stderr = _CleanStream(sys.stdout), _CleanStream(sys.stderr)
+
+    def after(_result: Any) -> None:
+        if saved:
+            sys.stdout, sys.stderr = saved.pop()
+
+    shell.events.register("pre_run_cell", before)
+    shell.events.register("post_run_cell", after)
 
 
 def start_repl(context: Any, client: AsyncOpenAIClient) -> None:
@@ -441,9 +481,13 @@ def start_repl(context: Any, client: AsyncOpenAIClient) -> None:
     shell = TerminalInteractiveShell.instance(
         user_ns=repl_namespace(context, client), banner1=banner, banner2="", confirm_exit=False
     )
+    # Tracebacks go through the cleaning stream too: coloured, they would show escaped.
+    for formatter in (shell.InteractiveTB, shell.SyntaxTB):
+        formatter.set_theme_name("nocolor")
     shell.loop_runner = runner
     shell.enable_tip = False  # IPython's random "Tip:" line under our banner
     shell.autoawait = True
+    _clean_cell_output(shell)
     shell.set_custom_exc((_Interrupted, asyncio.CancelledError, ReplArgumentError, LLMError),
                          _short_interrupts(runner))
     try:

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,8 @@ from rlm.errors import ConfigError, EnvClosedError, LLMError, LoopError
 from rlm.sandbox import CellOutcome, Executor, SubQueries
 from rlm.sandbox.flow import SubQueryGate, SubQueryLimits
 from rlm.sandbox.subqueries import FAILED_SLOT_PREFIX, LLMQueryError
-from rlm.structured import check_subquery_schema, structured_batch, structured_query
+from rlm.structured import acheck_subquery_schema, structured_batch, structured_query
+from rlm.usage import BudgetLedger, check_budgetable
 
 __all__ = ["ClientSubQueries", "ExecResult", "REPLEnv", "describe_context"]
 
@@ -106,40 +108,45 @@ class ClientSubQueries:
     ``query`` returns the reply or raises the client's ``LLMError``; ``batch`` never
     raises for an item: a sub-query still failing after the client's retries becomes
     ``"[llm_query error: <short message>]"`` in its slot. With a ``schema`` parameter
-    (a JSON Schema dict) replies are parsed and validated (``rlm.structured``).
+    (a JSON Schema dict) replies are parsed and validated (``rlm.structured``). With a
+    ``ledger`` every call reserves against that budget first (``rlm.usage``);
+    ``progress(done, total)``, when set, hears each batch's items finish.
     """
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, ledger: BudgetLedger | None = None) -> None:
         self._client = client
+        self._ledger = ledger
+        self.progress: Callable[[int, int], None] | None = None
 
     async def query(self, prompt: str, params: dict[str, Any]) -> Any:
         """One completion through the client."""
+        check_budgetable(params)
         if "schema" in params:
             params = dict(params)
-            schema = check_subquery_schema(params.pop("schema"))
+            schema = await acheck_subquery_schema(params.pop("schema"))
             return await structured_query(self._send, prompt, schema, params, self._client)
-        return await self._client.completion(prompt, **params)
+        return await self._send(prompt, params)
 
     async def batch(self, prompts: list[str], params: dict[str, Any]) -> list[Any]:
         """Many completions, concurrently through the client's limiter, in order."""
+        check_budgetable(params)
         if "schema" in params:
             params = dict(params)
-            schema = check_subquery_schema(params.pop("schema"))
+            schema = await acheck_subquery_schema(params.pop("schema"))
             results = await structured_batch(
-                self._send, self._send_many, prompts, schema, params, self._client
+                self._send, self._send_many, prompts, schema, params, self._client, self.progress
             )
         else:
-            results = await self._client.completion_batch(prompts, return_exceptions=True, **params)
+            results = await self._send_many(prompts, params, self.progress)
         return [failed_slot(r) for r in results]
 
     async def _send(self, messages: Any, params: dict[str, Any]) -> str:
-        return await self._client.completion(messages, **params)
+        return await self._client.send(self._client.request(messages, **params), ledger=self._ledger)
 
     async def _send_many(self, prompts: list[Any], params: dict[str, Any],
-                         on_item_done: Any) -> list[Any]:
-        return await self._client.completion_batch(
-            prompts, return_exceptions=True, on_item_done=on_item_done, **params
-        )
+                         on_item_done: Callable[[int, int], None] | None) -> list[Any]:
+        requests = [self._client.request(p, **params) for p in prompts]
+        return await self._client.send_many(requests, ledger=self._ledger, on_item_done=on_item_done)
 
 
 def _short_error(exc: BaseException) -> str:

@@ -491,7 +491,7 @@ async def _loop(
         if not blocks:
             final = await _final_from_text(run, env, reply)
             if final is not None:
-                verdict, feedback = _judge(run, typed, final, iteration)
+                verdict, feedback = await _judge(run, typed, final, iteration)
                 if verdict == "answer":
                     return _answer_text(final, typed), "final", iteration
                 if verdict == "invalid":
@@ -508,7 +508,7 @@ async def _loop(
             feedback = ""
             if result.final is not None:
                 run.trajectory.emit("final", answer=result.final, source="code")
-                verdict, feedback = _judge(run, typed, result.final, iteration)
+                verdict, feedback = await _judge(run, typed, result.final, iteration)
                 if verdict == "answer":
                     return _answer_text(result.final, typed), "final", iteration
                 if verdict == "invalid":
@@ -538,18 +538,18 @@ async def _loop(
         run.trajectory.emit("final", answer=final, source="last_turn")
     if typed is not None:
         # No turn is left to fix a mismatch: it ends the run.
-        if _judge(run, typed, final, rlm.max_iterations + 1, last=True)[0] != "answer":
+        if (await _judge(run, typed, final, rlm.max_iterations + 1, last=True))[0] != "answer":
             return None, "invalid_answer", rlm.max_iterations
         return typed.answer, "max_iterations", rlm.max_iterations
     return _answer_text(final, None), "max_iterations", rlm.max_iterations
 
 
-def _judge(
+async def _judge(
     run: Run, typed: _TypedAnswer | None, value: Any, iteration: int, last: bool = False
 ) -> tuple[str, str]:
     """What a FINAL value means for the run: ("answer", ""), ("retry", the feedback
     for the root) or ("invalid", "") when no retry is left."""
-    if typed is None or typed.accept(value):
+    if typed is None or await typed.accept(value):
         return "answer", ""
     left = 0 if last else typed.retries_left()
     run.trajectory.emit(
@@ -659,10 +659,11 @@ class _TypedAnswer:
         self.answer: str | None = None
         self.issues: tuple[SchemaIssue, ...] = ()
 
-    def accept(self, value: Any) -> bool:
-        """Validate a FINAL value; on success keep the output and its answer text."""
+    async def accept(self, value: Any) -> bool:
+        """Validate a FINAL value (in a validation thread: the loop stays free); on
+        success keep the output and its answer text."""
         self.raw = value
-        verdict = self.schema.validate_answer(value)
+        verdict = await self.schema.avalidate_answer(value)
         if verdict.ok:
             self.output = verdict.output
             self.answer = verdict.output if isinstance(verdict.output, str) else self.schema.dumps(verdict.output)

@@ -12,6 +12,12 @@ Validation never raises for a bad value: it returns the validated output or a li
 it can fix its value. A value that arrives as text (a model wrote its answer in prose,
 or a reply to a sub-query) is parsed first: JSON, optionally inside a code fence, or a
 Python literal.
+
+Checking is bounded (``rlm.schema_bounds``): a JSON Schema whose cost would be
+exponential is refused when it is accepted, a value nested deeper than
+``MAX_VALUE_DEPTH`` is an issue, a check that runs past ``time_budget_s`` stops with an
+issue, and ``avalidate``/``avalidate_answer`` run the check in a thread so that an event
+loop is never held by it.
 """
 
 from __future__ import annotations
@@ -19,10 +25,21 @@ from __future__ import annotations
 import ast
 import json
 import re
+import reprlib
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from rlm.errors import ConfigError
+from rlm.schema_bounds import (
+    MAX_VALUE_DEPTH,
+    OverBudget,
+    bounded_validator,
+    cost_problem,
+    deadline,
+    deeper_than,
+    off_loop,
+)
 
 __all__ = ["Schema", "SchemaIssue", "Validation", "format_issues", "parse_json_text"]
 
@@ -32,6 +49,16 @@ RECEIVED_CHARS = 80
 # How many issues, and how much text, one feedback message carries.
 MAX_ISSUES = 20
 ISSUES_BUDGET = 2_000
+# Seconds one check may take before it stops with an issue (the value is refused).
+VALIDATION_BUDGET_S = 5.0
+# Errors read from a JSON Schema validator: far more than feedback shows, and a bound on
+# the work of a value with a million wrong items.
+_ERRORS_READ = 200
+
+# A repr that stops early: a 1 MB wrong answer costs a few dozen characters to show.
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = RECEIVED_CHARS
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
 
 _FENCE_BLOCK = re.compile(r"```[A-Za-z0-9_+-]*[ \t]*\n?(?P<body>.*?)```", re.DOTALL)
 
@@ -70,7 +97,7 @@ class Validation:
 
 def _received(value: Any) -> str:
     try:
-        text = repr(value)
+        text = _REPR.repr(value)
     except Exception:  # noqa: BLE001 - a value whose repr fails is still an issue to report
         text = f"<{type(value).__name__}>"
     if len(text) > RECEIVED_CHARS:
@@ -138,12 +165,15 @@ class Schema:
     ``json_schema`` is the JSON Schema dict (what prompts show and ``response_format``
     sends); ``name`` a short name for it; ``validate`` checks a value and
     ``to_json`` turns a validated output back into plain JSON data.
+    ``time_budget_s`` bounds one check (a JSON Schema's; a pydantic check cannot be
+    stopped and is only bounded by the depth cap).
     """
 
     def __init__(self, spec: Any, json_schema: dict[str, Any], name: str, adapter: Any, validator: Any) -> None:
         self.spec = spec
         self.json_schema = json_schema
         self.name = name
+        self.time_budget_s = VALIDATION_BUDGET_S
         self._adapter = adapter
         self._validator = validator
 
@@ -155,8 +185,9 @@ class Schema:
     def of(cls, spec: Any) -> Schema:
         """Wrap a pydantic model class, a type ``TypeAdapter`` accepts, or a JSON Schema dict.
 
-        A ``Schema`` is returned as is. Raises ConfigError for anything else, and for a
-        dict that is not a valid JSON Schema (the message names the problem).
+        A ``Schema`` is returned as is. Raises ConfigError for anything else, for a
+        dict that is not a valid JSON Schema (the message names the problem), and for
+        one whose checking could take exponential time or never end.
         """
         if isinstance(spec, Schema):
             return spec
@@ -194,8 +225,11 @@ class Schema:
         except jsonschema.SchemaError as exc:
             where = _path(exc.absolute_path)
             raise ConfigError(f"the schema is not a valid JSON Schema at {where}: {exc.message}") from exc
+        problem = cost_problem(spec)
+        if problem is not None:
+            raise ConfigError(f"the schema cannot be checked in bounded time: {problem}")
         name = str(spec.get("title") or "answer")
-        return cls(spec, spec, _safe_name(name), None, validator_cls(spec))
+        return cls(spec, spec, _safe_name(name), None, bounded_validator(validator_cls)(spec))
 
     # -- use ---------------------------------------------------------------------------
 
@@ -209,9 +243,21 @@ class Schema:
         A pydantic schema validates in its default (lax) mode, so ``"3"`` is accepted for
         an int and the output is the converted object (a model instance for a model
         class). A JSON Schema checks the value as is; its output is the value itself.
+        A value nested deeper than ``MAX_VALUE_DEPTH``, or whose check takes longer
+        than ``time_budget_s``, gets one issue saying so. Blocking: on an event loop,
+        await ``avalidate`` instead.
         """
-        if self._validator is not None:
-            return self._validate_json_schema(value)
+        try:
+            with deadline(self.time_budget_s):
+                if deeper_than(value, MAX_VALUE_DEPTH):
+                    return Validation(False, issues=(SchemaIssue(
+                        "$", f"a value nested at most {MAX_VALUE_DEPTH} levels deep", "a value nested deeper"),))
+                if self._validator is not None:
+                    return self._validate_json_schema(value)
+        except OverBudget:
+            return Validation(False, issues=(SchemaIssue(
+                "$", f"a value this schema can check within {self.time_budget_s:g} s",
+                "one that took longer to check (make it smaller)"),))
         from pydantic import ValidationError
 
         try:
@@ -228,7 +274,7 @@ class Schema:
         A model may give its answer as JSON text (``FINAL('{"count": 3}')``), inside a
         code fence, or as a Python literal written in prose (``FINAL({'count': 3})``).
         When the text parses, the parsed value's result is returned (valid or not);
-        when it does not, the str's own issues are.
+        when it does not, the str's own issues are. Blocking, like ``validate``.
         """
         first = self.validate(value)
         if first.ok or not isinstance(value, str):
@@ -237,6 +283,14 @@ class Schema:
         if parsed is _UNPARSED:
             return first
         return self.validate(parsed)
+
+    async def avalidate(self, value: Any) -> Validation:
+        """``validate`` in a validation thread: the awaiting event loop stays free."""
+        return await off_loop(self.validate, value)
+
+    async def avalidate_answer(self, value: Any) -> Validation:
+        """``validate_answer`` in a validation thread: the awaiting event loop stays free."""
+        return await off_loop(self.validate_answer, value)
 
     def to_json(self, output: Any) -> Any:
         """A validated output as plain JSON data (a model instance becomes a dict)."""
@@ -250,7 +304,10 @@ class Schema:
 
     def _validate_json_schema(self, value: Any) -> Validation:
         try:
-            errors = sorted(self._validator.iter_errors(value), key=lambda e: list(map(str, e.absolute_path)))
+            errors = sorted(islice(self._validator.iter_errors(value), _ERRORS_READ),
+                            key=lambda e: list(map(str, e.absolute_path)))
+        except OverBudget:
+            raise
         except RecursionError:
             return Validation(False, issues=(SchemaIssue("$", self.name, "a value nested too deeply"),))
         except Exception as exc:  # noqa: BLE001 - e.g. an unresolvable $ref: the value cannot pass

@@ -84,7 +84,7 @@ def load_session(rlm: RLM, path: str | os.PathLike[str], context: Any) -> RLMSes
     """A new session of ``rlm`` over ``context`` with the saved history, usage and plain
     variables of ``path`` restored; raises ``ConfigError`` for a file that is not one
     (before any REPL is started)."""
-    saved = read_session(path)
+    saved = read_session(path, rlm.tools)
     session = RLMSession(rlm, context)
     try:
         saved.restore(session)

@@ -22,7 +22,9 @@ sessions depend on sessions and never the reverse.
 from __future__ import annotations
 
 import ast
+import builtins
 import json
+import keyword
 import math
 import os
 import time
@@ -118,9 +120,16 @@ def assigned_names(code: str) -> set[str]:
             and n not in _PROVIDED and not n.startswith(_HELPER)}
 
 
-def _decode(value: Any) -> Any:
+# Deepest value a session file may hold: the encoder stops at depth 40.
+_MAX_DEPTH = 64
+
+
+def _decode(value: Any, depth: int = 0) -> Any:
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"a value nested deeper than {_MAX_DEPTH} levels")
+    depth += 1
     if isinstance(value, list):
-        return [_decode(x) for x in value]
+        return [_decode(x, depth) for x in value]
     if isinstance(value, dict):
         if len(value) != 1:
             raise ValueError("not a tagged value")
@@ -130,13 +139,13 @@ def _decode(value: Any) -> Any:
                 raise ValueError(f"bad float {inner!r}")
             return float(inner)
         if tag == "$t":
-            return tuple(_decode(x) for x in inner)
+            return tuple(_decode(x, depth) for x in inner)
         if tag == "$s":
-            return {_decode(x) for x in inner}
+            return {_decode(x, depth) for x in inner}
         if tag == "$fs":
-            return frozenset(_decode(x) for x in inner)
+            return frozenset(_decode(x, depth) for x in inner)
         if tag == "$d":
-            return {_decode(k): _decode(v) for k, v in inner}
+            return {_decode(k, depth): _decode(v, depth) for k, v in inner}
         raise ValueError(f"unknown tag {tag!r}")
     if value is None or isinstance(value, bool | int | float | str):
         return value
@@ -199,7 +208,11 @@ def _snapshot(session: RLMSession, names: Iterable[str], max_var_chars: int
 def save_session(session: RLMSession, path: str | os.PathLike[str], *,
                  max_var_chars: int = MAX_VAR_CHARS) -> Path:
     """Write ``session`` to ``path`` as JSON (atomically); see the module docstring."""
-    saved, unsaved = _snapshot(session, session.variable_names, max_var_chars)
+    # A cell's own `sum = 0` hides a builtin for that session only: loading refuses such
+    # names, so they are listed as not saved rather than breaking the file.
+    hiding = session.variable_names & _reserved_names(session.rlm.tools)
+    saved, unsaved = _snapshot(session, session.variable_names - hiding, max_var_chars)
+    unsaved.update({name: "it hides the REPL's own name" for name in sorted(hiding)})
     data = {
         "format": FORMAT,
         "version": VERSION,
@@ -229,6 +242,12 @@ def _usage(data: Any) -> Usage:
     return Usage(**fields, by_model=by_model)
 
 
+def _reserved_names(tools: Iterable[str]) -> frozenset[str]:
+    """Names a restored variable may not take: what the REPL provides (its functions,
+    the context, the builtins cells see) and the RLM's tools."""
+    return frozenset({*_PROVIDED, *dir(builtins), "LLMQueryError", *tools})
+
+
 @dataclass
 class SavedSession:
     """A session file's contents, checked and decoded: ready to restore into a session."""
@@ -249,16 +268,19 @@ class SavedSession:
             session.variable_names.add(name)
 
 
-def read_session(path: str | os.PathLike[str]) -> SavedSession:
+def read_session(path: str | os.PathLike[str], tools: Iterable[str] = ()) -> SavedSession:
     """The checked contents of the session file ``path``; raises ``ConfigError`` for a
     file that is not one (missing, not JSON, another format or version, a malformed
-    value or a variable that cannot be restored)."""
+    value, or a variable that cannot be restored or would hide a REPL name or one of
+    ``tools``)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ConfigError(f"session file not found: {path}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not a saved session (not JSON: {exc})") from exc
+    except RecursionError:
+        raise ConfigError(f"{path} is not a saved session (its JSON is nested too deeply)") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a saved rlm session (no format: {FORMAT!r})")
     if data.get("version") != VERSION:
@@ -271,9 +293,17 @@ def read_session(path: str | os.PathLike[str]) -> SavedSession:
         values = {str(name): _decode(value) for name, value in variables.items()}
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path} holds a malformed session: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"{path} holds a malformed session: a value nested too deeply") from None
+    reserved = _reserved_names(tools)
     for name in values:
-        if not name.isidentifier() or name in _PROVIDED or name.startswith(("_", _HELPER)):
+        if not name.isidentifier() or keyword.iskeyword(name) or name.startswith(("_", _HELPER)):
             raise ConfigError(f"{path} holds a variable named {name!r}, which cannot be restored")
+        if name in reserved:
+            raise ConfigError(
+                f"{path} holds a variable named {name!r}, which would hide the REPL's own "
+                f"{name!r}; rename it in the file (or delete it) to load the session"
+            )
     usage = data.get("usage") or {}
     return SavedSession(
         history=pairs,

@@ -11,25 +11,33 @@ which a batch turns into its slot's ``"[llm_query error: ...]"`` text.
 
 The schema comes from REPL code, so it is checked before use: plain JSON, bounded in
 size, a valid JSON Schema, without the regular-expression keywords (``pattern``,
-``patternProperties``) that would run a pattern of the code's choosing in the host, and
-without references outside the schema.
+``patternProperties``) that would run a pattern of the code's choosing in the host,
+with references only to JSON pointers inside the schema (no anchors, no nested ``$id``,
+so that ``rlm.schema_bounds`` can see every reference), and with a checking cost that is
+not exponential. Accepting a schema and validating replies both run in the validation
+threads (``acheck_subquery_schema``, ``off_loop``): the engine loop that every sub-query
+shares is never held by them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from rlm import prompts
 from rlm.errors import ConfigError, LLMError, ResponseError
 from rlm.schema import Schema, SchemaIssue, format_issues, parse_json_text
+from rlm.schema_bounds import off_loop
 
 __all__ = [
     "MAX_SCHEMA_CHARS",
     "SchemaMismatchError",
+    "acheck_subquery_schema",
     "check_subquery_schema",
     "structured_batch",
     "structured_query",
@@ -39,8 +47,16 @@ __all__ = [
 MAX_SCHEMA_CHARS = 64_000
 # Re-asks after a reply that does not match (the model sees the issues each time).
 REASKS = 1
-# Replies validated between two yields to the event loop in a large batch.
+# Replies validated in one hop to a validation thread in a large batch.
 VALIDATE_CHUNK = 64
+# Accepted schemas kept by their JSON text: a batch or a run reuses one schema many times,
+# and accepting a large one costs a noticeable fraction of a second.
+_ACCEPTED_KEPT = 64
+_accepted: OrderedDict[str, Schema] = OrderedDict()
+_accepted_lock = threading.Lock()
+# Keywords that move a reference's base or give it a name other than a JSON pointer:
+# references must stay plain pointers, so that the cost analysis sees each one.
+_NAMING_KEYWORDS = ("$anchor", "$dynamicAnchor", "$dynamicRef", "$recursiveRef", "$recursiveAnchor")
 
 Send = Callable[[list[dict[str, Any]], dict[str, Any]], Awaitable[str]]
 # (messages of each prompt, body params, on_item_done) -> each slot's text or exception.
@@ -64,20 +80,45 @@ def check_subquery_schema(schema: Any) -> Schema:
 
     Refused: anything but a dict of plain JSON data, more than ``MAX_SCHEMA_CHARS``
     of JSON, an invalid JSON Schema, the ``pattern``/``patternProperties`` keywords
-    (their regular expressions would run in the host) and ``$ref`` outside the schema.
+    (their regular expressions would run in the host), ``$ref`` to anything but a JSON
+    pointer inside the schema, anchors and nested ``$id``, and a schema whose checking
+    could take exponential time. Blocking (accepting a large schema takes a moment): on
+    an event loop, await ``acheck_subquery_schema``.
     """
+    return _accept(_copy(schema))
+
+
+async def acheck_subquery_schema(schema: Any) -> Schema:
+    """``check_subquery_schema`` with the costly part in a validation thread.
+
+    The schema is copied to plain data here, on the calling loop (reading a cell's
+    object from another thread could race the cell); that copy is bounded in size.
+    """
+    return await off_loop(_accept, _copy(schema))
+
+
+def _copy(schema: Any) -> Any:
     if not issubclass(type(schema), dict):
         raise TypeError(
             f"llm_query's schema must be a JSON Schema dict such as "
             f"{{'type': 'array', 'items': {{'type': 'string'}}}}, not {type(schema).__name__}"
         )
-    schema = _plain(schema)
+    return _plain(schema, [0])
+
+
+def _accept(schema: Any) -> Schema:
     try:
         text = json.dumps(schema)
     except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(f"llm_query's schema must be plain JSON data: {exc}") from None
     if len(text) > MAX_SCHEMA_CHARS:
         raise TypeError(f"llm_query's schema is {len(text):,} characters of JSON; the limit is {MAX_SCHEMA_CHARS:,}")
+    key = json.dumps(schema, sort_keys=True)
+    with _accepted_lock:
+        known = _accepted.get(key)
+        if known is not None:
+            _accepted.move_to_end(key)
+            return known
     found = _refused_keyword(schema)
     if found:
         raise TypeError(
@@ -86,17 +127,27 @@ def check_subquery_schema(schema: Any) -> Schema:
             "such things in your code instead"
         )
     try:
-        return Schema.of(schema)
+        accepted = Schema.of(schema)
     except ConfigError as exc:
         raise TypeError(f"llm_query's schema: {exc}") from None
+    with _accepted_lock:
+        _accepted[key] = accepted
+        while len(_accepted) > _ACCEPTED_KEPT:
+            _accepted.popitem(last=False)
+    return accepted
 
 
-def _plain(value: Any, depth: int = 0) -> Any:
+def _plain(value: Any, seen: list[int], depth: int = 0) -> Any:
     """A copy of JSON-like data made of exact builtin types, read without calling any
     method a subclass could override (from the in-process sandbox, a dict subclass's
-    ``items`` would be cell code running on the host's engine loop)."""
+    ``items`` would be cell code running on the host's engine loop). ``seen`` counts the
+    values copied: each takes at least a character of JSON, so the copy stops early."""
     if depth > 64:
         raise TypeError("llm_query's schema is nested deeper than 64 levels")
+    seen[0] += 1
+    if seen[0] > MAX_SCHEMA_CHARS:
+        raise TypeError(f"llm_query's schema holds more than {MAX_SCHEMA_CHARS:,} values; the limit is "
+                        f"{MAX_SCHEMA_CHARS:,} characters of JSON")
     # type(), not isinstance(): isinstance consults a __class__ the object may fake.
     kind = type(value)
     if value is None or kind is bool:
@@ -112,12 +163,12 @@ def _plain(value: Any, depth: int = 0) -> Any:
         for key, item in dict.items(value):
             if not issubclass(type(key), str):
                 raise TypeError("llm_query's schema must have str keys")
-            out[str.__str__(key)] = _plain(item, depth + 1)
+            out[str.__str__(key)] = _plain(item, seen, depth + 1)
         return out
     if issubclass(kind, list):
-        return [_plain(item, depth + 1) for item in list.__iter__(value)]
+        return [_plain(item, seen, depth + 1) for item in list.__iter__(value)]
     if issubclass(kind, tuple):
-        return [_plain(item, depth + 1) for item in tuple.__iter__(value)]
+        return [_plain(item, seen, depth + 1) for item in tuple.__iter__(value)]
     raise TypeError(f"llm_query's schema must be plain JSON data, not {type(value).__name__}")
 
 
@@ -132,9 +183,14 @@ def _refused_keyword(node: Any, depth: int = 0) -> str | None:
                 return key
             if key == "patternProperties" and isinstance(value, dict):
                 return key
-            # Only references inside the schema itself: nothing is fetched.
-            if key in ("$ref", "$dynamicRef") and isinstance(value, str) and not value.startswith("#"):
+            # Only JSON pointers inside the schema itself: nothing is fetched, and the
+            # cost analysis follows every reference.
+            if key == "$ref" and isinstance(value, str) and not (value == "#" or value.startswith("#/")):
                 return f"{key} to {value[:40]!r}"
+            if key in _NAMING_KEYWORDS and isinstance(value, str | bool):
+                return key
+            if key == "$id" and depth and isinstance(value, str):
+                return "a nested $id"
             found = _refused_keyword(value, depth + 1)
             if found:
                 return found
@@ -183,6 +239,10 @@ def _check(schema: Schema, text: str) -> tuple[bool, Any, tuple[SchemaIssue, ...
     return result.ok, result.output, result.issues
 
 
+def _check_all(schema: Schema, texts: list[str]) -> list[tuple[bool, Any, tuple[SchemaIssue, ...]]]:
+    return [_check(schema, text) for text in texts]
+
+
 def _prepare(
     prompt: str | Sequence[Mapping[str, Any]], schema: Schema, params: Mapping[str, Any], native: bool
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -198,11 +258,14 @@ def _prepare(
 
 
 async def _settle(
-    send: Send, schema: Schema, messages: list[dict[str, Any]], body_params: dict[str, Any], text: str
+    send: Send, schema: Schema, messages: list[dict[str, Any]], body_params: dict[str, Any], text: str,
+    checked: tuple[bool, Any, tuple[SchemaIssue, ...]] | None = None,
 ) -> Any:
-    """The validated value of a reply, re-asking with the issues while re-asks remain."""
+    """The validated value of a reply, re-asking with the issues while re-asks remain
+    (``checked``: the reply's verdict, when it was already validated)."""
     for attempt in range(REASKS + 1):
-        ok, output, issues = _check(schema, text)
+        ok, output, issues = checked or await off_loop(_check, schema, text)
+        checked = None
         if ok:
             return output
         if attempt == REASKS:
@@ -300,7 +363,8 @@ async def structured_batch(
 
     replies = await send_many([messages for messages, _ in prepared], body_params, progress)
 
-    async def settle(i: int, messages: list[dict[str, Any]], reply: Any) -> None:
+    async def settle(i: int, messages: list[dict[str, Any]], reply: Any,
+                     checked: tuple[bool, Any, tuple[SchemaIssue, ...]] | None) -> None:
         try:
             if isinstance(reply, LLMError) and native and _rejects_format(reply):
                 # The server changed its mind (or another client's probe raced this one).
@@ -309,24 +373,24 @@ async def structured_batch(
             elif isinstance(reply, BaseException):
                 results[i] = reply
             else:
-                results[i] = await _settle(send, schema, messages, body_params, reply)
+                results[i] = await _settle(send, schema, messages, body_params, reply, checked)
         except Exception as exc:  # noqa: BLE001 - kept in its slot, nothing is lost
             results[i] = exc
 
+    # Most replies match: validate them in chunks, one hop to a validation thread each.
+    texts = [(offset, reply) for offset, reply in enumerate(replies) if isinstance(reply, str)]
+    verdicts: dict[int, tuple[bool, Any, tuple[SchemaIssue, ...]]] = {}
+    for first in range(0, len(texts), VALIDATE_CHUNK):
+        chunk = texts[first:first + VALIDATE_CHUNK]
+        done = await off_loop(_check_all, schema, [reply for _, reply in chunk])
+        verdicts.update(zip((offset for offset, _ in chunk), done, strict=True))
     pending = []
     for offset, ((messages, _), reply) in enumerate(zip(prepared, replies, strict=True)):
-        i = start + offset
-        if offset and offset % VALIDATE_CHUNK == 0:
-            # Validation runs on the engine loop (tens of microseconds a reply): give
-            # other requests their turn between chunks of a large batch.
-            await asyncio.sleep(0)
-        if isinstance(reply, str):
-            # Most replies match: validate them here and await nothing for them.
-            ok, output, _ = _check(schema, reply)
-            if ok:
-                results[i] = output
-                continue
-        pending.append(settle(i, messages, reply))
+        verdict = verdicts.get(offset)
+        if verdict is not None and verdict[0]:
+            results[start + offset] = verdict[1]
+            continue
+        pending.append(settle(start + offset, messages, reply, verdict))
     if pending:
         await asyncio.gather(*pending)
     return results

@@ -19,8 +19,9 @@ from rlm import prompts
 from rlm.errors import LLMError
 from rlm.repl import failed_slot
 from rlm.schema import Schema
-from rlm.structured import check_subquery_schema, structured_batch, structured_query
+from rlm.structured import acheck_subquery_schema, structured_batch, structured_query
 from rlm.trajectory import cap_text, prompt_text
+from rlm.usage import check_budgetable
 
 if TYPE_CHECKING:
     from rlm.run import Run
@@ -85,7 +86,8 @@ class SubQueryService:
         run = self._run
         run.sub_calls += 1
         params = dict(params)
-        schema = check_subquery_schema(params.pop("schema")) if "schema" in params else None
+        check_budgetable(params)
+        schema = await acheck_subquery_schema(params.pop("schema")) if "schema" in params else None
         oversized = self._oversized(prompt)
         if oversized is not None:
             raise oversized
@@ -149,7 +151,8 @@ class SubQueryService:
         run = self._run
         total = len(prompts)
         params = dict(params)
-        schema = check_subquery_schema(params.pop("schema")) if "schema" in params else None
+        check_budgetable(params)
+        schema = await acheck_subquery_schema(params.pop("schema")) if "schema" in params else None
         if run.depth + 1 < run.rlm.max_depth:
             results = await asyncio.gather(
                 *(self._child(p, schema) for p in prompts), return_exceptions=True

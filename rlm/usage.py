@@ -7,10 +7,15 @@
   exact usage of their own.
 - Prices: the built-in table, a JSON prices file (``RLM_PRICES`` names one), and
   ``prices=`` mappings, merged in that order; ``parse_price`` reads ``MODEL=IN,OUT``.
+  A model is priced by its exact name, or as a dated snapshot (``NAME-YYYY-MM-DD``) of a
+  priced ``NAME``: never by a shared prefix (``o3-pro`` is not ``o3``).
 - ``BudgetLedger``: one per run (its child runs and envs share it). Every model call
   reserves a conservative estimate before it is sent and settles the real usage when
   the reply arrives, so a spent budget stops sending, not the next step. A run's
   ledger may draw from a job's (``spending_from``), so job caps bind per call too.
+  Under a cost limit, a call to a model without a price is refused (its cost could not
+  be counted), whatever path it came by; ``check_budgetable`` refuses the request
+  parameters a reservation cannot see (``n`` completions, two completion caps).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import html
 import json
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -29,14 +35,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from rlm.errors import BudgetExhaustedError, ConfigError
+from rlm.errors import BudgetExhaustedError, ConfigError, UnpricedModelError
 
 PRICES_ENV = "RLM_PRICES"
 
 # USD per 1M tokens (input, output), from the providers' public price lists. Matched by
-# exact name first, then by the longest known prefix ("gpt-4o-mini-2024-07-18").
+# exact name, or as a dated snapshot of a listed name ("gpt-4o-mini-2024-07-18" costs what
+# "gpt-4o-mini" does); a snapshot priced differently is listed under its own name.
 DEFAULT_PRICES: dict[str, tuple[float, float]] = {
     "gpt-4o": (2.50, 10.00),
+    "gpt-4o-2024-05-13": (5.00, 15.00),
     "gpt-4o-mini": (0.15, 0.60),
     "gpt-4.1": (2.00, 8.00),
     "gpt-4.1-mini": (0.40, 1.60),
@@ -118,14 +126,22 @@ def resolve_prices(explicit: Mapping[str, Any] | None = None) -> dict[str, tuple
     return table
 
 
+# OpenAI's dated snapshots: the documented family a price extends to.
+_SNAPSHOT = re.compile(r"(?P<base>.+)-\d{4}-\d{2}-\d{2}")
+
+
 def lookup_price(
     prices: Mapping[str, tuple[float, float]], model: str
 ) -> tuple[float, float] | None:
-    """A model's price by exact name, else by the longest known prefix, else None."""
+    """A model's price by exact name, else as a dated snapshot of a priced model
+    (``NAME-YYYY-MM-DD``), else None. Never by a shared prefix: ``o3-pro`` is another
+    model than ``o3``, at another price."""
     if model in prices:
         return prices[model]
-    best = max((p for p in prices if model.startswith(p)), key=len, default=None)
-    return prices[best] if best else None
+    snapshot = _SNAPSHOT.fullmatch(model)
+    if snapshot is not None:
+        return prices.get(snapshot.group("base"))
+    return None
 
 
 # -- usage snapshots -----------------------------------------------------------------
@@ -522,10 +538,33 @@ def estimate_tokens(prompt_chars: int, max_tokens: int | None, largest_completio
 
 @dataclass(slots=True)
 class Hold:
-    """One call's reservation: what was set aside until its reply settles it."""
+    """One call's reservation: what was set aside until its reply settles it, and the
+    requested model's price (the reply may name a model the table does not know)."""
 
     tokens: int
     cost: float
+    price: tuple[float, float] | None = None
+
+
+def check_budgetable(params: Mapping[str, Any]) -> None:
+    """Refuse (TypeError) sub-query parameters whose cost a reservation cannot see:
+    ``n`` other than 1 (a call reserves one completion, and ``llm_query`` returns one
+    reply, so more would be paid for and never read) and both ``max_tokens`` and
+    ``max_completion_tokens`` (the reservation reads one cap, the server may apply the
+    other), or a cap that is not a positive int."""
+    n = params.get("n", 1)
+    if n != 1 or isinstance(n, bool):
+        raise TypeError(
+            "llm_query takes n=1 only: it returns one reply, and a budget reserves one "
+            "completion per call; for several samples, send several prompts (llm_query_batch)"
+        )
+    caps = [name for name in ("max_tokens", "max_completion_tokens") if params.get(name) is not None]
+    if len(caps) > 1:
+        raise TypeError("give llm_query max_tokens or max_completion_tokens, not both")
+    for name in caps:
+        value = params[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise TypeError(f"llm_query's {name} must be a positive int, not {value!r}")
 
 
 class BudgetLedger:
@@ -647,7 +686,7 @@ class BudgetLedger:
         completion = tokens - prompt
         price = lookup_price(self.prices, model)
         cost = (prompt * price[0] + completion * price[1]) / 1_000_000 if price else 0.0
-        return Hold(tokens, cost)
+        return Hold(tokens, cost, price)
 
     def _over(self) -> str | None:
         if self.max_tokens is not None and self.spent_tokens >= self.max_tokens:
@@ -665,12 +704,24 @@ class BudgetLedger:
         )
 
     async def reserve(self, model: str, prompt_chars: int, max_tokens: int | None) -> Hold | None:
-        """Set aside an estimate for one call before it is sent (None: nothing to hold)."""
+        """Set aside an estimate for one call before it is sent (None: nothing to hold).
+
+        Under a cost limit (here or on a parent), a model without a price raises
+        ``UnpricedModelError``: its cost would count as $0 and the limit would not bind.
+        """
         self.check()
         spenders = self._spenders
         if not spenders:
             return None
         hold = self._estimate(model, prompt_chars, max_tokens)
+        if hold.price is None:
+            capped = next((ledger for ledger in spenders if ledger.max_cost_usd is not None), None)
+            if capped is not None:
+                raise UnpricedModelError(
+                    f"model {model!r} has no price, so {capped._prefix}max_cost_usd="
+                    f"{capped.max_cost_usd:g} could not bound its cost; use a priced model or "
+                    + PRICE_HELP.format(model=model)
+                )
         while True:
             full = next((ledger for ledger in spenders if not ledger._fits()), None)
             if full is None:
@@ -690,8 +741,9 @@ class BudgetLedger:
             self.check()
 
     def settle(self, hold: Hold | None, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """Replace a hold by what the call really used (here and in every parent)."""
-        price = lookup_price(self.prices, model)
+        """Replace a hold by what the call really used (here and in every parent); a reply
+        naming a model without a price is charged at the requested model's price."""
+        price = lookup_price(self.prices, model) or (hold.price if hold is not None else None)
         tokens = prompt_tokens + completion_tokens
         cost = (prompt_tokens * price[0] + completion_tokens * price[1]) / 1_000_000 if price else 0.0
         for ledger in self._chain:

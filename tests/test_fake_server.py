@@ -518,7 +518,7 @@ def test_shutdown_leaves_no_pending_tasks_closed_loop_errors_or_resource_warning
         def open_hung_request(server):
             sock = socket.create_connection(("127.0.0.1", server.port))
             body = json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode()
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body) + body)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body) + body)
             return sock
 
         server = FakeLLMServer(latency=5).start()
@@ -613,3 +613,31 @@ async def test_a_server_without_structured_output_refuses_response_format_with_a
     assert status == 400
     assert error["param"] == "response_format"
     assert "response_format" in error["message"]
+
+
+def test_a_connection_that_asks_for_another_route_is_handed_over_in_order(
+    server: FakeLLMServer,
+) -> None:
+    # Chat completions take the fast path; the models request hands the connection to
+    # aiohttp, which answers it and the chat request pipelined after it.
+    models = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    reply = raw_exchange(
+        server.port,
+        chat_request("ECHO before") + models + chat_request("ECHO after", close=True),
+    )
+    assert reply.count(b"HTTP/1.1 200 OK") == 3
+    positions = [reply.index(marker) for marker in
+                 (b'"content":"before"', b'"object":"list"', b'"content":"after"')]
+    assert positions == sorted(positions)
+    assert server.connections == 1
+    assert server.requests == 2
+
+
+async def test_without_the_fast_path_aiohttp_serves_chat_completions_the_same_way() -> None:
+    async with FakeLLMServer(fast_path=False) as srv, aiohttp.ClientSession() as session:
+        status, _, body = await post_chat(session, srv, {"messages": user("ECHO same")})
+        srv.inject("429", retry_after=1)
+        limited, headers, _ = await post_chat(session, srv, {"messages": user("x")})
+    assert (status, json.loads(body)["choices"][0]["message"]["content"]) == (200, "same")
+    assert (limited, headers["Retry-After"]) == (429, "1")
+    assert srv.requests == 2

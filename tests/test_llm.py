@@ -198,7 +198,7 @@ async def test_usage_totals_exact_after_2000_concurrent_calls() -> None:
     assert usage.cost_usd == pytest.approx((prompt_tokens * 1.0 + 2000 * 2.0) / 1e6)
 
 
-def test_cost_uses_the_longest_matching_price_prefix() -> None:
+def test_a_dated_snapshot_costs_what_its_model_costs() -> None:
     client = AsyncOpenAIClient(model="gpt-4o-mini-2024-07-18", api_key="k")
     client._meter.record("gpt-4o-mini-2024-07-18", 1_000_000, 1_000_000)  # noqa: SLF001
     assert client.usage.cost_usd == pytest.approx(0.15 + 0.60)

@@ -1,7 +1,9 @@
 """Tolerant readers of events and results, and the number and text formats every face shares.
 
 Logs may be old, cut short or hand-edited, so every reader here accepts missing or
-mistyped fields and falls back to a default instead of raising."""
+mistyped fields and falls back to a default instead of raising. Their text is untrusted
+(documents, model replies, cell output): ``clean_text`` makes it inert for a terminal,
+and every terminal face passes what it shows through it, as rich ``Text``, never markup."""
 
 from __future__ import annotations
 
@@ -43,6 +45,28 @@ def as_text(value: Any) -> str:
     if value is None:
         return ""
     return value if isinstance(value, str) else str(value)
+
+
+# What a terminal would act on instead of showing: the C0 controls but tab and newline
+# (ESC starts OSC 52 clipboard writes, OSC 0 titles, OSC 8 links, CSI screen clears and
+# SGR hidden text; CR overwrites a line), DEL, the C1 controls (0x9b is a one-byte CSI),
+# and the bidirectional overrides that reorder what is shown.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def clean_text(value: Any) -> str:
+    """Untrusted text made inert for a terminal: each control character is shown escaped
+    (ESC as ``\\x1b``), so escape sequences are seen and do nothing; newlines and tabs
+    stay, and a CR of a CRLF line end is dropped."""
+    text = as_text(value)
+    if not _CONTROL.search(text):
+        return text
+    return _CONTROL.sub(_escaped, text.replace("\r\n", "\n"))
 
 
 def fmt_int(value: Any) -> str:

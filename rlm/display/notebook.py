@@ -9,7 +9,7 @@ from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.text import Text
 
-from rlm.display.formatting import as_int, as_text, field_of, fmt_time, plural
+from rlm.display.formatting import as_int, as_text, clean_text, field_of, fmt_time, plural
 from rlm.display.markup import STYLE, esc, pre_html
 from rlm.display.metrics import metrics_from_result
 from rlm.display.page import fragment_html
@@ -94,7 +94,7 @@ def exec_result_rich(r: Any) -> RenderableType:
     if f["error"]:
         parts.append(output_text(as_text(f["error"]), "bold red", TERM_MAX_LINES, TERM_MAX_CHARS))
     if f["final"] is not None:
-        parts.append(Text.assemble(("FINAL → ", "bold green"), as_text(f["final"])))
+        parts.append(Text.assemble(("FINAL → ", "bold green"), clean_text(f["final"])))
     if not parts:
         parts.append(Text("(no output)", style="dim"))
     return Panel(Group(*parts), title=Text(_exec_summary(f), style="dim"), title_align="left",

@@ -1,5 +1,10 @@
 """The terminal faces of a run: the live view (LiveDisplay, RLM(verbose=True)) and a whole
-log rendered after the fact (render_log, rlm view)."""
+log rendered after the fact (render_log, rlm view).
+
+Everything an event carries is untrusted (a document, a model's reply, a cell's output,
+a log file someone handed over): it is shown through ``clean_text`` as rich ``Text`` (or
+Markdown without hyperlinks, or highlighted code), never parsed as markup, so no escape
+sequence reaches the terminal and no bracket can break the view."""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from rlm.display.formatting import (
     as_int,
     as_num,
     as_text,
+    clean_text,
     depth_of,
     field_of,
     fmt_cost,
@@ -46,7 +52,8 @@ TERM_MAX_CHARS = 3_000
 
 
 def output_text(text: str, style: str, max_lines: int, max_chars: int, indent: str = "") -> Text:
-    head, omitted, tail = head_tail(text.rstrip("\n"), max_lines, max_chars)
+    """A cell output cut to its head and tail, cleaned, as Text."""
+    head, omitted, tail = head_tail(clean_text(text).rstrip("\n"), max_lines, max_chars)
     out = Text()
     # Indent by prefixing lines rather than with Padding: Padding pads every line with
     # trailing spaces up to the widest one, which litters logs and copied text.
@@ -88,7 +95,8 @@ def metrics_table(m: Metrics, title: str = "Metrics") -> Table:
     table.add_column("metric", style="bold")
     table.add_column("value", overflow="fold")
     for label, value in m.rows():
-        table.add_row(label, value)
+        # Text, not str: a str cell is parsed as markup, and a model named "x-[/y]" broke it.
+        table.add_row(Text(label), Text(clean_text(value)))
     return table
 
 
@@ -98,18 +106,18 @@ def answer_panel(m: Metrics) -> RenderableType:
     failed = m.answer is None
     limit = not failed and m.stopped_reason == "max_iterations"
     if failed:
-        body = Text(f"no answer ({m.stopped_reason or 'unknown'})", style="bold red")
+        body = Text(f"no answer ({clean_text(m.stopped_reason or 'unknown')})", style="bold red")
         if m.error:
-            body.append("\n" + m.error, style="red")
+            body.append("\n" + clean_text(m.error), style="red")
         title, border = "[bold]Answer[/]", "red"
     elif limit:
-        body = Text(m.answer or "")
+        body = Text(clean_text(m.answer))
         title, border = "[bold]Answer[/] [yellow]· iteration limit, no FINAL[/]", "yellow"
     else:
-        body = Text(m.answer or "")
+        body = Text(clean_text(m.answer))
         title, border = "[bold]Answer[/]", "green"
     panel = Panel(body, title=title, border_style=border, padding=(0, 1))
-    return Group(panel, Text(m.summary(), style="dim", justify="right"))
+    return Group(panel, Text(clean_text(m.summary()), style="dim", justify="right"))
 
 
 class LiveDisplay:
@@ -228,15 +236,16 @@ class LiveDisplay:
         if depth_of(event):
             # What the parent asked: the prompt it sent (older logs: the generic instruction).
             asked = as_text(event.get("prompt")) or query
-            return [Text.assemble((f"{self._tag(event)}↳ sub-RLM asked: ", "bold magenta"), preview(asked, 200))]
+            return [Text.assemble((f"{self._tag(event)}↳ sub-RLM asked: ", "bold magenta"),
+                                  clean_text(preview(asked, 200)))]
         model = as_text(event.get("model")) or "?"
         sub = as_text(event.get("recursive_model"))
         title = f"RLM · {model}" + (f" (sub: {sub})" if sub and sub != model else "")
-        parts: list[RenderableType] = [Rule(Text(title, style="bold"), style="magenta")]
-        parts.append(Text.assemble(("Query: ", "bold"), query))
+        parts: list[RenderableType] = [Rule(Text(clean_text(title), style="bold"), style="magenta")]
+        parts.append(Text.assemble(("Query: ", "bold"), clean_text(query)))
         context = event.get("context")
         if context:
-            head, omitted, _ = head_tail(as_text(context), 8, 800)
+            head, omitted, _ = head_tail(clean_text(context), 8, 800)
             parts.append(Text.assemble(("Context: ", "bold"), (head.rstrip() + (" …" if omitted else ""), "dim")))
         return parts
 
@@ -257,7 +266,8 @@ class LiveDisplay:
             return [Text(stats, style="dim")]
         return [
             Panel(
-                Markdown(prose),
+                # No hyperlinks: a link would show its text and hide where it leads.
+                Markdown(clean_text(prose), hyperlinks=False),
                 title=Text(f"{self._tag(event)}root", style="bold blue"),
                 title_align="left",
                 subtitle=Text(stats, style="dim"),
@@ -268,7 +278,7 @@ class LiveDisplay:
         ]
 
     def _render_cell(self, event: Event) -> list[RenderableType]:
-        code = as_text(event.get("code")).rstrip("\n")
+        code = clean_text(event.get("code")).rstrip("\n")
         return [
             Panel(
                 Syntax(code, "python", theme="ansi_dark", word_wrap=True, background_color="default"),
@@ -288,7 +298,7 @@ class LiveDisplay:
                                           self.max_output_chars, indent="  "))
         final = event.get("final")
         if final is not None:
-            parts.append(Text.assemble(("  FINAL → ", "bold green"), preview(final, 300)))
+            parts.append(Text.assemble(("  FINAL → ", "bold green"), clean_text(preview(final, 300))))
         info = [f"cell {self._cells.number(event)}", fmt_time(event.get("duration_s"))]
         sub_calls = as_int(event.get("sub_calls"))
         if sub_calls:
@@ -308,11 +318,11 @@ class LiveDisplay:
         out = Text()
         for call in shown:
             out.append("  ↳ ", style="magenta")
-            out.append(preview(field_of(call, "prompt", ""), 70), style="dim")
+            out.append(clean_text(preview(field_of(call, "prompt", ""), 70)), style="dim")
             out.append("  →  ", style="magenta")
             if field_of(call, "cached"):
                 out.append("(cached) ", style="dim green")
-            out.append(preview(field_of(call, "reply", ""), 60) + "\n")
+            out.append(clean_text(preview(field_of(call, "reply", ""), 60)) + "\n")
         if len(calls) > len(shown):
             out.append(f"  … {len(calls) - len(shown):,} more (rlm view LOG --html OUT shows them all)\n",
                        style="dim italic")
@@ -325,11 +335,11 @@ class LiveDisplay:
             return [Text.assemble((f"{self._tag(event)}⚠ no FINAL before the iteration limit: ", "bold yellow"),
                                   ("the answer is the root's last-turn reply", "yellow"))]
         return [Text.assemble((f"{self._tag(event)}✓ final answer", "bold green"),
-                              (f" ({source})" if source else "", "dim"))]
+                              (f" ({clean_text(source)})" if source else "", "dim"))]
 
     def _render_answer_invalid(self, event: Event) -> list[RenderableType]:
         return [Text.assemble((f"{self._tag(event)}✗ answer refused by the schema: ", "bold yellow"),
-                              schema_issues_text(event))]
+                              clean_text(schema_issues_text(event)))]
 
     def _render_retry(self, event: Event) -> list[RenderableType]:
         # The root's retries show one by one (a stopped server must not look like a
@@ -354,17 +364,17 @@ class LiveDisplay:
                      + (f"; pacing to {', '.join(paced)}" if paced else ""), style="dim yellow")]
 
     def _render_budget(self, event: Event) -> list[RenderableType]:
-        return [Text.assemble((f"{self._tag(event)}⚠ budget: ", "bold yellow"), as_text(event.get("reason")))]
+        return [Text.assemble((f"{self._tag(event)}⚠ budget: ", "bold yellow"), clean_text(event.get("reason")))]
 
     def _render_error(self, event: Event) -> list[RenderableType]:
-        return [Text.assemble((f"{self._tag(event)}✗ error: ", "bold red"), as_text(event.get("message")))]
+        return [Text.assemble((f"{self._tag(event)}✗ error: ", "bold red"), clean_text(event.get("message")))]
 
     def _render_run_end(self, event: Event) -> list[RenderableType]:
         m = metrics_from_events(self._events.get(run_key(event), [event]), run_key(event))
         if depth_of(event):
-            answer = "no answer" if m.answer is None else preview(m.answer, 200)
+            answer = "no answer" if m.answer is None else clean_text(preview(m.answer, 200))
             return [Text.assemble((f"{self._tag(event)}↳ sub-RLM answer: ", "bold magenta"), answer,
-                                  (f"  ({m.summary()})", "dim"))]
+                                  (f"  ({clean_text(m.summary())})", "dim"))]
         return [answer_panel(m)]
 
 

@@ -8,7 +8,9 @@ Tools:
   notifications while it runs; a client's cancellation cancels the run.
 - ``repl_open(context | context_path)``, ``repl_exec(session_id, code)`` and
   ``repl_close(session_id)`` let the agent itself be the root model, with
-  ``llm_query_batch`` fanning out through the server's client.
+  ``llm_query_batch`` fanning out through the server's client. A session spends within
+  the server's ``--max-tokens``/``--max-cost-usd`` and belongs to the MCP client session
+  that opened it.
 
 A run stopped at its iteration limit without a ``FINAL`` in its last turn has no
 answer (``answer`` null, ``stopped_reason`` "max_iterations", an error result): the
@@ -38,10 +40,10 @@ from typing import Annotated, Any
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.streamable_http import MCP_SESSION_ID_HEADER
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, WithJsonSchema
 
-from rlm.cli import package_version
 from rlm.errors import AccessDeniedError, ConfigError, SessionError
 from rlm.serve.auth import bearer_matches, check_bind
 from rlm.serve.paths import AllowedDirs
@@ -54,6 +56,7 @@ from rlm.serve.runs import (
     served_answer,
 )
 from rlm.serve.sessions import SessionManager
+from rlm.version import package_version
 
 __all__ = ["McpOptions", "build_server", "run_mcp"]
 
@@ -170,6 +173,18 @@ async def _progress_to(ctx: Context) -> AsyncIterator[RunProgress]:
     await task
 
 
+def _client_session(ctx: Context) -> str:
+    """The MCP client session a request belongs to, which owns the REPL sessions it opens:
+    over HTTP its transport session id (the SDK routes each request to its session by
+    that id), on stdio the one client there is. The stateless protocol (2026-07-28 over
+    HTTP) has no client sessions: its requests share one owner, and a REPL session id
+    (128 random bits) is then the only key to its session."""
+    headers = ctx.headers
+    if headers is None:
+        return "stdio"
+    return "http:" + (headers.get(MCP_SESSION_ID_HEADER) or "")
+
+
 def _exec_text(out: dict[str, Any]) -> str:
     parts = []
     if out["stdout"]:
@@ -242,7 +257,7 @@ def build_server(runner: QueryRunner, sessions: SessionManager, options: McpOpti
         return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=structured,
                               is_error=answer is None)
 
-    async def repl_open(context: JSONContext = None,
+    async def repl_open(ctx: Context, context: JSONContext = None,
                         context_path: str | None = None) -> Annotated[CallToolResult, OpenOutput]:
         """Open a sandboxed Python REPL session holding the context as the variable `context`.
 
@@ -252,7 +267,7 @@ def build_server(runner: QueryRunner, sessions: SessionManager, options: McpOpti
         """
         value = _context_from(context, context_path, allow_dirs, required=True)
         try:
-            session_id, description = await sessions.open(value)
+            session_id, description = await sessions.open(value, owner=_client_session(ctx))
         except SessionError as exc:
             raise ToolError(str(exc)) from None
         out = OpenOutput(session_id=session_id, context=description, sandbox=sessions.sandbox,
@@ -277,17 +292,17 @@ def build_server(runner: QueryRunner, sessions: SessionManager, options: McpOpti
                     if done == total or done % max(1, total // 50) == 0:
                         progress.sink({"type": "subcalls", "done": done, "total": total})
 
-                out = await sessions.execute(session_id, code, progress=on_item)
+                out = await sessions.execute(session_id, code, progress=on_item, owner=_client_session(ctx))
         except SessionError as exc:
             raise ToolError(str(exc)) from None
         return CallToolResult(content=[TextContent(type="text", text=_exec_text(out))],
                               structured_content=ExecOutput(**out).model_dump(mode="json"),
                               is_error=out["error"] is not None)
 
-    async def repl_close(session_id: str) -> Annotated[CallToolResult, CloseOutput]:
+    async def repl_close(session_id: str, ctx: Context) -> Annotated[CallToolResult, CloseOutput]:
         """Close the REPL session and stop its worker."""
         try:
-            await sessions.close(session_id)
+            await sessions.close(session_id, owner=_client_session(ctx))
         except SessionError as exc:
             raise ToolError(str(exc)) from None
         return CallToolResult(content=[TextContent(type="text", text=f"closed {session_id}")],
@@ -384,6 +399,8 @@ async def _main(settings: UpstreamSettings, options: McpOptions) -> None:
         idle_timeout_s=options.session_idle_s,
         max_output_chars=options.max_output_chars,
         cell_timeout_s=options.cell_timeout_s,
+        max_tokens=settings.max_tokens,
+        max_cost_usd=settings.max_cost_usd,
     )
     server = build_server(runner, sessions, options)
     try:

@@ -52,12 +52,12 @@ from aiohttp import web
 
 from rlm.core import RLMResult
 from rlm.errors import AccessDeniedError, ConfigError
-from rlm.serve.auth import bearer_matches, check_bind
+from rlm.serve.auth import HostRule, bearer_matches, check_bind, is_json_content_type
 from rlm.serve.paths import AllowedDirs
 from rlm.serve.runs import (
     QueryRunner,
     RunProgress,
-    check_remote_schema,
+    accept_remote_schema,
     progress_message,
     result_metadata,
     served_answer,
@@ -76,6 +76,7 @@ class ServeOptions:
 
     ``max_running`` runs execute at once and up to ``max_queue`` more wait; beyond that
     a request gets 429 with Retry-After. ``max_body_bytes`` bounds a request body (413).
+    ``allowed_hosts`` adds to the Host and Origin names answered (see ``HostRule``).
     """
 
     host: str = "127.0.0.1"
@@ -85,6 +86,7 @@ class ServeOptions:
     max_running: int = 8
     max_queue: int = 32
     allow_dirs: AllowedDirs = field(default_factory=lambda: AllowedDirs(()))
+    allowed_hosts: tuple[str, ...] = ()
 
 
 class _RequestError(Exception):
@@ -318,10 +320,6 @@ def _parse_request(body: Any, runner: QueryRunner, allow_dirs: AllowedDirs) -> _
     if schema is not None:
         if not isinstance(schema, dict):
             raise _RequestError(400, "'rlm.schema' must be a JSON Schema object", param="rlm.schema")
-        try:
-            check_remote_schema(schema)  # refuse a broken schema before the request queues
-        except ConfigError as exc:
-            raise _RequestError(400, str(exc), param="rlm.schema") from None
     progress = options.get("progress", "field")
     if progress not in ("field", "content"):
         raise _RequestError(400, "'rlm.progress' must be 'field' or 'content'", param="rlm.progress")
@@ -397,10 +395,16 @@ class _ChatServer:
         self.runner = runner
         self.options = options
         self.admission = _Admission(options.max_running, options.max_queue)
+        self.hosts = HostRule(options.host, options.allowed_hosts)
 
     @web.middleware
     async def errors_and_auth(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
         try:
+            refused = self.hosts.refusal(request.headers.get("Host"), request.headers.get("Origin"))
+            if refused is not None:
+                status, message = refused
+                raise _RequestError(status, message, type_="permission_error",
+                                    code="misdirected_request" if status == 421 else "origin_not_allowed")
             if not bearer_matches(request.headers.get("Authorization"), self.options.auth_key):
                 raise _RequestError(
                     401,
@@ -430,6 +434,11 @@ class _ChatServer:
         )
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        if not is_json_content_type(request.headers.get("Content-Type")):
+            raise _RequestError(
+                415, "the request body must be sent as Content-Type: application/json",
+                code="unsupported_media_type",
+            )
         length = request.content_length
         if length is not None and length > self.options.max_body_bytes:
             raise web.HTTPRequestEntityTooLarge(self.options.max_body_bytes, length)
@@ -439,6 +448,13 @@ class _ChatServer:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise _RequestError(400, f"the request body is not valid JSON: {exc}") from None
         chat = _parse_request(body, self.runner, self.options.allow_dirs)
+        if chat.schema is not None:
+            # Refused before the request queues; accepting a large schema takes a moment,
+            # in a validation thread, so other requests are served meanwhile.
+            try:
+                chat.schema = await accept_remote_schema(chat.schema)
+            except ConfigError as exc:
+                raise _RequestError(400, str(exc), param="rlm.schema") from None
         async with self.admission.slot():
             if chat.stream:
                 return await self._stream(request, chat)

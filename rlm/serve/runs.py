@@ -19,11 +19,13 @@ from rlm.cache import open_cache
 from rlm.core import RLM, RLMResult
 from rlm.errors import ConfigError
 from rlm.llm import AsyncOpenAIClient
+from rlm.schema import Schema
 
 __all__ = [
     "QueryRunner",
     "RunProgress",
     "UpstreamSettings",
+    "accept_remote_schema",
     "progress_message",
     "result_metadata",
     "served_answer",
@@ -140,10 +142,12 @@ class QueryRunner:
 
         ``schema`` is a JSON Schema dict for a typed answer (``result.output``); an
         invalid one, or one a remote client could use against the host (regular
-        expressions, outside references), raises ConfigError before anything is sent.
+        expressions, outside references, exponential checking), raises ConfigError
+        before anything is sent. It is accepted, and answers are checked against it, in
+        the validation threads: the server's loop stays free.
         """
         if schema is not None:
-            check_remote_schema(schema)
+            schema = await accept_remote_schema(schema)
         rlm = self.new_rlm(model=model, max_cost_usd=max_cost_usd, on_event=on_event)
         return await rlm.acompletion(context, query, schema=schema)
 
@@ -237,14 +241,17 @@ def served_answer(result: RLMResult) -> str | None:
     return result.answer if last is not None and last.get("source") != "last_turn" else ""
 
 
-def check_remote_schema(schema: Any) -> None:
-    """Refuse a schema from a server's client that the host should not run: the same rules
-    as schemas from REPL code (plain JSON data, a size cap, no ``pattern`` or
+async def accept_remote_schema(schema: Any) -> Schema:
+    """The ``Schema`` for a schema from a server's client, accepted in a validation thread
+    (a ``Schema`` passes as is), refusing what the host should not run: the same rules as
+    schemas from REPL code (plain JSON data, a size cap, no ``pattern`` or
     ``patternProperties`` whose regular expressions could stall the host, no outside
-    ``$ref``). Raises ConfigError with the reason."""
-    from rlm.structured import check_subquery_schema
+    ``$ref``, no exponential checking). Raises ConfigError with the reason."""
+    if isinstance(schema, Schema):
+        return schema
+    from rlm.structured import acheck_subquery_schema
 
     try:
-        check_subquery_schema(schema)
+        return await acheck_subquery_schema(schema)
     except TypeError as exc:
         raise ConfigError(str(exc).replace("llm_query's schema", "the schema")) from None

@@ -3,7 +3,9 @@
 The agent is the root model here: it writes the cells, and ``llm_query_batch`` in them
 fans out through the server's one sub-model client. Sessions are capped in number, closed
 after an idle timeout (a busy one never is), and what a cell returns is cut to a budget
-so one ``print(context)`` cannot flood the agent's window.
+so one ``print(context)`` cannot flood the agent's window. Each session spends from its
+own budget ledger with the server's caps (``max_tokens``, ``max_cost_usd``), as a run
+does, and belongs to the client session that opened it: to any other, its id is unknown.
 """
 
 from __future__ import annotations
@@ -18,35 +20,21 @@ from typing import Any
 
 from rlm.errors import SessionError
 from rlm.llm import AsyncOpenAIClient
-from rlm.repl import ExecResult, REPLEnv, describe_context, failed_slot
+from rlm.repl import ClientSubQueries, ExecResult, REPLEnv, describe_context
+from rlm.usage import BudgetLedger
 
 __all__ = ["SessionManager", "fit_output"]
 
 Progress = Callable[[int, int], None]
 
 
-class _SubQueries:
-    """The session's llm_query service: the shared client, with batch progress reported."""
-
-    def __init__(self, client: AsyncOpenAIClient) -> None:
-        self._client = client
-        self.progress: Progress | None = None
-
-    async def query(self, prompt: str, params: dict[str, Any]) -> str:
-        return await self._client.completion(prompt, **params)
-
-    async def batch(self, prompts: list[str], params: dict[str, Any]) -> list[str]:
-        results = await self._client.completion_batch(
-            prompts, return_exceptions=True, on_item_done=self.progress, **params
-        )
-        return [failed_slot(r) for r in results]
-
-
 @dataclass
 class _Session:
     env: REPLEnv
-    sub_queries: _SubQueries
+    sub_queries: ClientSubQueries
     description: str
+    # Who opened it: only requests from the same owner find it.
+    owner: str | None
     last_used: float = field(default_factory=time.monotonic)
     busy: int = 0
     # One cell at a time per session, so the progress hook belongs to the running cell.
@@ -92,7 +80,10 @@ class SessionManager:
 
     ``max_sessions`` may be open at once; a session idle for ``idle_timeout_s`` is closed
     by ``reaper()``. Cells run under ``sandbox`` with ``cell_timeout_s`` each; what one
-    returns is cut to ``max_output_chars``.
+    returns is cut to ``max_output_chars``. Each session's sub-queries spend from a ledger
+    of their own limited to ``max_tokens`` and ``max_cost_usd``. ``owner`` (e.g. the
+    client's protocol session id) binds a session to whoever opened it; another owner
+    gets the unknown-id error for it, so an id seen by one client is no key for another.
     """
 
     def __init__(
@@ -104,8 +95,12 @@ class SessionManager:
         idle_timeout_s: float = 900.0,
         max_output_chars: int = 20_000,
         cell_timeout_s: float = 120.0,
+        max_tokens: int | None = None,
+        max_cost_usd: float | None = None,
     ) -> None:
         self._client = client
+        self.max_tokens = max_tokens
+        self.max_cost_usd = max_cost_usd
         self.sandbox = sandbox
         self.max_sessions = max_sessions
         self.idle_timeout_s = idle_timeout_s
@@ -117,8 +112,9 @@ class SessionManager:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    async def open(self, context: Any) -> tuple[str, str]:
-        """Start a session holding ``context``; returns its id and the context's description."""
+    async def open(self, context: Any, owner: str | None = None) -> tuple[str, str]:
+        """Start a session holding ``context`` for ``owner``; returns its id and the
+        context's description."""
         await self.reap()
         if len(self._sessions) + self._opening >= self.max_sessions:
             raise SessionError(
@@ -127,7 +123,9 @@ class SessionManager:
             )
         self._opening += 1
         try:
-            sub_queries = _SubQueries(self._client)
+            ledger = BudgetLedger(max_tokens=self.max_tokens, max_cost_usd=self.max_cost_usd,
+                                  prices=self._client.prices, name="session")
+            sub_queries = ClientSubQueries(self._client, ledger)
             # Starting a worker process blocks for a moment: keep the server's loop free.
             env = await asyncio.to_thread(
                 REPLEnv,
@@ -140,21 +138,22 @@ class SessionManager:
         finally:
             self._opening -= 1
         session_id = secrets.token_urlsafe(16)
-        self._sessions[session_id] = _Session(env, sub_queries, describe_context(context))
+        self._sessions[session_id] = _Session(env, sub_queries, describe_context(context), owner)
         return session_id, self._sessions[session_id].description
 
-    def _get(self, session_id: str) -> _Session:
+    def _get(self, session_id: str, owner: str | None = None) -> _Session:
         session = self._sessions.get(session_id)
-        if session is None:
+        if session is None or session.owner != owner:
             raise SessionError(
                 f"no open REPL session {session_id!r}: it was closed or expired after "
                 f"{self.idle_timeout_s:g} s idle; open a new one with repl_open"
             )
         return session
 
-    async def execute(self, session_id: str, code: str, progress: Progress | None = None) -> dict[str, Any]:
-        """Run one cell in the session; ``progress(done, total)`` hears its batches."""
-        session = self._get(session_id)
+    async def execute(self, session_id: str, code: str, progress: Progress | None = None,
+                      owner: str | None = None) -> dict[str, Any]:
+        """Run one cell in ``owner``'s session; ``progress(done, total)`` hears its batches."""
+        session = self._get(session_id, owner)
         session.busy += 1
         try:
             async with session.turn:
@@ -168,13 +167,15 @@ class SessionManager:
             session.last_used = time.monotonic()
         return fit_output(result, self.max_output_chars)
 
-    async def close(self, session_id: str) -> None:
-        """Close the session and stop its worker."""
+    async def close(self, session_id: str, owner: str | None = None) -> None:
+        """Close ``owner``'s session and stop its worker."""
+        self._get(session_id, owner)  # raises the helpful error for an unknown id
+        await self._drop(session_id)
+
+    async def _drop(self, session_id: str) -> None:
         session = self._sessions.pop(session_id, None)
-        if session is None:
-            self._get(session_id)  # raises the helpful error
-            return
-        await asyncio.to_thread(session.env.close)
+        if session is not None:
+            await asyncio.to_thread(session.env.close)
 
     async def reap(self) -> int:
         """Close sessions idle past the timeout; returns how many were closed."""
@@ -182,7 +183,7 @@ class SessionManager:
         stale = [sid for sid, s in self._sessions.items()
                  if not s.busy and now - s.last_used > self.idle_timeout_s]
         for sid in stale:
-            await self.close(sid)
+            await self._drop(sid)
         return len(stale)
 
     @contextlib.asynccontextmanager
@@ -206,5 +207,4 @@ class SessionManager:
     async def aclose(self) -> None:
         """Close every session."""
         for sid in list(self._sessions):
-            with contextlib.suppress(SessionError):
-                await self.close(sid)
+            await self._drop(sid)
