@@ -4,9 +4,10 @@ bucket, and a storm of random refusals. Targets (DESIGN.md, issue 22):
 - bucket: 4,000 sub-queries at 0.1 s latency against a bucket of 400 requests/s (400
   deep), at max_concurrency 64, 512 and 4,096: every item right, within 1.2x the
   floor ((4,000 - 400) / 400 + 0.1 = 9.1 s), 429s at most 5% of requests. Two servers:
-  ``fake`` (rlm.testing's token bucket: 429 with retry-after-ms, no rate-limit headers,
-  so the client learns only from refusals) and ``headers`` (benchmarks/_limit_server.py:
-  the same bucket sending OpenAI's x-ratelimit-* headers on every reply, as providers do).
+  ``fake`` (``--rate-limit``: a bucket answering 429 with retry-after-ms and no rate-limit
+  headers, so the client learns only from refusals) and ``headers`` (``--limit``: the
+  same bucket per model sending OpenAI's x-ratelimit-* headers on every reply, as
+  providers do).
 - tpm: 1,400 requests of ~200 tokens against 240,000 tokens per minute (a minute's worth
   deep, x-ratelimit headers): floor (280,000 - 240,000) / 4,000 + 0.1 = 10.1 s; within
   1.2x, 429s at most 5%.
@@ -14,7 +15,8 @@ bucket, and a storm of random refusals. Targets (DESIGN.md, issue 22):
   with a 429 (Retry-After 0.3 s) or a 503: every item right, in under 30 s. The same
   batch without faults runs alternately, so the cost reads as a ratio.
 
-Each server runs in its own process, so its CPU does not compete with the client's.
+Every server is rlm.testing's fake, in its own process, so its CPU does not compete
+with the client's.
 Every scenario runs ``--repeat`` times (medians); the JSON keeps every run.
 
     python benchmarks/limits.py [--repeat 3] [--only bucket|tpm|storm]
@@ -23,12 +25,8 @@ Every scenario runs ``--repeat`` times (medians); the JSON keeps every run.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,24 +45,7 @@ TPM = {"n": 1_400, "latency": 0.1, "tpm": 240_000.0, "prompt_chars": 760, "max_t
        "width": 512, "target_ratio": 1.2, "target_429_share": 0.05}
 STORM = {"n": 10_000, "latency": 0.2, "fault_rate": 0.2, "retry_after": 0.3,
          "max_concurrency": 1000, "target_s": 30.0}
-SERVER = Path(__file__).resolve().parent / "_limit_server.py"
-
-
-@contextlib.contextmanager
-def limit_server(*args: str) -> Iterator[str]:
-    """benchmarks/_limit_server.py in its own process; yields its base URL."""
-    proc = subprocess.Popen([sys.executable, str(SERVER), *args], stdout=subprocess.PIPE,
-                            text=True)
-    try:
-        assert proc.stdout is not None
-        yield json.loads(proc.stdout.readline())["url"]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+ECHO_ONLY = ["--responder", "echo"]
 
 
 def _batch(url: str, prompts: list[str], width: int, **params: Any) -> dict[str, Any]:
@@ -81,6 +62,7 @@ def _batch(url: str, prompts: list[str], width: int, **params: Any) -> dict[str,
     finally:
         client.close_sync()
     stats = fetch_stats(url)
+    refused = int(stats["faults_served"]) + int(stats.get("rate_limited", 0))
     right = sum(1 for i, r in enumerate(out) if isinstance(r, str) and r.split()[0] == str(i))
     return {
         "wall_s": round(wall, 3),
@@ -88,8 +70,8 @@ def _batch(url: str, prompts: list[str], width: int, **params: Any) -> dict[str,
         "items_right": right,
         "items": len(prompts),
         "requests": stats["requests"],
-        "faults_served": stats["faults_served"],
-        "share_429": round(stats["faults_served"] / max(1, stats["requests"]), 4),
+        "faults_served": refused,
+        "share_429": round(refused / max(1, int(stats["requests"])), 4),
         "retries": usage.retries,
         "failed_calls": usage.failed_calls,
         "rate_limit_wait_s": round(usage.rate_limit_wait_s, 1),
@@ -126,14 +108,10 @@ def bucket(repeat: int) -> dict[str, Any]:
         for width in BUCKET["widths"]:  # type: ignore[attr-defined]
             runs = []
             for i in range(repeat):
-                if kind == "fake":
-                    server = spawn_fake_server(
-                        float(BUCKET["latency"]),
-                        extra_args=["--rate-limit", str(rate), "--burst", str(burst)])
-                else:
-                    server = limit_server("--rpm", str(rate * 60), "--burst-s", str(burst / rate),
-                                          "--latency", str(BUCKET["latency"]))
-                with server as url:
+                args = (["--rate-limit", str(rate), "--burst", str(burst)] if kind == "fake"
+                        else ["--limit", f"*:rps={rate:g},burst={burst:g}"])
+                with spawn_fake_server(float(BUCKET["latency"]),
+                                       extra_args=[*ECHO_ONLY, *args]) as url:
                     runs.append(_batch(url, prompts, width))
                 print(f"bucket {kind} width {width} run {i + 1}: {runs[-1]}", flush=True)
             result[f"{kind}_{width}"] = _summary(runs, floor, BUCKET)
@@ -148,7 +126,8 @@ def tpm(repeat: int) -> dict[str, Any]:
                for i in range(n)]
     runs = []
     for i in range(repeat):
-        with limit_server("--tpm", str(per_minute), "--latency", str(TPM["latency"])) as url:
+        with spawn_fake_server(float(TPM["latency"]),
+                               extra_args=[*ECHO_ONLY, "--limit", f"*:tpm={per_minute:g}"]) as url:
             runs.append(_batch(url, prompts, int(TPM["width"]), max_tokens=TPM["max_tokens"]))
         print(f"tpm run {i + 1}: {runs[-1]}", flush=True)
     return {"config": TPM, **_summary(runs, floor, TPM)}
@@ -163,10 +142,11 @@ def storm(repeat: int) -> dict[str, Any]:
     for i in range(repeat):
         # The same batch without faults, alternating, measures what this machine gives
         # right now: on a shared machine the ratio says more than the wall time.
-        with spawn_fake_server(STORM["latency"]) as url:
+        with spawn_fake_server(STORM["latency"], extra_args=ECHO_ONLY) as url:
             clean.append(_batch(url, prompts, width))
         print(f"no-fault run {i + 1}: {clean[-1]}", flush=True)
-        with spawn_fake_server(STORM["latency"], extra_args=[*args, "--seed", str(i)]) as url:
+        with spawn_fake_server(STORM["latency"],
+                               extra_args=[*ECHO_ONLY, *args, "--seed", str(i)]) as url:
             runs.append(_batch(url, prompts, width))
         print(f"storm run {i + 1}: {runs[-1]}", flush=True)
     wall = median([r["wall_s"] for r in runs])

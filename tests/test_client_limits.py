@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from rlm_support import wait_until
 
 from rlm import AsyncOpenAIClient
 from rlm.errors import (
@@ -98,59 +98,6 @@ def client_for(url: str, **kw: Any) -> AsyncOpenAIClient:
     return AsyncOpenAIClient(api_key="k", base_url=url, **kw)
 
 
-class TokenBuckets:
-    """Per-model buckets of requests and tokens per minute, OpenAI-style: a request costs
-    its prompt characters / 4 plus max_tokens, and every reply carries x-ratelimit-*."""
-
-    def __init__(self, limits: dict[str, tuple[float, float]]) -> None:
-        self.limits = limits
-        self.arrived = asyncio.Event()  # set at every arrival (on the test's loop)
-        self.state = {m: [rpm, tpm, time.monotonic()] for m, (rpm, tpm) in limits.items()}
-        self.lock = threading.Lock()
-        self.refused = 0
-        self.arrivals: list[tuple[str, float]] = []
-
-    def take(self, model: str, body: dict[str, Any]) -> tuple[bool, dict[str, str]]:
-        rpm, tpm = self.limits[model]
-        cost = len(last_text(body)) / 4 + int(body.get("max_tokens") or 16)
-        with self.lock:
-            self.arrivals.append((model, time.monotonic()))
-            state = self.state[model]
-            now = time.monotonic()
-            state[0] = min(rpm, state[0] + (now - state[2]) * rpm / 60)
-            state[1] = min(tpm, state[1] + (now - state[2]) * tpm / 60)
-            state[2] = now
-            ok = state[0] >= 1 and state[1] >= cost
-            wait = 0.0
-            if ok:
-                state[0] -= 1
-                state[1] -= cost
-            else:
-                self.refused += 1
-                wait = max((1 - state[0]) * 60 / rpm, (cost - state[1]) * 60 / tpm, 0.001)
-            headers = {
-                "x-ratelimit-limit-requests": str(int(rpm)),
-                "x-ratelimit-remaining-requests": str(int(state[0])),
-                "x-ratelimit-reset-requests": f"{(rpm - state[0]) * 60 / rpm:.3f}s",
-                "x-ratelimit-limit-tokens": str(int(tpm)),
-                "x-ratelimit-remaining-tokens": str(int(state[1])),
-                "x-ratelimit-reset-tokens": f"{(tpm - state[1]) * 60 / tpm:.3f}s",
-            }
-            if not ok:
-                headers["retry-after-ms"] = str(int(wait * 1000) + 1)
-        return ok, headers
-
-    async def __call__(self, request: web.Request, body: dict[str, Any]) -> web.Response:
-        model = body["model"]
-        ok, headers = self.take(model, body)
-        self.arrived.set()
-        if not ok:
-            return web.json_response(
-                {"error": {"message": f"Rate limit reached for {model}", "type": "tokens",
-                           "code": "rate_limit_exceeded"}}, status=429, headers=headers)
-        return reply_json(echo(body)[:20], model, headers=headers)
-
-
 # -- buckets and faults --------------------------------------------------------------
 
 
@@ -176,17 +123,18 @@ async def test_a_bucket_behind_random_503s_still_answers_every_item() -> None:
 
 
 async def test_a_tokens_per_minute_bucket_paces_3000_token_prompts_without_failures() -> None:
-    buckets = TokenBuckets({"m": (10_000, 60_000)})
     prompts = [f"ECHO {i} " + "x" * 12_000 for i in range(21)]  # ~3,000 tokens each
-    async with scripted(buckets) as url, client_for(url, max_concurrency=64) as client:
-        out = await client.completion_batch(prompts, max_tokens=5)
-        usage = client.usage
-        state = client.rate_limits()["m"]
+    with FakeLLMServer(limits={"m": {"tpm": 60_000}}) as srv:
+        async with client_for(srv.url, max_concurrency=64) as client:
+            out = await client.completion_batch(prompts, max_tokens=5)
+            usage = client.usage
+            state = client.rate_limits()["m"]
+        refused = srv.stats()["rate_limited"]
     assert [o.split()[0] for o in out] == [str(i) for i in range(21)]
     assert usage.failed_calls == 0
     # 60,000 tokens hold 19 such requests: the first wave may overshoot (nothing was
-    # known yet); after it the headers pace the rest.
-    assert buckets.refused <= 3
+    # known yet); after it the x-ratelimit headers pace the rest.
+    assert refused <= 3
     assert state.tpm == 60_000 and state.tpm_from == "headers"
 
 
@@ -202,33 +150,32 @@ async def test_a_request_larger_than_the_given_tpm_fails_at_once_naming_the_numb
 
 
 async def test_a_tpm_learned_from_headers_refuses_an_oversized_request_before_sending() -> None:
-    buckets = TokenBuckets({"m": (1000, 10_000)})
-    async with scripted(buckets) as url, client_for(url) as client:
-        assert await client.completion("ECHO small") == "small"
-        with pytest.raises(RequestTooLargeError, match="limit of 10,000 tokens per minute"):
-            await client.completion("x" * 80_000)
-    assert len(buckets.arrivals) == 1
+    with FakeLLMServer(limits={"m": {"tpm": 10_000}}) as srv:
+        async with client_for(srv.url) as client:
+            assert await client.completion("ECHO small") == "small"
+            with pytest.raises(RequestTooLargeError, match="limit of 10,000 tokens per minute"):
+                await client.completion("x" * 80_000)
+        assert srv.requests == 1
 
 
 async def test_a_flood_on_the_sub_model_does_not_delay_the_root_model() -> None:
-    # One client, two models: the sub model's bucket (60 a minute) holds a flood back
-    # for minutes; the root model's has room.
-    buckets = TokenBuckets({"sub": (60, 10_000_000), "root": (10_000, 10_000_000)})
-    async with scripted(buckets) as url, client_for(url, max_concurrency=256) as client:
-        flood = asyncio.create_task(
-            client.completion_batch([f"ECHO {i}" for i in range(200)], model="sub"))
-        while len(buckets.arrivals) < 60:
-            buckets.arrived.clear()
-            await buckets.arrived.wait()
-        assert await client.completion("ECHO turn", model="root") == "turn"
-        flood_pending = not flood.done()
-        flood.cancel()
-        await asyncio.gather(flood, return_exceptions=True)
-        sub_pacing = client.rate_limits()["sub"]
+    # One client, two models: the sub model's bucket (60 a minute, a minute deep) holds
+    # a flood back for minutes; the root model's has room.
+    with FakeLLMServer(limits={"sub": {"rpm": 60, "burst": 60}, "root": {"rpm": 10_000}}) as srv:
+        async with client_for(srv.url, max_concurrency=256) as client:
+            flood = asyncio.create_task(
+                client.completion_batch([f"ECHO {i}" for i in range(200)], model="sub"))
+            assert await asyncio.to_thread(wait_until, lambda: srv.requests >= 60)
+            assert await client.completion("ECHO turn", model="root") == "turn"
+            flood_pending = not flood.done()
+            flood.cancel()
+            await asyncio.gather(flood, return_exceptions=True)
+            sub_pacing = client.rate_limits()["sub"]
+        roots = [e for e in srv.requests_log if e["model"] == "root"]
     # The root's turn came back while the sub model's queue was still being paced.
     assert flood_pending
     assert sub_pacing.rpm == 60
-    assert [m for m, _ in buckets.arrivals].count("root") == 1
+    assert len(roots) == 1
 
 
 # -- waits the server asks for ----------------------------------------------------------
