@@ -47,12 +47,12 @@ from rlm.pacing import Pacer, PacingState, check_limits
 from rlm.providers import DEFAULT_PROVIDER, Adapter, HTTPRequest, Reply, Request, adapter_class
 from rlm.retries import RetryNotice, RetryPolicy, is_refusal
 from rlm.usage import (
-    DEFAULT_COMPLETION_ESTIMATE,
     DEFAULT_PRICES,
     BudgetLedger,
     ModelUsage,
     Usage,
     UsageMeter,
+    estimate_parts,
     estimate_tokens,
     lookup_price,
     resolve_prices,
@@ -793,8 +793,8 @@ class AsyncOpenAIClient:
     def _estimated(self, lane: _Lane, request: Request, reply: Reply) -> Reply:
         """A reply whose server reported no usage, with the reservation estimate as its
         tokens (so budgets still bind), marked estimated."""
-        prompt = request.prompt_chars() // 4 + 1
-        completion = request.max_tokens or lane.largest_completion or DEFAULT_COMPLETION_ESTIMATE
+        prompt, completion = estimate_parts(request.prompt_chars(), request.max_tokens,
+                                            lane.largest_completion)
         return dataclasses.replace(reply, prompt_tokens=prompt, completion_tokens=completion)
 
     def _record(self, meter: UsageMeter | None, reply: Reply) -> None:

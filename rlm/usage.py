@@ -528,12 +528,19 @@ class UsageMeter:
 DEFAULT_COMPLETION_ESTIMATE = 256
 
 
+def estimate_parts(prompt_chars: int, max_tokens: int | None,
+                   largest_completion: int = 0) -> tuple[int, int]:
+    """A conservative (prompt, completion) token count for one call before it is sent:
+    prompt characters / 4 (plus one), and the request's ``max_tokens``, or the largest
+    completion seen so far, or 256. Budgets reserve it, rate-limit pacing charges it, and
+    a reply without usage is settled at it."""
+    return prompt_chars // 4 + 1, max_tokens or largest_completion or DEFAULT_COMPLETION_ESTIMATE
+
+
 def estimate_tokens(prompt_chars: int, max_tokens: int | None, largest_completion: int = 0) -> int:
-    """A conservative token count for one call before it is sent: prompt characters / 4
-    (plus one) and the request's ``max_tokens``, or the largest completion seen so far,
-    or 256. Budgets reserve it and rate-limit pacing charges it."""
-    completion = max_tokens or largest_completion or DEFAULT_COMPLETION_ESTIMATE
-    return prompt_chars // 4 + 1 + completion
+    """``estimate_parts`` in one number."""
+    prompt, completion = estimate_parts(prompt_chars, max_tokens, largest_completion)
+    return prompt + completion
 
 
 @dataclass(slots=True)
@@ -681,9 +688,8 @@ class BudgetLedger:
     def _estimate(self, model: str, prompt_chars: int, max_tokens: int | None) -> Hold:
         # The outermost ledger has seen every reply of the tree (a job: of every task).
         largest = self._chain[-1]._largest_completion
-        tokens = estimate_tokens(prompt_chars, max_tokens, largest)
-        prompt = prompt_chars // 4 + 1
-        completion = tokens - prompt
+        prompt, completion = estimate_parts(prompt_chars, max_tokens, largest)
+        tokens = prompt + completion
         price = lookup_price(self.prices, model)
         cost = (prompt * price[0] + completion * price[1]) / 1_000_000 if price else 0.0
         return Hold(tokens, cost, price)
