@@ -1,19 +1,25 @@
-"""The client under a rate-limit storm and against a token bucket (issue: no hang, no collapse).
+"""The client against rate limits: request buckets at any width, a tokens-per-minute
+bucket, and a storm of random refusals. Targets (DESIGN.md, issue 22):
 
-- storm: 10,000 sub-queries through ``completion_batch`` at 0.2 s latency while the
-  server answers 20% of requests at random with a 429 (Retry-After 0.3 s) or a 503 (no
-  Retry-After). Target: every item right, in under 30 s. The same batch without faults
-  runs alternately, so the cost of the storm reads as a ratio even on a busy machine.
-- bucket: 4,000 sub-queries at 0.1 s latency against a token bucket of 400 requests/s
-  (burst 400). The floor is (4,000 - 400) / 400 + 0.1 = 9.1 s. Target: within 1.2x the
-  floor, with 429s at most 10% of requests.
+- bucket: 4,000 sub-queries at 0.1 s latency against a bucket of 400 requests/s (400
+  deep), at max_concurrency 64, 512 and 4,096: every item right, within 1.2x the
+  floor ((4,000 - 400) / 400 + 0.1 = 9.1 s), 429s at most 5% of requests. Two servers:
+  ``fake`` (``--rate-limit``: a bucket answering 429 with retry-after-ms and no rate-limit
+  headers, so the client learns only from refusals) and ``headers`` (``--limit``: the
+  same bucket per model sending OpenAI's x-ratelimit-* headers on every reply, as
+  providers do).
+- tpm: 1,400 requests of ~200 tokens against 240,000 tokens per minute (a minute's worth
+  deep, x-ratelimit headers): floor (280,000 - 240,000) / 4,000 + 0.1 = 10.1 s; within
+  1.2x, 429s at most 5%.
+- storm: 10,000 sub-queries at 0.2 s latency while the server answers 20% at random
+  with a 429 (Retry-After 0.3 s) or a 503: every item right, in under 30 s. The same
+  batch without faults runs alternately, so the cost reads as a ratio.
 
-The fake server runs in its own process (``python -m rlm.testing --fault-rate ...`` /
-``--rate-limit ...``), so its CPU does not compete with the client's interpreter. Each
-scenario runs ``--repeat`` times; the JSON (benchmarks/results/limits.json) keeps every
-run and the medians. The machine may be shared: read the numbers as medians.
+Every server is rlm.testing's fake, in its own process, so its CPU does not compete
+with the client's.
+Every scenario runs ``--repeat`` times (medians); the JSON keeps every run.
 
-    python benchmarks/limits.py [--repeat 3] [--only storm|bucket]
+    python benchmarks/limits.py [--repeat 3] [--only bucket|tpm|storm]
 """
 
 from __future__ import annotations
@@ -33,112 +39,168 @@ from rlm import AsyncOpenAIClient  # noqa: E402
 from rlm.loop import run_sync  # noqa: E402
 from rlm.testing import fetch_stats, spawn_fake_server  # noqa: E402
 
+BUCKET = {"n": 4_000, "latency": 0.1, "rate": 400.0, "burst": 400.0,
+          "widths": [64, 512, 4096], "target_ratio": 1.2, "target_429_share": 0.05}
+TPM = {"n": 1_400, "latency": 0.1, "tpm": 240_000.0, "prompt_chars": 760, "max_tokens": 10,
+       "width": 512, "target_ratio": 1.2, "target_429_share": 0.05}
 STORM = {"n": 10_000, "latency": 0.2, "fault_rate": 0.2, "retry_after": 0.3,
          "max_concurrency": 1000, "target_s": 30.0}
-BUCKET = {"n": 4_000, "latency": 0.1, "rate": 400.0, "burst": 400.0, "max_concurrency": 256,
-          "target_ratio": 1.2, "target_429_share": 0.10}
+ECHO_ONLY = ["--responder", "echo"]
 
 
-def _batch(url: str, n: int, max_concurrency: int) -> dict[str, Any]:
+def _batch(url: str, prompts: list[str], width: int, **params: Any) -> dict[str, Any]:
     client = AsyncOpenAIClient(model="fake-model", api_key="bench", base_url=url,
-                               max_concurrency=max_concurrency, max_retries=20)
-    prompts = [f"ECHO {i}" for i in range(n)]
+                               max_concurrency=width)
     try:
         start = time.perf_counter()
         cpu = time.process_time()
-        out = run_sync(client.completion_batch(prompts, return_exceptions=True))
+        out = run_sync(client.completion_batch(prompts, return_exceptions=True, **params))
         wall = time.perf_counter() - start
         cpu = time.process_time() - cpu
         usage = client.usage
-        final_limit = client.concurrency_limit
+        pacing = client.rate_limits().get("fake-model")
     finally:
         client.close_sync()
     stats = fetch_stats(url)
-    right = sum(1 for i, r in enumerate(out) if r == str(i))
+    refused = int(stats["faults_served"]) + int(stats.get("rate_limited", 0))
+    right = sum(1 for i, r in enumerate(out) if isinstance(r, str) and r.split()[0] == str(i))
     return {
         "wall_s": round(wall, 3),
         "client_cpu_s": round(cpu, 3),
         "items_right": right,
-        "items": n,
+        "items": len(prompts),
         "requests": stats["requests"],
-        "faults_served": stats["faults_served"],
+        "faults_served": refused,
+        "share_429": round(refused / max(1, int(stats["requests"])), 4),
         "retries": usage.retries,
         "failed_calls": usage.failed_calls,
-        "final_concurrency_limit": final_limit,
+        "rate_limit_wait_s": round(usage.rate_limit_wait_s, 1),
+        "pacing": None if pacing is None else {
+            "rpm": pacing.rpm, "tpm": pacing.tpm,
+            "rate_per_s": None if pacing.rate_per_s is None else round(pacing.rate_per_s, 1)},
     }
+
+
+def _summary(runs: list[dict[str, Any]], floor: float, config: dict[str, Any]) -> dict[str, Any]:
+    for run in runs:
+        run["ratio_to_floor"] = round(run["wall_s"] / floor, 3)
+    ratio = median([r["ratio_to_floor"] for r in runs])
+    share = median([r["share_429"] for r in runs])
+    right = all(r["items_right"] == r["items"] for r in runs)
+    return {
+        "floor_s": round(floor, 3),
+        "median_ratio_to_floor": ratio,
+        "median_share_429": share,
+        "all_items_right": right,
+        "target_met": bool(right and ratio is not None and share is not None
+                           and ratio <= config["target_ratio"]
+                           and share <= config["target_429_share"]),
+        "runs": runs,
+    }
+
+
+def bucket(repeat: int) -> dict[str, Any]:
+    n, rate, burst = int(BUCKET["n"]), float(BUCKET["rate"]), float(BUCKET["burst"])
+    floor = (n - burst) / rate + float(BUCKET["latency"])
+    prompts = [f"ECHO {i}" for i in range(n)]
+    result: dict[str, Any] = {"config": BUCKET}
+    for kind in ("fake", "headers"):
+        for width in BUCKET["widths"]:  # type: ignore[attr-defined]
+            runs = []
+            for i in range(repeat):
+                args = (["--rate-limit", str(rate), "--burst", str(burst)] if kind == "fake"
+                        else ["--limit", f"*:rps={rate:g},burst={burst:g}"])
+                with spawn_fake_server(float(BUCKET["latency"]),
+                                       extra_args=[*ECHO_ONLY, *args]) as url:
+                    runs.append(_batch(url, prompts, width))
+                print(f"bucket {kind} width {width} run {i + 1}: {runs[-1]}", flush=True)
+            result[f"{kind}_{width}"] = _summary(runs, floor, BUCKET)
+    return result
+
+
+def tpm(repeat: int) -> dict[str, Any]:
+    n, per_minute = int(TPM["n"]), float(TPM["tpm"])
+    cost = int(TPM["prompt_chars"]) / 4 + int(TPM["max_tokens"])
+    floor = (n * cost - per_minute) / (per_minute / 60) + float(TPM["latency"])
+    prompts = [f"ECHO {i} " + "x" * (int(TPM["prompt_chars"]) - 6 - len(str(i)))
+               for i in range(n)]
+    runs = []
+    for i in range(repeat):
+        with spawn_fake_server(float(TPM["latency"]),
+                               extra_args=[*ECHO_ONLY, "--limit", f"*:tpm={per_minute:g}"]) as url:
+            runs.append(_batch(url, prompts, int(TPM["width"]), max_tokens=TPM["max_tokens"]))
+        print(f"tpm run {i + 1}: {runs[-1]}", flush=True)
+    return {"config": TPM, **_summary(runs, floor, TPM)}
 
 
 def storm(repeat: int) -> dict[str, Any]:
     args = ["--fault-rate", str(STORM["fault_rate"]), "--retry-after", str(STORM["retry_after"]),
             "--retry-after-on", "429"]
+    prompts = [f"ECHO {i}" for i in range(int(STORM["n"]))]
+    width = int(STORM["max_concurrency"])
     runs, clean = [], []
     for i in range(repeat):
         # The same batch without faults, alternating, measures what this machine gives
         # right now: on a shared machine the ratio says more than the wall time.
-        with spawn_fake_server(STORM["latency"]) as url:
-            clean.append(_batch(url, int(STORM["n"]), int(STORM["max_concurrency"])))
+        with spawn_fake_server(STORM["latency"], extra_args=ECHO_ONLY) as url:
+            clean.append(_batch(url, prompts, width))
         print(f"no-fault run {i + 1}: {clean[-1]}", flush=True)
-        with spawn_fake_server(STORM["latency"], extra_args=[*args, "--seed", str(i)]) as url:
-            runs.append(_batch(url, int(STORM["n"]), int(STORM["max_concurrency"])))
+        with spawn_fake_server(STORM["latency"],
+                               extra_args=[*ECHO_ONLY, *args, "--seed", str(i)]) as url:
+            runs.append(_batch(url, prompts, width))
         print(f"storm run {i + 1}: {runs[-1]}", flush=True)
     wall = median([r["wall_s"] for r in runs])
     clean_wall = median([r["wall_s"] for r in clean])
+    right = all(r["items_right"] == r["items"] for r in runs)
     return {
         "config": STORM,
-        "runs": runs,
-        "no_fault_runs": clean,
         "median_wall_s": wall,
         "median_no_fault_wall_s": clean_wall,
         "ratio_to_no_fault": round(wall / clean_wall, 3) if wall and clean_wall else None,
-        "expected_ratio_1_over_1_minus_p": round(1 / (1 - STORM["fault_rate"]), 3),
-        "all_items_right": all(r["items_right"] == r["items"] for r in runs),
-        "target_met": bool(wall is not None and wall < STORM["target_s"]
-                           and all(r["items_right"] == r["items"] for r in runs)),
-    }
-
-
-def bucket(repeat: int) -> dict[str, Any]:
-    args = ["--rate-limit", str(BUCKET["rate"]), "--burst", str(BUCKET["burst"])]
-    floor = (BUCKET["n"] - BUCKET["burst"]) / BUCKET["rate"] + BUCKET["latency"]
-    runs = []
-    for i in range(repeat):
-        with spawn_fake_server(BUCKET["latency"], extra_args=args) as url:
-            run = _batch(url, int(BUCKET["n"]), int(BUCKET["max_concurrency"]))
-        run["ratio_to_floor"] = round(run["wall_s"] / floor, 3)
-        run["share_429"] = round(run["faults_served"] / run["requests"], 4)
-        runs.append(run)
-        print(f"bucket run {i + 1}: {run}", flush=True)
-    ratio = median([r["ratio_to_floor"] for r in runs])
-    share = median([r["share_429"] for r in runs])
-    return {
-        "config": BUCKET,
-        "floor_s": round(floor, 3),
+        "all_items_right": right,
+        "target_met": bool(wall is not None and wall < STORM["target_s"] and right),
         "runs": runs,
-        "median_ratio_to_floor": ratio,
-        "median_share_429": share,
-        "target_met": bool(ratio is not None and share is not None
-                           and ratio <= BUCKET["target_ratio"]
-                           and share <= BUCKET["target_429_share"]),
+        "no_fault_runs": clean,
     }
+
+
+def _table(result: dict[str, Any]) -> None:
+    print("\nscenario                 items right   429s (share)   wall / floor   target")
+    for key, row in result.get("bucket", {}).items():
+        if key == "config":
+            continue
+        runs = row["runs"]
+        print(f"bucket {key:<17} {min(r['items_right'] for r in runs):>5,}/{runs[0]['items']:,}"
+              f"   {median([r['faults_served'] for r in runs]):>6,.0f} ({row['median_share_429']:.1%})"
+              f"   {row['median_ratio_to_floor']:.2f}x of {row['floor_s']:.1f} s"
+              f"   {'met' if row['target_met'] else 'missed'}")
+    if "tpm" in result:
+        row = result["tpm"]
+        runs = row["runs"]
+        print(f"tpm                      {min(r['items_right'] for r in runs):>5,}/{runs[0]['items']:,}"
+              f"   {median([r['faults_served'] for r in runs]):>6,.0f} ({row['median_share_429']:.1%})"
+              f"   {row['median_ratio_to_floor']:.2f}x of {row['floor_s']:.1f} s"
+              f"   {'met' if row['target_met'] else 'missed'}")
+    if "storm" in result:
+        row = result["storm"]
+        print(f"storm 20% 429/503        {min(r['items_right'] for r in row['runs']):>5,}/"
+              f"{row['runs'][0]['items']:,}   median {row['median_wall_s']:.1f} s "
+              f"(no faults {row['median_no_fault_wall_s']:.1f} s)   target < 30 s: "
+              f"{'met' if row['target_met'] else 'missed'}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", choices=["storm", "bucket"])
+    parser.add_argument("--only", choices=["bucket", "tpm", "storm"])
     args = parser.parse_args()
     raise_fd_limit()
     result: dict[str, Any] = {"machine": machine_info(), "note": "shared 2-core machine; medians"}
-    if args.only in (None, "storm"):
-        result["storm"] = storm(args.repeat)
-    if args.only in (None, "bucket"):
-        result["bucket"] = bucket(args.repeat)
-    name = "limits.json" if args.only is None else f"limits-{args.only}.json"
-    path = write_json(name, result)
-    for key in ("storm", "bucket"):
-        if key in result:
-            summary = {k: v for k, v in result[key].items() if k not in ("runs", "config")}
-            print(f"{key}: {summary}")
+    for name, scenario in (("bucket", bucket), ("tpm", tpm), ("storm", storm)):
+        if args.only in (None, name):
+            result[name] = scenario(args.repeat)
+    path = write_json("limits.json" if args.only is None else f"limits-{args.only}.json", result)
+    _table(result)
     print(f"wrote {path}")
     return 0
 

@@ -270,7 +270,22 @@ def _rlm_options(args: argparse.Namespace, verbose: bool) -> dict[str, Any]:
         log_dir=args.log_dir,
         verbose=verbose,
         prices=_prices(args),
+        limits=_limits(args),
     )
+
+
+def _limits(args: argparse.Namespace) -> dict[str, dict[str, float]] | None:
+    """--rpm/--tpm (every model) then --limit MODEL=rpm:N,tpm:N (repeatable, later wins)."""
+    from rlm.pacing import parse_limit
+
+    table: dict[str, dict[str, float]] = {}
+    every = {k: v for k in ("rpm", "tpm") if (v := getattr(args, k, None)) is not None}
+    if every:
+        table["*"] = every
+    for spec in getattr(args, "limit", None) or ():
+        model, pair = parse_limit(spec)
+        table[model] = {**table.get(model, {}), **pair}
+    return table or None
 
 
 def _prices(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
@@ -414,6 +429,15 @@ def cmd_batch(args: argparse.Namespace) -> int:
     rlm = _build_rlm(args, RLM, budget_prefix="task_", verbose=False,
                      max_concurrency=max(64, args.concurrency * 4),
                      reuse_workers=not args.fresh_workers, **_cache_options(args))
+    if not args.quiet:
+        rlm.size_clients(args.concurrency)  # what run_job does too: say it up front
+        given = _limits(args)
+        print(f"rlm batch: {args.concurrency} tasks at a time; per model up to "
+              f"{rlm.client.max_concurrency} root and {rlm.sub_client.max_concurrency} sub "
+              "requests in flight, paced to "
+              + ("the given limits and " if given else "")
+              + "the provider's rate limits (learned from its headers and 429s)",
+              file=sys.stderr)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         summary = rlm.run_job(
@@ -758,6 +782,19 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sandbox", choices=["local", "process"], default=None, help=_SANDBOX_HELP)
 
 
+def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """Rate limits to pace to, for run and batch."""
+    parser.add_argument("--rpm", type=_positive_float, default=None,
+                        help="requests per minute to send to each model at most (default: "
+                             "learned from the provider's rate-limit headers and 429s)")
+    parser.add_argument("--tpm", type=_positive_float, default=None,
+                        help="tokens per minute to send to each model at most, by the estimate "
+                             "prompt chars / 4 + max_tokens (default: learned, as --rpm)")
+    parser.add_argument("--limit", action="append", metavar="MODEL=rpm:N,tpm:N",
+                        help="one model's requests and tokens per minute, repeatable; either "
+                             "part may be left out (default: --rpm and --tpm)")
+
+
 def _add_budget_flags(parser: argparse.ArgumentParser, prefix: str, scope: str, *,
                       tokens: bool = True) -> None:
     parser.add_argument(f"--{prefix}max-cost-usd", type=_positive_float, default=None,
@@ -1046,6 +1083,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--query", required=True, help="the question to answer")
     _add_upstream_args(run)
     _add_cost_flags(run)
+    _add_limit_flags(run)
     run.add_argument("--max-concurrency", type=_positive_int, default=64,
                      help="sub-queries in flight at once (default: 64)")
     run.add_argument("--json", action="store_true",
@@ -1071,6 +1109,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--query", help="the query for every task, required with --dir (default: each task's own)")
     batch.add_argument("--out", required=True, help="results JSONL (appended; resumed)")
     _add_model_flags(batch)
+    _add_limit_flags(batch)
     _add_budget_flags(batch, "", "the whole job")
     _add_budget_flags(batch, "task-", "each task")
     batch.add_argument("--concurrency", type=_positive_int, default=8, help="tasks run at once (default: 8)")

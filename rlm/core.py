@@ -25,6 +25,7 @@ from rlm.errors import ConfigError, RunInterrupted
 from rlm.jobs import runner as job_runner
 from rlm.jobs.runner import JobSummary, JobTasks
 from rlm.llm import AsyncOpenAIClient
+from rlm.pacing import check_limits
 from rlm.repl import REPLEnv, default_sandbox
 from rlm.result import RLMResult
 from rlm.run import (
@@ -45,6 +46,9 @@ from rlm.usage import PRICE_HELP, check_prices
 # RLMResult and RLMSession are documented here too (``rlm.core.RLMResult``).
 __all__ = ["RLM", "RLMResult", "RLMSession"]
 
+# Sub-queries in flight per concurrent run a batch or job sizes the sub client for.
+SUB_WIDTH_PER_TASK = 16
+
 
 class RLM:
     """A Recursive Language Model: a root model driving a sandboxed REPL over the context.
@@ -59,11 +63,15 @@ class RLM:
       constructor raises ``ConfigError``; a local server that needs none takes any value.
     - ``client`` / ``sub_client``: ready ``AsyncOpenAIClient``s to use (and share
       between RLMs) instead of building them; they are not closed by ``close()``.
-    - ``max_concurrency``: sub-queries in flight at once on the sub client this RLM
-      builds (default 64; ignored when ``sub_client`` is given).
+    - ``max_concurrency``: sub-queries in flight at once per model on the sub client
+      this RLM builds (default 64, raised by ``acompletion_batch`` and jobs to what
+      their tasks can use; given, it stays; ignored when ``sub_client`` is given).
     - ``prices``: model name to USD per 1M (input, output) tokens for the clients this
       RLM builds, so costs and ``max_cost_usd`` work for models the built-in table
       does not know (default: the built-in table and $RLM_PRICES).
+    - ``limits``: requests and tokens per minute per model for the clients this RLM
+      builds, ``{"gpt-5-mini": {"rpm": 5000, "tpm": 2_000_000}}``; calls are paced to
+      them (default: learned from the provider's rate-limit headers and refusals).
 
     The loop and its limits:
 
@@ -148,7 +156,7 @@ class RLM:
         root_window_tokens: int | None = DEFAULT_ROOT_WINDOW_TOKENS,
         client: AsyncOpenAIClient | None = None,
         sub_client: AsyncOpenAIClient | None = None,
-        max_concurrency: int = 64,
+        max_concurrency: int | None = None,
         cell_timeout: float = 60.0,
         sub_window_chars: int = DEFAULT_SUB_WINDOW_CHARS,
         prices: Mapping[str, tuple[float, float]] | None = None,
@@ -156,6 +164,7 @@ class RLM:
         cache_read: bool = True,
         cache_write: bool = True,
         reuse_workers: bool = True,
+        limits: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         # The keywords this RLM was made with, so another process can build its twin.
         self._settings: dict[str, Any] = {k: v for k, v in locals().items() if k != "self"}
@@ -183,6 +192,11 @@ class RLM:
             )
         if prices is not None:
             prices = check_prices(prices)
+        if limits is not None:
+            if client is not None or sub_client is not None:
+                raise ConfigError("limits= applies to the clients RLM creates; pass limits= "
+                                  "to the AsyncOpenAIClient(s) you pass in instead")
+            limits = check_limits(limits)
         if (cache not in (None, False) or not cache_read or not cache_write) and (
             client is not None or sub_client is not None
         ):
@@ -192,7 +206,8 @@ class RLM:
             )
         # One store for both clients this RLM creates; it is closed after them.
         self._cache = open_cache(cache)
-        caching = {"cache": self._cache, "cache_read": cache_read, "cache_write": cache_write}
+        caching = {"cache": self._cache, "cache_read": cache_read, "cache_write": cache_write,
+                   "limits": limits}
         self._owned: list[AsyncOpenAIClient] = []
         if client is None:
             client = AsyncOpenAIClient(model=model, api_key=api_key, base_url=base_url,
@@ -253,6 +268,13 @@ class RLM:
         self._custom_system_prompt = system_prompt is not None
         self.system_prompt = system_prompt or self._default_system_prompt({})
         self.cell_timeout = cell_timeout
+
+    def size_clients(self, tasks: int) -> None:
+        """Let this RLM's clients carry what ``tasks`` runs at once can use: a root call
+        each on the root client, ``SUB_WIDTH_PER_TASK`` sub-queries each on the sub
+        client. A client whose ``max_concurrency`` was given keeps it."""
+        self.client.widen(tasks)
+        self.sub_client.widen(tasks * SUB_WIDTH_PER_TASK)
 
     def settings(self) -> dict[str, Any]:
         """The constructor keywords that build an equivalent RLM in another process.
@@ -413,6 +435,7 @@ class RLM:
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ConfigError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
         default = Schema.of(schema) if schema is not None else None
+        self.size_clients(max_concurrency)
         items: list[tuple[Any, Any, Any]] = []
         for task in tasks:
             context, query = _task_fields(task)

@@ -57,7 +57,19 @@ class RateLimitError(LLMError):
 
 
 class LLMConnectionError(LLMError):
-    """The endpoint could not be reached, or dropped the connection, on every attempt."""
+    """The endpoint could not be reached, or dropped the connection, on every attempt.
+
+    ``refused`` is True when no connection could be made at all (nothing listening,
+    an unknown host), as when a local server is not running.
+    """
+
+    def __init__(self, message: str, *, refused: bool = False, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.refused = refused
+
+
+class RequestTooLargeError(LLMError):
+    """A request can never fit the model's tokens-per-minute limit, so it was not sent."""
 
 
 class ResponseError(LLMError):

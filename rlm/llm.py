@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import json
 import os
-import random
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
@@ -38,16 +39,21 @@ from rlm.errors import (
     LLMError,
     LLMTimeoutError,
     RateLimitError,
+    RequestTooLargeError,
     ResponseError,
 )
-from rlm.limiter import OK, OTHER, REJECTED, AdaptiveLimiter
+from rlm.limiter import OK, OTHER, REJECTED, AdaptiveLimiter, Ticket
+from rlm.pacing import Pacer, PacingState, check_limits
 from rlm.providers import DEFAULT_PROVIDER, Adapter, HTTPRequest, Reply, Request, adapter_class
+from rlm.retries import RetryNotice, RetryPolicy, is_refusal
 from rlm.usage import (
     DEFAULT_PRICES,
     BudgetLedger,
     ModelUsage,
     Usage,
     UsageMeter,
+    estimate_parts,
+    estimate_tokens,
     lookup_price,
     resolve_prices,
 )
@@ -58,6 +64,7 @@ __all__ = [
     "ModelUsage",
     "Reply",
     "Request",
+    "RetryNotice",
     "Usage",
     "UsageMeter",
 ]
@@ -68,11 +75,9 @@ M = TypeVar("M", bound=BaseModel)
 Prompt = str | Sequence[Mapping[str, Any]]
 
 DEFAULT_MODEL = "gpt-4o-mini"
+DEFAULT_CONCURRENCY = 64
 KEEPALIVE_S = 60.0
 LARGE_BATCH = 1000
-RETRYABLE_STATUS = frozenset({408, 409, 429})
-# Statuses that mean "not now" (rate limited, overloaded): the limiter learns from them.
-REJECTION_STATUS = frozenset({429, 503})
 
 
 class BatchRoute(Protocol):
@@ -101,6 +106,50 @@ def _messages(prompt: Prompt) -> list[Mapping[str, Any]]:
         f"a prompt must be a str or a list of chat messages (dicts with role and content), "
         f"not {type(prompt).__name__}"
     )
+
+
+class _Lane:
+    """One model on the client's endpoint: its limiter (with its pacer), and the largest
+    completion it has returned (for token estimates of requests without max_tokens)."""
+
+    __slots__ = ("largest_completion", "limiter", "model")
+
+    def __init__(self, model: str, width: int, given: Mapping[str, float]) -> None:
+        self.model = model
+        self.largest_completion = 0
+        pacer = Pacer(given.get("rpm"), given.get("tpm"), time.monotonic())
+        self.limiter = AdaptiveLimiter(width, pacer=pacer, cost_of=self.cost)
+
+    def cost(self, request: Request) -> float:
+        """The token estimate pacing charges ``request`` (the budget ledger's estimate)."""
+        return estimate_tokens(request.prompt_chars(), request.max_tokens, self.largest_completion)
+
+
+class _Tries:
+    """One call's retry bookkeeping: the attempt number and the failures so far."""
+
+    __slots__ = ("attempt", "backoffs", "failures", "started")
+
+    def __init__(self) -> None:
+        self.attempt = 1
+        self.failures = 0
+        self.backoffs = 0
+        self.started = time.monotonic()
+
+
+def _failure_text(error: BaseException) -> str:
+    """A short line for what failed, for retry notices."""
+    if isinstance(error, LLMError) and error.status is not None:
+        return f"{error.status}: {error}"[:200]
+    return f"{type(error).__name__}: {error}"[:200]
+
+
+def _soon_on_engine(fn: Callable[..., Any], *args: Any) -> None:
+    """Run ``fn(*args)`` on the engine loop (now, when already there)."""
+    if engine.in_engine_thread():
+        fn(*args)
+    else:
+        engine.engine_loop().call_soon_threadsafe(fn, *args)
 
 
 class _Transport:
@@ -132,7 +181,10 @@ class _Transport:
     def _failure(self, exc: BaseException) -> LLMError:
         if isinstance(exc, TimeoutError | self._aiohttp.ServerTimeoutError):
             return LLMTimeoutError(f"no answer within {self._timeout_s:g} s")
-        return LLMConnectionError(f"{type(exc).__name__}: {exc}")
+        # No connection at all (nothing listening, an unknown host) is "refused": a
+        # server that is not running does not start because we retry.
+        refused = isinstance(exc, self._aiohttp.ClientConnectorError)
+        return LLMConnectionError(f"{type(exc).__name__}: {exc}", refused=refused)
 
     async def post(self, http: HTTPRequest) -> tuple[int, Mapping[str, str], bytes]:
         """POST ``http`` and read the whole answer: (status, headers, body)."""
@@ -264,12 +316,21 @@ class AsyncOpenAIClient:
       that needs none takes any value.
     - ``base_url``: an OpenAI-compatible endpoint such as http://localhost:8000/v1
       (default: $OPENAI_BASE_URL, else OpenAI).
-    - ``max_concurrency``: requests in flight at once (default 64); the limiter lowers
-      it for a while after 429s.
+    - ``max_concurrency``: requests in flight at once per model (default 64). A batch
+      or job that can use more raises it unless it was given here.
     - ``timeout``: seconds one HTTP attempt may take before it is retried (default 120).
-    - ``max_retries``: retries of one call after 408, 409, 429, 5xx, timeouts and
-      dropped connections, with jittered exponential backoff honouring Retry-After
-      (default 6; a retried 429 or 503 counts too).
+    - ``max_retries``: retries of one call after 408, 409, 5xx other than 503, timeouts
+      and dropped connections, with jittered exponential back-off (default 6).
+    - ``retry_timeout_s``: how long one call keeps retrying in all; refusals (429, 503)
+      are retried until then, however many (default 300).
+    - ``max_retry_wait_s``: the longest single wait a server may ask for (Retry-After
+      and its kin, always honoured); a longer one fails the call at once with a
+      ``RateLimitError`` carrying the delay (default 120).
+    - ``rpm`` / ``tpm``: requests and tokens per minute this client may send to each
+      model, paced before sending (default: learned from the provider's rate-limit
+      headers and from its refusals); ``limits`` sets them per model,
+      ``{"gpt-5-mini": {"rpm": 5000, "tpm": 2_000_000}}``. A request whose token
+      estimate exceeds a model's tpm fails at once with ``RequestTooLargeError``.
     - ``prices``: model name to USD per 1M (input, output) tokens, for ``usage``'s cost;
       extends the built-in table and the prices file named by $RLM_PRICES.
     - ``cache``: None/False (default: nothing stored), True (the per-user cache
@@ -281,6 +342,11 @@ class AsyncOpenAIClient:
     - ``provider``: the wire format, a name from ``rlm.providers.provider_names()``
       (default "openai": OpenAI-compatible chat completions); it also picks the
       environment variables of the key and the endpoint.
+    - ``on_retry``: called on the engine loop with a ``RetryNotice`` each time a call
+      is about to be retried (what failed, the attempt, the wait), for live displays.
+
+    Every model gets its own lane (see rlm.limiter and rlm.pacing): a flood of calls
+    to one model never delays another's.
 
     Use it as ``async with AsyncOpenAIClient(...) as client`` or call ``await
     client.close()``; from sync code use ``rlm.loop.run_sync(client....)``.
@@ -295,7 +361,7 @@ class AsyncOpenAIClient:
         model: str | None = None,
         api_key: str | None = None,
         base_url: str | None = None,
-        max_concurrency: int = 64,
+        max_concurrency: int | None = None,
         timeout: float = 120.0,
         max_retries: int = 6,
         prices: Mapping[str, tuple[float, float]] | None = None,
@@ -303,23 +369,41 @@ class AsyncOpenAIClient:
         cache_read: bool = True,
         cache_write: bool = True,
         provider: str | None = None,
+        *,
+        retry_timeout_s: float = 300.0,
+        max_retry_wait_s: float = 120.0,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        limits: Mapping[str, Mapping[str, float]] | None = None,
+        on_retry: Callable[[RetryNotice], None] | None = None,
     ) -> None:
-        if not isinstance(max_concurrency, int) or max_concurrency < 1:
+        if max_concurrency is not None and (
+            not isinstance(max_concurrency, int) or max_concurrency < 1
+        ):
             raise ConfigError(f"max_concurrency must be a positive int, got {max_concurrency!r}")
         if not isinstance(max_retries, int) or max_retries < 0:
             raise ConfigError(f"max_retries must be an int >= 0, got {max_retries!r}")
         if not timeout or timeout <= 0:
             raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        for name, value in (("retry_timeout_s", retry_timeout_s),
+                            ("max_retry_wait_s", max_retry_wait_s)):
+            if not isinstance(value, int | float) or value < 0:
+                raise ConfigError(f"{name} must be a number of seconds >= 0, got {value!r}")
         self._adapter_cls = adapter_class(provider or DEFAULT_PROVIDER)
         env = self._adapter_cls.base_url_env
         self.model: str = model or os.environ.get("RLM_MODEL") or DEFAULT_MODEL
         self.base_url: str | None = base_url or (os.environ.get(env) if env else None) or None
         self._api_key = api_key or os.environ.get(self._adapter_cls.key_env) or None
-        self.max_concurrency = max_concurrency
+        # Whether the user chose the width: a batch or job widens only a default one.
+        self._width_given = max_concurrency is not None
+        self.max_concurrency = max_concurrency or DEFAULT_CONCURRENCY
         self.timeout = float(timeout)
         self.max_retries = max_retries
+        self.retry = RetryPolicy(max_retries, float(retry_timeout_s), float(max_retry_wait_s))
+        self._limits = check_limits(limits, rpm, tpm)
+        self._on_retry = on_retry
         self._meter = UsageMeter(resolve_prices(prices))
-        self._limiter = AdaptiveLimiter(max_concurrency)
+        self._lanes: dict[str, _Lane] = {}
         self._adapter: Adapter | None = None
         self._transport: _Transport | None = None
         self._closed = False
@@ -348,13 +432,29 @@ class AsyncOpenAIClient:
 
     @property
     def in_flight(self) -> int:
-        """Requests currently sent and not yet answered."""
-        return self._limiter.in_flight
+        """Requests currently sent and not yet answered, all models together."""
+        return sum(lane.limiter.in_flight for lane in list(self._lanes.values()))
 
     @property
     def concurrency_limit(self) -> int:
-        """The limiter's current in-flight limit (below max_concurrency after 429s)."""
-        return self._limiter.limit
+        """How many requests the default model's lane may have in flight right now
+        (fewer than max_concurrency while a new lane's first replies are out)."""
+        return self._lane(self.model).limiter.capacity
+
+    def rate_limits(self) -> dict[str, PacingState]:
+        """Per model, the limits pacing follows now: requests and tokens per minute
+        (given or learned from headers) and any rate learned from refusals."""
+        return {model: lane.limiter.pacer.state() for model, lane in list(self._lanes.items())}
+
+    def widen(self, max_concurrency: int) -> None:
+        """Let each model have up to ``max_concurrency`` requests in flight, unless the
+        width was given to the constructor (then this does nothing); never narrows.
+        A batch or job calls it with what its tasks can use."""
+        if self._width_given or max_concurrency <= self.max_concurrency:
+            return
+        self.max_concurrency = max_concurrency
+        for lane in list(self._lanes.values()):
+            _soon_on_engine(lane.limiter.set_max_limit, max_concurrency)
 
     @property
     def closed(self) -> bool:
@@ -377,8 +477,8 @@ class AsyncOpenAIClient:
 
     @property
     def limiter(self) -> AdaptiveLimiter:
-        """The in-flight limiter shared by every call of this client (see rlm.limiter)."""
-        return self._limiter
+        """The default model's limiter (see rlm.limiter); each model has its own."""
+        return self._lane(self.model).limiter
 
     @property
     def prices(self) -> dict[str, tuple[float, float]]:
@@ -412,9 +512,10 @@ class AsyncOpenAIClient:
         body.update(params)
         return Request(body, bool(cache))
 
-    def new_meter(self) -> UsageMeter:
-        """A fresh meter with this client's prices, for per-run accounting."""
-        return UsageMeter(self._meter.prices)
+    def new_meter(self, on_retry: Callable[[RetryNotice], None] | None = None) -> UsageMeter:
+        """A fresh meter with this client's prices, for per-run accounting; ``on_retry``
+        hears of each retry of a call made with it."""
+        return UsageMeter(self._meter.prices, on_retry)
 
     async def send(
         self,
@@ -686,24 +787,39 @@ class AsyncOpenAIClient:
         if transport is not None:
             await transport.close()
 
-    def _final_error(self, exc: BaseException, attempts: int) -> LLMError:
-        """The error a call ends with: what failed, after how many retries, and the
-        server's own words."""
+    def _lane(self, model: str) -> _Lane:
+        """The lane of ``model`` on this client's endpoint, made on first use."""
+        lane = self._lanes.get(model)
+        if lane is None:
+            given = self._limits.get(model) or self._limits.get("*") or {}
+            lane = self._lanes.setdefault(model, _Lane(model, self.max_concurrency, given))
+        return lane
+
+    def _final_error(self, exc: BaseException, attempts: int, why: str = "") -> LLMError:
+        """The error a call ends with: what failed, after how many retries, the server's
+        own words, and why retrying stopped when that is not the obvious."""
         retries = attempts - 1
         tail = f"after {retries} retr{'y' if retries == 1 else 'ies'}" if retries else "(no retry)"
+        note = f" ({why})" if why else ""
         if isinstance(exc, LLMTimeoutError):
-            return LLMTimeoutError(f"no answer within {self.timeout:g} s {tail}", attempts=attempts)
+            return LLMTimeoutError(f"no answer within {self.timeout:g} s {tail}{note}",
+                                   attempts=attempts)
         if isinstance(exc, LLMConnectionError):
-            return LLMConnectionError(f"connection failed {tail}: {exc}", attempts=attempts)
+            if exc.refused:
+                where = self.base_url or self._adapter_cls.default_base_url
+                return LLMConnectionError(
+                    f"connection failed: cannot connect to {where} ({exc}); is the server "
+                    "running, and is the base URL right?", attempts=attempts, refused=True)
+            return LLMConnectionError(f"connection failed {tail}{note}: {exc}", attempts=attempts)
         if isinstance(exc, LLMError) and exc.status is not None and not isinstance(
             exc, ResponseError
         ):
             status, after = exc.status, exc.retry_after
             if status == 429 or isinstance(exc, RateLimitError):
-                return RateLimitError(f"rate limited {tail}: {exc}", status=status,
+                return RateLimitError(f"rate limited {tail}{note}: {exc}", status=status,
                                       attempts=attempts, retry_after=after)
             if status >= 500:
-                return LLMError(f"server error {status} {tail}: {exc}", status=status,
+                return LLMError(f"server error {status} {tail}{note}: {exc}", status=status,
                                 attempts=attempts, retry_after=after)
             return LLMError(f"request rejected ({status}): {exc}", status=status,
                             attempts=attempts)
@@ -715,26 +831,84 @@ class AsyncOpenAIClient:
                                  attempts=attempts)
         return LLMError(f"{type(exc).__name__}: {exc}", attempts=attempts)
 
-    def _backoff(self, attempt: int, exc: BaseException) -> float | None:
-        """Seconds to wait before the next attempt, or None when this error is final."""
-        if attempt > self.max_retries:
-            return None
-        retry_after = None
-        if isinstance(exc, LLMTimeoutError | LLMConnectionError):
-            pass
-        elif isinstance(exc, LLMError) and exc.status is not None and not isinstance(
-            exc, ResponseError
-        ):
-            status = exc.status
-            if status not in RETRYABLE_STATUS and status < 500:
-                return None
-            retry_after = exc.retry_after
+    def _too_large(self, lane: _Lane, request: Request) -> RequestTooLargeError:
+        tokens = lane.limiter.pacer.tokens
+        limit = int(tokens.capacity) if tokens is not None else 0
+        return RequestTooLargeError(
+            f"the request to {lane.model} is estimated at {lane.cost(request):,.0f} tokens "
+            f"(prompt {request.prompt_chars():,} chars / 4 + {request.max_tokens or 'default'} "
+            f"completion), more than its limit of {limit:,} tokens per minute; split the "
+            "prompt or lower max_tokens"
+        )
+
+    async def _turn(self, lane: _Lane, request: Request, meter: UsageMeter | None) -> Ticket:
+        """Wait for the lane to let ``request`` go; time held back by pacing or a pause
+        (not by the in-flight limit) counts as waiting for rate limits."""
+        limiter = lane.limiter
+        pacer = limiter.pacer
+        if pacer.counts_tokens and pacer.too_large(lane.cost(request)):
+            raise self._too_large(lane, request)
+        paced = limiter.pacing_delay(request) > 0
+        start = time.monotonic() if paced else 0.0
+        ticket = await limiter.acquire(request)
+        if paced:
+            self._waited(meter, time.monotonic() - start)
+        return ticket
+
+    def _waited(self, meter: UsageMeter | None, seconds: float) -> None:
+        self._meter.rate_limit_wait(seconds)
+        if meter is not None:
+            meter.rate_limit_wait(seconds)
+
+    async def _retry_or_raise(self, lane: _Lane, tries: _Tries, error: Exception,
+                              meter: UsageMeter | None) -> None:
+        """After a failed attempt: sleep until the retry, or raise the call's final error."""
+        refusal = is_refusal(error)
+        if refusal:
+            self._meter.refused()
+            if meter is not None:
+                meter.refused()
+            if not (isinstance(error, LLMError) and error.retry_after is not None):
+                tries.backoffs += 1
         else:
-            return None
-        if retry_after is not None and retry_after <= 60:
-            return retry_after
-        base = min(8.0, 0.5 * 2 ** (attempt - 1))
-        return base * random.uniform(0.75, 1.25)
+            tries.failures += 1
+        verdict = self.retry.verdict(error, failures=tries.failures, backoffs=tries.backoffs,
+                                     elapsed=time.monotonic() - tries.started)
+        delay = verdict.delay
+        if delay is None:
+            self._meter.failed()
+            if meter is not None:
+                meter.failed()
+            final = self._final_error(error, tries.attempt, verdict.why)
+            if final is error:
+                raise error
+            raise final from error
+        notice = RetryNotice(lane.model, _failure_text(error), tries.attempt, delay, refusal)
+        self._meter.retried(notice)
+        if meter is not None:
+            meter.retried(notice)
+        if self._on_retry is not None:
+            try:
+                self._on_retry(notice)
+            except Exception:  # noqa: BLE001, S110 - a display must not stop a call
+                pass
+        if refusal:
+            self._waited(meter, delay)
+        tries.attempt += 1
+        await asyncio.sleep(delay)
+
+    def _estimated(self, lane: _Lane, request: Request, reply: Reply) -> Reply:
+        """A reply whose server reported no usage, with the reservation estimate as its
+        tokens (so budgets still bind), marked estimated."""
+        prompt, completion = estimate_parts(request.prompt_chars(), request.max_tokens,
+                                            lane.largest_completion)
+        return dataclasses.replace(reply, prompt_tokens=prompt, completion_tokens=completion)
+
+    def _record(self, meter: UsageMeter | None, reply: Reply) -> None:
+        estimated = not reply.usage_reported
+        self._meter.record(reply.model, reply.prompt_tokens, reply.completion_tokens, estimated)
+        if meter is not None:
+            meter.record(reply.model, reply.prompt_tokens, reply.completion_tokens, estimated)
 
     async def _text(
         self, request: Request, meter: UsageMeter | None, ledger: BudgetLedger | None,
@@ -823,47 +997,44 @@ class AsyncOpenAIClient:
         adapter, transport = (self._adapter, self._transport)
         if adapter is None or transport is None:
             adapter, transport = self._ready()
+        lane = self._lanes.get(request.model) or self._lane(request.model)
+        limiter = lane.limiter
         http = adapter.build(request)
-        limiter = self._limiter
-        attempt = 0
+        tries: _Tries | None = None
         while True:
-            attempt += 1
-            epoch = await limiter.acquire()
-            outcome, retry_after, error = OTHER, None, None
+            ticket = None
+            if not limiter.pacer.counts_tokens:
+                ticket = limiter.try_acquire(request)
+            if ticket is None:
+                ticket = await self._turn(lane, request, meter)
+            outcome, retry_after, limits, error = OTHER, None, None, None
             try:
                 status, headers, raw = await transport.post(http)
+                limits = adapter.parse_limits(headers)
                 if status != 200:
                     raise adapter.parse_error(status, headers, raw)
                 reply = adapter.parse_reply(json.loads(raw), request)
                 outcome = OK
             except Exception as exc:  # noqa: BLE001 - classified below
                 error = exc
-                if isinstance(exc, LLMError) and exc.status in REJECTION_STATUS:
+                if is_refusal(exc):
                     outcome = REJECTED
-                    retry_after = exc.retry_after
+                    retry_after = exc.retry_after  # type: ignore[attr-defined]
             finally:
                 # Whatever happened (a reply, an error, a cancellation, a KeyboardInterrupt
                 # on this thread), the slot goes back and the next waiter is woken.
-                limiter.release(epoch, outcome, retry_after)
-            if error is not None:
-                delay = self._backoff(attempt, error)
-                if delay is None:
-                    self._meter.failed()
-                    if meter is not None:
-                        meter.failed()
-                    final = self._final_error(error, attempt)
-                    if final is error:
-                        raise error
-                    raise final from error
-                self._meter.retried()
-                if meter is not None:
-                    meter.retried()
-                await asyncio.sleep(delay)
-                continue
-            self._meter.record(reply.model, reply.prompt_tokens, reply.completion_tokens)
-            if meter is not None:
-                meter.record(reply.model, reply.prompt_tokens, reply.completion_tokens)
-            return reply
+                limiter.release(ticket, outcome, retry_after, limits)
+            if error is None:
+                break
+            if tries is None:
+                tries = _Tries()
+            await self._retry_or_raise(lane, tries, error, meter)
+        if not reply.usage_reported:
+            reply = self._estimated(lane, request, reply)
+        elif reply.completion_tokens > lane.largest_completion:
+            lane.largest_completion = reply.completion_tokens
+        self._record(meter, reply)
+        return reply
 
     async def _many(
         self,
@@ -1027,18 +1198,20 @@ class AsyncOpenAIClient:
 
     async def _stream(self, request: Request) -> AsyncIterator[str]:
         adapter, transport = self._ready()
+        lane = self._lane(request.model)
+        limiter = lane.limiter
         http = adapter.build(request, stream=True)
-        limiter = self._limiter
-        attempt = 0
+        tries: _Tries | None = None
         yielded = False
         while True:
-            attempt += 1
             model = request.model
-            prompt_tokens = completion_tokens = 0
-            epoch = await limiter.acquire()
-            outcome, retry_after, error = OTHER, None, None
+            usage: tuple[int, int] | None = None
+            finish = None
+            ticket = await self._turn(lane, request, None)
+            outcome, retry_after, limits, error = OTHER, None, None, None
             try:
                 async with transport.stream(http) as resp:
+                    limits = adapter.parse_limits(resp.headers)
                     if resp.status != 200:
                         raise adapter.parse_error(resp.status, resp.headers, await resp.read())
                     async for name, data in transport.events(resp):
@@ -1048,30 +1221,35 @@ class AsyncOpenAIClient:
                         if event.error is not None:
                             raise event.error
                         model = event.model or model
-                        if event.usage is not None:
-                            prompt_tokens, completion_tokens = event.usage
+                        usage = event.usage or usage
+                        finish = event.finish_reason or finish
                         if event.text:
                             yielded = True
                             yield event.text
                         if event.done:
                             break
+                if finish is None:
+                    raise LLMConnectionError(
+                        "the stream ended without a finish reason: the answer was cut off"
+                    )
                 outcome = OK
             except Exception as exc:  # noqa: BLE001 - classified below
                 error = exc
-                if isinstance(exc, LLMError) and exc.status in REJECTION_STATUS:
+                if is_refusal(exc):
                     outcome = REJECTED
-                    retry_after = exc.retry_after
+                    retry_after = exc.retry_after  # type: ignore[attr-defined]
             finally:
-                limiter.release(epoch, outcome, retry_after)
-            if error is not None:
-                # Once pieces were handed out, a retry would repeat them: only a stream
-                # that failed before its first piece is sent again.
-                delay = None if yielded else self._backoff(attempt, error)
-                if delay is None:
-                    self._meter.failed()
-                    raise self._final_error(error, attempt) from error
-                self._meter.retried()
-                await asyncio.sleep(delay)
-                continue
-            self._meter.record(model, prompt_tokens, completion_tokens)
-            return
+                limiter.release(ticket, outcome, retry_after, limits)
+            if error is None:
+                break
+            if yielded:
+                # Pieces already handed out would be repeated by a retry: fail instead.
+                self._meter.failed()
+                raise self._final_error(error, tries.attempt if tries else 1) from error
+            if tries is None:
+                tries = _Tries()
+            await self._retry_or_raise(lane, tries, error, None)
+        reply = Reply("", model, *(usage or (0, 0)), usage_reported=usage is not None)
+        if not reply.usage_reported:
+            reply = self._estimated(lane, request, reply)
+        self._record(None, reply)

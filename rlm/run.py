@@ -87,8 +87,8 @@ class Run:
         self.run_child = run_child
         self.trajectory = trajectory
         self.ledger = ledger
-        self.root_meter = rlm.client.new_meter()
-        self.sub_meter = rlm.sub_client.new_meter()
+        self.root_meter = rlm.client.new_meter(on_retry=self._retry_shower("root"))
+        self.sub_meter = rlm.sub_client.new_meter(on_retry=self._retry_shower("sub"))
         self.sub_calls = 0
         self.iterations = 0
         self.started = time.monotonic()
@@ -109,6 +109,26 @@ class Run:
 
     def total_sub_calls(self) -> int:
         return self.sub_calls + sum(c.total_sub_calls() for c in self.children)
+
+    def _retry_shower(self, role: str) -> Callable[[Any], None]:
+        # Retries go to live displays as they happen (transient: a 429 storm would
+        # otherwise write thousands of log lines); ``note_rate_limits`` logs the sum.
+        def show(notice: Any) -> None:
+            self.trajectory.emit("retry", role=role, model=notice.model, failure=notice.failure,
+                                 attempt=notice.attempt, wait_s=round(notice.wait_s, 3),
+                                 refusal=notice.refusal)
+        return show
+
+    def note_rate_limits(self, role: str, client: Any, model: str, spent: Usage) -> None:
+        """Record that rate limits held this run back, if they did: the refusals drawn,
+        the seconds calls waited, and the limits pacing followed for ``model``."""
+        if not (spent.rate_limit_hits or spent.rate_limit_wait_s):
+            return
+        limits = client.rate_limits().get(model)
+        self.trajectory.emit("rate_limited", role=role, model=model,
+                             refusals=spent.rate_limit_hits,
+                             waited_s=round(spent.rate_limit_wait_s, 3),
+                             limits=None if limits is None else limits.to_dict())
 
     @contextlib.contextmanager
     def tracking(self) -> Any:
@@ -424,6 +444,7 @@ async def _root_turn(run: Run, messages: list[dict[str, Any]], iteration: int,
     reply = await client.send(client.request(messages, model=rlm.model), meter=run.root_meter,
                               ledger=run.ledger)
     turn = run.root_meter.snapshot() - before
+    run.note_rate_limits("root", client, rlm.model, turn)
     run.trajectory.emit(
         "root_reply",
         iteration=iteration,

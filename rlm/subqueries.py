@@ -176,10 +176,13 @@ class SubQueryService:
         client = run.rlm.sub_client
         params = {"model": run.rlm.recursive_model, **params}
         requests = [client.request(p, **params) for p in prompts]
-        return await client.send_many(
+        before = run.sub_meter.snapshot()
+        results = await client.send_many(
             requests, meter=run.sub_meter, ledger=run.ledger, on_item_done=on_item_done,
             cached=cached,
         )
+        run.note_rate_limits("sub", client, params["model"], run.sub_meter.snapshot() - before)
+        return results
 
     def _progress(self, total: int) -> Callable[[int, int], None]:
         step = max(1, total // 50)

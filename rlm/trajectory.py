@@ -20,11 +20,16 @@ readable by ``rlm view``. Event types, with their fields beyond ``type``, ``t``
 - ``error``: message
 - ``sub_queries``: iteration, calls (a list of ``{"prompt", "reply"}``, each text cut to
   a head and a tail unless ``RLM(record_subcalls="full")``; absent with "none")
+- ``rate_limited``: role ("root" or "sub"), model, refusals (429s and 503s drawn),
+  waited_s (seconds calls were held back by pacing or waited as refusals asked), limits
+  (what pacing followed: rpm, tpm, rate_per_s and where each came from); after a root
+  turn or a sub-query batch that rate limits held back
 - ``run_end``: answer, stopped_reason, iterations, elapsed_s, sub_calls, usage
   (``root`` and ``sub`` usage dicts), error
 
-``subcalls`` events (done, total during a batch) go to live displays only, not to the
-log: a 10,000-item batch would otherwise write 10,000 lines.
+``subcalls`` events (done, total during a batch) and ``retry`` events (role, model,
+failure, attempt, wait_s, refusal: a call about to be tried again) go to live displays
+only, not to the log: a 10,000-item batch would otherwise write 10,000 lines.
 """
 
 from __future__ import annotations
@@ -42,11 +47,11 @@ from typing import Any, TextIO
 Event = dict[str, Any]
 EventSink = Callable[[Event], None]
 
-TRANSIENT = frozenset({"subcalls"})
+TRANSIENT = frozenset({"subcalls", "retry"})
 # The events a run writes; a file with none of them is not a trajectory.
 RUN_EVENTS = frozenset({"run_start", "root_request", "root_reply", "cell", "cell_result", "final",
                         "budget", "interrupted", "error", "run_end", "sub_queries",
-                        "compaction"})
+                        "compaction", "rate_limited"})
 
 
 def _jsonable(value: Any) -> Any:

@@ -176,7 +176,8 @@ class ModelUsage:
     here, shown as "unpriced"). ``cached_calls`` were answered by the sub-query cache
     (or joined an identical request in flight) without a request of their own: they
     are not in ``calls`` or the tokens; ``saved_tokens`` and ``saved_usd`` are what
-    they would have cost.
+    they would have cost. ``estimated_calls`` of the calls came back without usage from
+    the server: their tokens are the conservative estimate made before sending.
     """
 
     calls: int = 0
@@ -188,6 +189,7 @@ class ModelUsage:
     cached_calls: int = 0
     saved_tokens: int = 0
     saved_usd: float = 0.0
+    estimated_calls: int = 0
 
     def __add__(self, other: ModelUsage) -> ModelUsage:
         return ModelUsage(
@@ -200,6 +202,7 @@ class ModelUsage:
             self.cached_calls + other.cached_calls,
             self.saved_tokens + other.saved_tokens,
             self.saved_usd + other.saved_usd,
+            self.estimated_calls + other.estimated_calls,
         )
 
     def __repr__(self) -> str:
@@ -221,8 +224,12 @@ class Usage:
     retries), ``retries`` (attempts repeated after a transient error), ``by_model``
     (a ``ModelUsage`` per model name), ``cached_calls`` (calls the sub-query cache
     answered, or that joined an identical request in flight: not in ``calls`` or the
-    tokens), and ``saved_tokens`` and ``saved_usd`` (what those would have cost;
-    ``saved_usd`` for priced models only).
+    tokens), ``saved_tokens`` and ``saved_usd`` (what those would have cost;
+    ``saved_usd`` for priced models only), ``rate_limit_hits`` (refusals, 429 and 503,
+    drawn), ``rate_limit_wait_s`` (seconds calls spent held back by rate limits:
+    pacing, and the waits refusals asked for, summed over calls) and
+    ``estimated_calls`` (calls that came back without usage: their tokens are the
+    estimate made before sending).
 
     Snapshots add up (``root.usage + sub.usage``), so a run can report root and
     sub-model usage separately and together. ``cost_text`` says "unpriced" for models
@@ -240,6 +247,9 @@ class Usage:
     cached_calls: int = 0
     saved_tokens: int = 0
     saved_usd: float = 0.0
+    rate_limit_hits: int = 0
+    rate_limit_wait_s: float = 0.0
+    estimated_calls: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         by_model = dict(self.by_model)
@@ -257,6 +267,9 @@ class Usage:
             self.cached_calls + other.cached_calls,
             self.saved_tokens + other.saved_tokens,
             self.saved_usd + other.saved_usd,
+            self.rate_limit_hits + other.rate_limit_hits,
+            self.rate_limit_wait_s + other.rate_limit_wait_s,
+            self.estimated_calls + other.estimated_calls,
         )
 
     def __sub__(self, other: Usage) -> Usage:
@@ -274,6 +287,7 @@ class Usage:
                 mu.cached_calls - base.cached_calls,
                 mu.saved_tokens - base.saved_tokens,
                 mu.saved_usd - base.saved_usd,
+                mu.estimated_calls - base.estimated_calls,
             )
             if diff.calls or diff.total_tokens or diff.cached_calls:
                 by_model[name] = diff
@@ -289,6 +303,9 @@ class Usage:
             self.cached_calls - other.cached_calls,
             self.saved_tokens - other.saved_tokens,
             self.saved_usd - other.saved_usd,
+            self.rate_limit_hits - other.rate_limit_hits,
+            self.rate_limit_wait_s - other.rate_limit_wait_s,
+            self.estimated_calls - other.estimated_calls,
         )
 
     @property
@@ -327,6 +344,11 @@ class Usage:
             bits.append(f"retries={self.retries:,}")
         if self.failed_calls:
             bits.append(f"failed={self.failed_calls:,}")
+        if self.rate_limit_hits or self.rate_limit_wait_s:
+            bits.append(f"rate_limited={self.rate_limit_hits:,} "
+                        f"(waited {self.rate_limit_wait_s:.1f} s)")
+        if self.estimated_calls:
+            bits.append(f"estimated_usage_calls={self.estimated_calls:,}")
         cached = _cached_text(self.cached_calls, self.saved_usd, self.saved_tokens,
                               not self.unpriced_models)
         return f"Usage({', '.join(bits)}{cached})"
@@ -348,6 +370,11 @@ class Usage:
             saved = (f"saved ${self.saved_usd:.4f}" if self.saved_usd
                      else f"saved {self.saved_tokens:,} tokens")
             footer += f" · cached calls {self.cached_calls:,} ({saved})"
+        if self.rate_limit_hits or self.rate_limit_wait_s:
+            footer += (f" · rate limited {self.rate_limit_hits:,}× "
+                       f"(waited {self.rate_limit_wait_s:.1f} s)")
+        if self.estimated_calls:
+            footer += f" · usage estimated for {self.estimated_calls:,} calls"
         return footer
 
     def __rich__(self) -> Any:
@@ -386,23 +413,32 @@ _MODEL_USAGE_FIELDS = tuple(f.name for f in fields(ModelUsage))
 
 
 class UsageMeter:
-    """Thread-safe usage counters with a price table; ``snapshot()`` gives a ``Usage``."""
+    """Thread-safe usage counters with a price table; ``snapshot()`` gives a ``Usage``.
 
-    def __init__(self, prices: Mapping[str, tuple[float, float]]) -> None:
+    ``on_retry``, when given, is called with each retry's notice (on the engine loop),
+    so a run's live view can show retries as they happen.
+    """
+
+    def __init__(self, prices: Mapping[str, tuple[float, float]],
+                 on_retry: Callable[[Any], None] | None = None) -> None:
         self.prices: dict[str, tuple[float, float]] = dict(prices)
+        self.on_retry = on_retry
         self._lock = threading.Lock()
         self._models: dict[str, list[Any]] = {}
         self._failed = 0
         self._retries = 0
+        self._refusals = 0
+        self._waited = 0.0
 
     def price(self, model: str) -> tuple[float, float] | None:
         """The price this meter uses for ``model`` (None: unpriced)."""
         return lookup_price(self.prices, model)
 
-    def record(self, model: str, prompt_tokens: int, completion_tokens: int, *,
-               batch: bool = False) -> None:
+    def record(self, model: str, prompt_tokens: int, completion_tokens: int,
+               estimated: bool = False, *, batch: bool = False) -> None:
         """Count one call that returned, with its tokens (and cost, when priced);
-        ``batch``: it was answered through a Batch API, at ``BATCH_DISCOUNT`` off."""
+        ``estimated``: the server reported no usage, these are estimates; ``batch``: it
+        was answered through a Batch API, at ``BATCH_DISCOUNT`` off."""
         price = self.price(model)
         cost = 0.0
         if price:
@@ -415,6 +451,7 @@ class UsageMeter:
             row[1] += prompt_tokens
             row[2] += completion_tokens
             row[3] += cost
+            row[8] += estimated
 
     def cached(self, model: str, prompt_tokens: int, completion_tokens: int, calls: int = 1) -> None:
         """Count ``calls`` calls the cache answered, with the tokens they would have
@@ -430,11 +467,11 @@ class UsageMeter:
             row[7] += saved
 
     def _row(self, model: str, price: tuple[float, float] | None) -> list[Any]:
-        # calls, prompt, completion, cost, priced, cached calls, saved tokens, saved USD;
-        # the caller holds the lock.
+        # calls, prompt, completion, cost, priced, cached calls, saved tokens, saved USD,
+        # estimated calls; the caller holds the lock.
         row = self._models.get(model)
         if row is None:
-            row = self._models[model] = [0, 0, 0, 0.0, price is not None, 0, 0, 0.0]
+            row = self._models[model] = [0, 0, 0, 0.0, price is not None, 0, 0, 0.0, 0]
         return row
 
     def failed(self) -> None:
@@ -442,19 +479,36 @@ class UsageMeter:
         with self._lock:
             self._failed += 1
 
-    def retried(self) -> None:
-        """Count one retry (an attempt that failed and was sent again)."""
+    def retried(self, notice: Any = None) -> None:
+        """Count one retry (an attempt that failed and is sent again); ``notice`` says
+        what failed, for ``on_retry``."""
         with self._lock:
             self._retries += 1
+        if self.on_retry is not None and notice is not None:
+            try:
+                self.on_retry(notice)
+            except Exception:  # noqa: BLE001, S110 - a display must not stop a call
+                pass
+
+    def refused(self) -> None:
+        """Count one refusal (429 or 503) drawn."""
+        with self._lock:
+            self._refusals += 1
+
+    def rate_limit_wait(self, seconds: float) -> None:
+        """Count ``seconds`` a call spent held back by rate limits."""
+        with self._lock:
+            self._waited += seconds
 
     def snapshot(self) -> Usage:
         """The counters so far as an immutable ``Usage``."""
         with self._lock:
             rows = {m: list(r) for m, r in self._models.items()}
             failed, retries = self._failed, self._retries
+            refusals, waited = self._refusals, self._waited
         by_model = {
             m: ModelUsage(int(r[0]), int(r[1]), int(r[2]), int(r[1] + r[2]), r[3], bool(r[4]),
-                          int(r[5]), int(r[6]), r[7])
+                          int(r[5]), int(r[6]), r[7], int(r[8]))
             for m, r in rows.items()
         }
         total = sum(by_model.values(), ModelUsage())
@@ -470,6 +524,9 @@ class UsageMeter:
             total.cached_calls,
             total.saved_tokens,
             total.saved_usd,
+            refusals,
+            waited,
+            total.estimated_calls,
         )
 
 
@@ -477,6 +534,21 @@ class UsageMeter:
 
 # Completion tokens assumed for a request without max_tokens before any reply was seen.
 DEFAULT_COMPLETION_ESTIMATE = 256
+
+
+def estimate_parts(prompt_chars: int, max_tokens: int | None,
+                   largest_completion: int = 0) -> tuple[int, int]:
+    """A conservative (prompt, completion) token count for one call before it is sent:
+    prompt characters / 4 (plus one), and the request's ``max_tokens``, or the largest
+    completion seen so far, or 256. Budgets reserve it, rate-limit pacing charges it, and
+    a reply without usage is settled at it."""
+    return prompt_chars // 4 + 1, max_tokens or largest_completion or DEFAULT_COMPLETION_ESTIMATE
+
+
+def estimate_tokens(prompt_chars: int, max_tokens: int | None, largest_completion: int = 0) -> int:
+    """``estimate_parts`` in one number."""
+    prompt, completion = estimate_parts(prompt_chars, max_tokens, largest_completion)
+    return prompt + completion
 
 
 @dataclass(slots=True)
@@ -624,11 +696,11 @@ class BudgetLedger:
     def _estimate(self, model: str, prompt_chars: int, max_tokens: int | None) -> Hold:
         # The outermost ledger has seen every reply of the tree (a job: of every task).
         largest = self._chain[-1]._largest_completion
-        completion = max_tokens or largest or DEFAULT_COMPLETION_ESTIMATE
-        prompt = prompt_chars // 4 + 1
+        prompt, completion = estimate_parts(prompt_chars, max_tokens, largest)
+        tokens = prompt + completion
         price = lookup_price(self.prices, model)
         cost = (prompt * price[0] + completion * price[1]) / 1_000_000 if price else 0.0
-        return Hold(prompt + completion, cost, price)
+        return Hold(tokens, cost, price)
 
     def _over(self) -> str | None:
         if self.max_tokens is not None and self.spent_tokens >= self.max_tokens:

@@ -40,6 +40,9 @@ class Metrics:
     sub_cost: float | None = None
     cached_calls: int | None = None
     saved_usd: float | None = None
+    rate_limit_hits: int | None = None
+    rate_limit_wait_s: float | None = None
+    estimated_calls: int | None = None
     elapsed_s: float | None = None
     stopped_reason: str | None = None
     error: str | None = None
@@ -79,6 +82,7 @@ class Metrics:
             ("Total tokens", fmt_int(self.total_tokens)),
             ("Total cost", _cost(self.total_cost, self.root_unpriced or self.sub_unpriced)),
             *self._cache_rows(),
+            *self._limit_rows(),
             ("Wall time", fmt_time(self.elapsed_s)),
             ("Stopped", self.stopped_reason or "—"),
         ]
@@ -99,6 +103,16 @@ class Metrics:
         saved = f" (saved {fmt_cost(self.saved_usd)})" if self.saved_usd else ""
         return [("Cache hits", f"{self.cached_calls:,} calls answered from the cache{saved}")]
 
+    def _limit_rows(self) -> list[tuple[str, str]]:
+        rows = []
+        if self.rate_limit_hits or self.rate_limit_wait_s:
+            rows.append(("Rate limits", f"{self.rate_limit_hits or 0:,} refusals drawn, calls "
+                                        f"held back {fmt_time(self.rate_limit_wait_s)} in all"))
+        if self.estimated_calls:
+            rows.append(("Usage", f"estimated for {self.estimated_calls:,} calls "
+                                  "(the server reported none)"))
+        return rows
+
     def summary(self) -> str:
         """One line with the key numbers, for a panel's subtitle."""
         parts = []
@@ -112,6 +126,11 @@ class Metrics:
             parts.append(f"{self.total_tokens:,} tokens")
         if self.total_cost is not None:
             parts.append(_cost(self.total_cost, self.root_unpriced or self.sub_unpriced))
+        if self.rate_limit_hits or self.rate_limit_wait_s:
+            parts.append(f"rate limited {self.rate_limit_hits or 0:,}× "
+                         f"(held {fmt_time(self.rate_limit_wait_s)})")
+        if self.estimated_calls:
+            parts.append("usage estimated")
         if self.elapsed_s is not None:
             parts.append(fmt_time(self.elapsed_s))
         if self.stopped_reason:
@@ -135,6 +154,9 @@ def _apply_usage(m: Metrics, usage: Any) -> None:
     if any(field_of(u, "cached_calls") is not None for u in parts):
         m.cached_calls = sum(as_int(field_of(u, "cached_calls")) or 0 for u in parts)
         m.saved_usd = sum(as_num(field_of(u, "saved_usd")) or 0.0 for u in parts)
+    m.rate_limit_hits = sum(as_int(field_of(u, "rate_limit_hits")) or 0 for u in parts)
+    m.rate_limit_wait_s = sum(as_num(field_of(u, "rate_limit_wait_s")) or 0.0 for u in parts)
+    m.estimated_calls = sum(as_int(field_of(u, "estimated_calls")) or 0 for u in parts)
     if root is not None:
         m.root_calls = as_int(field_of(root, "calls", m.root_calls))
         m.root_prompt_tokens = as_int(field_of(root, "prompt_tokens", m.root_prompt_tokens))

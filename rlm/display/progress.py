@@ -322,6 +322,7 @@ class RunProgress:
         self._sub_done = 0
         self._sub_total = 0
         self._sub_finished = 0
+        self._retry: str | None = None
         self._live: Live | None = None
 
     def __call__(self, event: Mapping[str, Any]) -> None:
@@ -331,7 +332,13 @@ class RunProgress:
         with self._lock:
             kind = event.get("type")
             top = not as_int(event.get("depth")) and not event.get("child_run")
-            if kind == "run_start" and top:
+            # A retry shows until the next thing happens (what failed, the next try).
+            self._retry = None
+            if kind == "retry":
+                self._retry = (f"retrying {event.get('model')} after {event.get('failure')} "
+                               f"(attempt {as_int(event.get('attempt')) or 1}; next try in "
+                               f"{fmt_time(event.get('wait_s'))})")
+            elif kind == "run_start" and top:
                 self._limit = as_int(event.get("max_iterations"))
             elif kind == "root_request" and top:
                 self._iteration = as_int(event.get("iteration"))
@@ -347,11 +354,13 @@ class RunProgress:
             elif kind == "run_end" and top:
                 self._doing = "done"
             if self._live is None and self._doing != "done":
-                self._live = Live(self._line(), console=self.console, transient=True,
+                # Rendered at each refresh, not only at events: the time keeps ticking
+                # while the root model thinks or a server keeps refusing.
+                self._live = Live(console=self.console, transient=True, get_renderable=self._line,
                                   refresh_per_second=4, redirect_stdout=False, redirect_stderr=False)
                 self._live.start()
             elif self._live is not None:
-                self._live.update(self._line())
+                self._live.refresh()
 
     def close(self) -> None:
         """Take the line down."""
@@ -367,7 +376,7 @@ class RunProgress:
                 parts.append("last turn (iteration limit)")
             else:
                 parts.append(f"iteration {self._iteration}" + (f"/{self._limit}" if self._limit else ""))
-        parts.append(self._doing)
+        parts.append(self._retry or self._doing)
         if self._sub_total:
             parts.append(f"sub-queries {self._sub_done:,}/{self._sub_total:,}")
         elif self._sub_finished:

@@ -25,6 +25,7 @@ from rlm.display.formatting import (
     CellNumbers,
     Event,
     as_int,
+    as_num,
     as_text,
     clean_text,
     depth_of,
@@ -339,6 +340,28 @@ class LiveDisplay:
     def _render_answer_invalid(self, event: Event) -> list[RenderableType]:
         return [Text.assemble((f"{self._tag(event)}✗ answer refused by the schema: ", "bold yellow"),
                               clean_text(schema_issues_text(event)))]
+
+    def _render_retry(self, event: Event) -> list[RenderableType]:
+        # The root's retries show one by one (a stopped server must not look like a
+        # hang); a sub-query batch's are summed up by its rate_limited event.
+        if event.get("role") != "root":
+            return []
+        return [Text(f"{self._tag(event)}↻ {as_text(event.get('model'))}: attempt "
+                     f"{as_int(event.get('attempt')) or 1} failed "
+                     f"({as_text(event.get('failure'))}); next try in "
+                     f"{fmt_time(as_num(event.get('wait_s')))}", style="yellow")]
+
+    def _render_rate_limited(self, event: Event) -> list[RenderableType]:
+        limits = event.get("limits") if isinstance(event.get("limits"), Mapping) else {}
+        paced = [f"{k} {as_num(limits.get(k)):,.0f} ({as_text(limits.get(k + '_from'))})"
+                 for k in ("rpm", "tpm") if as_num(limits.get(k))]
+        if as_num(limits.get("rate_per_s")):
+            paced.append(f"{as_num(limits.get('rate_per_s')):,.1f} requests/s learned from 429s")
+        return [Text(f"{self._tag(event)}⏸ rate limits held the {as_text(event.get('role'))} "
+                     f"model {as_text(event.get('model'))} back "
+                     f"{fmt_time(as_num(event.get('waited_s')))}, "
+                     f"{as_int(event.get('refusals')) or 0:,} refusals"
+                     + (f"; pacing to {', '.join(paced)}" if paced else ""), style="dim yellow")]
 
     def _render_budget(self, event: Event) -> list[RenderableType]:
         return [Text.assemble((f"{self._tag(event)}⚠ budget: ", "bold yellow"), clean_text(event.get("reason")))]

@@ -99,6 +99,7 @@ def _actor_classes() -> tuple[Any, Any]:
                 # The job started earlier, on the driver: what is left of it is what binds.
                 self.deadline.deadline = time.monotonic() + time_left_s
             self.concurrency = max(1, concurrency)
+            self.rlm.size_clients(self.concurrency)
             self.gate = asyncio.Semaphore(self.concurrency)
             self.schema = schema
 

@@ -311,6 +311,7 @@ async def arun_job(
         elif backend == "local":
             from rlm.jobs.local import run_tasks
 
+            rlm.size_clients(concurrency)
             summary.stopped = await run_tasks(rlm, iter(todo), finished, budget, concurrency,
                                               schema)
         else:
