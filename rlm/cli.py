@@ -783,7 +783,7 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
-    """Rate limits to pace to, for run and batch."""
+    """Rate limits to pace to, for run, batch, serve and mcp."""
     parser.add_argument("--rpm", type=_positive_float, default=None,
                         help="requests per minute to send to each model at most (default: "
                              "learned from the provider's rate-limit headers and 429s)")
@@ -845,6 +845,7 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                    help="largest context file a client may read, in MB (default: 256)")
     p.add_argument("--max-concurrency", type=_positive_int, default=64,
                    help="sub-queries in flight at once, across all requests (default: 64)")
+    _add_limit_flags(p)
 
 
 def _upstream_settings(args: argparse.Namespace) -> Any:
@@ -864,6 +865,7 @@ def _upstream_settings(args: argparse.Namespace) -> Any:
         sandbox=args.sandbox,
         log_dir=args.log_dir,
         max_concurrency=args.max_concurrency,
+        limits=_limits(args),
         **_cache_options(args),
     )
 

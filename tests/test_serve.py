@@ -390,3 +390,16 @@ def test_binding_beyond_loopback_without_a_key_is_refused(upstream: FakeLLMServe
         env={k: v for k, v in os.environ.items() if k != "RLM_SERVE_AUTH_KEY"})
     assert done.returncode == 2
     assert "--auth-key" in done.stderr
+
+
+def test_serve_paces_to_the_given_limits(upstream: FakeLLMServer) -> None:
+    # A tokens-per-minute limit no root prompt fits: the run fails at once, naming the
+    # model and the numbers, and nothing is sent upstream for that model.
+    with serve_process(upstream.url, KEY, "--limit", f"{ROOT}=tpm:50") as url, \
+            openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60) as c:
+        upstream.reset_counters()
+        with pytest.raises(openai.APIStatusError) as caught:
+            c.chat.completions.create(model="rlm", messages=needle_messages())
+    message = str(caught.value)
+    assert ROOT in message and "50" in message and "tokens per minute" in message
+    assert not [r for r in upstream.requests_log if r["model"] == ROOT]

@@ -41,7 +41,9 @@ class UpstreamSettings:
     ``max_cost_usd``, ``max_tokens`` and ``max_time_s`` are the server's caps per run:
     a request may ask for less cost, never for more. ``prices`` extends the built-in
     price table (USD per 1M input and output tokens). ``cache`` and ``cache_read`` are
-    the model-reply cache options of ``RLM`` (``rlm.cache``), shared by every request. ``sandbox`` None means the process sandbox where it exists.
+    the model-reply cache options of ``RLM`` (``rlm.cache``), shared by every request.
+    ``sandbox`` None means the process sandbox where it exists. ``limits`` are the rate
+    limits both clients pace to (``AsyncOpenAIClient(limits=...)``).
     """
 
     model: str | None = None
@@ -59,6 +61,8 @@ class UpstreamSettings:
     sandbox: str | None = None
     log_dir: str | Path | None = None
     max_concurrency: int = 64
+    # Rate limits to pace to, per model: {"model": {"rpm": N, "tpm": N}} ("*": every model).
+    limits: Mapping[str, Mapping[str, float]] | None = None
 
 
 class QueryRunner:
@@ -71,7 +75,7 @@ class QueryRunner:
         caching = {"cache": self._cache, "cache_read": settings.cache_read}
         self.client = AsyncOpenAIClient(
             model=settings.model, api_key=settings.api_key, base_url=settings.base_url,
-            prices=settings.prices, **caching,
+            prices=settings.prices, limits=settings.limits, **caching,
         )
         self.recursive_model = settings.recursive_model or self.client.model
         self.sub_client = AsyncOpenAIClient(
@@ -80,6 +84,7 @@ class QueryRunner:
             base_url=settings.base_url,
             max_concurrency=settings.max_concurrency,
             prices=settings.prices,
+            limits=settings.limits,
             **caching,
         )
 
