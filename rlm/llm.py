@@ -807,9 +807,11 @@ class AsyncOpenAIClient:
         if isinstance(exc, LLMConnectionError):
             if exc.refused:
                 where = self.base_url or self._adapter_cls.default_base_url
+                # The advice first and the socket's words kept out: run errors are cut
+                # at 200 characters, and the user needs the URL and what to check.
                 return LLMConnectionError(
-                    f"connection failed: cannot connect to {where} ({exc}); is the server "
-                    "running, and is the base URL right?", attempts=attempts, refused=True)
+                    f"cannot connect to {where} (connection refused): is the server running, "
+                    "and is the base URL right?", attempts=attempts, refused=True)
             return LLMConnectionError(f"connection failed {tail}{note}: {exc}", attempts=attempts)
         if isinstance(exc, LLMError) and exc.status is not None and not isinstance(
             exc, ResponseError

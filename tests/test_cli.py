@@ -662,3 +662,16 @@ def test_the_view_of_an_interrupted_run_says_unpriced_for_an_unpriced_model(tmp_
     assert proc.returncode == 0, proc.stderr
     assert "$0.0000" not in proc.stdout
     assert re.search(r"Total cost\s+unpriced", proc.stdout), proc.stdout
+
+
+def test_run_against_a_stopped_server_says_so_in_one_line(ctx_file: Path) -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    sock.close()  # nothing listens there now
+    proc = rlm_cmd("run", "--context", str(ctx_file), "--query", "q", "--base-url", url,
+                   "--api-key", "k", "--sandbox", "local")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr
+    assert url in lines[-1] and "is the server running, and is the base URL right?" in lines[-1]
