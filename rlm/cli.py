@@ -323,6 +323,33 @@ def _interrupted_line(result: Any, what: str) -> str:
     )
 
 
+class _Tracing:
+    """``rlm run``'s tracing: whether runs are traced, and the SDK it set up (if any)."""
+
+    def __init__(self, wanted: bool | None, shutdown: Callable[[], Any] | None = None) -> None:
+        self.wanted = wanted
+        self._shutdown = shutdown
+
+    def flush(self) -> None:
+        """Send what is left and stop the SDK this command set up."""
+        if self._shutdown is not None:
+            self._shutdown()
+            self._shutdown = None
+
+
+def _start_tracing(flag: bool) -> _Tracing:
+    """--trace (or RLM_TRACING): trace the run, setting an SDK up when none is."""
+    from rlm.errors import ConfigError
+    from rlm.tracing import configure_sdk, tracing_wanted
+
+    try:
+        if not tracing_wanted(True if flag else None):
+            return _Tracing(None)
+        return _Tracing(True, configure_sdk())
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     encoding = _check_encoding(args.encoding)
     _check_log_dir(args.log_dir)
@@ -349,8 +376,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from rlm.errors import RunInterrupted
 
+    tracing = _start_tracing(args.trace)
     rlm = _build_rlm(args, RLM, budget_prefix="", verbose=False, on_event=view,
-                     max_concurrency=args.max_concurrency, **_cache_options(args))
+                     max_concurrency=args.max_concurrency, tracing=tracing.wanted,
+                     **_cache_options(args))
     previous = signal.signal(signal.SIGTERM, _raise_terminated_run)
     try:
         result = rlm.completion(context=context, query=args.query, schema=schema)
@@ -367,6 +396,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         rlm.close()
         if view is not None:
             view.close()
+        tracing.flush()
     # The live view's answer panel is on the terminal already when both streams are it.
     shown = bool(args.verbose) and sys.stdout.isatty() and sys.stderr.isatty()
     return _print_result(result, args, view_shown_answer=shown, typed=schema is not None)
@@ -670,9 +700,29 @@ def _read_trajectory(log: str) -> list[dict[str, Any]]:
     return events
 
 
+def _write_otlp(args: argparse.Namespace, events: list[dict[str, Any]]) -> None:
+    from rlm.trajectory_otlp import trajectory_otlp
+
+    out = _check_output_file("--otlp", args.otlp)
+    last = max((e["t"] for e in events if isinstance(e.get("t"), int | float)), default=0.0)
+    # A log from before runs recorded their start: it ended when the file was last written.
+    origin = Path(args.log).stat().st_mtime - last
+    document = trajectory_otlp(events, origin=origin)
+    try:
+        out.write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"--otlp {args.otlp}: cannot write it ({exc.strerror or exc})") from None
+    spans = sum(len(scope["spans"]) for rs in document["resourceSpans"] for scope in rs["scopeSpans"])
+    print(f"wrote {args.otlp} ({spans:,} spans, OTLP JSON)")
+
+
 def cmd_view(args: argparse.Namespace) -> int:
     out = _check_output_file("--html", args.html) if args.html else None
     events = _read_trajectory(args.log)
+    if args.otlp:
+        _write_otlp(args, events)
+        if out is None:
+            return EXIT_OK
     if out is not None:
         from rlm.display import trajectory_html
 
@@ -1091,6 +1141,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true",
                      help="print the result (answer, stop reason, usage) as JSON on stdout")
     run.add_argument("--verbose", "-v", action="store_true", help="show each iteration live on stderr")
+    run.add_argument("--trace", action="store_true",
+                     help="send the run's OpenTelemetry spans: over OTLP/HTTP when "
+                          "OTEL_EXPORTER_OTLP_ENDPOINT is set, else printed to stderr; needs "
+                          "opentelemetry-sdk (default: traced when $RLM_TRACING is 1)")
     run.add_argument("--schema", metavar="FILE.json",
                      help="a JSON Schema the answer must match; prints the validated JSON "
                           "(default: a free-text answer)")
@@ -1225,11 +1279,15 @@ def build_parser() -> argparse.ArgumentParser:
         "view", help="render a JSONL trajectory log",
         description="Show a run's trajectory (written with --log-dir) in the terminal: each "
                     "iteration's code, output, sub-queries and the answer; or write it as one "
-                    "self-contained HTML page with --html.",
+                    "self-contained HTML page with --html, or its spans as OTLP JSON with --otlp.",
     )
     view.add_argument("log", help="a .jsonl log written by a run with --log-dir")
     view.add_argument("--html", metavar="OUT", help="write one self-contained HTML page there instead (default: render in the "
                            "terminal)")
+    view.add_argument("--otlp", metavar="OUT.json",
+                      help="also write the run's spans there as OTLP JSON, for any OpenTelemetry backend; "
+                           "prompts and replies only with OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true "
+                           "(default: none)")
     view.set_defaults(func=cmd_view)
 
     rp = sub.add_parser(

@@ -41,6 +41,7 @@ from rlm.sandbox.worker_pool import WorkerPool
 from rlm.schema import Schema
 from rlm.session import RLMSession, load_session
 from rlm.subqueries import DEFAULT_SUB_WINDOW_CHARS, SUBCALL_RECORDING
+from rlm.tracing import tracing_wanted
 from rlm.usage import PRICE_HELP, check_prices
 
 # RLMResult and RLMSession are documented here too (``rlm.core.RLMResult``).
@@ -111,8 +112,13 @@ class RLM:
       none; ``result.trajectory`` always has the events).
     - ``record_subcalls``: what the trajectory keeps of each sub-query: "capped"
       (default: prompt and reply cut to 2,000 characters each, head and tail), "full",
-      or "none" (only counts).
+      or "none" (only counts and timings).
     - ``verbose``: show each iteration live in the terminal or notebook (default False).
+    - ``tracing``: send each run's spans (GenAI semantic conventions) through
+      OpenTelemetry: True, False, or None (default: the ``RLM_TRACING`` environment
+      switch). Needs ``pip install 'rlm-sandbox[otel]'`` and an SDK set up by the program;
+      prompts and replies go on spans only with
+      ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true`` (see rlm.tracing).
     - ``on_event``: a callable given every trajectory event as it happens (a custom
       live view, a progress line); it runs on the engine's threads and must be quick.
     - ``on_event`` is called with every trajectory event of every run (children's too,
@@ -165,6 +171,7 @@ class RLM:
         cache_write: bool = True,
         reuse_workers: bool = True,
         limits: Mapping[str, Mapping[str, float]] | None = None,
+        tracing: bool | None = None,
     ) -> None:
         # The keywords this RLM was made with, so another process can build its twin.
         self._settings: dict[str, Any] = {k: v for k, v in locals().items() if k != "self"}
@@ -268,6 +275,7 @@ class RLM:
         self._custom_system_prompt = system_prompt is not None
         self.system_prompt = system_prompt or self._default_system_prompt({})
         self.cell_timeout = cell_timeout
+        self.tracing = tracing_wanted(tracing)
 
     def size_clients(self, tasks: int) -> None:
         """Let this RLM's clients carry what ``tasks`` runs at once can use: a root call

@@ -27,9 +27,9 @@ from rlm.parsing import find_code_blocks, find_final_in_text
 from rlm.repl import ExecResult, REPLEnv, describe_context
 from rlm.result import RLMResult
 from rlm.schema import Schema, SchemaIssue, format_issues
-from rlm.subqueries import SUBCALL_CAP_CHARS, SubQueryService
+from rlm.subqueries import SUBCALL_CAP_CHARS, TIMED_ITEMS, SubQueryService
 from rlm.trajectory import Trajectory, cap_text, prompt_text
-from rlm.usage import BudgetLedger, Usage, outer_budget
+from rlm.usage import BudgetLedger, Usage, UsageMeter, outer_budget
 
 if TYPE_CHECKING:
     # Annotations only: the RLM hands itself to a run; a run never imports it.
@@ -88,7 +88,13 @@ class Run:
         self.trajectory = trajectory
         self.ledger = ledger
         self.root_meter = rlm.client.new_meter(on_retry=self._retry_shower("root"))
-        self.sub_meter = rlm.sub_client.new_meter(on_retry=self._retry_shower("sub"))
+        self._show_sub_retry = self._retry_shower("sub")
+        # Sub-calls are metered one by one (or one client batch at a time) on meters of
+        # their own, so their timing and usage go into the trajectory; each joins here
+        # when it ends.
+        self._sub_usage = Usage()
+        # Sub-calls of the running cell still to be sent (and timed) one by one.
+        self._to_time = TIMED_ITEMS
         self.sub_calls = 0
         self.iterations = 0
         self.started = time.monotonic()
@@ -99,8 +105,38 @@ class Run:
         self._tasks: dict[asyncio.Task[Any], asyncio.AbstractEventLoop] = {}
         self._lock = threading.Lock()
 
+    def new_sub_meter(self) -> UsageMeter:
+        """A meter for one sub-call (or one client batch) of this run."""
+        return self.rlm.sub_client.new_meter(on_retry=self._show_sub_retry)
+
+    def add_sub_usage(self, usage: Usage) -> None:
+        """Count a finished sub-call's (or client batch's) usage in this run's."""
+        with self._lock:
+            self._sub_usage = self._sub_usage + usage
+
+    def sub_usage(self) -> Usage:
+        """The usage of this run's own sub-calls that have ended (not its children's)."""
+        with self._lock:
+            return self._sub_usage
+
+    def cell_started(self) -> None:
+        """A cell starts: its first ``TIMED_ITEMS`` sub-calls are to be timed one by one."""
+        self._to_time = TIMED_ITEMS
+
+    def subcalls_to_time(self) -> int:
+        """How many more sub-calls of the running cell are to be timed one by one (none in
+        a Batch API job: a wave of sub-queries must reach the batch together, or a task
+        replays once per call instead of once per wave)."""
+        if self.rlm.sub_client.batch_route is not None:
+            return 0
+        return self._to_time
+
+    def time_subcalls(self, n: int) -> None:
+        """``n`` more sub-calls of the running cell are being timed one by one."""
+        self._to_time -= n
+
     def usage(self) -> dict[str, Usage]:
-        root, sub = self.root_meter.snapshot(), self.sub_meter.snapshot()
+        root, sub = self.root_meter.snapshot(), self.sub_usage()
         for child in self.children:
             child_usage = child.usage()
             # A child's root and sub calls are all sub-work from this run's view.
@@ -253,16 +289,24 @@ def _trajectory(rlm: RLM, depth: int, parent: Run | None) -> Trajectory:
             sinks.append(LiveDisplay())
         if rlm.on_event is not None:
             sinks.append(rlm.on_event)
+        if rlm.tracing:
+            from rlm.tracing import trace_sink
+
+            sinks.append(trace_sink())
     log_dir = rlm.log_dir if depth == 0 else None
     trajectory = Trajectory(log_dir=log_dir, depth=depth, sinks=sinks)
     if parent is not None:
         # A child's events also land in the parent's log, so one file tells all.
         parent_traj = parent.trajectory
+        # Offsets a child records itself (t0) move to the parent's clock, as ``t`` does.
+        shift = parent_traj.now() - trajectory.now()
 
         def forward(event: dict[str, Any]) -> None:
             fields = {
                 k: v for k, v in event.items() if k not in ("type", "t", "run_id", "child_run")
             }
+            if isinstance(fields.get("t0"), float | int):
+                fields["t0"] = round(fields["t0"] + shift, 4)
             # A grandchild's event already names its run: keep the deepest one.
             parent_traj.emit(
                 event["type"], child_run=event.get("child_run") or event["run_id"], **fields
@@ -341,6 +385,8 @@ async def run_rlm(
             max_depth=rlm.max_depth,
             schema=schema.json_schema if schema is not None else None,
             tools=sorted(rlm.tools),
+            started_at=round(trajectory.started_at, 6),
+            parent_run=parent.trajectory.run_id if parent is not None else None,
         )
         if env is None:
             # Starting (and closing) an env may block on a worker; keep the loop free.
@@ -448,6 +494,7 @@ async def _root_turn(run: Run, messages: list[dict[str, Any]], iteration: int,
     run.trajectory.emit(
         "root_reply",
         iteration=iteration,
+        model=next(iter(turn.by_model), rlm.model),
         content=reply,
         usage={
             "prompt_tokens": turn.prompt_tokens,
@@ -587,6 +634,7 @@ async def _maybe_compact(
     head, recent = messages[:2], messages[-_KEEP_RECENT:]
     request = [*messages[:-_KEEP_RECENT], {"role": "user", "content": prompts.COMPACTION_PROMPT}]
     usage_before = run.root_meter.snapshot()
+    asked = run.trajectory.now()
     client = rlm.client
     summary = await client.send(client.request(request, model=rlm.model), meter=run.root_meter,
                                 ledger=run.ledger)
@@ -599,6 +647,8 @@ async def _maybe_compact(
     run.trajectory.emit(
         "compaction",
         iteration=iteration,
+        t0=asked,
+        model=next(iter(spent.by_model), rlm.model),
         messages_before=len(messages),
         messages_after=len(compacted),
         tokens_before=before,
@@ -616,7 +666,8 @@ async def _maybe_compact(
 async def _cell(run: Run, env: REPLEnv, iteration: int, index: int, code: str) -> ExecResult:
     """Run one cell and record it; an interruption still records what it printed."""
     run.trajectory.emit("cell", iteration=iteration, index=index, code=code)
-    cached_before = run.sub_meter.snapshot().cached_calls
+    run.cell_started()
+    cached_before = run.sub_usage().cached_calls
     # Shielded, so a cancelled run can stop the cell and still read its output.
     task = asyncio.ensure_future(env.aexecute(code))
     try:
@@ -628,7 +679,7 @@ async def _cell(run: Run, env: REPLEnv, iteration: int, index: int, code: str) -
                               await asyncio.wait_for(asyncio.shield(task), INTERRUPT_GRACE_S))
         raise
     _emit_cell_result(run, iteration, index, result,
-                      run.sub_meter.snapshot().cached_calls - cached_before)
+                      run.sub_usage().cached_calls - cached_before)
     if env.closed:
         raise _Stopped("interrupted", "the REPL was closed during the run")
     return result

@@ -310,13 +310,15 @@ def test_sub_query_prompts_and_replies_are_in_the_log(closing: list[RLM], tmp_pa
     assert event["calls"][0]["prompt"] == "ECHO " + "a" * 5000
 
 
-def test_record_subcalls_none_keeps_only_counts(closing: list[RLM]) -> None:
+def test_record_subcalls_none_keeps_only_counts_and_timings(closing: list[RLM]) -> None:
     with FakeLLMServer(scripts={ROOT: [repl("FINAL(llm_query('ECHO hi'))")]}) as srv:
         rlm = make_rlm(srv, record_subcalls="none")
         closing.append(rlm)
         result = rlm.completion(context="x", query="q")
     assert result.answer == "hi" and result.sub_calls == 1
-    assert not [e for e in result.trajectory if e["type"] == "sub_queries"]
+    [event] = [e for e in result.trajectory if e["type"] == "sub_queries"]
+    assert "calls" not in event and "hi" not in json.dumps(event)
+    assert event["n"] == 1 and len(event["timing"]["ms"]) == 1
 
 
 def test_result_repr_shows_the_answer_and_key_numbers(closing: list[RLM]) -> None:

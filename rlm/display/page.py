@@ -21,6 +21,7 @@ from rlm.display.formatting import (
 )
 from rlm.display.markup import MONO, STYLE, code_html, details_html, esc, pre_html, table_html
 from rlm.display.metrics import Metrics, metrics_from_events
+from rlm.display.timeline import render_timeline, timeline_from_events
 from rlm.display.tree import Cell, Iteration, Run, build_runs
 
 # Iterations shown open at the top of a run's page; the rest start folded.
@@ -161,7 +162,8 @@ def _answer_html(m: Metrics) -> str:
             f'<pre style="{STYLE["answer_pre"]}">{esc(m.answer)}</pre></div>')
 
 
-def _run_html(run: Run, metrics: Metrics | None = None, title: str | None = None) -> str:
+def _run_html(run: Run, metrics: Metrics | None = None, title: str | None = None,
+              extra: str = "") -> str:
     m = metrics if metrics is not None else metrics_from_events(run.events, run.key)
     start = run.start or {}
     if run.depth:
@@ -181,6 +183,7 @@ def _run_html(run: Run, metrics: Metrics | None = None, title: str | None = None
     parts.append(_answer_html(m))
     # The answer box shows the run's error; the table and the notes would repeat it.
     parts.append(table_html([row for row in m.rows() if m.answer is not None or row[0] != "Error"]))
+    parts.append(extra)
     context = start.get("context")
     if context:
         parts.append(details_html("context", pre_html(as_text(context), "pre")))
@@ -200,15 +203,18 @@ def _repeats_error(note: Event, m: Metrics) -> bool:
     )
 
 
-def fragment_html(events: list[Event], metrics: Metrics | None = None, title: str | None = None) -> str:
+def fragment_html(events: list[Event], metrics: Metrics | None = None, title: str | None = None,
+                  extra: str = "") -> str:
     runs = build_runs(events)
     if not runs:
         m = metrics if metrics is not None else Metrics()
         body = (f'<div style="{STYLE["title"]}">{esc(title)}</div>' if title else "")
         return f'<div style="{STYLE["root"]}">{body}{_answer_html(m)}{table_html(m.rows())}</div>'
     # The given metrics (a result's own numbers) describe the first top-level run.
+    # ``extra`` (the page's timeline) goes under the first run's metrics.
     return "".join(
-        _run_html(run, metrics if i == 0 else None, title if i == 0 else None) for i, run in enumerate(runs)
+        _run_html(run, metrics if i == 0 else None, title if i == 0 else None, extra if i == 0 else "")
+        for i, run in enumerate(runs)
     )
 
 
@@ -240,14 +246,37 @@ def trajectory_html(events: Iterable[Event], title: str | None = None) -> str:
         title = "RLM trajectory"
         page_title = f"{preview(m.query, 100)} · RLM trajectory" if m.query else title
     has_sub_queries = any(e.get("type") == "sub_queries" and e.get("calls") for e in events)
+    extra = _timeline_html(events)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{esc(page_title)}</title>\n</head>\n"
         '<body style="margin:0;padding:16px;background:#f6f8fa">\n'
         + (_FILTER_BOX if has_sub_queries else "")
-        + f"{fragment_html(events, title=title)}\n</body>\n</html>\n"
+        + f"{fragment_html(events, title=title, extra=extra)}\n</body>\n</html>\n"
     )
+
+
+def _timeline_html(events: list[Event]) -> str:
+    """The page's timeline (root turns, cells, sub-queries in flight) and how to export
+    the run's spans, folded open; empty when nothing was timed."""
+    line = timeline_from_events(events)
+    svg = render_timeline(line)
+    if not svg:
+        return ""
+    bits = ["timeline", fmt_time(line.end), f"{len(line.turns)} root turn{'s' if len(line.turns) != 1 else ''}",
+            f"{len(line.cells)} cell{'s' if len(line.cells) != 1 else ''}"]
+    if line.sub_queries:
+        bits.append(f"{line.sub_queries:,} sub-quer{'y' if line.sub_queries == 1 else 'ies'}, "
+                    f"at most {line.peak:,} in flight")
+    # A note, not a link: the page loads and links nothing (it may be shared as one file).
+    export = ("Export these spans for Langfuse, Phoenix or any OpenTelemetry backend: "
+              "rlm view LOG --otlp OUT.json writes them as OTLP JSON (with prompts and replies "
+              "when OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true); POST that file "
+              "to the backend's /v1/traces.")
+    body = (f'<div id="rlm-timeline">{svg}</div>'
+            f'<div style="{STYLE["cell_head"]}">{esc(export)}</div>')
+    return details_html(esc(" · ".join(bits)), body, open_=True)
 
 
 # The filter works on the page's own elements only; nothing is fetched or evaluated.
