@@ -511,6 +511,12 @@ class Collector:
             for entry in file.entries:
                 self._retry(entry, LineRetry("the job stopped before this call was submitted"))
         self._open.clear()
+        # A submission in flight may already have made its batch at the provider:
+        # cancelling the request would lose the batch's id, and the batch would run
+        # (and be paid for) uncancelled. Let submissions finish, then cancel their
+        # batches with the rest.
+        if self._submitting:
+            await asyncio.wait(list(self._submitting), timeout=wait_s)
         for task in list(self._submitting):
             task.cancel()
         batches = list(self._batches.values())
