@@ -70,6 +70,9 @@ test: $(DEV_STAMP)
 	$(BIN)/ruff check rlm tests benchmarks test_true_async.py
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The benchmarks with their tables; the long ones at a smaller size (each file's docstring
+# gives its full run). Run by hand: flood.py, job_caps.py, job_memory.py, policy.py and
+# batch_api.py at its default 2,000 tasks.
 bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/fanout.py
 	$(BIN)/python benchmarks/repl.py
@@ -79,6 +82,12 @@ bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/structured.py
 	$(BIN)/python benchmarks/many_tasks.py
 	$(BIN)/python benchmarks/worker_pool.py
+	$(BIN)/python benchmarks/cache.py --quick
+	$(BIN)/python benchmarks/limits.py --repeat 1
+	$(BIN)/python benchmarks/serve.py
+	$(BIN)/python benchmarks/tracing.py --quick
+	$(BIN)/python benchmarks/bench_quality.py --runs 1
+	$(BIN)/python benchmarks/batch_api.py --tasks 300
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check rlm tests benchmarks test_true_async.py
