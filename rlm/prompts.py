@@ -1,4 +1,4 @@
-"""Prompt text for the root model. Text only: the loop that uses it is in core.py."""
+"""Prompt text for the root model. Text only: the loop that uses it is in run.py."""
 
 from __future__ import annotations
 

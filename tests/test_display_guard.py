@@ -71,6 +71,10 @@ def events_carrying(payload: str) -> list[dict[str, Any]]:
          "stderr": f"err {payload}", "error": f"Error: {payload}", "final": f"fin {payload}"},
         {**run, "type": "answer_invalid", "iteration": 1, "attempt": 1, "retries_left": 1,
          "errors": [{"path": "$", "expected": "integer", "received": f"'{payload}' (str)"}]},
+        {**run, "type": "retry", "role": "root", "model": f"m{payload}", "attempt": 1,
+         "failure": f"503: {payload}", "wait_s": 0.5},
+        {**run, "type": "rate_limited", "role": "sub", "model": f"s{payload}", "waited_s": 1.0,
+         "refusals": 2, "limits": {"rpm": 60, "rpm_from": f"h{payload}"}},
         {**run, "type": "budget", "reason": f"why {payload}"},
         {**run, "type": "error", "message": f"boom {payload}"},
         {**run, "type": "final", "answer": f"ans {payload}", "source": f"code {payload}"},
@@ -213,3 +217,20 @@ def test_rlm_repl_prints_a_hostile_context_escaped(tmp_path: Path) -> None:
     assert "\\x1b]52;c;" in printed and "ValueError" in printed
     for attack in ("\x1b]52", "\x1b]0;", "\x1b]8;", "\x1b[2J", "\x1b[8m", "\x9b", "\u202e"):
         assert attack not in printed
+
+
+@pytest.mark.parametrize("attack", ["osc52 clipboard", "csi clear", "c1 csi", "bidi override"])
+def test_the_run_progress_line_shows_a_retry_escaped(attack: str) -> None:
+    # The line is live, so the console is a terminal and rich writes its own cursor
+    # sequences: the check is that the payload itself arrives escaped, not raw.
+    from rlm.display.progress import RunProgress
+
+    out = io.StringIO()
+    progress = RunProgress(Console(file=out, width=300, force_terminal=True, color_system=None))
+    payload = ATTACKS[attack]
+    progress({"type": "retry", "model": f"m{payload}", "failure": f"503: {payload}",
+              "attempt": 1, "wait_s": 0.5})
+    progress.close()
+    text = out.getvalue()
+    assert payload not in text
+    assert clean_text(payload) in text and "retrying m" in text

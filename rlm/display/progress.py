@@ -23,7 +23,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from rlm.display.formatting import as_int, fmt_time
+from rlm.display.formatting import as_int, clean_text, fmt_time
 from rlm.display.markup import MONO
 
 # A notebook output is a message to the browser; more than two a second is noise.
@@ -335,9 +335,12 @@ class RunProgress:
             # A retry shows until the next thing happens (what failed, the next try).
             self._retry = None
             if kind == "retry":
-                self._retry = (f"retrying {event.get('model')} after {event.get('failure')} "
-                               f"(attempt {as_int(event.get('attempt')) or 1}; next try in "
-                               f"{fmt_time(event.get('wait_s'))})")
+                # Untrusted: the model name can come from cell code, the failure quotes
+                # a server's error body.
+                self._retry = clean_text(
+                    f"retrying {event.get('model')} after {event.get('failure')} "
+                    f"(attempt {as_int(event.get('attempt')) or 1}; next try in "
+                    f"{fmt_time(event.get('wait_s'))})")
             elif kind == "run_start" and top:
                 self._limit = as_int(event.get("max_iterations"))
             elif kind == "root_request" and top:

@@ -346,10 +346,11 @@ class LiveDisplay:
         # hang); a sub-query batch's are summed up by its rate_limited event.
         if event.get("role") != "root":
             return []
-        return [Text(f"{self._tag(event)}↻ {as_text(event.get('model'))}: attempt "
-                     f"{as_int(event.get('attempt')) or 1} failed "
-                     f"({as_text(event.get('failure'))}); next try in "
-                     f"{fmt_time(as_num(event.get('wait_s')))}", style="yellow")]
+        # The model name can come from cell code and the failure quotes a server's body.
+        return [Text(clean_text(f"{self._tag(event)}↻ {as_text(event.get('model'))}: attempt "
+                                f"{as_int(event.get('attempt')) or 1} failed "
+                                f"({as_text(event.get('failure'))}); next try in "
+                                f"{fmt_time(as_num(event.get('wait_s')))}"), style="yellow")]
 
     def _render_rate_limited(self, event: Event) -> list[RenderableType]:
         limits = event.get("limits") if isinstance(event.get("limits"), Mapping) else {}
@@ -357,11 +358,12 @@ class LiveDisplay:
                  for k in ("rpm", "tpm") if as_num(limits.get(k))]
         if as_num(limits.get("rate_per_s")):
             paced.append(f"{as_num(limits.get('rate_per_s')):,.1f} requests/s learned from 429s")
-        return [Text(f"{self._tag(event)}⏸ rate limits held the {as_text(event.get('role'))} "
-                     f"model {as_text(event.get('model'))} back "
-                     f"{fmt_time(as_num(event.get('waited_s')))}, "
-                     f"{as_int(event.get('refusals')) or 0:,} refusals"
-                     + (f"; pacing to {', '.join(paced)}" if paced else ""), style="dim yellow")]
+        return [Text(clean_text(f"{self._tag(event)}⏸ rate limits held the {as_text(event.get('role'))} "
+                                f"model {as_text(event.get('model'))} back "
+                                f"{fmt_time(as_num(event.get('waited_s')))}, "
+                                f"{as_int(event.get('refusals')) or 0:,} refusals"
+                                + (f"; pacing to {', '.join(paced)}" if paced else "")),
+                     style="dim yellow")]
 
     def _render_budget(self, event: Event) -> list[RenderableType]:
         return [Text.assemble((f"{self._tag(event)}⚠ budget: ", "bold yellow"), clean_text(event.get("reason")))]
