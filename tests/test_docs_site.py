@@ -108,3 +108,12 @@ def test_an_optional_page_is_in_the_nav_only_once_it_exists(tmp_path: Path) -> N
         {"Home": "index.md"}, {"Guides": [{"Cache": "guides/cache.md"}]}]
     (tmp_path / "guides" / "tracing.md").write_text("# Tracing\n")
     assert optional_pages.present_nav(nav, tmp_path) == nav
+
+
+def test_the_module_map_names_every_module_of_the_package() -> None:
+    # CONTRIBUTING.md's map is the layout a reader sees first: a new module must be on it.
+    text = (ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"`(rlm/[\w/]+\.py)`", text))
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "rlm").rglob("*.py")}
+    assert sorted(modules - listed) == [], "modules missing from CONTRIBUTING.md's module map"
+    assert sorted(listed - modules) == [], "CONTRIBUTING.md's module map names modules that do not exist"
