@@ -476,11 +476,17 @@ class AsyncOpenAIClient:
         return self._closed
 
     def check_key(self) -> None:
-        """Raise ``ConfigError`` now if no API key is configured (no network I/O).
+        """Raise ``ConfigError`` now if no API key (or no endpoint, for a provider that has
+        no default one: Azure) is configured (no network I/O).
 
         The client itself checks on its first request; an RLM calls this when it is
         built, so a missing key fails once, before any sandbox starts.
         """
+        if not (self.base_url or self._adapter_cls.default_base_url):
+            raise ConfigError(
+                f"no endpoint for {self.provider}/ models: set the "
+                f"{self._adapter_cls.base_url_env} environment variable or pass base_url="
+            )
         if not self._api_key:
             raise ConfigError(
                 f"no API key: set the {self._adapter_cls.key_env} environment variable or pass "

@@ -38,6 +38,8 @@ DEFAULT_PROVIDER = "openai"
 _ADAPTERS: dict[str, str] = {
     "openai": "rlm.providers.openai_compat:OpenAICompatAdapter",
     "anthropic": "rlm.providers.anthropic:AnthropicAdapter",
+    "azure": "rlm.providers.azure:AzureOpenAIAdapter",
+    "gemini": "rlm.providers.gemini:GeminiAdapter",
 }
 
 # What an entry of ``endpoints=`` may set.
