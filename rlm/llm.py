@@ -414,8 +414,12 @@ class AsyncOpenAIClient:
         self.timeout = float(timeout)
         self.max_retries = max_retries
         self.retry = RetryPolicy(max_retries, float(retry_timeout_s), float(max_retry_wait_s))
-        self._limits = check_limits(limits, rpm, tpm)
+        # Limits and prices may name models with their provider prefix: keyed here by
+        # the names requests carry.
+        self._limits = {resolve_model(k)[1]: v for k, v in check_limits(limits, rpm, tpm).items()}
         self._on_retry = on_retry
+        if isinstance(prices, Mapping):
+            prices = {resolve_model(str(k))[1]: v for k, v in prices.items()}
         self._meter = UsageMeter(resolve_prices(prices))
         self._lanes: dict[str, _Lane] = {}
         self._adapter: Adapter | None = None
