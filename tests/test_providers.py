@@ -24,7 +24,7 @@ from serve_support import NEEDLE, needle_messages, rlm_server
 from serve_support import scripts as serve_scripts
 from serve_support import sub_model as needle_sub_model
 
-from rlm import RLM, AsyncOpenAIClient
+from rlm import RLM, AsyncOpenAIClient, REPLEnv
 from rlm.batchapi.wire import wire_for
 from rlm.errors import ConfigError, LLMError, RateLimitError
 from rlm.loop import run_sync
@@ -264,6 +264,19 @@ def test_a_typed_sub_query_is_a_forced_tool_call_whose_input_is_the_answer(
     assert result.answer == "7:1,2,3"
     assert [e["params"]["tool_choice"]["type"] for e in subs] == ["tool", "tool"]
     assert [e["params"]["tools"][0]["input_schema"]["type"] for e in subs] == ["object"] * 2
+
+
+def test_a_repl_env_on_an_anthropic_client_fans_out_through_messages(
+    server: FakeLLMServer,
+) -> None:
+    client = AsyncOpenAIClient(model=f"anthropic/{SUB}", api_key="k", base_url=server.root_url)
+    try:
+        with REPLEnv(context="", client=client, sandbox="local") as env:
+            result = env.execute("print(llm_query_batch(['ECHO a', 'ECHO b', 'ECHO c']))")
+    finally:
+        client.close_sync()
+    assert result.error is None and result.stdout.strip() == "['a', 'b', 'c']"
+    assert {(e["path"], e["model"]) for e in server.requests_log} == {("/v1/messages", SUB)}
 
 
 # -- the official SDK against the adapter and the fake -----------------------------------
