@@ -194,12 +194,12 @@ def main() -> None:
 
     print(f"\nFan-out: N={N:,} sub-queries at L={LATENCY} s through llm_query_batch, "
           f"medians of {rounds} round(s)")
-    print(f"{'server':<22}{'path':<12}{'first batch s':>15}{'second batch s':>16}"
+    print(f"{'server':<25}{'path':<12}{'first batch s':>15}{'second batch s':>16}"
           f"{'CPU ms/query':>14}{'errors':>8}")
     for mode, rows in fanout.items():
         for path in PATHS:
             row = rows[path]
-            print(f"{mode:<22}{path:<12}{fmt_s(row['cold_s']):>15}{fmt_s(row['warm_s']):>16}"
+            print(f"{mode:<25}{path:<12}{fmt_s(row['cold_s']):>15}{fmt_s(row['warm_s']):>16}"
                   f"{fmt_s(row['cpu_ms_per_query'], 3):>14}{row['errors']:>8}")
     for mode, rows in fanout.items():
         for key, value in rows["ratio"].items():
