@@ -88,6 +88,7 @@ bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/tracing.py --quick
 	$(BIN)/python benchmarks/bench_quality.py --runs 1
 	$(BIN)/python benchmarks/batch_api.py --tasks 300
+	$(BIN)/python benchmarks/providers.py
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check rlm tests benchmarks test_true_async.py

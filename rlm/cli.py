@@ -155,14 +155,40 @@ def _read_context(source: str, fmt: str, encoding: str, allow_empty: bool = Fals
     return text
 
 
-def _require_key(api_key: str | None) -> str:
-    key = api_key or os.environ.get("OPENAI_API_KEY")
+def _require_key(api_key: str | None, model: str | None = None) -> str:
+    """The root model's key: --api-key, else its provider's variable (OPENAI_API_KEY for a
+    bare model name, ANTHROPIC_API_KEY for anthropic/..., and so on)."""
+    from rlm.llm import DEFAULT_MODEL
+    from rlm.providers import adapter_class, resolve_model
+
+    provider, _ = resolve_model(model or os.environ.get("RLM_MODEL") or DEFAULT_MODEL)
+    env = adapter_class(provider).key_env
+    key = api_key or os.environ.get(env)
     if not key:
         raise UsageError(
-            "no API key: set OPENAI_API_KEY or pass --api-key (for a local server that needs "
+            f"no API key: set {env} or pass --api-key (for a local server that needs "
             "none, pass any value, e.g. --api-key local)"
         )
     return key
+
+
+def _endpoints(args: argparse.Namespace) -> dict[str, dict[str, str]] | None:
+    """--endpoint PROVIDER=URL (repeatable): where a model of that provider is sent when
+    it is not the root's (the root's is --base-url); keys come from the environment."""
+    from rlm.errors import ConfigError
+    from rlm.providers import check_endpoints
+
+    table: dict[str, str] = {}
+    for spec in getattr(args, "endpoint", None) or ():
+        provider, sep, url = spec.partition("=")
+        if not sep or not url.startswith(("http://", "https://")):
+            raise UsageError(f"--endpoint takes PROVIDER=URL such as "
+                             f"openai=http://localhost:8000/v1, got {spec!r}")
+        table[provider.strip()] = url.strip()
+    try:
+        return check_endpoints(table) or None
+    except ConfigError as exc:
+        raise UsageError(f"--endpoint: {exc}") from None
 
 
 def _read_schema(source: str) -> dict[str, Any]:
@@ -232,12 +258,13 @@ def _priced_for_budget(args: argparse.Namespace, flag: str) -> Iterator[None]:
         if getattr(args, flag.removeprefix("--").replace("-", "_"), None) is None:
             raise
         from rlm.llm import DEFAULT_MODEL
+        from rlm.providers import resolve_model
         from rlm.usage import lookup_price, resolve_prices
 
-        table = resolve_prices(_prices(args))
+        table = {resolve_model(k)[1]: v for k, v in resolve_prices(_prices(args)).items()}
         root = args.model or os.environ.get("RLM_MODEL") or DEFAULT_MODEL
         for role, model in (("root", root), ("sub", args.recursive_model or root)):
-            if lookup_price(table, model) is None:
+            if lookup_price(table, resolve_model(model)[1]) is None:
                 raise UsageError(
                     f"{flag} needs a price for the {role} model {model!r} (without one its cost "
                     f"would count as $0): pass --price {model}=IN,OUT (USD per 1M input and "
@@ -263,7 +290,8 @@ def _rlm_options(args: argparse.Namespace, verbose: bool) -> dict[str, Any]:
         model=args.model,
         recursive_model=args.recursive_model,
         base_url=args.base_url,
-        api_key=_require_key(args.api_key),
+        api_key=_require_key(args.api_key, args.model),
+        endpoints=_endpoints(args),
         max_iterations=args.max_iterations,
         max_depth=args.max_depth,
         sandbox=args.sandbox,
@@ -353,7 +381,7 @@ def _start_tracing(flag: bool) -> _Tracing:
 def cmd_run(args: argparse.Namespace) -> int:
     encoding = _check_encoding(args.encoding)
     _check_log_dir(args.log_dir)
-    _require_key(args.api_key)
+    _require_key(args.api_key, args.model)
     schema = _read_schema(args.schema) if args.schema else None
     context = _read_context(args.context, args.context_format, encoding, args.allow_empty)
     if not args.query.strip():
@@ -527,7 +555,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     server = None
     if args.base_url:
-        key = _require_key(args.api_key)
+        key = _require_key(args.api_key, args.model)
         model = args.model or os.environ.get("RLM_MODEL")
         if not model:
             raise UsageError("--model is needed with --base-url (or set RLM_MODEL)")
@@ -640,7 +668,7 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
         summary = asyncio.run(arun_bench(
             rlm, plan, args.out, concurrency=args.concurrency, max_cost_usd=args.max_cost_usd,
             max_time_s=args.max_time_s, window=args.window_tokens, rlms_python=args.rlms_python,
-            api_key=_require_key(args.api_key), retry_failed=args.retry_failed,
+            api_key=_require_key(args.api_key, args.model), retry_failed=args.retry_failed,
             progress=not args.quiet, meta={"prompt": prompt_label},
         ))
     except KeyboardInterrupt:
@@ -740,7 +768,7 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 def cmd_repl(args: argparse.Namespace) -> int:
     encoding = _check_encoding(args.encoding)
-    key = _require_key(args.api_key)
+    key = _require_key(args.api_key, args.model)
     context = _read_context(args.context, args.context_format, encoding, args.allow_empty)
     from rlm.ipython import start_repl
     from rlm.llm import AsyncOpenAIClient
@@ -817,12 +845,24 @@ def _add_context_args(p: argparse.ArgumentParser) -> None:
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     # Shared by run, batch, serve and mcp, so all take the same model and endpoint options.
-    parser.add_argument("--model", help="root model (default: $RLM_MODEL, else gpt-4o-mini)")
-    parser.add_argument("--recursive-model", help="model for llm_query sub-calls (default: --model)")
+    parser.add_argument("--model", help="root model; a prefix anthropic/, azure/, gemini/ or "
+                                        "openai/ picks that provider's native protocol, endpoint "
+                                        "and key (default: $RLM_MODEL, else gpt-4o-mini)")
+    parser.add_argument("--recursive-model", help="model for llm_query sub-calls, on any "
+                                                  "provider (default: --model)")
     parser.add_argument("--base-url", type=_base_url,
-                        help="OpenAI-compatible base URL: vLLM, Ollama, llama.cpp, OpenRouter "
-                             "(default: $OPENAI_BASE_URL, else OpenAI)")
-    parser.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY)")
+                        help="the root model's endpoint; for a bare model name an "
+                             "OpenAI-compatible base URL: vLLM, Ollama, llama.cpp, OpenRouter "
+                             "(default: the provider's variable, $OPENAI_BASE_URL for a bare "
+                             "name, else the provider's own endpoint)")
+    parser.add_argument("--api-key", help="the root model's API key (default: its provider's "
+                                          "variable: $OPENAI_API_KEY, $ANTHROPIC_API_KEY, "
+                                          "$AZURE_OPENAI_API_KEY, $GEMINI_API_KEY)")
+    parser.add_argument("--endpoint", action="append", metavar="PROVIDER=URL",
+                        help="endpoint of a sub model on another provider than the root, "
+                             "repeatable, e.g. openai=http://localhost:8000/v1; its key comes "
+                             "from the provider's variable (default: the provider's own "
+                             "endpoint)")
     parser.add_argument("--max-iterations", type=_positive_int, default=20,
                         help="root turns before a run must answer; for rlm run hitting it exits 3 "
                              "(default: 20)")
@@ -905,7 +945,8 @@ def _upstream_settings(args: argparse.Namespace) -> Any:
         model=args.model,
         recursive_model=args.recursive_model,
         base_url=args.base_url,
-        api_key=_require_key(args.api_key),
+        api_key=_require_key(args.api_key, args.model),
+        endpoints=_endpoints(args),
         max_iterations=args.max_iterations,
         max_depth=args.max_depth,
         max_cost_usd=args.max_cost_usd,

@@ -21,11 +21,13 @@ from rlm import loop as engine
 from rlm import prompts
 from rlm.batchapi.settings import BatchSettings
 from rlm.cache import open_cache
+from rlm.endpoints import root_client, sub_client_for
 from rlm.errors import ConfigError, RunInterrupted
 from rlm.jobs import runner as job_runner
 from rlm.jobs.runner import JobSummary, JobTasks
 from rlm.llm import AsyncOpenAIClient
 from rlm.pacing import check_limits
+from rlm.providers import adapter_class, check_endpoints, qualified_model
 from rlm.repl import REPLEnv, default_sandbox
 from rlm.result import RLMResult
 from rlm.run import (
@@ -57,11 +59,20 @@ class RLM:
     Models and endpoint:
 
     - ``model``: the root model, which writes the code (default: $RLM_MODEL, else
-      gpt-4o-mini).
-    - ``recursive_model``: what ``llm_query`` calls (default: ``model``).
-    - ``base_url``: an OpenAI-compatible endpoint (default: $OPENAI_BASE_URL, else OpenAI).
-    - ``api_key``: its key (default: $OPENAI_API_KEY). With no key at all the
-      constructor raises ``ConfigError``; a local server that needs none takes any value.
+      gpt-4o-mini). A provider prefix picks the provider's native protocol, endpoint
+      and key: ``anthropic/claude-sonnet-4-5``, ``azure/DEPLOYMENT``,
+      ``gemini/gemini-2.5-flash``, ``openai/gpt-5-mini``; a bare name is
+      OpenAI-compatible at ``base_url`` (see rlm.providers.resolve_model).
+    - ``recursive_model``: what ``llm_query`` calls (default: ``model``); it may be on
+      another provider than the root.
+    - ``base_url``: the root model's provider's endpoint (default: that provider's
+      variable, $OPENAI_BASE_URL for OpenAI-compatible, else its own endpoint).
+    - ``api_key``: its key (default: the provider's variable, $OPENAI_API_KEY,
+      $ANTHROPIC_API_KEY...). With no key at all the constructor raises
+      ``ConfigError``; a local server that needs none takes any value.
+    - ``endpoints``: per provider, ``{"anthropic": {"base_url": ..., "api_key": ...}}``,
+      for a sub model on another provider than the root (``base_url``/``api_key``
+      belong to the root's provider and win over its entry here).
     - ``client`` / ``sub_client``: ready ``AsyncOpenAIClient``s to use (and share
       between RLMs) instead of building them; they are not closed by ``close()``.
     - ``max_concurrency``: sub-queries in flight at once per model on the sub client
@@ -172,6 +183,7 @@ class RLM:
         reuse_workers: bool = True,
         limits: Mapping[str, Mapping[str, float]] | None = None,
         tracing: bool | None = None,
+        endpoints: Mapping[str, Any] | None = None,
     ) -> None:
         # The keywords this RLM was made with, so another process can build its twin.
         self._settings: dict[str, Any] = {k: v for k, v in locals().items() if k != "self"}
@@ -216,27 +228,27 @@ class RLM:
         caching = {"cache": self._cache, "cache_read": cache_read, "cache_write": cache_write,
                    "limits": limits}
         self._owned: list[AsyncOpenAIClient] = []
+        self._endpoints = check_endpoints(endpoints)
         if client is None:
-            client = AsyncOpenAIClient(model=model, api_key=api_key, base_url=base_url,
-                                       prices=prices, **caching)
+            client = root_client(model, base_url=base_url, api_key=api_key,
+                                 endpoints=self._endpoints, prices=prices, **caching)
             self._owned.append(client)
         # A missing key fails here, once, not as N failed results after N sandboxes started.
         client.check_key()
         self.client = client
-        self.model = model or client.model
-        self.recursive_model = recursive_model or self.model
+        # Names without the provider prefix: what is sent, counted, priced and limited.
+        self.model = client.model_name(model) if model else client.model
         if sub_client is None:
-            sub_client = AsyncOpenAIClient(
-                model=self.recursive_model,
-                api_key=api_key,
-                base_url=base_url or client.base_url,
-                max_concurrency=max_concurrency,
-                prices=prices,
-                **caching,
-            )
+            sub_client = sub_client_for(
+                client, recursive_model or qualified_model(client.provider, self.model),
+                base_url=base_url, api_key=api_key, endpoints=self._endpoints,
+                max_concurrency=max_concurrency, prices=prices, **caching)
             self._owned.append(sub_client)
-        sub_client.check_key()
+        else:
+            sub_client.check_key()
         self.sub_client = sub_client
+        self.recursive_model = (sub_client.model_name(recursive_model) if recursive_model
+                                else self.model)
         self.max_iterations = max_iterations
         self.max_depth = max_depth
         self.max_answer_retries = max_answer_retries
@@ -299,10 +311,19 @@ class RLM:
                 f"this RLM was made with {', '.join(passed)}=, which cannot be sent to "
                 "another process; build it from model=, base_url= and api_key= instead"
             )
+        root, sub = self.client.provider, self.sub_client.provider
         settings["base_url"] = settings.get("base_url") or self.client.base_url
         if settings.get("api_key") is None:
-            settings["api_key"] = os.environ.get("OPENAI_API_KEY")
-        settings["model"] = self.model
+            settings["api_key"] = (self._endpoints.get(root, {}).get("api_key")
+                                   or os.environ.get(adapter_class(root).key_env))
+        settings["model"] = qualified_model(root, self.model)
+        settings["recursive_model"] = qualified_model(sub, self.recursive_model)
+        if sub != root:
+            entry = dict(self._endpoints.get(sub, {}))
+            if self.sub_client.base_url:
+                entry.setdefault("base_url", self.sub_client.base_url)
+            entry.setdefault("api_key", os.environ.get(adapter_class(sub).key_env) or "")
+            settings["endpoints"] = {**self._endpoints, sub: entry}
         settings["verbose"] = False
         return settings
 

@@ -44,7 +44,7 @@ from rlm.errors import (
 )
 from rlm.limiter import OK, OTHER, REJECTED, AdaptiveLimiter, Ticket
 from rlm.pacing import Pacer, PacingState, check_limits
-from rlm.providers import DEFAULT_PROVIDER, Adapter, HTTPRequest, Reply, Request, adapter_class
+from rlm.providers import Adapter, HTTPRequest, Reply, Request, adapter_class, resolve_model
 from rlm.retries import RetryNotice, RetryPolicy, is_refusal
 from rlm.usage import (
     DEFAULT_PRICES,
@@ -309,20 +309,23 @@ class AsyncOpenAIClient:
     does no network I/O), speaking one provider's wire format through its adapter
     (``rlm.providers``). Parameters:
 
-    - ``model``: the model name sent with each request unless a call overrides it
-      (default: $RLM_MODEL, else gpt-4o-mini).
-    - ``api_key``: the endpoint's key (default: $OPENAI_API_KEY). Without any key the
-      first request raises ``ConfigError`` (``check_key()`` asks now); a local server
-      that needs none takes any value.
-    - ``base_url``: an OpenAI-compatible endpoint such as http://localhost:8000/v1
-      (default: $OPENAI_BASE_URL, else OpenAI).
+    - ``model``: the model sent with each request unless a call overrides it, with an
+      optional provider prefix (see ``provider``; default: $RLM_MODEL, else gpt-4o-mini).
+    - ``api_key``: the endpoint's key (default: the provider's variable:
+      $OPENAI_API_KEY, $ANTHROPIC_API_KEY, $AZURE_OPENAI_API_KEY, $GEMINI_API_KEY).
+      Without any key the first request raises ``ConfigError`` (``check_key()`` asks
+      now); a local server that needs none takes any value.
+    - ``base_url``: the endpoint, such as http://localhost:8000/v1 for an
+      OpenAI-compatible server or https://api.anthropic.com for Anthropic (default:
+      the provider's variable: $OPENAI_BASE_URL, $ANTHROPIC_BASE_URL,
+      $AZURE_OPENAI_ENDPOINT, $GEMINI_BASE_URL; else the provider's own endpoint).
     - ``max_concurrency``: requests in flight at once per model (default 64). A batch
       or job that can use more raises it unless it was given here.
     - ``timeout``: seconds one HTTP attempt may take before it is retried (default 120).
-    - ``max_retries``: retries of one call after 408, 409, 5xx other than 503, timeouts
-      and dropped connections, with jittered exponential back-off (default 6).
-    - ``retry_timeout_s``: how long one call keeps retrying in all; refusals (429, 503)
-      are retried until then, however many (default 300).
+    - ``max_retries``: retries of one call after 408, 409, 5xx other than 503 and 529,
+      timeouts and dropped connections, with jittered exponential back-off (default 6).
+    - ``retry_timeout_s``: how long one call keeps retrying in all; refusals (429, 503,
+      529) are retried until then, however many (default 300).
     - ``max_retry_wait_s``: the longest single wait a server may ask for (Retry-After
       and its kin, always honoured); a longer one fails the call at once with a
       ``RateLimitError`` carrying the delay (default 120).
@@ -339,9 +342,12 @@ class AsyncOpenAIClient:
       rlm.cache); ``cache=False`` on a call opts that call out.
     - ``cache_read`` / ``cache_write``: False sends everything (identical requests in
       flight included) / stores nothing.
-    - ``provider``: the wire format, a name from ``rlm.providers.provider_names()``
-      (default "openai": OpenAI-compatible chat completions); it also picks the
-      environment variables of the key and the endpoint.
+    - ``provider``: the wire format, a name from ``rlm.providers.provider_names()``; it
+      also picks the environment variables of the key and the endpoint. Default: the
+      model string's prefix (``anthropic/claude-sonnet-4-5`` is Anthropic's Messages
+      API, ``azure/DEPLOYMENT`` Azure OpenAI, ``gemini/...`` Gemini, ``openai/...``
+      OpenAI), else "openai" (OpenAI-compatible chat completions at ``base_url``). The
+      prefix is not part of the model name sent, counted and priced.
     - ``on_retry``: called on the engine loop with a ``RetryNotice`` each time a call
       is about to be retried (what failed, the attempt, the wait), for live displays.
 
@@ -389,19 +395,31 @@ class AsyncOpenAIClient:
                             ("max_retry_wait_s", max_retry_wait_s)):
             if not isinstance(value, int | float) or value < 0:
                 raise ConfigError(f"{name} must be a number of seconds >= 0, got {value!r}")
-        self._adapter_cls = adapter_class(provider or DEFAULT_PROVIDER)
+        named = model or os.environ.get("RLM_MODEL") or DEFAULT_MODEL
+        if provider is None:
+            provider, named = resolve_model(named)
+        else:
+            named = named.removeprefix(provider + "/")
+        self._adapter_cls = adapter_class(provider)
+        #: The provider whose wire format, endpoint and key this client uses.
+        self.provider: str = provider
         env = self._adapter_cls.base_url_env
-        self.model: str = model or os.environ.get("RLM_MODEL") or DEFAULT_MODEL
+        self.model: str = named
         self.base_url: str | None = base_url or (os.environ.get(env) if env else None) or None
         self._api_key = api_key or os.environ.get(self._adapter_cls.key_env) or None
+        self._prefix = provider + "/"
         # Whether the user chose the width: a batch or job widens only a default one.
         self._width_given = max_concurrency is not None
         self.max_concurrency = max_concurrency or DEFAULT_CONCURRENCY
         self.timeout = float(timeout)
         self.max_retries = max_retries
         self.retry = RetryPolicy(max_retries, float(retry_timeout_s), float(max_retry_wait_s))
-        self._limits = check_limits(limits, rpm, tpm)
+        # Limits and prices may name models with their provider prefix: keyed here by
+        # the names requests carry.
+        self._limits = {resolve_model(k)[1]: v for k, v in check_limits(limits, rpm, tpm).items()}
         self._on_retry = on_retry
+        if isinstance(prices, Mapping):
+            prices = {resolve_model(str(k))[1]: v for k, v in prices.items()}
         self._meter = UsageMeter(resolve_prices(prices))
         self._lanes: dict[str, _Lane] = {}
         self._adapter: Adapter | None = None
@@ -462,11 +480,17 @@ class AsyncOpenAIClient:
         return self._closed
 
     def check_key(self) -> None:
-        """Raise ``ConfigError`` now if no API key is configured (no network I/O).
+        """Raise ``ConfigError`` now if no API key (or no endpoint, for a provider that has
+        no default one: Azure) is configured (no network I/O).
 
         The client itself checks on its first request; an RLM calls this when it is
         built, so a missing key fails once, before any sandbox starts.
         """
+        if not (self.base_url or self._adapter_cls.default_base_url):
+            raise ConfigError(
+                f"no endpoint for {self.provider}/ models: set the "
+                f"{self._adapter_cls.base_url_env} environment variable or pass base_url="
+            )
         if not self._api_key:
             raise ConfigError(
                 f"no API key: set the {self._adapter_cls.key_env} environment variable or pass "
@@ -510,7 +534,15 @@ class AsyncOpenAIClient:
         """
         body: dict[str, Any] = {"model": self.model, "messages": _messages(prompt)}
         body.update(params)
+        model = params.get("model")
+        if isinstance(model, str) and model.startswith(self._prefix):
+            body["model"] = model[len(self._prefix):]
         return Request(body, bool(cache))
+
+    def model_name(self, model: str) -> str:
+        """The name this client sends and counts ``model`` under: a model string with
+        this client's provider prefix (``anthropic/claude-...``) without it."""
+        return model.removeprefix(self._prefix)
 
     def new_meter(self, on_retry: Callable[[RetryNotice], None] | None = None) -> UsageMeter:
         """A fresh meter with this client's prices, for per-run accounting; ``on_retry``
@@ -1223,7 +1255,12 @@ class AsyncOpenAIClient:
                         if event.error is not None:
                             raise event.error
                         model = event.model or model
-                        usage = event.usage or usage
+                        if event.usage is not None:
+                            # Some providers report usage on several events, running totals
+                            # (Gemini on every chunk; Anthropic input first, output last):
+                            # the largest of each side, never a sum.
+                            usage = event.usage if usage is None else (
+                                max(usage[0], event.usage[0]), max(usage[1], event.usage[1]))
                         finish = event.finish_reason or finish
                         if event.text:
                             yielded = True

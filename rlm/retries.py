@@ -2,9 +2,9 @@
 
 Two kinds of failure, two bounds:
 
-- **Refusals** (429, 503: "not now"): retried until ``retry_timeout_s`` has passed
-  since the call began, not for a number of attempts, which a 429 storm of the
-  client's own making would burn in seconds. Every wait the server asks for
+- **Refusals** (429, 503, Anthropic's 529 overloaded: "not now"): retried until
+  ``retry_timeout_s`` has passed since the call began, not for a number of attempts,
+  which a 429 storm of the client's own making would burn in seconds. Every wait the server asks for
   (``RateLimitError.retry_after``, read by the adapter) is honoured exactly, never
   shortened; a wait longer than ``max_retry_wait_s`` fails the call at once, with
   the delay in the error. Without a stated wait, a short jittered back-off: the
@@ -25,15 +25,16 @@ from dataclasses import dataclass
 
 from rlm.errors import LLMConnectionError, LLMError, LLMTimeoutError, ResponseError
 
-# Statuses that mean "not now": rate limited, overloaded.
-REFUSAL_STATUS = frozenset({429, 503})
+# Statuses that mean "not now": rate limited, overloaded (503; Anthropic's 529).
+REFUSAL_STATUS = frozenset({429, 503, 529})
 RETRYABLE_STATUS = frozenset({408, 409})
 # A refused connection is retried for at most this long (seconds) before it fails.
 REFUSED_CONNECTION_S = 1.5
 
 
 def is_refusal(error: BaseException) -> bool:
-    """True for a 429 or 503 (a rate limit or an overloaded server), however delivered."""
+    """True for a 429, 503 or 529 (a rate limit or an overloaded server), however
+    delivered."""
     return isinstance(error, LLMError) and error.status in REFUSAL_STATUS
 
 
@@ -41,7 +42,7 @@ def is_refusal(error: BaseException) -> bool:
 class RetryNotice:
     """A call about to be retried, for live displays: which model, what failed, the
     attempt that failed (1 = the first), the wait before the next, and whether it was a
-    refusal (429/503) rather than a fault."""
+    refusal (429/503/529) rather than a fault."""
 
     model: str
     failure: str

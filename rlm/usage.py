@@ -55,6 +55,32 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
     "o3": (2.00, 8.00),
     "o3-mini": (1.10, 4.40),
     "o4-mini": (1.10, 4.40),
+    # Anthropic (anthropic/...), list prices; the dated ids are what replies name. Cache
+    # reads and writes are priced from Reply's cached/creation token fields.
+    "claude-opus-4-5": (5.00, 25.00),
+    "claude-opus-4-5-20251101": (5.00, 25.00),
+    "claude-opus-4-1": (15.00, 75.00),
+    "claude-opus-4-1-20250805": (15.00, 75.00),
+    "claude-opus-4-0": (15.00, 75.00),
+    "claude-opus-4-20250514": (15.00, 75.00),
+    "claude-sonnet-4-5": (3.00, 15.00),
+    "claude-sonnet-4-5-20250929": (3.00, 15.00),
+    "claude-sonnet-4-0": (3.00, 15.00),
+    "claude-sonnet-4-20250514": (3.00, 15.00),
+    "claude-3-7-sonnet-latest": (3.00, 15.00),
+    "claude-3-7-sonnet-20250219": (3.00, 15.00),
+    "claude-haiku-4-5": (1.00, 5.00),
+    "claude-haiku-4-5-20251001": (1.00, 5.00),
+    "claude-3-5-haiku-latest": (0.80, 4.00),
+    "claude-3-5-haiku-20241022": (0.80, 4.00),
+    "claude-3-haiku-20240307": (0.25, 1.25),
+    # Gemini (gemini/...), paid tier, prompts up to 200k tokens (longer ones cost more).
+    "gemini-3-pro-preview": (2.00, 12.00),
+    "gemini-2.5-pro": (1.25, 10.00),
+    "gemini-2.5-flash": (0.30, 2.50),
+    "gemini-2.5-flash-lite": (0.10, 0.40),
+    "gemini-2.0-flash": (0.10, 0.40),
+    "gemini-2.0-flash-lite": (0.075, 0.30),
 }
 
 # Decimal places of USD amounts in JSON output: a millionth of a dollar.

@@ -47,6 +47,8 @@ def allowed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _no_real_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests must never reach a real endpoint with a real key, whatever the shell has.
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL",
+                 "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT", "OPENAI_API_VERSION",
+                 "GEMINI_API_KEY", "GEMINI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("RLM_MODEL", raising=False)

@@ -3,9 +3,10 @@
 Each runnable fenced block (see ``docs_support`` for the languages and the
 ``<!-- example: ... -->`` markers) runs in a fresh temporary directory holding the
 workspace files the examples name (``big.txt``, ``tasks.jsonl``...: stand-ins for the
-reader's own files), with ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY`` pointing at one
-fake server (``python -m rlm.testing``, whose scripted root answers any RLM run) and
-``HOME`` inside the directory, so nothing is written elsewhere. The ports the examples
+reader's own files), with ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY`` (and each other
+provider's endpoint and key variables: ``ANTHROPIC_*``, ``AZURE_OPENAI_*``, ``GEMINI_*``)
+pointing at one fake server (``python -m rlm.testing``, whose scripted root answers any
+RLM run) and ``HOME`` inside the directory, so nothing is written elsewhere. The ports the examples
 name (8000, 8100, 8765) are swapped for free ones, so parallel runs do not collide.
 Units run in a few threads at once (each in its own process); a failure names the
 Markdown file and line.
@@ -160,9 +161,18 @@ def _end_groups(groups: Path) -> None:
 def _environment(base_url: str, home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("OPENAI_", "RLM_", "ANTHROPIC_", "AZURE_", "GEMINI_"))}
+    root = base_url.removesuffix("/v1")
     env.update({
         "OPENAI_BASE_URL": base_url,
         "OPENAI_API_KEY": "sk-docs-example",
+        # Every provider's model strings (anthropic/..., azure/..., gemini/...) reach the
+        # same fake server, which speaks their wire formats too.
+        "ANTHROPIC_BASE_URL": root,
+        "ANTHROPIC_API_KEY": "sk-ant-docs-example",
+        "AZURE_OPENAI_ENDPOINT": root,
+        "AZURE_OPENAI_API_KEY": "azure-docs-example",
+        "GEMINI_BASE_URL": root + "/v1beta/openai",
+        "GEMINI_API_KEY": "gemini-docs-example",
         "RLM_SERVE_AUTH_KEY": "docs-example-key",
         "HOME": str(home),
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),

@@ -175,6 +175,10 @@ class Adapter(abc.ABC):
         self.base_url = (base_url or self.default_base_url).rstrip("/")
         self.api_key = api_key
 
+    def wire_model(self, model: str) -> str:
+        """The model name this provider is sent for ``model`` (default: as given)."""
+        return model
+
     @abc.abstractmethod
     def build(self, request: Request, *, stream: bool = False) -> HTTPRequest:
         """The HTTP request for ``request`` (``stream``: ask for server-sent events)."""

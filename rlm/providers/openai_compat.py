@@ -52,26 +52,36 @@ class OpenAICompatAdapter(Adapter):
 
         self.url = self.base_url + "/chat/completions"
         headers = {
-            "Authorization": f"Bearer {api_key}",
+            **self.auth_headers(api_key),
             "Content-Type": "application/json",
             "Accept": "application/json",
             "User-Agent": f"rlm/{__version__}",
         }
+        self.headers = headers
+        self.stream_headers = {**headers, "Accept": "text/event-stream"}
+
+    def auth_headers(self, api_key: str) -> dict[str, str]:
+        """The headers that say who is calling (subclasses for other providers' auth)."""
+        headers = {"Authorization": f"Bearer {api_key}"}
         for env, header in (("OPENAI_ORG_ID", "OpenAI-Organization"),
                             ("OPENAI_PROJECT_ID", "OpenAI-Project")):
             value = os.environ.get(env)
             if value:
                 headers[header] = value
-        self.headers = headers
-        self.stream_headers = {**headers, "Accept": "text/event-stream"}
+        return headers
+
+    def url_for(self, request: Request) -> str:
+        """Where ``request`` is posted (one URL here; Azure's depends on the deployment)."""
+        return self.url
 
     def build(self, request: Request, *, stream: bool = False) -> HTTPRequest:
         """The POST for ``request``; a stream asks for usage in its last event."""
         body = request.body
         if stream:
             body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-            return HTTPRequest(self.url, self.stream_headers, json.dumps(body).encode())
-        return HTTPRequest(self.url, self.headers, json.dumps(body).encode())
+            return HTTPRequest(self.url_for(request), self.stream_headers,
+                               json.dumps(body).encode())
+        return HTTPRequest(self.url_for(request), self.headers, json.dumps(body).encode())
 
     def parse_reply(self, data: Any, request: Request) -> Reply:
         """The text, model, usage and finish reason of a chat completion body."""

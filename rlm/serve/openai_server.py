@@ -266,6 +266,10 @@ def _parse_request(body: Any, runner: QueryRunner, allow_dirs: AllowedDirs) -> _
         root_model = None
     elif model.startswith(MODEL_ID + ":") and len(model) > len(MODEL_ID) + 1:
         root_model = model[len(MODEL_ID) + 1 :]
+        try:
+            runner.check_root_model(root_model)
+        except ConfigError as exc:
+            raise _RequestError(404, str(exc), code="model_not_found", param="model") from None
     else:
         raise _RequestError(
             404,

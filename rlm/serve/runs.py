@@ -17,8 +17,9 @@ from typing import Any
 
 from rlm.cache import open_cache
 from rlm.core import RLM, RLMResult
+from rlm.endpoints import root_client, sub_client_for
 from rlm.errors import ConfigError
-from rlm.llm import AsyncOpenAIClient
+from rlm.providers import check_endpoints, qualified_model, resolve_model
 from rlm.schema import Schema
 
 __all__ = [
@@ -43,7 +44,9 @@ class UpstreamSettings:
     price table (USD per 1M input and output tokens). ``cache`` and ``cache_read`` are
     the model-reply cache options of ``RLM`` (``rlm.cache``), shared by every request.
     ``sandbox`` None means the process sandbox where it exists. ``limits`` are the rate
-    limits both clients pace to (``AsyncOpenAIClient(limits=...)``).
+    limits both clients pace to (``AsyncOpenAIClient(limits=...)``). ``endpoints`` gives
+    a sub model on another provider than the root its endpoint and key
+    (``RLM(endpoints=...)``).
     """
 
     model: str | None = None
@@ -63,6 +66,8 @@ class UpstreamSettings:
     max_concurrency: int = 64
     # Rate limits to pace to, per model: {"model": {"rpm": N, "tpm": N}} ("*": every model).
     limits: Mapping[str, Mapping[str, float]] | None = None
+    # Per provider {"base_url": ..., "api_key": ...}, for a sub model on another provider.
+    endpoints: Mapping[str, Any] | None = None
 
 
 class QueryRunner:
@@ -73,20 +78,19 @@ class QueryRunner:
         # One reply store for both clients, closed after them (as RLM does for its own).
         self._cache = open_cache(settings.cache)
         caching = {"cache": self._cache, "cache_read": settings.cache_read}
-        self.client = AsyncOpenAIClient(
-            model=settings.model, api_key=settings.api_key, base_url=settings.base_url,
-            prices=settings.prices, limits=settings.limits, **caching,
+        endpoints = check_endpoints(settings.endpoints)
+        self.client = root_client(
+            settings.model, base_url=settings.base_url, api_key=settings.api_key,
+            endpoints=endpoints, prices=settings.prices, limits=settings.limits, **caching,
         )
-        self.recursive_model = settings.recursive_model or self.client.model
-        self.sub_client = AsyncOpenAIClient(
-            model=self.recursive_model,
-            api_key=settings.api_key,
-            base_url=settings.base_url,
-            max_concurrency=settings.max_concurrency,
-            prices=settings.prices,
-            limits=settings.limits,
-            **caching,
+        self.sub_client = sub_client_for(
+            self.client, settings.recursive_model, base_url=settings.base_url,
+            api_key=settings.api_key, endpoints=endpoints,
+            max_concurrency=settings.max_concurrency, prices=settings.prices,
+            limits=settings.limits, **caching,
         )
+        # Provider-qualified, so a per-request RLM over these clients resolves it again.
+        self.recursive_model = qualified_model(self.sub_client.provider, self.sub_client.model)
 
     @property
     def sandbox(self) -> str:
@@ -95,8 +99,19 @@ class QueryRunner:
 
     @property
     def root_model(self) -> str:
-        """The default root model (what model id ``rlm`` means)."""
-        return self.client.model
+        """The default root model (what model id ``rlm`` means), with its provider prefix
+        unless it is OpenAI-compatible."""
+        return qualified_model(self.client.provider, self.client.model)
+
+    def check_root_model(self, model: str) -> None:
+        """``ConfigError`` unless a request's root model can run on the root client: a
+        bare name, or one prefixed with the root client's provider."""
+        provider, name = resolve_model(model)
+        if name != model and provider != self.client.provider:
+            raise ConfigError(
+                f"this server's root model is on {self.client.provider}/, not {provider}/: "
+                f"ask for 'rlm:{self.root_model}' or another {self.client.provider} model"
+            )
 
     def budget(self, requested: float | None) -> float | None:
         """The cost budget of one run: the request's, capped by the server's."""

@@ -73,8 +73,8 @@ How to run it
     ``--fault-kinds``, ``--retry-after``, ``--retry-after-on``, ``--rate-limit`` (req/s)
     and ``--burst`` (the :func:`token_bucket` responder), ``--limit MODEL:KEY=VALUE,...``
     (per-model limits, repeatable), ``--reasoning MODEL=TOKENS``, ``--no-prefix-cache``,
-    ``--batch-delay``, ``--batch-failure-rate``, ``--batch-expire-after``, ``--seed``;
-    bad values print one line and exit 2.
+    ``--no-fast-path``, ``--batch-delay``, ``--batch-failure-rate``,
+    ``--batch-expire-after``, ``--seed``; bad values print one line and exit 2.
 
 The HTTP layer is ``aiohttp.web`` (its C parser), in a module apart from each protocol's
 shapes (``openai_api``), the shared request pipeline and counters (``hub``), what the

@@ -252,6 +252,7 @@ class AnthropicWire:
         if fault is not None:
             headers.update(fault.retry_headers())
         usage = None if kind == "no_usage" else self.cache_usage(call, answer)
+        call.usage = usage
         ident = f"msg_fake{self._next_id()}"
         if not call.stream:
             if kind == "stream_error":

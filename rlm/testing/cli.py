@@ -95,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="never report cached prompt tokens")
+    parser.add_argument("--no-fast-path", action="store_true",
+                        help="serve chat completions through aiohttp like every other route, "
+                             "not the hand-written fast path (to compare protocols like for "
+                             "like)")
     parser.add_argument("--batch-delay", type=float, default=0.0,
                         help="seconds a batch takes to complete (default: 0)")
     parser.add_argument("--batch-failure-rate", type=float, default=0.0,
@@ -215,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reasoning=reasoning,
         prefix_cache=not args.no_prefix_cache,
         batches=batch_options,
+        fast_path=not args.no_fast_path,
     )
     try:
         asyncio.run(_serve_forever(server))

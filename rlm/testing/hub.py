@@ -35,6 +35,17 @@ LISTED_COUNTERS = ("batch_lines", "batches_created", "files_created")
 AUTH_HEADERS = ("authorization", "api-key", "x-api-key", "x-goog-api-key")
 
 
+def key_hint(headers: Mapping[str, str]) -> str | None:
+    """The last four characters of the key a request carried (as providers' consoles show
+    keys), so tests can tell which key reached which server; never more of it."""
+    for name in AUTH_HEADERS:
+        value = headers.get(name)
+        if value:
+            value = value.removeprefix("Bearer ").strip()
+            return value[-4:] if value else None
+    return None
+
+
 class Wire(Protocol):
     """How one protocol renders what the pipeline decided."""
 
@@ -190,6 +201,7 @@ class Hub:
             "path": path,
             "query": dict(query),
             "auth_headers": [name for name in AUTH_HEADERS if name in headers],
+            "key_hint": key_hint(headers),
         }
 
     def begin(self, call: ChatCall, entry: dict[str, Any]) -> Fault | None:
@@ -258,6 +270,9 @@ class Hub:
                 payload = self.outcome(call, queued, wire)
             if admission is not None:
                 payload.headers.update(wire.limit_headers(admission))
+            if call.usage is not None:
+                with self.lock:
+                    entry["usage"] = call.usage
             return payload, delay
         except BaseException:
             self.end()

@@ -57,6 +57,9 @@ class ChatCall:
     cache_blocks: list[tuple[str, bool]] | None = None
     # The messages as the request sent them, when ``messages`` had to be normalised.
     sent_messages: list[Any] | None = None
+    # The usage object the reply reported, set by the wire that rendered it (Anthropic's
+    # with its cache reads and writes), for the request log.
+    usage: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_chars:

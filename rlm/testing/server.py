@@ -233,7 +233,10 @@ class FakeLLMServer:
         ``messages`` (as sent), ``params`` (every other body field), ``protocol``
         (``"openai"``, ``"anthropic"``...), ``path``, ``query`` (the URL's query
         parameters), ``auth_headers`` (which of Authorization, api-key, x-api-key and
-        x-goog-api-key were sent; never their values) and ``has_authorization``."""
+        x-goog-api-key were sent; never their values), ``key_hint`` (the key's last four
+        characters, as providers' consoles show keys) and ``has_authorization``; an answered
+        Anthropic request also has ``usage``, the usage object its reply reported (cache
+        reads and writes included)."""
         with self._hub.lock:
             return list(self._hub.log)
 
