@@ -19,6 +19,12 @@ __all__ = ["RLMResult"]
 class RLMResult:
     """The outcome of one run.
 
+    ``answer`` is the answer text (None when the run gave none), ``iterations`` the root
+    turns taken, ``elapsed_s`` the run's wall time in seconds, ``sub_calls`` the
+    sub-queries its REPL code made (children's included), ``trajectory`` the run's
+    events in memory (the same records a ``log_dir`` file holds) and ``log_path`` that
+    file, when ``log_dir=`` was given.
+
     ``stopped_reason`` is "final" (the code called FINAL/FINAL_VAR, or the root wrote
     one), "max_iterations" (the last-turn answer), "budget" (a cost, token or time
     budget ran out: ``error`` says which), "invalid_answer" (a run with ``schema=``
