@@ -20,6 +20,7 @@ from rlm.core import RLM, RLMResult
 from rlm.errors import ConfigError
 from rlm.llm import AsyncOpenAIClient
 from rlm.schema import Schema
+from rlm.usage import PriceSpec
 
 __all__ = [
     "QueryRunner",
@@ -55,7 +56,7 @@ class UpstreamSettings:
     max_cost_usd: float | None = None
     max_tokens: int | None = None
     max_time_s: float | None = None
-    prices: Mapping[str, tuple[float, float]] | None = None
+    prices: Mapping[str, PriceSpec] | None = None
     cache: Any = None
     cache_read: bool = True
     sandbox: str | None = None
