@@ -79,6 +79,7 @@ bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/structured.py
 	$(BIN)/python benchmarks/many_tasks.py
 	$(BIN)/python benchmarks/worker_pool.py
+	$(BIN)/python benchmarks/prompt_cache.py
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check rlm tests benchmarks test_true_async.py
