@@ -47,6 +47,7 @@ class Metrics:
     # cache served; completion tokens spent reasoning; what Batch APIs took off.
     prompt_tokens: int | None = None
     cached_input_tokens: int | None = None
+    root_cached_input_tokens: int | None = None
     reasoning_tokens: int | None = None
     batch_calls: int | None = None
     batch_saved_usd: float | None = None
@@ -115,9 +116,13 @@ class Metrics:
     def _savings_rows(self) -> list[tuple[str, str]]:
         rows = []
         if self.cached_input_tokens and self.cached_share is not None:
+            detail = f"{self.cached_input_tokens:,} of {self.prompt_tokens:,}"
+            root_prompt = self.root_prompt_tokens
+            if root_prompt and self.root_cached_input_tokens and root_prompt != self.prompt_tokens:
+                # The root re-sends its history each turn: its share is the one to watch.
+                detail += f"; root turns {self.root_cached_input_tokens / root_prompt:.0%}"
             rows.append(("Prompt cache", f"{self.cached_share:.0%} of prompt tokens read from the "
-                                         f"provider's cache ({self.cached_input_tokens:,} of "
-                                         f"{self.prompt_tokens:,})"))
+                                         f"provider's cache ({detail})"))
         if self.reasoning_tokens:
             rows.append(("Reasoning", f"{self.reasoning_tokens:,} completion tokens"))
         if self.batch_calls:
@@ -201,6 +206,7 @@ def _apply_usage(m: Metrics, usage: Any) -> None:
         m.root_completion_tokens = as_int(field_of(root, "completion_tokens", m.root_completion_tokens))
         m.root_tokens = usage_total_tokens(root)
         m.root_cost = as_num(field_of(root, "cost_usd"))
+        m.root_cached_input_tokens = as_int(field_of(root, "cached_input_tokens"))
         m.root_unpriced = _unpriced(root)
     if sub is not None:
         if m.sub_calls is None:
@@ -257,6 +263,7 @@ def metrics_from_events(events: list[Event], key: str | None = None) -> Metrics:
     m.root_tokens, m.root_cost = root_prompt + root_completion, root_cost
     # Until run_end says more: the root's own turns (sub-calls log no cache split).
     m.prompt_tokens, m.cached_input_tokens = root_prompt, root_cached_input
+    m.root_cached_input_tokens = root_cached_input
     m.reasoning_tokens = root_reasoning
     m.root_unpriced = unpriced
     m.elapsed_s = as_num(own[-1].get("t")) if own else None
