@@ -68,6 +68,16 @@ class Price:
             object.__setattr__(self, "cached_input", self.input)
         if self.cache_write is None:
             object.__setattr__(self, "cache_write", self.input)
+        # Checked here, so a Price built in code is as sound as a parsed one and tables
+        # of them pass through without another look.
+        values = (self.input, self.output, self.cached_input, self.cache_write,
+                  self.batch_discount)
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+                   and math.isfinite(v) for v in values) or self.batch_discount >= 1:
+            raise ConfigError(
+                f"a Price takes numbers >= 0 in USD per 1M tokens and a batch_discount "
+                f"below 1, not {self!r}"
+            )
 
     def cost(self, prompt_tokens: int, completion_tokens: int, *, cached_input_tokens: int = 0,
              cache_creation_tokens: int = 0, batch: bool = False) -> float:
@@ -86,14 +96,6 @@ class Price:
     def list_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         """USD for a call at list price: every prompt token at ``input``, no discount."""
         return (prompt_tokens * self.input + completion_tokens * self.output) / 1_000_000
-
-    def to_dict(self) -> dict[str, float]:
-        """The price as a prices-file entry."""
-        return {"input": self.input, "output": self.output,
-                "cached_input": float(self.cached_input or 0.0),
-                "cache_write": float(self.cache_write or 0.0),
-                "batch_discount": self.batch_discount}
-
 
 # What a user may give as one model's price: a Price, an (input, output) pair, or a dict
 # of Price's field names.

@@ -115,6 +115,13 @@ def test_a_bad_price_entry_is_a_one_line_config_error(entry: Any, says: str) -> 
     assert "\n" not in message
 
 
+def test_a_price_built_in_code_is_checked_too() -> None:
+    with pytest.raises(ConfigError, match="a Price takes numbers >= 0"):
+        Price(1.0, 2.0, cached_input=-0.1)
+    with pytest.raises(ConfigError, match="batch_discount below 1"):
+        Price(1.0, 2.0, batch_discount=1.0)
+
+
 def test_rlm_run_refuses_a_bad_prices_file_in_one_line(tmp_path: Path) -> None:
     path = tmp_path / "prices.json"
     path.write_text(json.dumps({"m": {"input": 1.0, "output": 2.0, "cached": 0.1}}))
