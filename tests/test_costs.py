@@ -188,6 +188,22 @@ async def test_the_batch_discount_is_the_models_own() -> None:
     assert batch.batch_saved_usd == pytest.approx(live.cost_usd * 0.25)
 
 
+def test_a_batch_mode_jobs_summary_says_what_the_batch_api_saved(
+    tmp_path: Path, closing: list[RLM]
+) -> None:
+    turns = [repl("parts = llm_query_batch(['ECHO ' + w for w in context.split()[:2]])"),
+             repl("FINAL('-'.join(parts))")]
+    tasks = [{"id": f"t{i}", "query": "Join the first two words.", "context": f"a{i} b{i}"}
+             for i in range(4)]
+    with FakeLLMServer(scripts={ROOT: turns}, batches=BatchOptions(delay=0.05)) as srv:
+        rlm = make_rlm(srv, closing, prices={ROOT: (1.0, 4.0), SUB: (0.5, 2.0)})
+        summary = rlm.run_job(tasks, tmp_path / "out.jsonl", progress=False, batch_api=FAST)
+    assert summary.done == 4
+    # At half price, what was saved equals what was paid.
+    assert summary.batch_saved_usd == pytest.approx(summary.cost_usd)
+    assert f"saved ${summary.batch_saved_usd:.4f} off list price" in summary.line()
+
+
 # -- budgets -------------------------------------------------------------------------
 
 
