@@ -1193,16 +1193,19 @@ class AsyncOpenAIClient:
                 cached[i] = True
             row = saved.get(hit.model)
             if row is None:
-                row = saved[hit.model] = [0, 0, 0]
+                row = saved[hit.model] = [0, 0, 0, 0, 0]
             row[0] += 1
             row[1] += hit.prompt_tokens
             row[2] += hit.completion_tokens
-        # A stored reply keeps its tokens, not their prompt-cache split: what it saved is
-        # counted at list price.
-        for model, (calls, prompt_tokens, completion_tokens) in saved.items():
+            # What it saved is priced as the original call was (a custom store may keep
+            # no prompt-cache split: then at list price).
+            row[3] += getattr(hit, "cached_input_tokens", 0)
+            row[4] += getattr(hit, "cache_creation_tokens", 0)
+        for model, (calls, prompt_tokens, completion_tokens, read, written) in saved.items():
             for counter in (self._meter, meter):
                 if counter is not None:
-                    counter.cached(model, prompt_tokens, completion_tokens, calls)
+                    counter.cached(model, prompt_tokens, completion_tokens, calls,
+                                   cached_input_tokens=read, cache_creation_tokens=written)
         return keys, todo
 
     async def _stream(self, request: Request) -> AsyncIterator[str]:

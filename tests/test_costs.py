@@ -158,6 +158,49 @@ async def test_cached_and_reasoning_tokens_are_counted_and_priced() -> None:
     assert usage.cost_usd == pytest.approx(at_list - 1152 * 0.9 / 1e6)
 
 
+async def test_a_reply_from_the_cache_saves_what_its_original_call_cost(tmp_path: Path) -> None:
+    async with FakeLLMServer() as srv:
+        async with AsyncOpenAIClient(model="m", api_key="k", base_url=srv.url,
+                                     prices=CACHED_PRICES, cache=tmp_path) as first:
+            await first.completion(LONG + "first")
+            before = first.usage
+            await first.completion(LONG + "second")  # reads the provider's prompt cache
+            original = first.usage - before
+        async with AsyncOpenAIClient(model="m", api_key="k", base_url=srv.url,
+                                     prices=CACHED_PRICES, cache=tmp_path) as again:
+            await again.completion(LONG + "second")
+            replayed = again.usage
+    assert srv.requests == 2  # the replay sent nothing
+    assert original.cached_input_tokens == 1152 and replayed.cached_calls == 1
+    # It saved what the original call paid, prompt-cache discount included, not list price.
+    assert replayed.saved_usd == pytest.approx(original.cost_usd)
+    at_list = (original.prompt_tokens * 1.0 + original.completion_tokens * 2.0) / 1e6
+    assert replayed.saved_usd < at_list
+
+
+def test_an_older_cache_store_gains_the_token_detail_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    from rlm.cache import CachedReply, SQLiteCache
+
+    conn = sqlite3.connect(tmp_path / "cache.sqlite3")
+    conn.execute("CREATE TABLE entries (key TEXT PRIMARY KEY, text TEXT NOT NULL, model TEXT "
+                 "NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, "
+                 "size INTEGER NOT NULL, created REAL NOT NULL, accessed REAL NOT NULL, "
+                 "hits INTEGER NOT NULL DEFAULT 0)")
+    conn.execute("INSERT INTO entries VALUES ('old', 'reply', 'm', 10, 2, 200, 0, 0, 0)")
+    conn.commit()
+    conn.close()
+    store = SQLiteCache(tmp_path)
+    try:
+        store.put_many({"new": CachedReply("r", "m", 2000, 5, 1024, 0, 64)})
+        found = store.get_many(["old", "new"])
+    finally:
+        store.close()
+    assert found["old"] == CachedReply("reply", "m", 10, 2)
+    assert found["new"] == CachedReply("r", "m", 2000, 5, 1024, 0, 64)
+
+
 def test_usage_snapshots_add_and_subtract_the_new_counters() -> None:
     a = Usage(by_model={"m": ModelUsage(1, 100, 10, 110, cached_input_tokens=60,
                                         reasoning_tokens=4, batch_calls=1, batch_saved_usd=0.5)},
