@@ -89,6 +89,7 @@ bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/bench_quality.py --runs 1
 	$(BIN)/python benchmarks/batch_api.py --tasks 300
 	$(BIN)/python benchmarks/providers.py
+	$(BIN)/python benchmarks/prompt_cache.py
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check rlm tests benchmarks test_true_async.py

@@ -75,12 +75,18 @@ class ReplyLike(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class CachedReply:
-    """One stored reply: its text, the model that answered, and the tokens it cost."""
+    """One stored reply: its text, the model that answered, and the tokens it cost (of
+    the prompt tokens, those the provider's prompt cache served and those written to it;
+    of the completion tokens, those spent reasoning), so a replay is priced as the
+    original was."""
 
     text: str
     model: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_creation_tokens: int = 0
+    reasoning_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -294,6 +300,9 @@ CREATE TABLE IF NOT EXISTS entries (
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
     size INTEGER NOT NULL,
+    cached_input_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_creation_tokens INTEGER NOT NULL DEFAULT 0,
+    reasoning_tokens INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL,
     accessed REAL NOT NULL,
     hits INTEGER NOT NULL DEFAULT 0
@@ -312,6 +321,20 @@ CREATE TRIGGER IF NOT EXISTS entries_resized AFTER UPDATE OF size ON entries BEG
     UPDATE totals SET value = value + NEW.size - OLD.size WHERE name = 'bytes';
 END;
 """
+
+# A reply's token counts beyond prompt and completion, stored since the cache priced
+# prompt caching; a store made before then gains them (as 0) when first opened.
+_TOKEN_DETAILS = ("cached_input_tokens", "cache_creation_tokens", "reasoning_tokens")
+
+
+def _add_token_details(conn: sqlite3.Connection) -> None:
+    """Add the token-detail columns to a store made without them (inside the schema's
+    transaction, so two processes opening it at once add them once)."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(entries)")}
+    for name in _TOKEN_DETAILS:
+        if name not in have:
+            conn.execute(f"ALTER TABLE entries ADD COLUMN {name} INTEGER NOT NULL DEFAULT 0")
+
 
 # Fixed per-entry bytes beyond the text (key, model name, numbers, b-tree overhead).
 _ENTRY_OVERHEAD = 160
@@ -382,12 +405,13 @@ class SQLiteCache(Cache):
             for start in range(0, len(keys), _CHUNK):
                 chunk = keys[start:start + _CHUNK]
                 rows = conn.execute(
-                    "SELECT key, text, model, prompt_tokens, completion_tokens FROM entries "
+                    "SELECT key, text, model, prompt_tokens, completion_tokens, "
+                    "cached_input_tokens, cache_creation_tokens, reasoning_tokens FROM entries "
                     f"WHERE key IN ({','.join('?' * len(chunk))}){fresh}",
                     chunk,
                 )
-                for key, text, model, pt, ct in rows:
-                    found[key] = CachedReply(text, model, pt, ct)
+                for key, text, model, pt, ct, read, written, reasoning in rows:
+                    found[key] = CachedReply(text, model, pt, ct, read, written, reasoning)
             touched = self._touched
             for key in found:
                 touched[key] = touched.get(key, 0) + 1
@@ -401,7 +425,8 @@ class SQLiteCache(Cache):
         now = time.time()
         rows = [
             (key, r.text, r.model, int(r.prompt_tokens), int(r.completion_tokens),
-             len(r.text.encode()) + len(r.model) + _ENTRY_OVERHEAD, now, now)
+             len(r.text.encode()) + len(r.model) + _ENTRY_OVERHEAD, now, now,
+             *(int(getattr(r, name, 0) or 0) for name in _TOKEN_DETAILS))
             for key, r in entries.items()
         ]  # fmt: skip
         with self._lock:
@@ -410,11 +435,15 @@ class SQLiteCache(Cache):
                 self._apply_touches(conn)
                 conn.executemany(
                     "INSERT INTO entries (key, text, model, prompt_tokens, completion_tokens,"
-                    " size, created, accessed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                    " size, created, accessed, cached_input_tokens, cache_creation_tokens,"
+                    " reasoning_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT (key) DO UPDATE SET text = excluded.text,"
                     " model = excluded.model, prompt_tokens = excluded.prompt_tokens,"
                     " completion_tokens = excluded.completion_tokens, size = excluded.size,"
-                    " created = excluded.created, accessed = excluded.accessed",
+                    " created = excluded.created, accessed = excluded.accessed,"
+                    " cached_input_tokens = excluded.cached_input_tokens,"
+                    " cache_creation_tokens = excluded.cache_creation_tokens,"
+                    " reasoning_tokens = excluded.reasoning_tokens",
                     rows,
                 )
                 if self.ttl is not None:
@@ -485,6 +514,7 @@ class SQLiteCache(Cache):
             with _transaction(conn):
                 for statement in _statements(_SCHEMA):
                     conn.execute(statement)
+                _add_token_details(conn)
         except BaseException:
             conn.close()
             raise

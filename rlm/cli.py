@@ -36,9 +36,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from rlm.version import package_version
+
+if TYPE_CHECKING:
+    from rlm.usage import Price
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MAX_ITERATIONS = 0, 1, 2, 3
 # 128 + the signal's number, as shells report it.
@@ -316,11 +319,11 @@ def _limits(args: argparse.Namespace) -> dict[str, dict[str, float]] | None:
     return table or None
 
 
-def _prices(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+def _prices(args: argparse.Namespace) -> dict[str, Price]:
     """--prices FILE.json (repeatable) then --price MODEL=IN,OUT (repeatable), later wins."""
     from rlm.usage import load_prices_file, parse_price
 
-    table: dict[str, tuple[float, float]] = {}
+    table: dict[str, Price] = {}
     for path in getattr(args, "prices", None) or ():
         table.update(load_prices_file(path))
     for spec in getattr(args, "price", None) or ():

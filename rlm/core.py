@@ -44,7 +44,7 @@ from rlm.schema import Schema
 from rlm.session import RLMSession, load_session
 from rlm.subqueries import DEFAULT_SUB_WINDOW_CHARS, SUBCALL_RECORDING
 from rlm.tracing import tracing_wanted
-from rlm.usage import PRICE_HELP, check_prices
+from rlm.usage import PRICE_HELP, PriceSpec, check_prices
 
 # RLMResult and RLMSession are documented here too (``rlm.core.RLMResult``).
 __all__ = ["RLM", "RLMResult", "RLMSession"]
@@ -80,7 +80,9 @@ class RLM:
       their tasks can use; given, it stays; ignored when ``sub_client`` is given).
     - ``prices``: model name to USD per 1M (input, output) tokens for the clients this
       RLM builds, so costs and ``max_cost_usd`` work for models the built-in table
-      does not know (default: the built-in table and $RLM_PRICES).
+      does not know (default: the built-in table and $RLM_PRICES). An entry is a pair,
+      a ``Price``, or a dict that may add ``cached_input``, ``cache_write`` and
+      ``batch_discount`` to ``input`` and ``output``.
     - ``limits``: requests and tokens per minute per model for the clients this RLM
       builds, ``{"gpt-5-mini": {"rpm": 5000, "tpm": 2_000_000}}``; calls are paced to
       them (default: learned from the provider's rate-limit headers and refusals).
@@ -176,7 +178,7 @@ class RLM:
         max_concurrency: int | None = None,
         cell_timeout: float = 60.0,
         sub_window_chars: int = DEFAULT_SUB_WINDOW_CHARS,
-        prices: Mapping[str, tuple[float, float]] | None = None,
+        prices: Mapping[str, PriceSpec] | None = None,
         cache: Any = None,
         cache_read: bool = True,
         cache_write: bool = True,

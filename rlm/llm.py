@@ -50,12 +50,15 @@ from rlm.usage import (
     DEFAULT_PRICES,
     BudgetLedger,
     ModelUsage,
+    Price,
+    PriceSpec,
     Usage,
     UsageMeter,
     estimate_parts,
     estimate_tokens,
     lookup_price,
     resolve_prices,
+    token_details,
 )
 
 __all__ = [
@@ -370,7 +373,7 @@ class AsyncOpenAIClient:
         max_concurrency: int | None = None,
         timeout: float = 120.0,
         max_retries: int = 6,
-        prices: Mapping[str, tuple[float, float]] | None = None,
+        prices: Mapping[str, PriceSpec] | None = None,
         cache: Any = None,
         cache_read: bool = True,
         cache_write: bool = True,
@@ -505,19 +508,19 @@ class AsyncOpenAIClient:
         return self._lane(self.model).limiter
 
     @property
-    def prices(self) -> dict[str, tuple[float, float]]:
+    def prices(self) -> dict[str, Price]:
         """This client's price table (built-in, RLM_PRICES file, ``prices=``), a copy."""
         return dict(self._meter.prices)
 
-    def price(self, model: str) -> tuple[float, float] | None:
-        """USD per 1M (input, output) tokens this client charges ``model`` at; None: unpriced."""
+    def price(self, model: str) -> Price | None:
+        """What this client charges ``model`` at (USD per 1M tokens of each kind); None:
+        unpriced."""
         return lookup_price(self._meter.prices, model)
 
     def count_call(self, reply: Any, *, batch: bool = False) -> None:
         """Count one call answered outside the live path (a Batch API result, ``batch``:
         at the batch price) in this client's ``usage``."""
-        self._meter.record(reply.model, reply.prompt_tokens, reply.completion_tokens,
-                           batch=batch)
+        self._meter.record_reply(reply, batch=batch)
 
     @property
     def reply_cache(self) -> RequestCache | None:
@@ -800,15 +803,14 @@ class AsyncOpenAIClient:
         reply = answer.reply
         if answer.paid is None:
             ledger.cancel(hold)
-            self._count_cached(meter, reply.model, reply.prompt_tokens, reply.completion_tokens)
+            self._count_cached(meter, reply)
             return reply  # type: ignore[no-any-return]  # a stored reply reads like a Reply
         batch = answer.paid == "batch"
         if answer.first:
-            self._meter.record(reply.model, reply.prompt_tokens, reply.completion_tokens,
-                               batch=batch)
+            self._meter.record_reply(reply, batch=batch)
         if meter is not None:
-            meter.record(reply.model, reply.prompt_tokens, reply.completion_tokens, batch=batch)
-        ledger.settle(hold, reply.model, reply.prompt_tokens, reply.completion_tokens, batch=batch)
+            meter.record_reply(reply, batch=batch)
+        ledger.settle_reply(hold, reply, batch=batch)
         return reply  # type: ignore[no-any-return]
 
     async def _aclose_on_engine(self) -> None:
@@ -939,10 +941,9 @@ class AsyncOpenAIClient:
         return dataclasses.replace(reply, prompt_tokens=prompt, completion_tokens=completion)
 
     def _record(self, meter: UsageMeter | None, reply: Reply) -> None:
-        estimated = not reply.usage_reported
-        self._meter.record(reply.model, reply.prompt_tokens, reply.completion_tokens, estimated)
+        self._meter.record_reply(reply)
         if meter is not None:
-            meter.record(reply.model, reply.prompt_tokens, reply.completion_tokens, estimated)
+            meter.record_reply(reply)
 
     async def _text(
         self, request: Request, meter: UsageMeter | None, ledger: BudgetLedger | None,
@@ -990,14 +991,17 @@ class AsyncOpenAIClient:
             key, lambda: self._fresh(request, meter, ledger), known
         )
         if reused:
-            self._count_cached(meter, reply.model, reply.prompt_tokens, reply.completion_tokens)
+            self._count_cached(meter, reply)
         return reply, reused  # type: ignore[return-value]  # a stored reply reads like a Reply
 
-    def _count_cached(self, meter: UsageMeter | None, model: str, prompt_tokens: int,
-                      completion_tokens: int, calls: int = 1) -> None:
-        self._meter.cached(model, prompt_tokens, completion_tokens, calls)
+    def _count_cached(self, meter: UsageMeter | None, reply: Any, calls: int = 1) -> None:
+        """Count ``calls`` calls answered by ``reply`` without a request of their own."""
+        details = {name: count * calls for name, count in token_details(reply).items()}
+        self._meter.cached(reply.model, reply.prompt_tokens * calls,
+                           reply.completion_tokens * calls, calls, **details)
         if meter is not None:
-            meter.cached(model, prompt_tokens, completion_tokens, calls)
+            meter.cached(reply.model, reply.prompt_tokens * calls,
+                         reply.completion_tokens * calls, calls, **details)
 
     def _fresh(
         self, request: Request, meter: UsageMeter | None, ledger: BudgetLedger | None
@@ -1024,7 +1028,7 @@ class AsyncOpenAIClient:
         except BaseException:
             ledger.cancel(hold)
             raise
-        ledger.settle(hold, reply.model, reply.prompt_tokens, reply.completion_tokens)
+        ledger.settle_reply(hold, reply)
         return reply
 
     async def _exchange(self, request: Request, meter: UsageMeter | None) -> Reply:
@@ -1155,8 +1159,7 @@ class AsyncOpenAIClient:
                         results[j] = reply.text
                         if cached is not None:
                             cached[j] = True
-                    self._count_cached(meter, reply.model, reply.prompt_tokens * len(same),
-                                       reply.completion_tokens * len(same), len(same))
+                    self._count_cached(meter, reply, len(same))
             except Exception as exc:  # noqa: BLE001 - kept per item, nothing is lost
                 results[i] = exc
                 for j in same or ():
@@ -1222,12 +1225,19 @@ class AsyncOpenAIClient:
                 cached[i] = True
             row = saved.get(hit.model)
             if row is None:
-                row = saved[hit.model] = [0, 0, 0]
+                row = saved[hit.model] = [0, 0, 0, 0, 0]
             row[0] += 1
             row[1] += hit.prompt_tokens
             row[2] += hit.completion_tokens
-        for model, (calls, prompt_tokens, completion_tokens) in saved.items():
-            self._count_cached(meter, model, prompt_tokens, completion_tokens, calls)
+            # What it saved is priced as the original call was (a custom store may keep
+            # no prompt-cache split: then at list price).
+            row[3] += getattr(hit, "cached_input_tokens", 0)
+            row[4] += getattr(hit, "cache_creation_tokens", 0)
+        for model, (calls, prompt_tokens, completion_tokens, read, written) in saved.items():
+            for counter in (self._meter, meter):
+                if counter is not None:
+                    counter.cached(model, prompt_tokens, completion_tokens, calls,
+                                   cached_input_tokens=read, cache_creation_tokens=written)
         return keys, todo
 
     async def _stream(self, request: Request) -> AsyncIterator[str]:

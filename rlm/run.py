@@ -29,7 +29,7 @@ from rlm.result import RLMResult
 from rlm.schema import Schema, SchemaIssue, format_issues
 from rlm.subqueries import SUBCALL_CAP_CHARS, TIMED_ITEMS, SubQueryService
 from rlm.trajectory import Trajectory, cap_text, prompt_text
-from rlm.usage import BudgetLedger, Usage, UsageMeter, outer_budget
+from rlm.usage import BudgetLedger, Usage, UsageMeter, event_usage, outer_budget
 
 if TYPE_CHECKING:
     # Annotations only: the RLM hands itself to a run; a run never imports it.
@@ -496,11 +496,7 @@ async def _root_turn(run: Run, messages: list[dict[str, Any]], iteration: int,
         iteration=iteration,
         model=next(iter(turn.by_model), rlm.model),
         content=reply,
-        usage={
-            "prompt_tokens": turn.prompt_tokens,
-            "completion_tokens": turn.completion_tokens,
-            "cost_usd": turn.cost_usd if not turn.unpriced_models else "unpriced",
-        },
+        usage=event_usage(turn),
         elapsed_s=round(time.monotonic() - started, 3),
         cached=turn.cached_calls > 0,
     )
@@ -654,11 +650,7 @@ async def _maybe_compact(
         tokens_before=before,
         tokens_after=_estimate_tokens(compacted),
         summary=summary,
-        usage={
-            "prompt_tokens": spent.prompt_tokens,
-            "completion_tokens": spent.completion_tokens,
-            "cost_usd": spent.cost_usd if not spent.unpriced_models else "unpriced",
-        },
+        usage=event_usage(spent),
     )
     return compacted
 

@@ -234,7 +234,9 @@ def _usage(data: Any) -> Usage:
     if not isinstance(data, dict):
         return Usage()
     fields = {k: data[k] for k in ("calls", "prompt_tokens", "completion_tokens", "total_tokens",
-                                   "cost_usd", "failed_calls", "retries") if k in data}
+                                   "cost_usd", "failed_calls", "retries", "cached_input_tokens",
+                                   "cache_creation_tokens", "reasoning_tokens", "batch_calls",
+                                   "batch_saved_usd") if k in data}
     by_model = {
         str(name): ModelUsage(**{k: v for k, v in mu.items() if k in ModelUsage.__dataclass_fields__})
         for name, mu in (data.get("by_model") or {}).items() if isinstance(mu, dict)

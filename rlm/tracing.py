@@ -232,6 +232,23 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+# A root turn's prompt-cache and reasoning counts, by the GenAI conventions' names where
+# they have one (cache reads and writes are counted inside gen_ai.usage.input_tokens).
+_TOKEN_DETAILS = (("cached_input_tokens", "gen_ai.usage.cache_read.input_tokens"),
+                  ("cache_creation_tokens", "gen_ai.usage.cache_creation.input_tokens"),
+                  ("reasoning_tokens", "rlm.usage.reasoning_tokens"))
+
+
+def _token_details(usage: Mapping[str, Any]) -> dict[str, int]:
+    """The non-zero prompt-cache and reasoning counts of a turn's usage, as attributes."""
+    details = {}
+    for name, attribute in _TOKEN_DETAILS:
+        count = int(_number(usage.get(name)) or 0)
+        if count:
+            details[attribute] = count
+    return details
+
+
 def _usage_totals(usage: Any) -> tuple[int, int, float | None]:
     """(input tokens, output tokens, USD or None when unpriced) of a run_end's usage."""
     tokens_in = tokens_out = 0
@@ -439,6 +456,7 @@ class SpanBuilder:
             int(_number(usage.get("prompt_tokens")) or 0),
             int(_number(usage.get("completion_tokens")) or 0), _number(usage.get("cost_usd")))
         attributes["rlm.cached"] = bool(event.get("cached"))
+        attributes.update(_token_details(usage))
         if self.content:
             attributes["gen_ai.output.messages"] = _text_message("assistant", event.get("content") or "")
         self._end(run.turn, t, attributes)
@@ -452,6 +470,7 @@ class SpanBuilder:
             int(_number(usage.get("completion_tokens")) or 0), _number(usage.get("cost_usd")))
         attributes["rlm.operation"] = "compaction"
         attributes["rlm.iteration"] = event.get("iteration")
+        attributes.update(_token_details(usage))
         if self.content:
             attributes["gen_ai.output.messages"] = _text_message("assistant", event.get("summary") or "")
         start = _number(event.get("t0"))

@@ -9,9 +9,10 @@ readable by ``rlm view``. Event types, with their fields beyond ``type``, ``t``
   max_iterations, max_depth, started_at (the wall clock, Unix seconds, at ``t`` = 0 of
   the run's own trajectory), parent_run (a child's parent run id)
 - ``root_request``: iteration, messages (the new messages sent this turn)
-- ``root_reply``: iteration, content, usage (prompt_tokens, completion_tokens,
-  cost_usd of this turn), elapsed_s, cached (the reply came from the cache), model
-  (the model that answered, as the server named it)
+- ``root_reply``: iteration, content, usage (prompt_tokens, completion_tokens, their
+  cached_input_tokens, cache_creation_tokens and reasoning_tokens, cost_usd of this
+  turn, and batch_saved_usd when a Batch API answered it), elapsed_s, cached (the reply
+  came from the cache), model (the model that answered, as the server named it)
 - ``cell``: iteration, index, code
 - ``cell_result``: iteration, index, stdout, stderr, error, final, duration_s,
   sub_calls, cached_sub_calls (how many of them the cache answered), truncated
@@ -34,7 +35,7 @@ readable by ``rlm view``. Event types, with their fields beyond ``type``, ``t``
   out, usd). Milliseconds keep a 10,000-prompt batch to a few tens of kilobytes. A
   batch of more than 1,024 prompts reaches the service, and the log, in slices.
 - ``compaction``: iteration, t0 (when the summary was asked for), messages and tokens
-  before and after, summary, usage
+  before and after, summary, usage (as ``root_reply``'s)
 - ``rate_limited``: role ("root" or "sub"), model, refusals (429s and 503s drawn),
   waited_s (seconds calls were held back by pacing or waited as refusals asked), limits
   (what pacing followed: rpm, tpm, rate_per_s and where each came from); after a root

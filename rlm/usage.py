@@ -5,8 +5,11 @@
 - ``UsageMeter``: thread-safe counters with a price table; each client has one and
   each run passes its own along with every call, so runs sharing a client still get
   exact usage of their own.
-- Prices: the built-in table, a JSON prices file (``RLM_PRICES`` names one), and
-  ``prices=`` mappings, merged in that order; ``parse_price`` reads ``MODEL=IN,OUT``.
+- Prices: ``Price`` per model (input, output, cached input, cache write, batch
+  discount), from the built-in table, a JSON prices file (``RLM_PRICES`` names one),
+  and ``prices=`` mappings, merged in that order; an ``(in, out)`` pair or a dict works
+  wherever a user gives one, and ``parse_price`` reads ``MODEL=IN,OUT``. A call costs
+  each kind of token at its price: uncached input, prompt-cache reads and writes, output.
   A model is priced by its exact name, or as a dated snapshot (``NAME-YYYY-MM-DD``) of a
   priced ``NAME``: never by a shared prefix (``o3-pro`` is not ``o3``).
 - ``BudgetLedger``: one per run (its child runs and envs share it). Every model call
@@ -33,28 +36,91 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rlm.errors import BudgetExhaustedError, ConfigError, UnpricedModelError
 
 PRICES_ENV = "RLM_PRICES"
 
-# USD per 1M tokens (input, output), from the providers' public price lists. Matched by
-# exact name, or as a dated snapshot of a listed name ("gpt-4o-mini-2024-07-18" costs what
-# "gpt-4o-mini" does); a snapshot priced differently is listed under its own name.
-DEFAULT_PRICES: dict[str, tuple[float, float]] = {
-    "gpt-4o": (2.50, 10.00),
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """What one model costs, in USD per 1M tokens.
+
+    ``input`` is the list price of prompt tokens, ``output`` of completion tokens
+    (reasoning tokens included). ``cached_input`` is what prompt tokens read from the
+    provider's prompt cache cost, ``cache_write`` what prompt tokens written to it cost
+    (Anthropic's ``cache_creation_input_tokens``); either defaults to ``input``.
+    ``batch_discount`` is the share taken off calls answered through a Batch API (0.5:
+    half price). A price table maps model names to these; wherever a user gives prices,
+    an ``(input, output)`` pair or a dict with these field names works too.
+    """
+
+    input: float
+    output: float
+    cached_input: float | None = None
+    cache_write: float | None = None
+    batch_discount: float = 0.5
+
+    def __post_init__(self) -> None:
+        # Resolved once, so equal prices compare equal and every reader sees numbers.
+        if self.cached_input is None:
+            object.__setattr__(self, "cached_input", self.input)
+        if self.cache_write is None:
+            object.__setattr__(self, "cache_write", self.input)
+        # Checked here, so a Price built in code is as sound as a parsed one and tables
+        # of them pass through without another look.
+        values = (self.input, self.output, self.cached_input, self.cache_write,
+                  self.batch_discount)
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+                   and math.isfinite(v) for v in values) or self.batch_discount >= 1:
+            raise ConfigError(
+                f"a Price takes numbers >= 0 in USD per 1M tokens and a batch_discount "
+                f"below 1, not {self!r}"
+            )
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, *, cached_input_tokens: int = 0,
+             cache_creation_tokens: int = 0, batch: bool = False) -> float:
+        """USD for one call: the uncached prompt tokens at ``input``, cache reads at
+        ``cached_input``, cache writes at ``cache_write`` and completion tokens at
+        ``output``; ``batch``: less ``batch_discount``. ``prompt_tokens`` include the
+        cached and written ones, as the providers report them."""
+        cached = self.input if self.cached_input is None else self.cached_input
+        write = self.input if self.cache_write is None else self.cache_write
+        read = min(cached_input_tokens, prompt_tokens)
+        written = min(cache_creation_tokens, prompt_tokens - read)
+        usd = ((prompt_tokens - read - written) * self.input + read * cached + written * write
+               + completion_tokens * self.output) / 1_000_000
+        return usd * (1.0 - self.batch_discount) if batch else usd
+
+    def list_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """USD for a call at list price: every prompt token at ``input``, no discount."""
+        return (prompt_tokens * self.input + completion_tokens * self.output) / 1_000_000
+
+# What a user may give as one model's price: a Price, an (input, output) pair, or a dict
+# of Price's field names.
+PriceSpec = Price | tuple[float, float] | list[float] | Mapping[str, float]
+
+# USD per 1M tokens, from the providers' public price lists: (input, output) pairs, or
+# dicts with Price's field names where a model has more to say (OpenAI's cached-input
+# prices). Matched by exact name, or as a dated snapshot of a listed name
+# ("gpt-4o-mini-2024-07-18" costs what "gpt-4o-mini" does); a snapshot priced
+# differently is listed under its own name. Claude models read from and write to the
+# prompt cache at Anthropic's multipliers unless an entry says otherwise (see
+# ``to_price``).
+DEFAULT_PRICES: dict[str, PriceSpec] = {
+    "gpt-4o": {"input": 2.50, "output": 10.00, "cached_input": 1.25},
     "gpt-4o-2024-05-13": (5.00, 15.00),
-    "gpt-4o-mini": (0.15, 0.60),
-    "gpt-4.1": (2.00, 8.00),
-    "gpt-4.1-mini": (0.40, 1.60),
-    "gpt-4.1-nano": (0.10, 0.40),
-    "gpt-5": (1.25, 10.00),
-    "gpt-5-mini": (0.25, 2.00),
-    "gpt-5-nano": (0.05, 0.40),
-    "o3": (2.00, 8.00),
-    "o3-mini": (1.10, 4.40),
-    "o4-mini": (1.10, 4.40),
+    "gpt-4o-mini": {"input": 0.15, "output": 0.60, "cached_input": 0.075},
+    "gpt-4.1": {"input": 2.00, "output": 8.00, "cached_input": 0.50},
+    "gpt-4.1-mini": {"input": 0.40, "output": 1.60, "cached_input": 0.10},
+    "gpt-4.1-nano": {"input": 0.10, "output": 0.40, "cached_input": 0.025},
+    "gpt-5": {"input": 1.25, "output": 10.00, "cached_input": 0.125},
+    "gpt-5-mini": {"input": 0.25, "output": 2.00, "cached_input": 0.025},
+    "gpt-5-nano": {"input": 0.05, "output": 0.40, "cached_input": 0.005},
+    "o3": {"input": 2.00, "output": 8.00, "cached_input": 0.50},
+    "o3-mini": {"input": 1.10, "output": 4.40, "cached_input": 0.55},
+    "o4-mini": {"input": 1.10, "output": 4.40, "cached_input": 0.275},
     # Anthropic (anthropic/...), list prices; the dated ids are what replies name. Cache
     # reads and writes are priced from Reply's cached/creation token fields.
     "claude-opus-4-5": (5.00, 25.00),
@@ -83,13 +149,12 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
     "gemini-2.0-flash-lite": (0.075, 0.30),
 }
 
+# Anthropic bills prompt-cache reads at 0.1x and writes (5-minute cache) at 1.25x input.
+ANTHROPIC_CACHE_READ = 0.1
+ANTHROPIC_CACHE_WRITE = 1.25
+
 # Decimal places of USD amounts in JSON output: a millionth of a dollar.
 COST_DECIMALS = 6
-
-# The share of list price taken off calls answered through a provider's Batch API
-# (OpenAI's and Anthropic's both halve it), for every model until the price table says
-# otherwise per model.
-BATCH_DISCOUNT = 0.5
 
 PRICE_HELP = (
     "give it a price: RLM(prices={{{model!r}: (usd_per_1M_in, usd_per_1M_out)}}), "
@@ -97,34 +162,83 @@ PRICE_HELP = (
     f"{PRICES_ENV}"
 )
 
+_PRICE_FIELDS = ("input", "output", "cached_input", "cache_write", "batch_discount")
+
 
 # -- prices ------------------------------------------------------------------------
 
 
-def _price_pair(model: str, value: Any, where: str) -> tuple[float, float]:
-    if isinstance(value, Mapping):
-        value = (value.get("input"), value.get("output"))
+def _is_claude(model: str) -> bool:
+    return model.rpartition("/")[2].startswith("claude")
+
+
+def _number(model: str, name: str, value: Any, where: str) -> float:
     try:
-        pin, pout = (float(v) for v in value)
+        number = float(value)
     except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not (number >= 0 and math.isfinite(number)):
         raise ConfigError(
-            f"the price of {model!r} in {where} must be [usd_per_1M_in, usd_per_1M_out] "
-            f'or {{"input": ..., "output": ...}}, not {value!r}'
-        ) from None
-    if not (pin >= 0 and pout >= 0 and math.isfinite(pin) and math.isfinite(pout)):
-        raise ConfigError(f"the price of {model!r} in {where} must be two numbers >= 0")
-    return pin, pout
+            f"the {name} price of {model!r} in {where} must be a number >= 0 (USD per 1M "
+            f"tokens), not {value!r}"
+        )
+    return number
 
 
-def check_prices(prices: Mapping[str, Any], where: str = "prices") -> dict[str, tuple[float, float]]:
-    """Validate a ``{model: (usd_per_1M_in, usd_per_1M_out)}`` mapping; ConfigError if bad."""
+def to_price(model: str, value: Any, where: str = "prices") -> Price:
+    """One table entry as a ``Price``: a ``Price``, an ``(input, output)`` pair or a dict
+    of Price's field names (``input`` and ``output`` required); ConfigError if bad.
+
+    A Claude model's missing ``cached_input`` and ``cache_write`` follow Anthropic's
+    rule (0.1x and 1.25x ``input``); other models' default to ``input``.
+    """
+    if isinstance(value, Price):
+        return value
+    if isinstance(value, Mapping):
+        unknown = sorted(str(k) for k in value if k not in _PRICE_FIELDS)
+        if unknown or "input" not in value or "output" not in value:
+            what = f"has unknown fields {unknown}" if unknown else "lacks input or output"
+            raise ConfigError(
+                f"the price of {model!r} in {where} {what}: give "
+                '{"input": IN, "output": OUT} in USD per 1M tokens, optionally with '
+                '"cached_input", "cache_write" and "batch_discount"'
+            )
+        fields_ = {name: _number(model, name, value[name], where)
+                   for name in _PRICE_FIELDS if value.get(name) is not None}
+    else:
+        try:
+            pin, pout = value
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"the price of {model!r} in {where} must be [usd_per_1M_in, usd_per_1M_out] "
+                f'or {{"input": ..., "output": ...}}, not {value!r}'
+            ) from None
+        fields_ = {"input": _number(model, "input", pin, where),
+                   "output": _number(model, "output", pout, where)}
+    discount = fields_.get("batch_discount", 0.5)
+    if discount >= 1:
+        raise ConfigError(
+            f"the batch_discount of {model!r} in {where} is the share taken off list price: "
+            f"a number from 0 to below 1 (0.5 is half price), not {discount!r}"
+        )
+    if _is_claude(model):
+        fields_.setdefault("cached_input", fields_["input"] * ANTHROPIC_CACHE_READ)
+        fields_.setdefault("cache_write", fields_["input"] * ANTHROPIC_CACHE_WRITE)
+    return Price(**fields_)
+
+
+def check_prices(prices: Mapping[str, Any], where: str = "prices") -> dict[str, Price]:
+    """Validate a price table (``{model: Price | (in, out) | {"input": ..}}``) into
+    ``{model: Price}``; ConfigError naming the bad entry."""
     if not isinstance(prices, Mapping):
         raise ConfigError(f"{where} must map model names to (usd_per_1M_in, usd_per_1M_out)")
-    return {str(m): _price_pair(str(m), v, where) for m, v in prices.items()}
+    return {str(m): to_price(str(m), v, where) for m, v in prices.items()}
 
 
-def load_prices_file(path: str | os.PathLike[str]) -> dict[str, tuple[float, float]]:
-    """Read a JSON prices file: ``{"model": [in, out], ...}`` in USD per 1M tokens."""
+def load_prices_file(path: str | os.PathLike[str]) -> dict[str, Price]:
+    """Read a JSON prices file: ``{"model": [in, out] or {"input": .., "output": ..,
+    "cached_input": .., "cache_write": .., "batch_discount": ..}, ...}`` in USD per 1M
+    tokens."""
     where = f"prices file {os.fspath(path)}"
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -135,7 +249,7 @@ def load_prices_file(path: str | os.PathLike[str]) -> dict[str, tuple[float, flo
     return check_prices(data, where)
 
 
-def parse_price(spec: str) -> tuple[str, tuple[float, float]]:
+def parse_price(spec: str) -> tuple[str, Price]:
     """Parse ``MODEL=IN,OUT`` (USD per 1M input and output tokens) into a table entry."""
     model, sep, pair = spec.rpartition("=")
     parts = pair.split(",")
@@ -143,12 +257,12 @@ def parse_price(spec: str) -> tuple[str, tuple[float, float]]:
         raise ConfigError(
             f"a price is MODEL=IN,OUT in USD per 1M tokens (e.g. my-model=0.15,0.60), not {spec!r}"
         )
-    return model, _price_pair(model, parts, "--price")
+    return model, to_price(model, parts, "--price")
 
 
-def resolve_prices(explicit: Mapping[str, Any] | None = None) -> dict[str, tuple[float, float]]:
+def resolve_prices(explicit: Mapping[str, Any] | None = None) -> dict[str, Price]:
     """The built-in table, then the file named by ``RLM_PRICES``, then ``explicit``."""
-    table = dict(DEFAULT_PRICES)
+    table = check_prices(DEFAULT_PRICES, "the built-in price table")
     path = os.environ.get(PRICES_ENV)
     if path:
         table.update(load_prices_file(path))
@@ -157,16 +271,17 @@ def resolve_prices(explicit: Mapping[str, Any] | None = None) -> dict[str, tuple
     return table
 
 
+_Entry = TypeVar("_Entry")
+
 # OpenAI's dated snapshots: the documented family a price extends to.
 _SNAPSHOT = re.compile(r"(?P<base>.+)-\d{4}-\d{2}-\d{2}")
 
 
-def lookup_price(
-    prices: Mapping[str, tuple[float, float]], model: str
-) -> tuple[float, float] | None:
-    """A model's price by exact name, else as a dated snapshot of a priced model
+def lookup_price(prices: Mapping[str, _Entry], model: str) -> _Entry | None:
+    """A model's entry by exact name, else as a dated snapshot of a priced model
     (``NAME-YYYY-MM-DD``), else None. Never by a shared prefix: ``o3-pro`` is another
-    model than ``o3``, at another price."""
+    model than ``o3``, at another price. Over a checked table (``check_prices``) the
+    entry is a ``Price``."""
     if model in prices:
         return prices[model]
     snapshot = _SNAPSHOT.fullmatch(model)
@@ -194,6 +309,20 @@ def _cost_text(cost: float, unpriced: list[str]) -> str:
     return f"unpriced ({names})"
 
 
+def _share(part: int, whole: int) -> float:
+    return part / whole if whole > 0 else 0.0
+
+
+def token_details(reply: Any) -> dict[str, int]:
+    """The prompt-cache token counts of a reply (zero where it carries none, e.g. a reply
+    read back from the sub-query cache), as keywords for ``record``, ``cached`` and
+    ``settle``."""
+    return {
+        "cached_input_tokens": int(getattr(reply, "cached_input_tokens", 0) or 0),
+        "cache_creation_tokens": int(getattr(reply, "cache_creation_tokens", 0) or 0),
+    }
+
+
 @dataclass(frozen=True)
 class ModelUsage:
     """Counters for one model: calls that returned, tokens, and USD cost.
@@ -204,6 +333,12 @@ class ModelUsage:
     are not in ``calls`` or the tokens; ``saved_tokens`` and ``saved_usd`` are what
     they would have cost. ``estimated_calls`` of the calls came back without usage from
     the server: their tokens are the conservative estimate made before sending.
+
+    Of ``prompt_tokens``, ``cached_input_tokens`` were read from the provider's prompt
+    cache and ``cache_creation_tokens`` written to it; of ``completion_tokens``,
+    ``reasoning_tokens`` were the model's hidden reasoning. ``batch_calls`` were answered
+    through a Batch API, and ``batch_saved_usd`` is what they would have cost live less
+    what they cost. ``cost_usd`` is what was paid: each kind of token at its price.
     """
 
     calls: int = 0
@@ -216,19 +351,28 @@ class ModelUsage:
     saved_tokens: int = 0
     saved_usd: float = 0.0
     estimated_calls: int = 0
+    cached_input_tokens: int = 0
+    cache_creation_tokens: int = 0
+    reasoning_tokens: int = 0
+    batch_calls: int = 0
+    batch_saved_usd: float = 0.0
+
+    @property
+    def cached_share(self) -> float:
+        """The share of prompt tokens read from the provider's prompt cache (0 to 1)."""
+        return _share(self.cached_input_tokens, self.prompt_tokens)
 
     def __add__(self, other: ModelUsage) -> ModelUsage:
         return ModelUsage(
-            self.calls + other.calls,
-            self.prompt_tokens + other.prompt_tokens,
-            self.completion_tokens + other.completion_tokens,
-            self.total_tokens + other.total_tokens,
-            self.cost_usd + other.cost_usd,
-            self.priced and other.priced,
-            self.cached_calls + other.cached_calls,
-            self.saved_tokens + other.saved_tokens,
-            self.saved_usd + other.saved_usd,
-            self.estimated_calls + other.estimated_calls,
+            **{name: getattr(self, name) + getattr(other, name) for name in _MODEL_SUMMED},
+            priced=self.priced and other.priced,
+        )
+
+    def __sub__(self, other: ModelUsage) -> ModelUsage:
+        """The usage between two snapshots of the same model's counters."""
+        return ModelUsage(
+            **{name: getattr(self, name) - getattr(other, name) for name in _MODEL_SUMMED},
+            priced=self.priced,
         )
 
     def __repr__(self) -> str:
@@ -236,8 +380,26 @@ class ModelUsage:
         return (
             f"ModelUsage(calls={self.calls:,}, tokens={self.total_tokens:,} "
             f"(in {self.prompt_tokens:,}, out {self.completion_tokens:,}), cost={cost}"
+            f"{_savings_text(self)}"
             f"{_cached_text(self.cached_calls, self.saved_usd, self.saved_tokens, self.priced)})"
         )
+
+
+_MODEL_SUMMED = tuple(f.name for f in fields(ModelUsage) if f.name != "priced")
+
+
+def _savings_text(usage: ModelUsage | Usage) -> str:
+    """The prompt-cache, reasoning and Batch API part of a usage repr ("" when none)."""
+    bits = []
+    if usage.cached_input_tokens:
+        bits.append(f"cached_input={usage.cached_input_tokens:,} ({usage.cached_share:.0%})")
+    if usage.cache_creation_tokens:
+        bits.append(f"cache_writes={usage.cache_creation_tokens:,}")
+    if usage.reasoning_tokens:
+        bits.append(f"reasoning={usage.reasoning_tokens:,}")
+    if usage.batch_calls:
+        bits.append(f"batch_calls={usage.batch_calls:,} (saved ${usage.batch_saved_usd:.4f})")
+    return "".join(f", {bit}" for bit in bits)
 
 
 @dataclass(frozen=True)
@@ -253,9 +415,13 @@ class Usage:
     tokens), ``saved_tokens`` and ``saved_usd`` (what those would have cost;
     ``saved_usd`` for priced models only), ``rate_limit_hits`` (refusals, 429 and 503,
     drawn), ``rate_limit_wait_s`` (seconds calls spent held back by rate limits:
-    pacing, and the waits refusals asked for, summed over calls) and
+    pacing, and the waits refusals asked for, summed over calls),
     ``estimated_calls`` (calls that came back without usage: their tokens are the
-    estimate made before sending).
+    estimate made before sending), ``cached_input_tokens`` and
+    ``cache_creation_tokens`` (prompt tokens read from and written to the provider's
+    prompt cache, priced as such), ``reasoning_tokens`` (completion tokens spent on
+    hidden reasoning), ``batch_calls`` (calls answered through a Batch API) and
+    ``batch_saved_usd`` (what those would have cost live, less what they cost).
 
     Snapshots add up (``root.usage + sub.usage``), so a run can report root and
     sub-model usage separately and together. ``cost_text`` says "unpriced" for models
@@ -276,62 +442,36 @@ class Usage:
     rate_limit_hits: int = 0
     rate_limit_wait_s: float = 0.0
     estimated_calls: int = 0
+    cached_input_tokens: int = 0
+    cache_creation_tokens: int = 0
+    reasoning_tokens: int = 0
+    batch_calls: int = 0
+    batch_saved_usd: float = 0.0
+
+    @property
+    def cached_share(self) -> float:
+        """The share of prompt tokens read from the provider's prompt cache (0 to 1)."""
+        return _share(self.cached_input_tokens, self.prompt_tokens)
 
     def __add__(self, other: Usage) -> Usage:
         by_model = dict(self.by_model)
         for name, mu in other.by_model.items():
             by_model[name] = by_model[name] + mu if name in by_model else mu
         return Usage(
-            self.calls + other.calls,
-            self.prompt_tokens + other.prompt_tokens,
-            self.completion_tokens + other.completion_tokens,
-            self.total_tokens + other.total_tokens,
-            self.cost_usd + other.cost_usd,
-            self.failed_calls + other.failed_calls,
-            self.retries + other.retries,
-            by_model,
-            self.cached_calls + other.cached_calls,
-            self.saved_tokens + other.saved_tokens,
-            self.saved_usd + other.saved_usd,
-            self.rate_limit_hits + other.rate_limit_hits,
-            self.rate_limit_wait_s + other.rate_limit_wait_s,
-            self.estimated_calls + other.estimated_calls,
+            **{name: getattr(self, name) + getattr(other, name) for name in _USAGE_FIELDS},
+            by_model=by_model,
         )
 
     def __sub__(self, other: Usage) -> Usage:
         """The usage between two snapshots of the same meter (``after - before``)."""
         by_model = {}
         for name, mu in self.by_model.items():
-            base = other.by_model.get(name, ModelUsage())
-            diff = ModelUsage(
-                mu.calls - base.calls,
-                mu.prompt_tokens - base.prompt_tokens,
-                mu.completion_tokens - base.completion_tokens,
-                mu.total_tokens - base.total_tokens,
-                mu.cost_usd - base.cost_usd,
-                mu.priced,
-                mu.cached_calls - base.cached_calls,
-                mu.saved_tokens - base.saved_tokens,
-                mu.saved_usd - base.saved_usd,
-                mu.estimated_calls - base.estimated_calls,
-            )
+            diff = mu - other.by_model.get(name, ModelUsage())
             if diff.calls or diff.total_tokens or diff.cached_calls:
                 by_model[name] = diff
         return Usage(
-            self.calls - other.calls,
-            self.prompt_tokens - other.prompt_tokens,
-            self.completion_tokens - other.completion_tokens,
-            self.total_tokens - other.total_tokens,
-            self.cost_usd - other.cost_usd,
-            self.failed_calls - other.failed_calls,
-            self.retries - other.retries,
-            by_model,
-            self.cached_calls - other.cached_calls,
-            self.saved_tokens - other.saved_tokens,
-            self.saved_usd - other.saved_usd,
-            self.rate_limit_hits - other.rate_limit_hits,
-            self.rate_limit_wait_s - other.rate_limit_wait_s,
-            self.estimated_calls - other.estimated_calls,
+            **{name: getattr(self, name) - getattr(other, name) for name in _USAGE_FIELDS},
+            by_model=by_model,
         )
 
     @property
@@ -355,8 +495,8 @@ class Usage:
             for model, mu in self.by_model.items()
         }
         for row in (data, *data["by_model"].values()):
-            row["cost_usd"] = round(row["cost_usd"], COST_DECIMALS)
-            row["saved_usd"] = round(row["saved_usd"], COST_DECIMALS)
+            for name in ("cost_usd", "saved_usd", "batch_saved_usd"):
+                row[name] = round(row[name], COST_DECIMALS)
         data["unpriced_models"] = self.unpriced_models
         return data
 
@@ -377,7 +517,7 @@ class Usage:
             bits.append(f"estimated_usage_calls={self.estimated_calls:,}")
         cached = _cached_text(self.cached_calls, self.saved_usd, self.saved_tokens,
                               not self.unpriced_models)
-        return f"Usage({', '.join(bits)}{cached})"
+        return f"Usage({', '.join(bits)}{_savings_text(self)}{cached})"
 
     def _rows(self) -> list[tuple[str, str, str, str, str]]:
         rows = [
@@ -392,6 +532,8 @@ class Usage:
 
     def _footer(self) -> str:
         footer = f"retries {self.retries:,} · failed calls {self.failed_calls:,}"
+        for part in savings_parts(self):
+            footer += f" · {part}"
         if self.cached_calls:
             saved = (f"saved ${self.saved_usd:.4f}" if self.saved_usd
                      else f"saved {self.saved_tokens:,} tokens")
@@ -438,6 +580,63 @@ _USAGE_FIELDS = tuple(f.name for f in fields(Usage) if f.name != "by_model")
 _MODEL_USAGE_FIELDS = tuple(f.name for f in fields(ModelUsage))
 
 
+def savings_parts(usage: ModelUsage | Usage) -> list[str]:
+    """What prompt caching, reasoning and Batch APIs did, as people read it ("cached
+    input 62% of prompt tokens", "reasoning 1,024 tokens", "batch saved $0.0210"); only
+    the non-zero ones, so most runs show none."""
+    parts = []
+    if usage.cached_input_tokens:
+        parts.append(f"cached input {usage.cached_share:.0%} of prompt tokens")
+    if usage.cache_creation_tokens:
+        parts.append(f"cache writes {usage.cache_creation_tokens:,} tokens")
+    if usage.reasoning_tokens:
+        parts.append(f"reasoning {usage.reasoning_tokens:,} tokens")
+    if usage.batch_calls:
+        parts.append(f"batch saved ${usage.batch_saved_usd:.4f} on {usage.batch_calls:,} calls")
+    return parts
+
+
+def event_usage(usage: Usage) -> dict[str, Any]:
+    """One step's usage as a trajectory event holds it: tokens, their prompt-cache and
+    reasoning parts, what a Batch API saved (when it answered), and the cost ("unpriced"
+    for a model without a price, never a misleading 0)."""
+    data: dict[str, Any] = {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cached_input_tokens": usage.cached_input_tokens,
+        "cache_creation_tokens": usage.cache_creation_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "cost_usd": round(usage.cost_usd, COST_DECIMALS) if not usage.unpriced_models
+        else "unpriced",
+    }
+    if usage.batch_calls:
+        data["batch_saved_usd"] = round(usage.batch_saved_usd, COST_DECIMALS)
+    return data
+
+
+class _Row:
+    """One model's mutable counters inside a meter (the meter's lock guards them)."""
+
+    __slots__ = ("batch_calls", "batch_saved", "cache_created", "cached_calls", "cached_input",
+                 "calls", "completion", "cost", "estimated", "priced", "prompt", "reasoning",
+                 "saved", "saved_tokens")
+
+    def __init__(self, priced: bool) -> None:
+        self.priced = priced
+        self.calls = self.prompt = self.completion = self.estimated = 0
+        self.cached_calls = self.saved_tokens = 0
+        self.cached_input = self.cache_created = self.reasoning = self.batch_calls = 0
+        self.cost = self.saved = self.batch_saved = 0.0
+
+    def snapshot(self) -> ModelUsage:
+        return ModelUsage(
+            self.calls, self.prompt, self.completion, self.prompt + self.completion,
+            self.cost, self.priced, self.cached_calls, self.saved_tokens, self.saved,
+            self.estimated, self.cached_input, self.cache_created, self.reasoning,
+            self.batch_calls, self.batch_saved,
+        )
+
+
 class UsageMeter:
     """Thread-safe usage counters with a price table; ``snapshot()`` gives a ``Usage``.
 
@@ -445,59 +644,83 @@ class UsageMeter:
     so a run's live view can show retries as they happen.
     """
 
-    def __init__(self, prices: Mapping[str, tuple[float, float]],
+    def __init__(self, prices: Mapping[str, PriceSpec],
                  on_retry: Callable[[Any], None] | None = None) -> None:
-        self.prices: dict[str, tuple[float, float]] = dict(prices)
+        self.prices: dict[str, Price] = check_prices(prices)
         self.on_retry = on_retry
         self._lock = threading.Lock()
-        self._models: dict[str, list[Any]] = {}
+        self._models: dict[str, _Row] = {}
         self._failed = 0
         self._retries = 0
         self._refusals = 0
         self._waited = 0.0
 
-    def price(self, model: str) -> tuple[float, float] | None:
+    def price(self, model: str) -> Price | None:
         """The price this meter uses for ``model`` (None: unpriced)."""
         return lookup_price(self.prices, model)
 
     def record(self, model: str, prompt_tokens: int, completion_tokens: int,
-               estimated: bool = False, *, batch: bool = False) -> None:
+               estimated: bool = False, *, batch: bool = False, cached_input_tokens: int = 0,
+               cache_creation_tokens: int = 0, reasoning_tokens: int = 0) -> None:
         """Count one call that returned, with its tokens (and cost, when priced);
         ``estimated``: the server reported no usage, these are estimates; ``batch``: it
-        was answered through a Batch API, at ``BATCH_DISCOUNT`` off."""
+        was answered through a Batch API, at the model's ``batch_discount`` off; of the
+        prompt tokens, ``cached_input_tokens`` were read from the provider's prompt cache
+        and ``cache_creation_tokens`` written to it (each at its price); of the
+        completion tokens, ``reasoning_tokens`` were reasoning."""
         price = self.price(model)
-        cost = 0.0
+        cost = saved = 0.0
         if price:
-            cost = (prompt_tokens * price[0] + completion_tokens * price[1]) / 1_000_000
+            cost = price.cost(prompt_tokens, completion_tokens, batch=batch,
+                              cached_input_tokens=cached_input_tokens,
+                              cache_creation_tokens=cache_creation_tokens)
             if batch:
-                cost *= 1.0 - BATCH_DISCOUNT
+                saved = price.cost(prompt_tokens, completion_tokens,
+                                   cached_input_tokens=cached_input_tokens,
+                                   cache_creation_tokens=cache_creation_tokens) - cost
         with self._lock:
             row = self._row(model, price)
-            row[0] += 1
-            row[1] += prompt_tokens
-            row[2] += completion_tokens
-            row[3] += cost
-            row[8] += estimated
+            row.calls += 1
+            row.prompt += prompt_tokens
+            row.completion += completion_tokens
+            row.cost += cost
+            row.estimated += estimated
+            row.cached_input += cached_input_tokens
+            row.cache_created += cache_creation_tokens
+            row.reasoning += reasoning_tokens
+            if batch:
+                row.batch_calls += 1
+                row.batch_saved += saved
 
-    def cached(self, model: str, prompt_tokens: int, completion_tokens: int, calls: int = 1) -> None:
+    def record_reply(self, reply: Any, *, batch: bool = False) -> None:
+        """``record`` one reply: its model, tokens, prompt-cache and reasoning counts, and
+        whether the server reported usage at all."""
+        self.record(reply.model, reply.prompt_tokens, reply.completion_tokens,
+                    not getattr(reply, "usage_reported", True), batch=batch,
+                    reasoning_tokens=int(getattr(reply, "reasoning_tokens", 0) or 0),
+                    **token_details(reply))
+
+    def cached(self, model: str, prompt_tokens: int, completion_tokens: int, calls: int = 1,
+               *, cached_input_tokens: int = 0, cache_creation_tokens: int = 0) -> None:
         """Count ``calls`` calls the cache answered, with the tokens they would have
         used (summed over them) and so what they saved; nothing is spent."""
         price = self.price(model)
         saved = 0.0
         if price:
-            saved = (prompt_tokens * price[0] + completion_tokens * price[1]) / 1_000_000
+            saved = price.cost(prompt_tokens, completion_tokens,
+                               cached_input_tokens=cached_input_tokens,
+                               cache_creation_tokens=cache_creation_tokens)
         with self._lock:
             row = self._row(model, price)
-            row[5] += calls
-            row[6] += prompt_tokens + completion_tokens
-            row[7] += saved
+            row.cached_calls += calls
+            row.saved_tokens += prompt_tokens + completion_tokens
+            row.saved += saved
 
-    def _row(self, model: str, price: tuple[float, float] | None) -> list[Any]:
-        # calls, prompt, completion, cost, priced, cached calls, saved tokens, saved USD,
-        # estimated calls; the caller holds the lock.
+    def _row(self, model: str, price: Price | None) -> _Row:
+        # The caller holds the lock.
         row = self._models.get(model)
         if row is None:
-            row = self._models[model] = [0, 0, 0, 0.0, price is not None, 0, 0, 0.0, 0]
+            row = self._models[model] = _Row(price is not None)
         return row
 
     def failed(self) -> None:
@@ -529,31 +752,22 @@ class UsageMeter:
     def snapshot(self) -> Usage:
         """The counters so far as an immutable ``Usage``."""
         with self._lock:
-            rows = {m: list(r) for m, r in self._models.items()}
+            by_model = {m: row.snapshot() for m, row in self._models.items()}
             failed, retries = self._failed, self._retries
             refusals, waited = self._refusals, self._waited
-        by_model = {
-            m: ModelUsage(int(r[0]), int(r[1]), int(r[2]), int(r[1] + r[2]), r[3], bool(r[4]),
-                          int(r[5]), int(r[6]), r[7], int(r[8]))
-            for m, r in rows.items()
-        }
         total = sum(by_model.values(), ModelUsage())
         return Usage(
-            total.calls,
-            total.prompt_tokens,
-            total.completion_tokens,
-            total.total_tokens,
-            total.cost_usd,
-            failed,
-            retries,
-            by_model,
-            total.cached_calls,
-            total.saved_tokens,
-            total.saved_usd,
-            refusals,
-            waited,
-            total.estimated_calls,
+            **{name: getattr(total, name) for name in _USAGE_FROM_MODELS},
+            failed_calls=failed,
+            retries=retries,
+            by_model=by_model,
+            rate_limit_hits=refusals,
+            rate_limit_wait_s=waited,
         )
+
+
+# Usage's totals that are sums over its models.
+_USAGE_FROM_MODELS = tuple(name for name in _USAGE_FIELDS if name in _MODEL_SUMMED)
 
 
 # -- the budget ledger ---------------------------------------------------------------
@@ -584,7 +798,7 @@ class Hold:
 
     tokens: int
     cost: float
-    price: tuple[float, float] | None = None
+    price: Price | None = None
 
 
 def check_budgetable(params: Mapping[str, Any]) -> None:
@@ -633,7 +847,7 @@ class BudgetLedger:
         max_tokens: int | None = None,
         max_cost_usd: float | None = None,
         max_time_s: float | None = None,
-        prices: Mapping[str, tuple[float, float]] | None = None,
+        prices: Mapping[str, PriceSpec] | None = None,
         clock: Callable[[], float] = time.monotonic,
         parent: BudgetLedger | None = None,
         name: str = "",
@@ -641,7 +855,7 @@ class BudgetLedger:
         self.max_tokens = max_tokens
         self.max_cost_usd = max_cost_usd
         self.max_time_s = max_time_s
-        self.prices = dict(prices or DEFAULT_PRICES)
+        self.prices = check_prices(prices if prices is not None else DEFAULT_PRICES)
         self.parent = parent
         self._prefix = f"{name} " if name else ""
         self._clock = clock
@@ -725,7 +939,8 @@ class BudgetLedger:
         prompt, completion = estimate_parts(prompt_chars, max_tokens, largest)
         tokens = prompt + completion
         price = lookup_price(self.prices, model)
-        cost = (prompt * price[0] + completion * price[1]) / 1_000_000 if price else 0.0
+        # At list price: a reservation cannot know what the prompt cache will serve.
+        cost = price.list_cost(prompt, completion) if price else 0.0
         return Hold(tokens, cost, price)
 
     def _over(self) -> str | None:
@@ -781,15 +996,17 @@ class BudgetLedger:
             self.check()
 
     def settle(self, hold: Hold | None, model: str, prompt_tokens: int, completion_tokens: int,
-               *, batch: bool = False) -> None:
-        """Replace a hold by what the call really used (here and in every parent); a reply
-        naming a model without a price is charged at the requested model's price;
-        ``batch``: it was answered through a Batch API, at ``BATCH_DISCOUNT`` off."""
+               *, batch: bool = False, cached_input_tokens: int = 0,
+               cache_creation_tokens: int = 0) -> None:
+        """Replace a hold by what the call really used (here and in every parent), at
+        the real price: prompt-cache reads and writes at theirs, and ``batch`` (answered
+        through a Batch API) at the model's ``batch_discount`` off. A reply naming a model
+        without a price is charged at the requested model's price."""
         price = lookup_price(self.prices, model) or (hold.price if hold is not None else None)
         tokens = prompt_tokens + completion_tokens
-        cost = (prompt_tokens * price[0] + completion_tokens * price[1]) / 1_000_000 if price else 0.0
-        if batch:
-            cost *= 1.0 - BATCH_DISCOUNT
+        cost = price.cost(prompt_tokens, completion_tokens, batch=batch,
+                          cached_input_tokens=cached_input_tokens,
+                          cache_creation_tokens=cache_creation_tokens) if price else 0.0
         for ledger in self._chain:
             ledger._largest_completion = max(ledger._largest_completion, completion_tokens)
             ledger.spent_tokens += tokens
@@ -799,6 +1016,11 @@ class BudgetLedger:
             over = ledger._over()
             if over is not None:
                 ledger.exhaust(over)
+
+    def settle_reply(self, hold: Hold | None, reply: Any, *, batch: bool = False) -> None:
+        """``settle`` one reply: its model, tokens and prompt-cache counts."""
+        self.settle(hold, reply.model, reply.prompt_tokens, reply.completion_tokens,
+                    batch=batch, **token_details(reply))
 
     def cancel(self, hold: Hold | None) -> None:
         """Drop a hold whose call got no reply (failed or cancelled): nothing was spent."""

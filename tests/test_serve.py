@@ -75,6 +75,9 @@ def test_needle_answered_through_the_openai_sdk(client: openai.OpenAI, upstream:
     assert reply.usage is not None
     root, sub = meta["usage"]["root"], meta["usage"]["sub"]
     assert reply.usage.total_tokens == root["total_tokens"] + sub["total_tokens"] > 0
+    assert reply.usage.prompt_tokens_details is not None
+    assert reply.usage.prompt_tokens_details.cached_tokens == (
+        root["cached_input_tokens"] + sub["cached_input_tokens"])
     assert Path(meta["log_path"]).parent == logs
     assert Path(meta["log_path"]).read_text(encoding="utf-8").count('"type": "cell"') == 2
     # The root model never saw the context, only its description (type, size, head).

@@ -119,6 +119,19 @@ def test_span_token_counts_equal_the_result_usage(closing: list[RLM], spans: InM
     assert sum(s.attributes["rlm.cost_usd"] for s in chats) == pytest.approx(total.cost_usd)
 
 
+def test_root_turn_spans_carry_the_prompt_cache_reads(closing: list[RLM],
+                                                      spans: InMemorySpanExporter) -> None:
+    # A query long enough that the first prompt reaches the 1,024-token caching threshold.
+    script = [repl(f"print({i})") for i in range(3)] + [repl("FINAL('done')")]
+    with FakeLLMServer(scripts={ROOT: script}) as srv:
+        result = make_rlm(srv, closing, tracing=True).completion(
+            context="x", query="Read everything first. " * 200)
+    turns = [s for s in spans.get_finished_spans() if s.name == f"chat {ROOT}"]
+    reads = [s.attributes.get("gen_ai.usage.cache_read.input_tokens", 0) for s in turns]
+    assert len(reads) == 4 and reads[0] == 0 and all(n > 0 for n in reads[1:])
+    assert sum(reads) == result.usage["root"].cached_input_tokens
+
+
 def test_chat_spans_carry_the_genai_attributes(closing: list[RLM], spans: InMemorySpanExporter) -> None:
     run_depth_two(closing)
     sub_call = next(s for s in spans.get_finished_spans() if s.name == "chat sub-model")

@@ -13,7 +13,7 @@ from rlm import RLM, AsyncOpenAIClient
 from rlm.errors import ConfigError
 from rlm.loop import run_sync
 from rlm.testing import FakeLLMServer
-from rlm.usage import ModelUsage, Usage, parse_price
+from rlm.usage import ModelUsage, Price, Usage, parse_price
 
 
 def test_usage_prints_readably_with_a_rounded_cost() -> None:
@@ -68,7 +68,7 @@ def test_a_prices_file_named_by_rlm_prices_is_used(
     prices.write_text(json.dumps({"ollama/llama3": [0.5, 0.5]}))
     monkeypatch.setenv("RLM_PRICES", str(prices))
     client = AsyncOpenAIClient(model="ollama/llama3", api_key="k", base_url=server.url)
-    assert client.price("ollama/llama3") == (0.5, 0.5)
+    assert client.price("ollama/llama3") == Price(0.5, 0.5)
 
 
 def test_a_broken_prices_file_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,7 +80,7 @@ def test_a_broken_prices_file_is_a_config_error(tmp_path: Path, monkeypatch: pyt
 
 
 def test_a_price_spec_reads_model_equals_in_comma_out() -> None:
-    assert parse_price("org/model:7b=0.15,0.6") == ("org/model:7b", (0.15, 0.6))
+    assert parse_price("org/model:7b=0.15,0.6") == ("org/model:7b", Price(0.15, 0.6))
     with pytest.raises(ConfigError, match="MODEL=IN,OUT"):
         parse_price("model=0.15")
 

@@ -490,7 +490,9 @@ class Collector:
                 return
             used = meter.snapshot()
             model = next(iter(used.by_model), request.model)
-            reply = Reply(text, model, used.prompt_tokens, used.completion_tokens)
+            reply = Reply(text, model, used.prompt_tokens, used.completion_tokens,
+                          used.cached_input_tokens, used.cache_creation_tokens,
+                          used.reasoning_tokens)
             self.stats["live"] += 1
             replies[entry.key] = reply
             if not entry.future.done():

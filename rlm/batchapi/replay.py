@@ -449,8 +449,7 @@ class BatchService:
             reply, paid = future.result()
             self.paid[entry.key] = paid
             if ledger is not None:
-                ledger.settle(hold, reply.model, reply.prompt_tokens, reply.completion_tokens,
-                              batch=paid == "batch")
+                ledger.settle_reply(hold, reply, batch=paid == "batch")
 
         entry.future.add_done_callback(done)
 

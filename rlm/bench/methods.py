@@ -144,7 +144,7 @@ async def run_rlms(python: str, task: Task, settings: dict[str, Any],
     """Answer ``task`` with the official ``rlms`` package run by ``python``.
 
     ``settings`` holds ``model``, ``recursive_model``, ``base_url``, ``api_key`` and
-    ``max_iterations``; ``prices(model)`` gives USD per 1M (input, output) tokens or
+    ``max_iterations``; ``prices(model)`` gives the model's ``Price`` or
     None. The cost is priced here from the token counts the package reports (its calls
     cannot draw from the job's ledger, so a cost cap binds between its tasks only).
     """
@@ -181,7 +181,7 @@ async def run_rlms(python: str, task: Task, settings: dict[str, Any],
     for model, use in (data.get("usage") or {}).items():
         tin, tout = int(use.get("input_tokens") or 0), int(use.get("output_tokens") or 0)
         price = prices(model)
-        cost = (tin * price[0] + tout * price[1]) / 1_000_000 if price is not None else 0.0
+        cost = price.list_cost(tin, tout) if price is not None else 0.0
         calls = int(use.get("calls") or 0)
         usage = usage + _usage(model, calls, tin, tout, cost, price is not None)
     answer = data.get("answer")

@@ -214,6 +214,20 @@ def usage_total_tokens(usage: Any) -> int | None:
     return (prompt or 0) + (completion or 0)
 
 
+def token_notes(usage: Any) -> str:
+    """What a turn's usage says beyond its token counts, for its stats line: "62% cached"
+    (prompt tokens the provider's cache served) and "1,024 reasoning"; "" when neither."""
+    prompt = as_int(field_of(usage, "prompt_tokens"))
+    cached = as_int(field_of(usage, "cached_input_tokens"))
+    reasoning = as_int(field_of(usage, "reasoning_tokens"))
+    notes = []
+    if cached and prompt:
+        notes.append(f"{cached / prompt:.0%} cached")
+    if reasoning:
+        notes.append(f"{reasoning:,} reasoning")
+    return " · ".join(notes)
+
+
 
 
 def schema_issues_text(event: Event, limit: int = 3) -> str:

@@ -43,6 +43,14 @@ class Metrics:
     rate_limit_hits: int | None = None
     rate_limit_wait_s: float | None = None
     estimated_calls: int | None = None
+    # Prompt tokens of root and sub calls, and the part of them the provider's prompt
+    # cache served; completion tokens spent reasoning; what Batch APIs took off.
+    prompt_tokens: int | None = None
+    cached_input_tokens: int | None = None
+    root_cached_input_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    batch_calls: int | None = None
+    batch_saved_usd: float | None = None
     elapsed_s: float | None = None
     stopped_reason: str | None = None
     error: str | None = None
@@ -81,6 +89,7 @@ class Metrics:
             ("Sub cost", _cost(self.sub_cost, self.sub_unpriced)),
             ("Total tokens", fmt_int(self.total_tokens)),
             ("Total cost", _cost(self.total_cost, self.root_unpriced or self.sub_unpriced)),
+            *self._savings_rows(),
             *self._cache_rows(),
             *self._limit_rows(),
             ("Wall time", fmt_time(self.elapsed_s)),
@@ -95,6 +104,30 @@ class Metrics:
             rows.append(("Error", preview(self.error, 300)))
         if self.log_path:
             rows.append(("Log", self.log_path))
+        return rows
+
+    @property
+    def cached_share(self) -> float | None:
+        """Cached input tokens over prompt tokens (None: no prompt tokens known)."""
+        if not self.prompt_tokens:
+            return None
+        return (self.cached_input_tokens or 0) / self.prompt_tokens
+
+    def _savings_rows(self) -> list[tuple[str, str]]:
+        rows = []
+        if self.cached_input_tokens and self.cached_share is not None:
+            detail = f"{self.cached_input_tokens:,} of {self.prompt_tokens:,}"
+            root_prompt = self.root_prompt_tokens
+            if root_prompt and self.root_cached_input_tokens and root_prompt != self.prompt_tokens:
+                # The root re-sends its history each turn: its share is the one to watch.
+                detail += f"; root turns {self.root_cached_input_tokens / root_prompt:.0%}"
+            rows.append(("Prompt cache", f"{self.cached_share:.0%} of prompt tokens read from the "
+                                         f"provider's cache ({detail})"))
+        if self.reasoning_tokens:
+            rows.append(("Reasoning", f"{self.reasoning_tokens:,} completion tokens"))
+        if self.batch_calls:
+            rows.append(("Batch API", f"{self.batch_calls:,} calls, saved "
+                                      f"{fmt_cost(self.batch_saved_usd or 0.0)} off list price"))
         return rows
 
     def _cache_rows(self) -> list[tuple[str, str]]:
@@ -126,6 +159,12 @@ class Metrics:
             parts.append(f"{self.total_tokens:,} tokens")
         if self.total_cost is not None:
             parts.append(_cost(self.total_cost, self.root_unpriced or self.sub_unpriced))
+        if self.cached_input_tokens and self.cached_share is not None:
+            parts.append(f"{self.cached_share:.0%} input cached")
+        if self.reasoning_tokens:
+            parts.append(f"{self.reasoning_tokens:,} reasoning")
+        if self.batch_calls:
+            parts.append(f"batch saved {fmt_cost(self.batch_saved_usd or 0.0)}")
         if self.rate_limit_hits or self.rate_limit_wait_s:
             parts.append(f"rate limited {self.rate_limit_hits or 0:,}× "
                          f"(held {fmt_time(self.rate_limit_wait_s)})")
@@ -157,12 +196,17 @@ def _apply_usage(m: Metrics, usage: Any) -> None:
     m.rate_limit_hits = sum(as_int(field_of(u, "rate_limit_hits")) or 0 for u in parts)
     m.rate_limit_wait_s = sum(as_num(field_of(u, "rate_limit_wait_s")) or 0.0 for u in parts)
     m.estimated_calls = sum(as_int(field_of(u, "estimated_calls")) or 0 for u in parts)
+    m.prompt_tokens = sum(as_int(field_of(u, "prompt_tokens")) or 0 for u in parts)
+    for name in ("cached_input_tokens", "reasoning_tokens", "batch_calls"):
+        setattr(m, name, sum(as_int(field_of(u, name)) or 0 for u in parts))
+    m.batch_saved_usd = sum(as_num(field_of(u, "batch_saved_usd")) or 0.0 for u in parts)
     if root is not None:
         m.root_calls = as_int(field_of(root, "calls", m.root_calls))
         m.root_prompt_tokens = as_int(field_of(root, "prompt_tokens", m.root_prompt_tokens))
         m.root_completion_tokens = as_int(field_of(root, "completion_tokens", m.root_completion_tokens))
         m.root_tokens = usage_total_tokens(root)
         m.root_cost = as_num(field_of(root, "cost_usd"))
+        m.root_cached_input_tokens = as_int(field_of(root, "cached_input_tokens"))
         m.root_unpriced = _unpriced(root)
     if sub is not None:
         if m.sub_calls is None:
@@ -184,6 +228,7 @@ def metrics_from_events(events: list[Event], key: str | None = None) -> Metrics:
     own = [e for e in events if run_key(e) == key]
     m = Metrics()
     root_prompt = root_completion = root_calls = sub_calls = cached = 0
+    root_cached_input = root_reasoning = 0
     root_cost = 0.0
     unpriced = False
     for e in own:
@@ -197,6 +242,8 @@ def metrics_from_events(events: list[Event], key: str | None = None) -> Metrics:
             usage = e.get("usage")
             root_prompt += as_int(field_of(usage, "prompt_tokens")) or 0
             root_completion += as_int(field_of(usage, "completion_tokens")) or 0
+            root_cached_input += as_int(field_of(usage, "cached_input_tokens")) or 0
+            root_reasoning += as_int(field_of(usage, "reasoning_tokens")) or 0
             root_cost += as_num(field_of(usage, "cost_usd")) or 0.0
             # A turn of a model without a price: the sum is unknown, never a plain $0.
             unpriced = unpriced or field_of(usage, "cost_usd") == "unpriced"
@@ -214,6 +261,10 @@ def metrics_from_events(events: list[Event], key: str | None = None) -> Metrics:
     m.cached_calls = cached or None
     m.root_prompt_tokens, m.root_completion_tokens = root_prompt, root_completion
     m.root_tokens, m.root_cost = root_prompt + root_completion, root_cost
+    # Until run_end says more: the root's own turns (sub-calls log no cache split).
+    m.prompt_tokens, m.cached_input_tokens = root_prompt, root_cached_input
+    m.root_cached_input_tokens = root_cached_input
+    m.reasoning_tokens = root_reasoning
     m.root_unpriced = unpriced
     m.elapsed_s = as_num(own[-1].get("t")) if own else None
     m.stopped_reason = "incomplete (no run_end)" if own else None

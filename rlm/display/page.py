@@ -18,6 +18,7 @@ from rlm.display.formatting import (
     prose_of,
     schema_issues_text,
     sub_calls_text,
+    token_notes,
 )
 from rlm.display.markup import MONO, STYLE, code_html, details_html, esc, pre_html, table_html
 from rlm.display.metrics import Metrics, metrics_from_events
@@ -139,6 +140,7 @@ def _iteration_html(it: Iteration, *, open_: bool = False) -> str:
             parts.append(
                 f'<div style="{STYLE["cell_head"]}">root turn: {esc(fmt_int(field_of(usage, "prompt_tokens")))} prompt'
                 f' + {esc(fmt_int(field_of(usage, "completion_tokens")))} completion tokens'
+                f'{esc(" · " + notes) if (notes := token_notes(usage)) else ""}'
                 f' · {esc(fmt_cost(field_of(usage, "cost_usd")))} · {esc(fmt_time(elapsed))}'
                 f'{" · from the cache" if it.reply.get("cached") else ""}</div>'
             )

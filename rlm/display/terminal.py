@@ -39,6 +39,7 @@ from rlm.display.formatting import (
     run_key,
     schema_issues_text,
     sub_calls_text,
+    token_notes,
 )
 from rlm.display.metrics import Metrics, metrics_from_events
 from rlm.display.progress import SubqueryProgress
@@ -256,10 +257,11 @@ class LiveDisplay:
         prose = prose_of(as_text(event.get("content")), first_cell=self._cells.next_number(event))
         usage = event.get("usage")
         prompt, completion = as_int(field_of(usage, "prompt_tokens")), as_int(field_of(usage, "completion_tokens"))
-        stats = (
-            f"root: {fmt_int(prompt)} → {fmt_int(completion)} tokens"
-            f" · {fmt_cost(field_of(usage, 'cost_usd'))} · {fmt_time(event.get('elapsed_s'))}"
-        )
+        stats = f"root: {fmt_int(prompt)} → {fmt_int(completion)} tokens"
+        notes = token_notes(usage)
+        if notes:
+            stats += f" · {notes}"
+        stats += f" · {fmt_cost(field_of(usage, 'cost_usd'))} · {fmt_time(event.get('elapsed_s'))}"
         if event.get("cached"):
             stats += " · from the cache"
         if not prose:

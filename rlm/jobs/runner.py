@@ -58,6 +58,22 @@ class JobSummary:
     stopped: str | None = None
     interrupted: bool = False
     batch: dict[str, Any] | None = None
+    # This run's tasks: prompt tokens, those read from the provider's prompt cache, and
+    # what Batch APIs took off list price.
+    prompt_tokens: int = 0
+    cached_input_tokens: int = 0
+    batch_saved_usd: float = 0.0
+
+    def count_usage(self, usage: Any) -> None:
+        """Add a finished task's ``usage`` (its record's ``root`` and ``sub`` dicts) to
+        the prompt-cache and Batch API totals."""
+        if not isinstance(usage, Mapping):
+            return
+        for part in usage.values():
+            if isinstance(part, Mapping):
+                self.prompt_tokens += int(part.get("prompt_tokens") or 0)
+                self.cached_input_tokens += int(part.get("cached_input_tokens") or 0)
+                self.batch_saved_usd += float(part.get("batch_saved_usd") or 0.0)
 
     @property
     def ok(self) -> bool:
@@ -79,7 +95,7 @@ class JobSummary:
             f"rlm batch: {self.done} done, {self.failed} failed, {self.skipped} already done"
             f"{f' ({self.skipped_failed} with errors: --retry-failed runs them again)' if self.skipped_failed else ''}, "
             f"{self.not_run} not run of {self.total}; ${self.cost_usd:.4f}, {self.tokens:,} tokens, "
-            f"{self.elapsed_s:.1f} s ({rate:.1f} tasks/s) -> {self.out}"
+            f"{self._cached_text()}{self.elapsed_s:.1f} s ({rate:.1f} tasks/s) -> {self.out}"
         )
         if self.batch is not None:
             b = self.batch
@@ -89,11 +105,18 @@ class JobSummary:
                 text += f", {b['live_tasks']} tasks finished live"
             if b.get("resumed"):
                 text += f", {b['resumed']} batches resumed"
+            if self.batch_saved_usd:
+                text += f", saved ${self.batch_saved_usd:.4f} off list price"
         if self.stopped:
             # Tasks a job cap cut short have a line ("budget"): only --retry-failed redoes them.
             again = " (and --retry-failed for the tasks that failed)" if self.failed else ""
             text += f"; stopped: {self.stopped} (re-run the same command to continue{again})"
         return text
+
+    def _cached_text(self) -> str:
+        if not self.cached_input_tokens or not self.prompt_tokens:
+            return ""
+        return f"{self.cached_input_tokens / self.prompt_tokens:.0%} of input cached, "
 
 
 def load_tasks(
@@ -294,6 +317,7 @@ async def arun_job(
             return  # a re-queued task that had finished after all: keep one line
         finished_ids.add(key)
         budget.charge(float(record.get("cost_usd") or 0.0), int(record.get("tokens") or 0))
+        summary.count_usage(record.get("usage"))
         writer.write(record)
         if output.is_failed(record):
             summary.failed += 1

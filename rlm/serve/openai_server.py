@@ -350,12 +350,16 @@ def _include_usage(body: dict[str, Any]) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-def _usage(result: RLMResult) -> dict[str, int]:
+def _usage(result: RLMResult) -> dict[str, Any]:
     total = result.total_usage
+    # OpenAI's shape, details included, so a client's own cost accounting prices the
+    # cached input the upstream provider served at its discount.
     return {
         "prompt_tokens": total.prompt_tokens,
         "completion_tokens": total.completion_tokens,
         "total_tokens": total.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": total.cached_input_tokens},
+        "completion_tokens_details": {"reasoning_tokens": total.reasoning_tokens},
     }
 
 

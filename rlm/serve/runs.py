@@ -21,6 +21,7 @@ from rlm.endpoints import root_client, sub_client_for
 from rlm.errors import ConfigError
 from rlm.providers import check_endpoints, qualified_model, resolve_model
 from rlm.schema import Schema
+from rlm.usage import PriceSpec
 
 __all__ = [
     "QueryRunner",
@@ -58,7 +59,7 @@ class UpstreamSettings:
     max_cost_usd: float | None = None
     max_tokens: int | None = None
     max_time_s: float | None = None
-    prices: Mapping[str, tuple[float, float]] | None = None
+    prices: Mapping[str, PriceSpec] | None = None
     cache: Any = None
     cache_read: bool = True
     sandbox: str | None = None
