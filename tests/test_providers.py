@@ -138,8 +138,20 @@ def test_a_run_on_anthropic_answers_through_messages_reading_the_cache_from_turn
     usage = result.usage
     assert (usage["root"].prompt_tokens, usage["root"].completion_tokens) == (root_in, root_out)
     assert (usage["sub"].prompt_tokens, usage["sub"].completion_tokens) == (sub_in, sub_out)
-    expected = (root_in * 3.0 + root_out * 15.0 + sub_in * 1.0 + sub_out * 5.0) / 1e6
+    # Claude's prompt cache is priced at Anthropic's multipliers: reads at 0.1x input,
+    # writes at 1.25x, the rest at list.
+    def cost(rows: list[dict[str, Any]], pin: float, pout: float) -> float:
+        usd = 0.0
+        for e in rows:
+            u = e["usage"]
+            usd += (u["input_tokens"] * pin + u["cache_read_input_tokens"] * pin * 0.1
+                    + u["cache_creation_input_tokens"] * pin * 1.25 + u["output_tokens"] * pout)
+        return usd / 1e6
+
+    expected = cost(roots, 3.0, 15.0) + cost(subs, 1.0, 5.0)
     assert usage["root"].cost_usd + usage["sub"].cost_usd == pytest.approx(expected)
+    assert usage["root"].cached_input_tokens == sum(reads)
+    assert expected < (root_in * 3.0 + root_out * 15.0 + sub_in * 1.0 + sub_out * 5.0) / 1e6
 
 
 def test_a_mixed_run_sends_root_and_sub_each_to_its_own_endpoint_with_its_own_key(
