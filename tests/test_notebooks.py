@@ -174,8 +174,15 @@ def test_long_context_sequential_holds_one_request_and_concurrent_all_of_them(
     assert "200,000 lines" in text(nb, "document")
     assert "40 chunks of 5,000 lines" in text(nb, "chunk")
     assert re.search(r"sequential: 40 requests, peak in flight 1, [\d.]+ s; counts match: True", text(nb, "sequential"))
-    assert re.search(r"concurrent: 40 requests, peak in flight 40, [\d.]+ s; counts match: True", text(nb, "concurrent"))
-    assert re.search(r"REPL cell: 40 sub-queries, peak in flight 40, [\d.]+ s; counts match: True", text(nb, "repl"))
+    # Concurrent: (nearly) all 40 in flight at once. On a loaded machine the first
+    # replies (0.2 s) can land before the last request is sent, so 30 is the floor: a
+    # sequential loop would show 1.
+    found = re.search(r"concurrent: 40 requests, peak in flight (\d+), [\d.]+ s; counts match: True",
+                      text(nb, "concurrent"))
+    assert found and int(found.group(1)) >= 30
+    found = re.search(r"REPL cell: 40 sub-queries, peak in flight (\d+), [\d.]+ s; counts match: True",
+                      text(nb, "repl"))
+    assert found and int(found.group(1)) >= 30
 
 
 def test_long_context_shows_a_table_and_a_plot(executed: Callable[[str], Any]) -> None:
@@ -186,7 +193,8 @@ def test_long_context_shows_a_table_and_a_plot(executed: Callable[[str], Any]) -
         assert strategy in table
         assert strategy in html(nb, "table")
     assert re.search(r"sequential \(one await after another\)\s+1\s", table)
-    assert re.search(r"concurrent \(client\.completion_batch\)\s+40\s", table)
+    found = re.search(r"concurrent \(client\.completion_batch\)\s+(\d+)\s", table)
+    assert found and int(found.group(1)) >= 30
     assert any("image/png" in o.get("data", {}) for o in cell(nb, "plot").outputs)
 
 
