@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -322,11 +323,19 @@ def test_an_unknown_model_gets_404(client: openai.OpenAI) -> None:
 
 async def _hold_a_run(serve_url: str, upstream: FakeLLMServer) -> tuple[asyncio.Task[Any], openai.AsyncOpenAI]:
     aclient = openai.AsyncOpenAI(base_url=serve_url, api_key=KEY, max_retries=0, timeout=120)
-    held = asyncio.create_task(aclient.chat.completions.create(
-        model=f"rlm:{HANG_ROOT}", messages=[{"role": "user", "content": "hold"}]))
-    # The run is mid-batch once its three sub-queries hang upstream.
-    assert await asyncio.to_thread(wait_until, lambda: upstream.in_flight == 3)
-    return held, aclient
+    deadline = time.monotonic() + 60
+    while True:
+        held = asyncio.create_task(aclient.chat.completions.create(
+            model=f"rlm:{HANG_ROOT}", messages=[{"role": "user", "content": "hold"}]))
+        # The run is mid-batch once its three sub-queries hang upstream. The server runs
+        # one request at a time: the previous test's cancelled run may still hold the
+        # slot for a moment while it winds down (a 429), so ask again until it is free.
+        await asyncio.to_thread(wait_until, lambda task=held: upstream.in_flight == 3 or task.done())
+        if not held.done():
+            return held, aclient
+        refused = isinstance(held.exception(), openai.RateLimitError)
+        assert refused and time.monotonic() < deadline, held.exception()
+        await asyncio.sleep(0.2)
 
 
 async def test_a_full_queue_gets_429_with_retry_after(serve_url: str, upstream: FakeLLMServer) -> None:
