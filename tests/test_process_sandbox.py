@@ -155,18 +155,18 @@ def _host_peak_mb() -> float:
 
 
 def test_a_memory_bomb_hits_the_limit_not_the_host(make_env: MakeEnv) -> None:
-    env = make_env("ctx", memory_limit_mb=256, timeout=20.0)
+    env = make_env("ctx", memory_limit_mb=512, timeout=20.0)
     peak = _host_peak_mb()
     r = env.execute(
         "def grow():\n    data = []\n    while True:\n        data.append(' ' * 10**7)\ngrow()\n"
     )
-    assert r.error is not None and "MemoryError" in r.error and "256 MB" in r.error
+    assert r.error is not None and "MemoryError" in r.error and "512 MB" in r.error
     assert _host_peak_mb() - peak < 64  # the worker's memory, not the host's
     _works(env)
 
 
 def test_doubling_a_list_forever_hits_the_limit(make_env: MakeEnv) -> None:
-    env = make_env("ctx", memory_limit_mb=256, timeout=20.0)
+    env = make_env("ctx", memory_limit_mb=512, timeout=20.0)
     r = env.execute("x = [0]\nwhile True:\n    x = x + x")
     assert r.error is not None and "MemoryError" in r.error
     _works(env)
@@ -347,6 +347,14 @@ def test_contexts_of_every_kind_arrive_intact(make_env: MakeEnv) -> None:
 def test_a_context_too_big_for_the_memory_limit_says_what_to_change() -> None:
     with pytest.raises(SandboxError, match="raise memory_limit_mb"):
         REPLEnv("x" * (200 << 20), sandbox="process", memory_limit_mb=256)
+
+
+def test_a_memory_limit_below_the_workers_own_size_fails_at_once_saying_what_to_give() -> None:
+    # The worker's interpreter and preloaded libraries take more address space than
+    # 64 MB: it could not start, and must say so rather than stall until start_timeout.
+    with pytest.raises(SandboxError, match=r"memory_limit_mb=64 is below what the worker itself "
+                                           r"takes \(\d+ MB.*raise memory_limit_mb to at least \d+"):
+        REPLEnv("x", sandbox="process", memory_limit_mb=64, start_timeout=300)
 
 
 def test_a_context_that_is_not_json_like_is_refused(make_env: MakeEnv) -> None:

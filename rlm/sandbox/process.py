@@ -105,6 +105,9 @@ from rlm.sandbox.worker_requests import RequestServer
 from rlm.sandbox.worker_resources import WorkerResources
 from rlm.sandbox.zygote_client import get_zygote, shutdown_zygote
 
+# Address space (MB) a worker needs beyond its size at start to load a REPL and run cells.
+START_HEADROOM_MB = 32
+
 __all__ = [
     "PROTECTION_KEYS",
     "ProcessExecutor",
@@ -506,6 +509,19 @@ class ProcessExecutor:
         reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
         self._res.attach(writer.transport)
         link = self._link = WorkerLink(self._server, self.max_output_chars, pid, reader, writer)
+        # A fresh worker (no code of the REPL's has run in it yet) already holds the
+        # interpreter and the preloaded data libraries: an address-space cap below that
+        # plus room to work cannot start it, and it would stall rather than fail.
+        size_mb = _address_space_mb(link.pid)
+        if (self.memory_limit_mb is not None and size_mb is not None
+                and self.memory_limit_mb < size_mb + START_HEADROOM_MB):
+            await self._bury(link)
+            raise SandboxError(
+                f"the sandbox worker did not start: memory_limit_mb={self.memory_limit_mb} is "
+                f"below what the worker itself takes ({size_mb} MB of address space: the "
+                f"interpreter and its preloaded libraries); raise memory_limit_mb to at "
+                f"least {size_mb + START_HEADROOM_MB} plus room for the context"
+            )
         return await self._load(link)
 
     async def _load(self, link: WorkerLink) -> WorkerLink:
@@ -770,3 +786,15 @@ def _describe_status(status: int | None) -> str:
     if os.WIFEXITED(status):
         return f"exit status {os.WEXITSTATUS(status)}"
     return f"wait status {status}"
+
+
+def _address_space_mb(pid: int) -> int | None:
+    """The virtual memory size of process ``pid`` in MB, from /proc (None where unknown)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) >> 10
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

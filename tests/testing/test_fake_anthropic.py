@@ -150,7 +150,7 @@ async def test_a_529_is_an_overloaded_error(
     server: FakeLLMServer, claude: anthropic.AsyncAnthropic
 ) -> None:
     server.inject("529")
-    with pytest.raises(anthropic.InternalServerError) as caught:
+    with pytest.raises(anthropic.APIStatusError) as caught:
         await claude.messages.create(model="m", max_tokens=5, messages=user("hi"))
     assert caught.value.status_code == 529
     assert caught.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
