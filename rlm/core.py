@@ -21,6 +21,7 @@ from rlm import loop as engine
 from rlm import prompts
 from rlm.batchapi.settings import BatchSettings
 from rlm.cache import open_cache
+from rlm.collector import MANY_RUNS, fewer_full_collections
 from rlm.errors import ConfigError, RunInterrupted
 from rlm.jobs import runner as job_runner
 from rlm.jobs.runner import JobSummary, JobTasks
@@ -472,7 +473,8 @@ class RLM:
             return result
 
         try:
-            return list(await asyncio.gather(*(one(c, q, t) for c, q, t in items)))
+            with fewer_full_collections(min(max_concurrency, len(items)) >= MANY_RUNS):
+                return list(await asyncio.gather(*(one(c, q, t) for c, q, t in items)))
         finally:
             if bar is not None:
                 bar.stop()
