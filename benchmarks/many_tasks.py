@@ -23,11 +23,13 @@ the start.
 
     python benchmarks/many_tasks.py [--tasks 1000] [--concurrency 200] [--latency 0.25]
         [--lines 20000] [--sandbox local|process|both] [--runs 3] [--api job|batch]
-        [--shape tiny|chunked|both | --chunked]
+        [--shape tiny|chunked|both | --chunked] [--before GIT_REF]
 
 ``--api job`` goes through ``RLM.run_job`` (writing a results file, as ``rlm batch``
 does); ``--api batch`` through ``RLM.acompletion_batch`` (what existed before jobs).
-The JSON (``many_tasks-<api>.json``) keeps the tiny shape under ``results`` and adds
+``--before GIT_REF`` measures the package as of that commit too, run by run in turn with
+the working tree, and writes ``many_tasks-compare.json`` instead: the before/after
+numbers of an optimisation on a shared machine. The JSON (``many_tasks-<api>.json``) keeps the tiny shape under ``results`` and adds
 the chunked one under ``chunked``; a run of one shape keeps the other's numbers from
 the file already there.
 """
@@ -185,34 +187,54 @@ def process_cpu_s(pid: int) -> float | None:
 
 
 def measure(args: argparse.Namespace, shape: str, sandboxes: list[str],
-            server: subprocess.Popen[str], url: str) -> dict[str, Any]:
-    """``args.runs`` runs of ``shape`` per sandbox, each in a fresh process; the rows."""
+            server: subprocess.Popen[str], url: str,
+            versions: dict[str, dict[str, str] | None]) -> dict[str, Any]:
+    """``args.runs`` runs of ``shape`` per sandbox and version, each in a fresh process
+    (the versions interleaved run by run, so a shared machine's load falls on each alike);
+    the rows, per sandbox (and per version when there are several)."""
     rows: dict[str, Any] = {}
     for sandbox in sandboxes:
-        runs = []
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in versions}
         for _ in range(args.runs):
-            cmd = [sys.executable, __file__, "--worker", "--url", url, "--sandbox", sandbox,
-                   "--tasks", str(args.tasks), "--concurrency", str(args.concurrency),
-                   "--lines", str(args.lines), "--api", args.api, "--shape", shape]
-            cpu0 = process_cpu_s(server.pid)
-            result = run_worker(cmd, timeout=1800)
-            cpu1 = process_cpu_s(server.pid)
-            if cpu0 is not None and cpu1 is not None:
-                result["server_cpu_s"] = round(cpu1 - cpu0, 2)
-            if "user_s" in result:
-                result["host_cpu_ms_per_task"] = round(
-                    1000 * sum(result[k] for k in ("user_s", "sys_s", "children_user_s",
-                                                   "children_sys_s")) / args.tasks, 2)
-            runs.append(result)
-            print(shape, sandbox, json.dumps(result), flush=True)
-        good = [r for r in runs if "tasks_per_s" in r]
-        rows[sandbox] = {
-            "runs": runs,
-            "median_tasks_per_s": statistics.median(r["tasks_per_s"] for r in good) if good else None,
-            "median_host_cpu_ms_per_task": (
-                statistics.median(r["host_cpu_ms_per_task"] for r in good) if good else None),
-        }
+            for name, env in versions.items():
+                cmd = [sys.executable, __file__, "--worker", "--url", url, "--sandbox", sandbox,
+                       "--tasks", str(args.tasks), "--concurrency", str(args.concurrency),
+                       "--lines", str(args.lines), "--api", args.api, "--shape", shape]
+                cpu0 = process_cpu_s(server.pid)
+                result = run_worker(cmd, timeout=1800, env=env)
+                cpu1 = process_cpu_s(server.pid)
+                if cpu0 is not None and cpu1 is not None:
+                    result["server_cpu_s"] = round(cpu1 - cpu0, 2)
+                if "user_s" in result:
+                    result["host_cpu_ms_per_task"] = round(
+                        1000 * sum(result[k] for k in ("user_s", "sys_s", "children_user_s",
+                                                       "children_sys_s")) / args.tasks, 2)
+                result["loadavg_1m"] = round(os.getloadavg()[0], 2)
+                runs[name].append(result)
+                print(shape, sandbox, name, json.dumps(result), flush=True)
+        summary = {name: _summary(got) for name, got in runs.items()}
+        rows[sandbox] = summary["now"] if list(summary) == ["now"] else summary
     return rows
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    good = [r for r in runs if "tasks_per_s" in r]
+    return {
+        "runs": runs,
+        "median_tasks_per_s": statistics.median(r["tasks_per_s"] for r in good) if good else None,
+        "median_host_cpu_ms_per_task": (
+            statistics.median(r["host_cpu_ms_per_task"] for r in good) if good else None),
+    }
+
+
+def export_version(ref: str, into: str) -> str:
+    """The package at git ``ref``, exported into ``into``: a PYTHONPATH for "before" runs
+    (the sandbox's own processes start with cwd /, so they import it too)."""
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "archive", ref, "rlm"], cwd=root, capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", into], input=archive, check=True)
+    return into
 
 
 TARGETS = {"tiny": {"local": 150, "process": 100}, "chunked": {"local": 150, "process": 120}}
@@ -231,6 +253,9 @@ def main() -> int:
                         help="tiny sub-queries, the context's chunks, or both (default)")
     parser.add_argument("--chunked", action="store_const", const="chunked", dest="shape",
                         help="the same as --shape chunked")
+    parser.add_argument("--before", metavar="GIT_REF", default=None,
+                        help="also run the package as of GIT_REF, interleaved run by run with "
+                        "the working tree, and report both (many_tasks-compare.json)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -245,31 +270,42 @@ def main() -> int:
     sandboxes = ["local", "process"] if args.sandbox == "both" else [args.sandbox]
     shapes = ["tiny", "chunked"] if args.shape == "both" else [args.shape]
     info = machine_info()
-    server, url = spawn_server(args.latency)
-    measured: dict[str, dict[str, Any]] = {}
-    try:
-        for shape in shapes:
-            measured[shape] = measure(args, shape, sandboxes, server, url)
-    finally:
-        server.kill()
-        server.wait()
+    with tempfile.TemporaryDirectory() as before_dir:
+        versions: dict[str, dict[str, str] | None] = {"now": None}
+        if args.before:
+            path = export_version(args.before, before_dir)
+            versions = {"before": {**os.environ, "PYTHONPATH": path}, "after": None}
+        server, url = spawn_server(args.latency)
+        measured: dict[str, dict[str, Any]] = {}
+        try:
+            for shape in shapes:
+                measured[shape] = measure(args, shape, sandboxes, server, url, versions)
+        finally:
+            server.kill()
+            server.wait()
     floor = args.concurrency / (3 * args.latency)
     print(f"\nmany tasks: {args.tasks} tasks x {args.lines:,} lines, {args.concurrency} at a time, "
           f"{args.latency:g} s per call (latency floor ~{floor:.0f} tasks/s), api={args.api}, "
           f"median of {args.runs}; shared machine, load at start {info.get('loadavg_at_start')}")
-    print(f"  {'shape':8s} {'sandbox':8s} {'tasks/s':>8s} {'target':>7s} {'host CPU/task':>14s}"
-          f" {'server CPU':>11s}")
+    print(f"  {'shape':8s} {'sandbox':8s} {'version':8s} {'tasks/s':>8s} {'target':>7s}"
+          f" {'host CPU/task':>14s} {'server CPU':>11s}")
     for shape, rows in measured.items():
         for sandbox, row in rows.items():
-            value = row["median_tasks_per_s"]
-            shown = "failed" if value is None else f"{value:.1f}"
-            cpu = row["median_host_cpu_ms_per_task"]
-            servers = [r["server_cpu_s"] for r in row["runs"] if "server_cpu_s" in r]
-            print(f"  {shape:8s} {sandbox:8s} {shown:>8s} {'>= ' + str(TARGETS[shape][sandbox]):>7s}"
-                  f" {'-' if cpu is None else f'{cpu:.2f} ms':>14s}"
-                  f" {f'{statistics.median(servers):.1f} s' if servers else '-':>11s}")
-    name = args.out or f"many_tasks-{args.api}.json"
+            for name, summary in (row.items() if args.before else [("now", row)]):
+                value = summary["median_tasks_per_s"]
+                shown = "failed" if value is None else f"{value:.1f}"
+                cpu = summary["median_host_cpu_ms_per_task"]
+                servers = [r["server_cpu_s"] for r in summary["runs"] if "server_cpu_s" in r]
+                print(f"  {shape:8s} {sandbox:8s} {name:8s} {shown:>8s}"
+                      f" {'>= ' + str(TARGETS[shape][sandbox]):>7s}"
+                      f" {'-' if cpu is None else f'{cpu:.2f} ms':>14s}"
+                      f" {f'{statistics.median(servers):.1f} s' if servers else '-':>11s}")
     params = {k: v for k, v in vars(args).items() if k not in ("serve", "worker", "url", "shape")}
+    if args.before:
+        write_json(args.out or "many_tasks-compare.json",
+                   {"machine": info, "params": {**params, "shapes": shapes}, "results": measured})
+        return 0
+    name = args.out or f"many_tasks-{args.api}.json"
     data: dict[str, Any] = {}
     previous = RESULTS / name
     if previous.exists():
