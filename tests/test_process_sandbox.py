@@ -532,11 +532,14 @@ def test_prompts_of_every_kind_reach_the_model_intact_from_a_worker(
             "one = llm_query('ECHO ' + big)\n"
             "two = await llm_query_async(chat)\n"
             "ok = [batch[:3] + batch[4:] == [big, odd, odd, 'tail'], one == big, two == odd]\n"
+            "empty = [llm_query(''), llm_query_batch(['', '']), llm_query_batch(['', 'ECHO e'])]\n"
             "print(ok, len(big))"
         )
         assert r.error is None, r.error
         assert r.stdout.strip() == "[True, True, True] 580000"
-        assert r.sub_calls == 7
+        assert r.sub_calls == 12
+        blank = "fake answer to: "  # what the fake model says to an empty prompt
+        assert env.get("empty") == [blank, [blank, blank], [blank, "e"]]
         # The fake model cannot echo a lone surrogate, but it must have been asked one.
         prompts = [entry["messages"][-1]["content"] for entry in server.requests_log]
         assert "x" * 70 + "\ud800" in prompts

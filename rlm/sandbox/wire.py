@@ -76,14 +76,16 @@ def pack_texts(msg: dict[str, Any], key: str) -> bytes:
             return pack(msg)  # an int must always mean a length: send this one as JSON
         else:
             shown.append(item)
-    if not parts:
+    size = sum(len(p) for p in parts)
+    if not size:
+        # No text bytes to move (no str, or only empty ones): a frame without a payload
+        # must say its prompts in JSON, since an int there is no prompt.
         return pack(msg)
     body = json.dumps(
         {**msg, key: shown if type(value) is list else shown[0]},
         ensure_ascii=False,
         separators=(",", ":"),
     ).encode("utf-8", "surrogatepass")
-    size = sum(len(p) for p in parts)
     return b"".join((HEADER.pack(len(body), size), body, *parts))
 
 
