@@ -23,6 +23,7 @@ from rlm.batchapi.settings import BatchSettings
 from rlm.cache import open_cache
 from rlm.endpoints import root_client, sub_client_for
 from rlm.errors import ConfigError, RunInterrupted
+from rlm.gc_tuning import MANY_RUNS, fewer_full_collections
 from rlm.jobs import runner as job_runner
 from rlm.jobs.runner import JobSummary, JobTasks
 from rlm.llm import AsyncOpenAIClient
@@ -495,7 +496,8 @@ class RLM:
             return result
 
         try:
-            return list(await asyncio.gather(*(one(c, q, t) for c, q, t in items)))
+            with fewer_full_collections(min(max_concurrency, len(items)) >= MANY_RUNS):
+                return list(await asyncio.gather(*(one(c, q, t) for c, q, t in items)))
         finally:
             if bar is not None:
                 bar.stop()

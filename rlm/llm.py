@@ -18,12 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import json
 import os
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel
@@ -42,6 +41,7 @@ from rlm.errors import (
     RequestTooLargeError,
     ResponseError,
 )
+from rlm.gc_tuning import fewer_full_collections
 from rlm.limiter import OK, OTHER, REJECTED, AdaptiveLimiter, Ticket
 from rlm.pacing import Pacer, PacingState, check_limits
 from rlm.providers import Adapter, HTTPRequest, Reply, Request, adapter_class, resolve_model
@@ -260,38 +260,6 @@ def _first_of_each(
         else:
             twins.setdefault(lead, []).append(i)
     return order, twins
-
-
-_large_batches = 0
-_saved_gc_threshold: tuple[int, int, int] | None = None
-
-
-@contextlib.contextmanager
-def _fewer_full_collections(size: int) -> Iterator[None]:
-    """Raise the GC thresholds while a large batch is in flight (engine loop only).
-
-    Each in-flight request's objects live about one latency, long enough to be counted
-    toward full collections; at 10,000 requests CPython ran ~7 full collections per
-    batch, 60% of the client's CPU (benchmarks/fanout.py, gc callbacks timed). Higher
-    thresholds for the batch's duration cut that without disabling the collector; the
-    saved thresholds come back when the last concurrent large batch ends.
-    """
-    global _large_batches, _saved_gc_threshold
-    if size < LARGE_BATCH:
-        yield
-        return
-    if _large_batches == 0:
-        _saved_gc_threshold = gc.get_threshold()
-        t0, t1, t2 = _saved_gc_threshold
-        gc.set_threshold(max(t0, 50_000), t1, max(t2, 100))
-    _large_batches += 1
-    try:
-        yield
-    finally:
-        _large_batches -= 1
-        if _large_batches == 0 and _saved_gc_threshold is not None:
-            gc.set_threshold(*_saved_gc_threshold)
-            _saved_gc_threshold = None
 
 
 _open_clients: weakref.WeakSet[AsyncOpenAIClient] = weakref.WeakSet()
@@ -1174,7 +1142,7 @@ class AsyncOpenAIClient:
         for _ in range(min(pending, self.max_concurrency)):
             start_next()
         try:
-            with _fewer_full_collections(pending):
+            with fewer_full_collections(pending >= LARGE_BATCH):
                 await finished
         except BaseException:
             next_index = pending

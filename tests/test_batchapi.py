@@ -154,7 +154,7 @@ def test_running_a_finished_batch_job_again_sends_nothing(tmp_path: Path,
 def test_error_file_lines_are_retried_in_a_later_batch(tmp_path: Path, closing: list[RLM]) -> None:
     with batch_server(failure_rate=0.3) as srv:
         summary = run_job(srv, tmp_path / "out.jsonl", 40, closing,
-                          batch_api=BatchSettings(poll_min_s=0.02, max_tries=8))
+                          batch_api=BatchSettings(poll_min_s=0.02, max_tries=30))
         stats = srv.stats()
     wrong = [r for r in lines_of(tmp_path / "out.jsonl") if not right(r)]
     assert not wrong, [(r["id"], r["answer"]) for r in wrong[:3]]

@@ -393,6 +393,34 @@ def test_the_python_form_returns_a_summary(tmp_path: Path, srv: FakeLLMServer) -
     assert summary.tokens == sum(r["tokens"] for r in lines_of(tmp_path / "out.jsonl"))
 
 
+def test_a_job_of_many_runs_at_once_holds_full_collections_back_only_while_it_runs(
+    tmp_path: Path,
+) -> None:
+    import gc
+
+    seen: list[int] = []
+
+    def root_turn(messages: list[dict[str, Any]]) -> str:
+        seen.append(gc.get_threshold()[2])  # the server thread shares this process's collector
+        return ANSWER_CODE
+
+    tasks = [{"id": i, "query": "first word?", "context": f"w{i} x"} for i in range(40)]
+    before = gc.get_threshold()
+    with FakeLLMServer(scripts={ROOT: [root_turn]}) as server:
+        rlm = make_rlm(server)
+        try:
+            wide = rlm.run_job(tasks, tmp_path / "wide.jsonl", concurrency=20, progress=False)
+            assert gc.get_threshold() == before
+            during_wide, seen[:] = set(seen), []
+            narrow = rlm.run_job(tasks, tmp_path / "narrow.jsonl", concurrency=2, progress=False)
+        finally:
+            rlm.close()
+    assert (wide.done, narrow.done) == (40, 40)
+    assert during_wide == {max(before[2], 100)}
+    assert set(seen) == {before[2]}  # a narrow job leaves the collector alone
+    assert gc.get_threshold() == before
+
+
 def test_log_dir_keeps_one_trajectory_per_task(tmp_path: Path, srv: FakeLLMServer) -> None:
     tasks_file, out, logs = tmp_path / "tasks.jsonl", tmp_path / "out.jsonl", tmp_path / "logs"
     write_tasks(tasks_file, 3)

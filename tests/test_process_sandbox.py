@@ -523,6 +523,38 @@ def test_llm_query_batch_of_200_runs_concurrently_from_a_worker(
         client.close_sync()
 
 
+def test_prompts_of_every_kind_reach_the_model_intact_from_a_worker(
+    make_env: MakeEnv, server: FakeLLMServer
+) -> None:
+    # Prompt text crosses from the worker as raw UTF-8 beside the frame's JSON: large,
+    # non-ASCII and lone-surrogate text, and chat-message prompts, must all arrive as sent.
+    client = _client(server)
+    try:
+        env = make_env("ctx", client=client, timeout=30.0)
+        r = env.execute(
+            "big = 'line of text \\\\ with \"quotes\"\\n' * 20000\n"
+            "odd = 'caf\\u00e9 \\u6f22\\u5b57 \\U0001f642 end'\n"
+            "lone = 'x' * 70 + '\\ud800'\n"
+            "chat = [{'role': 'user', 'content': 'ECHO ' + odd}]\n"
+            "batch = llm_query_batch(['ECHO ' + big, 'ECHO ' + odd, chat, lone, 'ECHO tail'])\n"
+            "one = llm_query('ECHO ' + big)\n"
+            "two = await llm_query_async(chat)\n"
+            "ok = [batch[:3] + batch[4:] == [big, odd, odd, 'tail'], one == big, two == odd]\n"
+            "empty = [llm_query(''), llm_query_batch(['', '']), llm_query_batch(['', 'ECHO e'])]\n"
+            "print(ok, len(big))"
+        )
+        assert r.error is None, r.error
+        assert r.stdout.strip() == "[True, True, True] 580000"
+        assert r.sub_calls == 12
+        blank = "fake answer to: "  # what the fake model says to an empty prompt
+        assert env.get("empty") == [blank, [blank, blank], [blank, "e"]]
+        # The fake model cannot echo a lone surrogate, but it must have been asked one.
+        prompts = [entry["messages"][-1]["content"] for entry in server.requests_log]
+        assert "x" * 70 + "\ud800" in prompts
+    finally:
+        client.close_sync()
+
+
 def test_llm_query_and_its_async_forms(make_env: MakeEnv, server: FakeLLMServer) -> None:
     client = _client(server)
     try:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from rlm.gc_tuning import MANY_RUNS, fewer_full_collections
 from rlm.jobs.budget import JobBudget
 from rlm.jobs.output import error_record, result_record
 from rlm.jobs.tasks import Task
@@ -147,9 +148,10 @@ async def run_tasks(
     workers = [asyncio.create_task(worker()) for _ in range(max(1, concurrency))]
     try:
         left = budget.remaining_time()
-        done, pending = await asyncio.wait(
-            workers, timeout=None if left is None else left + DEADLINE_GRACE_S
-        )
+        with fewer_full_collections(concurrency >= MANY_RUNS):
+            done, pending = await asyncio.wait(
+                workers, timeout=None if left is None else left + DEADLINE_GRACE_S
+            )
         if pending:
             stop.append(budget.stop_reason() or f"job max_time_s={budget.max_time_s:g} reached")
             budget.interrupt()

@@ -42,7 +42,10 @@ class Deadlines:
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._run, name="rlm-deadlines", daemon=True)
                 self.thread.start()
-            self.cond.notify()
+            if self.heap[0][1] == token:
+                # Only a new earliest deadline changes how long the thread waits: waking
+                # it for every cell (200 at a time) cost a thread switch each.
+                self.cond.notify()
         return token
 
     def cancel(self, token: int) -> None:

@@ -23,7 +23,15 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from rlm.sandbox.wire import EXIT_BROKEN, EXIT_OUT_OF_MEMORY, HEADER, MAX_JSON, pack, recv_frame
+from rlm.sandbox.wire import (
+    EXIT_BROKEN,
+    EXIT_OUT_OF_MEMORY,
+    HEADER,
+    MAX_JSON,
+    pack,
+    pack_texts,
+    recv_frame,
+)
 
 __all__ = ["OutBatch", "TooLarge", "WorkerChannel", "flow_limits", "remote_error", "shrunk"]
 
@@ -92,9 +100,10 @@ class WorkerChannel:
 
     # sending ------------------------------------------------------------------------
 
-    def send(self, msg: dict[str, Any]) -> None:
-        """Queue one message for the host; raises TooLarge past the host's frame cap."""
-        self.outbox.put(self._frame(msg))
+    def send(self, msg: dict[str, Any], texts: str | None = None) -> None:
+        """Queue one message for the host; raises TooLarge past the host's frame cap.
+        The text of field ``texts`` (prompts) rides in the raw payload (``pack_texts``)."""
+        self.outbox.put(self._frame(msg, texts))
 
     def send_now(self, msg: dict[str, Any]) -> None:
         """Send from the calling thread: output of a cell that may never release the GIL
@@ -110,8 +119,8 @@ class WorkerChannel:
         except TooLarge as exc:
             self.send(shrunk(msg, exc.size, self.max_frame))
 
-    def _frame(self, msg: dict[str, Any]) -> bytes:
-        data = pack(msg)
+    def _frame(self, msg: dict[str, Any], texts: str | None = None) -> bytes:
+        data = pack(msg) if texts is None else pack_texts(msg, texts)
         if len(data) - HEADER.size > self.max_frame:
             raise TooLarge(len(data) - HEADER.size)
         return data
@@ -184,10 +193,12 @@ class WorkerChannel:
             prompts = batch.items[start:end]
         while True:
             try:
-                self.send({"op": "items", "id": rid, "start": start, "prompts": prompts})
+                self.send({"op": "items", "id": rid, "start": start, "prompts": prompts},
+                          texts="prompts")
                 return
             except TooLarge:
-                # JSON escaping made the slice too big for one frame: send fewer prompts.
+                # The slice is too big for one frame (a message list's JSON escaping can
+                # make it so): send fewer prompts.
                 if len(prompts) <= 1:
                     prompts = []
                 else:
@@ -256,7 +267,7 @@ class WorkerChannel:
             if batch is not None:
                 self.batches[rid] = batch
         try:
-            data = self._frame({"op": op, "id": rid, **fields})
+            data = self._frame({"op": op, "id": rid, **fields}, "prompt" if op == "query" else None)
         except (TypeError, ValueError, TooLarge) as exc:
             with self.waiters_lock:
                 self.waiters.pop(rid, None)

@@ -18,13 +18,17 @@ from typing import Any
 
 from rlm.sandbox.flow import max_frame_bytes
 from rlm.sandbox.subqueries import LLMQueryError
-from rlm.sandbox.wire import HEADER, pack
+from rlm.sandbox.wire import HEADER, pack, unpack_texts
 from rlm.sandbox.worker_requests import RequestServer
 
 __all__ = ["ANSWERS", "WorkerLink", "WorkerLost"]
 
 # Bytes queued for a worker that does not read them, past which its requests wait.
 _WRITE_BUFFER_HIGH = 8 << 20
+
+# The messages whose prompts may ride in a frame's raw payload (``pack_texts``), and the
+# field that holds them; any other message with a payload is malformed.
+_TEXTS = {"items": "prompts", "query": "prompt"}
 
 # The answer each command waits for (any other answer is dropped).
 ANSWERS = {"init": "ready", "exec": "result", "get": "value", "raw": "raw_result", "reset": "clean"}
@@ -130,19 +134,21 @@ class WorkerLink:
             while True:
                 head = await self.reader.readexactly(HEADER.size)
                 json_len, payload_len = HEADER.unpack(head)
-                if json_len > self.max_frame or payload_len:
+                if json_len + payload_len > self.max_frame:
                     # Refused before a byte of it is read: a worker cannot make the host
                     # allocate more than one frame's worth.
                     reason = (
-                        f"it sent a message of {json_len:,} bytes, more than the "
-                        f"{self.max_frame:,} the sandbox accepts"
+                        f"it sent a message of {json_len + payload_len:,} bytes, more than "
+                        f"the {self.max_frame:,} the sandbox accepts"
                     )
                     break
                 body = await self.reader.readexactly(json_len)
+                payload = await self.reader.readexactly(payload_len) if payload_len else None
                 try:
                     msg = json.loads(body)
                     del body
-                    ok = isinstance(msg, dict) and self._dispatch(msg)
+                    ok = isinstance(msg, dict) and self._dispatch(msg, payload)
+                    del payload
                 except Exception:  # noqa: BLE001 - deep nesting, bad UTF-8, odd types...
                     ok = False
                 if not ok:
@@ -170,8 +176,13 @@ class WorkerLink:
         if fut is not None and not fut.done():
             fut.set_exception(self.lost)
 
-    def _dispatch(self, msg: dict[str, Any]) -> bool:
+    def _dispatch(self, msg: dict[str, Any], payload: bytes | None = None) -> bool:
         op = msg.get("op")
+        if payload is not None:
+            key = _TEXTS.get(op)
+            if key is None:
+                return False
+            msg[key] = unpack_texts(msg.get(key), payload)
         if op in ("query", "batch", "tool"):
             rid = msg.get("id")
             if not isinstance(rid, int) or rid in self.tasks:

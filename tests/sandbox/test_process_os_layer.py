@@ -509,6 +509,65 @@ def test_a_frame_larger_than_the_cap_is_refused_before_it_is_read() -> None:
         assert ex.execute("print(6 * 7)", None).stdout == "42\n"
 
 
+def _forge_frame(ex: ProcessExecutor, msg: str, payload: str) -> None:
+    """Raw code writes the frame ``msg`` (JSON text) with raw ``payload`` on the worker's
+    channel to the host, as a compromised worker could."""
+    got = ex._run_raw(
+        "import gc, os, struct, threading, time\n"
+        "worker = next(o for o in gc.get_objects() if type(o).__name__ == 'WorkerChannel')\n"
+        f"body, payload = {msg!r}.encode(), {payload!r}.encode()\n"
+        "def later():\n"
+        "    time.sleep(0.3)\n"
+        "    with worker.send_lock:\n"
+        "        os.write(worker.fileno(), struct.pack('!IQ', len(body), len(payload)) + body + payload)\n"
+        "threading.Thread(target=later).start()\n"
+        "result = 'armed'\n"
+    )
+    assert got.value == "armed"
+
+
+@pytest.mark.parametrize(
+    ("msg", "payload"),
+    [
+        # A payload on a message that carries no prompts.
+        ('{"op":"out","stream":"stdout","text":"x"}', "abc"),
+        # Prompt lengths that run past the payload, or leave bytes of it unaccounted for.
+        ('{"op":"items","id":1,"start":0,"prompts":[10]}', "abc"),
+        ('{"op":"items","id":1,"start":0,"prompts":[1]}', "abc"),
+        ('{"op":"query","id":1,"prompt":-1,"params":{}}', "abc"),
+    ],
+    ids=["payload-on-out", "past-the-payload", "bytes-left-over", "negative-length"],
+)
+def test_a_frame_whose_payload_does_not_match_its_prompts_kills_the_worker(
+    msg: str, payload: str
+) -> None:
+    with ProcessExecutor(_allow_raw=True) as ex:
+        _forge_frame(ex, msg, payload)
+        outcome = ex.execute("import time\ntime.sleep(3)\n", None)
+        assert outcome.error is not None
+        assert "malformed message" in outcome.error and "restarted" in outcome.error
+        assert ex.execute("print(6 * 7)", None).stdout == "42\n"
+
+
+def test_a_frame_whose_payload_is_larger_than_the_cap_is_refused_before_it_is_read() -> None:
+    with ProcessExecutor(_allow_raw=True) as ex:
+        got = ex._run_raw(
+            "import gc, os, struct, threading, time\n"
+            "worker = next(o for o in gc.get_objects() if type(o).__name__ == 'WorkerChannel')\n"
+            "def later():\n"
+            "    time.sleep(0.3)\n"
+            "    with worker.send_lock:\n"
+            "        os.write(worker.fileno(), struct.pack('!IQ', 2, 1 << 31) + b'{}')\n"
+            "threading.Thread(target=later).start()\n"
+            "result = 'armed'\n"
+        )
+        assert got.value == "armed"
+        outcome = ex.execute("import time\ntime.sleep(3)\n", None)
+        assert outcome.error is not None
+        assert "2,147,483,650 bytes" in outcome.error and "the sandbox accepts" in outcome.error
+        assert ex.execute("print(6 * 7)", None).stdout == "42\n"
+
+
 def test_cells_that_may_open_files_are_held_to_the_total_disk_limit() -> None:
     with ProcessExecutor(disk_limit_mb=8) as ex:
         if not ex.protections["file_access"] or not ex.protections["disk_limit"]:
