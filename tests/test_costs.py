@@ -337,3 +337,23 @@ def test_rlm_run_summary_and_rlm_view_show_the_cached_share(tmp_path: Path) -> N
     page = tmp_path / "run.html"
     assert rlm_cmd("view", str(log), "--html", str(page)).returncode == 0
     assert "of prompt tokens read from the provider&#x27;s cache" in page.read_text()
+
+
+def test_a_cost_budget_binds_a_run_against_a_server_that_sends_no_usage(closing: list[RLM]) -> None:
+    # Every reply lacks `usage`: the calls settle at their reservation estimates, so the
+    # cap still stops the run, and the run's record says its usage is estimated.
+    turn = repl("r = llm_query_batch(['ECHO ' + str(i) for i in range(4)])\nprint(len(r))")
+    with FakeLLMServer(scripts={ROOT: [turn] * 30}) as srv:
+        srv.inject("no_usage", count=10_000)
+        rlm = make_rlm(srv, closing, prices={ROOT: (1000.0, 1000.0), SUB: (1000.0, 1000.0)},
+                       max_cost_usd=0.5, max_iterations=30)
+        result = rlm.completion(context="x" * 2_000, query="q")
+        requests = srv.stats()["requests"]
+    assert result.stopped_reason == "budget"
+    assert requests < 30 * 5  # stopped long before the 30 turns ran
+    total = result.usage["root"] + result.usage["sub"]
+    assert total.estimated_calls == total.calls > 0
+    assert total.cost_usd > 0 and total.prompt_tokens > 0
+    end = next(e for e in result.trajectory if e["type"] == "run_end")
+    root = end["usage"]["root"]
+    assert root["estimated_calls"] == root["calls"] > 0
