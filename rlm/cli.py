@@ -158,9 +158,11 @@ def _read_context(source: str, fmt: str, encoding: str, allow_empty: bool = Fals
     return text
 
 
-def _require_key(api_key: str | None, model: str | None = None) -> str:
+def _require_key(api_key: str | None, model: str | None = None,
+                 recursive_model: str | None = None) -> str:
     """The root model's key: --api-key, else its provider's variable (OPENAI_API_KEY for a
-    bare model name, ANTHROPIC_API_KEY for anthropic/..., and so on)."""
+    bare model name, ANTHROPIC_API_KEY for anthropic/..., and so on). A sub model on
+    another provider must find its own provider's variable set."""
     from rlm.llm import DEFAULT_MODEL
     from rlm.providers import adapter_class, resolve_model
 
@@ -172,6 +174,15 @@ def _require_key(api_key: str | None, model: str | None = None) -> str:
             f"no API key: set {env} or pass --api-key (for a local server that needs "
             "none, pass any value, e.g. --api-key local)"
         )
+    if recursive_model:
+        # A sub model on another provider takes its key from that provider's variable.
+        sub_provider, _ = resolve_model(recursive_model)
+        sub_env = adapter_class(sub_provider).key_env
+        if sub_provider != provider and not os.environ.get(sub_env):
+            raise UsageError(
+                f"no API key for the sub model {recursive_model}: set {sub_env} (and "
+                f"--endpoint {sub_provider}=URL for an endpoint other than its default)"
+            )
     return key
 
 
@@ -293,7 +304,7 @@ def _rlm_options(args: argparse.Namespace, verbose: bool) -> dict[str, Any]:
         model=args.model,
         recursive_model=args.recursive_model,
         base_url=args.base_url,
-        api_key=_require_key(args.api_key, args.model),
+        api_key=_require_key(args.api_key, args.model, getattr(args, "recursive_model", None)),
         endpoints=_endpoints(args),
         max_iterations=args.max_iterations,
         max_depth=args.max_depth,
@@ -384,7 +395,7 @@ def _start_tracing(flag: bool) -> _Tracing:
 def cmd_run(args: argparse.Namespace) -> int:
     encoding = _check_encoding(args.encoding)
     _check_log_dir(args.log_dir)
-    _require_key(args.api_key, args.model)
+    _require_key(args.api_key, args.model, getattr(args, "recursive_model", None))
     schema = _read_schema(args.schema) if args.schema else None
     context = _read_context(args.context, args.context_format, encoding, args.allow_empty)
     if not args.query.strip():
@@ -558,7 +569,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     server = None
     if args.base_url:
-        key = _require_key(args.api_key, args.model)
+        key = _require_key(args.api_key, args.model, getattr(args, "recursive_model", None))
         model = args.model or os.environ.get("RLM_MODEL")
         if not model:
             raise UsageError("--model is needed with --base-url (or set RLM_MODEL)")
@@ -671,7 +682,7 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
         summary = asyncio.run(arun_bench(
             rlm, plan, args.out, concurrency=args.concurrency, max_cost_usd=args.max_cost_usd,
             max_time_s=args.max_time_s, window=args.window_tokens, rlms_python=args.rlms_python,
-            api_key=_require_key(args.api_key, args.model), retry_failed=args.retry_failed,
+            api_key=_require_key(args.api_key, args.model, getattr(args, "recursive_model", None)), retry_failed=args.retry_failed,
             progress=not args.quiet, meta={"prompt": prompt_label},
         ))
     except KeyboardInterrupt:
@@ -771,7 +782,7 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 def cmd_repl(args: argparse.Namespace) -> int:
     encoding = _check_encoding(args.encoding)
-    key = _require_key(args.api_key, args.model)
+    key = _require_key(args.api_key, args.model, getattr(args, "recursive_model", None))
     context = _read_context(args.context, args.context_format, encoding, args.allow_empty)
     from rlm.ipython import start_repl
     from rlm.llm import AsyncOpenAIClient
@@ -948,7 +959,7 @@ def _upstream_settings(args: argparse.Namespace) -> Any:
         model=args.model,
         recursive_model=args.recursive_model,
         base_url=args.base_url,
-        api_key=_require_key(args.api_key, args.model),
+        api_key=_require_key(args.api_key, args.model, getattr(args, "recursive_model", None)),
         endpoints=_endpoints(args),
         max_iterations=args.max_iterations,
         max_depth=args.max_depth,

@@ -375,6 +375,21 @@ def test_rlm_run_without_the_providers_key_names_the_variable(tmp_path: Path) ->
     assert "GEMINI_API_KEY" in done.stderr
 
 
+def test_rlm_run_with_a_sub_model_on_another_provider_names_that_providers_variable(
+    tmp_path: Path,
+) -> None:
+    context = tmp_path / "doc.txt"
+    context.write_text("x", encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "rlm", "run", "--model", f"anthropic/{ROOT}", "--api-key", "k",
+         "--recursive-model", "openai/gpt-5-mini", "--context", str(context), "--query", "q"],
+        capture_output=True, text=True, timeout=60, env=_env())
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "rlm: no API key for the sub model openai/gpt-5-mini: set OPENAI_API_KEY (and "
+        "--endpoint openai=URL for an endpoint other than its default)"]
+
+
 def test_rlm_serve_with_an_anthropic_upstream_answers_the_openai_sdk() -> None:
     with FakeLLMServer(needle_sub_model, scripts={ROOT: serve_scripts()["root"]}) as upstream:
         args = ["serve", "--port", "0", "--auth-key", "serve-key", "--base-url",
