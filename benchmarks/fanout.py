@@ -584,7 +584,7 @@ def print_report(data: dict[str, Any]) -> None:
         "in alternating workers (cold + 1 warm run each). CPU ms/q = process_time of the "
         "client's process (all threads) / N over warm runs; note = warm min-max (s)."
     )
-    console.print("[bold]Targets[/] (DESIGN.md; this machine, fake server in its own process)")
+    console.print("[bold]Targets[/] (this machine, fake server in its own process)")
     for t in data["targets"]:
         extra = ""
         if t.get("cold_passed") is not None and t.get("passed") is not None:

@@ -1,5 +1,5 @@
 """The client against rate limits: request buckets at any width, a tokens-per-minute
-bucket, and a storm of random refusals. Targets (DESIGN.md, issue 22):
+bucket, and a storm of random refusals. Targets (issue 22):
 
 - bucket: 4,000 sub-queries at 0.1 s latency against a bucket of 400 requests/s (400
   deep), at max_concurrency 64, 512 and 4,096: every item right, within 1.2x the

@@ -15,7 +15,7 @@ Measured through the public ``REPLEnv`` API, in one process:
 - start with a 100 MB context: a str (sent as raw bytes) and a list of 1000 strings of
   100 KB (sent as JSON), median of 5.
 
-Targets (DESIGN.md / issue 5): start < 150 ms, cell overhead < 5 ms, batch within 10% of
+Targets (issue 5): start < 150 ms, cell overhead < 5 ms, batch within 10% of
 in-process, 100 MB context start < 1 s. Results: benchmarks/results/sandbox.json.
 """
 

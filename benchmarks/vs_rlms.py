@@ -389,7 +389,7 @@ def _targets(rows: list[dict[str, Any]], floor: dict[str, Any]) -> list[dict[str
         out.append(target)
 
     speedup("ours at least 3x faster than rlms with its concurrency uncapped", rlms_unc, 3.0)
-    speedup("ours vs rlms at its defaults (DESIGN.md: about 20x)", rlms_def, None)
+    speedup("ours vs rlms at its defaults (target: about 20x)", rlms_def, None)
 
     target: dict[str, Any] = {"name": "ours (REPL llm_query_batch) within 1.5x of bare aiohttp"}
     if ours and "batch2" in ours and "batch2_wall_s" in floor:
@@ -488,7 +488,7 @@ def print_report(data: dict[str, Any]) -> None:
         if b2 and b2["errors"] and b2.get("error_sample"):
             console.print(f"  second batch error sample, {r['name']} {r['config']}: "
                           f"{b2['error_sample'][:200]}")
-    console.print("[bold]Targets[/] (DESIGN.md)")
+    console.print("[bold]Targets[/]")
     for t in data["targets"]:
         verdict = {True: "[green]PASS[/]", False: "[red]MISSED[/]", None: "[cyan]info[/]"}
         console.print(f"  {verdict[t['passed']]}  {t['name']}: {t['measured']}")

@@ -86,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--limit", action="append", default=[], metavar="MODEL:KEY=VALUE,...",
         help="per-model rate limits, e.g. 'gpt-5-mini:rpm=5000,tpm=2000000' or '*:rps=400' "
+        "('gpt-5-mini=rpm:5000,tpm:2000000', as rlm --limit writes it, works too) "
         "(keys: rps, rpm, tpm, input_tpm, output_tpm, burst, token_burst, "
         "default_max_tokens); repeatable",
     )
@@ -108,21 +109,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _limits(parser: argparse.ArgumentParser, specs: Sequence[str]) -> dict[str, Limit]:
-    out: dict[str, Limit] = {}
-    for spec in specs:
-        model, sep, pairs = spec.rpartition(":")
-        if not sep or not model:
-            parser.error(f"--limit {spec!r}: write MODEL:KEY=VALUE,... (MODEL may be '*')")
+def _limit_values(spec: str) -> tuple[str, dict[str, float]] | None:
+    """``MODEL:KEY=N,...`` (this server's form) or ``MODEL=KEY:N,...`` (``rlm --limit``'s),
+    as (model, values); None when it is neither."""
+    for model, pairs, between in (spec.rpartition(":")[::2] + ("=",),
+                                  spec.partition("=")[::2] + (":",)):
+        if not model or not pairs:
+            continue
         values: dict[str, float] = {}
         for pair in pairs.split(","):
-            key, eq, raw = pair.partition("=")
+            key, sep, raw = pair.partition(between)
             try:
                 values[key.strip()] = float(raw)
             except ValueError:
-                parser.error(f"--limit {spec!r}: {pair!r} is not KEY=NUMBER")
-            if not eq:
-                parser.error(f"--limit {spec!r}: {pair!r} is not KEY=NUMBER")
+                break
+            if not sep or not key.strip():
+                break
+        else:
+            return model, values
+    return None
+
+
+def _limits(parser: argparse.ArgumentParser, specs: Sequence[str]) -> dict[str, Limit]:
+    out: dict[str, Limit] = {}
+    for spec in specs:
+        found = _limit_values(spec)
+        if found is None:
+            parser.error(f"--limit {spec!r} is not MODEL:KEY=NUMBER,... or "
+                         "MODEL=KEY:NUMBER,... (MODEL may be '*')")
+        model, values = found
         if "default_max_tokens" in values:
             values["default_max_tokens"] = int(values["default_max_tokens"])
         try:

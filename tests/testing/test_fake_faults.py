@@ -155,7 +155,7 @@ def test_fault_rate_1_serves_only_faults_and_prints_no_traceback() -> None:
     [
         (["--fault-rate", "1.5"], "--fault-rate must be between 0 and 1"),
         (["--fault-kinds", "404"], "unknown fault kind '404'"),
-        (["--limit", "m:rps=fast"], "is not KEY=NUMBER"),
+        (["--limit", "m:rps=fast"], "is not MODEL:KEY=NUMBER"),
         (["--limit", "m:rpn=5"], "unknown limit 'rpn'"),
         (["--latency", "-1"], "--latency must be >= 0"),
         (["--port", "99999"], "--port must be 0 to 65535"),

@@ -116,8 +116,10 @@ def test_unknown_or_conflicting_limits_are_refused() -> None:
         Limit(rps=1, rpm=60)
 
 
-def test_the_command_line_limit_applies_per_model_and_counts_429s() -> None:
-    with spawn_fake_server(extra_args=["--limit", "*:rps=1,burst=1"]) as url:
+@pytest.mark.parametrize("spec", ["*:rps=1,burst=1", "*=rps:1,burst:1"])
+def test_the_command_line_limit_applies_per_model_and_counts_429s(spec: str) -> None:
+    # Both forms: this server's MODEL:KEY=N and `rlm --limit`'s MODEL=KEY:N.
+    with spawn_fake_server(extra_args=["--limit", spec]) as url:
         client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
         with client:
             client.chat.completions.create(model="m", messages=user("x"))
