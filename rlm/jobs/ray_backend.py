@@ -115,6 +115,11 @@ def _actor_classes() -> tuple[Any, Any]:
                 async with self.gate:
                     if await self.ledger.stop_reason.remote() is not None:
                         return None  # a job cap was reached: the task is left to a re-run
+                    left = self.deadline.remaining_s() if self.deadline is not None else None
+                    if left is not None and left <= 0:
+                        # Past the job's deadline a task that has not started is left to
+                        # a re-run too, as on the local backend, not begun only to stop.
+                        return None
                     return await run_one(self.rlm, task, self.concurrency, self.schema,
                                          self.deadline)
 
