@@ -43,6 +43,7 @@ from rlm.providers.base import (
     Request,
     StreamEvent,
     not_a_reply,
+    token_count,
 )
 from rlm.providers.ratelimits import RateLimits, anthropic_limits
 
@@ -86,13 +87,6 @@ def default_max_tokens(model: str) -> int:
         if model.startswith(prefix):
             return cap
     return DEFAULT_MAX_TOKENS
-
-
-def _count(value: Any) -> int:
-    try:
-        return int(value or 0)
-    except (TypeError, ValueError):
-        return 0
 
 
 def _image(url: str) -> dict[str, Any]:
@@ -301,10 +295,10 @@ class AnthropicAdapter(Adapter):
         usage = data.get("usage")
         if not isinstance(usage, Mapping):
             return Reply(text, model, 0, 0, finish_reason=finish, usage_reported=False)
-        read = _count(usage.get("cache_read_input_tokens"))
-        written = _count(usage.get("cache_creation_input_tokens"))
-        prompt = _count(usage.get("input_tokens")) + read + written
-        return Reply(text, model, prompt, _count(usage.get("output_tokens")), read, written,
+        read = token_count(usage.get("cache_read_input_tokens"))
+        written = token_count(usage.get("cache_creation_input_tokens"))
+        prompt = token_count(usage.get("input_tokens")) + read + written
+        return Reply(text, model, prompt, token_count(usage.get("output_tokens")), read, written,
                      0, finish)
 
     def parse_stream_event(self, event: str, data: str) -> StreamEvent | None:
@@ -355,9 +349,9 @@ class AnthropicAdapter(Adapter):
         # each, so neither is counted twice.
         if not isinstance(usage, Mapping):
             return None
-        prompt = sum(_count(usage.get(k)) for k in (
+        prompt = sum(token_count(usage.get(k)) for k in (
             "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
-        return prompt, _count(usage.get("output_tokens"))
+        return prompt, token_count(usage.get("output_tokens"))
 
     def parse_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> LLMError:
         """As the base class; a 400 about a tool's ``input_schema`` (a schema Anthropic

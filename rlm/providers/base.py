@@ -111,6 +111,14 @@ class StreamEvent:
     done: bool = False
 
 
+def token_count(value: Any) -> int:
+    """A token count from a usage field, 0 when it is missing or not a number."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def body_snippet(raw: bytes, limit: int = ERROR_SNIPPET) -> str:
     """A bounded, printable piece of a response body for an error message."""
     text = raw[: limit * 4].decode("utf-8", "replace").strip()

@@ -19,18 +19,12 @@ from rlm.providers.base import (
     Request,
     StreamEvent,
     not_a_reply,
+    token_count,
 )
 from rlm.providers.ratelimits import RateLimits, openai_limits
 
 _DONE = StreamEvent(done=True)
 _NOTHING = StreamEvent()
-
-
-def _count(value: Any) -> int:
-    try:
-        return int(value or 0)
-    except (TypeError, ValueError):
-        return 0
 
 
 class OpenAICompatAdapter(Adapter):
@@ -98,12 +92,12 @@ class OpenAICompatAdapter(Adapter):
         cached = reasoning = 0
         details = usage.get("prompt_tokens_details")
         if isinstance(details, dict):
-            cached = _count(details.get("cached_tokens"))
+            cached = token_count(details.get("cached_tokens"))
         details = usage.get("completion_tokens_details")
         if isinstance(details, dict):
-            reasoning = _count(details.get("reasoning_tokens"))
-        return Reply(content or "", model, _count(usage.get("prompt_tokens")),
-                     _count(usage.get("completion_tokens")), cached, 0, reasoning, finish)
+            reasoning = token_count(details.get("reasoning_tokens"))
+        return Reply(content or "", model, token_count(usage.get("prompt_tokens")),
+                     token_count(usage.get("completion_tokens")), cached, 0, reasoning, finish)
 
     def parse_stream_event(self, event: str, data: str) -> StreamEvent | None:
         """One ``data:`` event of a streamed chat completion (``[DONE]`` ends it)."""
@@ -133,7 +127,7 @@ class OpenAICompatAdapter(Adapter):
         usage = chunk.get("usage")
         counts = None
         if isinstance(usage, dict):
-            counts = (_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
+            counts = (token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens")))
         return StreamEvent(text, chunk.get("model"), counts, finish)
 
     def parse_limits(self, headers: Any) -> RateLimits | None:
